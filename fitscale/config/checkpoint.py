@@ -1,0 +1,56 @@
+"""The checkpoint section: how often, how many are kept, and how they are written.
+
+Which checkpoint a run resumes from is `train.resume`; this section only shapes saving.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+
+from fitscale.config.errors import ConfigError
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded DCP checkpoints under `<run_dir>/<folder>/step-N/`, visible only once complete."""
+
+    folder: str = "checkpoints"
+    """Sub-folder of the run folder that holds the `step-N` checkpoints."""
+    interval: int = 1000
+    """Save every this many optimizer steps; 0 saves only on a signal and at the end."""
+    save_at_end: bool = True
+    """Save when the run reaches `train.steps`."""
+    keep_last: int = 3
+    """Keep the newest K complete checkpoints; 0 keeps every checkpoint."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of M (milestones); 0 keeps none extra."""
+    async_save: bool = False
+    """Write with `dcp.async_save`: the step loop continues while a background thread writes the
+    staged copy; the checkpoint becomes visible at a later step boundary once all ranks finished."""
+    save_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    """Signals that request a checkpoint at the next step boundary."""
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM"])
+    """Of those, the signals after which the run exits once the checkpoint is written."""
+    signal_check_every: int = 1
+    """Ranks agree on pending signal requests every this many steps (one tiny all-reduce), so a signal
+    that reached only some ranks still makes all of them save together."""
+
+    def __post_init__(self) -> None:
+        if not self.folder or "/" in self.folder or self.folder in (".", ".."):
+            raise ConfigError(f"checkpoint.folder: must be a plain folder name such as `checkpoints`, got {self.folder!r}")
+        for name in ("interval", "keep_last", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"checkpoint.{name}: must be >= 0 (0 disables it), got {getattr(self, name)}")
+        if self.signal_check_every < 1:
+            raise ConfigError(f"checkpoint.signal_check_every: must be >= 1, got {self.signal_check_every}")
+        for name in ("save_signals", "exit_signals"):
+            for signame in getattr(self, name):
+                if not signame.startswith("SIG") or not hasattr(signal, signame):
+                    raise ConfigError(f"checkpoint.{name}: {signame!r} is not a signal name such as SIGUSR1")
+        extra = sorted(set(self.exit_signals) - set(self.save_signals))
+        if extra:
+            raise ConfigError(
+                f"checkpoint.exit_signals: {', '.join(extra)} must also be in checkpoint.save_signals "
+                "(the run saves before it exits)"
+            )

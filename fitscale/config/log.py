@@ -1,0 +1,50 @@
+"""The logging section: JSONL metrics, wandb, the progress bar and the MFU peak."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fitscale.config.errors import ConfigError
+
+WANDB_MODES = ("offline", "online", "disabled")
+PROGRESS_BAR_MODES = ("auto", "on", "off")
+
+
+@dataclass
+class LogConfig:
+    """What a run reports and where; everything is written by rank 0 unless `all_ranks` is set."""
+
+    every: int = 10
+    """Log metrics every this many optimizer steps."""
+    jsonl: bool = True
+    """Append one JSON line per logged step to `<run_dir>/metrics.jsonl` (kept across resumes)."""
+    all_ranks: bool = False
+    """Every rank writes its own `metrics.rank<r>.jsonl` (for debugging imbalance); wandb stays on rank 0."""
+    progress_bar: str = "auto"
+    """tqdm bar with ETA on rank 0: `auto` (only on a terminal), `on` or `off`."""
+    wandb: str = "offline"
+    """`offline` (files under the run folder, sync later with `wandb sync`), `online` or `disabled`."""
+    wandb_project: str = "fitscale"
+    """wandb project name."""
+    wandb_entity: str | None = None
+    """wandb entity (team or user); None uses wandb's default."""
+    wandb_name: str | None = None
+    """wandb run name; None uses the run folder's name."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """wandb tags."""
+    peak_flops: float = 0.0
+    """Peak dense bf16 FLOP/s of one device for MFU; 0 looks the device up in the built-in table."""
+    timestep_buckets: int = 4
+    """Also log the loss averaged over this many equal-width timestep buckets; 0 disables it."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"log.every: must be >= 1, got {self.every}")
+        if self.progress_bar not in PROGRESS_BAR_MODES:
+            raise ConfigError(f"log.progress_bar: {self.progress_bar!r} is not one of {', '.join(PROGRESS_BAR_MODES)}")
+        if self.wandb not in WANDB_MODES:
+            raise ConfigError(f"log.wandb: {self.wandb!r} is not one of {', '.join(WANDB_MODES)}")
+        if self.peak_flops < 0:
+            raise ConfigError(f"log.peak_flops: must be >= 0 (0 uses the device table), got {self.peak_flops}")
+        if self.timestep_buckets < 0:
+            raise ConfigError(f"log.timestep_buckets: must be >= 0 (0 disables it), got {self.timestep_buckets}")

@@ -1,0 +1,122 @@
+"""The optimisation section: AdamW, its learning-rate schedule and the EMA of the weights.
+
+`optim.schedule` and `optim.ema` are nested here because all three describe one thing, how
+the weights move; `build_optimizer`, `build_lr_scheduler` and `EMA` in fitscale.train read them.
+Defaults are the FiTv2 recipe: AdamW at 1e-4 with no weight decay for a batch of 256, a constant
+rate after warmup, EMA decay 0.9999.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fitscale.config.errors import ConfigError
+
+IMPLEMENTATIONS = ("auto", "fused", "foreach", "apex")
+LR_SCALINGS = ("none", "linear", "sqrt")
+SCHEDULES = ("constant", "cosine", "wsd")
+DECAY_SHAPES = ("linear", "cosine", "sqrt")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate factor over steps: linear warmup, then constant, cosine or warmup-stable-decay."""
+
+    name: str = "constant"
+    """`constant` (the paper: warmup then the base rate), `cosine` (to `min_lr_ratio` at the last step)
+    or `wsd` (warmup, stable, then decay over the last `decay_fraction` of the run)."""
+    warmup_steps: int = 0
+    """Steps of linear warmup; step i runs at (i + 1) / warmup_steps of the base rate."""
+    min_lr_ratio: float = 0.0
+    """Final rate as a fraction of the base rate for `cosine` and `wsd`."""
+    decay_fraction: float = 0.2
+    """`wsd`: fraction of all steps spent decaying at the end of the run."""
+    decay_shape: str = "linear"
+    """`wsd`: shape of the decay, `linear`, `cosine` or `sqrt` (1 - sqrt of progress)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ConfigError(f"optim.schedule.name: {self.name!r} is not one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.schedule.warmup_steps: must be >= 0 (0 disables warmup), got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(
+                f"optim.schedule.decay_fraction: must be in (0, 1], got {self.decay_fraction}; "
+                "0.2 decays over the last fifth of the run"
+            )
+        if self.decay_shape not in DECAY_SHAPES:
+            raise ConfigError(
+                f"optim.schedule.decay_shape: {self.decay_shape!r} is not one of {', '.join(DECAY_SHAPES)}"
+            )
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights, kept in fp32 and sharded like the parameters."""
+
+    enabled: bool = True
+    """Keep an EMA (saved in every checkpoint, exported with `fitscale convert export --ema`)."""
+    decay: float = 0.9999
+    """Decay per optimizer step; with `update_every: k` each update uses decay**k, so the averaging
+    horizon in steps does not depend on the interval."""
+    update_every: int = 1
+    """Update the EMA every k optimizer steps (a cost knob for very large models)."""
+    start_step: int = 0
+    """Before this step the EMA copies the weights instead of averaging them."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.decay < 1.0:
+            raise ConfigError(f"optim.ema.decay: must be in [0, 1), got {self.decay}; the paper uses 0.9999")
+        if self.update_every < 1:
+            raise ConfigError(f"optim.ema.update_every: must be >= 1, got {self.update_every}")
+        if self.start_step < 0:
+            raise ConfigError(f"optim.ema.start_step: must be >= 0, got {self.start_step}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and how its learning rate is set."""
+
+    lr: float = 1e-4
+    """Base learning rate, for a global batch of `base_batch_size` images when `lr_scaling` is on."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.999
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW denominator epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of the matrices; 1-D parameters and `no_weight_decay` matches get none."""
+    no_weight_decay: list[str] = field(default_factory=lambda: ["*.bias", "*embedding_table*"])
+    """fnmatch patterns of parameter names that never get weight decay."""
+    implementation: str = "auto"
+    """`auto` (torch fused kernels where the device has them, else foreach), `fused`, `foreach`, or
+    `apex` (NVIDIA apex FusedAdam; needs a real apex build, which PyPI does not have)."""
+    lr_scaling: str = "none"
+    """Scale the rate with the global batch: `linear` (lr * B / base_batch_size), `sqrt`, or `none`."""
+    base_batch_size: int = 256
+    """Global batch (images per optimizer step) that `lr` was tuned for."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}; the paper uses 1e-4")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"optim.{name}: must be in [0, 1), got {value}")
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps: must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ConfigError(
+                f"optim.implementation: {self.implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}"
+            )
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ConfigError(f"optim.lr_scaling: {self.lr_scaling!r} is not one of {', '.join(LR_SCALINGS)}")
+        if self.base_batch_size < 1:
+            raise ConfigError(f"optim.base_batch_size: must be >= 1, got {self.base_batch_size}")
