@@ -1,0 +1,58 @@
+"""`fitscale <command>`: a thin dispatcher; each command lives with the code it drives.
+
+Every area registers its subcommands through a `register(subparsers)` function in its own
+`cli` module, so this file never grows and importing it stays cheap (heavy imports happen
+inside the command functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute subcommands, in the order they appear in `fitscale --help`.
+COMMAND_MODULES = (
+    "fitscale.models.cli",  # info
+    "fitscale.data.cli",  # data synth|digits|from-images|from-fit-latents|stats
+    "fitscale.train.cli",  # train
+    "fitscale.checkpoint.cli",  # convert
+    "fitscale.launch.cli",  # launch
+    "fitscale.sweep.cli",  # sweep
+    "fitscale.sample_cli",  # sample
+)
+
+
+class CommandError(Exception):
+    """An error with a one-line, user-facing reason; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fitscale", description="Train FiTv2 diffusion transformers at scale."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:  # that area is not built yet
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"fitscale {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""`fitscale info MODEL`: size, compute and memory of a preset, from its own shapes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "info",
+        help="parameters, FLOPs per token and per image, memory of a model preset",
+        description="Parameters, FLOPs (2 per multiply-add, attention included) and training memory of a preset.",
+    )
+    parser.add_argument(
+        "model", help="preset name: tiny, fitv2-b, fitv2-xl, fitv2-3b, fitv2-xl-hr, fitv2-3b-hr"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=256, help="tokens per image for the FLOP figures (256)"
+    )
+    parser.add_argument(
+        "--trainable",
+        default=None,
+        help="trainable set: 'all', 'high-res' (the released post-training set) or a name pattern; "
+        "default: high-res for *-hr presets, else all",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a model field, e.g. --set depth=4 (repeatable)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(func=run_info)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects FIELD=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def model_info(name: str, seq_len: int = 256, trainable: str | None = None, **overrides) -> dict:
+    import torch
+
+    from fitscale.models import build_model
+    from fitscale.models.flops import forward_flops, paper_gflops, training_memory_bytes
+    from fitscale.models.partial import apply_trainable
+
+    if seq_len <= 0:
+        raise ValueError(f"--seq-len must be positive, got {seq_len}")
+    with torch.device("meta"):
+        model = build_model(name, **overrides)
+    config = model.config
+    trainable = trainable or ("high-res" if name.endswith("-hr") else "all")
+    num_params = sum(p.numel() for p in model.parameters())
+    num_trainable = apply_trainable(model, trainable)
+    image_flops = forward_flops(config, [seq_len])
+    return {
+        "model": name,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
+        "parameters": num_params,
+        "trainable_set": trainable,
+        "trainable_parameters": num_trainable,
+        "seq_len": seq_len,
+        "forward_flops_per_token": image_flops / seq_len,
+        "training_flops_per_token": 3 * image_flops / seq_len,
+        "forward_flops_per_image": image_flops,
+        "paper_gflops_256": round(paper_gflops(config, 256), 2),
+        "memory_bytes": training_memory_bytes(num_params, num_trainable),
+    }
+
+
+def format_info(info: dict) -> str:
+    gib = 1024**3
+    mem = info["memory_bytes"]
+    lines = [
+        f"model                      {info['model']}",
+        f"parameters                 {info['parameters']:,}",
+        f"trainable ({info['trainable_set']})".ljust(27) + f"{info['trainable_parameters']:,}",
+        f"forward FLOPs / token      {info['forward_flops_per_token'] / 1e9:.3f} G  (at {info['seq_len']} tokens/image)",
+        f"training FLOPs / token     {info['training_flops_per_token'] / 1e9:.3f} G",
+        f"forward FLOPs / image      {info['forward_flops_per_image'] / 1e9:.1f} G",
+        f"paper 'GFLOPs' (256 tok)   {info['paper_gflops_256']}",
+        f"weights fp32 / bf16        {mem['weights_fp32'] / gib:.2f} / {mem['weights_bf16'] / gib:.2f} GiB",
+        f"grads fp32                 {mem['grads_fp32'] / gib:.2f} GiB",
+        f"AdamW state fp32           {mem['adamw_state_fp32'] / gib:.2f} GiB",
+        f"training state total       {mem['total_fp32_training'] / gib:.2f} GiB (before sharding, no activations)",
+    ]
+    return "\n".join(lines)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    info = model_info(args.model, args.seq_len, args.trainable, **parse_overrides(args.overrides))
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0

@@ -1,0 +1,147 @@
+"""ModelConfig and the named presets of the FiTv2 family.
+
+A preset is a complete ModelConfig; `build_config(name, **overrides)` copies it with overrides
+and validates the result, so every model in a run is described by one flat, typed record that
+a recipe can override field by field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+ROPE_METHODS = ("none", "linear", "ntk", "ntk_by_parts", "yarn")
+ATTENTION_BACKENDS = ("auto", "flash", "varlen", "flex", "reference")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of one FiTv2 network."""
+
+    hidden_size: int = 1152  # D: width of every token
+    depth: int = 36  # number of transformer blocks
+    num_heads: int = 16  # H; head dim d = D / H
+    adaln_lora_rank: int = 288  # r of the per-block AdaLN-LoRA (D -> r -> 6D)
+    mlp_hidden_size: int | None = None  # SwiGLU hidden width; None: floor(2 * 4D / 3) as released
+    patch_size: int = 2  # p: a token covers p x p latent pixels
+    in_channels: int = 4  # C: latent channels; a token carries p*p*C values
+    num_classes: int = 1000  # label classes; index num_classes is the null class for guidance
+    class_dropout_prob: float = 0.1  # labels replaced by the null class in training mode
+    time_shift: float = 1.0  # t <- s t / (1 + (s-1) t) before the timestep embedding; 1 = identity
+    norm_eps: float = 1e-6  # eps of every LayerNorm (blocks, QK-norm, final layer)
+    # RoPE: 2-D, half the head dims for rows and half for columns.
+    rope_theta: float = 10000.0
+    rope_method: str = "none"  # none | linear | ntk | ntk_by_parts | yarn (training-free extrapolation)
+    rope_decoupled: bool = False  # scale rows and columns separately (the paper's "Vision" variants)
+    rope_attn_scale: bool = False  # multiply cos/sin by sqrt(log(2hw)/log(L0^2)) when 2hw > L0^2
+    rope_per_image: bool = False  # frequencies from each image's own grid (else from rope_target_grid)
+    rope_base_grid: int = 16  # L0: grid edge of the training resolution (16 for 256-token models)
+    rope_target_grid: tuple[int, int] | None = None  # (rows, cols) for fixed frequencies; None = no scaling
+    attn_backend: str = "auto"  # auto | flash | varlen | flex | reference
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+        for name in (
+            "hidden_size",
+            "depth",
+            "num_heads",
+            "adaln_lora_rank",
+            "patch_size",
+            "in_channels",
+            "num_classes",
+            "rope_theta",
+            "rope_base_grid",
+            "time_shift",
+        ):
+            positive(name)
+        if self.mlp_hidden_size is not None:
+            positive("mlp_hidden_size")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}; "
+                f"pick heads from {[h for h in range(1, 65) if self.hidden_size % h == 0]}"
+            )
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim % 4:
+            raise ValueError(
+                f"head dim hidden_size/num_heads = {head_dim} must be a multiple of 4: 2-D RoPE gives half "
+                f"of it to rows and half to columns, and each half (= {head_dim / 2:g}) must be even"
+            )
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.rope_method not in ROPE_METHODS:
+            raise ValueError(
+                f"model.rope_method={self.rope_method!r} is not one of {', '.join(ROPE_METHODS)}"
+            )
+        if self.attn_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"model.attn_backend={self.attn_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.rope_method in ("ntk", "ntk_by_parts", "yarn") and self.head_dim // 2 <= 2:
+            raise ValueError(f"model.rope_method={self.rope_method!r} needs a head dim above 4")
+        if self.rope_target_grid is not None:
+            grid = tuple(self.rope_target_grid)
+            if len(grid) != 2 or min(grid) <= 0:
+                raise ValueError(
+                    f"model.rope_target_grid must be (rows, cols) > 0, got {self.rope_target_grid}"
+                )
+            object.__setattr__(self, "rope_target_grid", (int(grid[0]), int(grid[1])))
+        if self.rope_per_image and self.rope_target_grid is not None:
+            raise ValueError(
+                "model.rope_per_image=true takes each image's grid: leave model.rope_target_grid unset"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_hidden_size or int(2 * (4 * self.hidden_size) / 3)
+
+    @property
+    def token_dim(self) -> int:
+        """Values per token: p * p * C (16 for the released models)."""
+        return self.patch_size * self.patch_size * self.in_channels
+
+    def replace(self, **overrides) -> ModelConfig:
+        return build_config_from(self, overrides)
+
+
+_HIGH_RES = dict(rope_method="ntk", rope_decoupled=True, rope_per_image=True, rope_base_grid=16)
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(hidden_size=64, depth=2, num_heads=4, adaln_lora_rank=16, num_classes=10),
+    "fitv2-b": ModelConfig(hidden_size=768, depth=15, num_heads=12, adaln_lora_rank=192),
+    "fitv2-xl": ModelConfig(hidden_size=1152, depth=36, num_heads=16, adaln_lora_rank=288),
+    "fitv2-3b": ModelConfig(hidden_size=2304, depth=40, num_heads=24, adaln_lora_rank=576),
+    "fitv2-xl-hr": ModelConfig(hidden_size=1152, depth=36, num_heads=16, adaln_lora_rank=288, **_HIGH_RES),
+    "fitv2-3b-hr": ModelConfig(hidden_size=2304, depth=40, num_heads=24, adaln_lora_rank=576, **_HIGH_RES),
+}
+
+
+def build_config(name: str, **overrides) -> ModelConfig:
+    """The preset `name` with `overrides` applied and validated."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+    return build_config_from(PRESETS[name], overrides)
+
+
+def build_config_from(base: ModelConfig, overrides: dict) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown model field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}"
+        )
+    return dataclasses.replace(base, **overrides)
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+__all__ = ["ModelConfig", "PRESETS", "build_config", "preset_names"]

@@ -1,0 +1,103 @@
+"""FiTv2: a diffusion transformer over packed sequences of images of any size.
+
+Images of different token counts run as one flat sequence with no padding; attention stays
+within each image (see attention.py), and every per-image quantity (timestep, label, AdaLN
+modulation, RoPE scaling) is one row per image gathered to its tokens. This computes exactly
+the released FiTv2 function, image by image, without the released padding to 256/1024 tokens.
+The model knows nothing of distribution: parallelism is applied from outside (fitscale.parallel).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fitscale.models.attention import build_packed_sequence
+from fitscale.models.config import ModelConfig, build_config
+from fitscale.models.layers import FinalLayer, FiTBlock, LabelEmbedder, PatchEmbed, TimestepEmbedder
+from fitscale.models.rope import rope_cos_sin
+
+
+class FiT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.x_embedder = PatchEmbed(config.token_dim, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
+        self.global_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.blocks = nn.ModuleList(
+            FiTBlock(D, config.num_heads, config.mlp_hidden, config.adaln_lora_rank, config.norm_eps)
+            for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(D, config.token_dim, config.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, p*p*C) packed noisy tokens
+        t: torch.Tensor,  # (S,) timesteps in [0, 1], 1 = clean data
+        y: torch.Tensor,  # (S,) class labels; num_classes = null class
+        pos: torch.Tensor,  # (T, 2) (row, col) in each image's patch grid
+        cu_seqlens: torch.Tensor,  # (S+1,) int32 image boundaries
+        max_seqlen: int | None = None,  # longest image; computed here (a host sync) when absent
+        sizes: torch.Tensor | None = None,  # (S, 2) grid rows/cols; derived from pos when absent
+    ) -> torch.Tensor:
+        total = x.shape[0]
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        h = self.x_embedder(x)  # (T, D)
+        packed = build_packed_sequence(
+            cu_seqlens, max_seqlen, total, self.config.attn_backend, h.device, h.dtype
+        )
+        if sizes is None:
+            sizes = grid_sizes(pos, packed.segment_ids, t.shape[0])  # (S, 2)
+        cos, sin = rope_cos_sin(self.config, pos, packed.segment_ids, sizes)  # (T, d) each
+        c = self.t_embedder(self.shift_time(t)) + self.y_embedder(y)  # (S, D)
+        global_modulation = self.global_adaLN_modulation(c)  # (S, 6D)
+        for block in self.blocks:
+            h = block(h, c, global_modulation, packed, cos, sin)  # (T, D)
+        return self.final_layer(h, c, packed.segment_ids)  # (T, p*p*C)
+
+    def shift_time(self, t: torch.Tensor) -> torch.Tensor:
+        s = self.config.time_shift
+        if s == 1.0:
+            return t
+        return torch.clamp(s * t / (1 + (s - 1) * t), max=1.0)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The released initialisation: xavier linears, N(0, 0.02) embeddings, zeroed modulation and output."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        zero_init = [
+            self.global_adaLN_modulation[-1],
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
+        ]
+        zero_init += [block.adaLN_modulation[-1] for block in self.blocks]
+        for linear in zero_init:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+
+def grid_sizes(pos: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """(S, 2) rows/cols of each image as 1 + its largest row/col position (no host sync)."""
+    sizes = torch.zeros(num_segments, 2, dtype=pos.dtype, device=pos.device)
+    index = segment_ids[:, None].expand(-1, 2)
+    return sizes.scatter_reduce(0, index, pos, reduce="amax", include_self=True) + 1
+
+
+def build_model(name: str = "fitv2-xl", **overrides) -> FiT:
+    """A FiTv2 preset with overrides. Under `torch.device("meta")` nothing is allocated;
+    then `model.to_empty(device=...)` and `model.init_weights()`. Otherwise weights are initialised."""
+    config = build_config(name, **overrides)
+    model = FiT(config)
+    if not any(p.is_meta for p in model.parameters()):
+        model.init_weights()
+    return model

@@ -1,0 +1,113 @@
+"""Load and export the released FiTv2 checkpoints.
+
+fitscale keeps the release's parameter names and layouts (x_embedder.proj, blocks.N.attn.qkv
+with its (3, H, d) output layout, ...), so the mapping is the identity on names; what this
+module adds is safety: files are read without pickle code execution, wrapper keys that
+training scripts add ("module.", "_orig_mod.", {"ema": ...}) are unwrapped, and loading is
+strict, naming every missing, unexpected or misshaped key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Prefixes added by DDP/FSDP1 wrappers, torch.compile and activation-checkpoint wrappers.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Top-level keys under which training scripts store the weights inside a checkpoint dict.
+CONTAINER_KEYS = ("ema", "model", "state_dict", "module")
+
+
+def read_checkpoint_file(path: str | Path, container_key: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors, .bin or .pt file, read without executing pickled code.
+
+    `container_key` picks e.g. "ema" or "model" from a training checkpoint; by default the first
+    of ema, model, state_dict, module that holds a dict is used (the release ships EMA weights).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # the unpickler refuses anything but tensors and plain containers
+        raise ValueError(
+            f"{path} could not be read as a weights-only checkpoint ({type(error).__name__}: {error}); "
+            "convert it to .safetensors or re-save it with torch.save(state_dict)"
+        ) from error
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
+    keys = (container_key,) if container_key else CONTAINER_KEYS
+    for key in keys:
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    else:
+        if container_key:
+            raise KeyError(f"{path} has no {container_key!r} entry; top-level keys: {sorted(obj)[:10]}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors at its top level; top-level keys: {sorted(obj)[:10]}")
+    return tensors
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    cleaned = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+            key = key.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
+        cleaned[key] = value
+    return cleaned
+
+
+def load_official_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy released weights (release names) into `model`, strictly, casting to the model's dtype."""
+    incoming = strip_wrapper_prefixes(state_dict)
+    expected = {name: param for name, param in model.state_dict().items()}
+    missing = sorted(set(expected) - set(incoming))
+    unexpected = sorted(set(incoming) - set(expected))
+    misshaped = [
+        f"{name}: checkpoint {tuple(incoming[name].shape)} vs model {tuple(expected[name].shape)}"
+        for name in sorted(set(expected) & set(incoming))
+        if tuple(incoming[name].shape) != tuple(expected[name].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(
+            f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    if misshaped:
+        problems.append(f"shape mismatches: {'; '.join(misshaped[:8])}")
+    if problems:
+        raise ValueError(
+            "checkpoint does not match the model (check the preset, depth and num_classes): "
+            + " | ".join(problems)
+        )
+    model.load_state_dict(incoming, strict=True)
+
+
+def export_official_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under the release's names, as contiguous CPU tensors."""
+    exported = {}
+    for name, tensor in strip_wrapper_prefixes(model.state_dict()).items():
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard: gather the whole parameter
+            tensor = tensor.full_tensor()
+        tensor = tensor.detach().to("cpu")
+        exported[name] = (tensor.to(dtype) if dtype is not None else tensor).contiguous().clone()
+    return exported
+
+
+def load_official_checkpoint(model: nn.Module, path: str | Path, container_key: str | None = None) -> None:
+    load_official_state_dict(model, read_checkpoint_file(path, container_key))
