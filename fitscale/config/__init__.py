@@ -1,0 +1,157 @@
+"""The run configuration: one typed tree of sections, loaded from a YAML recipe plus overrides.
+
+`load_config("recipes/demo.yaml", ["train.steps=50"])` merges the recipe and the `--set`
+dotlist onto the structured defaults with OmegaConf (which rejects unknown keys and values of
+the wrong type), builds the dataclasses (each section checks its own fields), then runs
+`RunConfig.validate`, the one place for rules that span sections. Every error names the
+field and says what to set instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fitscale.config.checkpoint import CheckpointConfig
+from fitscale.config.data import DataConfig
+from fitscale.config.errors import ConfigError
+from fitscale.config.launch import LaunchConfig
+from fitscale.config.log import LogConfig
+from fitscale.config.optim import OptimConfig
+from fitscale.config.parallel import ParallelConfig
+from fitscale.config.train import FlowConfig, TrainConfig
+
+SECTIONS = ("model", "data", "train", "optim", "parallel", "checkpoint", "log", "launch")
+
+
+@dataclass
+class ModelSection:
+    """Which network: a preset of `fitscale.models` plus field overrides of its ModelConfig."""
+
+    name: str = "tiny"
+    """Preset: tiny, fitv2-b, fitv2-xl, fitv2-3b, fitv2-xl-hr, fitv2-3b-hr."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields to change, e.g. {class_dropout_prob: 0.0, attn_backend: reference}."""
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved resolved as `config.yaml` in the run folder."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def model_config(self):
+        """The validated ModelConfig of this run."""
+        from fitscale.models.config import build_config
+
+        try:
+            return build_config(self.model.name, **dict(self.model.overrides))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model: {error} (set model.name / model.overrides.<field>)") from error
+
+    def validate(self) -> None:
+        """Rules that involve more than one section; raises ConfigError naming the field to change."""
+        self.model_config()
+        if self.parallel.backend == "deepspeed":
+            if self.parallel.sharding == "hybrid":
+                raise ConfigError(
+                    "parallel.sharding=hybrid is an FSDP mode; with parallel.backend=deepspeed set "
+                    "parallel.sharding=full (ZeRO shards over all ranks) or use parallel.backend=fsdp"
+                )
+            if self.parallel.compile:
+                raise ConfigError(
+                    "parallel.compile=true is supported with parallel.backend=fsdp only; set parallel.compile=false"
+                )
+        if self.parallel.compile and getattr(self.data, "token_budget", 1) is None:
+            raise ConfigError(
+                "parallel.compile=true needs static shapes: set data.token_budget (e.g. 4096) "
+                "or parallel.compile=false"
+            )
+
+
+def _unknown_key_message(error: Exception) -> str:
+    key = getattr(error, "full_key", None) or ""
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    message = f"unknown config key {key!r}"
+    if not parent:
+        message += f"; top-level sections are: {', '.join(SECTIONS)}"
+    else:
+        message += f"; check the spelling against the fields of section {parent!r}"
+    return message
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a recipe (YAML) and `key=value` overrides onto the defaults and validate the result."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    base = OmegaConf.structured(RunConfig)
+    layers = []
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as error:  # yaml.YAMLError and friends
+            raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {error}") from error
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.steps=100")
+    if overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"overrides {list(overrides)}: {error}") from error
+    try:
+        merged = OmegaConf.merge(base, *layers)
+    except ConfigKeyError as error:
+        raise ConfigError(_unknown_key_message(error)) from error
+    except ValidationError as error:
+        key = getattr(error, "full_key", "?")
+        raise ConfigError(f"{key}: {error.msg.splitlines()[0]}") from error
+    try:
+        config = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as error:
+        cause = error.__cause__ if isinstance(error.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(
+            f"{getattr(error, 'full_key', '') or 'config'}: {error.msg.splitlines()[0]}"
+        ) from error
+    config.validate()
+    return config
+
+
+def to_yaml(config: RunConfig) -> str:
+    """The resolved config as YAML (what the run folder keeps as config.yaml)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+__all__ = [
+    "ConfigError",
+    "FlowConfig",
+    "ModelSection",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_config",
+    "to_yaml",
+]

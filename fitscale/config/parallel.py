@@ -1,0 +1,63 @@
+"""The parallelism section: which backend shards the model, how, and in which precision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fitscale.config.errors import ConfigError
+
+BACKENDS = ("fsdp", "deepspeed")
+SHARDINGS = ("full", "hybrid", "none")
+AC_MODES = ("off", "full", "every")
+DTYPES = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class ParallelConfig:
+    """FSDP2 (the default) or DeepSpeed ZeRO driving the same model, loss and data."""
+
+    backend: str = "fsdp"
+    """`fsdp` (torch FSDP2 `fully_shard`) or `deepspeed` (ZeRO stage `zero_stage`)."""
+    sharding: str = "full"
+    """FSDP: `full` shards over all ranks; `hybrid` (HSDP) shards within groups of `shard_size`
+    ranks and replicates across them; `none` replicates everything (data parallel only)."""
+    shard_size: int = 0
+    """Ranks per shard group for `hybrid`; 0 means the ranks of one node (LOCAL_WORLD_SIZE)."""
+    reshard_after_forward: bool = True
+    """FSDP: free gathered parameters after forward (less memory, one more all-gather in backward)."""
+    activation_checkpointing: str = "off"
+    """`off`, `full` (every block recomputes its activations in backward) or `every` (every
+    `ac_every`-th block)."""
+    ac_every: int = 2
+    """With `activation_checkpointing: every`, checkpoint blocks 0, k, 2k, ..."""
+    compile: bool = False
+    """`torch.compile` each transformer block (static shapes need `data.token_budget`)."""
+    param_dtype: str = "auto"
+    """Compute dtype of parameters: `auto` is bf16 on CUDA and fp32 on CPU; master weights stay fp32."""
+    reduce_dtype: str = "fp32"
+    """Dtype of gradient reduction across ranks."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage: 2 (optimizer state and gradients sharded) or 3 (parameters too)."""
+
+    def __post_init__(self) -> None:
+        choices = {
+            "backend": BACKENDS,
+            "sharding": SHARDINGS,
+            "activation_checkpointing": AC_MODES,
+            "param_dtype": DTYPES,
+            "reduce_dtype": DTYPES,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"parallel.{name}: {value!r} is not one of {', '.join(allowed)}")
+        if self.ac_every < 1:
+            raise ConfigError(f"parallel.ac_every: must be >= 1, got {self.ac_every}")
+        if self.shard_size < 0:
+            raise ConfigError(
+                f"parallel.shard_size: must be >= 0 (0 = ranks of one node), got {self.shard_size}"
+            )
+        if self.zero_stage not in (2, 3):
+            raise ConfigError(
+                f"parallel.zero_stage: DeepSpeed stages 2 and 3 are supported, got {self.zero_stage}"
+            )

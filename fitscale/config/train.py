@@ -1,0 +1,96 @@
+"""The training section: run folder, length, resume policy, objective and robustness limits.
+
+Fields are plain typed values so OmegaConf can check recipes and `--set` overrides against
+them; `__post_init__` rejects values that are wrong on their own, and `RunConfig.validate`
+checks the rules that involve other sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fitscale.config.errors import ConfigError
+
+TIMESTEP_SAMPLERS = ("logit_normal", "uniform")
+LOSS_WEIGHTINGS = ("uniform", "tokens")
+
+
+@dataclass
+class FlowConfig:
+    """Rectified flow: x_t = t x_1 + (1 - t) x_0 with t = 1 the clean data, velocity target."""
+
+    timesteps: str = "logit_normal"
+    """How t is drawn per image: `logit_normal` (t = sigmoid(u), u ~ N(mean, std)) or `uniform`."""
+    logit_mean: float = 0.0
+    """Mean of u for `logit_normal`."""
+    logit_std: float = 1.0
+    """Standard deviation of u for `logit_normal`."""
+    time_shift: float = 1.0
+    """t <- s t / (1 + (s - 1) t) after sampling; 1 is the identity, s < 1 spends more steps near noise."""
+    loss_weighting: str = "uniform"
+    """`uniform`: every image weighs the same (the release); `tokens`: weight n_tokens / reference_tokens."""
+    reference_tokens: int = 256
+    """Token count that gets weight 1 under `loss_weighting: tokens`."""
+
+    def __post_init__(self) -> None:
+        if self.timesteps not in TIMESTEP_SAMPLERS:
+            raise ConfigError(
+                f"train.flow.timesteps: unknown sampler {self.timesteps!r}; use one of {', '.join(TIMESTEP_SAMPLERS)}"
+            )
+        if not self.logit_std > 0:
+            raise ConfigError(f"train.flow.logit_std: must be > 0, got {self.logit_std}")
+        if not self.time_shift > 0:
+            raise ConfigError(
+                f"train.flow.time_shift: must be > 0 (1 disables the shift), got {self.time_shift}"
+            )
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(
+                f"train.flow.loss_weighting: unknown weighting {self.loss_weighting!r}; "
+                f"use one of {', '.join(LOSS_WEIGHTINGS)}"
+            )
+        if self.reference_tokens < 1:
+            raise ConfigError(f"train.flow.reference_tokens: must be >= 1, got {self.reference_tokens}")
+
+
+@dataclass
+class TrainConfig:
+    """One run: where it lives, how long it trains, how it starts and what it tolerates."""
+
+    run_dir: str = "runs/default"
+    """Folder of the run: checkpoints, metrics.jsonl, the resolved config and the run lock."""
+    steps: int = 1000
+    """Optimizer steps of the whole run (a resumed run continues up to this number)."""
+    seed: int = 0
+    """Seeds weights, noise and timesteps; each rank's torch RNG gets seed + rank."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint if any; `never`: refuse a folder that has
+    checkpoints; or a step number to resume from that checkpoint."""
+    init_from: str | None = None
+    """Weights to start a fresh run from: a released FiTv2 checkpoint or a `fitscale convert export`
+    file (.safetensors/.bin/.pt). Ignored when resuming."""
+    trainable: list[str] = field(default_factory=list)
+    """Name patterns (fnmatch, e.g. `x_embedder.*`, `*.bias`) of the parameters to train; empty trains
+    everything. Parameters that match none stay frozen and bit-identical."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+    max_nonfinite_steps: int = 20
+    """Stop the run after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu` or `cuda`."""
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ConfigError("train.run_dir: must name a folder, e.g. --set train.run_dir=runs/my_run")
+        if self.steps < 1:
+            raise ConfigError(f"train.steps: must be >= 1, got {self.steps}")
+        if self.resume not in ("auto", "never") and not str(self.resume).isdigit():
+            raise ConfigError(
+                f"train.resume: {self.resume!r} is not `auto`, `never` or a step number such as 1000"
+            )
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip: must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"train.max_nonfinite_steps: must be >= 1, got {self.max_nonfinite_steps}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device: {self.device!r} is not `auto`, `cpu` or `cuda`")

@@ -1,0 +1,111 @@
+"""The rectified-flow loss of a packed batch, normalised by the global image count of the step.
+
+Two choices make a step's loss and update independent of how its images are spread over
+ranks and micro-batches:
+- the noise and timestep of an image are drawn from a generator seeded by (run seed, step,
+  sample id), not from a rank's RNG stream, so an image gets the same draw wherever it lands;
+- each rank returns sum_i w_i L_i / N_global (L_i the mean squared error over image i's own
+  tokens), and the gradient reduction across ranks sums, so the step sees the mean over all
+  N_global images of the step whatever the split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fitscale.config.train import FlowConfig
+from fitscale.data.batch import PackedBatch
+from fitscale.flow.path import interpolate, velocity_target
+from fitscale.flow.timesteps import sample_timesteps
+
+_MASK64 = (1 << 64) - 1
+
+
+def image_seed(seed: int, step: int, sample_id: int) -> int:
+    """A well-mixed 63-bit seed for one image at one step (splitmix64 of the three values)."""
+    value = 0
+    for part in (seed, step, sample_id):
+        value = (value ^ (part & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        value = (value ^ (value >> 27)) * 0x94D049BB133111EB & _MASK64
+        value ^= value >> 31
+    return value & ((1 << 63) - 1)
+
+
+def per_image_noise(
+    batch: PackedBatch, seed: int, step: int, flow: FlowConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps (S,) and noise (T, C) for a CPU batch, each image's drawn from its own seed.
+
+    Segments past `num_images` (the padding tail) get t = 1 and zero noise; the loss ignores them.
+    """
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    sample_ids = batch.sample_ids.tolist()
+    channels = batch.tokens.shape[1]
+    timesteps = torch.ones(batch.num_segments, dtype=torch.float32)
+    noise = torch.zeros(batch.num_tokens, channels, dtype=torch.float32)
+    generator = torch.Generator()
+    start = 0
+    for index, length in enumerate(lengths[: batch.num_images]):
+        generator.manual_seed(image_seed(seed, step, sample_ids[index]))
+        timesteps[index] = sample_timesteps(
+            1, flow.timesteps, flow.logit_mean, flow.logit_std, flow.time_shift, generator
+        )[0]
+        noise[start : start + length] = torch.randn(length, channels, generator=generator)
+        start += length
+    return timesteps, noise
+
+
+@dataclass
+class FlowLossOutput:
+    loss: torch.Tensor  # scalar: sum_i w_i L_i / N_global over this micro-batch's images (backward this)
+    per_image: torch.Tensor  # (num_images,) detached per-image mean squared error (unweighted)
+    timesteps: torch.Tensor  # (num_images,) detached timesteps of the real images
+
+
+def flow_loss(
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    global_num_images: int,
+    flow: FlowConfig,
+) -> FlowLossOutput:
+    """Forward the model on x_t of a packed batch (already on the model's device) and score it."""
+    tokens = batch.tokens.float()  # (T, C)
+    t_tokens = torch.repeat_interleave(
+        timesteps,
+        (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(timesteps.device),
+        output_size=batch.num_tokens,
+    )  # (T,)
+    x_t = interpolate(tokens, noise, t_tokens[:, None])  # (T, C)
+    target = velocity_target(tokens, noise)  # (T, C)
+    velocity = model(
+        x_t,
+        timesteps,
+        batch.labels,
+        batch.pos,
+        batch.cu_seqlens,
+        max_seqlen=batch.max_seqlen,
+        sizes=batch.sizes,
+    )  # (T, C)
+    token_error = (velocity.float() - target).square().mean(dim=1)  # (T,)
+    segment_lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(token_error.device)  # (S,)
+    segment = torch.repeat_interleave(
+        torch.arange(batch.num_segments, device=token_error.device),
+        segment_lengths,
+        output_size=batch.num_tokens,
+    )  # (T,): the padding tail is the last segment and is dropped below
+    segment_sum = token_error.new_zeros(batch.num_segments).index_add(0, segment, token_error)  # (S,)
+    lengths = segment_lengths[: batch.num_images].to(token_error.dtype)  # (N,)
+    per_image = segment_sum[: batch.num_images] / lengths  # (N,)
+    if flow.loss_weighting == "tokens":
+        weights = lengths / flow.reference_tokens
+    else:
+        weights = torch.ones_like(per_image)
+    loss = (weights * per_image).sum() / global_num_images
+    return FlowLossOutput(
+        loss=loss, per_image=per_image.detach(), timesteps=timesteps[: batch.num_images].detach()
+    )
