@@ -38,10 +38,14 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if not self.folder or "/" in self.folder or self.folder in (".", ".."):
-            raise ConfigError(f"checkpoint.folder: must be a plain folder name such as `checkpoints`, got {self.folder!r}")
+            raise ConfigError(
+                f"checkpoint.folder: must be a plain folder name such as `checkpoints`, got {self.folder!r}"
+            )
         for name in ("interval", "keep_last", "keep_every"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"checkpoint.{name}: must be >= 0 (0 disables it), got {getattr(self, name)}")
+                raise ConfigError(
+                    f"checkpoint.{name}: must be >= 0 (0 disables it), got {getattr(self, name)}"
+                )
         if self.signal_check_every < 1:
             raise ConfigError(f"checkpoint.signal_check_every: must be >= 1, got {self.signal_check_every}")
         for name in ("save_signals", "exit_signals"):

@@ -41,10 +41,16 @@ class LogConfig:
         if self.every < 1:
             raise ConfigError(f"log.every: must be >= 1, got {self.every}")
         if self.progress_bar not in PROGRESS_BAR_MODES:
-            raise ConfigError(f"log.progress_bar: {self.progress_bar!r} is not one of {', '.join(PROGRESS_BAR_MODES)}")
+            raise ConfigError(
+                f"log.progress_bar: {self.progress_bar!r} is not one of {', '.join(PROGRESS_BAR_MODES)}"
+            )
         if self.wandb not in WANDB_MODES:
             raise ConfigError(f"log.wandb: {self.wandb!r} is not one of {', '.join(WANDB_MODES)}")
         if self.peak_flops < 0:
-            raise ConfigError(f"log.peak_flops: must be >= 0 (0 uses the device table), got {self.peak_flops}")
+            raise ConfigError(
+                f"log.peak_flops: must be >= 0 (0 uses the device table), got {self.peak_flops}"
+            )
         if self.timestep_buckets < 0:
-            raise ConfigError(f"log.timestep_buckets: must be >= 0 (0 disables it), got {self.timestep_buckets}")
+            raise ConfigError(
+                f"log.timestep_buckets: must be >= 0 (0 disables it), got {self.timestep_buckets}"
+            )

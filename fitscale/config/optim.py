@@ -38,7 +38,9 @@ class ScheduleConfig:
         if self.name not in SCHEDULES:
             raise ConfigError(f"optim.schedule.name: {self.name!r} is not one of {', '.join(SCHEDULES)}")
         if self.warmup_steps < 0:
-            raise ConfigError(f"optim.schedule.warmup_steps: must be >= 0 (0 disables warmup), got {self.warmup_steps}")
+            raise ConfigError(
+                f"optim.schedule.warmup_steps: must be >= 0 (0 disables warmup), got {self.warmup_steps}"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 < self.decay_fraction <= 1.0:

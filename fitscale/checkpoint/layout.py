@@ -1,0 +1,156 @@
+"""Checkpoint folders on disk: naming, completeness, metadata and which ones retention removes.
+
+A checkpoint is the folder `step-N/` (N without padding) holding DCP's files, DCP's `.metadata`
+and our `fitscale.json`. Saving writes `.step-N.tmp/` and renames it when every rank is done, so
+a folder named `step-N` is complete by construction; completeness is still checked (both
+metadata files present) so that a folder copied by hand or truncated by a full disk is never
+taken as the newest. Deletion renames to `.deleting-step-N` first for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+METADATA_FILE = "fitscale.json"
+DCP_METADATA_FILE = ".metadata"
+FORMAT_VERSION = 1
+STEP_PATTERN = re.compile(r"^step-(\d+)$")
+
+
+def step_dirname(step: int) -> str:
+    return f"step-{step}"
+
+
+def temporary_dirname(step: int) -> str:
+    return f".step-{step}.tmp"
+
+
+def is_complete(path: Path) -> bool:
+    """True for a checkpoint folder whose save finished on every rank."""
+    return (path / METADATA_FILE).is_file() and (path / DCP_METADATA_FILE).is_file()
+
+
+def complete_steps(folder: Path) -> list[int]:
+    """Steps of the complete checkpoints in `folder`, ascending; temporary and partial folders are ignored."""
+    if not folder.is_dir():
+        return []
+    steps = []
+    for entry in folder.iterdir():
+        match = STEP_PATTERN.match(entry.name)
+        if match and entry.is_dir() and is_complete(entry):
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def steps_to_delete(steps: list[int], newest: int, keep_last: int, keep_every: int) -> list[int]:
+    """Complete steps older than `newest` that neither the last-K nor the every-M rule keeps.
+
+    Steps above `newest` (left by a run that was resumed from an older checkpoint) are never
+    touched: they are not older, and deleting someone's later history is not retention.
+    """
+    if keep_last <= 0:
+        return []
+    candidates = sorted(s for s in steps if s <= newest)
+    kept = set(candidates[-keep_last:]) | {newest}
+    if keep_every > 0:
+        kept |= {s for s in candidates if s % keep_every == 0}
+    return [s for s in candidates if s not in kept]
+
+
+def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    """Write `fitscale.json` durably (write, fsync, rename) so it exists whole or not at all."""
+    partial = path / (METADATA_FILE + ".partial")
+    with open(partial, "w") as handle:
+        json.dump({"format": FORMAT_VERSION, **metadata}, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path / METADATA_FILE)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    metadata_path = path / METADATA_FILE
+    try:
+        metadata = json.loads(metadata_path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} is not a complete fitscale checkpoint: {METADATA_FILE} is missing"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{metadata_path} is not valid JSON ({error}); the checkpoint folder is damaged"
+        ) from None
+    if metadata.get("format", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written by a newer fitscale (checkpoint format {metadata['format']}, this one reads "
+            f"{FORMAT_VERSION}); upgrade fitscale to load it"
+        )
+    return metadata
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish(temporary: Path, final: Path) -> None:
+    """Make a finished checkpoint visible with one atomic rename; refuses to replace anything."""
+    if final.exists():
+        raise FileExistsError(f"checkpoint {final} already exists; it is never overwritten")
+    os.rename(temporary, final)
+    fsync_dir(final.parent)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Hide a checkpoint from `complete_steps` at once (rename), then delete its files."""
+    doomed = path.with_name(".deleting-" + path.name)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(folder: Path) -> list[str]:
+    """Delete temporary folders of saves that never finished and deletions that were interrupted."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if entry.is_dir() and (
+            entry.name.startswith(".deleting-") or re.match(r"^\.step-\d+\.tmp$", entry.name)
+        ):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+def find_checkpoint(path: str | Path, folder_name: str = "checkpoints") -> Path:
+    """A checkpoint folder from a path to the folder itself, to a run's checkpoint folder, or to a run.
+
+    For a run or its checkpoint folder the newest complete checkpoint is taken.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if (path / DCP_METADATA_FILE).is_file():
+        if not is_complete(path):
+            raise FileNotFoundError(f"{path} is an incomplete checkpoint ({METADATA_FILE} is missing)")
+        return path
+    for folder in (path, path / folder_name):
+        steps = complete_steps(folder)
+        if steps:
+            return folder / step_dirname(steps[-1])
+    raise FileNotFoundError(
+        f"{path} holds no complete checkpoint: pass a run folder, its `{folder_name}` folder or a step-N folder"
+    )

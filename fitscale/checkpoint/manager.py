@@ -1,0 +1,340 @@
+"""CheckpointManager: every save and load of a run's state goes through here.
+
+The state is a `dict[str, Stateful]` (model, optimizer, EMA, LR schedule, data position, RNGs,
+step). Saving is collective: all ranks call `save`/`maybe_save` at the same step boundary. DCP
+writes each rank's shards into `.step-N.tmp/`; once every rank has finished, rank 0 adds
+`fitscale.json` and renames the folder to `step-N/`, so a crash at any moment leaves either the
+new checkpoint complete or the previous ones untouched. Retention then deletes only complete
+checkpoints older than the one just published. Loading never deletes or rewrites anything.
+
+Signals (SIGTERM, SIGUSR1, SIGUSR2 by default) only set flags; ranks agree on them with a tiny
+all-reduce at step boundaries, so a signal that reached one rank still makes all ranks save
+together. The manager's own collectives run on private gloo groups, so they never contend with
+NCCL traffic or with the background thread of an asynchronous save.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from fitscale.checkpoint import layout
+from fitscale.checkpoint.stateful import PerRankState
+from fitscale.config.checkpoint import CheckpointConfig
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint exists but does not fit the state of this run (other model, missing entries)."""
+
+
+def _first_failure(error: BaseException) -> str:
+    """The first rank's reason from DCP's multi-rank exception, as one line."""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank = min(error.failures)
+        cause = error.failures[rank][0]
+        return f"{type(cause).__name__}: {cause} (rank {rank})"
+    return f"{type(error).__name__}: {error}"
+
+
+class CheckpointManager:
+    """Save, publish, retain and load the checkpoints of one run folder (see the module docstring)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: CheckpointConfig,
+        *,
+        metadata: dict[str, Any] | None = None,
+        handle_signals: bool = True,
+    ):
+        self.cfg = cfg
+        self.folder = Path(run_dir) / cfg.folder
+        self.metadata = dict(metadata or {})
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        # Private groups: one for the manager's handshakes, one for DCP's background thread.
+        self._group = dist.new_group(backend="gloo") if self.distributed else None
+        self._async_group = dist.new_group(backend="gloo") if self.distributed and cfg.async_save else None
+        self._pending: tuple[int, Path, Future, dict[str, Any]] | None = None
+        self._cleaned = False
+        self.save_requested = False
+        self.exit_requested = False
+        self.last_signal: str | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        if handle_signals:
+            self.install_signal_handlers()
+
+    # ----------------------------------------------------------------------------- discovery
+    def step_path(self, step: int) -> Path:
+        return self.folder / layout.step_dirname(step)
+
+    def complete_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending (rank 0's view, shared with all ranks)."""
+        return self._from_rank0(lambda: layout.complete_steps(self.folder))
+
+    def latest_step(self) -> int | None:
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    def resume_step(self, resume: str = "auto") -> int | None:
+        """The step to resume from under `train.resume`: `auto`, `never` or a step number."""
+        steps = self.complete_steps()
+        if resume == "auto":
+            return steps[-1] if steps else None
+        if resume == "never":
+            if steps:
+                raise FileExistsError(
+                    f"{self.folder} already holds checkpoints (steps {steps}); with train.resume=never pick a "
+                    "new train.run_dir, or set train.resume=auto to continue this run"
+                )
+            return None
+        if not str(resume).isdigit():
+            raise ValueError(f"train.resume={resume!r} is not `auto`, `never` or a step number")
+        step = int(resume)
+        if step not in steps:
+            raise FileNotFoundError(
+                f"train.resume={step}: {self.step_path(step)} is not a complete checkpoint; complete steps in "
+                f"{self.folder}: {steps or 'none'}"
+            )
+        return step
+
+    def maybe_resume(self, state: dict[str, Any], resume: str = "auto") -> int | None:
+        """Load the checkpoint that `resume` names, if any; returns its step."""
+        step = self.resume_step(resume)
+        if step is None:
+            return None
+        return self.load(step, state)
+
+    # ----------------------------------------------------------------------------- saving
+    def maybe_save(self, step: int, state: dict[str, Any], force: bool = False) -> bool:
+        """Save when `step` is on the interval, a signal asked for it, or `force`; call on every rank.
+
+        Also publishes a finished asynchronous save. After a save requested by an exit signal the
+        checkpoint is complete on return, and `exit_requested` tells the loop to stop.
+        """
+        self._finish_pending(block=False)
+        if self.distributed and step % self.cfg.signal_check_every == 0:
+            self._agree_on_signals()
+        on_interval = self.cfg.interval > 0 and step % self.cfg.interval == 0
+        if not (force or self.save_requested or on_interval):
+            return False
+        self.save(step, state)
+        self.save_requested = False
+        if self.exit_requested:
+            self.wait()
+        return True
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write `state` as checkpoint `step` (collective); an existing complete `step-N` is kept as is."""
+        self.wait()
+        final = self.step_path(step)
+        if self._from_rank0(lambda: layout.is_complete(final)):
+            logger.info("checkpoint %s already exists; not writing it again", final)
+            return final
+        temporary = self.folder / layout.temporary_dirname(step)
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if not self._cleaned:
+                removed = layout.remove_leftovers(self.folder)
+                if removed:
+                    logger.warning("removed unfinished checkpoint folders of an earlier run: %s", removed)
+                self._cleaned = True
+            elif temporary.exists():
+                layout.remove_leftovers(self.folder)
+        self._barrier()
+        dcp_state = self._state_for_saving(state)
+        started = time.perf_counter()
+        if self.cfg.async_save:
+            response = dcp.async_save(dcp_state, checkpoint_id=temporary, process_group=self._async_group)
+            future = getattr(response, "upload_completion", response)
+            self._pending = (step, temporary, future, {**self._metadata_for(step, state), "async": True})
+            logger.info(
+                "checkpoint step %d staged in %.2fs; writing in the background",
+                step,
+                time.perf_counter() - started,
+            )
+        else:
+            dcp.save(dcp_state, checkpoint_id=temporary, process_group=self._group)
+            self._publish(step, temporary, self._metadata_for(step, state))
+            logger.info("checkpoint %s written in %.2fs", final, time.perf_counter() - started)
+        return final
+
+    def wait(self) -> None:
+        """Block until a pending asynchronous save is written and published (collective)."""
+        self._finish_pending(block=True)
+
+    def close(self) -> None:
+        """Finish pending work and restore the signal handlers that were there before."""
+        self.wait()
+        self.uninstall_signal_handlers()
+
+    def _state_for_saving(self, state: dict[str, Any]) -> dict[str, Any]:
+        dcp_state: dict[str, Any] = {}
+        for key, value in state.items():
+            if isinstance(value, PerRankState):
+                dcp_state[key] = {f"rank{self.rank}": value.serialized()}
+            else:
+                dcp_state[key] = value
+        return dcp_state
+
+    def _metadata_for(self, step: int, state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **self.metadata,
+            "step": step,
+            "world_size": self.world_size,
+            "keys": sorted(state),
+            "per_rank_keys": sorted(k for k, v in state.items() if isinstance(v, PerRankState)),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "torch_version": torch.__version__,
+        }
+
+    def _finish_pending(self, block: bool) -> None:
+        if self._pending is None:
+            return
+        step, temporary, future, metadata = self._pending
+        if not block and self.distributed:
+            done = torch.tensor([1 if future.done() else 0], dtype=torch.int32)
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._group)
+            if not done.item():
+                return
+        elif not block and not future.done():
+            return
+        self._pending = None
+        try:
+            future.result()
+        except BaseException as error:  # DCP reports failures as CheckpointException (a BaseException)
+            raise RuntimeError(
+                f"asynchronous checkpoint step {step} failed: {_first_failure(error)}; "
+                f"{temporary} is left unpublished and the previous checkpoints are intact"
+            ) from error
+        self._publish(step, temporary, metadata)
+
+    def _publish(self, step: int, temporary: Path, metadata: dict[str, Any]) -> None:
+        """All ranks finished writing: rank 0 adds fitscale.json, renames, then applies retention."""
+        self._barrier()
+        if self.rank == 0:
+            layout.write_metadata(temporary, metadata)
+            layout.publish(temporary, self.step_path(step))
+            self._apply_retention(step)
+        self._barrier()
+
+    def _apply_retention(self, newest: int) -> None:
+        doomed = layout.steps_to_delete(
+            layout.complete_steps(self.folder), newest, self.cfg.keep_last, self.cfg.keep_every
+        )
+        for step in doomed:
+            layout.remove_checkpoint(self.step_path(step))
+        if doomed:
+            logger.info("retention removed checkpoints %s", doomed)
+
+    # ----------------------------------------------------------------------------- loading
+    def load(self, step_or_path: int | str | Path, state: dict[str, Any]) -> int:
+        """Restore `state` in place from a complete checkpoint (collective); returns its step.
+
+        Never deletes or modifies anything on disk. A checkpoint that does not fit (another model,
+        missing entries) raises CheckpointMismatchError naming the folder and the first problem.
+        """
+        self.wait()
+        path = self.step_path(step_or_path) if isinstance(step_or_path, int) else Path(step_or_path)
+        if not self._from_rank0(lambda: layout.is_complete(path)):
+            raise FileNotFoundError(
+                f"{path} is not a complete checkpoint; complete steps in {self.folder}: "
+                f"{layout.complete_steps(self.folder) or 'none'}"
+            )
+        metadata = layout.read_metadata(path)
+        saved_world = int(metadata["world_size"])
+        dcp_state, per_rank = self._state_for_loading(state, path, metadata)
+        try:
+            dcp.load(dcp_state, checkpoint_id=path, process_group=self._group)
+        except (CheckpointException, RuntimeError, KeyError, ValueError) as error:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} (step {metadata['step']}, {saved_world} ranks) does not fit this run: "
+                f"{_first_failure(error)}"
+            ) from None
+        for key, value in per_rank.items():
+            saved = {int(name[len("rank") :]): data for name, data in dcp_state[key].items()}
+            value.restore(saved, self.rank, self.world_size, saved_world)
+        logger.info("loaded checkpoint %s", path)
+        return int(metadata["step"])
+
+    def _state_for_loading(
+        self, state: dict[str, Any], path: Path, metadata: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, PerRankState]]:
+        saved_world = int(metadata["world_size"])
+        saved_per_rank = set(metadata.get("per_rank_keys", []))
+        dcp_state: dict[str, Any] = {}
+        per_rank: dict[str, PerRankState] = {}
+        for key, value in state.items():
+            if not isinstance(value, PerRankState):
+                dcp_state[key] = value
+                continue
+            if key not in saved_per_rank:
+                raise CheckpointMismatchError(
+                    f"checkpoint {path} has no per-rank entry {key!r} (it holds {sorted(saved_per_rank) or 'none'})"
+                )
+            if saved_world == self.world_size:
+                ranks = [self.rank]
+            elif value.reshard is not None:
+                ranks = list(range(saved_world))
+            else:
+                raise CheckpointMismatchError(
+                    f"checkpoint {path} was written by {saved_world} ranks and this run has {self.world_size}; "
+                    f"per-rank state {key!r} ({type(value.stateful).__name__}) has no resharding rule: give "
+                    "PerRankState a `reshard` function or resume on the same number of ranks"
+                )
+            dcp_state[key] = {f"rank{r}": b"" for r in ranks}
+            per_rank[key] = value
+        return dcp_state, per_rank
+
+    # ----------------------------------------------------------------------------- signals
+    def install_signal_handlers(self) -> None:
+        """Route the configured signals to flags (main thread only; elsewhere this does nothing)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.cfg.save_signals:
+            signum = getattr(signal, name)
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def uninstall_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        self.last_signal = name
+        self.save_requested = True
+        if name in self.cfg.exit_signals:
+            self.exit_requested = True
+
+    def _agree_on_signals(self) -> None:
+        flags = torch.tensor([int(self.save_requested), int(self.exit_requested)], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        self.save_requested = bool(flags[0])
+        self.exit_requested = bool(flags[1])
+
+    # ----------------------------------------------------------------------------- collectives
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self._group)
+
+    def _from_rank0(self, compute):
+        """Rank 0 looks at the file system and tells everyone, so ranks never disagree on what exists."""
+        if not self.distributed:
+            return compute()
+        box = [compute() if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self._group, 0), group=self._group)
+        return box[0]
