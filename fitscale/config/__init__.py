@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import MISSING
+
 from fitscale.config.checkpoint import CheckpointConfig
 from fitscale.config.data import DataConfig
 from fitscale.config.errors import ConfigError
@@ -41,7 +43,7 @@ class RunConfig:
     """Everything a run needs; saved resolved as `config.yaml` in the run folder."""
 
     model: ModelSection = field(default_factory=ModelSection)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = MISSING  # no usable default: every run names its dataset
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -60,7 +62,6 @@ class RunConfig:
 
     def validate(self) -> None:
         """Rules that involve more than one section; raises ConfigError naming the field to change."""
-        self.model_config()
         if self.parallel.backend == "deepspeed":
             if self.parallel.sharding == "hybrid":
                 raise ConfigError(
@@ -71,10 +72,16 @@ class RunConfig:
                 raise ConfigError(
                     "parallel.compile=true is supported with parallel.backend=fsdp only; set parallel.compile=false"
                 )
-        if self.parallel.compile and getattr(self.data, "token_budget", 1) is None:
+        if self.parallel.compile and not self.data.pad_to_budget:
             raise ConfigError(
-                "parallel.compile=true needs static shapes: set data.token_budget (e.g. 4096) "
+                "parallel.compile=true needs static shapes: set data.pad_to_budget=true "
                 "or parallel.compile=false"
+            )
+        model = self.model_config()
+        if self.data.num_classes != model.num_classes:
+            raise ConfigError(
+                f"data.num_classes={self.data.num_classes} but the model has num_classes={model.num_classes}; "
+                f"set model.overrides.num_classes={self.data.num_classes} or fix data.num_classes"
             )
 
 
@@ -87,6 +94,10 @@ def _unknown_key_message(error: Exception) -> str:
     else:
         message += f"; check the spelling against the fields of section {parent!r}"
     return message
+
+
+def _first_line(error: BaseException) -> str:
+    return (getattr(error, "msg", None) or str(error)).strip().splitlines()[0]
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -118,18 +129,17 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
         raise ConfigError(_unknown_key_message(error)) from error
     except ValidationError as error:
         key = getattr(error, "full_key", "?")
-        raise ConfigError(f"{key}: {error.msg.splitlines()[0]}") from error
+        raise ConfigError(f"{key}: {_first_line(error)}") from error
+    if OmegaConf.is_missing(merged, "data"):
+        raise ConfigError("data: the recipe has no data section; set data.path to a dataset folder")
     try:
         config = OmegaConf.to_object(merged)
-    except ConfigError:
-        raise
     except OmegaConfBaseException as error:
-        cause = error.__cause__ if isinstance(error.__cause__, ConfigError) else None
-        if cause is not None:
-            raise cause from None
-        raise ConfigError(
-            f"{getattr(error, 'full_key', '') or 'config'}: {error.msg.splitlines()[0]}"
-        ) from error
+        if isinstance(error.__cause__, ValueError):
+            raise ConfigError(_first_line(error.__cause__)) from error
+        raise ConfigError(f"{getattr(error, 'full_key', '') or 'config'}: {_first_line(error)}") from error
+    except ValueError as error:  # a section's own check, re-raised by OmegaConf with its key appended
+        raise ConfigError(_first_line(error)) from error
     config.validate()
     return config
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,10 @@ from fitscale.parallel import (
     build_mesh,
     init_distributed,
 )
+from fitscale.train.metrics import Throughput
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
 
 log = logging.getLogger("fitscale.train")
-
-TIMESTEP_BUCKETS = 4  # loss reported for t in [0, .25), [.25, .5), [.5, .75), [.75, 1]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,14 +48,16 @@ class StepStats:
     images: int
     real_tokens: int
     tokens: int
-    bucket_loss: list[float]
+    bucket_sums: torch.Tensor
+    bucket_counts: torch.Tensor
     seqlens: list[int]
 
 
 class Trainer:
     """Builds everything a run needs from a RunConfig; `train()` runs it to `train.steps`."""
 
-    def __init__(self, config: RunConfig, env: DistributedEnv | None = None):
+    def __init__(self, config: RunConfig, env: DistributedEnv | None = None, loader: Any = None):
+        """`loader` replaces `build_loader(config.data, ...)`: any Stateful iterable of StepBatch."""
         self.config = config
         self.env = env or init_distributed(config.train.device)
         self.run_dir = Path(config.train.run_dir)
@@ -70,9 +70,10 @@ class Trainer:
         self.model = self._build_model()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.ema = self._build_ema()
-        self.loader = self._build_loader()
+        self.loader = loader if loader is not None else self._build_loader()
         self.checkpoints = self._build_checkpoint_manager()
-        self.metrics = self._build_metrics()
+        self.metrics = None  # built in train(), once the start step is known
+        self.history: list[dict[str, Any]] = []  # every step's metrics, for callers and tests
 
     # ---- building ---------------------------------------------------------------------------
 
@@ -215,10 +216,19 @@ class Trainer:
 
         return CheckpointManager(self.run_dir, self.config.checkpoint)
 
-    def _build_metrics(self):
+    def _build_metrics(self, start_step: int):
+        from dataclasses import asdict
+
         from fitscale.train.metrics import MetricsLogger
 
-        return MetricsLogger(self.run_dir, self.config.log, self.env.rank)
+        return MetricsLogger(
+            self.run_dir,
+            self.config.log,
+            self.env.rank,
+            total_steps=self.config.train.steps,
+            start_step=start_step,
+            config=asdict(self.config),
+        )
 
     def state(self) -> dict[str, Any]:
         """Everything a checkpoint holds, as Statefuls keyed by name."""
@@ -241,16 +251,10 @@ class Trainer:
 
     def maybe_resume(self) -> int | None:
         """Load the checkpoint `train.resume` asks for; returns its step, or None for a fresh start."""
-        resume = self.config.train.resume
-        latest = self.checkpoints.latest_step()
-        if resume == "never":
-            if latest is not None:
-                raise ConfigError(
-                    f"train.resume=never but {self.run_dir} already holds checkpoint step {latest}; "
-                    "set train.resume=auto to continue it or choose another train.run_dir"
-                )
-            return None
-        step = latest if resume == "auto" else int(resume)
+        try:
+            step = self.checkpoints.resume_step(self.config.train.resume)
+        except (FileExistsError, FileNotFoundError, ValueError) as error:
+            raise ConfigError(str(error)) from error
         if step is None:
             return None
         if self.engine is not None:
@@ -261,12 +265,21 @@ class Trainer:
         log.info("resumed from step %d", step)
         return step
 
-    def save(self, step: int, force: bool = False) -> None:
-        if self.engine is not None:
+    def maybe_save(self, force: bool = False) -> bool:
+        """Checkpoint at the interval, on a signal, or when forced (collective on every rank)."""
+        step = self.progress.step
+        if self.engine is not None and self._deepspeed_save_due(step, force):
             from fitscale.parallel.deepspeed import save_deepspeed_state
 
+            # Written before the manager publishes step-N, so a visible step always has this part.
             save_deepspeed_state(self.engine, self.run_dir, step)
-        self.checkpoints.maybe_save(step, self.state(), force=force)
+            force = True
+        return self.checkpoints.maybe_save(step, self.state(), force=force)
+
+    def _deepspeed_save_due(self, step: int, force: bool) -> bool:
+        interval = self.config.checkpoint.interval
+        flags = [force, self.checkpoints.save_requested, interval > 0 and step % interval == 0]
+        return not self._all_agree(not any(flags))
 
     # ---- one step ---------------------------------------------------------------------------
 
@@ -278,9 +291,10 @@ class Trainer:
         counts = self._global_counts(micro_batches)
         global_images = step_batch.global_num_images or int(counts[0])
         self.model.train()
+        buckets = cfg.log.timestep_buckets
         local_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        bucket_sum = torch.zeros(TIMESTEP_BUCKETS, dtype=torch.float64, device=self.env.device)
-        bucket_count = torch.zeros(TIMESTEP_BUCKETS, dtype=torch.float64, device=self.env.device)
+        bucket_sum = torch.zeros(buckets, dtype=torch.float64, device=self.env.device)
+        bucket_count = torch.zeros(buckets, dtype=torch.float64, device=self.env.device)
         seqlens: list[int] = []
         for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
@@ -294,7 +308,7 @@ class Trainer:
             out = flow_loss(self.model, batch, timesteps, noise, global_images, cfg.train.flow)
             self._backward(out.loss, last)
             local_loss += out.loss.detach().double()
-            bucket = (out.timesteps * TIMESTEP_BUCKETS).long().clamp(0, TIMESTEP_BUCKETS - 1)
+            bucket = (out.timesteps * buckets).long().clamp(0, buckets - 1)
             bucket_sum.index_add_(0, bucket, out.per_image.double())
             bucket_count.index_add_(0, bucket, torch.ones_like(out.per_image, dtype=torch.float64))
         summary = torch.cat([local_loss[None], bucket_sum, bucket_count])
@@ -317,8 +331,6 @@ class Trainer:
         self.progress.step = step + 1
         self.progress.images += int(counts[0])
         self.progress.real_tokens += int(counts[1])
-        sums, totals = summary[1 : 1 + TIMESTEP_BUCKETS], summary[1 + TIMESTEP_BUCKETS :]
-        bucket_loss = [float(s / c) if c > 0 else float("nan") for s, c in zip(sums, totals)]
         return StepStats(
             loss=loss,
             grad_norm=grad_norm,
@@ -326,7 +338,8 @@ class Trainer:
             images=int(counts[0]),
             real_tokens=int(counts[1]),
             tokens=int(counts[2]),
-            bucket_loss=bucket_loss,
+            bucket_sums=summary[1 : 1 + buckets].cpu(),
+            bucket_counts=summary[1 + buckets :].cpu(),
             seqlens=seqlens,
         )
 
@@ -399,49 +412,58 @@ class Trainer:
     # ---- the run ----------------------------------------------------------------------------
 
     def train(self) -> int:
-        """Run to `train.steps`; returns the last step reached."""
+        """Run to `train.steps` (or until an exit signal); returns the last step reached."""
         cfg = self.config
         try:
             if self.env.is_main:
                 (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-            self.maybe_resume()
+            start_step = self.maybe_resume() or 0
+            self.metrics = self._build_metrics(start_step)
+            self.throughput = Throughput(self.env.world_size, self.env.device, self.config.log.peak_flops)
             iterator = iter(self.loader)
             while self.progress.step < cfg.train.steps:
-                started = time.perf_counter()
-                step_batch = next(iterator)
-                stats = self.train_step(step_batch)
-                self._log_step(stats, time.perf_counter() - started)
+                self._log_step(self.train_step(next(iterator)))
                 if self.progress.nonfinite_consecutive >= cfg.train.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{self.progress.nonfinite_consecutive} consecutive steps had a non-finite loss or "
                         f"gradient (last at step {self.progress.step}); stopping without saving. The last good "
                         f"checkpoint in {self.run_dir} is untouched; lower optim.lr or check the data"
                     )
-                if self.checkpoints.save_requested:
-                    self.save(self.progress.step, force=True)
-                    log.info("saved step %d on request; stopping", self.progress.step)
-                    return self.progress.step
-                self.save(self.progress.step)
-            self.save(self.progress.step, force=True)
+                at_end = self.progress.step >= cfg.train.steps and cfg.checkpoint.save_at_end
+                self.maybe_save(force=at_end)
+                if self.checkpoints.exit_requested:
+                    log.info("stopping at step %d on %s", self.progress.step, self.checkpoints.last_signal)
+                    break
             self.checkpoints.wait()
             return self.progress.step
         finally:
             self.close()
 
-    def _log_step(self, stats: StepStats, seconds: float) -> None:
-        self.metrics.log_step(
-            step=self.progress.step,
-            loss=stats.loss,
-            grad_norm=stats.grad_norm,
-            lr=self.scheduler.get_last_lr()[0],
-            skipped=stats.skipped,
-            images=stats.images,
-            real_tokens=stats.real_tokens,
-            tokens=stats.tokens,
-            seconds=seconds,
-            loss_by_t={f"loss_t{i}": value for i, value in enumerate(stats.bucket_loss)},
-            nonfinite_total=self.progress.nonfinite_total,
-        )
+    def _log_step(self, stats: StepStats) -> None:
+        """This step's metrics to the JSONL/wandb/progress-bar sinks (rank 0 unless log.all_ranks)."""
+        from fitscale.models.flops import training_flops
+        from fitscale.train.metrics import memory_stats, timestep_bucket_metrics
+
+        # FLOPs from this rank's images, scaled to the world: exact for balanced ranks, close otherwise.
+        flops = training_flops(self.model_config, stats.seqlens) * self.env.world_size
+        self.throughput.update(stats.images, stats.real_tokens, stats.tokens, flops)
+        metrics: dict[str, Any] = {
+            "loss": stats.loss,
+            "grad_norm": stats.grad_norm,
+            "lr": self.scheduler.get_last_lr()[0],
+            "skipped": int(stats.skipped),
+            "nonfinite_total": self.progress.nonfinite_total,
+            "images": stats.images,
+            **timestep_bucket_metrics(stats.bucket_sums, stats.bucket_counts),
+        }
+        step = self.progress.step
+        if step % self.config.log.every == 0 or step == self.config.train.steps:
+            metrics.update(self.throughput.rates())
+            metrics.update(memory_stats(self.env.device))
+        self.history.append({"step": step, **metrics})
+        if stats.skipped:
+            self.metrics.event("nonfinite_step_skipped", step, loss=stats.loss, grad_norm=stats.grad_norm)
+        self.metrics.log(step, metrics)
 
     def close(self) -> None:
         for closer in (getattr(self, "checkpoints", None), getattr(self, "metrics", None)):

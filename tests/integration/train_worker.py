@@ -1,0 +1,125 @@
+"""A training process for the integration tests: the real Trainer on deterministic packed data.
+
+Run under `python -m torch.distributed.run --nproc_per_node N train_worker.py RUN_DIR [options]`
+(or directly for one process). The data is a small, seeded, world-size-independent stream of
+packed steps: step s holds the images with sample ids s*B ... s*B+B-1, each of a grid and
+content derived from its id, so any split over ranks and micro-batches is the same global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fitscale.config import load_config
+from fitscale.data.batch import pack_images
+from fitscale.train.trainer import Trainer
+
+
+@dataclass
+class StepBatch:
+    micro_batches: list
+    global_num_images: int | None
+
+
+class SeededSteps:
+    """Deterministic global batches split over ranks by `split`:
+    `interleave` (image i to rank i % W), `contiguous` (rank 0 takes the first `first` images)."""
+
+    def __init__(self, rank, world_size, global_batch, micro_batches, num_classes, split="interleave", first=0):
+        self.rank, self.world_size = rank, world_size
+        self.global_batch, self.micro_batches = global_batch, micro_batches
+        self.num_classes, self.split, self.first = num_classes, split, first
+        self.step = 0
+
+    def image(self, sample_id: int):
+        generator = torch.Generator().manual_seed(10_000 + sample_id)
+        rows, cols = (int(v) for v in torch.randint(2, 6, (2,), generator=generator))
+        tokens = torch.randn(rows * cols, 16, generator=generator)
+        label = int(torch.randint(0, self.num_classes, (1,), generator=generator))
+        return tokens, (rows, cols), label
+
+    def my_ids(self, step: int) -> list[int]:
+        ids = list(range(step * self.global_batch, (step + 1) * self.global_batch))
+        if self.split == "interleave":
+            return ids[self.rank :: self.world_size]
+        if self.world_size == 1:
+            return ids
+        cut = self.first or len(ids) // self.world_size
+        return ids[:cut] if self.rank == 0 else ids[cut:][self.rank - 1 :: self.world_size - 1]
+
+    def batch(self, step: int) -> StepBatch:
+        ids = self.my_ids(step)
+        chunks = [ids[i :: self.micro_batches] for i in range(self.micro_batches)]
+        micro = []
+        for chunk in chunks:
+            images, grids, labels = zip(*(self.image(i) for i in chunk))
+            micro.append(pack_images(list(images), list(grids), list(labels), chunk, null_class=self.num_classes))
+        return StepBatch(micro, self.global_batch)
+
+    def __iter__(self):
+        while True:
+            batch = self.batch(self.step)
+            self.step += 1
+            yield batch
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+
+
+class KillingTrainer(Trainer):
+    """Rank 0 SIGKILLs itself right after step `die_at` (its checkpoint, if due, is written)."""
+
+    die_at: int | None = None
+
+    def maybe_save(self, force: bool = False) -> bool:
+        saved = super().maybe_save(force)
+        if self.die_at is not None and self.progress.step == self.die_at and self.env.rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("--set", nargs="*", default=[], dest="overrides")
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--micro-batches", type=int, default=2)
+    parser.add_argument("--split", default="interleave")
+    parser.add_argument("--first", type=int, default=0)
+    parser.add_argument("--die-at", type=int, default=None)
+    parser.add_argument("--history", default="history.json")
+    args = parser.parse_args()
+    overrides = [
+        f"train.run_dir={args.run_dir}",
+        "data.path=unused",
+        "data.num_classes=10",
+        "model.name=tiny",
+        "model.overrides.attn_backend=reference",
+        "train.device=cpu",
+        "optim.lr=1e-3",
+        *args.overrides,
+    ]
+    config = load_config(None, overrides)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    loader = SeededSteps(
+        rank, world_size, args.global_batch, args.micro_batches, 10, split=args.split, first=args.first
+    )
+    KillingTrainer.die_at = args.die_at
+    trainer = KillingTrainer(config, loader=loader)
+    trainer.train()
+    if rank == 0:
+        Path(args.run_dir, args.history).write_text(json.dumps(trainer.history))
+
+
+if __name__ == "__main__":
+    main()
