@@ -1,0 +1,134 @@
+"""The data section of a recipe: where the latents live and how they become packed steps.
+
+Every field is checked in `__post_init__`, so a bad recipe fails when it is parsed, with a
+message that names the field, the value and what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+BATCH_MODES = ("images", "tokens")
+WORKER_METHODS = ("process", "thread")
+
+
+@dataclass
+class DataConfig:
+    # A dataset written by `fitscale data ...` (MDS shards + samples.npy + fitscale.json). Without
+    # `remote` this is the dataset itself; with `remote` it is the local cache the shards go to.
+    path: str | None = None
+    # Remote URI of the dataset (s3://, gs://, oci://, hf://, or another local folder); shards are
+    # downloaded into `path` on first use, so one copy per node serves every rank of that node.
+    remote: str | None = None
+    # Held-out validation split: another dataset written the same way (local folder).
+    val_path: str | None = None
+    # Remote URI of the validation split; `val_path` is then its local cache.
+    val_remote: str | None = None
+    # "images": `global_batch_size` images per optimizer step (the paper's 256), split over ranks
+    # with balanced token counts and packed into micro-batches of at most `token_budget` tokens.
+    # "tokens": every rank gets `micro_batches_per_step` micro-batches filled up to `token_budget`
+    # tokens; the number of images per step varies and the trainer all-reduces it.
+    batch_mode: Literal["images", "tokens"] = "images"
+    # Images per optimizer step over all ranks (batch_mode "images" only).
+    global_batch_size: int = 256
+    # Most tokens in one micro-batch: the activation memory of one forward pass.
+    token_budget: int = 8192
+    # Micro-batches per rank per optimizer step (batch_mode "tokens" only).
+    micro_batches_per_step: int = 1
+    # Token limit the dataset was written for: 256 (256x256 pretraining) or 1024 (512x512).
+    max_image_tokens: int = 256
+    # Images with fewer tokens are skipped and counted, as in the release.
+    min_image_tokens: int = 16
+    # Pad every micro-batch to exactly `token_budget` tokens (static shapes for torch.compile);
+    # the padding is its own final segment, see fitscale/data/batch.py.
+    pad_to_budget: bool = False
+    # Probability of using the stored horizontally flipped variant (when the sample has one).
+    flip_prob: float = 0.5
+    # Probability of the centre-crop variant over the resized one (when the sample has one);
+    # the paper's mixed resize/crop preprocessing.
+    crop_prob: float = 0.5
+    # Shuffle the global sample order every epoch (off for evaluation).
+    shuffle: bool = True
+    # Seed of the sample order and of every flip/crop choice, derived from (seed, epoch, sample).
+    seed: int = 0
+    # Worker processes (or threads) that read shards and pack micro-batches; 0 reads inline.
+    num_workers: int = 2
+    # "process" workers sidestep the GIL; "thread" workers start instantly and share one cache.
+    worker_method: Literal["process", "thread"] = "process"
+    # Micro-batches each worker keeps ready ahead of the trainer.
+    prefetch: int = 2
+    # Put micro-batches in pinned memory so the host-to-GPU copy can overlap compute.
+    pin_memory: bool = False
+    # Number of real classes; labels must lie in [0, num_classes) and num_classes is the null class.
+    num_classes: int = 1000
+    # Images the "tokens" packer may look ahead in the sample order to fill a micro-batch exactly.
+    packing_lookahead: int = 512
+    # Seconds to wait for one shard download from `remote`.
+    download_timeout: float = 120.0
+    # Most bytes of shards kept in the local cache of a remote dataset (e.g. "200gb"); None keeps all.
+    cache_limit: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.path is None and self.remote is None:
+            raise ValueError("data.path: set it to a dataset folder (or set data.remote and a cache path)")
+        if self.remote is not None and self.path is None:
+            raise ValueError(
+                f"data.path: data.remote={self.remote!r} needs a local cache folder; set data.path to one"
+            )
+        if self.val_remote is not None and self.val_path is None:
+            raise ValueError(
+                f"data.val_path: data.val_remote={self.val_remote!r} needs a local cache folder; "
+                "set data.val_path to one"
+            )
+        if self.batch_mode not in BATCH_MODES:
+            raise ValueError(f"data.batch_mode={self.batch_mode!r}: use one of {', '.join(BATCH_MODES)}")
+        if self.worker_method not in WORKER_METHODS:
+            raise ValueError(
+                f"data.worker_method={self.worker_method!r}: use one of {', '.join(WORKER_METHODS)}"
+            )
+        for name in ("global_batch_size", "token_budget", "micro_batches_per_step", "packing_lookahead"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name}={value!r}: must be a positive integer")
+        if self.max_image_tokens not in (256, 1024):
+            raise ValueError(
+                f"data.max_image_tokens={self.max_image_tokens!r}: use 256 (256x256 images) or 1024 (512x512)"
+            )
+        if not 1 <= self.min_image_tokens <= self.max_image_tokens:
+            raise ValueError(
+                f"data.min_image_tokens={self.min_image_tokens!r}: must lie in [1, max_image_tokens="
+                f"{self.max_image_tokens}]"
+            )
+        if self.token_budget < self.max_image_tokens:
+            raise ValueError(
+                f"data.token_budget={self.token_budget}: must hold the largest image "
+                f"(data.max_image_tokens={self.max_image_tokens}); raise the budget"
+            )
+        for name in ("flip_prob", "crop_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.{name}={value!r}: must be a probability in [0, 1]")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers!r}: must be 0 or more")
+        if self.prefetch < 1:
+            raise ValueError(f"data.prefetch={self.prefetch!r}: must be at least 1")
+        if self.num_classes < 1:
+            raise ValueError(f"data.num_classes={self.num_classes!r}: must be at least 1")
+        if self.download_timeout <= 0:
+            raise ValueError(f"data.download_timeout={self.download_timeout!r}: must be positive seconds")
+
+    def validation(self) -> DataConfig:
+        """The config of the held-out split: same packing, no augmentation, a fixed order."""
+        if self.val_path is None:
+            raise ValueError("data.val_path: no validation split is configured; set data.val_path")
+        return replace(
+            self,
+            path=self.val_path,
+            remote=self.val_remote,
+            val_path=None,
+            val_remote=None,
+            flip_prob=0.0,
+            crop_prob=0.0,
+            shuffle=False,
+        )

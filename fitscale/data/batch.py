@@ -1,0 +1,133 @@
+"""The packed batch: the one contract between data, model and loss.
+
+A batch is one flat sequence of tokens from many images with no padding between them.
+Optionally a tail of padding up to a fixed token budget (static shapes for `torch.compile`)
+is held as its own final segment: it attends only to itself and never counts in the loss.
+The model treats it as one more image (label = null class); the loss reads only the first
+`num_images` segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    tokens: torch.Tensor  # (T, p*p*C) float: clean latent tokens, row-major per image
+    pos: torch.Tensor  # (T, 2) int64: (row, col) of each token in its image's patch grid
+    cu_seqlens: torch.Tensor  # (S+1,) int32: segment boundaries; S = num_images (+1 with a padding tail)
+    max_seqlen: int  # longest segment, computed on the host by the collator
+    labels: torch.Tensor  # (S,) int64: class labels (the padding segment holds the null class)
+    sizes: torch.Tensor  # (S, 2) int64: grid rows and cols of each segment
+    sample_ids: torch.Tensor  # (S,) int64: stable source ids (-1 for the padding segment)
+    num_images: int  # real images: the first `num_images` segments
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.cu_seqlens.numel()) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens computed, padding included."""
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_real_tokens(self) -> int:
+        """Tokens of real images (host-side; no device sync when cu_seqlens is on the CPU)."""
+        return int(self.cu_seqlens[self.num_images])
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+    def pin_memory(self) -> PackedBatch:
+        pinned = {
+            f.name: getattr(self, f.name).pin_memory()
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **pinned)
+
+
+def pack_images(
+    images: list[torch.Tensor],
+    grids: list[tuple[int, int]],
+    labels: list[int],
+    sample_ids: list[int],
+    token_budget: int | None = None,
+    null_class: int = 1000,
+) -> PackedBatch:
+    """Concatenate images (each (rows*cols, p*p*C), row-major) into one PackedBatch.
+
+    With `token_budget`, a padding segment fills the sequence up to exactly that many tokens.
+    """
+    if not images:
+        raise ValueError("pack_images needs at least one image")
+    lengths = [rows * cols for rows, cols in grids]
+    for index, (image, length) in enumerate(zip(images, lengths)):
+        if image.shape[0] != length:
+            raise ValueError(
+                f"image {index} (sample id {sample_ids[index]}) has {image.shape[0]} tokens, "
+                f"its grid {grids[index]} needs {length}"
+            )
+    positions = [grid_positions(rows, cols) for rows, cols in grids]
+    total = sum(lengths)
+    sizes = list(grids)
+    segment_labels = list(labels)
+    segment_ids = list(sample_ids)
+    if token_budget is not None:
+        if total > token_budget:
+            raise ValueError(f"{total} tokens do not fit the token budget of {token_budget}")
+        pad = token_budget - total
+        if pad > 0:
+            images = [*images, images[0].new_zeros(pad, images[0].shape[1])]
+            positions.append(grid_positions(1, pad))
+            lengths.append(pad)
+            sizes.append((1, pad))
+            segment_labels.append(null_class)
+            segment_ids.append(-1)
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return PackedBatch(
+        tokens=torch.cat(images, 0),
+        pos=torch.cat(positions, 0),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max(lengths),
+        labels=torch.tensor(segment_labels, dtype=torch.int64),
+        sizes=torch.tensor(sizes, dtype=torch.int64),
+        sample_ids=torch.tensor(segment_ids, dtype=torch.int64),
+        num_images=len(grids),
+    )
+
+
+def grid_positions(rows: int, cols: int) -> torch.Tensor:
+    """(rows*cols, 2) int64 (row, col) positions in row-major order."""
+    row = torch.arange(rows).repeat_interleave(cols)
+    col = torch.arange(cols).repeat(rows)
+    return torch.stack([row, col], dim=1)
+
+
+def padding_batch(token_budget: int, token_dim: int, null_class: int = 1000) -> PackedBatch:
+    """A micro-batch of padding only (num_images = 0).
+
+    A rank whose share of a step has fewer images than the step has micro-batches still runs
+    every forward/backward that its peers run (FSDP collectives must match); its loss is zero.
+    """
+    cu_seqlens = torch.tensor([0, token_budget], dtype=torch.int32)
+    return PackedBatch(
+        tokens=torch.zeros(token_budget, token_dim),
+        pos=grid_positions(1, token_budget),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=token_budget,
+        labels=torch.tensor([null_class], dtype=torch.int64),
+        sizes=torch.tensor([[1, token_budget]], dtype=torch.int64),
+        sample_ids=torch.tensor([-1], dtype=torch.int64),
+        num_images=0,
+    )

@@ -1,0 +1,271 @@
+"""Plan every optimizer step from sample sizes alone: order, variants, rank split, packing.
+
+The plan is global and depends on the world size only in its last stage:
+1. `SampleStream`: a seeded permutation of the eligible samples per epoch, consumed one sample
+   at a time; epochs follow one another without a gap. Every random choice about a sample
+   (flip, resize-vs-crop variant) is a hash of (seed, epoch, sample index), so it does not
+   depend on which rank or worker reads the sample, nor on when.
+2. A step takes samples from the stream: in "images" mode exactly `global_batch_size` of them;
+   in "tokens" mode `world_size * micro_batches_per_step` micro-batches filled by
+   `TokenPacker`, which looks ahead in the stream to fill each budget exactly.
+3. Only then is the step split over ranks (and, in "images" mode, packed per rank).
+
+So the whole state is a stream cursor plus the samples the packer holds, identical on every
+rank and independent of the world size: a run resumed on the same world size replays the same
+steps bit for bit, and one resumed on another world size consumes the rest of the same sample
+sequence, so no image of the epoch is seen twice or skipped.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from fitscale.data.format import COLS, CROP_COLS, CROP_ROWS, HAS_FLIP, LABEL, ROWS, SOURCE_ID
+
+_MASK64 = (1 << 64) - 1
+FLIP, CROP = 1, 2  # purposes of the per-sample hash
+
+
+def sample_uniform(seed: int, epoch: int, sample: int, purpose: int) -> float:
+    """A uniform [0, 1) draw that is a pure function of its arguments (splitmix64 finaliser)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB + purpose) & _MASK64
+    for _ in range(2):
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+        x ^= x >> 31
+    return (x >> 11) / float(1 << 53)
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One image of a plan: which sample, which stored variant, and its token count."""
+
+    epoch: int
+    index: int  # global sample index in the dataset
+    crop: bool  # the centre-crop variant instead of the resized one
+    flip: bool  # the horizontally flipped tokens
+    length: int  # tokens
+
+
+class SampleCatalog:
+    """The sample table seen by the planner: eligibility, sizes, and per-sample choices."""
+
+    def __init__(
+        self,
+        table: np.ndarray,
+        *,
+        seed: int,
+        flip_prob: float,
+        crop_prob: float,
+        min_tokens: int,
+        max_tokens: int,
+        token_budget: int,
+        num_classes: int,
+        where: str = "dataset",
+    ):
+        self.seed, self.flip_prob, self.crop_prob = seed, flip_prob, crop_prob
+        self.lengths = table[:, ROWS] * table[:, COLS]
+        self.crop_lengths = table[:, CROP_ROWS] * table[:, CROP_COLS]
+        self.has_flip = table[:, HAS_FLIP].astype(bool)
+        eligible = self.lengths >= min_tokens
+        self.eligible = np.flatnonzero(eligible)
+        self.num_skipped_small = int((~eligible).sum())
+        labels = table[:, LABEL]
+        bad = np.flatnonzero(eligible & ((labels < 0) | (labels >= num_classes)))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"{where}: sample {i} (source id {int(table[i, SOURCE_ID])}) has label {int(labels[i])} "
+                f"outside [0, {num_classes}) ({bad.size} such samples); set data.num_classes to the "
+                "dataset's class count"
+            )
+        limit = min(max_tokens, token_budget)
+        longest = np.maximum(self.lengths, self.crop_lengths)
+        big = np.flatnonzero(eligible & (longest > limit))
+        if big.size:
+            i = int(big[0])
+            raise ValueError(
+                f"{where}: sample {i} (source id {int(table[i, SOURCE_ID])}) has {int(longest[i])} tokens, "
+                f"more than data.max_image_tokens={max_tokens} / data.token_budget={token_budget} "
+                f"({big.size} such samples); raise those limits or rewrite the dataset at this limit"
+            )
+
+    def plan(self, epoch: int, index: int) -> PlannedImage:
+        crop = bool(self.crop_lengths[index]) and sample_uniform(self.seed, epoch, index, CROP) < self.crop_prob
+        flip = bool(self.has_flip[index]) and sample_uniform(self.seed, epoch, index, FLIP) < self.flip_prob
+        length = int(self.crop_lengths[index] if crop else self.lengths[index])
+        return PlannedImage(epoch, index, crop, flip, length)
+
+
+class SampleStream:
+    """Eligible samples in a seeded per-epoch order, one epoch after another."""
+
+    def __init__(self, catalog: SampleCatalog, seed: int, shuffle: bool):
+        if catalog.eligible.size == 0:
+            raise ValueError("the dataset has no sample with enough tokens to train on")
+        self.catalog, self.seed, self.shuffle = catalog, seed, shuffle
+        self.epoch, self.cursor = 0, 0
+        self._order_epoch, self._order = -1, catalog.eligible
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            eligible = self.catalog.eligible
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(eligible) if self.shuffle else eligible
+            self._order_epoch = epoch
+        return self._order
+
+    def next(self) -> PlannedImage:
+        order = self.order(self.epoch)
+        if self.cursor >= order.size:
+            self.epoch, self.cursor = self.epoch + 1, 0
+            order = self.order(self.epoch)
+        index = int(order[self.cursor])
+        self.cursor += 1
+        return self.catalog.plan(self.epoch, index)
+
+
+class TokenPacker:
+    """Fills micro-batches of `budget` tokens from a lookahead window of the stream.
+
+    Each micro-batch starts with the oldest waiting image (no image waits forever), then takes
+    the largest waiting image that still fits, until none does. With a few hundred images of
+    mixed sizes waiting, the gap left is almost always filled exactly.
+    """
+
+    def __init__(self, stream: SampleStream, budget: int, lookahead: int):
+        self.stream, self.budget, self.lookahead = stream, budget, lookahead
+        self._waiting: dict[int, PlannedImage] = {}  # insertion order = age
+        self._by_length: dict[int, deque[int]] = {}
+        self._lengths: list[int] = []  # sorted lengths with waiting images
+        self._next_key = 0
+
+    def _add(self, image: PlannedImage) -> None:
+        key, self._next_key = self._next_key, self._next_key + 1
+        self._waiting[key] = image
+        queue = self._by_length.setdefault(image.length, deque())
+        if not queue:
+            bisect.insort(self._lengths, image.length)
+        queue.append(key)
+
+    def _take(self, length: int) -> PlannedImage:
+        queue = self._by_length[length]
+        key = queue.popleft()
+        if not queue:
+            self._lengths.pop(bisect.bisect_left(self._lengths, length))
+        return self._waiting.pop(key)
+
+    def _refill(self) -> None:
+        while len(self._waiting) < self.lookahead:
+            self._add(self.stream.next())
+
+    def next_bin(self) -> list[PlannedImage]:
+        self._refill()
+        oldest = self._waiting[next(iter(self._waiting))]
+        chosen = [self._take(oldest.length)]
+        space = self.budget - oldest.length
+        while True:
+            self._refill()
+            fit = bisect.bisect_right(self._lengths, space)
+            if fit == 0:
+                return chosen
+            image = self._take(self._lengths[fit - 1])
+            chosen.append(image)
+            space -= image.length
+
+    def waiting(self) -> list[list[int]]:
+        return [[image.epoch, image.index] for image in self._waiting.values()]
+
+    def load_waiting(self, waiting: list[list[int]]) -> None:
+        self._waiting.clear(), self._by_length.clear(), self._lengths.clear()
+        for epoch, index in waiting:
+            self._add(self.stream.catalog.plan(int(epoch), int(index)))
+
+
+def split_over_ranks(images: list[PlannedImage], world_size: int) -> list[list[PlannedImage]]:
+    """Longest-first assignment to the least-loaded rank: token counts per rank balanced."""
+    loads = [(0, 0, rank) for rank in range(world_size)]  # (tokens, images, rank)
+    shares: list[list[tuple[int, PlannedImage]]] = [[] for _ in range(world_size)]
+    for position, image in sorted(enumerate(images), key=lambda pair: (-pair[1].length, pair[0])):
+        tokens, count, rank = min(loads)
+        loads[rank] = (tokens + image.length, count + 1, rank)
+        shares[rank].append((position, image))
+    return [[image for _, image in sorted(share, key=lambda pair: pair[0])] for share in shares]
+
+
+def first_fit_decreasing(images: list[PlannedImage], budget: int) -> list[list[PlannedImage]]:
+    bins: list[list[PlannedImage]] = []
+    space: list[int] = []
+    for image in sorted(images, key=lambda image: -image.length):
+        for b, free in enumerate(space):
+            if image.length <= free:
+                bins[b].append(image)
+                space[b] -= image.length
+                break
+        else:
+            bins.append([image])
+            space.append(budget - image.length)
+    return bins
+
+
+def equalise_bin_counts(per_rank: list[list[list[PlannedImage]]]) -> list[list[list[PlannedImage]]]:
+    """Every rank gets the same number of micro-batches (FSDP collectives must line up).
+
+    A rank with fewer splits its fullest-in-images micro-batch in two; a rank that runs out of
+    images to split gets empty micro-batches, which the loader turns into padding-only ones.
+    """
+    target = max(len(bins) for bins in per_rank)
+    for bins in per_rank:
+        while len(bins) < target:
+            splittable = [b for b in range(len(bins)) if len(bins[b]) > 1]
+            if not splittable:
+                bins.append([])
+                continue
+            b = max(splittable, key=lambda k: len(bins[k]))
+            ordered = sorted(bins[b], key=lambda image: -image.length)
+            bins[b], extra = ordered[0::2], ordered[1::2]
+            bins.append(extra)
+    return per_rank
+
+
+class StepPlanner:
+    """Global step plans for any world size, with a world-size-independent state."""
+
+    def __init__(
+        self,
+        catalog: SampleCatalog,
+        *,
+        batch_mode: str,
+        global_batch_size: int,
+        token_budget: int,
+        micro_batches_per_step: int,
+        lookahead: int,
+        seed: int,
+        shuffle: bool,
+    ):
+        self.batch_mode = batch_mode
+        self.global_batch_size = global_batch_size
+        self.token_budget = token_budget
+        self.micro_batches_per_step = micro_batches_per_step
+        self.stream = SampleStream(catalog, seed, shuffle)
+        self.packer = TokenPacker(self.stream, token_budget, lookahead)
+
+    def state(self) -> dict:
+        return {"epoch": self.stream.epoch, "cursor": self.stream.cursor, "waiting": self.packer.waiting()}
+
+    def load_state(self, state: dict) -> None:
+        self.stream.epoch, self.stream.cursor = int(state["epoch"]), int(state["cursor"])
+        self.packer.load_waiting(state["waiting"])
+
+    def next_step(self, world_size: int) -> list[list[list[PlannedImage]]]:
+        """Micro-batches of every rank for the next optimizer step: [rank][micro_batch][image]."""
+        if self.batch_mode == "images":
+            images = [self.stream.next() for _ in range(self.global_batch_size)]
+            shares = split_over_ranks(images, world_size)
+            return equalise_bin_counts([first_fit_decreasing(share, self.token_budget) for share in shares])
+        per_rank = self.micro_batches_per_step
+        bins = [self.packer.next_bin() for _ in range(world_size * per_rank)]
+        return [bins[rank * per_rank : (rank + 1) * per_rank] for rank in range(world_size)]

@@ -1,0 +1,268 @@
+"""Write latent datasets resumably: numbered parts, each made visible only when complete.
+
+Every writer (`synth`, `digits`, `from-images`, `from-fit-latents`) lists its inputs in a fixed
+order and hands them here. The inputs are cut into parts of `part_size`; part k is written as
+MDS shards into `parts/part-0000k.tmp/` and renamed to `parts/part-0000k/` when finished, so an
+interrupted write loses at most the part in progress and rerunning the same command continues
+from there. Ranks of a split write (`rank`, `world_size`) take every `world_size`-th part; the
+process that finds all parts complete merges them into the dataset's `index.json`,
+`samples.npy` and finally `fitscale.json`, which marks the dataset complete.
+
+Per-sample problems are counted skips, logged with the source name in `skipped.jsonl`:
+fewer than `min_image_tokens` tokens (as in the release), more than `max_image_tokens`, a token
+width other than p*p*C, NaN or inf values, and inputs a writer cannot read. A label outside
+[0, num_classes) is an error: it means the class list or `--num-classes` is wrong for the
+whole dataset, not that one sample is bad.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fitscale.data.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    LATENT_CHANNELS,
+    MDS_COLUMNS,
+    META_FILE,
+    PATCH_SIZE,
+    SAMPLE_COLUMNS,
+    SAMPLES_FILE,
+    TOKEN_DIM,
+    LatentSample,
+    atomic_save_npy,
+    atomic_write_text,
+)
+
+WRITER_FILE = "writer.json"
+PARTS_DIR = "parts"
+SKIPPED_FILE = "skipped.jsonl"
+
+
+class SkipSample(Exception):
+    """Raised by a sample builder for an input that is counted and skipped, not fatal."""
+
+    def __init__(self, reason: str, source: str, detail: str = ""):
+        super().__init__(f"{source}: {reason}{': ' + detail if detail else ''}")
+        self.reason = reason
+        self.source = source
+        self.detail = detail
+
+
+@dataclass
+class WriteSettings:
+    """What defines the content of a dataset; a resumed write must use the same settings."""
+
+    writer: str
+    max_image_tokens: int = 256
+    min_image_tokens: int = 16
+    num_classes: int = 1000
+    part_size: int = 4096
+    shard_size_limit: int = 1 << 26
+    compression: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "writer": self.writer,
+            "max_image_tokens": self.max_image_tokens,
+            "min_image_tokens": self.min_image_tokens,
+            "num_classes": self.num_classes,
+            "part_size": self.part_size,
+            "shard_size_limit": self.shard_size_limit,
+            "compression": self.compression,
+            "options": self.options,
+        }
+
+
+# A builder turns one part's inputs into samples (or SkipSample errors, yielded in their place).
+PartBuilder = Callable[[Sequence[Any], int], Iterator["LatentSample | SkipSample"]]
+
+
+def check_sample(sample: LatentSample, settings: WriteSettings) -> None:
+    """Raise SkipSample (or ValueError for a bad label) for a sample that must not be written."""
+    source = sample.source
+    variants = [("tokens", sample.tokens, sample.rows, sample.cols)]
+    if sample.crop is not None:
+        variants.append(("crop", sample.crop, sample.crop_rows, sample.crop_cols))
+    for name, tokens, rows, cols in variants:
+        if tokens.ndim != 3 or tokens.shape[2] != TOKEN_DIM:
+            raise SkipSample(
+                "bad token width",
+                source,
+                f"{name} has shape {tuple(tokens.shape)}, expected (V, rows*cols, {TOKEN_DIM}) "
+                f"(p*p*C = {PATCH_SIZE}*{PATCH_SIZE}*{LATENT_CHANNELS})",
+            )
+        if tokens.shape[1] != rows * cols:
+            raise SkipSample("bad grid", source, f"{name} has {tokens.shape[1]} tokens, grid {rows}x{cols}")
+        if rows * cols > settings.max_image_tokens:
+            raise SkipSample(
+                "over token limit", source, f"{name} {rows}x{cols} > {settings.max_image_tokens} tokens"
+            )
+        if not np.isfinite(tokens).all():
+            raise SkipSample("non-finite latents", source, f"{name} holds NaN or inf")
+    if sample.rows * sample.cols < settings.min_image_tokens:
+        raise SkipSample(
+            "under token minimum", source, f"{sample.rows * sample.cols} < {settings.min_image_tokens} tokens"
+        )
+    if not 0 <= sample.label < settings.num_classes:
+        raise ValueError(
+            f"{source}: label {sample.label} is outside [0, {settings.num_classes}); "
+            "fix the class list or pass the right --num-classes"
+        )
+
+
+def prepare_output(out: Path, settings: WriteSettings, overwrite: bool) -> None:
+    """Create or reopen `out`; refuse to overwrite a dataset or an unrelated folder."""
+    wanted = settings.as_dict()
+    if out.exists() and any(out.iterdir()):
+        ours = (out / WRITER_FILE).exists() or (out / META_FILE).exists()
+        if not ours:
+            raise FileExistsError(f"{out} exists and is not a fitscale dataset; choose a new or empty folder")
+        if overwrite:
+            shutil.rmtree(out)
+        elif (out / META_FILE).exists():
+            raise FileExistsError(f"{out} already holds a complete dataset; pass --overwrite to replace it")
+        else:
+            started = json.loads((out / WRITER_FILE).read_text())
+            if started != wanted:
+                changed = sorted(k for k in wanted if started.get(k) != wanted[k])
+                raise ValueError(
+                    f"{out} holds an unfinished write with other settings ({', '.join(changed)} differ); "
+                    "rerun with the same arguments to resume, or pass --overwrite to start over"
+                )
+    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    if not (out / WRITER_FILE).exists():
+        atomic_write_text(out / WRITER_FILE, json.dumps(wanted, indent=1))
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def write_part(out: Path, index: int, inputs: Sequence[Any], build: PartBuilder, settings: WriteSettings, progress) -> None:
+    from streaming import MDSWriter
+
+    final = out / PARTS_DIR / part_name(index)
+    tmp = out / PARTS_DIR / (part_name(index) + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    rows: list[list[int]] = []
+    skipped: list[dict[str, str]] = []
+    with MDSWriter(
+        out=str(tmp),
+        columns=MDS_COLUMNS,
+        compression=settings.compression,
+        size_limit=settings.shard_size_limit,
+        hashes=["xxh64"],
+        progress_bar=False,
+    ) as mds:
+        for item in build(inputs, index * settings.part_size):
+            try:
+                if isinstance(item, SkipSample):
+                    raise item
+                check_sample(item, settings)
+            except SkipSample as skip:
+                skipped.append({"reason": skip.reason, "source": skip.source, "detail": skip.detail})
+            else:
+                mds.write(item.to_mds())
+                rows.append(item.table_row())
+            progress.update(1)
+    if not rows:  # MDSWriter leaves no index for an empty part
+        (tmp / INDEX_FILE).write_text(json.dumps({"version": 2, "shards": []}))
+    table = np.asarray(rows, dtype=np.int64).reshape(-1, len(SAMPLE_COLUMNS))
+    np.save(tmp / SAMPLES_FILE, table)
+    (tmp / SKIPPED_FILE).write_text("".join(json.dumps(s) + "\n" for s in skipped))
+    os.replace(tmp, final)
+
+
+def merge_parts(out: Path, num_parts: int, settings: WriteSettings, extra_meta: dict[str, Any]) -> dict:
+    """Join complete parts into one dataset; written last, `fitscale.json` marks completion."""
+    shards, tables, skipped = [], [], Counter()
+    skipped_names: list[dict[str, str]] = []
+    dtype = None
+    for index in range(num_parts):
+        part = out / PARTS_DIR / part_name(index)
+        part_index = json.loads((part / INDEX_FILE).read_text())
+        for shard in part_index["shards"]:
+            for key in ("raw_data", "zip_data"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{PARTS_DIR}/{part_name(index)}/{shard[key]['basename']}"
+            shards.append(shard)
+        tables.append(np.load(part / SAMPLES_FILE))
+        for line in (part / SKIPPED_FILE).read_text().splitlines():
+            entry = json.loads(line)
+            skipped[entry["reason"]] += 1
+            skipped_names.append(entry)
+    table = np.concatenate(tables) if tables else np.zeros((0, len(SAMPLE_COLUMNS)), np.int64)
+    if dtype is None and shards:
+        from streaming.base.format import reader_from_json
+
+        first = reader_from_json(str(out), None, shards[0])
+        dtype = str(first.get_item(0)["tokens"].dtype)
+    atomic_write_text(out / INDEX_FILE, json.dumps({"version": 2, "shards": shards}))
+    atomic_save_npy(out / SAMPLES_FILE, table)
+    (out / SKIPPED_FILE).write_text("".join(json.dumps(s) + "\n" for s in skipped_names))
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "writer": settings.writer,
+        "patch_size": PATCH_SIZE,
+        "latent_channels": LATENT_CHANNELS,
+        "token_dim": TOKEN_DIM,
+        "dtype": dtype,
+        "max_image_tokens": settings.max_image_tokens,
+        "min_image_tokens": settings.min_image_tokens,
+        "num_classes": settings.num_classes,
+        "num_samples": int(table.shape[0]),
+        "num_skipped": int(sum(skipped.values())),
+        "skipped": dict(skipped),
+        **extra_meta,
+    }
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=1))
+    return meta
+
+
+def write_dataset(
+    out: str | os.PathLike,
+    inputs: Sequence[Any],
+    build: PartBuilder,
+    settings: WriteSettings,
+    *,
+    overwrite: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    extra_meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict | None:
+    """Write (or resume writing) a dataset; returns its metadata, or None while other ranks work.
+
+    `build(part_inputs, first_input_index)` yields one LatentSample or SkipSample per input.
+    """
+    from tqdm import tqdm
+
+    if not 0 <= rank < world_size:
+        raise ValueError(f"--rank {rank} must lie in [0, --world-size {world_size})")
+    out = Path(out)
+    prepare_output(out, settings, overwrite)
+    num_parts = max(1, -(-len(inputs) // settings.part_size))
+    mine = [k for k in range(num_parts) if k % world_size == rank]
+    todo = [k for k in mine if not (out / PARTS_DIR / part_name(k)).exists()]
+    total = sum(len(inputs[k * settings.part_size : (k + 1) * settings.part_size]) for k in todo)
+    with tqdm(total=total, desc=f"{settings.writer} -> {out.name}", unit="img", disable=not progress) as bar:
+        for k in todo:
+            part_inputs = inputs[k * settings.part_size : (k + 1) * settings.part_size]
+            write_part(out, k, part_inputs, build, settings, bar)
+    if all((out / PARTS_DIR / part_name(k)).exists() for k in range(num_parts)):
+        return merge_parts(out, num_parts, settings, extra_meta or {})
+    return None
