@@ -97,7 +97,10 @@ def build_model(name: str = "fitv2-xl", **overrides) -> FiT:
     """A FiTv2 preset with overrides. Under `torch.device("meta")` nothing is allocated;
     then `model.to_empty(device=...)` and `model.init_weights()`. Otherwise weights are initialised."""
     config = build_config(name, **overrides)
-    model = FiT(config)
-    if not any(p.is_meta for p in model.parameters()):
+    target = torch.get_default_device()
+    with torch.device("meta"):
+        model = FiT(config)
+    if target.type != "meta":
+        model.to_empty(device=target)
         model.init_weights()
     return model

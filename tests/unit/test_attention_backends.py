@@ -1,0 +1,101 @@
+"""Every attention backend against one reference: dense per-image softmax attention in float64.
+
+CUDA backends are skipped without a GPU and run when one is present (tools/gpu_check.sh).
+"""
+
+import math
+
+import pytest
+import torch
+
+from fitscale.models.attention import (
+    build_packed_sequence,
+    flash_attn_available,
+    torch_varlen_available,
+    varlen_attention,
+)
+
+CUDA = torch.cuda.is_available()
+LENGTHS = [256, 240, 64, 155, 1, 17]  # grids such as 16x16, 12x20, 8x8, 5x31, and odd sizes
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def dense_reference(q, k, v, lengths):
+    """softmax(q k^T / sqrt(d)) v image by image, in float64."""
+    out, start = [], 0
+    for n in lengths:
+        qi, ki, vi = (t[start : start + n].double().transpose(0, 1) for t in (q, k, v))  # (H, n, d)
+        weights = torch.softmax(qi @ ki.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+        out.append((weights @ vi).transpose(0, 1))
+        start += n
+    return torch.cat(out)
+
+
+def cases():
+    for backend in ("reference", "flex", "varlen", "flash"):
+        for device in ("cpu", "cuda"):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                reason = None
+                if device == "cuda" and not CUDA:
+                    reason = "needs a CUDA GPU"
+                elif backend in ("varlen", "flash") and (device == "cpu" or dtype == torch.float32):
+                    continue  # these kernels exist for CUDA half precision only
+                elif backend == "flash" and not flash_attn_available():
+                    reason = "flash-attn is not installed"
+                elif backend == "varlen" and not torch_varlen_available():
+                    reason = "torch.nn.attention.varlen is not available"
+                elif device == "cpu" and dtype == torch.float16:
+                    continue
+                marks = [pytest.mark.skip(reason=reason)] if reason else []
+                yield pytest.param(
+                    backend, device, dtype, marks=marks, id=f"{backend}-{device}-{str(dtype)[6:]}"
+                )
+
+
+@pytest.mark.parametrize("backend, device, dtype", list(cases()))
+def test_backend_matches_dense_reference(backend, device, dtype):
+    torch.manual_seed(0)
+    heads, head_dim, total = 4, 72, sum(LENGTHS)
+    q, k, v = (torch.randn(total, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+    cu_seqlens = torch.tensor(
+        [0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32, device=device
+    )
+    packed = build_packed_sequence(cu_seqlens, max(LENGTHS), total, backend, q.device, q.dtype)
+    assert packed.backend == backend
+    with torch.no_grad():
+        out = varlen_attention(q, k, v, packed)
+    expected = dense_reference(q.cpu(), k.cpu(), v.cpu(), LENGTHS)
+    error = (out.cpu().double() - expected).norm() / expected.norm()
+    assert error < TOLERANCE[dtype], f"{backend} relative error {error:.2e}"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["flex", "varlen", "flash"])
+def test_cuda_backend_gradients_match_reference(backend):
+    if backend == "flash" and not flash_attn_available():
+        pytest.skip("flash-attn is not installed")
+    torch.manual_seed(0)
+    total = sum(LENGTHS)
+    base = [torch.randn(total, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    cu_seqlens = torch.tensor(
+        [0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32, device="cuda"
+    )
+    grads = {}
+    for name in (backend, "reference"):
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        packed = build_packed_sequence(cu_seqlens, max(LENGTHS), total, name, q.device, q.dtype)
+        varlen_attention(q, k, v, packed).float().square().sum().backward()
+        grads[name] = torch.cat([t.grad.flatten().float() for t in (q, k, v)])
+    error = (grads[backend] - grads["reference"]).norm() / grads["reference"].norm()
+    assert error < 3e-2
+
+
+def test_auto_picks_the_exact_path_on_cpu():
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    assert build_packed_sequence(cu, 4, 4, "auto", torch.device("cpu"), torch.bfloat16).backend == "reference"
+
+
+def test_explicit_cuda_backend_on_cpu_says_why():
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="attn_backend='varlen' needs"):
+        build_packed_sequence(cu, 4, 4, "varlen", torch.device("cpu"), torch.float32)
