@@ -19,6 +19,7 @@ import logging
 import signal
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint exists but does not fit the state of this run (other model, missing entries)."""
+
+
+# DCP warns on every single-process save/load; a one-process run is intended, not a mistake.
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
 
 
 def _first_failure(error: BaseException) -> str:
@@ -158,7 +163,12 @@ class CheckpointManager:
         dcp_state = self._state_for_saving(state)
         started = time.perf_counter()
         if self.cfg.async_save:
-            response = dcp.async_save(dcp_state, checkpoint_id=temporary, process_group=self._async_group)
+            response = dcp.async_save(
+                dcp_state,
+                checkpoint_id=temporary,
+                process_group=self._async_group,
+                no_dist=not self.distributed,
+            )
             future = getattr(response, "upload_completion", response)
             self._pending = (step, temporary, future, {**self._metadata_for(step, state), "async": True})
             logger.info(
@@ -167,7 +177,9 @@ class CheckpointManager:
                 time.perf_counter() - started,
             )
         else:
-            dcp.save(dcp_state, checkpoint_id=temporary, process_group=self._group)
+            dcp.save(
+                dcp_state, checkpoint_id=temporary, process_group=self._group, no_dist=not self.distributed
+            )
             self._publish(step, temporary, self._metadata_for(step, state))
             logger.info("checkpoint %s written in %.2fs", final, time.perf_counter() - started)
         return final
@@ -258,7 +270,7 @@ class CheckpointManager:
         saved_world = int(metadata["world_size"])
         dcp_state, per_rank = self._state_for_loading(state, path, metadata)
         try:
-            dcp.load(dcp_state, checkpoint_id=path, process_group=self._group)
+            dcp.load(dcp_state, checkpoint_id=path, process_group=self._group, no_dist=not self.distributed)
         except (CheckpointException, RuntimeError, KeyError, ValueError) as error:
             raise CheckpointMismatchError(
                 f"checkpoint {path} (step {metadata['step']}, {saved_world} ranks) does not fit this run: "

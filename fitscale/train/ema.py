@@ -1,0 +1,97 @@
+"""EMA of the weights: an fp32 shadow of every parameter, sharded exactly like the parameter.
+
+With FSDP2 each parameter is a DTensor holding this rank's shard; the shadow is a DTensor with
+the same placement, so the EMA costs 4 bytes per parameter divided by the shard count, updates
+without communication (one fused lerp over local shards), and saves/loads through DCP with the
+same resharding as the weights. Names are the parameters' names with wrapper segments removed,
+so they match the model's checkpoint keys and `fitscale convert export --ema`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from fitscale.checkpoint.stateful import clean_parameter_name
+from fitscale.config.optim import EMAConfig
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class EMA:
+    """Exponential moving average of `model`'s parameters (a `Stateful` for the CheckpointManager).
+
+    Call `update(step)` after every optimizer step; it averages on steps that are multiples of
+    `cfg.update_every` with decay `cfg.decay ** cfg.update_every`, and copies the weights before
+    `cfg.start_step`. Frozen parameters are tracked too (they stay equal to the weights), so the
+    EMA is always a complete set of weights for evaluation and export.
+    """
+
+    def __init__(self, model: nn.Module, cfg: EMAConfig):
+        self.cfg = cfg
+        self.num_updates = 0
+        self._params: dict[str, nn.Parameter] = {}
+        self.shadow: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                clean = clean_parameter_name(name)
+                self._params[clean] = param
+                self.shadow[clean] = param.detach().to(torch.float32, copy=True)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Fold the current weights into the average after optimizer step `step` (1-based)."""
+        if step % self.cfg.update_every:
+            return
+        shadows = [_local(s) for s in self.shadow.values()]
+        params = [_local(p).float() for p in self._params.values()]
+        if step <= self.cfg.start_step:
+            torch._foreach_copy_(shadows, params)
+        else:
+            weight = 1.0 - self.cfg.decay**self.cfg.update_every
+            torch._foreach_lerp_(shadows, params, weight)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite `model`'s weights with the average (cast to each parameter's dtype)."""
+        for name, param in model.named_parameters():
+            _local(param).copy_(_local(self.shadow[clean_parameter_name(name)]))
+
+    @contextlib.contextmanager
+    def swap_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Run `model` with the averaged weights inside the block, restoring its own weights after."""
+        with torch.no_grad():
+            backup = {name: _local(p).clone() for name, p in model.named_parameters()}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    _local(param).copy_(backup[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        # The shadows themselves: DCP loads into them in place (resharding DTensors as needed).
+        return {"params": dict(self.shadow), "num_updates": self.num_updates}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        params = state_dict["params"]
+        missing = sorted(set(self.shadow) - set(params))
+        unexpected = sorted(set(params) - set(self.shadow))
+        if missing or unexpected:
+            raise ValueError(
+                f"EMA state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for name, shadow in self.shadow.items():
+            if params[name] is not shadow:
+                shadow.copy_(params[name])
+        self.num_updates = int(state_dict["num_updates"])

@@ -1,0 +1,272 @@
+"""What a run reports: JSONL lines, wandb, a progress bar, throughput and MFU, memory.
+
+Numbers are computed where they are cheap (device-side sums that the trainer all-reduces once
+per log step) and written by rank 0 only unless `log.all_ranks` is set. MFU divides the model's
+own FLOP count (`fitscale.models.flops`, 2 FLOPs per multiply-add, training = 3x forward) by the
+device's dense bf16 peak from the table below or `log.peak_flops`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fitscale.config.log import LogConfig
+
+# Dense (no sparsity) bf16 tensor-core peak per device in FLOP/s, from NVIDIA's data sheets.
+# Matched against torch.cuda.get_device_name in order, so specific names come first.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("B100", 1750e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("V100", 125e12),  # fp16; V100 has no bf16
+)
+
+SECRET_KEY = re.compile(
+    r"(api[_-]?key|token|secret|password|passwd|credential|auth|cookie|private[_-]?key)", re.I
+)
+SECRET_VALUE = re.compile(
+    r"^([0-9a-f]{40}|hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,})$"
+)
+REDACTED = "<redacted>"
+
+
+def peak_flops(device: torch.device | str | None = None, configured: float = 0.0) -> float | None:
+    """Peak dense bf16 FLOP/s of one device: `configured` if set, else the table; None if unknown."""
+    if configured > 0:
+        return configured
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.upper() in name:
+            return flops
+    return None
+
+
+def mfu(flops_per_second: float, device: torch.device | str | None = None, peak: float = 0.0) -> float | None:
+    """Model FLOPs utilisation of one device (0..1), or None when its peak is unknown (e.g. CPU)."""
+    top = peak_flops(device, peak)
+    return None if top is None else flops_per_second / top
+
+
+def memory_stats(device: torch.device | str | None = None) -> dict[str, float]:
+    """Peak memory in GiB: the CUDA caching allocator's peaks, or the process's peak RSS on CPU."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        stats = torch.cuda.memory_stats(device)
+        return {
+            "mem/max_allocated_gib": stats.get("allocated_bytes.all.peak", 0) / 2**30,
+            "mem/max_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,
+            "mem/alloc_retries": float(stats.get("num_alloc_retries", 0)),
+        }
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"mem/max_rss_gib": kib / 2**20}
+
+
+def scrub_secrets(value: Any) -> Any:
+    """A copy of a config tree with anything that looks like a credential replaced by `<redacted>`."""
+    if isinstance(value, dict):
+        return {k: REDACTED if SECRET_KEY.search(str(k)) else scrub_secrets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(scrub_secrets(v) for v in value)
+    if isinstance(value, str) and SECRET_VALUE.match(value):
+        return REDACTED
+    return value
+
+
+def timestep_bucket_sums(
+    per_image_loss: torch.Tensor, t: torch.Tensor, num_buckets: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bucket loss sums and image counts over equal-width bins of t in [0, 1] (device-side, all-reducible)."""
+    index = torch.clamp((t.detach().float() * num_buckets).long(), 0, num_buckets - 1)
+    sums = torch.zeros(num_buckets, device=t.device).index_add_(0, index, per_image_loss.detach().float())
+    counts = torch.zeros(num_buckets, device=t.device).index_add_(0, index, torch.ones_like(sums[index]))
+    return sums, counts
+
+
+def timestep_bucket_metrics(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+    """{"loss/t0.00-0.25": mean, ...} for the buckets that saw images."""
+    n = sums.numel()
+    out = {}
+    for i, (total, count) in enumerate(zip(sums.tolist(), counts.tolist())):
+        if count > 0:
+            out[f"loss/t{i / n:.2f}-{(i + 1) / n:.2f}"] = total / count
+    return out
+
+
+class Throughput:
+    """Images, real tokens, packing efficiency, FLOP/s and MFU per device over a logging window."""
+
+    def __init__(self, world_size: int, device: torch.device | str | None = None, peak: float = 0.0):
+        self.world_size = world_size
+        self.peak = peak_flops(device, peak)
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self.started = now
+        self.images = self.real_tokens = self.tokens = 0
+        self.flops = 0.0
+
+    def update(self, images: int, real_tokens: int, tokens: int, flops: float) -> None:
+        """Add one step's global counts (all ranks together) and its training FLOPs (3x forward)."""
+        self.images += images
+        self.real_tokens += real_tokens
+        self.tokens += tokens
+        self.flops += flops
+
+    def rates(self) -> dict[str, float]:
+        """Rates since the last call, then start a new window."""
+        now = time.perf_counter()
+        seconds = max(now - self.started, 1e-9)
+        out = {
+            "perf/images_per_s": self.images / seconds,
+            "perf/real_tokens_per_s": self.real_tokens / seconds,
+            "perf/packing_efficiency": self.real_tokens / self.tokens if self.tokens else 0.0,
+            "perf/tflops_per_device": self.flops / seconds / self.world_size / 1e12,
+        }
+        if self.peak is not None:
+            out["perf/mfu"] = self.flops / seconds / self.world_size / self.peak
+        self._reset(now)
+        return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready scalar: tensors and NumPy numbers become floats/ints, NaN/inf become null."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if hasattr(value, "item") and not isinstance(value, (int, float, str, bool)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLogger:
+    """JSONL + wandb + progress bar for one run; a no-op on ranks that do not log.
+
+    `metrics.jsonl` is appended to, never truncated: a resumed run first writes an
+    `{"event": "start", "step": N}` line, and readers keep the last record of each step.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: LogConfig,
+        rank: int,
+        *,
+        total_steps: int | None = None,
+        start_step: int = 0,
+        config: dict[str, Any] | None = None,
+    ):
+        self.cfg = cfg
+        self.rank = rank
+        self.run_dir = Path(run_dir)
+        self.writes = rank == 0 or cfg.all_ranks
+        self._file = None
+        self._bar = None
+        self._wandb_run = None
+        if not self.writes:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.jsonl:
+            name = "metrics.jsonl" if rank == 0 and not cfg.all_ranks else f"metrics.rank{rank}.jsonl"
+            self._file = open(self.run_dir / name, "a", buffering=1)
+            self.event("start", start_step)
+        if rank == 0:
+            self._bar = self._make_bar(total_steps, start_step)
+            if cfg.wandb != "disabled":
+                self._wandb_run = self._init_wandb(scrub_secrets(config or {}))
+
+    def _make_bar(self, total_steps: int | None, start_step: int):
+        if self.cfg.progress_bar == "off" or (self.cfg.progress_bar == "auto" and not sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def _init_wandb(self, config: dict[str, Any]):
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError(
+                "log.wandb needs wandb: pip install 'fitscale[wandb]', or set log.wandb=disabled"
+            ) from None
+        id_file = self.run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        return wandb.init(
+            project=self.cfg.wandb_project,
+            entity=self.cfg.wandb_entity,
+            name=self.cfg.wandb_name or self.run_dir.name,
+            tags=list(self.cfg.wandb_tags),
+            dir=str(self.run_dir),
+            mode=self.cfg.wandb,
+            id=run_id,
+            resume="allow",
+            config=config,
+            settings=wandb.Settings(console="off"),
+        )
+
+    def event(self, name: str, step: int, **info: Any) -> None:
+        """A non-metric record (start, resume, skipped step, checkpoint) in the JSONL file."""
+        if self._file is not None:
+            record = {
+                "event": name,
+                "step": step,
+                "time": time.time(),
+                **{k: _plain(v) for k, v in info.items()},
+            }
+            self._file.write(json.dumps(record) + "\n")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Write one record for `step` to every sink of this rank."""
+        if not self.writes:
+            return
+        values = {k: _plain(v) for k, v in metrics.items()}
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: v for k, v in values.items() if v is not None}, step=step)
+        if self._bar is not None:
+            self.update_progress(step)
+            shown = {
+                k: v for k, v in values.items() if k in ("loss", "lr", "perf/images_per_s") and v is not None
+            }
+            self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def update_progress(self, step: int) -> None:
+        """Move the progress bar to `step` (cheap; call every step)."""
+        if self._bar is not None and step > self._bar.n:
+            self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
