@@ -6,6 +6,9 @@ Backends, all computing softmax(q k^T / sqrt(d)) v per segment of `cu_seqlens`:
   FlashAttention kernels shipped inside PyTorch.
 - `flex`: FlexAttention with a document mask (any device; compiled for speed).
 - `reference`: scaled_dot_product_attention image by image; exact, any device and dtype.
+- `padded`: the released method, kept as the baseline for benchmarks: every image occupies a
+  segment of exactly `max_seqlen` tokens whose first rows*cols are real, and attention runs on
+  the (B, H, N, N) batch with a dense boolean key mask.
 `auto` picks the first of flash, varlen, reference that supports the inputs.
 """
 
@@ -70,6 +73,7 @@ class PackedSequence:
     segment_ids: torch.Tensor  # (T,) image index of every token
     backend: str  # resolved backend name
     block_mask: object | None = None  # FlexAttention BlockMask when backend == "flex"
+    padded_mask: torch.Tensor | None = None  # (B, 1, N, N) bool when backend == "padded"
 
 
 def build_packed_sequence(
@@ -79,11 +83,21 @@ def build_packed_sequence(
     requested: str,
     device: torch.device,
     dtype: torch.dtype,
+    sizes: torch.Tensor | None = None,
 ) -> PackedSequence:
     backend = resolve_backend(requested, device, dtype)
     segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, total)
     block_mask = document_block_mask(segment_ids) if backend == "flex" else None
-    return PackedSequence(cu_seqlens.to(torch.int32), max_seqlen, segment_ids, backend, block_mask)
+    padded_mask = None
+    if backend == "padded":
+        if sizes is None or total % max_seqlen:
+            raise ValueError("attn_backend='padded' needs sizes and every image padded to max_seqlen tokens")
+        real = sizes[:, 0] * sizes[:, 1]  # (B,)
+        key_valid = torch.arange(max_seqlen, device=device)[None, :] < real[:, None]  # (B, N)
+        padded_mask = key_valid[:, None, None, :].expand(-1, 1, max_seqlen, -1).contiguous()  # (B, 1, N, N)
+    return PackedSequence(
+        cu_seqlens.to(torch.int32), max_seqlen, segment_ids, backend, block_mask, padded_mask
+    )
 
 
 def varlen_attention(
@@ -102,6 +116,11 @@ def varlen_attention(
         return varlen_attn(q, k, v, cu, cu, n, n)
     if packed.backend == "flex":
         return flex_varlen_attention(q, k, v, packed.block_mask)
+    if packed.backend == "padded":
+        n = packed.max_seqlen
+        qb, kb, vb = (t.unflatten(0, (-1, n)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=packed.padded_mask)  # (B, H, N, d)
+        return out.transpose(1, 2).flatten(0, 1)  # (T, H, d)
     return reference_varlen_attention(q, k, v, packed.cu_seqlens)
 
 

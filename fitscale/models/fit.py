@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fitscale.models.attention import build_packed_sequence
+from fitscale.models.attention import build_packed_sequence, segment_ids_from_cu_seqlens
 from fitscale.models.config import ModelConfig, build_config
 from fitscale.models.layers import FinalLayer, FiTBlock, LabelEmbedder, PatchEmbed, TimestepEmbedder
 from fitscale.models.rope import rope_cos_sin
@@ -47,11 +47,12 @@ class FiT(nn.Module):
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         h = self.x_embedder(x)  # (T, D)
-        packed = build_packed_sequence(
-            cu_seqlens, max_seqlen, total, self.config.attn_backend, h.device, h.dtype
-        )
         if sizes is None:
-            sizes = grid_sizes(pos, packed.segment_ids, t.shape[0])  # (S, 2)
+            segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, total)
+            sizes = grid_sizes(pos, segment_ids, t.shape[0])  # (S, 2)
+        packed = build_packed_sequence(
+            cu_seqlens, max_seqlen, total, self.config.attn_backend, h.device, h.dtype, sizes
+        )
         cos, sin = rope_cos_sin(self.config, pos, packed.segment_ids, sizes)  # (T, d) each
         c = self.t_embedder(self.shift_time(t)) + self.y_embedder(y)  # (S, D)
         global_modulation = self.global_adaLN_modulation(c)  # (S, 6D)

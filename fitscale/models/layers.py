@@ -107,8 +107,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # (T, 3, H, d)
         q, k, v = qkv.unbind(dim=1)  # each (T, H, d)
-        q = apply_rope(layer_norm(q, self.norm_eps), cos, sin)  # (T, H, d)
-        k = apply_rope(layer_norm(k, self.norm_eps), cos, sin)  # (T, H, d)
+        # Under autocast LayerNorm returns fp32: bring q and k back to v's dtype for the kernels.
+        q = apply_rope(layer_norm(q, self.norm_eps), cos, sin).to(v.dtype)  # (T, H, d)
+        k = apply_rope(layer_norm(k, self.norm_eps), cos, sin).to(v.dtype)  # (T, H, d)
         out = varlen_attention(q, k, v.contiguous(), packed)  # (T, H, d)
         return self.proj(out.flatten(1))  # (T, D)
 

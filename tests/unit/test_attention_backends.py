@@ -99,3 +99,27 @@ def test_explicit_cuda_backend_on_cpu_says_why():
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="attn_backend='varlen' needs"):
         build_packed_sequence(cu, 4, 4, "varlen", torch.device("cpu"), torch.float32)
+
+
+def test_padded_baseline_computes_the_packed_function():
+    """The release's layout (each image padded to N tokens, dense key mask) gives the same outputs."""
+    from fitscale.data.batch import grid_positions, pack_images
+    from fitscale.models import build_model
+
+    torch.manual_seed(0)
+    grids, n = [(4, 4), (3, 5), (2, 7)], 20
+    images = [torch.randn(r * c, 16) for r, c in grids]
+    packed = pack_images(images, grids, [1, 2, 3], [0, 1, 2])
+    model = build_model("tiny").eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    t = torch.rand(3)
+    with torch.no_grad():
+        expected = model(packed.tokens, t, packed.labels, packed.pos, packed.cu_seqlens, packed.max_seqlen)
+        model.config = model.config.replace(attn_backend="padded")
+        tokens = torch.cat([torch.cat([img, torch.zeros(n - img.shape[0], 16)]) for img in images])
+        pos = torch.cat([torch.cat([grid_positions(*g), torch.zeros(n - g[0] * g[1], 2, dtype=torch.int64)]) for g in grids])
+        cu = torch.arange(4, dtype=torch.int32) * n
+        out = model(tokens, t, packed.labels, pos, cu, n, sizes=packed.sizes)
+    real = torch.cat([torch.arange(i * n, i * n + r * c) for i, (r, c) in enumerate(grids)])
+    torch.testing.assert_close(out[real], expected, rtol=1e-5, atol=1e-6)
