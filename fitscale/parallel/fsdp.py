@@ -28,8 +28,10 @@ def apply_fsdp(
     """Shard `model` in place over `mesh` (1-D: full shard; 2-D: HSDP or replication).
 
     Parameters stay fp32 (the master weights); each forward gathers them in `param_dtype` and
-    gradients are reduced in `reduce_dtype`. Gradients are summed, not averaged, across ranks:
-    the loss is already divided by the global image count of the step (see fitscale.flow.loss).
+    gradients are reduced in `reduce_dtype`. FSDP averages gradients over the ranks; since the loss
+    is already divided by the global image count of the step (fitscale.flow.loss), the Trainer
+    multiplies it by the world size before backward so the average becomes the needed sum
+    (a custom divide factor would need PREMUL_SUM, which gloo lacks).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -41,5 +43,4 @@ def apply_fsdp(
         reshard = cfg.reshard_after_forward and index < len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
-    model.set_gradient_divide_factor(1.0)
     return model

@@ -375,11 +375,13 @@ class Trainer:
             self.model.set_requires_gradient_sync(last)
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        # FSDP and DeepSpeed average gradients over ranks; the loss is already this rank's share of
+        # the global mean, so scale it by the world size to make their average the sum.
+        scaled = loss * self.env.world_size if self.env.world_size > 1 else loss
         if self.engine is not None:
-            # DeepSpeed averages gradients over ranks; the loss is already a share of the global mean.
-            self.engine.backward(loss * self.env.world_size, scale_wrt_gas=False)
+            self.engine.backward(scaled, scale_wrt_gas=False)
         else:
-            loss.backward()
+            scaled.backward()
 
     def _clip_gradients(self) -> float:
         """Clip to `train.grad_clip` and return the global norm before clipping.

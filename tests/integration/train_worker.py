@@ -32,7 +32,9 @@ class SeededSteps:
     """Deterministic global batches split over ranks by `split`:
     `interleave` (image i to rank i % W), `contiguous` (rank 0 takes the first `first` images)."""
 
-    def __init__(self, rank, world_size, global_batch, micro_batches, num_classes, split="interleave", first=0):
+    def __init__(
+        self, rank, world_size, global_batch, micro_batches, num_classes, split="interleave", first=0
+    ):
         self.rank, self.world_size = rank, world_size
         self.global_batch, self.micro_batches = global_batch, micro_batches
         self.num_classes, self.split, self.first = num_classes, split, first
@@ -60,7 +62,9 @@ class SeededSteps:
         micro = []
         for chunk in chunks:
             images, grids, labels = zip(*(self.image(i) for i in chunk))
-            micro.append(pack_images(list(images), list(grids), list(labels), chunk, null_class=self.num_classes))
+            micro.append(
+                pack_images(list(images), list(grids), list(labels), chunk, null_class=self.num_classes)
+            )
         return StepBatch(micro, self.global_batch)
 
     def __iter__(self):

@@ -1,0 +1,42 @@
+"""RunConfig loading: recipes, overrides, unknown keys and cross-section errors."""
+
+import pytest
+
+from fitscale.config import ConfigError, load_config
+
+DATA = ["data.path=somewhere", "data.num_classes=10"]
+
+
+def test_recipe_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: tiny}\ndata: {path: d, num_classes: 10}\ntrain: {steps: 7}\n")
+    config = load_config(recipe, ["train.steps=9", "parallel.activation_checkpointing=full"])
+    assert config.train.steps == 9 and config.parallel.activation_checkpointing == "full"
+
+
+def test_demo_recipe_loads():
+    config = load_config("recipes/demo.yaml")
+    assert config.model.name == "tiny" and config.parallel.backend == "fsdp"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown config key 'train.stepz'"),
+        ("trian.steps=3", "unknown config key 'trian'; top-level sections are"),
+        ("train.steps=0", "train.steps: must be >= 1, got 0"),
+        ("parallel.backend=ddp", "parallel.backend: 'ddp' is not one of fsdp, deepspeed"),
+        ("train.flow.timesteps=cosine", "train.flow.timesteps: unknown sampler 'cosine'"),
+        ("model.overrides.num_classes=5", "data.num_classes=10 but the model has num_classes=5"),
+        ("parallel.compile=true", "parallel.compile=true needs static shapes: set data.pad_to_budget=true"),
+    ],
+)
+def test_errors_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(None, [*DATA, override])
+    assert message in str(info.value)
+
+
+def test_missing_data_section():
+    with pytest.raises(ConfigError, match="set data.path"):
+        load_config(None, [])
