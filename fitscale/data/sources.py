@@ -75,15 +75,16 @@ def render_digit(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
     viewable image; the other channels are a blurred copy and two signed variants, giving the
     model a little structure across channels to learn.
     """
-    from PIL import Image, ImageFilter
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter
 
     height, width = rows * PATCH_SIZE, cols * PATCH_SIZE
     side = min(height, width)
-    ink = Image.fromarray((image / 16.0).astype(np.float32), mode="F").resize((side, side), Image.BILINEAR)
+    ink = Image.fromarray((image / 16.0).astype(np.float32)).resize((side, side), Image.BILINEAR)
     canvas = np.zeros((height, width), np.float32)
     top, left = (height - side) // 2, (width - side) // 2
     canvas[top : top + side, left : left + side] = np.clip(np.asarray(ink), 0.0, 1.0)
-    blurred = np.asarray(Image.fromarray(canvas, mode="F").filter(ImageFilter.GaussianBlur(1.0)))
+    blurred = gaussian_filter(canvas, sigma=1.0)
     picture = 2.0 * canvas - 1.0
     return np.stack([picture, 2.0 * blurred - 1.0, 0.5 * picture, -0.5 * picture]).astype(np.float32)
 

@@ -1,0 +1,154 @@
+"""`from-images`: a folder of images -> VAE latents with the paper's preprocessing.
+
+Preprocessing (per image, resolution S): downscale keeping the aspect ratio to at most S*S
+pixels of area (never upscale), floor both sides to multiples of 16 (8x VAE downsampling times
+patch size 2), and, when both sides exceed S, also a centre-crop variant (short side resized to
+S, centre S x S). Each variant is encoded with its horizontal flip. The encoder is a diffusers
+`AutoencoderKL` loaded from a local folder; latents are the posterior mean times its
+`scaling_factor`, so a rewrite gives identical data. Images of one part are encoded in batches
+of equal size, on the GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fitscale.data.format import LATENT_CHANNELS, LatentSample, patchify
+from fitscale.data.writer import SkipSample
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+PIXELS_PER_TOKEN_SIDE = 16
+
+
+def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) of every image in an ImageFolder layout (one subfolder per class, sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root}: no class subfolders; use the ImageFolder layout ROOT/CLASS/IMAGE")
+    inputs = [
+        (str(path), label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not inputs:
+        raise ValueError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under its class folders")
+    return inputs, classes
+
+
+def resize_to_area(image, resolution: int):
+    """Downscale to at most resolution^2 pixels, aspect kept, sides floored to multiples of 16."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = min(1.0, math.sqrt(resolution * resolution / (width * height)))
+    step = PIXELS_PER_TOKEN_SIDE
+    new_w, new_h = int(width * scale) // step * step, int(height * scale) // step * step
+    if new_w < step or new_h < step:
+        return None
+    scaled = image.resize((max(new_w, int(width * scale)), max(new_h, int(height * scale))), Image.BICUBIC)
+    left, top = (scaled.width - new_w) // 2, (scaled.height - new_h) // 2
+    return scaled.crop((left, top, left + new_w, top + new_h))
+
+
+def centre_crop(image, resolution: int):
+    """Short side resized to `resolution`, then the centre square (ADM's centre crop)."""
+    from PIL import Image
+
+    scale = resolution / min(image.size)
+    scaled = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC)
+    left, top = (scaled.width - resolution) // 2, (scaled.height - resolution) // 2
+    return scaled.crop((left, top, left + resolution, top + resolution))
+
+
+def load_vae(path: str, device: str):
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as error:
+        raise ImportError("from-images needs diffusers: pip install 'fitscale[images]'") from error
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--vae {path}: no such folder (save an AutoencoderKL there with save_pretrained)")
+    vae = AutoencoderKL.from_pretrained(path).to(device).eval()
+    if vae.config.latent_channels != LATENT_CHANNELS:
+        raise ValueError(f"--vae {path}: {vae.config.latent_channels} latent channels, fitscale needs {LATENT_CHANNELS}")
+    if len(vae.config.block_out_channels) != 4:
+        raise ValueError(f"--vae {path}: downsamples by 2^{len(vae.config.block_out_channels) - 1}, fitscale needs 8")
+    return vae
+
+
+def build_from_images(vae_path: str, resolution: int, batch_size: int, dtype: str, device: str | None = None):
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state: dict = {}
+
+    def encode(pictures: list) -> list[np.ndarray]:
+        """Equal-size PIL images -> (C, h, w) latents, batched."""
+        if "vae" not in state:
+            state["vae"] = load_vae(vae_path, device)
+        vae = state["vae"]
+        out = []
+        for start in range(0, len(pictures), batch_size):
+            chunk = np.stack([np.asarray(p, dtype=np.float32) for p in pictures[start : start + batch_size]])
+            pixels = torch.from_numpy(chunk).permute(0, 3, 1, 2).to(device) / 127.5 - 1.0
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+            out.extend(latents.float().cpu().numpy())
+        return out
+
+    def build(inputs: Sequence[tuple[str, int]], first: int) -> Iterator[LatentSample | SkipSample]:
+        from PIL import Image, ImageOps
+
+        prepared: list = []  # per input: SkipSample or {"tokens": picture, "crop": picture|None}
+        for path, _ in inputs:
+            try:
+                with Image.open(path) as raw:
+                    image = raw.convert("RGB")
+            except Exception as error:
+                prepared.append(SkipSample("unreadable image", path, f"{type(error).__name__}: {error}"))
+                continue
+            resized = resize_to_area(image, resolution)
+            if resized is None:
+                prepared.append(SkipSample("under token minimum", path, f"{image.width}x{image.height} pixels"))
+                continue
+            crop = centre_crop(image, resolution) if min(image.size) > resolution else None
+            prepared.append({"tokens": resized, "crop": crop})
+        groups: dict[tuple[int, int], list[tuple[int, str, int]]] = defaultdict(list)
+        for i, item in enumerate(prepared):
+            if isinstance(item, dict):
+                for key in ("tokens", "crop"):
+                    if item[key] is not None:
+                        groups[item[key].size].append((i, key, 0))
+                        groups[item[key].size].append((i, key, 1))
+        latents: dict[tuple[int, str, int], np.ndarray] = {}
+        for members in groups.values():
+            pictures = [
+                prepared[i][key] if flip == 0 else ImageOps.mirror(prepared[i][key]) for i, key, flip in members
+            ]
+            latents.update(zip(members, encode(pictures)))
+        for i, ((path, label), item) in enumerate(zip(inputs, prepared)):
+            if isinstance(item, SkipSample):
+                yield item
+                continue
+            sample = LatentSample(
+                tokens=np.stack([patchify(latents[i, "tokens", f]) for f in (0, 1)]).astype(dtype),
+                rows=item["tokens"].height // PIXELS_PER_TOKEN_SIDE,
+                cols=item["tokens"].width // PIXELS_PER_TOKEN_SIDE,
+                label=label,
+                source_id=first + i,
+                source=path,
+            )
+            if item["crop"] is not None:
+                sample.crop = np.stack([patchify(latents[i, "crop", f]) for f in (0, 1)]).astype(dtype)
+                sample.crop_rows = sample.crop_cols = resolution // PIXELS_PER_TOKEN_SIDE
+            yield sample
+
+    return build
