@@ -15,6 +15,7 @@ NCCL traffic or with the background thread of an asynchronous save.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -40,8 +41,14 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint exists but does not fit the state of this run (other model, missing entries)."""
 
 
-# DCP warns on every single-process save/load; a one-process run is intended, not a mistake.
-warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save/load; a one-process run is intended, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized"
+        )
+        yield
 
 
 def _first_failure(error: BaseException) -> str:
@@ -163,12 +170,13 @@ class CheckpointManager:
         dcp_state = self._state_for_saving(state)
         started = time.perf_counter()
         if self.cfg.async_save:
-            response = dcp.async_save(
-                dcp_state,
-                checkpoint_id=temporary,
-                process_group=self._async_group,
-                no_dist=not self.distributed,
-            )
+            with _single_process_quiet():
+                response = dcp.async_save(
+                    dcp_state,
+                    checkpoint_id=temporary,
+                    process_group=self._async_group,
+                    no_dist=not self.distributed,
+                )
             future = getattr(response, "upload_completion", response)
             self._pending = (step, temporary, future, {**self._metadata_for(step, state), "async": True})
             logger.info(
@@ -270,7 +278,10 @@ class CheckpointManager:
         saved_world = int(metadata["world_size"])
         dcp_state, per_rank = self._state_for_loading(state, path, metadata)
         try:
-            dcp.load(dcp_state, checkpoint_id=path, process_group=self._group, no_dist=not self.distributed)
+            with _single_process_quiet():
+                dcp.load(
+                    dcp_state, checkpoint_id=path, process_group=self._group, no_dist=not self.distributed
+                )
         except (CheckpointException, RuntimeError, KeyError, ValueError) as error:
             raise CheckpointMismatchError(
                 f"checkpoint {path} (step {metadata['step']}, {saved_world} ranks) does not fit this run: "
