@@ -97,6 +97,8 @@ SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
 MessageTimeout=10
+# A requeued job may start again after cred_expire + 1 s (default 121 s); tests requeue often.
+AuthInfo=cred_expire=10
 KillWait=30
 MinJobAge=3600
 InactiveLimit=0
@@ -114,10 +116,10 @@ PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscr
 EOF
   if [ -e "$CONF" ] && cmp -s "$tmp" "$CONF"; then
     rm -f "$tmp"
-  else
-    mv "$tmp" "$CONF"
-    log "wrote $CONF (node $HOST, $CPUS CPUs, $MEM_MB MB)"
+    return 1
   fi
+  mv "$tmp" "$CONF"
+  log "wrote $CONF (node $HOST, $CPUS CPUs, $MEM_MB MB)"
 }
 
 start_munged() {
@@ -162,7 +164,11 @@ cmd_start() {
   cmd_install
   need_root start
   write_munge_key
-  write_slurm_conf
+  if write_slurm_conf; then
+    # Daemons started with an older configuration restart to read the new one.
+    stop_pidfile slurmd "$STATE_DIR/run/slurmd.pid"
+    stop_pidfile slurmctld "$STATE_DIR/run/slurmctld.pid"
+  fi
   start_munged
   start_daemon slurmctld
   # slurmctld needs a moment before slurmd can register with it.

@@ -1,0 +1,112 @@
+"""What a SLURM task runs: one rank of a run, and the glue that brings a preempted run back.
+
+submitit starts every task of the job with `srun` and calls `TrainingJob()` in each. A job ends
+in one of three ways:
+- The run reaches `train.steps`: the result is returned (submitit pickles it for `fitscale launch`).
+- SIGUSR2, which SLURM sends `launch.signal_delay_s` before the time limit (`--signal`): the
+  trainer saves a checkpoint at the next step boundary and stops; rank 0 then hands over to
+  submitit's own handler, which calls `TrainingJob.checkpoint` (the same job: it resumes from the
+  newest complete checkpoint), rewrites the job's pickle and runs `scontrol requeue`. submitit
+  counts these requeues and ends the run with "timed-out too many times" after
+  `launch.max_timeout_requeues`.
+- SIGTERM (preemption, `scontrol requeue`, `scancel`, or the limit itself when SIGUSR2 came too
+  late): the trainer saves and stops, and the task exits without a result. SLURM requeues a
+  preempted or requeued job by itself; a cancelled one stays cancelled.
+The checkpoint manager installs its handlers over submitit's while the trainer runs and restores
+them when it closes, which is why submitit's SIGUSR2 handler is available again afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import tempfile
+from typing import Any
+
+from fitscale.launch.env import export_torch_env, slurm_rank_info
+
+log = logging.getLogger("fitscale.launch")
+
+TIME_LIMIT_SIGNAL = "SIGUSR2"  # submitit's preemption/timeout signal (its `--signal=USR2@delay`)
+PREEMPT_SIGNAL = "SIGTERM"
+
+
+def make_signals_exit(config) -> None:
+    """Make the trainer stop (not just save) on the time-limit signal, so the job can requeue in time."""
+    ckpt = config.checkpoint
+    for name in (TIME_LIMIT_SIGNAL, PREEMPT_SIGNAL):
+        if name not in ckpt.save_signals:
+            ckpt.save_signals = [*ckpt.save_signals, name]
+        if name not in ckpt.exit_signals:
+            ckpt.exit_signals = [*ckpt.exit_signals, name]
+
+
+class TrainingJob:
+    """One run as a submitit callable; pickled once at submission with the resolved config.
+
+    The config is kept as YAML text, so edits to the recipe after submission never change a queued
+    or requeued run.
+    """
+
+    def __init__(self, config_yaml: str, run_dir: str):
+        self.config_yaml = config_yaml
+        self.run_dir = run_dir
+
+    def __repr__(self) -> str:
+        return f"TrainingJob(run_dir={self.run_dir!r})"
+
+    def load_config(self):
+        from fitscale.config import load_config
+
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+            handle.write(self.config_yaml)
+        try:
+            return load_config(handle.name)
+        finally:
+            os.unlink(handle.name)
+
+    def __call__(self) -> dict[str, Any]:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+        info = slurm_rank_info(os.environ) if "SLURM_STEP_ID" in os.environ else None
+        if info is not None:
+            export_torch_env(info)
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        log.info(
+            "rank %s of %s, job %s (restart %s)",
+            os.environ.get("RANK"),
+            os.environ.get("WORLD_SIZE"),
+            os.environ.get("SLURM_JOB_ID"),
+            restarts,
+        )
+        config = self.load_config()
+        from fitscale.train.trainer import Trainer
+
+        trainer = Trainer(config)
+        step = trainer.train()
+        if step >= config.train.steps:
+            return {"run_dir": self.run_dir, "step": step, "job_id": os.environ.get("SLURM_JOB_ID")}
+        self._after_interrupt(trainer.checkpoints.last_signal, step, int(os.environ.get("RANK", 0)))
+        raise AssertionError("unreachable")  # _after_interrupt always exits
+
+    def _after_interrupt(self, last_signal: str | None, step: int, rank: int) -> None:
+        """The trainer stopped early with a complete checkpoint at `step`: requeue or just exit."""
+        log.info("rank %d stopped at step %d on %s", rank, step, last_signal)
+        if last_signal == TIME_LIMIT_SIGNAL:
+            handler = signal.getsignal(signal.SIGUSR2)
+            if callable(handler):
+                # submitit's checkpoint_and_try_requeue: rank 0 requeues and exits, other ranks return.
+                handler(signal.SIGUSR2, None)
+            else:
+                log.warning("no submitit handler for SIGUSR2 (not started by submitit?); not requeuing")
+        # Preempted, requeued by SLURM, cancelled, or a non-zero rank: leave without a result, exit 0 so
+        # that srun's --kill-on-bad-exit does not cut short a rank that is still requeuing the job.
+        sys.stdout.flush()
+        raise SystemExit(0)
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit's requeue hook: run the same job again; it resumes from the newest complete checkpoint."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.config_yaml, self.run_dir))

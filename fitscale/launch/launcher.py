@@ -1,0 +1,244 @@
+"""`fitscale launch`: resolve a run for a cluster, check it, and submit it (or run it here).
+
+`plan_launch` does everything that can go wrong before a job exists: loads the recipe with its
+overrides, finds the cluster profile, merges resources, checks that the run fits the topology,
+and renders the batch script. `run_plan` then submits it with submitit (SLURM profiles) or runs
+the ranks on this machine (`scheduler: local`, also one node of a multi-node job without SLURM).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fitscale.config.errors import ConfigError
+from fitscale.config.launch import ClusterProfile, Resources, resolve_resources
+from fitscale.launch import rundir
+from fitscale.launch.job import TrainingJob, make_signals_exit
+from fitscale.launch.profiles import load_profile
+
+
+@dataclass
+class LaunchPlan:
+    """A run resolved for one cluster; nothing has been submitted yet."""
+
+    config: Any  # fitscale.config.RunConfig
+    config_yaml: str
+    profile: ClusterProfile
+    resources: Resources
+    run_dir: Path
+    job_name: str
+    sbatch_params: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        r = self.resources
+        return {
+            "cluster": self.profile.name,
+            "scheduler": self.profile.scheduler,
+            "run_dir": str(self.run_dir),
+            "job_name": self.job_name,
+            "nodes": r.nodes,
+            "tasks_per_node": r.tasks_per_node,
+            "gpus_per_node": r.gpus_per_node,
+            "cpus_per_task": r.cpus_per_task,
+            "world_size": r.world_size,
+            "time_min": r.time_min,
+            "max_timeout_requeues": self.config.launch.max_timeout_requeues,
+            "signal_delay_s": self.config.launch.signal_delay_s,
+            "problems": list(self.problems),
+        }
+
+
+def launch_overrides(
+    cluster: str | None = None,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    tasks_per_node: int | None = None,
+    time_min: int | None = None,
+) -> list[str]:
+    """Command-line flags as `launch.*` overrides (they win over the recipe's launch section)."""
+    values = {
+        "cluster": cluster,
+        "nodes": nodes,
+        "gpus_per_node": gpus_per_node,
+        "tasks_per_node": tasks_per_node,
+        "time_min": time_min,
+    }
+    return [f"launch.{name}={value}" for name, value in values.items() if value is not None]
+
+
+def check_topology(config, resources: Resources, profile: ClusterProfile) -> list[str]:
+    """Reasons this run cannot work on these resources, each naming what to change."""
+    problems = []
+    world = resources.world_size
+    data = config.data
+    if data.batch_mode == "images" and data.global_batch_size % world:
+        problems.append(
+            f"data.global_batch_size={data.global_batch_size} does not divide over {world} ranks "
+            f"({resources.nodes} node(s) x {resources.tasks_per_node} task(s)); set it to a multiple of {world}"
+        )
+    parallel = config.parallel
+    if parallel.sharding == "hybrid":
+        shard = parallel.shard_size or resources.tasks_per_node
+        if world % shard:
+            problems.append(
+                f"parallel.shard_size={shard} does not divide the {world} ranks; set parallel.shard_size "
+                f"to a divisor of {world} (0 = the {resources.tasks_per_node} ranks of one node)"
+            )
+    if config.train.device == "cuda" and resources.gpus_per_node == 0:
+        problems.append(
+            f"train.device=cuda but cluster profile {profile.name!r} requests no GPUs; "
+            "set --gpus-per-node or train.device=cpu"
+        )
+    if profile.scheduler == "slurm" and config.launch.signal_delay_s >= resources.time_min * 60:
+        problems.append(
+            f"launch.signal_delay_s={config.launch.signal_delay_s} is not shorter than the time limit "
+            f"({resources.time_min} min); lower it or raise launch.time_min"
+        )
+    return problems
+
+
+def plan_launch(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), **flags: Any) -> LaunchPlan:
+    """Resolve `recipe` + `overrides` + flags (cluster, nodes, gpus_per_node, tasks_per_node, time_min)."""
+    from fitscale.config import load_config, to_yaml
+
+    config = load_config(recipe, [*overrides, *launch_overrides(**flags)])
+    profile = load_profile(config.launch.cluster)
+    resources = resolve_resources(config.launch, profile)
+    # Jobs start in other working directories (and requeue later): pin the run folder.
+    run_dir = Path(config.train.run_dir).expanduser().resolve()
+    config.train.run_dir = str(run_dir)
+    if profile.scheduler == "slurm":
+        make_signals_exit(config)
+    job_name = config.launch.job_name or f"fitscale-{run_dir.name}"
+    plan = LaunchPlan(
+        config=config,
+        config_yaml=to_yaml(config),
+        profile=profile,
+        resources=resources,
+        run_dir=run_dir,
+        job_name=job_name,
+        problems=check_topology(config, resources, profile),
+    )
+    if profile.scheduler == "slurm":
+        from fitscale.launch.slurm import import_submitit, sbatch_parameters
+
+        import_submitit()
+        plan.sbatch_params = sbatch_parameters(profile, config.launch, resources, job_name)
+    return plan
+
+
+def render_sbatch(plan: LaunchPlan) -> str:
+    from fitscale.launch.slurm import build_executor, sbatch_script
+
+    executor = build_executor(
+        rundir.slurm_folder(plan.run_dir), plan.sbatch_params, plan.config.launch.max_timeout_requeues
+    )
+    return sbatch_script(executor)
+
+
+def submit_plan(plan: LaunchPlan):
+    """Submit to SLURM; returns the submitit Job. Refuses a run folder whose previous job may still run."""
+    from fitscale.launch.slurm import build_executor, submit
+
+    if plan.problems:
+        raise ConfigError("; ".join(plan.problems))
+    active = rundir.active_job(plan.run_dir)
+    if active is not None:
+        raise ConfigError(
+            f"run folder {str(plan.run_dir)!r} already has SLURM job {active[0]} ({active[1]}); wait for it, "
+            f"`scancel {active[0]}`, or choose another train.run_dir"
+        )
+    folder = rundir.slurm_folder(plan.run_dir)
+    executor = build_executor(folder, plan.sbatch_params, plan.config.launch.max_timeout_requeues)
+    job = submit(executor, TrainingJob(plan.config_yaml, str(plan.run_dir)))
+    rundir.append_launch_record(
+        plan.run_dir,
+        {
+            "job_id": job.job_id,
+            "scheduler": "slurm",
+            "slurm_folder": str(folder),
+            "command": shlex.join(sys.argv),
+            **plan.summary(),
+        },
+    )
+    return job
+
+
+def run_local(
+    plan: LaunchPlan,
+    recipe: str | Path,
+    overrides: list[str] | tuple[str, ...],
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+) -> int:
+    """Run the plan's ranks on this machine (one node of `resources.nodes`); returns the exit code."""
+    from fitscale.launch.local import launch_local, python_module_command
+
+    if plan.problems:
+        raise ConfigError("; ".join(plan.problems))
+    args = ["train", str(recipe), "--set", *overrides, f"train.run_dir={plan.run_dir}"]
+    rundir.append_launch_record(
+        plan.run_dir,
+        {"scheduler": "local", "node_rank": node_rank, "command": shlex.join(sys.argv), **plan.summary()},
+    )
+    env = dict(plan.profile.env)
+    return launch_local(
+        python_module_command("fitscale.cli", *args),
+        plan.resources.tasks_per_node,
+        nnodes=plan.resources.nodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        env={**env, "FITSCALE_LAUNCHED": "1"} if env else {"FITSCALE_LAUNCHED": "1"},
+    )
+
+
+def submit_sweep(configs: list, folder: str | Path, cluster: str | None = None) -> list[str]:
+    """Submit many resolved RunConfigs (each with its own `train.run_dir`) as one SLURM job array.
+
+    For `fitscale sweep launch`: every config must ask for the same resources (a job array has one
+    shape); the array's logs go to `<folder>/slurm/`, each run's checkpoints and metrics to its own
+    run folder. Returns the job ids in the order of `configs` (`<array id>_<index>`).
+    """
+    from fitscale.config import to_yaml
+    from fitscale.launch.slurm import build_executor, sbatch_parameters, submit_array
+
+    if not configs:
+        raise ValueError("submit_sweep needs at least one config")
+    first = configs[0].launch
+    for index, config in enumerate(configs):
+        if config.launch != first:
+            raise ConfigError(
+                f"sweep run {index} has launch settings {config.launch} but run 0 has {first}; "
+                "one job array needs the same launch section for every run"
+            )
+    profile = load_profile(cluster or first.cluster)
+    if profile.scheduler != "slurm":
+        raise ConfigError(f"cluster profile {profile.name!r} is not a SLURM cluster; job arrays need one")
+    resources = resolve_resources(first, profile)
+    jobs, run_dirs = [], []
+    for config in configs:
+        run_dir = Path(config.train.run_dir).expanduser().resolve()
+        config.train.run_dir = str(run_dir)
+        make_signals_exit(config)
+        problems = check_topology(config, resources, profile)
+        if problems:
+            raise ConfigError(f"sweep run {run_dir.name}: " + "; ".join(problems))
+        jobs.append(TrainingJob(to_yaml(config), str(run_dir)))
+        run_dirs.append(run_dir)
+    folder = Path(folder)
+    params = sbatch_parameters(profile, first, resources, first.job_name or f"fitscale-sweep-{folder.name}")
+    executor = build_executor(rundir.slurm_folder(folder), params, first.max_timeout_requeues)
+    submitted = submit_array(executor, jobs)
+    for job, run_dir in zip(submitted, run_dirs):
+        rundir.append_launch_record(
+            run_dir,
+            {"job_id": job.job_id, "scheduler": "slurm", "slurm_folder": str(rundir.slurm_folder(folder))},
+        )
+    return [job.job_id for job in submitted]

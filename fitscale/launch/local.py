@@ -1,0 +1,163 @@
+"""Run a command as N ranks on this machine, and as one node of a multi-node job without SLURM.
+
+`launch_local` starts `nproc_per_node` processes of the same command with the `env://`
+rendezvous variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+GROUP_RANK, MASTER_ADDR, MASTER_PORT), so the command joins the process group exactly as under
+torchrun. For clusters without SLURM, run it once per node with the same `nnodes`,
+`master_addr` and `master_port` and that node's `node_rank` (torchrun's static rendezvous).
+
+Why not torchrun itself: torchrun forwards SIGTERM/SIGINT to its workers but dies on SIGUSR1 and
+SIGUSR2 (their default action), orphaning the workers; the trainer checkpoints on those signals.
+Here every one of SIGTERM, SIGINT, SIGUSR1, SIGUSR2 reaches every rank, and when one rank fails
+the others are stopped (they would otherwise wait in a collective until the timeout).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the rendezvous binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def python_module_command(module: str, *args: str) -> list[str]:
+    """`python -m module args...` with this interpreter (what each rank runs)."""
+    return [sys.executable, "-m", module, *args]
+
+
+def rank_environments(
+    nproc_per_node: int, nnodes: int, node_rank: int, master_addr: str, master_port: int
+) -> list[dict[str, str]]:
+    """The torch.distributed variables of each local rank of this node."""
+    world_size = nproc_per_node * nnodes
+    return [
+        {
+            "RANK": str(node_rank * nproc_per_node + local_rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(nproc_per_node),
+            "GROUP_RANK": str(node_rank),
+            "NODE_RANK": str(node_rank),
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port),
+            # Ranks print as they go; a buffered rank that gets killed would lose its last lines.
+            "PYTHONUNBUFFERED": "1",
+        }
+        for local_rank in range(nproc_per_node)
+    ]
+
+
+def launch_local(
+    command: Sequence[str],
+    nproc_per_node: int,
+    *,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+    env: Mapping[str, str] | None = None,
+    stop_grace_s: float = 60.0,
+) -> int:
+    """Run `command` in `nproc_per_node` processes of one node of an `nnodes`-node job; return its exit code.
+
+    How `fitscale train --nproc N` uses it: build the argv that makes one rank train, e.g.
+    `python_module_command("fitscale.train.cli", "train", recipe, "--set", ...)`, and call
+    `launch_local(argv, N)`. Each rank finds its place with `fitscale.launch.env.init_distributed_from_env()`
+    (or any `env://` rendezvous). Multi-node without SLURM: run the same call on every node with
+    `nnodes`, that node's `node_rank`, the address of node 0 as `master_addr` and one agreed `master_port`.
+
+    Returns 0 when every rank exits 0. When a rank fails, the other ranks get SIGTERM (then SIGKILL
+    after `stop_grace_s`) and the failed rank's code is returned. Signals to this process
+    (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) are forwarded to every rank and do not stop this function;
+    it returns when the ranks have exited. `env` adds variables to every rank's environment.
+    """
+    if nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise ValueError(f"node_rank must be in [0, nnodes={nnodes}), got {node_rank}")
+    if master_port is None:
+        if nnodes > 1:
+            raise ValueError("a multi-node launch needs an explicit master_port that every node agrees on")
+        master_port = free_port(master_addr)
+    base_env = {**os.environ, **(env or {})}
+    processes: list[subprocess.Popen] = []
+    previous_handlers = {}
+
+    def forward(signum, _frame):
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    for signum in FORWARDED_SIGNALS:
+        previous_handlers[signum] = signal.signal(signum, forward)
+    try:
+        for rank_env in rank_environments(nproc_per_node, nnodes, node_rank, master_addr, master_port):
+            processes.append(
+                subprocess.Popen(
+                    list(command),
+                    env={**base_env, **rank_env},
+                    # Own session: a Ctrl-C in the terminal reaches each rank once (forwarded), not twice.
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            )
+        return _wait_for_ranks(processes, node_rank * nproc_per_node, stop_grace_s)
+    finally:
+        _stop(processes, stop_grace_s)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+
+
+def _die_with_parent() -> None:
+    """Linux: the rank gets SIGTERM if the launcher dies (even by SIGKILL), so no rank is orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _wait_for_ranks(processes: list[subprocess.Popen], first_rank: int, stop_grace_s: float) -> int:
+    """Wait for all ranks; on the first failure stop the rest and return that rank's code."""
+    while True:
+        codes = [process.poll() for process in processes]
+        failed = [(index, code) for index, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            index, code = failed[0]
+            if any(c is None for c in codes):
+                print(
+                    f"fitscale launch: rank {first_rank + index} exited with code {code}; stopping the other ranks",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            _stop(processes, stop_grace_s)
+            return code
+        if all(code == 0 for code in codes):
+            return 0
+        time.sleep(0.1)
+
+
+def _stop(processes: list[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM the ranks still running (the trainer checkpoints on it), SIGKILL after the grace period."""
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
