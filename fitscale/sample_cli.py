@@ -1,0 +1,208 @@
+"""`fitscale sample CKPT --height H --width W ...`: images at any resolution from a run or a file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sample",
+        help="generate images (or latents) at any resolution from a checkpoint",
+        description=(
+            "Sample class-conditional images with the flow ODE. Several --height/--width pairs are "
+            "packed into one batch. Under torchrun / srun (or with --nproc) the images are spread over ranks."
+        ),
+    )
+    parser.add_argument(
+        "checkpoint", help="run folder, its checkpoints folder, a step-N folder, or a weights file"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder (refused if it holds samples, unless --overwrite)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into an output folder that holds samples"
+    )
+    parser.add_argument(
+        "--height", type=int, action="append", default=[], help="pixels, a multiple of 16 (repeatable)"
+    )
+    parser.add_argument(
+        "--width", type=int, action="append", default=[], help="pixels, paired with --height in order"
+    )
+    parser.add_argument("--num-per-size", type=int, default=4, help="images per size (4)")
+    parser.add_argument("--labels", default=None, help="comma-separated class labels, cycled; default random")
+    parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument(
+        "--guide-first-3",
+        action="store_true",
+        help="guide only the first 3 latent channels (the release's habit)",
+    )
+    parser.add_argument("--sampler", default="euler", choices=("euler", "heun", "dopri5"))
+    parser.add_argument("--steps", type=int, default=50, help="steps of euler / heun (50)")
+    parser.add_argument("--atol", type=float, default=1e-6, help="dopri5 absolute tolerance")
+    parser.add_argument("--rtol", type=float, default=1e-3, help="dopri5 relative tolerance")
+    parser.add_argument(
+        "--time-shift", type=float, default=1.0, help="shift of the time grid (< 1: more steps near noise)"
+    )
+    parser.add_argument(
+        "--extrapolation",
+        default=None,
+        choices=("none", "linear", "ntk", "yarn", "vision-ntk", "vision-yarn"),
+        help="RoPE extrapolation for sizes beyond training, per image; default: the model's own",
+    )
+    parser.add_argument(
+        "--attn-scale", action="store_true", help="add the attention-logit scale to the extrapolation"
+    )
+    parser.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+    parser.add_argument(
+        "--model", default=None, help="preset of a weights file (e.g. fitv2-xl); runs know theirs"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a model field, e.g. --set attn_backend=reference (repeatable)",
+    )
+    parser.add_argument(
+        "--vae",
+        default=None,
+        help="local AutoencoderKL folder to decode with; without it latents are written",
+    )
+    parser.add_argument(
+        "--preview-channel", type=int, default=None, help="without --vae: write this latent channel as PNGs"
+    )
+    parser.add_argument(
+        "--grid-scale", type=int, default=1, help="upscale grid.png by this factor (small latents)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--token-budget", type=int, default=16384, help="tokens per forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="compute dtype (auto: bf16 on CUDA)"
+    )
+    parser.add_argument("--nproc", type=int, default=1, help="spread over N local processes")
+    parser.add_argument(
+        "--fid-reference", default=None, help="ADM reference .npz or image folder: also compute FID"
+    )
+    parser.add_argument(
+        "--inception-weights", default=None, help="local torch-fidelity Inception weights for FID"
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(func=run_sample)
+
+
+def parse_sizes(heights: list[int], widths: list[int]) -> list[tuple[int, int]]:
+    if not heights or len(heights) != len(widths):
+        raise ValueError(
+            f"give one --width per --height (got {len(heights)} heights, {len(widths)} widths), e.g. --height 256 --width 256"
+        )
+    return list(zip(heights, widths))
+
+
+def parse_labels(text: str | None) -> list[int] | None:
+    if text in (None, "", "random"):
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--labels {text!r}: expected comma-separated integers such as 1,207,360") from None
+
+
+def _relaunch(args) -> int:
+    from fitscale.launch.local import launch_local, python_module_command
+
+    argv = [a for a in sys.argv[1:]]
+    if "--nproc" in argv:
+        index = argv.index("--nproc")
+        del argv[index : index + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--nproc=")]
+    return launch_local(python_module_command("fitscale.cli", *argv), args.nproc)
+
+
+def run_sample(args) -> int:
+    sizes = parse_sizes(args.height, args.width)
+    labels = parse_labels(args.labels)
+    out = Path(args.out)
+    if (out / "samples.json").exists() and not args.overwrite:
+        raise FileExistsError(
+            f"{out} already holds samples (samples.json); pick another --out or pass --overwrite"
+        )
+    if args.fid_reference:
+        from fitscale.sample import default_inception_weights
+
+        weights = Path(args.inception_weights) if args.inception_weights else default_inception_weights()
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"--fid-reference needs local Inception weights and {weights} does not exist; "
+                "pass --inception-weights PATH (torch-fidelity's FID Inception file; nothing is downloaded)"
+            )
+    if args.nproc > 1:
+        return _relaunch(args)
+
+    import torch
+    import torch.distributed as dist
+
+    from fitscale.launch.env import init_distributed_from_env
+    from fitscale.models.cli import parse_overrides
+    from fitscale.sample import (
+        SampleRun,
+        SamplingOptions,
+        compute_fid,
+        extrapolation_overrides,
+        load_reference_images,
+        load_sampling_model,
+        plan_items,
+        run_sampling,
+    )
+
+    options = SamplingOptions(
+        sampler=args.sampler,
+        steps=args.steps,
+        atol=args.atol,
+        rtol=args.rtol,
+        time_shift=args.time_shift,
+        cfg_scale=args.cfg,
+        guidance_channels=3 if args.guide_first_3 else None,
+        seed=args.seed,
+        token_budget=args.token_budget,
+        autocast=args.dtype,
+    )
+    overrides = {
+        **parse_overrides(args.overrides),
+        **extrapolation_overrides(args.extrapolation, args.attn_scale),
+    }
+    info = init_distributed_from_env(args.device)
+    device = (
+        torch.device("cuda", info.local_rank) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    )
+    model = load_sampling_model(args.checkpoint, args.model, overrides, ema=not args.raw, device=device)
+    items = plan_items(sizes, args.num_per_size, model.config.num_classes, labels, args.seed)
+    run = SampleRun(
+        out, items, options, vae=args.vae, preview_channel=args.preview_channel, grid_scale=args.grid_scale
+    )
+    run_sampling(model, run, info.rank, info.world_size)
+    summary = {"out": str(out), "images": len(items), "sizes": [f"{h}x{w}" for h, w in sizes]}
+    if args.fid_reference and info.rank == 0:
+        import numpy as np
+
+        generated = [
+            picture for path in sorted(out.glob("samples_*.npz")) for picture in np.load(path)["arr_0"]
+        ]
+        if not generated:
+            raise ValueError("FID needs pictures: pass --vae (or --preview-channel) so images are written")
+        reference = load_reference_images(args.fid_reference)
+        summary["fid"] = compute_fid(generated, reference, args.inception_weights)
+        (out / "fid.json").write_text(json.dumps(summary, indent=1))
+    if info.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if info.rank == 0:
+        print(
+            json.dumps(summary, indent=1) if args.json else ", ".join(f"{k}: {v}" for k, v in summary.items())
+        )
+    return 0

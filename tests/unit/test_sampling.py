@@ -1,0 +1,171 @@
+"""`fitscale sample`: packing many sizes, per-image noise, weights from runs and files, outputs, FID."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fitscale.cli import main
+from fitscale.models import build_model
+from fitscale.sample import (
+    SamplingOptions,
+    compute_fid,
+    extrapolation_overrides,
+    generate_latents,
+    image_grid,
+    load_sampling_model,
+    plan_items,
+)
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("tiny", attn_backend="reference")
+    with torch.no_grad():
+        for param in model.parameters():  # the released init zeroes the output layer
+            param.add_(torch.randn_like(param) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file(tiny_model().state_dict(), str(path))
+    return path
+
+
+def test_each_image_is_the_same_whatever_its_batch():
+    model = tiny_model()
+    items = plan_items([(64, 96), (80, 80), (48, 128)], 2, num_classes=10, seed=3)
+    options = SamplingOptions(sampler="heun", steps=3, cfg_scale=2.0, seed=5)
+    together = generate_latents(model, items, options)
+    alone = generate_latents(model, items, SamplingOptions(**{**vars(options), "token_budget": 2 * 40}))
+    reordered = generate_latents(model, items[::-1], options)[::-1]
+    for a, b, c, item in zip(together, alone, reordered, items):
+        assert a.shape == (4, 2 * item.rows, 2 * item.cols)
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+
+
+def test_plan_items_checks_sizes_and_labels():
+    items = plan_items([(256, 512)], 3, num_classes=1000, labels=[1, 2])
+    assert [(i.index, i.label, i.rows, i.cols) for i in items] == [
+        (0, 1, 16, 32),
+        (1, 2, 16, 32),
+        (2, 1, 16, 32),
+    ]
+    with pytest.raises(ValueError, match="size 250x256: height and width must be positive multiples of 16"):
+        plan_items([(250, 256)], 1, 1000)
+    with pytest.raises(ValueError, match=r"class 10 is outside \[0, 10\)"):
+        plan_items([(64, 64)], 1, 10, labels=[10])
+
+
+def test_extrapolation_flags_map_onto_model_fields():
+    assert extrapolation_overrides(None) == {}
+    vision = extrapolation_overrides("vision-yarn", attn_scale=True)
+    assert vision == {
+        "rope_method": "yarn",
+        "rope_decoupled": True,
+        "rope_attn_scale": True,
+        "rope_per_image": True,
+        "rope_target_grid": None,
+    }
+    model = build_model("tiny", **extrapolation_overrides("vision-ntk"))
+    assert model.config.rope_method == "ntk" and model.config.rope_decoupled and model.config.rope_per_image
+    with pytest.raises(ValueError, match="--extrapolation 'ntk2'"):
+        extrapolation_overrides("ntk2")
+
+
+def test_sample_command_writes_pngs_grid_npz_and_latents(weights_file, tmp_path, capsys):
+    out = tmp_path / "samples"
+    options = (
+        "--model tiny --set attn_backend=reference --height 64 --width 64 --height 48 --width 112 "
+        "--num-per-size 2 --labels 3,5 --cfg 1.5 --guide-first-3 --steps 2 --sampler heun "
+        "--extrapolation vision-ntk --attn-scale --preview-channel 0 --json --device cpu"
+    )
+    argv = ["sample", str(weights_file), "--out", str(out), *options.split()]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 4 and summary["sizes"] == ["64x64", "48x112"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        "000000_class3_64x64.png",
+        "000001_class5_64x64.png",
+        "000002_class3_48x112.png",
+        "000003_class5_48x112.png",
+    ]
+    assert np.load(out / "latents" / "000002.npy").shape == (4, 6, 14)
+    batch = np.load(out / "samples_6x14.npz")  # preview pictures are latent-sized
+    assert batch["arr_0"].shape == (2, 6, 14, 3) and batch["arr_0"].dtype == np.uint8
+    assert batch["arr_1"].tolist() == [3, 5]
+    assert (out / "grid.png").is_file()
+    index = json.loads((out / "samples.json").read_text())
+    assert index["options"]["guidance_channels"] == 3 and len(index["images"]) == 4
+    # A second run into the same folder is refused: nothing written is overwritten.
+    assert main(argv) == 2
+    assert "already holds samples" in capsys.readouterr().err
+
+
+def test_bad_sample_arguments_are_one_line_errors(weights_file, tmp_path, capsys):
+    base = ["sample", str(weights_file), "--out", str(tmp_path / "o")]
+    assert main([*base, "--height", "64"]) == 2
+    assert "give one --width per --height" in capsys.readouterr().err
+    assert main([*base, "--height", "64", "--width", "64"]) == 2
+    assert "is a weights file: name its model with --model" in capsys.readouterr().err
+    fid = f"--height 64 --width 64 --model tiny --fid-reference x.npz --inception-weights {tmp_path}/none.pth"
+    assert main([*base, *fid.split()]) == 2
+    assert "needs local Inception weights" in capsys.readouterr().err
+
+
+def test_run_checkpoint_gives_ema_or_raw_weights(tmp_path):
+    from fitscale.checkpoint import CheckpointManager, ModelState
+    from fitscale.config.checkpoint import CheckpointConfig
+    from fitscale.config.optim import EMAConfig
+    from fitscale.train.ema import EMA
+
+    model = tiny_model(1)
+    ema = EMA(model, EMAConfig(decay=0.5))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    ema.update(1)
+    run_dir = tmp_path / "run"
+    manager = CheckpointManager(run_dir, CheckpointConfig(), handle_signals=False)
+    manager.save(7, {"model": ModelState(model), "ema": ema})
+    (run_dir / "config.yaml").write_text("model:\n  name: tiny\n  overrides:\n    attn_backend: reference\n")
+    raw = load_sampling_model(run_dir, ema=False)
+    averaged = load_sampling_model(run_dir / "checkpoints" / "step-7")
+    for name, param in model.state_dict().items():
+        assert torch.equal(raw.state_dict()[name], param)
+        assert torch.allclose(averaged.state_dict()[name], ema.shadow[name])
+    assert not torch.equal(averaged.state_dict()["x_embedder.proj.weight"], model.x_embedder.proj.weight)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    features = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()
+    )
+
+    class Extractor(torch.nn.Module):
+        num_features = 32
+
+        def forward(self, images):
+            return features(images.float() / 255)
+
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 200, size=(64, 32, 32, 3), dtype=np.uint8)
+    shifted = (real + 50).astype(np.uint8)
+    assert abs(compute_fid(real, real, feature_extractor=Extractor())) < 1e-3
+    assert compute_fid(shifted, real, feature_extractor=Extractor()) > 1e-3
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        compute_fid(real, real, inception_weights="/nonexistent/inception.pth")
+
+
+def test_image_grid_centres_pictures_of_any_size():
+    pictures = [np.zeros((4, 6, 3), np.uint8), np.zeros((8, 2, 3), np.uint8), np.zeros((2, 2, 3), np.uint8)]
+    grid = image_grid(pictures, columns=2, pad=1)
+    assert grid.shape == (2 * 9 + 1, 2 * 7 + 1, 3)
+    assert (grid == 0).sum() == sum(p.size for p in pictures)
