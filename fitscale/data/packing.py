@@ -119,13 +119,12 @@ class SampleStream:
         return self._order
 
     def next(self) -> PlannedImage:
-        order = self.order(self.epoch)
-        if self.cursor >= order.size:
-            self.epoch, self.cursor = self.epoch + 1, 0
-            order = self.order(self.epoch)
+        epoch, order = self.epoch, self.order(self.epoch)
         index = int(order[self.cursor])
         self.cursor += 1
-        return self.catalog.plan(self.epoch, index)
+        if self.cursor == order.size:  # roll over now, so a finished epoch never shows as current
+            self.epoch, self.cursor = self.epoch + 1, 0
+        return self.catalog.plan(epoch, index)
 
 
 class TokenPacker:
