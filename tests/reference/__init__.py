@@ -1,0 +1,1 @@
+"""Independent re-implementations that fitscale's fast paths are checked against."""

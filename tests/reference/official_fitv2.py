@@ -1,0 +1,334 @@
+"""The released FiTv2's padded computation, re-implemented independently to test fitscale against.
+
+Written from `shared/reference/fitv2-official.md` alone, in the release's layout: every image is
+padded to a fixed token limit N, attention is a dense N x N softmax under a boolean mask in which a
+token sees exactly the tokens on its own side of the padding boundary (real with real, padding
+with padding, as the release builds it), and RoPE is computed per image from the release's `grid`
+(2, N: column then row) and `size` (rows, cols). Parameter names and shapes are the release's, so
+a state dict of this module is a state dict in the released format.
+
+Nothing here is fast or shared with fitscale: it is slow on purpose, so that a bug in fitscale's
+packed path cannot hide behind the same bug here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROPE_METHODS = ("none", "linear", "ntk", "ntk_by_parts", "yarn")
+YARN_BETA_FAST = 32.0
+YARN_BETA_SLOW = 1.0
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """How the 2-D RoPE frequencies are chosen (the release's extrapolation options)."""
+
+    method: str = "none"  # one of ROPE_METHODS
+    decoupled: bool = False  # per-axis scale (Vision* variants) instead of max(rows, cols) for both
+    attn_scale: bool = False  # multiply cos and sin by sqrt(log(2*rows*cols) / log(L0*L0))
+    per_image: bool = False  # frequencies from each image's own grid instead of `target_grid`
+    target_grid: tuple[int, int] | None = None  # (rows, cols) for all images; None: L0 x L0
+    base_grid: int = 16  # L0: the grid edge the model was trained at
+    theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.method not in ROPE_METHODS:
+            raise ValueError(f"RoPE method {self.method!r} is not one of {ROPE_METHODS}")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    lora_rank: int
+    num_classes: int = 1000
+    in_channels: int = 4
+    patch_size: int = 2
+    class_dropout_prob: float = 0.1
+    rope: RopeSpec = field(default_factory=RopeSpec)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.in_channels
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(2 * (4 * self.hidden_size) / 3)
+
+
+HR_ROPE = RopeSpec(method="ntk", decoupled=True, per_image=True, base_grid=16)
+PRESETS = {
+    "fitv2-b": ReferenceConfig(depth=15, hidden_size=768, num_heads=12, lora_rank=192),
+    "fitv2-xl": ReferenceConfig(depth=36, hidden_size=1152, num_heads=16, lora_rank=288),
+    "fitv2-3b": ReferenceConfig(depth=40, hidden_size=2304, num_heads=24, lora_rank=576),
+    "fitv2-xl-hr": ReferenceConfig(depth=36, hidden_size=1152, num_heads=16, lora_rank=288, rope=HR_ROPE),
+    "fitv2-3b-hr": ReferenceConfig(depth=40, hidden_size=2304, num_heads=24, lora_rank=576, rope=HR_ROPE),
+}
+
+
+def reference_config(name: str, **overrides) -> ReferenceConfig:
+    """A preset with fields replaced, e.g. `reference_config("fitv2-xl", depth=2)`."""
+    return replace(PRESETS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def axis_frequencies(spec: RopeSpec, axis_dim: int, length: int) -> tuple[torch.Tensor, float]:
+    """The a/2 angular frequencies of one axis (float64) and that axis's YaRN magnitude factor."""
+    a = axis_dim
+    k = torch.arange(a // 2, dtype=torch.float64)
+    base = spec.theta ** (-2.0 * k / a)
+    s = max(1.0, length / spec.base_grid)
+    if spec.method == "none":
+        return base, 1.0
+    if spec.method == "linear":
+        return base / s, 1.0
+    if spec.method == "ntk":
+        theta = spec.theta * s ** (a / (a - 2))
+        return theta ** (-2.0 * k / a), 1.0
+
+    # NTK-by-parts and YaRN: interpolate the low frequencies, keep the high ones, ramp between.
+    def correction_dim(rotations: float) -> float:
+        return a * math.log(spec.base_grid / (2 * math.pi * rotations)) / (2 * math.log(spec.theta))
+
+    low = max(math.floor(correction_dim(YARN_BETA_FAST)), 0)
+    high = min(math.ceil(correction_dim(YARN_BETA_SLOW)), a - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((k - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp
+    freqs = (base / s) * (1 - keep) + base * keep
+    mscale = 0.1 * math.log(s) + 1.0 if spec.method == "yarn" and s > 1 else 1.0
+    return freqs, mscale
+
+
+def image_cos_sin(
+    spec: RopeSpec, head_dim: int, grid: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (N, head_dim) for one padded image; `grid` is the release's (2, N) column, row."""
+    a = head_dim // 2
+    if spec.per_image:
+        rows, cols = size
+    else:
+        rows, cols = spec.target_grid or (spec.base_grid, spec.base_grid)
+    row_len, col_len = (rows, cols) if spec.decoupled else (max(rows, cols), max(rows, cols))
+    row_freqs, row_mscale = axis_frequencies(spec, a, row_len)
+    col_freqs, col_mscale = axis_frequencies(spec, a, col_len)
+    attn = 1.0
+    if spec.attn_scale and 2 * rows * cols > spec.base_grid**2:
+        attn = math.sqrt(math.log(2 * rows * cols) / math.log(spec.base_grid**2))
+    col_pos = grid[0].to(torch.float64)
+    row_pos = grid[1].to(torch.float64)
+    row_angles = row_pos[:, None] * row_freqs.repeat_interleave(2)[None, :]  # (N, a)
+    col_angles = col_pos[:, None] * col_freqs.repeat_interleave(2)[None, :]  # (N, a)
+    angles = torch.cat([row_angles, col_angles], dim=1)  # (N, d)
+    magnitude = torch.cat([torch.full((a,), row_mscale), torch.full((a,), col_mscale)]) * attn
+    return angles.cos() * magnitude, angles.sin() * magnitude
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1) -> (-x1, x0) on each adjacent pair of the last dim."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+class PatchEmbedder(nn.Module):
+    def __init__(self, token_dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(token_dim, hidden)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        k = torch.arange(128, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(10000) * k / 128)
+        args = t.float()[:, None] * freqs[None, :]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=1))
+
+
+class LabelEmbedder(nn.Module):
+    def __init__(self, num_classes: int, hidden: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x, mask2d, cos, sin):
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, d)
+        q, k = layer_norm(q), layer_norm(k)
+        q = q * cos[:, None] + rotate_pairs(q) * sin[:, None]
+        k = k * cos[:, None] + rotate_pairs(k) * sin[:, None]
+        logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
+        logits = logits.masked_fill(~mask2d[:, None], float("-inf"))
+        out = logits.softmax(dim=-1) @ v  # (B, H, N, d)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.fc1_g = nn.Linear(hidden, inner)
+        self.fc1_x = nn.Linear(hidden, inner)
+        self.fc2 = nn.Linear(inner, hidden)
+
+    def forward(self, x):
+        return self.fc2(F.silu(self.fc1_g(x)) * self.fc1_x(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ReferenceConfig):
+        super().__init__()
+        D, r = config.hidden_size, config.lora_rank
+        self.attn = Attention(D, config.num_heads)
+        self.mlp = SwiGLU(D, config.mlp_hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, r), nn.Linear(r, 6 * D))
+
+    def forward(self, x, c, global_mod, mask2d, cos, sin):
+        mod = self.adaLN_modulation(c) + global_mod
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
+        x = x + gate1[:, None] * self.attn(modulate(layer_norm(x), shift1, scale1), mask2d, cos, sin)
+        return x + gate2[:, None] * self.mlp(modulate(layer_norm(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, token_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, token_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+class OfficialFiTv2(nn.Module):
+    """The release's network, run the release's way: padded to N tokens, dense masked attention."""
+
+    def __init__(self, config: ReferenceConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.x_embedder = PatchEmbedder(config.token_dim, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
+        self.global_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(D, config.token_dim)
+
+    def forward(self, x, t, y, grid, mask, size):
+        """x (B, N, 16) padded tokens, t (B,), y (B,), grid (B, 2, N) column/row, mask (B, N) real,
+        size (B, 2) rows/cols -> velocity (B, N, 16) (padding positions carry garbage)."""
+        mask = mask.bool()
+        mask2d = mask[:, :, None] == mask[:, None, :]  # (B, N, N): real<->real, pad<->pad
+        cos_sin = [
+            image_cos_sin(self.config.rope, self.config.head_dim, grid[b].cpu(), tuple(size[b].tolist()))
+            for b in range(x.shape[0])
+        ]
+        cos = torch.stack([c for c, _ in cos_sin]).to(x.device, x.dtype)  # (B, N, d)
+        sin = torch.stack([s for _, s in cos_sin]).to(x.device, x.dtype)  # (B, N, d)
+        h = self.x_embedder.proj(x)  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        global_mod = self.global_adaLN_modulation(c)  # (B, 6D)
+        for block in self.blocks:
+            h = block(h, c, global_mod, mask2d, cos, sin)  # (B, N, D)
+        return self.final_layer(h, c)  # (B, N, 16)
+
+
+# ----------------------------------------------------------------------------- data helpers
+
+
+def pad_images(
+    images: list[torch.Tensor], grids: list[tuple[int, int]], limit: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images (rows*cols, 16) row-major -> the release's padded (x, grid, mask, size)."""
+    B, dim = len(images), images[0].shape[1]
+    x = images[0].new_zeros(B, limit, dim)
+    grid = torch.zeros(B, 2, limit, dtype=torch.int64)
+    mask = torch.zeros(B, limit, dtype=torch.bool)
+    for b, (image, (rows, cols)) in enumerate(zip(images, grids)):
+        n = rows * cols
+        if n > limit:
+            raise ValueError(f"image {b} has {n} tokens, over the limit of {limit}")
+        x[b, :n] = image
+        grid[b, 0, :n] = torch.arange(cols).repeat(rows)  # column index
+        grid[b, 1, :n] = torch.arange(rows).repeat_interleave(cols)  # row index
+        mask[b, :n] = True
+    size = torch.tensor(grids, dtype=torch.int64).reshape(B, 2)
+    return x, grid, mask, size
+
+
+def unpad(out: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+    return [out[b, : rows * cols] for b, (rows, cols) in enumerate(grids)]
+
+
+def official_shapes(config: ReferenceConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape, without allocating (built on the meta device)."""
+    with torch.device("meta"):
+        model = OfficialFiTv2(config)
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def random_official_state_dict(config: ReferenceConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random fp32 weights in the release's names where every entry is non-zero.
+
+    Weights ~ N(0, 1/fan_in) keep activations O(1) at any depth; the zero-initialised layers of the
+    release (modulations, final linear) get small random values so that every path is exercised.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in official_shapes(config).items():
+        if len(shape) == 2 and "embedding_table" not in name:
+            std = shape[1] ** -0.5
+        elif "embedding_table" in name:
+            std = 1.0
+        else:
+            std = 0.1
+        if "adaLN_modulation" in name:
+            std *= 0.5
+        value = torch.randn(shape, generator=generator) * std
+        value[value == 0] = std  # every parameter non-zero, exactly
+        state[name] = value
+    return state

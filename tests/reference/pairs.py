@@ -1,0 +1,100 @@
+"""fitscale models and reference models holding the same random released-format weights.
+
+The bridge between the two is the released state dict: weights are drawn in the release's names,
+loaded into the reference with `load_state_dict` and into fitscale with
+`fitscale.models.official.load_official_state_dict`, so the loader is under test too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fitscale.data.batch import PackedBatch, pack_images
+
+from .official_fitv2 import (
+    OfficialFiTv2,
+    ReferenceConfig,
+    RopeSpec,
+    pad_images,
+    random_official_state_dict,
+    unpad,
+)
+
+
+def reference_config_of(config) -> ReferenceConfig:
+    """The reference's description of a fitscale ModelConfig."""
+    rope = RopeSpec(
+        method=config.rope_method,
+        decoupled=config.rope_decoupled,
+        attn_scale=config.rope_attn_scale,
+        per_image=config.rope_per_image,
+        target_grid=config.rope_target_grid,
+        base_grid=config.rope_base_grid,
+        theta=config.rope_theta,
+    )
+    return ReferenceConfig(
+        depth=config.depth,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
+        lora_rank=config.adaln_lora_rank,
+        num_classes=config.num_classes,
+        in_channels=config.in_channels,
+        patch_size=config.patch_size,
+        class_dropout_prob=config.class_dropout_prob,
+        rope=rope,
+    )
+
+
+def build_fitscale(name: str, **overrides) -> torch.nn.Module:
+    """A fitscale model built on meta, materialised on the CPU in fp32 and initialised."""
+    from fitscale.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(name, **overrides)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
+def build_pair(name: str, seed: int = 0, **overrides) -> tuple[torch.nn.Module, OfficialFiTv2, dict]:
+    """(fitscale model, reference model, state dict) with identical non-zero random weights, eval mode."""
+    from fitscale.models.official import load_official_state_dict
+
+    model = build_fitscale(name, **overrides)
+    state = random_official_state_dict(reference_config_of(model.config), seed=seed)
+    load_official_state_dict(model, state)
+    with torch.device("meta"):
+        reference = OfficialFiTv2(reference_config_of(model.config))
+    reference.load_state_dict(state, strict=True, assign=True)  # shares the tensors of `state`
+    return model.eval(), reference.eval(), state
+
+
+def random_images(grids: list[tuple[int, int]], token_dim: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows * cols, token_dim, generator=generator) for rows, cols in grids]
+
+
+def packed_forward(model, images, grids, t, y, token_budget: int | None = None) -> list[torch.Tensor]:
+    """Run fitscale's packed forward and split the output back into images."""
+    batch = pack(images, grids, y, token_budget, null_class=model.config.num_classes)
+    if batch.num_segments > len(images):  # padding tail: one more segment with its own t and label
+        t = torch.cat([t, t.new_ones(1)])
+    out = model(batch.tokens, t, batch.labels, batch.pos, batch.cu_seqlens, batch.max_seqlen, batch.sizes)
+    bounds = batch.cu_seqlens.tolist()
+    return [out[bounds[i] : bounds[i + 1]] for i in range(len(images))]
+
+
+def pack(images, grids, y, token_budget=None, null_class: int = 1000) -> PackedBatch:
+    return pack_images(
+        images, grids, [int(v) for v in y], list(range(len(images))), token_budget, null_class=null_class
+    )
+
+
+def reference_forward(reference: OfficialFiTv2, images, grids, t, y, limit: int) -> list[torch.Tensor]:
+    """Run the release's padded forward and drop the padding."""
+    x, grid, mask, size = pad_images(images, grids, limit)
+    return unpad(reference(x, t, y, grid, mask, size), grids)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())

@@ -1,0 +1,151 @@
+"""The independent reference of the released FiTv2 checked on its own, before fitscale is held to it."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, home of tests.reference
+
+from tests.reference.official_fitv2 import (  # noqa: E402
+    OfficialFiTv2,
+    ReferenceConfig,
+    RopeSpec,
+    axis_frequencies,
+    image_cos_sin,
+    official_shapes,
+    pad_images,
+    random_official_state_dict,
+    reference_config,
+    rotate_pairs,
+    unpad,
+)
+
+KEY_TABLE = Path(__file__).resolve().parents[1] / "reference" / "fitv2-xl-official-keys.tsv"
+SMALL = ReferenceConfig(depth=2, hidden_size=96, num_heads=2, lora_rank=16, num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "name, expected", [("fitv2-b", 128_149_072), ("fitv2-xl", 671_045_776), ("fitv2-3b", 2_971_928_080)]
+)
+def test_parameter_counts_are_the_papers(name, expected):
+    shapes = official_shapes(reference_config(name))
+    assert sum(math.prod(shape) for shape in shapes.values()) == expected
+
+
+def test_names_and_shapes_are_the_releases():
+    expected = {}
+    for line in KEY_TABLE.read_text().splitlines()[1:]:
+        name, shape = line.split("\t")
+        shape = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
+        names = [name.replace("blocks.0.", f"blocks.{i}.") for i in range(36)] if ".0." in name else [name]
+        expected.update(dict.fromkeys(names, shape))
+    assert official_shapes(reference_config("fitv2-xl")) == expected
+
+
+def test_random_weights_have_no_zero_entry():
+    state = random_official_state_dict(SMALL, seed=3)
+    assert all(bool((value != 0).all()) for value in state.values())
+    assert set(state) == set(official_shapes(SMALL))
+
+
+def test_frequency_formulas():
+    a = 36
+    base, _ = axis_frequencies(RopeSpec(), a, 64)
+    assert torch.allclose(base, 10000.0 ** (-2 * torch.arange(18, dtype=torch.float64) / a))
+    linear, _ = axis_frequencies(RopeSpec(method="linear"), a, 64)  # s = 4
+    assert torch.allclose(linear, base / 4)
+    ntk, _ = axis_frequencies(RopeSpec(method="ntk"), a, 64)
+    assert ntk[0] == base[0]  # the highest frequency is untouched ...
+    assert torch.allclose(ntk[-1], base[-1] / 4)  # ... the lowest is interpolated by exactly s
+    parts, parts_mscale = axis_frequencies(RopeSpec(method="ntk_by_parts"), a, 64)
+    yarn, yarn_mscale = axis_frequencies(RopeSpec(method="yarn"), a, 64)
+    # For a = 36, L0 = 16: low = 0, high = 2, so k = 0 keeps, k = 1 is half-way, k >= 2 interpolates.
+    assert torch.allclose(parts, torch.cat([base[:1], (base[1:2] / 4 + base[1:2]) / 2, base[2:] / 4]))
+    assert torch.equal(parts, yarn)
+    assert parts_mscale == 1.0 and yarn_mscale == pytest.approx(0.1 * math.log(4) + 1)
+    unscaled, mscale = axis_frequencies(RopeSpec(method="yarn"), a, 10)  # s = max(1, 10/16) = 1
+    assert torch.allclose(unscaled, base) and mscale == 1.0
+
+
+@pytest.mark.parametrize("grid, factor", [((32, 32), 11 / 8), ((8, 8), 1.0), ((16, 16), 9 / 8)])
+def test_attention_scale_multiplies_cos_and_sin(grid, factor):
+    spec = RopeSpec(attn_scale=True, per_image=True)
+    _, positions, _, size = pad_images([torch.zeros(grid[0] * grid[1], 16)], [grid], 1024)
+    cos, sin = image_cos_sin(spec, 64, positions[0], tuple(size[0].tolist()))
+    assert torch.allclose(cos**2 + sin**2, torch.full_like(cos, factor))
+
+
+def test_rope_logits_depend_on_relative_position_only():
+    spec = RopeSpec(per_image=True)
+    _, positions, _, size = pad_images([torch.zeros(400, 16)], [(20, 20)], 400)
+    cos, sin = image_cos_sin(spec, 32, positions[0], (20, 20))
+    q, k = torch.randn(2, 32, dtype=torch.float64)
+
+    def logit(token_q, token_k):
+        rq = q * cos[token_q] + rotate_pairs(q) * sin[token_q]
+        rk = k * cos[token_k] + rotate_pairs(k) * sin[token_k]
+        return float(rq @ rk)
+
+    at = lambda row, col: row * 20 + col  # noqa: E731
+    assert logit(at(1, 2), at(4, 7)) == pytest.approx(logit(at(10, 12), at(13, 17)), rel=1e-9)
+    assert logit(at(1, 2), at(4, 7)) != pytest.approx(logit(at(1, 2), at(7, 4)), rel=1e-3)  # rows != cols
+
+
+def test_rope_rows_come_first_and_grid_is_column_then_row():
+    _, positions, _, _ = pad_images([torch.zeros(6, 16)], [(2, 3)], 8)
+    assert positions[0, :, :6].tolist() == [[0, 1, 2, 0, 1, 2], [0, 0, 0, 1, 1, 1]]
+    cos, sin = image_cos_sin(RopeSpec(per_image=True), 8, positions[0], (2, 3))
+    token = 5  # row 1, column 2
+    assert torch.allclose(cos[token, :2], torch.cos(torch.tensor(1.0, dtype=torch.float64)).expand(2))
+    assert torch.allclose(sin[token, 4:6], torch.sin(torch.tensor(2.0, dtype=torch.float64)).expand(2))
+
+
+def _small_model(rope: RopeSpec | None = None) -> OfficialFiTv2:
+    from dataclasses import replace
+
+    model = OfficialFiTv2(replace(SMALL, rope=rope or RopeSpec()))
+    model.load_state_dict(random_official_state_dict(model.config, seed=1))
+    return model.eval()
+
+
+def test_padded_output_ignores_the_limit_and_the_other_images():
+    model = _small_model(RopeSpec(method="yarn", decoupled=True, attn_scale=True, per_image=True))
+    grids = [(12, 20), (5, 31), (8, 8)]
+    images = [torch.randn(r * c, 16) for r, c in grids]
+    t, y = torch.tensor([0.3, 0.6, 0.9]), torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        together = unpad(model(*_padded(images, grids, t, y, 256)), grids)
+        for i in range(3):
+            alone = unpad(
+                model(*_padded(images[i : i + 1], grids[i : i + 1], t[i : i + 1], y[i : i + 1], 512)),
+                grids[i : i + 1],
+            )[0]
+            assert torch.allclose(alone, together[i], rtol=1e-5, atol=1e-5)
+
+
+def _padded(images, grids, t, y, limit):
+    x, grid, mask, size = pad_images(images, grids, limit)
+    return x, t, y, grid, mask, size
+
+
+def test_explicit_softmax_equals_math_sdpa():
+    model = _small_model()
+    attention = model.blocks[0].attn
+    x, _, mask, _ = pad_images([torch.randn(60, 96), torch.randn(100, 96)], [(6, 10), (10, 10)], 128)
+    mask2d = mask[:, :, None] == mask[:, None, :]
+    cos = torch.ones(2, 128, 48)
+    sin = torch.zeros(2, 128, 48)
+    with torch.no_grad():
+        ours = attention(x, mask2d, cos, sin)
+        qkv = attention.qkv(x).reshape(2, 128, 3, 2, 48).permute(2, 0, 3, 1, 4)
+        q, k = (F.layer_norm(v, (48,), eps=1e-6) for v in qkv[:2])
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            out = F.scaled_dot_product_attention(q, k, qkv[2], attn_mask=mask2d[:, None])
+        expected = attention.proj(out.transpose(1, 2).reshape(2, 128, 96))
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-6)
