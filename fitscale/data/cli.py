@@ -51,7 +51,14 @@ def run_synth(args) -> int:
         raise ValueError(f"--max-tokens {args.max_tokens}: use 256 or 1024")
     settings = _settings(args, "synth", args.max_tokens, seed=args.seed, num_images=args.num_images)
     build = build_synth(args.seed, args.max_tokens, args.num_classes, args.dtype)
-    meta = write_dataset(args.out, range(args.num_images), build, settings, overwrite=args.overwrite, progress=not args.no_progress)
+    meta = write_dataset(
+        args.out,
+        range(args.num_images),
+        build,
+        settings,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     return _finish(args, meta)
 
 
@@ -64,7 +71,12 @@ def run_digits(args) -> int:
     inputs = [(digit, variant) for variant in range(args.variants) for digit in range(count)]
     settings = _settings(args, "digits", 256, seed=args.seed, variants=args.variants)
     meta = write_dataset(
-        args.out, inputs, build, settings, overwrite=args.overwrite, progress=not args.no_progress,
+        args.out,
+        inputs,
+        build,
+        settings,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
         extra_meta={"classes": [str(d) for d in range(10)], "preview_channel": 0},
     )
     return _finish(args, meta)
@@ -83,8 +95,15 @@ def run_from_images(args) -> int:
     settings = _settings(args, "from-images", max_tokens, resolution=args.resolution, vae=str(args.vae))
     build = build_from_images(args.vae, args.resolution, args.batch_size, args.dtype, args.device)
     meta = write_dataset(
-        args.out, inputs, build, settings, overwrite=args.overwrite, rank=args.rank, world_size=args.world_size,
-        extra_meta={"classes": classes}, progress=not args.no_progress,
+        args.out,
+        inputs,
+        build,
+        settings,
+        overwrite=args.overwrite,
+        rank=args.rank,
+        world_size=args.world_size,
+        extra_meta={"classes": classes},
+        progress=not args.no_progress,
     )
     return _finish(args, meta)
 
@@ -96,8 +115,14 @@ def run_from_fit_latents(args) -> int:
     inputs, limit = list_fit_latents(args.source)
     settings = _settings(args, "from-fit-latents", limit, source=str(args.source))
     meta = write_dataset(
-        args.out, inputs, build_from_fit_latents(args.dtype), settings, overwrite=args.overwrite,
-        rank=args.rank, world_size=args.world_size, progress=not args.no_progress,
+        args.out,
+        inputs,
+        build_from_fit_latents(args.dtype),
+        settings,
+        overwrite=args.overwrite,
+        rank=args.rank,
+        world_size=args.world_size,
+        progress=not args.no_progress,
     )
     return _finish(args, meta)
 

@@ -28,7 +28,9 @@ def list_fit_latents(root: str | Path) -> tuple[list[tuple[str, str | None]], in
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: release latent folder not found")
     limits = {int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"from_16_to_(\d+)", p.name))}
-    limits |= {int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"greater_than_(\d+)_resize", p.name))}
+    limits |= {
+        int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"greater_than_(\d+)_resize", p.name))
+    }
     if len(limits) != 1:
         raise ValueError(
             f"{root}: expected the release layout (from_16_to_L, greater_than_L_resize, greater_than_L_crop, "
@@ -64,7 +66,9 @@ def read_release_file(path: str) -> tuple[np.ndarray, int, int, int]:
     feature = tensors["feature"]
     rows, cols = (int(v) for v in np.asarray(tensors["size"]).reshape(-1)[:2])
     if feature.ndim != 4 or feature.shape[1:3] != (rows, cols):
-        raise SkipSample("bad grid", path, f"feature {tuple(feature.shape)} does not match size ({rows}, {cols})")
+        raise SkipSample(
+            "bad grid", path, f"feature {tuple(feature.shape)} does not match size ({rows}, {cols})"
+        )
     tokens = feature.reshape(feature.shape[0], rows * cols, feature.shape[3])
     return tokens, rows, cols, int(np.asarray(tensors["label"]).reshape(-1)[0])
 

@@ -64,7 +64,10 @@ def centre_crop(image, resolution: int):
     from PIL import Image
 
     scale = resolution / min(image.size)
-    scaled = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC)
+    scaled = image.resize(
+        (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
+        Image.BICUBIC,
+    )
     left, top = (scaled.width - resolution) // 2, (scaled.height - resolution) // 2
     return scaled.crop((left, top, left + resolution, top + resolution))
 
@@ -75,12 +78,18 @@ def load_vae(path: str, device: str):
     except ImportError as error:
         raise ImportError("from-images needs diffusers: pip install 'fitscale[images]'") from error
     if not Path(path).exists():
-        raise FileNotFoundError(f"--vae {path}: no such folder (save an AutoencoderKL there with save_pretrained)")
+        raise FileNotFoundError(
+            f"--vae {path}: no such folder (save an AutoencoderKL there with save_pretrained)"
+        )
     vae = AutoencoderKL.from_pretrained(path).to(device).eval()
     if vae.config.latent_channels != LATENT_CHANNELS:
-        raise ValueError(f"--vae {path}: {vae.config.latent_channels} latent channels, fitscale needs {LATENT_CHANNELS}")
+        raise ValueError(
+            f"--vae {path}: {vae.config.latent_channels} latent channels, fitscale needs {LATENT_CHANNELS}"
+        )
     if len(vae.config.block_out_channels) != 4:
-        raise ValueError(f"--vae {path}: downsamples by 2^{len(vae.config.block_out_channels) - 1}, fitscale needs 8")
+        raise ValueError(
+            f"--vae {path}: downsamples by 2^{len(vae.config.block_out_channels) - 1}, fitscale needs 8"
+        )
     return vae
 
 
@@ -117,7 +126,9 @@ def build_from_images(vae_path: str, resolution: int, batch_size: int, dtype: st
                 continue
             resized = resize_to_area(image, resolution)
             if resized is None:
-                prepared.append(SkipSample("under token minimum", path, f"{image.width}x{image.height} pixels"))
+                prepared.append(
+                    SkipSample("under token minimum", path, f"{image.width}x{image.height} pixels")
+                )
                 continue
             crop = centre_crop(image, resolution) if min(image.size) > resolution else None
             prepared.append({"tokens": resized, "crop": crop})
@@ -131,7 +142,8 @@ def build_from_images(vae_path: str, resolution: int, batch_size: int, dtype: st
         latents: dict[tuple[int, str, int], np.ndarray] = {}
         for members in groups.values():
             pictures = [
-                prepared[i][key] if flip == 0 else ImageOps.mirror(prepared[i][key]) for i, key, flip in members
+                prepared[i][key] if flip == 0 else ImageOps.mirror(prepared[i][key])
+                for i, key, flip in members
             ]
             latents.update(zip(members, encode(pictures)))
         for i, ((path, label), item) in enumerate(zip(inputs, prepared)):

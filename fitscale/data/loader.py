@@ -107,13 +107,15 @@ class MaterializeMicroBatch:
             ) from error
         where = f"{self.where}: sample {image.index} (source {sample['source']!r}, shard {self.shard_name(image.index)})"
         variants = sample["crop"] if image.crop else sample["tokens"]
-        rows, cols = (sample["crop_rows"], sample["crop_cols"]) if image.crop else (sample["rows"], sample["cols"])
+        rows, cols = (
+            (sample["crop_rows"], sample["crop_cols"]) if image.crop else (sample["rows"], sample["cols"])
+        )
         if variants.ndim != 3 or variants.shape[2] != TOKEN_DIM or variants.shape[1] != rows * cols:
             raise ValueError(
                 f"{where}: tokens of shape {tuple(variants.shape)}, expected (V, {rows * cols}, {TOKEN_DIM}) "
                 "for its grid and p*p*C; rewrite the dataset"
             )
-        tokens = torch.from_numpy(np.ascontiguousarray(variants[1 if image.flip else 0])).float()
+        tokens = torch.from_numpy(np.array(variants[1 if image.flip else 0], dtype=np.float32))
         if not torch.isfinite(tokens).all():
             raise ValueError(f"{where}: latents hold NaN or inf; rewrite the dataset")
         return tokens, (int(rows), int(cols)), int(sample["label"]), int(sample["source_id"])
@@ -151,7 +153,9 @@ def _plan_source_class():
                 num_images = sum(len(b) for bins in per_rank for b in bins)
                 global_images = num_images if self.planner.batch_mode == "images" else None
                 self._queue = [
-                    MicroBatchPlan(step_state if k == len(mine) - 1 else None, k, len(mine), images, global_images)
+                    MicroBatchPlan(
+                        step_state if k == len(mine) - 1 else None, k, len(mine), images, global_images
+                    )
                     for k, images in enumerate(mine)
                 ]
             return self._queue.pop(0)

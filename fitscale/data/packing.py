@@ -32,7 +32,9 @@ FLIP, CROP = 1, 2  # purposes of the per-sample hash
 
 def sample_uniform(seed: int, epoch: int, sample: int, purpose: int) -> float:
     """A uniform [0, 1) draw that is a pure function of its arguments (splitmix64 finaliser)."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB + purpose) & _MASK64
+    x = (
+        seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB + purpose
+    ) & _MASK64
     for _ in range(2):
         x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
         x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
@@ -95,7 +97,9 @@ class SampleCatalog:
             )
 
     def plan(self, epoch: int, index: int) -> PlannedImage:
-        crop = bool(self.crop_lengths[index]) and sample_uniform(self.seed, epoch, index, CROP) < self.crop_prob
+        crop = (
+            bool(self.crop_lengths[index]) and sample_uniform(self.seed, epoch, index, CROP) < self.crop_prob
+        )
         flip = bool(self.has_flip[index]) and sample_uniform(self.seed, epoch, index, FLIP) < self.flip_prob
         length = int(self.crop_lengths[index] if crop else self.lengths[index])
         return PlannedImage(epoch, index, crop, flip, length)
@@ -114,7 +118,9 @@ class SampleStream:
     def order(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
             eligible = self.catalog.eligible
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(eligible) if self.shuffle else eligible
+            self._order = (
+                np.random.default_rng([self.seed, epoch]).permutation(eligible) if self.shuffle else eligible
+            )
             self._order_epoch = epoch
         return self._order
 

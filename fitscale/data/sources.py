@@ -18,7 +18,15 @@ import numpy as np
 from fitscale.data.format import LATENT_CHANNELS, PATCH_SIZE, LatentSample, patchify, tokens_with_flip
 
 # (width / height, weight): a rough mix of photo aspect ratios, square most common.
-ASPECT_RATIOS = ((1.0, 0.35), (4 / 3, 0.2), (3 / 4, 0.15), (3 / 2, 0.1), (2 / 3, 0.08), (16 / 9, 0.07), (9 / 16, 0.05))
+ASPECT_RATIOS = (
+    (1.0, 0.35),
+    (4 / 3, 0.2),
+    (3 / 4, 0.15),
+    (3 / 2, 0.1),
+    (2 / 3, 0.08),
+    (16 / 9, 0.07),
+    (9 / 16, 0.05),
+)
 
 
 def grid_for(area: float, aspect: float, max_tokens: int, min_tokens: int = 16) -> tuple[int, int]:

@@ -22,7 +22,9 @@ def token_histogram(lengths: np.ndarray, limit: int) -> list[dict]:
         edges.append(edges[-1] * 2)
     edges.append(limit + 1)
     counts, _ = np.histogram(lengths, bins=edges)
-    return [{"from": int(lo), "to": int(hi - 1), "images": int(c)} for lo, hi, c in zip(edges, edges[1:], counts)]
+    return [
+        {"from": int(lo), "to": int(hi - 1), "images": int(c)} for lo, hi, c in zip(edges, edges[1:], counts)
+    ]
 
 
 def packing_efficiency(catalog: SampleCatalog, token_budget: int, lookahead: int = 512) -> tuple[float, int]:
@@ -52,7 +54,9 @@ def verify_samples(folder: Path) -> list[str]:
             continue
         tokens = sample["tokens"]
         if tokens.ndim != 3 or tokens.shape[2] != TOKEN_DIM:
-            problems.append(f"{where} ({sample['source']}): token shape {tuple(tokens.shape)}, width must be {TOKEN_DIM}")
+            problems.append(
+                f"{where} ({sample['source']}): token shape {tuple(tokens.shape)}, width must be {TOKEN_DIM}"
+            )
         elif not np.isfinite(tokens).all():
             problems.append(f"{where} ({sample['source']}): NaN or inf latents")
     return problems

@@ -150,7 +150,9 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def write_part(out: Path, index: int, inputs: Sequence[Any], build: PartBuilder, settings: WriteSettings, progress) -> None:
+def write_part(
+    out: Path, index: int, inputs: Sequence[Any], build: PartBuilder, settings: WriteSettings, progress
+) -> None:
     from streaming import MDSWriter
 
     final = out / PARTS_DIR / part_name(index)

@@ -30,8 +30,12 @@ def free_port() -> int:
 
 def rank_main(rank, world_size, port, cfg, steps, state_in, out_file):
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
     )
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     from fitscale.data import build_loader
@@ -45,7 +49,9 @@ def rank_main(rank, world_size, port, cfg, steps, state_in, out_file):
             {
                 "ids": [i for mb in batch.micro_batches for i in mb.sample_ids[: mb.num_images].tolist()],
                 "digest": hashlib.sha256(
-                    b"".join(mb.tokens.numpy().tobytes() + mb.pos.numpy().tobytes() for mb in batch.micro_batches)
+                    b"".join(
+                        mb.tokens.numpy().tobytes() + mb.pos.numpy().tobytes() for mb in batch.micro_batches
+                    )
                 ).hexdigest(),
                 "global_num_images": batch.global_num_images,
             }
@@ -62,7 +68,9 @@ def run(tmp_path, name, world_size, cfg, steps, state_in=None):
     files = [tmp_path / f"{name}-rank{r}.pt" for r in range(world_size)]
     port = free_port()
     mp.start_processes(
-        _entry, args=(world_size, port, cfg, steps, state_in, [str(f) for f in files]), nprocs=world_size,
+        _entry,
+        args=(world_size, port, cfg, steps, state_in, [str(f) for f in files]),
+        nprocs=world_size,
         start_method="fork",
     )
     results = [torch.load(f) for f in files]
@@ -80,7 +88,9 @@ def dataset(tmp_path_factory):
     from fitscale.data.writer import WriteSettings, write_dataset
 
     out = tmp_path_factory.mktemp("data") / "synth"
-    settings = WriteSettings(writer="synth", max_image_tokens=256, num_classes=10, part_size=40, shard_size_limit=1 << 16)
+    settings = WriteSettings(
+        writer="synth", max_image_tokens=256, num_classes=10, part_size=40, shard_size_limit=1 << 16
+    )
     write_dataset(out, range(NUM_IMAGES), build_synth(0, 256, 10, "float16"), settings, progress=False)
     return str(out)
 
@@ -88,8 +98,15 @@ def dataset(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["images", "tokens"])
 def test_same_world_size_resume_is_bit_identical(tmp_path, dataset, mode):
     cfg = DataConfig(
-        path=dataset, batch_mode=mode, global_batch_size=16, token_budget=512, micro_batches_per_step=2,
-        num_workers=2, num_classes=10, pad_to_budget=mode == "tokens", packing_lookahead=32,
+        path=dataset,
+        batch_mode=mode,
+        global_batch_size=16,
+        token_budget=512,
+        micro_batches_per_step=2,
+        num_workers=2,
+        num_classes=10,
+        pad_to_budget=mode == "tokens",
+        packing_lookahead=32,
     )
     straight = run(tmp_path, "straight", 2, cfg, steps=8)
     first = run(tmp_path, "first", 2, cfg, steps=3)

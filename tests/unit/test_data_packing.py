@@ -30,11 +30,23 @@ def size_table(n: int, max_tokens: int = 1024, seed: int = 0) -> np.ndarray:
 
 def make_planner(table, mode="images", budget=4096, batch=64, per_rank=2, **overrides) -> StepPlanner:
     catalog = SampleCatalog(
-        table, seed=3, flip_prob=0.5, crop_prob=0.5, min_tokens=16, max_tokens=1024, token_budget=budget, num_classes=10
+        table,
+        seed=3,
+        flip_prob=0.5,
+        crop_prob=0.5,
+        min_tokens=16,
+        max_tokens=1024,
+        token_budget=budget,
+        num_classes=10,
     )
     settings = dict(
-        batch_mode=mode, global_batch_size=batch, token_budget=budget, micro_batches_per_step=per_rank,
-        lookahead=256, seed=3, shuffle=True,
+        batch_mode=mode,
+        global_batch_size=batch,
+        token_budget=budget,
+        micro_batches_per_step=per_rank,
+        lookahead=256,
+        seed=3,
+        shuffle=True,
     )
     settings.update(overrides)
     return StepPlanner(catalog, **settings)
@@ -62,7 +74,10 @@ def test_images_mode_takes_the_same_images_on_any_world_size_balanced_and_within
 
 def test_tokens_mode_bin_sequence_is_world_size_independent_and_packs_over_99_percent():
     table = size_table(3000)
-    one, three = make_planner(table, mode="tokens", per_rank=3), make_planner(table, mode="tokens", per_rank=1)
+    one, three = (
+        make_planner(table, mode="tokens", per_rank=3),
+        make_planner(table, mode="tokens", per_rank=1),
+    )
     bins_one = [b for _ in range(20) for b in one.next_step(1)[0]]
     bins_three = [b for _ in range(20) for bins in three.next_step(3) for b in bins]
     assert bins_one == bins_three
@@ -90,7 +105,11 @@ def test_planner_state_resumes_the_exact_sequence_across_epochs(mode):
 def test_every_image_once_per_epoch_with_variants_from_seed_epoch_and_sample():
     table = size_table(200)
     planner = make_planner(table, batch=50)
-    seen = Counter(image.index for _ in range(4) for image in [i for bins in planner.next_step(3) for b in bins for i in b])
+    seen = Counter(
+        image.index
+        for _ in range(4)
+        for image in [i for bins in planner.next_step(3) for b in bins for i in b]
+    )
     assert sorted(seen) == list(range(200)) and set(seen.values()) == {1}
     assert sample_uniform(3, 1, 7, 1) == sample_uniform(3, 1, 7, 1) != sample_uniform(3, 2, 7, 1)
 
@@ -99,15 +118,40 @@ def test_small_images_skipped_and_counted_and_bad_rows_named():
     table = size_table(50)
     table[0, 0], table[0, 1] = 3, 4  # 12 tokens
     catalog = SampleCatalog(
-        table, seed=0, flip_prob=0, crop_prob=0, min_tokens=16, max_tokens=1024, token_budget=4096, num_classes=10
+        table,
+        seed=0,
+        flip_prob=0,
+        crop_prob=0,
+        min_tokens=16,
+        max_tokens=1024,
+        token_budget=4096,
+        num_classes=10,
     )
     assert catalog.num_skipped_small == 1 and 0 not in catalog.eligible
     table[5, 4] = 10
     with pytest.raises(ValueError, match=r"sample 5 \(source id 5\) has label 10 outside \[0, 10\)"):
-        SampleCatalog(table, seed=0, flip_prob=0, crop_prob=0, min_tokens=16, max_tokens=1024, token_budget=4096, num_classes=10)
+        SampleCatalog(
+            table,
+            seed=0,
+            flip_prob=0,
+            crop_prob=0,
+            min_tokens=16,
+            max_tokens=1024,
+            token_budget=4096,
+            num_classes=10,
+        )
     table[5, 4] = 1
     with pytest.raises(ValueError, match=r"more than data.max_image_tokens=256"):
-        SampleCatalog(table, seed=0, flip_prob=0, crop_prob=0, min_tokens=16, max_tokens=256, token_budget=4096, num_classes=10)
+        SampleCatalog(
+            table,
+            seed=0,
+            flip_prob=0,
+            crop_prob=0,
+            min_tokens=16,
+            max_tokens=256,
+            token_budget=4096,
+            num_classes=10,
+        )
 
 
 def test_rank_with_too_few_images_gets_padding_only_micro_batches():
