@@ -1,0 +1,138 @@
+"""Gather the outcome of every run of a sweep into `<out_dir>/results.json`.
+
+For each run with a checkpoint: its newest step, the mean training loss of its last logged steps,
+and the held-out validation loss (fitscale.train.validation: fixed timestep grid, fixed noise) of
+its raw and EMA weights, measured here on one process so every run is scored identically.
+With `fid:` in the spec, also the FID of EMA samples against a reference batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fitscale.sweep.launch import resolved_configs, run_status
+from fitscale.sweep.spec import SweepSpec, plan_sweep, run_dir
+
+RESULTS_FILE = "results.json"
+TRAIN_LOSS_WINDOW = 10  # logged steps averaged for the final training loss
+
+
+def final_train_loss(folder: Path, window: int = TRAIN_LOSS_WINDOW) -> float | None:
+    """Mean `loss` of the last `window` lines of metrics.jsonl that carry one."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    losses = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        loss = record.get("loss")
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            losses.append(float(loss))
+    return sum(losses[-window:]) / len(losses[-window:]) if losses else None
+
+
+def _validation_data(spec: SweepSpec, config):
+    import dataclasses
+
+    val_path = spec.validation.get("val_path") or config.data.val_path
+    if not val_path:
+        raise ValueError(
+            f"sweep {spec.name!r}: no held-out split; set data.val_path in {spec.recipe} or validation.val_path in the spec"
+        )
+    return dataclasses.replace(config.data, val_path=val_path, val_remote=config.data.val_remote)
+
+
+def _fid(spec: SweepSpec, model: torch.nn.Module, folder: Path) -> float:
+    from fitscale.sample import (
+        SampleRun,
+        SamplingOptions,
+        compute_fid,
+        load_reference_images,
+        plan_items,
+        run_sampling,
+    )
+
+    fid = spec.fid
+    height, width = fid.get("size", [256, 256])
+    items = plan_items([(height, width)], int(fid.get("num_images", 1000)), model.config.num_classes)
+    options = SamplingOptions(
+        sampler=fid.get("sampler", "euler"),
+        steps=int(fid.get("steps", 50)),
+        cfg_scale=float(fid.get("cfg", 1.0)),
+    )
+    out = folder / "fid_samples"
+    run_sampling(
+        model, SampleRun(out, items, options, vae=fid.get("vae"), preview_channel=fid.get("preview_channel"))
+    )
+    generated = [p for path in sorted(out.glob("samples_*.npz")) for p in _load_pictures(path)]
+    return compute_fid(generated, load_reference_images(fid["reference"]), fid.get("inception_weights"))
+
+
+def _load_pictures(path: Path):
+    import numpy as np
+
+    with np.load(path) as data:
+        return list(data["arr_0"])
+
+
+def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]:
+    """Score every run and write `<out_dir>/results.json`; returns its rows (runs without a checkpoint too)."""
+    from fitscale.sample import load_sampling_model
+    from fitscale.train.validation import ValidationSettings, run_validation, validation_batches
+
+    runs = plan_sweep(spec)
+    configs = resolved_configs(spec, runs)
+    device = (
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
+    settings = ValidationSettings(**{k: v for k, v in spec.validation.items() if k != "val_path"})
+    if "timesteps" in spec.validation:
+        settings = ValidationSettings(**{**vars(settings), "timesteps": tuple(spec.validation["timesteps"])})
+    batches_by_path: dict[str, list] = {}
+    rows = []
+    for run, config in zip(runs, configs):
+        folder = run_dir(spec, run)
+        status, step = run_status(spec, run)
+        row: dict[str, Any] = {
+            **run.row(spec.mfu, spec.peak_flops),
+            "status": status,
+            "step": step,
+            "train_loss": final_train_loss(folder),
+        }
+        if step is not None:
+            data = _validation_data(spec, config)
+            if data.val_path not in batches_by_path:
+                batches_by_path[data.val_path] = validation_batches(data, max_images=settings.max_images)
+            batches = batches_by_path[data.val_path]
+            raw = load_sampling_model(folder, ema=False, device=device)
+            row.update(run_validation(raw, batches, settings))
+            if config.optim.ema.enabled:
+                ema_model = load_sampling_model(folder, ema=True, device=device)
+                averaged = run_validation(ema_model, batches, settings)
+                row.update({f"{k}_ema": v for k, v in averaged.items() if k != "val_images"})
+                if spec.fid:
+                    row["fid"] = _fid(spec, ema_model, folder)
+            # Compute actually spent: the planned step count may not be reached yet.
+            row["training_flops_done"] = float(run.flops_per_step) * step
+        rows.append(row)
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / (RESULTS_FILE + ".partial")
+    partial.write_text(json.dumps({"sweep": spec.name, "runs": rows}, indent=1))
+    partial.replace(out / RESULTS_FILE)
+    return rows
+
+
+def read_results(spec: SweepSpec) -> list[dict[str, Any]]:
+    path = Path(spec.out_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `fitscale sweep collect` first")
+    return json.loads(path.read_text())["runs"]

@@ -1,0 +1,258 @@
+"""A scaling sweep as data: which model sizes, at which compute budgets or step counts, from one recipe.
+
+A spec (YAML, see recipes/scaling/) names a base recipe and crosses model sizes with either
+training-compute budgets (`mode: grid`: every size at every budget, which is also an isoFLOP
+design), per-budget size lists (`mode: isoflop`), or step counts (`mode: steps`). `plan_sweep`
+turns it into runs, each with its model, its steps, and its compute in two conventions:
+- ours: `fitscale.models.flops.training_flops` (2 FLOPs per multiply-add, attention included,
+  3x the forward) of `tokens_per_image`-token images, `global_batch_size` per step;
+- the paper's: "GFLOPs" (multiply-adds of the linear layers of one 256-token image) x batch x
+  steps x 3, the axis FiT/DiT plot against.
+Budgets are in our convention (real FLOPs); steps are rounded to the nearest integer >= 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("grid", "isoflop", "steps")
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of one H100 SXM
+
+
+@dataclass
+class SweepModel:
+    """One model size of the sweep: a preset plus ModelConfig overrides, under a short name."""
+
+    name: str
+    preset: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepSpec:
+    """Everything `fitscale sweep` needs; loaded from YAML by `load_spec`."""
+
+    name: str
+    recipe: str  # base RunConfig recipe every run starts from
+    out_dir: str  # each run trains in <out_dir>/<run name>
+    models: list[SweepModel]
+    mode: str = "grid"
+    budgets: list[float] = field(default_factory=list)  # training FLOPs (ours), modes grid / isoflop
+    isoflop: dict[float, list[str]] = field(default_factory=dict)  # budget -> model names (mode isoflop)
+    steps: list[int] = field(default_factory=list)  # mode steps
+    global_batch_size: int | None = None  # default: the recipe's data.global_batch_size
+    tokens_per_image: int = 256  # mean tokens of an image, for the FLOP count
+    overrides: list[str] = field(default_factory=list)  # `section.field=value` for every run
+    mfu: float = 0.4  # for the GPU-hour estimate
+    peak_flops: float = H100_BF16_PEAK  # FLOP/s of one GPU
+    validation: dict[str, Any] = field(default_factory=dict)  # ValidationSettings fields + val_path
+    fid: dict[str, Any] = field(default_factory=dict)  # reference, inception_weights, vae, num_images, cfg
+
+    def __post_init__(self) -> None:
+        where = f"sweep {self.name!r}"
+        if self.mode not in MODES:
+            raise ValueError(f"{where}: mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if not self.models:
+            raise ValueError(f"{where}: `models` is empty; list at least one {{name, preset}}")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{where}: model names must be unique, got {names}")
+        if self.mode == "grid" and not self.budgets:
+            raise ValueError(f"{where}: mode grid needs `budgets` (training FLOPs), e.g. [1e18, 3e18]")
+        if self.mode == "steps" and not self.steps:
+            raise ValueError(f"{where}: mode steps needs `steps`, e.g. [1000, 2000]")
+        if self.mode == "isoflop":
+            if not self.isoflop:
+                raise ValueError(f"{where}: mode isoflop needs `isoflop`: {{budget: [model names]}}")
+            for budget, chosen in self.isoflop.items():
+                unknown = sorted(set(chosen) - set(names))
+                if unknown:
+                    raise ValueError(f"{where}: isoflop budget {budget:g} names unknown models {unknown}")
+        if any(b <= 0 for b in [*self.budgets, *self.isoflop]) or any(s < 1 for s in self.steps):
+            raise ValueError(f"{where}: budgets must be > 0 and steps >= 1")
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"{where}: mfu must be in (0, 1], got {self.mfu}")
+        if self.tokens_per_image < 1:
+            raise ValueError(f"{where}: tokens_per_image must be >= 1")
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """A SweepSpec from YAML; relative `recipe` and `out_dir` stay relative to the working directory."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep spec {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = set(SweepSpec.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+        )
+    missing = [k for k in ("name", "recipe", "out_dir", "models") if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+    try:
+        raw["models"] = [SweepModel(**m) for m in raw["models"]]
+    except TypeError as error:
+        raise ValueError(f"{path}: each model is {{name, preset, overrides}}: {error}") from None
+    raw["budgets"] = [float(b) for b in raw.get("budgets", [])]
+    raw["isoflop"] = {float(b): list(m) for b, m in (raw.get("isoflop") or {}).items()}
+    return SweepSpec(**raw)
+
+
+@dataclass
+class PlannedRun:
+    """One run of a sweep and what it costs."""
+
+    name: str
+    model: str
+    preset: str
+    overrides: dict[str, Any]
+    parameters: int
+    steps: int
+    global_batch_size: int
+    tokens_per_image: int
+    flops_per_step: int  # ours: training FLOPs of one step
+    paper_gflops: float  # the paper's per-image "GFLOPs"
+    budget: float | None  # the budget it was planned for (grid / isoflop)
+
+    @property
+    def training_flops(self) -> float:
+        return float(self.flops_per_step) * self.steps
+
+    @property
+    def paper_compute(self) -> float:
+        """The paper's training compute: GFLOPs x batch x steps x 3 (in FLOPs, i.e. x 1e9)."""
+        return self.paper_gflops * 1e9 * self.global_batch_size * self.steps * 3
+
+    def gpu_hours(self, mfu: float, peak_flops: float) -> float:
+        return self.training_flops / (mfu * peak_flops) / 3600
+
+    def row(self, mfu: float, peak_flops: float) -> dict[str, Any]:
+        return {
+            "run": self.name,
+            "model": self.model,
+            "preset": self.preset,
+            "parameters": self.parameters,
+            "steps": self.steps,
+            "global_batch_size": self.global_batch_size,
+            "tokens_per_image": self.tokens_per_image,
+            "budget": self.budget,
+            "paper_gflops": round(self.paper_gflops, 2),
+            "paper_compute": self.paper_compute,
+            "training_flops": self.training_flops,
+            "ratio_real_to_paper": self.training_flops / self.paper_compute,
+            "gpu_hours": self.gpu_hours(mfu, peak_flops),
+        }
+
+
+def _batch_size(spec: SweepSpec) -> int:
+    if spec.global_batch_size:
+        return int(spec.global_batch_size)
+    from fitscale.config import load_config
+
+    return int(load_config(spec.recipe, spec.overrides).data.global_batch_size)
+
+
+def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
+    """The runs of the sweep in a stable order (model, then budget or steps)."""
+    from fitscale.models.config import build_config
+    from fitscale.models.flops import count_parameters, paper_gflops, training_flops
+
+    batch = _batch_size(spec)
+    by_name = {m.name: m for m in spec.models}
+    combos: list[tuple[SweepModel, float | None, int | None]] = []
+    if spec.mode == "grid":
+        combos = [(m, b, None) for m in spec.models for b in spec.budgets]
+    elif spec.mode == "isoflop":
+        order = {m.name: i for i, m in enumerate(spec.models)}
+        pairs = sorted(
+            ((n, b) for b, names in spec.isoflop.items() for n in names), key=lambda p: (order[p[0]], p[1])
+        )
+        combos = [(by_name[n], b, None) for n, b in pairs]
+    else:
+        combos = [(m, None, s) for m in spec.models for s in spec.steps]
+    runs = []
+    for model, budget, steps in combos:
+        try:
+            config = build_config(model.preset, **model.overrides)
+        except ValueError as error:
+            raise ValueError(f"sweep {spec.name!r}, model {model.name!r}: {error}") from None
+        per_step = training_flops(config, [spec.tokens_per_image] * batch)
+        if steps is None:
+            steps = max(1, round(budget / per_step))
+            label = f"{model.name}-C{budget:.0e}".replace("+", "")
+        else:
+            label = f"{model.name}-s{steps}"
+        runs.append(
+            PlannedRun(
+                name=label,
+                model=model.name,
+                preset=model.preset,
+                overrides=dict(model.overrides),
+                parameters=count_parameters(config),
+                steps=int(steps),
+                global_batch_size=batch,
+                tokens_per_image=spec.tokens_per_image,
+                flops_per_step=per_step,
+                paper_gflops=paper_gflops(config, 256),
+                budget=budget,
+            )
+        )
+    return runs
+
+
+def run_overrides(spec: SweepSpec, run: PlannedRun) -> list[str]:
+    """The `--set` list that turns the base recipe into this run."""
+    overrides = [*spec.overrides, f"model.name={run.preset}", f"train.steps={run.steps}"]
+    overrides += [f"model.overrides.{k}={v}" for k, v in run.overrides.items()]
+    overrides += [f"data.global_batch_size={run.global_batch_size}", f"train.run_dir={run_dir(spec, run)}"]
+    return overrides
+
+
+def run_dir(spec: SweepSpec, run: PlannedRun) -> Path:
+    return Path(spec.out_dir) / run.name
+
+
+def format_plan(rows: list[dict[str, Any]]) -> str:
+    """The plan as an aligned text table."""
+    header = (
+        "run",
+        "params",
+        "steps",
+        "batch",
+        "paper GFLOPs",
+        "paper C (GFxBxSx3)",
+        "our FLOPs",
+        "ours/paper",
+        "GPU-h",
+    )
+    lines = [header]
+    for r in rows:
+        lines.append(
+            (
+                r["run"],
+                f"{r['parameters'] / 1e6:.1f}M",
+                str(r["steps"]),
+                str(r["global_batch_size"]),
+                f"{r['paper_gflops']:.2f}",
+                f"{r['paper_compute']:.3e}",
+                f"{r['training_flops']:.3e}",
+                f"{r['ratio_real_to_paper']:.2f}",
+                f"{r['gpu_hours']:.1f}" if r["gpu_hours"] >= 0.1 else f"{r['gpu_hours']:.2g}",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        for line in lines
+    )
+
+
+def total_gpu_hours(runs: list[PlannedRun], spec: SweepSpec) -> float:
+    return math.fsum(run.gpu_hours(spec.mfu, spec.peak_flops) for run in runs)

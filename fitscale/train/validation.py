@@ -1,0 +1,147 @@
+"""Held-out validation loss that is comparable across runs, model sizes and world sizes.
+
+The training loss is noisy because every image gets a random timestep and noise. Here each image
+of the held-out split (`data.val_path`) is scored at every timestep of a fixed grid, with noise
+drawn from a generator seeded by (seed, grid index, sample id). The number is a deterministic
+function of the weights and the split: two runs, or two model sizes, are compared on exactly the
+same noisy inputs, and splitting the images over ranks changes nothing but the summation order.
+
+The split is read once through the data loader in "images" mode with one step that holds the
+whole split (no shuffle, no flips or crops), so every image is scored exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fitscale.config.data import DataConfig
+from fitscale.config.train import FlowConfig
+from fitscale.data.batch import PackedBatch
+from fitscale.flow.loss import flow_loss, image_seed
+
+# Midpoints of 8 equal bins of [0, 1]: every noise level weighs the same.
+VALIDATION_TIMESTEPS = tuple((k + 0.5) / 8 for k in range(8))
+# Keeps validation noise apart from the training noise streams, which use (seed, step, sample id).
+NOISE_STREAM = 1 << 40
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """How the held-out loss is measured; keep it fixed across the runs you compare."""
+
+    timesteps: tuple[float, ...] = VALIDATION_TIMESTEPS
+    seed: int = 0  # seeds the noise, not the run: runs with different seeds share it
+    max_images: int | None = None  # the first N images of the split (all by default)
+
+    def __post_init__(self) -> None:
+        if not self.timesteps or not all(0.0 <= t <= 1.0 for t in self.timesteps):
+            raise ValueError(f"validation timesteps must be a non-empty list in [0, 1], got {self.timesteps}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"validation max_images must be >= 1, got {self.max_images}")
+
+
+def validation_batches(
+    data: DataConfig, rank: int = 0, world_size: int = 1, max_images: int | None = None
+) -> list[PackedBatch]:
+    """This rank's micro-batches of one pass over the held-out split (every rank gets as many)."""
+    from fitscale.data import build_validation_loader
+
+    probe = build_validation_loader(data, rank, world_size)
+    total = probe.num_samples if max_images is None else min(max_images, probe.num_samples)
+    probe.close()
+    if total < world_size:
+        raise ValueError(
+            f"data.val_path={data.val_path} has {total} usable images, fewer than the {world_size} ranks"
+        )
+    one_pass = dataclasses.replace(data, batch_mode="images", global_batch_size=total, num_workers=0)
+    loader = build_validation_loader(one_pass, rank, world_size)
+    step = next(iter(loader))
+    loader.close()
+    return step.micro_batches
+
+
+def validation_noise(batch: PackedBatch, seed: int, grid_index: int) -> torch.Tensor:
+    """(T, C) noise for a CPU batch; image i's depends on (seed, grid index, sample id) only."""
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    noise = torch.zeros(batch.num_tokens, batch.tokens.shape[1])
+    generator = torch.Generator()
+    start = 0
+    for length, sample_id in zip(lengths[: batch.num_images], batch.sample_ids.tolist()):
+        generator.manual_seed(image_seed(seed, NOISE_STREAM + grid_index, sample_id))
+        noise[start : start + length] = torch.randn(length, noise.shape[1], generator=generator)
+        start += length
+    return noise
+
+
+@torch.no_grad()
+def evaluate_validation_loss(
+    model: torch.nn.Module,
+    batches: Sequence[PackedBatch],
+    settings: ValidationSettings = ValidationSettings(),
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Mean over the timestep grid of the mean per-image loss, plus the loss at each grid point.
+
+    Collective when torch.distributed is initialised (one all-reduce); call it on every rank with
+    that rank's `batches`. The model runs in eval mode (no label dropout) and is put back after.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    flow = FlowConfig()  # uniform per-image weighting; timesteps and noise are given
+    grid = settings.timesteps
+    sums = torch.zeros(len(grid) + 1, dtype=torch.float64, device=device)  # per t, then the image count
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            on_device = batch.to(device)
+            sums[-1] += batch.num_images
+            for k, t in enumerate(grid):
+                timesteps = torch.full((batch.num_segments,), float(t), device=device)
+                noise = validation_noise(batch, settings.seed, k).to(device)
+                out = flow_loss(model, on_device, timesteps, noise, 1, flow)
+                sums[k] += out.per_image.double().sum()
+    finally:
+        model.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    images = int(sums[-1])
+    if images == 0:
+        raise ValueError("the validation split gave no images to score")
+    per_t = (sums[:-1] / images).tolist()
+    metrics = {"val_loss": sum(per_t) / len(per_t), "val_images": float(images)}
+    metrics.update({f"val_loss_t{t:.3f}": value for t, value in zip(grid, per_t)})
+    return metrics
+
+
+def run_validation(
+    model: torch.nn.Module,
+    batches: Sequence[PackedBatch],
+    settings: ValidationSettings = ValidationSettings(),
+    ema=None,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """The validation metrics of the weights, and with `ema` (fitscale.train.ema.EMA) of the average too.
+
+    EMA metrics carry an `_ema` suffix (`val_loss_ema`); the model's own weights are restored after.
+    """
+    metrics = evaluate_validation_loss(model, batches, settings, device)
+    if ema is not None:
+        with ema.swap_into(model):
+            averaged = evaluate_validation_loss(model, batches, settings, device)
+        metrics.update({f"{name}_ema": value for name, value in averaged.items() if name != "val_images"})
+    return metrics
+
+
+__all__ = [
+    "VALIDATION_TIMESTEPS",
+    "ValidationSettings",
+    "evaluate_validation_loss",
+    "run_validation",
+    "validation_batches",
+    "validation_noise",
+]
