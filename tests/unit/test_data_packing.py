@@ -63,7 +63,7 @@ def test_images_mode_takes_the_same_images_on_any_world_size_balanced_and_within
         plans = {world: planner.next_step(world) for world, planner in planners.items()}
         reference = step_images(plans[1])
         assert len(reference) == 64
-        for world, plan in plans.items():
+        for plan in plans.values():
             assert step_images(plan) == reference
             assert len({len(bins) for bins in plan}) == 1, "every rank runs the same number of micro-batches"
             for bins in plan:
