@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from fitscale.checkpoint import (
     CheckpointManager,
@@ -25,6 +26,7 @@ from fitscale.checkpoint import (
     PerRankState,
     RNGState,
 )
+from fitscale.checkpoint.export import export_checkpoint
 from fitscale.config.checkpoint import CheckpointConfig
 from fitscale.config.optim import EMAConfig, OptimConfig, ScheduleConfig
 
@@ -89,7 +91,7 @@ class Training:
         out = self.model(
             batch.tokens, torch.rand(2), batch.labels, batch.pos, batch.cu_seqlens, batch.max_seqlen
         )
-        out.square().mean().backward()
+        (out - batch.tokens).square().mean().backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.scheduler.step()
@@ -180,6 +182,18 @@ def test_fsdp_checkpoint_reshards_to_one_and_four_ranks_and_keeps_per_rank_state
     spawn(_save_on_two_ranks, 2, tmp_path, run_dir)
     for world_size in (1, 4):
         spawn(_load_on_other_world_size, world_size, tmp_path, run_dir)
+
+    # Offline export (one process, no process group) assembles the shards both ranks wrote.
+    reference = torch.load(f"{run_dir}/reference.pt")
+    for ema in (False, True):
+        out = tmp_path / f"export-{ema}.safetensors"
+        export_checkpoint(run_dir, out, ema=ema)
+        prefix = "ema." if ema else "model."
+        expected = {k[len(prefix) :]: v for k, v in reference.items() if k.startswith(prefix)}
+        exported = load_file(str(out))
+        assert exported.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(exported[key], value), key
 
 
 def _async_and_signals(rank: int, world_size: int, run_dir: str) -> None:

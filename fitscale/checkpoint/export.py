@@ -1,0 +1,199 @@
+"""Single-file weights from a sharded checkpoint, and released checkpoints in fitscale's names.
+
+Export runs offline in one process: DCP's metadata gives every saved tensor's global shape, so
+full-size tensors are allocated for just the weights wanted (`model.*` or the EMA's
+`ema.params.*`) and `dcp.load(no_dist=True)` assembles them from however many ranks wrote the
+shards. Optimizer state is never read. Loading happens in groups of about 1 GiB, each cast to the
+output dtype before the next, so a bf16 export of a 3B model needs about 6 GiB of memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from fitscale.checkpoint import layout
+
+WEIGHT_PREFIXES = {"model": "model.", "ema": "ema.params."}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+GROUP_BYTES = 1 << 30
+
+
+def read_weights(
+    checkpoint: Path, which: str = "model", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Full (unsharded) weights of a checkpoint folder, keyed by parameter name."""
+    prefix = WEIGHT_PREFIXES[which]
+    metadata = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    wanted = {
+        key: entry
+        for key, entry in metadata.items()
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+    if not wanted:
+        top = sorted({key.split(".", 1)[0] for key in metadata})
+        hint = " (was the EMA disabled in that run? drop --ema)" if which == "ema" else ""
+        raise ValueError(
+            f"checkpoint {checkpoint} holds no {which} weights{hint}; its entries: {', '.join(top)}"
+        )
+    weights: dict[str, torch.Tensor] = {}
+    for group in _groups(wanted):
+        template = {
+            key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in group.items()
+        }
+        dcp.load(template, storage_reader=FileSystemReader(checkpoint), no_dist=True)
+        for key, tensor in template.items():
+            weights[key[len(prefix) :]] = tensor.to(dtype) if dtype is not None else tensor
+    return weights
+
+
+def _groups(entries: dict[str, TensorStorageMetadata]) -> list[dict[str, TensorStorageMetadata]]:
+    groups, current, size = [], {}, 0
+    for key, entry in entries.items():
+        nbytes = entry.size.numel() * entry.properties.dtype.itemsize
+        if current and size + nbytes > GROUP_BYTES:
+            groups.append(current)
+            current, size = {}, 0
+        current[key] = entry
+        size += nbytes
+    return [*groups, current] if current else groups
+
+
+def model_section(checkpoint: Path) -> dict[str, Any] | None:
+    """The run's `model` section ({name, overrides}): from the checkpoint's metadata or the run's config.yaml."""
+    metadata = layout.read_metadata(checkpoint)
+    if isinstance(metadata.get("model"), dict):
+        return metadata["model"]
+    config_file = checkpoint.parent.parent / "config.yaml"
+    if config_file.is_file():
+        import yaml
+
+        section = (yaml.safe_load(config_file.read_text()) or {}).get("model")
+        if isinstance(section, dict) and "name" in section:
+            return section
+    return None
+
+
+def build_cpu_model(name: str, overrides: dict[str, Any] | None = None) -> torch.nn.Module:
+    """A model of preset `name` with uninitialised CPU weights (about to be overwritten)."""
+    from fitscale.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(name, **dict(overrides or {}))
+    return model.to_empty(device="cpu")
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str], overwrite: bool
+) -> None:
+    """Write `out` via a temporary file and a rename: an existing file is replaced only on success."""
+    from safetensors.torch import save_file
+
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
+    os.replace(partial, out)
+
+
+def export_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    *,
+    ema: bool = False,
+    dtype: str = "fp32",
+    names: str = "fitscale",
+    model: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """`fitscale convert export`: one safetensors file from a run, its checkpoint folder or a step-N folder."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if names not in ("fitscale", "official"):
+        raise ValueError(f"--names {names!r} is not `fitscale` or `official`")
+    checkpoint = layout.find_checkpoint(source)
+    which = "ema" if ema else "model"
+    weights = read_weights(checkpoint, which, DTYPES[dtype])
+    if names == "official":
+        from fitscale.models.official import export_official_state_dict
+
+        section = {"name": model, "overrides": {}} if model else model_section(checkpoint)
+        if section is None:
+            raise ValueError(
+                f"--names official needs the model preset: {checkpoint} has no run config.yaml beside it; "
+                "pass --model PRESET"
+            )
+        network = build_cpu_model(section["name"], section.get("overrides"))
+        try:
+            network.load_state_dict(weights, strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"the {which} weights of {checkpoint} do not fit model {section['name']!r}: {str(error).splitlines()[0]}"
+            ) from None
+        weights = export_official_state_dict(network, DTYPES[dtype])
+    step = layout.read_metadata(checkpoint)["step"]
+    info = {"source": str(checkpoint), "step": str(step), "weights": which, "names": names, "dtype": dtype}
+    save_safetensors(weights, Path(out), info, overwrite)
+    return {
+        **info,
+        "out": str(out),
+        "tensors": len(weights),
+        "parameters": sum(t.numel() for t in weights.values()),
+    }
+
+
+def infer_preset(state_dict: dict[str, torch.Tensor]) -> str:
+    """The released preset whose width and depth match a checkpoint (XL or 3B)."""
+    from fitscale.models.config import PRESETS
+
+    width = state_dict["x_embedder.proj.weight"].shape[0] if "x_embedder.proj.weight" in state_dict else None
+    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    for name, config in PRESETS.items():
+        if config.hidden_size == width and config.depth == depth and not name.endswith("-hr"):
+            return name
+    raise ValueError(
+        f"no preset has hidden size {width} and depth {depth}; pass --model PRESET (and check the file is FiTv2)"
+    )
+
+
+def convert_official(
+    source: str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """`fitscale convert official-to-fitscale`: a released checkpoint as a safetensors file in our names.
+
+    The weights pass through a real model (strict loading), so a wrong preset or a damaged file is
+    caught here rather than at the start of a training run.
+    """
+    from fitscale.models.official import (
+        load_official_state_dict,
+        read_checkpoint_file,
+        strip_wrapper_prefixes,
+    )
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    released = strip_wrapper_prefixes(read_checkpoint_file(source))
+    name = model or infer_preset(released)
+    network = build_cpu_model(name)
+    load_official_state_dict(network, released)
+    weights = {k: v.detach().to(DTYPES[dtype]) for k, v in network.state_dict().items()}
+    info = {"source": str(source), "model": name, "names": "fitscale", "dtype": dtype}
+    save_safetensors(weights, Path(out), info, overwrite)
+    return {
+        **info,
+        "out": str(out),
+        "tensors": len(weights),
+        "parameters": sum(t.numel() for t in weights.values()),
+    }
