@@ -1,0 +1,321 @@
+"""Training-step throughput of FiTv2: packed attention backends against the released padded method.
+
+One full step (forward, backward, AdamW) on the same images in every mode:
+- packed modes: images back to back with no padding (plus a small static tail so compiled graphs
+  are reused), attention through a varlen backend (flash, varlen, flex, reference);
+- `padded`: the release's method: every image padded to the token limit (256 or 1024) and
+  attention masked densely, the baseline every ratio is taken against.
+Each mode may add `+compile` (torch.compile per block) and `+ac` (activation checkpointing).
+MFU counts real FLOPs only (fitscale.models.flops on the real image lengths): padding does not count.
+
+Image sizes follow the paper's preprocessing applied to ImageNet-like originals: aspect ratios
+4:3, 3:4, 1:1, 3:2, 16:9, 2:3 and short sides around 375 px, downscaled to at most S x S pixels of
+area (S = 256 or 512), sides floored to multiples of 16 px, 8x VAE, patch 2.
+
+    python tools/bench_train.py --model fitv2-xl --mix 256 --json out.json           # one GPU
+    python tools/bench_train.py --model tiny --mix 256 --images 16 --steps 3          # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fitscale.data.batch import grid_positions  # noqa: E402
+from fitscale.models import build_model  # noqa: E402
+from fitscale.models.attention import flash_attn_available, torch_varlen_available  # noqa: E402
+from fitscale.models.flops import training_flops  # noqa: E402
+
+# Dense bf16 peak FLOP/s by device-name fragment (the MFU denominator).
+PEAK_BF16 = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "4090": 165e12,
+}
+ASPECTS = [((4, 3), 0.45), ((3, 4), 0.12), ((1, 1), 0.13), ((3, 2), 0.15), ((16, 9), 0.08), ((2, 3), 0.07)]
+
+
+def imagenet_like_grids(count: int, max_tokens: int, seed: int) -> list[tuple[int, int]]:
+    """(rows, cols) patch grids of `count` images after the paper's resize preprocessing."""
+    generator = torch.Generator().manual_seed(seed)
+    side = 16 * math.isqrt(max_tokens)  # pixels: 256 for 256 tokens, 512 for 1024
+    weights = torch.tensor([w for _, w in ASPECTS])
+    grids = []
+    while len(grids) < count:
+        (a, b) = ASPECTS[int(torch.multinomial(weights, 1, generator=generator))][0]
+        short = float(torch.empty(1).log_normal_(math.log(375), 0.35, generator=generator).clamp(96, 2000))
+        height, width = (short * a / b, short) if a > b else (short, short * b / a)
+        if height * width > side * side:
+            scale = math.sqrt(side * side / (height * width))
+            height, width = height * scale, width * scale
+        rows, cols = int(height // 16), int(width // 16)  # 16 px = 8x VAE x patch 2
+        if rows * cols >= 16:
+            grids.append((rows, cols))
+    return grids
+
+
+def build_step_inputs(
+    grids, token_dim: int, max_tokens: int, padded: bool, budget: int, device, num_classes: int
+):
+    """Packed (real images back to back, one padding tail up to `budget`) or padded-to-limit inputs."""
+    lengths = [r * c for r, c in grids]
+    count = len(grids)
+    if padded:
+        seg = [max_tokens] * count
+        pos = torch.cat(
+            [
+                torch.cat([grid_positions(r, c), torch.zeros(max_tokens - r * c, 2, dtype=torch.int64)])
+                for r, c in grids
+            ]
+        )
+        sizes = torch.tensor(grids)
+        real_mask = torch.cat([torch.arange(max_tokens) < n for n in lengths])
+        labels = torch.randint(0, num_classes, (count,))
+    else:
+        tail = budget - sum(lengths)
+        seg = lengths + ([tail] if tail > 0 else [])
+        pos = torch.cat(
+            [grid_positions(r, c) for r, c in grids] + ([grid_positions(1, tail)] if tail > 0 else [])
+        )
+        sizes = torch.tensor(grids + ([(1, tail)] if tail > 0 else []))
+        real_mask = torch.arange(sum(seg)) < sum(lengths)
+        labels = torch.cat(
+            [torch.randint(0, num_classes, (count,)), torch.full((len(seg) - count,), num_classes)]
+        )
+    cu = torch.zeros(len(seg) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(seg).cumsum(0)
+    total = int(cu[-1])
+    return {
+        "x1": torch.randn(total, token_dim, device=device) * real_mask[:, None].to(device),
+        "labels": labels.to(device),
+        "pos": pos.to(device),
+        "cu_seqlens": cu.to(device),
+        "max_seqlen": max(seg),
+        "sizes": sizes.to(device),
+        "segment_ids": torch.repeat_interleave(torch.arange(len(seg)), torch.tensor(seg)).to(device),
+        "real_mask": real_mask.to(device),
+        "num_images": count,
+        "num_segments": len(seg),
+    }
+
+
+def train_step(model, optimizer, inputs, dtype) -> torch.Tensor:
+    x1 = inputs["x1"]
+    t = torch.rand(inputs["num_segments"], device=x1.device)
+    x0 = torch.randn_like(x1)
+    t_tok = t[inputs["segment_ids"]][:, None]
+    with torch.autocast(x1.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        v = model(
+            t_tok * x1 + (1 - t_tok) * x0,
+            t,
+            inputs["labels"],
+            inputs["pos"],
+            inputs["cu_seqlens"],
+            inputs["max_seqlen"],
+            inputs["sizes"],
+        )
+    err = (v.float() - (x1 - x0)).square().mean(1) * inputs["real_mask"]  # (T,)
+    per_image = torch.zeros(inputs["num_segments"], device=x1.device).index_add(0, inputs["segment_ids"], err)
+    lengths = torch.zeros_like(per_image).index_add(0, inputs["segment_ids"], inputs["real_mask"].float())
+    loss = (per_image[: inputs["num_images"]] / lengths[: inputs["num_images"]]).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def run_mode(mode: str, args, step_grids, device, dtype) -> dict:
+    from fitscale.parallel.ac import apply_ac
+    from fitscale.parallel.compile import apply_compile
+
+    parts = mode.split("+")
+    backend, use_compile, use_ac = parts[0], "compile" in parts, "ac" in parts
+    padded = backend == "padded"
+    overrides = {"attn_backend": backend}
+    if args.depth:
+        overrides["depth"] = args.depth
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(args.model, **overrides)
+    model.train()
+    if use_ac:
+        apply_ac(model, "full")
+    apply_compile(model, use_compile)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
+    max_tokens = args.mix
+    budget = max(sum(r * c for r, c in g) for g in step_grids)
+    budget = -(-budget // 128) * 128  # one static token count for every packed step
+    config = model.config
+    steps = [
+        build_step_inputs(g, config.token_dim, max_tokens, padded, budget, device, config.num_classes)
+        for g in step_grids
+    ]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        for i in range(args.warmup):
+            train_step(model, optimizer, steps[i % len(steps)], dtype)
+        sync(device)
+        start = time.perf_counter()
+        for i in range(args.steps):
+            loss = train_step(model, optimizer, steps[(args.warmup + i) % len(steps)], dtype)
+        sync(device)
+        elapsed = time.perf_counter() - start
+    except torch.OutOfMemoryError:
+        return {"mode": mode, "error": "out of memory"}
+    except Exception as error:  # one broken mode must not cost the other measurements
+        return {"mode": mode, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+    finally:
+        del optimizer
+    used = [steps[(args.warmup + i) % len(steps)] for i in range(args.steps)]
+    used_grids = [step_grids[(args.warmup + i) % len(steps)] for i in range(args.steps)]
+    real_tokens = sum(sum(r * c for r, c in g) for g in used_grids)
+    computed_tokens = sum(int(s["cu_seqlens"][-1]) for s in used)
+    flops = sum(training_flops(config, [r * c for r, c in g]) for g in used_grids)
+    result = {
+        "mode": mode,
+        "step_ms": 1000 * elapsed / args.steps,
+        "images_per_s": sum(len(g) for g in used_grids) / elapsed,
+        "real_tokens_per_s": real_tokens / elapsed,
+        "computed_tokens_per_s": computed_tokens / elapsed,
+        "real_tflops_per_s": flops / elapsed / 1e12,
+        "loss": float(loss),
+    }
+    peak = peak_flops(device, args.peak_tflops)
+    if peak:
+        result["mfu"] = flops / elapsed / peak
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del model
+    gc.collect()
+    return result
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_flops(device, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, value in PEAK_BF16.items():
+        if fragment in name:
+            return value
+    return None
+
+
+def default_modes(device) -> list[str]:
+    if device.type != "cuda":
+        return ["reference", "padded"]
+    modes = ["padded", "padded+compile"]
+    for backend, ok in (
+        ("flash", flash_attn_available()),
+        ("varlen", torch_varlen_available()),
+        ("flex", True),
+    ):
+        if ok:
+            modes += [f"{backend}+compile"] if backend == "flex" else [backend, f"{backend}+compile"]
+    return modes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="fitv2-xl")
+    parser.add_argument("--depth", type=int, default=None, help="override the preset's depth")
+    parser.add_argument(
+        "--mix", type=int, default=256, choices=[256, 1024], help="token limit of the length mix"
+    )
+    parser.add_argument(
+        "--images", type=int, default=None, help="images per step (default 64 at 256, 16 at 1024)"
+    )
+    parser.add_argument(
+        "--modes", default=None, help="comma-separated, e.g. padded,varlen+compile,varlen+compile+ac"
+    )
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="MFU denominator (default: GPU table)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    images = args.images or (64 if args.mix == 256 else 16)
+    distinct_steps = args.warmup + args.steps
+    all_grids = imagenet_like_grids(images * distinct_steps, args.mix, seed=0)
+    step_grids = [all_grids[i * images : (i + 1) * images] for i in range(distinct_steps)]
+    real = sum(r * c for g in step_grids for r, c in g)
+    padding_ratio = images * distinct_steps * args.mix / real
+    modes = args.modes.split(",") if args.modes else default_modes(device)
+    results = []
+    for mode in modes:
+        result = run_mode(mode, args, step_grids, device, dtype)
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    baseline = next((r for r in results if r["mode"] == "padded" and "error" not in r), None)
+    for result in results:
+        if baseline and "error" not in result:
+            result["speedup_vs_padded"] = result["real_tokens_per_s"] / baseline["real_tokens_per_s"]
+    report = {
+        "model": args.model,
+        "depth": args.depth,
+        "mix": args.mix,
+        "images_per_step": images,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "padded_over_real_tokens": padding_ratio,
+        "results": results,
+    }
+    print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def print_table(report: dict) -> None:
+    print(
+        f"\n{report['model']} depth={report['depth'] or 'preset'} mix={report['mix']} on {report['device']}, "
+        f"{report['images_per_step']} images/step, padded/real tokens = {report['padded_over_real_tokens']:.2f}"
+    )
+    print(
+        f"{'mode':24} {'step ms':>9} {'img/s':>9} {'real tok/s':>12} {'MFU':>6} {'mem GiB':>8} {'x padded':>9}"
+    )
+    for r in report["results"]:
+        if "error" in r:
+            print(f"{r['mode']:24} {r['error']}")
+            continue
+        print(
+            f"{r['mode']:24} {r['step_ms']:9.1f} {r['images_per_s']:9.1f} {r['real_tokens_per_s']:12.0f} "
+            f"{r.get('mfu', float('nan')):6.1%} {r.get('peak_memory_gib', float('nan')):8.1f} "
+            f"{r.get('speedup_vs_padded', float('nan')):9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
