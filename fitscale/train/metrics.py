@@ -14,6 +14,7 @@ import re
 import resource
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,6 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("L40S", 362e12),
     ("L40", 181e12),
     ("L4", 121e12),
-    ("A10", 125e12),
     ("V100", 125e12),  # fp16; V100 has no bf16
 )
 
@@ -57,7 +57,12 @@ def peak_flops(device: torch.device | str | None = None, configured: float = 0.0
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device).upper()
+    return lookup_peak_flops(torch.cuda.get_device_name(device))
+
+
+def lookup_peak_flops(device_name: str) -> float | None:
+    """Table entry for a CUDA device name such as "NVIDIA H100 80GB HBM3"; None if not listed."""
+    name = device_name.upper()
     for key, flops in PEAK_BF16_FLOPS:
         if key.upper() in name:
             return flops
@@ -213,7 +218,7 @@ class MetricsLogger:
                 "log.wandb needs wandb: pip install 'fitscale[wandb]', or set log.wandb=disabled"
             ) from None
         id_file = self.run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         return wandb.init(
             project=self.cfg.wandb_project,
