@@ -237,7 +237,9 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
         lines.append(
             (
                 r["run"],
-                f"{r['parameters'] / 1e6:.1f}M",
+                f"{r['parameters'] / 1e6:.1f}M"
+                if r["parameters"] >= 1e6
+                else f"{r['parameters'] / 1e3:.0f}K",
                 str(r["steps"]),
                 str(r["global_batch_size"]),
                 f"{r['paper_gflops']:.2f}",
