@@ -137,7 +137,7 @@ def resolve_resources(launch: LaunchConfig, profile: ClusterProfile) -> Resource
         )
     if profile.max_nodes and launch.nodes > profile.max_nodes:
         raise ConfigError(
-            f"launch.nodes={launch.nodes} exceeds cluster profile {profile.name!r}'s max_nodes={profile.max_nodes}"
+            f"launch.nodes={launch.nodes} exceeds the max_nodes={profile.max_nodes} of cluster profile {profile.name!r}"
         )
     if profile.scheduler == "local" and gpus > 0:
         import torch

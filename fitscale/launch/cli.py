@@ -45,10 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.steps=100 (repeatable)",
+        help="override config fields, e.g. --set train.steps=100 optim.lr=2e-4 (repeatable)",
     )
     parser.add_argument(
         "--dry-run",

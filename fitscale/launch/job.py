@@ -69,32 +69,34 @@ class TrainingJob:
 
     def __call__(self) -> dict[str, Any]:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-        info = slurm_rank_info(os.environ) if "SLURM_STEP_ID" in os.environ else None
-        if info is not None:
-            export_torch_env(info)
-        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        # submitit's requeue handler, called by hand once the trainer has saved (see the module docstring).
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        early = _EarlySignals()  # signals that arrive while torch loads and the model builds
+        if "SLURM_STEP_ID" in os.environ:
+            export_torch_env(slurm_rank_info(os.environ))
         log.info(
-            "rank %s of %s, job %s (restart %s)",
+            "rank %s of %s, job %s, restart %s",
             os.environ.get("RANK"),
             os.environ.get("WORLD_SIZE"),
             os.environ.get("SLURM_JOB_ID"),
-            restarts,
+            os.environ.get("SLURM_RESTART_COUNT", "0"),
         )
         config = self.load_config()
         from fitscale.train.trainer import Trainer
 
-        trainer = Trainer(config)
+        trainer = Trainer(config)  # its checkpoint manager now owns SIGTERM/SIGUSR2
+        early.replay()
         step = trainer.train()
         if step >= config.train.steps:
             return {"run_dir": self.run_dir, "step": step, "job_id": os.environ.get("SLURM_JOB_ID")}
-        self._after_interrupt(trainer.checkpoints.last_signal, step, int(os.environ.get("RANK", 0)))
+        self._after_interrupt(trainer.checkpoints.last_signal, step, submitit_handler)
         raise AssertionError("unreachable")  # _after_interrupt always exits
 
-    def _after_interrupt(self, last_signal: str | None, step: int, rank: int) -> None:
+    def _after_interrupt(self, last_signal: str | None, step: int, submitit_handler: Any) -> None:
         """The trainer stopped early with a complete checkpoint at `step`: requeue or just exit."""
-        log.info("rank %d stopped at step %d on %s", rank, step, last_signal)
+        log.info("rank %s stopped at step %d on %s", os.environ.get("RANK", "0"), step, last_signal)
         if last_signal == TIME_LIMIT_SIGNAL:
-            handler = signal.getsignal(signal.SIGUSR2)
+            handler = submitit_handler
             if callable(handler):
                 # submitit's checkpoint_and_try_requeue: rank 0 requeues and exits, other ranks return.
                 handler(signal.SIGUSR2, None)
@@ -110,3 +112,29 @@ class TrainingJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainingJob(self.config_yaml, self.run_dir))
+
+
+class _EarlySignals:
+    """Hold SIGTERM/SIGUSR2 that arrive before the trainer handles signals, and hand them to it after.
+
+    SLURM's warning comes up to ~30 s earlier than `--signal` asks (its controller checks time
+    limits every 30 s), so on short jobs it can land while torch is still loading. Replayed once
+    the checkpoint manager listens, it still yields a checkpoint and a requeue instead of a lost
+    signal or a requeue with no progress.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._record)
+
+    def _record(self, signum: int, _frame: Any) -> None:
+        log.info("%s during start-up; handing it to the trainer once it runs", signal.Signals(signum).name)
+        self.pending.append(signum)
+
+    def replay(self) -> None:
+        for signum in dict.fromkeys(self.pending):
+            signal.raise_signal(signum)
+        self.pending.clear()

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -81,7 +82,8 @@ def launch_local(
     Returns 0 when every rank exits 0. When a rank fails, the other ranks get SIGTERM (then SIGKILL
     after `stop_grace_s`) and the failed rank's code is returned. Signals to this process
     (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) are forwarded to every rank and do not stop this function;
-    it returns when the ranks have exited. `env` adds variables to every rank's environment.
+    it returns when the ranks have exited (called from another thread, signals are not forwarded).
+    `env` adds variables to every rank's environment.
     """
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
@@ -100,8 +102,9 @@ def launch_local(
             if process.poll() is None:
                 process.send_signal(signum)
 
-    for signum in FORWARDED_SIGNALS:
-        previous_handlers[signum] = signal.signal(signum, forward)
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        for signum in FORWARDED_SIGNALS:
+            previous_handlers[signum] = signal.signal(signum, forward)
     try:
         for rank_env in rank_environments(nproc_per_node, nnodes, node_rank, master_addr, master_port):
             processes.append(

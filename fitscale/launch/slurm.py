@@ -11,6 +11,7 @@ import inspect
 import pickle
 import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,9 +89,20 @@ def sbatch_parameters(
     return params
 
 
+def task_python() -> str:
+    """The interpreter each task runs, started with SIGUSR2 ignored until submitit installs its handler.
+
+    SLURM's time-limit warning can arrive while Python is still starting; its default action would
+    kill the task (and the job with it) instead of letting it checkpoint and requeue.
+    """
+    return f'bash -c \'trap "" USR2; exec "$0" "$@"\' {shlex.quote(sys.executable)}'
+
+
 def build_executor(folder: str | Path, params: dict, max_timeout_requeues: int):
     submitit = import_submitit()
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_timeout_requeues)
+    executor = submitit.SlurmExecutor(
+        folder=folder, max_num_timeout=max_timeout_requeues, python=task_python()
+    )
     executor.update_parameters(**params)
     return executor
 

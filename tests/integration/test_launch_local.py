@@ -1,0 +1,176 @@
+"""`launch_local` and multi-node launches without SLURM, with real processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fitscale.launch.local import free_port, launch_local
+
+REPO = Path(__file__).resolve().parents[2]
+
+ALLREDUCE = """
+import json, sys
+from fitscale.launch.env import allreduce_check
+result = allreduce_check()
+open(f"{sys.argv[1]}/rank{result['rank']}.json", "w").write(json.dumps(result))
+"""
+
+SIGNALS = """
+import os, pathlib, signal, sys, time
+out, got = pathlib.Path(sys.argv[1]), []
+for name in ("SIGUSR1", "SIGUSR2", "SIGTERM"):
+    signal.signal(getattr(signal, name), lambda s, f: got.append(signal.Signals(s).name))
+(out / f"ready{os.environ['RANK']}").write_text("")
+while "SIGTERM" not in got:
+    time.sleep(0.02)
+(out / f"rank{os.environ['RANK']}.json").write_text(repr(got))
+"""
+
+FAIL_ONE = """
+import os, sys, time
+if os.environ["RANK"] == "1":
+    sys.exit(3)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_two_nodes_of_two_ranks_rendezvous_on_loopback(tmp_path):
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from fitscale.launch.local import launch_local; "
+                f"sys.exit(launch_local([sys.executable, '-c', {ALLREDUCE!r}, {str(tmp_path)!r}], 2, "
+                f"nnodes=2, node_rank={node}, master_port={port}))",
+            ],
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    assert [node.wait(timeout=300) for node in nodes] == [0, 0]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(4)]
+    assert all(r["sum"] == 10.0 and r["world_size"] == 4 for r in results)  # 1 + 2 + 3 + 4
+    assert [(r["node_rank"], r["local_rank"]) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_signals_reach_every_rank_and_the_launcher_waits_for_them(tmp_path):
+    launcher = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from fitscale.launch.local import launch_local; "
+         f"sys.exit(launch_local([sys.executable, '-c', {SIGNALS!r}, {str(tmp_path)!r}], 2))"],
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{rank}").exists() for rank in (0, 1)):
+        assert time.monotonic() < deadline and launcher.poll() is None, "ranks did not start"
+        time.sleep(0.05)
+    for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        launcher.send_signal(signum)
+        time.sleep(0.3)
+    assert launcher.wait(timeout=60) == 0
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.json").read_text() == "['SIGUSR1', 'SIGUSR2', 'SIGTERM']"
+
+
+def test_a_failing_rank_stops_the_others_and_its_code_is_returned(capfd):
+    started = time.monotonic()
+    code = launch_local([sys.executable, "-c", FAIL_ONE], 2, stop_grace_s=5)
+    assert code == 3
+    assert time.monotonic() - started < 120, "the sleeping rank was not stopped"
+    assert "rank 1 exited with code 3; stopping the other ranks" in capfd.readouterr().err
+
+
+def test_multi_node_launch_needs_an_agreed_port():
+    with pytest.raises(ValueError, match="explicit master_port"):
+        launch_local([sys.executable, "-c", "pass"], 1, nnodes=2, node_rank=0)
+    with pytest.raises(ValueError, match=r"node_rank must be in \[0, nnodes=2\), got 2"):
+        launch_local([sys.executable, "-c", "pass"], 1, nnodes=2, node_rank=2, master_port=1)
+
+
+# ---------------------------------------------------------------------------------- HSDP training
+
+TRAIN = [
+    "train.steps=4",
+    "data.global_batch_size=8",
+    "data.token_budget=1024",
+    "checkpoint.interval=0",
+    "log.progress_bar=off",
+    "parallel.sharding=hybrid",
+]
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "synth"
+    subprocess.run(
+        [sys.executable, "-m", "fitscale.cli", "data", "synth", str(path), "--num-images", "64",
+         "--num-classes", "10", "--no-progress"],
+        check=True, cwd=REPO, capture_output=True,
+    )  # fmt: skip
+    return path
+
+
+def launch_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fitscale.cli", "launch", "recipes/demo.yaml", "--cluster", "local", *args]
+
+
+def final_model(run_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    (step_dir,) = sorted((run_dir / "checkpoints").glob("step-*"))
+    out = tmp_path / f"{run_dir.name}.pt"
+    dcp_to_torch_save(step_dir, out)
+    return torch.load(out, weights_only=False)["model"]
+
+
+@pytest.mark.slow
+def test_hsdp_over_two_loopback_nodes_matches_one_node_with_the_same_mesh(synth_data, tmp_path):
+    """2 nodes x 2 ranks (replicate across nodes, shard within) = 1 node x 4 ranks with shard groups of 2."""
+    port = free_port()
+    two_nodes = tmp_path / "two-nodes"
+    settings = ["--set", f"data.path={synth_data}", *TRAIN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            launch_command(
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                *settings,
+                f"train.run_dir={two_nodes}",
+            ),
+            cwd=REPO,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    errors = [node.communicate(timeout=600)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    one_node = tmp_path / "one-node"
+    single = subprocess.run(
+        launch_command("--tasks-per-node", "4", *settings, "parallel.shard_size=2", f"train.run_dir={one_node}"),
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    records = [json.loads(line) for line in (two_nodes / "launch.jsonl").read_text().splitlines()]
+    assert sorted(r["node_rank"] for r in records) == [0, 1] and all(r["world_size"] == 4 for r in records)
+    got, want = final_model(two_nodes, tmp_path), final_model(one_node, tmp_path)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[name], want[name]) for name in want)

@@ -1,0 +1,159 @@
+"""`fitscale launch` on a real SLURM cluster: rendezvous, a full run, preemption, time limits, failures.
+
+The runs share one config, so the uninterrupted run is the reference every interrupted one must
+match bit for bit. Tests run in file order: the reference first.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from slurm_runs import (
+    RUN_STEPS,
+    assert_same_weights,
+    final_model_state,
+    fitscale_launch,
+    job_logs,
+    metric_steps,
+    run_overrides,
+    scontrol_job,
+    start_steps,
+    wait_until,
+)
+
+from fitscale.config.launch import LaunchConfig, resolve_resources
+from fitscale.launch.env import allreduce_check, master_port_for_job
+from fitscale.launch.profiles import load_profile
+from fitscale.launch.slurm import build_executor, sbatch_parameters, wait_for_job
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def submit(*args: str) -> dict:
+    result = fitscale_launch(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_two_task_job_joins_gloo_and_all_reduces(slurm_cluster, tmp_path):
+    profile = load_profile("local-slurm")
+    launch = LaunchConfig(cluster="local-slurm", time_min=2, signal_delay_s=10)
+    params = sbatch_parameters(profile, launch, resolve_resources(launch, profile), "fitscale-allreduce")
+    executor = build_executor(tmp_path, params, max_timeout_requeues=0)
+    job = executor.submit(allreduce_check)
+    outcome = wait_for_job(job.job_id, tmp_path, poll_s=0.5, timeout_s=300)
+    assert outcome.state == "COMPLETED", outcome.reason
+    results = job.results()
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    for result in results:
+        assert result["source"] == "slurm"
+        assert result["world_size"] == 2
+        assert result["sum"] == 3.0  # 1 + 2
+        assert result["master"].endswith(f":{master_port_for_job(job.job_id)}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, synth_data, tmp_path_factory):
+    """The uninterrupted 2-task run, submitted like a user would, followed to its end."""
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    result = fitscale_launch(
+        "recipes/demo.yaml",
+        "--cluster",
+        "local-slurm",
+        *run_overrides(synth_data, run_dir),
+        "--wait",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    return run_dir, json.loads(result.stdout)
+
+
+def test_demo_job_completes_with_metrics_and_checkpoints_in_the_run_folder(reference_run):
+    run_dir, report = reference_run
+    assert report["state"] == "COMPLETED"
+    assert report["result"]["step"] == RUN_STEPS
+    assert report["world_size"] == 2
+    job_id = report["job_id"]
+    # The layout docs/cluster.md describes.
+    assert metric_steps(run_dir) == list(range(1, RUN_STEPS + 1))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-30", "step-40"]
+    assert (run_dir / "config.yaml").is_file()
+    record = json.loads((run_dir / "launch.jsonl").read_text().splitlines()[-1])
+    assert record["job_id"] == job_id and record["cluster"] == "local-slurm"
+    for task in (0, 1):
+        assert (run_dir / "slurm" / f"{job_id}_{task}_log.err").is_file()
+    assert "rank 1 of 2" in (run_dir / "slurm" / f"{job_id}_1_log.err").read_text()
+
+
+def test_scontrol_requeue_mid_run_resumes_to_identical_weights(reference_run, synth_data, tmp_path):
+    run_dir = tmp_path / "requeued"
+    job_id = submit("recipes/demo.yaml", "--cluster", "local-slurm", *run_overrides(synth_data, run_dir))[
+        "job_id"
+    ]
+    wait_until(lambda: len(metric_steps(run_dir)) >= 3, 300, "the run to take 3 steps")
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    outcome = wait_for_job(job_id, run_dir / "slurm", poll_s=0.5, timeout_s=400)
+    assert outcome.state == "COMPLETED", outcome.reason
+    assert int(scontrol_job(job_id)["Restarts"]) == 1
+    starts = start_steps(run_dir)
+    assert len(starts) == 2 and starts[0] == 0 and 0 < starts[1] < RUN_STEPS, f"not resumed mid-run: {starts}"
+    assert "on SIGTERM" in job_logs(run_dir, job_id)
+    assert_same_weights(final_model_state(run_dir, tmp_path), final_model_state(reference_run[0], tmp_path))
+
+
+def test_time_limit_checkpoints_requeues_and_resumes_to_identical_weights(
+    reference_run, synth_data, tmp_path
+):
+    run_dir = tmp_path / "timed"
+    # A 1-minute limit; SLURM warns with SIGUSR2 25-55 s before it (its controller checks every 30 s).
+    job_id = submit(
+        "recipes/demo.yaml", "--cluster", "local-slurm", "--time", "1",
+        *run_overrides(synth_data, run_dir, "launch.signal_delay_s=25", "launch.max_timeout_requeues=2"),
+    )["job_id"]  # fmt: skip
+    wait_until(lambda: int(scontrol_job(job_id)["Restarts"]) >= 1, 300, "the time-limit requeue", poll=0.5)
+    # Once the limit has been hit and handled, give the next attempt room to finish, so that the test
+    # does not depend on how many 1-minute attempts this machine needs.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
+    outcome = wait_for_job(job_id, run_dir / "slurm", poll_s=0.5, timeout_s=400)
+    assert outcome.state == "COMPLETED", outcome.reason
+    logs = job_logs(run_dir, job_id)
+    assert "on SIGUSR2" in logs
+    assert f"Requeued job {job_id} (1 remaining timeouts)" in logs
+    starts = start_steps(run_dir)
+    assert starts[0] == 0 and all(0 < step < RUN_STEPS for step in starts[1:]) and len(starts) >= 2, starts
+    assert_same_weights(final_model_state(run_dir, tmp_path), final_model_state(reference_run[0], tmp_path))
+
+
+def test_wrong_config_fails_fast_and_launch_reports_the_reason(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "broken"
+    missing = tmp_path / "no-such-dataset"
+    result = fitscale_launch(
+        "recipes/demo.yaml", "--cluster", "local-slurm", "--set", f"data.path={missing}",
+        f"train.run_dir={run_dir}", "--wait",
+    )  # fmt: skip
+    assert result.returncode == 1
+    report = result.stderr.strip().splitlines()[-1]
+    assert report.startswith("fitscale launch: job ") and " FAILED: task " in report
+    assert f"FileNotFoundError: {missing}: not a fitscale latent dataset" in report
+    job_id = report.split()[3]
+    assert f"{missing}: not a fitscale latent dataset" in job_logs(run_dir, job_id)
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
+def test_second_launch_on_a_live_run_folder_is_refused(slurm_cluster, synth_data, tmp_path):
+    run_dir = tmp_path / "busy"
+    first = submit("recipes/demo.yaml", "--cluster", "local-slurm", *run_overrides(synth_data, run_dir))[
+        "job_id"
+    ]
+    try:
+        second = fitscale_launch(
+            "recipes/demo.yaml", "--cluster", "local-slurm", *run_overrides(synth_data, run_dir)
+        )
+        assert second.returncode == 2
+        assert f"already has SLURM job {first}" in second.stderr
+    finally:
+        subprocess.run(["scancel", first], check=False)
+    assert len(Path(run_dir / "launch.jsonl").read_text().splitlines()) == 1
