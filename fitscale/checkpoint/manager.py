@@ -175,7 +175,7 @@ class CheckpointManager:
                     dcp_state,
                     checkpoint_id=temporary,
                     process_group=self._async_group,
-                    no_dist=not self.distributed,
+                    **self._single_process_flag(),
                 )
             future = getattr(response, "upload_completion", response)
             self._pending = (step, temporary, future, {**self._metadata_for(step, state), "async": True})
@@ -186,7 +186,7 @@ class CheckpointManager:
             )
         else:
             dcp.save(
-                dcp_state, checkpoint_id=temporary, process_group=self._group, no_dist=not self.distributed
+                dcp_state, checkpoint_id=temporary, process_group=self._group, **self._single_process_flag()
             )
             self._publish(step, temporary, self._metadata_for(step, state))
             logger.info("checkpoint %s written in %.2fs", final, time.perf_counter() - started)
@@ -280,7 +280,7 @@ class CheckpointManager:
         try:
             with _single_process_quiet():
                 dcp.load(
-                    dcp_state, checkpoint_id=path, process_group=self._group, no_dist=not self.distributed
+                    dcp_state, checkpoint_id=path, process_group=self._group, **self._single_process_flag()
                 )
         except (CheckpointException, RuntimeError, KeyError, ValueError) as error:
             raise CheckpointMismatchError(
@@ -350,6 +350,10 @@ class CheckpointManager:
         self.exit_requested = bool(flags[1])
 
     # ----------------------------------------------------------------------------- collectives
+    def _single_process_flag(self) -> dict[str, bool]:
+        """`no_dist=True` without a process group (the keyword only where needed: older torch lacks it)."""
+        return {} if self.distributed else {"no_dist": True}
+
     def _barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self._group)
