@@ -124,7 +124,13 @@ class Training:
 
 
 def _save_on_two_ranks(rank: int, world_size: int, run_dir: str) -> None:
+    from torch.distributed.tensor import DTensor
+
     training = Training(world_size)
+    for name, param in training.model.named_parameters():  # the EMA is sharded exactly like the weights
+        shadow = training.ema.shadow[name]
+        assert isinstance(shadow, DTensor) and shadow.dtype == torch.float32
+        assert shadow.placements == param.placements and shadow.to_local().shape == param.to_local().shape
     torch.manual_seed(100 + rank)  # every rank draws different noise
     for step in (1, 2):
         training.step(step)
