@@ -5,7 +5,8 @@ One full step (forward, backward, AdamW) on the same images in every mode:
   are reused), attention through a varlen backend (flash, varlen, flex, reference);
 - `padded`: the release's method: every image padded to the token limit (256 or 1024) and
   attention masked densely, the baseline every ratio is taken against.
-Each mode may add `+compile` (torch.compile per block) and `+ac` (activation checkpointing).
+Each mode may add `+compile` (torch.compile per block), `+ac` (activation checkpointing) and
+`+bf16w` (bf16 weights and optimizer state, no fp32 master copy: the mixed-precision ceiling).
 MFU counts real FLOPs only (fitscale.models.flops on the real image lengths): padding does not count.
 
 Image sizes follow the paper's preprocessing applied to ImageNet-like originals: aspect ratios
@@ -118,9 +119,10 @@ def train_step(model, optimizer, inputs, dtype) -> torch.Tensor:
     t = torch.rand(inputs["num_segments"], device=x1.device)
     x0 = torch.randn_like(x1)
     t_tok = t[inputs["segment_ids"]][:, None]
+    weight_dtype = model.x_embedder.proj.weight.dtype  # bf16 in the "+bf16w" modes (no master weights)
     with torch.autocast(x1.device.type, dtype=dtype, enabled=dtype != torch.float32):
         v = model(
-            t_tok * x1 + (1 - t_tok) * x0,
+            (t_tok * x1 + (1 - t_tok) * x0).to(weight_dtype),
             t,
             inputs["labels"],
             inputs["pos"],
@@ -138,7 +140,8 @@ def train_step(model, optimizer, inputs, dtype) -> torch.Tensor:
     return loss.detach()
 
 
-def run_mode(mode: str, args, step_grids, device, dtype) -> dict:
+def run_mode(mode: str, args, step_grids, device, dtype, after_warmup=None) -> dict:
+    """Measure one mode; `after_warmup(model, optimizer, steps)` may inspect it (profiling)."""
     from fitscale.parallel.ac import apply_ac
     from fitscale.parallel.compile import apply_compile
 
@@ -152,6 +155,8 @@ def run_mode(mode: str, args, step_grids, device, dtype) -> dict:
     with torch.device(device):
         model = build_model(args.model, **overrides)
     model.train()
+    if "bf16w" in parts:  # pure bf16 weights and optimizer state: the ceiling without fp32 master weights
+        model.to(torch.bfloat16)
     if use_ac:
         apply_ac(model, "full")
     apply_compile(model, use_compile)
@@ -172,6 +177,8 @@ def run_mode(mode: str, args, step_grids, device, dtype) -> dict:
         for i in range(args.warmup):
             train_step(model, optimizer, steps[i % len(steps)], dtype)
         sync(device)
+        if after_warmup is not None:
+            after_warmup(model, optimizer, steps)
         start = time.perf_counter()
         for i in range(args.steps):
             loss = train_step(model, optimizer, steps[(args.warmup + i) % len(steps)], dtype)
