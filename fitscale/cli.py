@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Modules that contribute subcommands, in the order they appear in `fitscale --help`.
@@ -24,7 +25,7 @@ COMMAND_MODULES = (
 
 
 class CommandError(Exception):
-    """An error with a one-line, user-facing reason; printed without a traceback."""
+    """An error with a one-line, user-facing reason; printed without a traceback (FITSCALE_DEBUG=1 shows it)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except (CommandError, ValueError, FileNotFoundError, FileExistsError) as error:
+        if os.environ.get("FITSCALE_DEBUG"):
+            raise
         print(f"fitscale {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fitscale info ... | head`
+        return 0
     return int(result or 0)
 
 
