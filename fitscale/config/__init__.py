@@ -25,7 +25,7 @@ from fitscale.config.optim import OptimConfig
 from fitscale.config.parallel import ParallelConfig
 from fitscale.config.train import FlowConfig, TrainConfig
 
-SECTIONS = ("model", "data", "train", "optim", "parallel", "checkpoint", "log", "launch")
+SECTIONS = ("model", "data", "train", "optim", "parallel", "checkpoint", "log", "launch", "demo")
 
 
 @dataclass
@@ -36,6 +36,17 @@ class ModelSection:
     """Preset: tiny, fitv2-b, fitv2-xl, fitv2-3b, fitv2-xl-hr, fitv2-3b-hr."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """ModelConfig fields to change, e.g. {class_dropout_prob: 0.0, attn_backend: reference}."""
+
+
+@dataclass
+class DemoSection:
+    """What `fitscale train` does around the run for the CPU demo (recipes/demo.yaml)."""
+
+    prepare_digits: bool = False
+    """Write the digits dataset into `data.path` first when no dataset is there."""
+    sample_at_end: bool = False
+    """After training, draw a grid of digits from the final checkpoint and report how many a classifier
+    recognises (`fitscale.sample_demo.sample_demo_grid`)."""
 
 
 @dataclass
@@ -50,6 +61,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    demo: DemoSection = field(default_factory=DemoSection)
 
     def model_config(self):
         """The validated ModelConfig of this run."""
@@ -157,6 +169,7 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 __all__ = [
     "ConfigError",
+    "DemoSection",
     "FlowConfig",
     "ModelSection",
     "ParallelConfig",

@@ -1,4 +1,11 @@
-"""`fitscale train RECIPE [--set key=value ...] [--nproc N]`."""
+"""`fitscale train RECIPE [--set key=value ...] [--nproc N]`.
+
+Without a launcher around it (no RANK / SLURM_PROCID in the environment) this process is the
+parent: it checks the recipe, prepares the demo data if the recipe asks, starts `--nproc`
+processes (default: the recipe's `launch.tasks_per_node`, else 1) with torchrun, and once they
+finish runs the closing steps (demo samples) and prints where the results are. Under torchrun
+or SLURM every rank trains with the environment as given.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -23,7 +31,7 @@ def register(subparsers) -> None:
         "--nproc",
         type=int,
         default=None,
-        help="start this many local processes (default: the environment's, or 1)",
+        help="start this many local processes (default: the recipe's launch.tasks_per_node, or 1)",
     )
     parser.set_defaults(func=run_train)
 
@@ -35,13 +43,24 @@ def run_train(args: argparse.Namespace) -> int:
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.nproc and args.nproc > 1 and not launched:
+    if launched:
+        from fitscale.train.trainer import Trainer
+
+        step = Trainer(config).train()
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+            print(summary_line(config, step))
+        return 0
+    nproc = args.nproc or config.launch.tasks_per_node or 1
+    check_before_launch(config)
+    if config.demo.prepare_digits:
+        maybe_prepare_digits(config.data.path)
+    if nproc > 1:
         command = [
             sys.executable,
             "-m",
             "torch.distributed.run",
             "--standalone",
-            f"--nproc_per_node={args.nproc}",
+            f"--nproc_per_node={nproc}",
             "-m",
             "fitscale.cli",
             "train",
@@ -49,8 +68,72 @@ def run_train(args: argparse.Namespace) -> int:
             "--set",
             *args.overrides,
         ]
-        return subprocess.call(command)
-    from fitscale.train.trainer import Trainer
+        code = subprocess.call(command)
+        if code != 0:
+            return code
+    else:
+        from fitscale.train.trainer import Trainer
 
-    Trainer(config).train()
+        Trainer(config).train()
+    if config.demo.sample_at_end:
+        sample_demo(config.train.run_dir)
+    print(summary_line(config, None))
     return 0
+
+
+def check_before_launch(config) -> None:
+    """Catch what would otherwise fail in every rank after start-up: a trainable pattern that
+    matches nothing (checked on a meta-device model) and a run folder held by a live run."""
+    import torch
+
+    from fitscale.cli import CommandError
+    from fitscale.models import build_model
+    from fitscale.train.state import RunFolderInUseError, RunLock
+    from fitscale.train.trainer import apply_trainable_patterns
+
+    with torch.device("meta"):
+        model = build_model(config.model.name, **dict(config.model.overrides))
+    apply_trainable_patterns(model, list(config.train.trainable))
+    try:
+        with RunLock(config.train.run_dir):
+            pass
+    except RunFolderInUseError as error:
+        raise CommandError(str(error)) from None
+
+
+def maybe_prepare_digits(path: str | None) -> None:
+    """Write the digits dataset (`fitscale data digits PATH`) unless a dataset is already there."""
+    from fitscale.data.format import META_FILE
+
+    if not path:
+        raise ValueError("demo.prepare_digits needs data.path: set data.path=data/digits")
+    if (Path(path) / META_FILE).is_file():
+        return
+    from fitscale.cli import build_parser
+
+    print(f"fitscale train: writing the digits dataset to {path} (demo.prepare_digits)", flush=True)
+    args = build_parser().parse_args(["data", "digits", str(path), "--no-progress"])
+    args.func(args)
+
+
+def sample_demo(run_dir: str) -> None:
+    """Draw the demo's closing grid of digits from the final checkpoint and score it."""
+    from fitscale.sample_demo import sample_demo_grid
+
+    sample_demo_grid(run_dir)
+
+
+def summary_line(config, step: int | None) -> str:
+    """One line naming the run's newest checkpoint and its metrics file."""
+    from fitscale.checkpoint.layout import complete_steps, step_dirname
+
+    run_dir = Path(config.train.run_dir)
+    folder = run_dir / config.checkpoint.folder
+    steps = complete_steps(folder) if folder.is_dir() else []
+    checkpoint = str(folder / step_dirname(steps[-1])) if steps else "none written"
+    reached = f"step {step}" if step is not None else f"step {steps[-1] if steps else '?'}"
+    metrics = run_dir / "metrics.jsonl"
+    return (
+        f"fitscale train: done at {reached}; checkpoint: {checkpoint}; "
+        f"metrics: {metrics if metrics.is_file() else 'none written'}"
+    )

@@ -147,17 +147,9 @@ class Trainer:
         set_model_state_dict(model, full, options=options)
 
     def _apply_trainable(self, model: torch.nn.Module) -> None:
-        from fitscale.models.partial import NAMED_SETS, apply_trainable
-
-        patterns = list(self.config.train.trainable)
-        if not patterns:
-            return
-        spec = patterns[0] if len(patterns) == 1 and patterns[0] in NAMED_SETS else patterns
-        try:
-            count = apply_trainable(_unwrapped_names_view(model), spec)
-        except ValueError as error:
-            raise ConfigError(f"train.trainable: {error}") from error
-        log.info("training %d of the model's parameter values; the rest stay frozen", count)
+        count = apply_trainable_patterns(model, list(self.config.train.trainable))
+        if count is not None:
+            log.info("training %d of the model's parameter values; the rest stay frozen", count)
 
     def _build_deepspeed_model(self) -> torch.nn.Module:
         from fitscale.models import build_model
@@ -417,9 +409,9 @@ class Trainer:
         """Run to `train.steps` (or until an exit signal); returns the last step reached."""
         cfg = self.config
         try:
+            start_step = self.maybe_resume() or 0  # a refused resume leaves the folder as it was
             if self.env.is_main:
                 (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-            start_step = self.maybe_resume() or 0
             self.metrics = self._build_metrics(start_step)
             self.throughput = Throughput(self.env.world_size, self.env.device, self.config.log.peak_flops)
             iterator = iter(self.loader)
@@ -472,6 +464,20 @@ class Trainer:
             if closer is not None:
                 closer.close()
         self.lock.release()
+
+
+def apply_trainable_patterns(model: torch.nn.Module, patterns: list[str]) -> int | None:
+    """Freeze the parameters that `train.trainable` does not name; returns the trainable count
+    (None when the list is empty and everything trains). A named set ("high-res") stands alone."""
+    from fitscale.models.partial import NAMED_SETS, apply_trainable
+
+    if not patterns:
+        return None
+    spec = patterns[0] if len(patterns) == 1 and patterns[0] in NAMED_SETS else patterns
+    try:
+        return apply_trainable(_unwrapped_names_view(model), spec)
+    except ValueError as error:
+        raise ConfigError(f"train.trainable: {error}") from error
 
 
 def _unwrapped_names_view(model: torch.nn.Module) -> torch.nn.Module:

@@ -30,14 +30,25 @@ class StepBatch:
 
 class SeededSteps:
     """Deterministic global batches split over ranks by `split`:
-    `interleave` (image i to rank i % W), `contiguous` (rank 0 takes the first `first` images)."""
+    `interleave` (image i to rank i % W), `contiguous` (rank 0 takes the first `first` images).
+    Steps in `nan_steps` (0-based) carry a NaN image; `pad_to` pads micro-batches to static shapes."""
 
     def __init__(
-        self, rank, world_size, global_batch, micro_batches, num_classes, split="interleave", first=0
+        self,
+        rank,
+        world_size,
+        global_batch,
+        micro_batches,
+        num_classes,
+        split="interleave",
+        first=0,
+        nan_steps=(),
+        pad_to=None,
     ):
         self.rank, self.world_size = rank, world_size
         self.global_batch, self.micro_batches = global_batch, micro_batches
         self.num_classes, self.split, self.first = num_classes, split, first
+        self.nan_steps, self.pad_to = set(nan_steps), pad_to
         self.step = 0
 
     def image(self, sample_id: int):
@@ -62,8 +73,12 @@ class SeededSteps:
         micro = []
         for chunk in chunks:
             images, grids, labels = zip(*(self.image(i) for i in chunk))
+            if step in self.nan_steps:  # a corrupt step: every rank's first image turns NaN
+                images = (torch.full_like(images[0], float("nan")), *images[1:])
             micro.append(
-                pack_images(list(images), list(grids), list(labels), chunk, null_class=self.num_classes)
+                pack_images(
+                    list(images), list(grids), list(labels), chunk, self.pad_to, null_class=self.num_classes
+                )
             )
         return StepBatch(micro, self.global_batch)
 
@@ -102,6 +117,8 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--die-at", type=int, default=None)
     parser.add_argument("--history", default="history.json")
+    parser.add_argument("--nan-steps", default="", help="comma-separated 0-based steps with a NaN image")
+    parser.add_argument("--pad-to", type=int, default=None, help="pad every micro-batch to this many tokens")
     args = parser.parse_args()
     overrides = [
         f"train.run_dir={args.run_dir}",
@@ -116,7 +133,15 @@ def main() -> None:
     config = load_config(None, overrides)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     loader = SeededSteps(
-        rank, world_size, args.global_batch, args.micro_batches, 10, split=args.split, first=args.first
+        rank,
+        world_size,
+        args.global_batch,
+        args.micro_batches,
+        10,
+        split=args.split,
+        first=args.first,
+        nan_steps=[int(s) for s in args.nan_steps.split(",") if s],
+        pad_to=args.pad_to,
     )
     KillingTrainer.die_at = args.die_at
     trainer = KillingTrainer(config, loader=loader)
