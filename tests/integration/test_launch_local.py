@@ -104,7 +104,6 @@ TRAIN = [
     "data.global_batch_size=8",
     "data.token_budget=1024",
     "checkpoint.interval=0",
-    "log.progress_bar=off",
     "parallel.sharding=hybrid",
 ]
 

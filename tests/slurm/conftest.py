@@ -34,7 +34,7 @@ def slurm_cluster() -> None:
 def synth_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "synth"
     subprocess.run(
-        [sys.executable, "-m", "fitscale.cli", "data", "synth", str(path), "--num-images", "512",
+        [sys.executable, "-m", "fitscale.cli", "data", "synth", str(path), "--num-images", "128",
          "--num-classes", "10", "--no-progress"],
         check=True, cwd=REPO, capture_output=True,
     )  # fmt: skip

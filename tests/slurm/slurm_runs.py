@@ -23,7 +23,6 @@ RUN_SETTINGS = [
     "checkpoint.interval=10",
     "checkpoint.keep_last=2",
     "log.every=1",
-    "log.progress_bar=off",
 ]
 
 

@@ -27,7 +27,7 @@ from slurm_runs import (
 from fitscale.config.launch import LaunchConfig, resolve_resources
 from fitscale.launch.env import allreduce_check, master_port_for_job
 from fitscale.launch.profiles import load_profile
-from fitscale.launch.slurm import build_executor, sbatch_parameters, wait_for_job
+from fitscale.launch.slurm import build_executor, sbatch_parameters, submit_array, wait_for_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -157,3 +157,17 @@ def test_second_launch_on_a_live_run_folder_is_refused(slurm_cluster, synth_data
     finally:
         subprocess.run(["scancel", first], check=False)
     assert len(Path(run_dir / "launch.jsonl").read_text().splitlines()) == 1
+
+
+def test_job_array_runs_every_element(slurm_cluster, tmp_path):
+    profile = load_profile("local-slurm")
+    launch = LaunchConfig(cluster="local-slurm", tasks_per_node=1, time_min=5, signal_delay_s=10)
+    params = sbatch_parameters(profile, launch, resolve_resources(launch, profile), "fitscale-array")
+    executor = build_executor(tmp_path, params, max_timeout_requeues=0)
+    jobs = submit_array(executor, [allreduce_check, allreduce_check])
+    array_id = jobs[0].job_id.split("_")[0]
+    assert [job.job_id for job in jobs] == [f"{array_id}_0", f"{array_id}_1"]
+    for job in jobs:
+        outcome = wait_for_job(job.job_id, tmp_path, poll_s=0.5, timeout_s=300)
+        assert outcome.state == "COMPLETED", outcome.reason
+        assert outcome.result["world_size"] == 1 and outcome.result["source"] == "slurm"

@@ -158,3 +158,21 @@ def test_dry_run_rejects_a_batch_that_does_not_divide_over_ranks(tmp_path):
         "fitscale launch: error: data.global_batch_size=32 does not divide over 24 ranks "
         "(3 node(s) x 8 task(s)); set it to a multiple of 24"
     )
+
+
+def test_sweep_array_needs_one_launch_shape(tmp_path):
+    from fitscale.config import load_config
+    from fitscale.launch.launcher import submit_sweep
+
+    base = ["data.path=/data", "data.num_classes=10", "model.name=tiny"]
+    configs = [
+        load_config(None, [*base, f"train.run_dir={tmp_path / 'a'}", "launch.cluster=local-slurm"]),
+        load_config(
+            None, [*base, f"train.run_dir={tmp_path / 'b'}", "launch.cluster=local-slurm", "launch.nodes=2"]
+        ),
+    ]
+    with pytest.raises(ConfigError, match="one job array needs the same launch section"):
+        submit_sweep(configs, tmp_path / "sweep")
+    with pytest.raises(ConfigError, match="'local' is not a SLURM cluster"):
+        submit_sweep([load_config(None, [*base, f"train.run_dir={tmp_path / 'c'}"])], tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()
