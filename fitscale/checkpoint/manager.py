@@ -60,29 +60,6 @@ def _first_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _pinned_stager():
-    """On CUDA, a stager that copies to pinned host buffers kept across saves (None elsewhere).
-
-    DCP's default stager for `async_save` copies into fresh pageable memory each time, which
-    blocks the step loop for seconds on a large model; pinned buffers, allocated once, cut the
-    blocking part to the device-to-host copy. It costs host memory equal to this rank's shards.
-    """
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-    except ImportError:  # older torch: DCP's own staging
-        return None
-    return DefaultStager(
-        StagingOptions(
-            use_pinned_memory=True,
-            use_shared_memory=False,
-            use_async_staging=False,
-            use_non_blocking_copy=True,
-        )
-    )
-
-
 class CheckpointManager:
     """Save, publish, retain and load the checkpoints of one run folder (see the module docstring)."""
 
@@ -103,7 +80,6 @@ class CheckpointManager:
         # Private groups: one for the manager's handshakes, one for DCP's background thread.
         self._group = dist.new_group(backend="gloo") if self.distributed else None
         self._async_group = dist.new_group(backend="gloo") if self.distributed and cfg.async_save else None
-        self._stager = _pinned_stager() if cfg.async_save else None
         self._pending: tuple[int, Path, Future, dict[str, Any]] | None = None
         self._cleaned = False
         self.save_requested = False
@@ -200,7 +176,6 @@ class CheckpointManager:
                     checkpoint_id=temporary,
                     process_group=self._async_group,
                     **self._single_process_flag(),
-                    **({"async_stager": self._stager} if self._stager is not None else {}),
                 )
             future = getattr(response, "upload_completion", response)
             self._pending = (step, temporary, future, {**self._metadata_for(step, state), "async": True})
@@ -225,9 +200,6 @@ class CheckpointManager:
         """Finish pending work and restore the signal handlers that were there before."""
         self.wait()
         self.uninstall_signal_handlers()
-        if self._stager is not None:
-            self._stager.close()
-            self._stager = None
 
     def _state_for_saving(self, state: dict[str, Any]) -> dict[str, Any]:
         dcp_state: dict[str, Any] = {}
