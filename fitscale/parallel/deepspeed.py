@@ -1,19 +1,39 @@
 """DeepSpeed ZeRO-2/3 as a second backend driving the same model, loss and data as FSDP2.
 
-The Trainer keeps control of the loop: it calls the model directly (ZeRO-3's hooks live on the
-module), marks the last micro-batch as the accumulation boundary itself (the count of
-micro-batches may change from step to step with packing), and scales the loss so that
+The Trainer keeps control of the loop. It forwards through the engine, not the bare module:
+`engine.forward` is where DeepSpeed advances its micro-step counter, and ZeRO-2/3 copy the first
+micro-batch's gradient partition and add the later ones only when that counter has moved, so a
+forward that bypasses the engine silently keeps the last micro-batch's gradient alone. The
+Trainer marks the last micro-batch as the accumulation boundary itself (the count of
+micro-batches may change from step to step with packing) and scales the loss so that
 DeepSpeed's averaging over ranks yields the sum the global-image normalisation expects.
 
+Precision mirrors FSDP's policy: the parameters stay fp32 (the master weights) and bf16 compute
+is torch autocast inside the engine's forward; gradients are reduced (and ZeRO-3 parameters
+gathered) in fp32 unless `parallel.reduce_dtype=bf16`.
+
+On CPU, DeepSpeed's communication backend would JIT-compile a shared-memory all-reduce kernel
+the first time it starts (minutes on a small machine, with the other ranks queued behind a file
+lock, which looks like a hang right after start-up). Training never calls that kernel (it serves
+DeepSpeed inference's all-reduce, and only under the `deepspeed` launcher), so it is switched
+off and ZeRO's collectives run on our gloo group.
+
 Checkpoints: DeepSpeed writes its own per-rank ZeRO partitions (weights and optimizer state)
-under `<run_dir>/deepspeed/step-N` before the CheckpointManager makes step N visible, so a
-visible step always has its DeepSpeed part complete. Those partitions load on the same world
-size only; to change the world size, export the weights (`fitscale convert export`) and start a
-new run with `train.init_from`, or use FSDP, which reshards.
+under `<run_dir>/deepspeed/step-N`, with a small `fitscale.json` naming the world size and ZeRO
+stage that wrote them, before the CheckpointManager publishes step N (whose DCP part holds the
+LR schedule, data position, RNG and progress), so a visible step always has its DeepSpeed part.
+Resuming is supported on the same world size and ZeRO stage, and continues bit-identically.
+Another world size or stage is refused with an error before anything is loaded: ZeRO partitions
+are cut for the ranks that wrote them. To change either, `export_deepspeed_weights` consolidates
+a step's full fp32 weights into one safetensors file, and a new run starts from it with
+`train.init_from=FILE` (weights only: the optimizer state, schedule and data position start
+afresh), or train with FSDP, whose checkpoints reshard to any world size.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +45,13 @@ from fitscale.parallel.fsdp import resolve_dtypes
 from fitscale.parallel.mesh import DistributedEnv
 
 SUBFOLDER = "deepspeed"
+METADATA = "fitscale.json"
+_SHARED_MEMORY_OP = "deepspeed_shm_comm"
+_AUTOCAST_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+class DeepSpeedResumeError(ValueError):
+    """A DeepSpeed checkpoint cannot be loaded by this run (world size or ZeRO stage differ)."""
 
 
 def _import_deepspeed():
@@ -39,17 +66,32 @@ def _import_deepspeed():
 
 def deepspeed_config(cfg: ParallelConfig, train: TrainConfig, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed JSON config equivalent to our parallel and train sections."""
-    param_dtype, _ = resolve_dtypes(cfg, device)
-    return {
+    param_dtype, reduce_dtype = resolve_dtypes(cfg, device)
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": param_dtype == torch.bfloat16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if param_dtype != torch.float32:
+        # An empty list keeps every parameter's communication in fp32; DeepSpeed's default list
+        # (linear and convolution layers) communicates those in the compute dtype.
+        low_precision = {} if reduce_dtype == param_dtype else {"lower_precision_safe_modules": []}
+        config["torch_autocast"] = {
+            "enabled": True,
+            "dtype": _AUTOCAST_NAMES[param_dtype],
+            **low_precision,
+        }
+    return config
+
+
+def _skip_shared_memory_kernel(deepspeed) -> None:
+    """Mark DeepSpeed's CPU shared-memory all-reduce op unavailable so it is never compiled."""
+    compatible = deepspeed.ops.__compatible_ops__  # probed once per process, then cached and editable
+    compatible[_SHARED_MEMORY_OP] = False
 
 
 def build_deepspeed_engine(
@@ -59,8 +101,13 @@ def build_deepspeed_engine(
     train: TrainConfig,
     env: DistributedEnv,
 ):
-    """Wrap `model` and our optimizer in a DeepSpeed engine (ZeRO stage from the config)."""
+    """Wrap `model` and our optimizer in a DeepSpeed engine (ZeRO stage from the config).
+
+    Forward through the returned engine (see the module docstring for why).
+    """
     deepspeed = _import_deepspeed()
+    if env.device.type == "cpu":
+        _skip_shared_memory_kernel(deepspeed)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -74,19 +121,78 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / SUBFOLDER
 
 
-def save_deepspeed_state(engine, run_dir: str | Path, step: int) -> None:
-    """Weights and optimizer partitions of every rank, as DeepSpeed lays them out."""
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step-{step}"
+
+
+def save_deepspeed_state(
+    engine, run_dir: str | Path, step: int, complete_steps: list[int] | None = None
+) -> None:
+    """Weights and optimizer partitions of every rank, as DeepSpeed lays them out (collective).
+
+    `complete_steps` (the published checkpoints) lets rank 0 remove the DeepSpeed folders of
+    steps the CheckpointManager has since pruned: only older steps absent from that list go, so
+    a step still being published (asynchronous saving) keeps its part.
+    """
     engine.save_checkpoint(str(checkpoint_dir(run_dir)), tag=f"step-{step}", save_latest=False)
+    if engine.global_rank != 0:
+        return
+    metadata = {"step": step, "world_size": engine.world_size, "zero_stage": engine.zero_optimization_stage()}
+    (step_dir(run_dir, step) / METADATA).write_text(json.dumps(metadata))
+    if complete_steps:
+        _prune(run_dir, keep=set(complete_steps) | {step}, below=max(complete_steps))
+
+
+def _prune(run_dir: str | Path, keep: set[int], below: int) -> None:
+    for folder in checkpoint_dir(run_dir).glob("step-*"):
+        suffix = folder.name.removeprefix("step-")
+        if suffix.isdigit() and int(suffix) < below and int(suffix) not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_resumable(run_dir: str | Path, step: int, world_size: int, zero_stage: int) -> Path:
+    """The DeepSpeed folder of `step`, after checking this run can load it; raises a clear error otherwise."""
+    folder = step_dir(run_dir, step)
+    metadata_file = folder / METADATA
+    if not metadata_file.is_file():
+        raise FileNotFoundError(
+            f"{metadata_file} is missing: the checkpoint of step {step} was not written by the DeepSpeed "
+            "backend (resume it with parallel.backend=fsdp) or its DeepSpeed part is incomplete"
+        )
+    saved = json.loads(metadata_file.read_text())
+    if saved["world_size"] != world_size or saved["zero_stage"] != zero_stage:
+        raise DeepSpeedResumeError(
+            f"{folder} holds ZeRO-{saved['zero_stage']} partitions of {saved['world_size']} ranks; this run has "
+            f"{world_size} ranks and ZeRO-{zero_stage}. DeepSpeed checkpoints resume on the world size and "
+            f"stage that wrote them only: rerun with {saved['world_size']} ranks and "
+            f"parallel.zero_stage={saved['zero_stage']}, or consolidate the weights with "
+            f"fitscale.parallel.deepspeed.export_deepspeed_weights({str(run_dir)!r}, {step}, OUT) and start a "
+            "new run with train.init_from=OUT (optimizer state and data position start afresh)"
+        )
+    return folder
 
 
 def load_deepspeed_state(engine, run_dir: str | Path, step: int) -> None:
-    folder = checkpoint_dir(run_dir) / f"step-{step}"
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{folder} is missing: the checkpoint of step {step} was not written by the DeepSpeed backend"
-        )
-    load_path, _ = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=f"step-{step}")
+    """Load step `step`'s partitions into `engine` (same world size and ZeRO stage only)."""
+    folder = check_resumable(run_dir, step, engine.world_size, engine.zero_optimization_stage())
+    load_path, _ = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=folder.name)
     if load_path is None:
-        raise RuntimeError(
-            f"DeepSpeed could not load {folder}; its partitions load on the world size that wrote them only"
-        )
+        raise RuntimeError(f"DeepSpeed could not load {folder}; see its log above for the reason")
+
+
+def export_deepspeed_weights(run_dir: str | Path, step: int, out: str | Path) -> dict[str, Any]:
+    """One safetensors file of step `step`'s full fp32 weights, from the ZeRO-2/3 partitions.
+
+    Runs in one process without a process group; the file loads with `train.init_from`.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from fitscale.checkpoint.export import save_safetensors
+
+    folder = step_dir(run_dir, step)
+    if not (folder / METADATA).is_file():
+        raise FileNotFoundError(f"{folder} is not a complete DeepSpeed checkpoint of this run")
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=folder.name)
+    info = {"source": str(folder), "step": str(step), "weights": "model", "dtype": "fp32"}
+    save_safetensors(weights, Path(out), info, overwrite=False)
+    return {**info, "out": str(out), "tensors": len(weights)}

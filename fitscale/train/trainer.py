@@ -264,7 +264,7 @@ class Trainer:
             from fitscale.parallel.deepspeed import save_deepspeed_state
 
             # Written before the manager publishes step-N, so a visible step always has this part.
-            save_deepspeed_state(self.engine, self.run_dir, step)
+            save_deepspeed_state(self.engine, self.run_dir, step, self.checkpoints.complete_steps())
             force = True
         return self.checkpoints.maybe_save(step, self.state(), force=force)
 
@@ -297,7 +297,9 @@ class Trainer:
             timesteps = timesteps.to(self.env.device, non_blocking=True)
             noise = noise.to(self.env.device, non_blocking=True)
             self._set_gradient_sync(last)
-            out = flow_loss(self.model, batch, timesteps, noise, global_images, cfg.train.flow)
+            # DeepSpeed counts micro-batches in its engine's forward; bypassing it drops all but the last.
+            forward = self.engine if self.engine is not None else self.model
+            out = flow_loss(forward, batch, timesteps, noise, global_images, cfg.train.flow)
             self._backward(out.loss, last)
             local_loss += out.loss.detach().double()
             bucket = (out.timesteps * buckets).long().clamp(0, buckets - 1)
