@@ -21,7 +21,7 @@ def test_sample_demo_grid_after_a_short_demo_run(tmp_path, capsys):
     overrides = [
         f"data.path={data}",
         f"train.run_dir={tmp_path / 'run'}",
-        "train.steps=30",
+        "train.steps=20",
         "parallel.sharding=none",
         "checkpoint.interval=0",
         "model.overrides.attn_backend=reference",

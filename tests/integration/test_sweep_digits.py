@@ -32,8 +32,8 @@ models:
   - {{name: w32, preset: tiny, overrides: {{hidden_size: 32, num_heads: 2, adaln_lora_rank: 8}}}}
   - {{name: w64, preset: tiny}}
   - {{name: w96, preset: tiny, overrides: {{hidden_size: 96, num_heads: 4, adaln_lora_rank: 24}}}}
-budgets: [3.0e+9, 6.0e+9, 1.2e+10]
-global_batch_size: 8
+budgets: [1.0e+9, 2.0e+9, 4.0e+9]
+global_batch_size: 4
 tokens_per_image: 100
 overrides: [data.path={tmp_path / "train"}, parallel.sharding=none, checkpoint.interval=0, log.every=1,
             optim.schedule.warmup_steps=2, model.overrides.attn_backend=reference]
