@@ -94,6 +94,19 @@ def _skip_shared_memory_kernel(deepspeed) -> None:
     compatible[_SHARED_MEMORY_OP] = False
 
 
+def _maybe_init_single_process_group(env: DistributedEnv) -> None:
+    """DeepSpeed needs a process group and the launcher's variables even for one process."""
+    import os
+
+    import torch.distributed as dist
+
+    if env.world_size == 1 and not dist.is_initialized():
+        for name, value in (("RANK", 0), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", 1)):
+            os.environ.setdefault(name, str(value))
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def build_deepspeed_engine(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -108,6 +121,7 @@ def build_deepspeed_engine(
     deepspeed = _import_deepspeed()
     if env.device.type == "cpu":
         _skip_shared_memory_kernel(deepspeed)
+    _maybe_init_single_process_group(env)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -1,0 +1,134 @@
+"""DeepSpeed ZeRO-2/3 drive the same model, loss and data as FSDP: real processes, gloo, the tiny model.
+
+One module-scoped set of runs (single process, 2-rank FSDP, 2-rank ZeRO-3 with checkpoints at
+steps 2 and 4) serves the agreement, export and resume tests. Every run takes 2 micro-batches per
+rank, so gradient accumulation is exercised; warmup and clipping at 0.5 (the gradient norms are
+about 0.65) check that DeepSpeed steps with our schedule and clips like torch. Label dropout is
+off: the model draws it from each rank's RNG stream, so it differs between splits by design.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from train_runs import checkpoint_tensors, losses, model_weights, run
+
+pytestmark = pytest.mark.slow
+
+COMMON = [
+    "train.steps=4",
+    "checkpoint.keep_last=0",
+    "optim.ema.enabled=false",
+    "optim.schedule.warmup_steps=2",
+    "train.grad_clip=0.5",
+    "model.overrides.class_dropout_prob=0.0",
+]
+NO_CHECKPOINTS = ["checkpoint.interval=0", "checkpoint.save_at_end=false"]
+ZERO3 = ["parallel.backend=deepspeed", "parallel.zero_stage=3", "checkpoint.interval=2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("backends")
+    paths = {name: root / name for name in ("single", "fsdp", "zero3")}
+    run(paths["single"], 1, *COMMON, *NO_CHECKPOINTS)
+    run(paths["fsdp"], 2, *COMMON, "checkpoint.interval=0")  # saves step 4 at the end
+    run(paths["zero3"], 2, *COMMON, *ZERO3)
+    return paths
+
+
+def history(run_dir: Path, name: str = "history.json") -> list[tuple[float, float]]:
+    """(loss, grad norm before clipping) of every step."""
+    return [(r["loss"], r["grad_norm"]) for r in json.loads((run_dir / name).read_text())]
+
+
+def test_single_process_fsdp_and_zero3_give_the_same_losses_and_grad_norms(runs):
+    reference = history(runs["single"])
+    assert len(reference) == 4
+    for name in ("fsdp", "zero3"):
+        for step, (got, expected) in enumerate(zip(history(runs[name]), reference, strict=True), 1):
+            assert got == pytest.approx(expected, rel=1e-5), f"{name} step {step}"
+
+
+def test_zero2_gives_the_losses_of_the_single_process_run(runs, tmp_path):
+    run(
+        tmp_path / "zero2", 2, *COMMON, *NO_CHECKPOINTS, "parallel.backend=deepspeed", "parallel.zero_stage=2"
+    )
+    assert history(tmp_path / "zero2") == pytest.approx(history(runs["single"]), rel=1e-5)
+
+
+def test_zero3_weights_exported_from_its_partitions_match_fsdp(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from fitscale.parallel.deepspeed import export_deepspeed_weights
+
+    out = tmp_path / "zero3-step4.safetensors"
+    info = export_deepspeed_weights(runs["zero3"], 4, out)
+    exported = load_file(out)
+    expected = model_weights(checkpoint_tensors(runs["fsdp"], 4))
+    assert info["tensors"] == len(expected) and exported.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert exported["final_layer.linear.weight"].abs().max() > 0  # zero at initialisation: it trained
+
+
+def deepspeed_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """Every tensor of every rank's DeepSpeed files of `step` (weights and optimizer partitions)."""
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            flat[prefix] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(f"{prefix}.{index}", item)
+
+    files = sorted((run_dir / "deepspeed" / f"step-{step}").glob("*.pt"))
+    assert any("optim_states" in f.name for f in files), files
+    for file in files:
+        walk(file.name, torch.load(file, map_location="cpu", weights_only=False))
+    return flat
+
+
+def copy_step(source: Path, target: Path, step: int) -> None:
+    for folder in ("checkpoints", "deepspeed"):
+        shutil.copytree(source / folder / f"step-{step}", target / folder / f"step-{step}")
+
+
+def test_zero3_resumed_on_the_same_world_size_continues_bit_identically(runs, tmp_path):
+    resumed = tmp_path / "resumed"
+    copy_step(runs["zero3"], resumed, 2)
+    run(resumed, 2, *COMMON, *ZERO3, history="history-resumed.json")
+    assert losses(resumed, "history-resumed.json") == losses(runs["zero3"])[2:]
+    expected, actual = deepspeed_tensors(runs["zero3"], 4), deepspeed_tensors(resumed, 4)
+    assert any("exp_avg_sq" in key for key in expected), "no Adam state in the DeepSpeed files"
+    assert expected.keys() == actual.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, actual[key]), f"{key} differs after resuming"
+    expected, actual = checkpoint_tensors(runs["zero3"], 4), checkpoint_tensors(resumed, 4)
+    assert not any(key.startswith("model.") for key in expected)  # DeepSpeed's files hold the weights
+    assert expected.keys() == actual.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, actual[key]), f"{key} differs after resuming"
+
+
+def test_zero3_checkpoint_on_another_world_size_is_refused_and_left_intact(runs, tmp_path):
+    moved = tmp_path / "moved"
+    copy_step(runs["zero3"], moved, 2)
+    before = {p: p.read_bytes() for p in moved.rglob("*") if p.is_file()}
+    result = run(moved, 1, *COMMON, *ZERO3, expect_kill=True)
+    folder = moved / "deepspeed" / "step-2"
+    message = (
+        f"{folder} holds ZeRO-3 partitions of 2 ranks; this run has 1 ranks and ZeRO-3. DeepSpeed checkpoints "
+        "resume on the world size and stage that wrote them only"
+    )
+    assert message in result.stderr
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (moved / "checkpoints" / "step-4").exists()
