@@ -328,7 +328,6 @@ def random_official_state_dict(config: ReferenceConfig, seed: int = 0) -> dict[s
             std = 0.1
         if "adaLN_modulation" in name:
             std *= 0.5
-        value = torch.randn(shape, generator=generator) * std
-        value[value == 0] = std  # every parameter non-zero, exactly
-        state[name] = value
+        value = torch.empty(shape).normal_(0.0, std, generator=generator)
+        state[name] = value.masked_fill_(value == 0, std)  # every parameter non-zero, exactly
     return state

@@ -45,14 +45,18 @@ def reference_config_of(config) -> ReferenceConfig:
     )
 
 
-def build_fitscale(name: str, **overrides) -> torch.nn.Module:
-    """A fitscale model built on meta, materialised on the CPU in fp32 and initialised."""
+def build_fitscale(name: str, initialise: bool = True, **overrides) -> torch.nn.Module:
+    """A fitscale model built on meta, materialised on the CPU in fp32 and (optionally) initialised.
+
+    `initialise=False` leaves the memory as allocated: for a model whose every weight is loaded next.
+    """
     from fitscale.models import build_model
 
     with torch.device("meta"):
         model = build_model(name, **overrides)
     model.to_empty(device="cpu")
-    model.init_weights()
+    if initialise:
+        model.init_weights()
     return model
 
 
@@ -60,7 +64,7 @@ def build_pair(name: str, seed: int = 0, **overrides) -> tuple[torch.nn.Module, 
     """(fitscale model, reference model, state dict) with identical non-zero random weights, eval mode."""
     from fitscale.models.official import load_official_state_dict
 
-    model = build_fitscale(name, **overrides)
+    model = build_fitscale(name, initialise=False, **overrides)  # every weight is loaded below
     state = random_official_state_dict(reference_config_of(model.config), seed=seed)
     load_official_state_dict(model, state)
     with torch.device("meta"):

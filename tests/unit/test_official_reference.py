@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, home of tests.reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of the reference package
 
-from tests.reference.official_fitv2 import (  # noqa: E402
+from reference.official_fitv2 import (  # noqa: E402
     OfficialFiTv2,
     ReferenceConfig,
     RopeSpec,

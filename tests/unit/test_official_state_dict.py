@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, home of tests.reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of the reference package
 
-from tests.reference.official_fitv2 import official_shapes, random_official_state_dict, reference_config  # noqa: E402
-from tests.reference.pairs import build_fitscale, reference_config_of  # noqa: E402
+from reference.official_fitv2 import official_shapes, random_official_state_dict, reference_config  # noqa: E402
+from reference.pairs import build_fitscale, reference_config_of  # noqa: E402
 
 
 @pytest.fixture

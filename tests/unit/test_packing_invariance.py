@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, home of tests.reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of the reference package
 
-from tests.reference.official_fitv2 import random_official_state_dict  # noqa: E402
-from tests.reference.pairs import build_fitscale, pack, packed_forward, random_images, reference_config_of  # noqa: E402
+from reference.official_fitv2 import random_official_state_dict  # noqa: E402
+from reference.pairs import build_fitscale, pack, packed_forward, random_images, reference_config_of  # noqa: E402
 
 # Per-image frequencies with every scaling switched on: each segment must get its own rotation.
 PER_IMAGE_ROPE = dict(rope_method="yarn", rope_decoupled=True, rope_attn_scale=True, rope_per_image=True)
