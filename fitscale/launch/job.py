@@ -87,6 +87,7 @@ class TrainingJob:
         trainer = Trainer(config)  # its checkpoint manager now owns SIGTERM/SIGUSR2
         early.replay()
         step = trainer.train()
+        early.restore()  # the trainer handed the signals back to our recorders; give them back to submitit
         if step >= config.train.steps:
             return {"run_dir": self.run_dir, "step": step, "job_id": os.environ.get("SLURM_JOB_ID")}
         self._after_interrupt(trainer.checkpoints.last_signal, step, submitit_handler)
@@ -127,8 +128,7 @@ class _EarlySignals:
 
     def __init__(self) -> None:
         self.pending: list[int] = []
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._record)
+        self.previous = {signum: signal.signal(signum, self._record) for signum in self.SIGNALS}
 
     def _record(self, signum: int, _frame: Any) -> None:
         log.info("%s during start-up; handing it to the trainer once it runs", signal.Signals(signum).name)
@@ -138,3 +138,7 @@ class _EarlySignals:
         for signum in dict.fromkeys(self.pending):
             signal.raise_signal(signum)
         self.pending.clear()
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)

@@ -15,12 +15,12 @@ SCRIPT = REPO / "cluster" / "local_slurm.sh"
 
 # Every run of these tests trains the same tiny model on the same data, so any two final
 # checkpoints must be bit-identical however the runs were interrupted.
-RUN_STEPS = 40
+RUN_STEPS = 48
 RUN_SETTINGS = [
     f"train.steps={RUN_STEPS}",
     "data.global_batch_size=8",
     "data.token_budget=1024",
-    "checkpoint.interval=10",
+    "checkpoint.interval=12",
     "checkpoint.keep_last=2",
     "log.every=1",
 ]
