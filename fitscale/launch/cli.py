@@ -108,10 +108,14 @@ def launch_command(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace, plan, submit_plan) -> int:
+    from fitscale.config.errors import ConfigError
     from fitscale.launch import rundir
-    from fitscale.launch.slurm import wait_for_job
+    from fitscale.launch.slurm import SubmissionError, wait_for_job
 
-    job = submit_plan(plan)
+    try:
+        job = submit_plan(plan)
+    except SubmissionError as error:
+        raise ConfigError(str(error)) from error
     folder = rundir.slurm_folder(plan.run_dir)
     r = plan.resources
     payload = {"job_id": job.job_id, "slurm_folder": str(folder), **plan.summary()}

@@ -112,9 +112,25 @@ def sbatch_script(executor) -> str:
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
+class SubmissionError(RuntimeError):
+    """sbatch refused the job (unknown partition, account, QOS, too many resources...)."""
+
+
+def _sbatch_refusal(error: Exception) -> SubmissionError:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = "; ".join(lines[-2:]) if lines else type(error).__name__
+    return SubmissionError(
+        f"sbatch refused the job: {reason}; check the cluster profile (partition, account, qos)"
+    )
+
+
 def submit(executor, job: TrainingJob):
     """Submit one run; returns the submitit Job (its `job_id` is SLURM's)."""
-    return executor.submit(job)
+    submitit = import_submitit()
+    try:
+        return executor.submit(job)
+    except (submitit.core.utils.FailedJobError, OSError) as error:
+        raise _sbatch_refusal(error) from error
 
 
 def submit_array(executor, jobs: Sequence[TrainingJob]) -> list:
@@ -123,8 +139,12 @@ def submit_array(executor, jobs: Sequence[TrainingJob]) -> list:
     Every run keeps its own run folder (checkpoints, metrics, lock); the array's logs live in the
     executor's folder. Each array task requeues on its own.
     """
-    with executor.batch():
-        submitted = [executor.submit(job) for job in jobs]
+    submitit = import_submitit()
+    try:
+        with executor.batch():
+            submitted = [executor.submit(job) for job in jobs]
+    except (submitit.core.utils.FailedJobError, OSError) as error:
+        raise _sbatch_refusal(error) from error
     return submitted
 
 

@@ -175,3 +175,19 @@ def test_job_array_runs_every_element(slurm_cluster, tmp_path):
         outcome = wait_for_job(job.job_id, tmp_path, poll_s=0.5, timeout_s=300)
         assert outcome.state == "COMPLETED", outcome.reason
         assert outcome.result["world_size"] == 1 and outcome.result["source"] == "slurm"
+
+
+def test_sbatch_refusal_is_reported_in_one_line(slurm_cluster, tmp_path):
+    result = fitscale_launch(
+        "recipes/demo.yaml", "--cluster", "local-slurm",
+        "--set", "launch.sbatch.partition=no-such-partition", f"train.run_dir={tmp_path / 'refused'}",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "fitscale launch: error: sbatch refused the job: sbatch: error: invalid partition specified: no-such-partition"
+        )
+    )
+    assert not (tmp_path / "refused" / "launch.jsonl").exists()
