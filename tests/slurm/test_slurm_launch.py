@@ -131,6 +131,25 @@ def test_time_limit_checkpoints_requeues_and_resumes_to_identical_weights(
     assert_same_weights(final_model_state(run_dir, tmp_path), final_model_state(reference_run[0], tmp_path))
 
 
+def test_time_limit_with_no_requeues_left_ends_the_run_with_its_checkpoint(
+    slurm_cluster, synth_data, tmp_path
+):
+    run_dir = tmp_path / "no-requeues"
+    result = fitscale_launch(
+        "recipes/demo.yaml", "--cluster", "local-slurm", "--time", "1",
+        *run_overrides(synth_data, run_dir, "checkpoint.interval=1", "launch.signal_delay_s=25",
+                       "launch.max_timeout_requeues=0"),
+        "--wait",
+    )  # fmt: skip
+    assert result.returncode == 1
+    report = result.stderr.strip().splitlines()[-1]
+    assert " FAILED: task 0: " in report and "Job not requeued because: timed-out too many times." in report
+    job_id = report.split()[3]
+    assert int(scontrol_job(job_id)["Restarts"]) == 0
+    stopped = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")]
+    assert stopped and max(stopped) < RUN_STEPS  # the work up to the warning is kept
+
+
 def test_wrong_config_fails_fast_and_launch_reports_the_reason(slurm_cluster, tmp_path):
     run_dir = tmp_path / "broken"
     missing = tmp_path / "no-such-dataset"
