@@ -183,9 +183,16 @@ def _load_on_other_world_size(rank: int, world_size: int, run_dir: str) -> None:
     manager.close()
 
 
-def test_fsdp_checkpoint_reshards_to_one_and_four_ranks_and_keeps_per_rank_state(tmp_path):
+def _two_rank_checks(rank: int, world_size: int, run_dir: str, async_run_dir: str) -> None:
+    _save_on_two_ranks(rank, world_size, run_dir)
+    _async_and_signals(rank, world_size, async_run_dir)  # shares the processes: they are slow to start
+
+
+def test_fsdp_checkpoint_reshards_async_saves_and_signals_on_one_rank(tmp_path):
+    """2 ranks save (per-rank values kept), then 1 and 4 ranks load and train on; an async save with
+    signals that reach one rank; the offline export of the 2-rank checkpoint."""
     run_dir = str(tmp_path / "run")
-    spawn(_save_on_two_ranks, 2, tmp_path, run_dir)
+    spawn(_two_rank_checks, 2, tmp_path, run_dir, str(tmp_path / "async_run"))
     for world_size in (1, 4):
         spawn(_load_on_other_world_size, world_size, tmp_path, run_dir)
 
@@ -224,10 +231,6 @@ def _async_and_signals(rank: int, world_size: int, run_dir: str) -> None:
     assert manager.exit_requested  # on both ranks, though only rank 1 was signalled
     assert manager.complete_steps() == [1, 3]  # an exit save is published before maybe_save returns
     manager.close()
-
-
-def test_async_save_and_a_signal_on_one_rank(tmp_path):
-    spawn(_async_and_signals, 2, tmp_path, str(tmp_path / "run"))
 
 
 KILLED_WRITER = textwrap.dedent(
