@@ -182,6 +182,8 @@ def run_local(
 
     if plan.problems:
         raise ConfigError("; ".join(plan.problems))
+    if plan.resources.nodes > 1 and master_port is None:
+        raise ValueError("a multi-node launch needs an explicit master_port that every node agrees on")
     args = ["train", str(recipe), "--set", *overrides, f"train.run_dir={plan.run_dir}"]
     rundir.append_launch_record(
         plan.run_dir,
