@@ -161,6 +161,10 @@ wait_for_node() {
 }
 
 cmd_start() {
+  if [ "$(id -u)" != 0 ] && pid_alive "$STATE_DIR/run/slurmctld.pid" && pid_alive "$STATE_DIR/run/slurmd.pid"; then
+    log "already running (not root: configuration left as it is)"
+    return
+  fi
   cmd_install
   need_root start
   write_munge_key
