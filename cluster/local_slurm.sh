@@ -32,8 +32,8 @@ need_root() {
   [ "$(id -u)" = 0 ] || die "'$1' needs root (it installs packages and starts system daemons); rerun with sudo"
 }
 
-pid_alive() { # pid file -> running?
-  [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+pid_alive() { # pid file -> running? (/proc, not kill -0: that fails on root's daemons for other users)
+  [ -s "$1" ] && [ -d "/proc/$(cat "$1")" ]
 }
 
 installed() { command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; }
