@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+PARENT_ENV = "FITSCALE_TRAIN_PARENT"  # set for the ranks this process starts
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a model from a YAML recipe")
@@ -47,7 +49,8 @@ def run_train(args: argparse.Namespace) -> int:
         from fitscale.train.trainer import Trainer
 
         step = Trainer(config).train()
-        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+        if rank == 0 and PARENT_ENV not in os.environ:  # else the parent reports, after its closing steps
             print(summary_line(config, step))
         return 0
     nproc = args.nproc or config.launch.tasks_per_node or 1
@@ -68,7 +71,7 @@ def run_train(args: argparse.Namespace) -> int:
             "--set",
             *args.overrides,
         ]
-        code = subprocess.call(command)
+        code = subprocess.call(command, env={**os.environ, PARENT_ENV: "1"})
         if code != 0:
             return code
     else:
@@ -86,19 +89,15 @@ def check_before_launch(config) -> None:
     matches nothing (checked on a meta-device model) and a run folder held by a live run."""
     import torch
 
-    from fitscale.cli import CommandError
     from fitscale.models import build_model
-    from fitscale.train.state import RunFolderInUseError, RunLock
+    from fitscale.train.state import RunLock
     from fitscale.train.trainer import apply_trainable_patterns
 
     with torch.device("meta"):
         model = build_model(config.model.name, **dict(config.model.overrides))
     apply_trainable_patterns(model, list(config.train.trainable))
-    try:
-        with RunLock(config.train.run_dir):
-            pass
-    except RunFolderInUseError as error:
-        raise CommandError(str(error)) from None
+    with RunLock(config.train.run_dir):  # RunFolderInUseError if a live run holds it
+        pass
 
 
 def maybe_prepare_digits(path: str | None) -> None:

@@ -230,7 +230,9 @@ class MetricsLogger:
             id=run_id,
             resume="allow",
             config=config,
-            settings=wandb.Settings(console="off"),
+            # No metadata record: it stores sys.argv, where `--set` overrides may carry credentials;
+            # the scrubbed config above is what describes the run.
+            settings=wandb.Settings(console="off", x_disable_meta=True),
         )
 
     def event(self, name: str, step: int, **info: Any) -> None:

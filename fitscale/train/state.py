@@ -59,8 +59,8 @@ class Progress:
             setattr(self, key, int(value))
 
 
-class RunFolderInUseError(RuntimeError):
-    """Another live process holds the run folder."""
+class RunFolderInUseError(FileExistsError):
+    """Another live process holds the run folder (a FileExistsError, so the CLI reports it in one line)."""
 
 
 class RunLock:

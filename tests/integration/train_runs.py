@@ -58,7 +58,8 @@ def metric_records(run_dir: Path) -> dict[int, dict]:
 
 
 def checkpoint_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    """Every tensor of a DCP checkpoint, gathered in one process (model, optimizer, EMA, ...)."""
+    """Every value of a DCP checkpoint, gathered in one process (model, optimizer, EMA, RNG, data
+    position, counters), flattened to dotted keys; numbers become 0-d tensors so all compare alike."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     target = run_dir / f"full-{step}.pt"
@@ -69,6 +70,8 @@ def checkpoint_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     def walk(prefix: str, value) -> None:
         if isinstance(value, torch.Tensor):
             flat[prefix] = value
+        elif isinstance(value, (bool, int, float)):
+            flat[prefix] = torch.tensor(value)
         elif isinstance(value, dict):
             for key, item in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), item)
