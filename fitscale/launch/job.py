@@ -85,12 +85,16 @@ class TrainingJob:
         from fitscale.train.trainer import Trainer
 
         trainer = Trainer(config)  # its checkpoint manager now owns SIGTERM/SIGUSR2
+        early.watch_time_limit()
         early.replay()
         step = trainer.train()
         early.restore()  # the trainer handed the signals back to our recorders; give them back to submitit
         if step >= config.train.steps:
             return {"run_dir": self.run_dir, "step": step, "job_id": os.environ.get("SLURM_JOB_ID")}
-        self._after_interrupt(trainer.checkpoints.last_signal, step, submitit_handler)
+        # A time-limit warning wins over a later SIGTERM (the limit itself, or a preemption that sends
+        # both): the run has its checkpoint, so it requeues, within the requeue limit.
+        last = TIME_LIMIT_SIGNAL if early.time_limit_warned else trainer.checkpoints.last_signal
+        self._after_interrupt(last, step, submitit_handler)
         raise AssertionError("unreachable")  # _after_interrupt always exits
 
     def _after_interrupt(self, last_signal: str | None, step: int, submitit_handler: Any) -> None:
@@ -128,11 +132,25 @@ class _EarlySignals:
 
     def __init__(self) -> None:
         self.pending: list[int] = []
+        self.time_limit_warned = False
         self.previous = {signum: signal.signal(signum, self._record) for signum in self.SIGNALS}
 
     def _record(self, signum: int, _frame: Any) -> None:
         log.info("%s during start-up; handing it to the trainer once it runs", signal.Signals(signum).name)
+        self.time_limit_warned |= signum == signal.SIGUSR2
         self.pending.append(signum)
+
+    def watch_time_limit(self) -> None:
+        """Also note SIGUSR2 while the trainer's handler owns it (the trainer only keeps the last signal)."""
+        trainer_handler = signal.getsignal(signal.SIGUSR2)
+
+        def note_and_forward(signum: int, frame: Any) -> None:
+            self.time_limit_warned = True
+            if callable(trainer_handler):
+                trainer_handler(signum, frame)
+
+        if callable(trainer_handler):
+            signal.signal(signal.SIGUSR2, note_and_forward)
 
     def replay(self) -> None:
         for signum in dict.fromkeys(self.pending):
