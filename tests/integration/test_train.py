@@ -19,7 +19,7 @@ from train_runs import checkpoint_tensors, losses, model_weights, run
 
 pytestmark = pytest.mark.slow
 
-PAD = {"pad_to": 64}  # the worker's micro-batches hold at most 4 images of at most 25 tokens
+PAD = {"pad_to": 128}  # a micro-batch holds at most 4 images (1 rank) of at most 25 tokens
 REFERENCE = ["train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=0"]
 
 
