@@ -121,7 +121,7 @@ def fitscale(*args: str) -> subprocess.CompletedProcess:
 def test_dry_run_prints_resources_batch_script_and_config(tmp_path):
     result = fitscale(
         "launch", "recipes/demo.yaml", "--cluster", "example-cluster", "--nodes", "4",
-        "--set", f"train.run_dir={tmp_path / 'xl'}", "--dry-run", "--json",
+        "--set", f"train.run_dir={tmp_path / 'xl'}", "launch.tasks_per_node=null", "--dry-run", "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
@@ -151,7 +151,7 @@ def test_dry_run_prints_resources_batch_script_and_config(tmp_path):
 def test_dry_run_rejects_a_batch_that_does_not_divide_over_ranks(tmp_path):
     result = fitscale(
         "launch", "recipes/demo.yaml", "--cluster", "example-cluster", "--nodes", "3",
-        "--set", f"train.run_dir={tmp_path}", "--dry-run",
+        "--set", f"train.run_dir={tmp_path}", "launch.tasks_per_node=null", "--dry-run",
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
