@@ -59,7 +59,7 @@ def metric_records(run_dir: Path) -> dict[int, dict]:
 
 def checkpoint_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     """Every value of a DCP checkpoint, gathered in one process (model, optimizer, EMA, RNG, data
-    position, counters), flattened to dotted keys; numbers become 0-d tensors so all compare alike."""
+    position, counters, per-rank RNG blobs), flattened to dotted keys; numbers become 0-d tensors so all compare alike."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     target = run_dir / f"full-{step}.pt"
@@ -72,6 +72,8 @@ def checkpoint_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
             flat[prefix] = value
         elif isinstance(value, (bool, int, float)):
             flat[prefix] = torch.tensor(value)
+        elif isinstance(value, bytes):  # a per-rank blob (RNG states)
+            flat[prefix] = torch.frombuffer(bytearray(value), dtype=torch.uint8)
         elif isinstance(value, dict):
             for key, item in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), item)
