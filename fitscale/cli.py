@@ -60,4 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m fitscale.cli`: run the imported module's main, so that commands raising
+    # fitscale.cli.CommandError are caught by the same class.
+    from fitscale.cli import main as entry_point
+
+    sys.exit(entry_point())

@@ -112,6 +112,16 @@ def _first_line(error: BaseException) -> str:
     return (getattr(error, "msg", None) or str(error)).strip().splitlines()[0]
 
 
+# YAML 1.1 reads these as booleans; passed as strings, string fields ("off" modes) keep them and
+# boolean fields still parse them as booleans.
+_YAML11_WORDS = {"on", "off", "yes", "no", "y", "n"}
+
+
+def _keep_yaml11_words(item: str) -> str:
+    key, value = item.split("=", 1)
+    return f"{key}='{value}'" if value.strip().lower() in _YAML11_WORDS else item
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a recipe (YAML) and `key=value` overrides onto the defaults and validate the result."""
     from omegaconf import OmegaConf
@@ -132,7 +142,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
             raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.steps=100")
     if overrides:
         try:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(OmegaConf.from_dotlist([_keep_yaml11_words(item) for item in overrides]))
         except OmegaConfBaseException as error:
             raise ConfigError(f"overrides {list(overrides)}: {error}") from error
     try:
