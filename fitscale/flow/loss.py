@@ -58,6 +58,29 @@ def per_image_noise(
     return timesteps, noise
 
 
+LABEL_STREAM = 0x1ABE1  # separates the label-dropout draw from the image's noise stream
+
+
+def per_image_label_dropout(
+    batch: PackedBatch, seed: int, step: int, prob: float, null_class: int
+) -> torch.Tensor:
+    """Labels (S,) with each real image's label replaced by the null class with probability `prob`.
+
+    The draw of an image comes from its own seed (run seed, step, sample id), like its noise, so
+    which labels are dropped does not depend on how the step's images are split over ranks or
+    micro-batches (the model's own dropout would draw from each rank's RNG stream instead).
+    """
+    labels = batch.labels.clone()
+    if prob <= 0:
+        return labels
+    generator = torch.Generator()
+    for index, sample_id in enumerate(batch.sample_ids[: batch.num_images].tolist()):
+        generator.manual_seed(image_seed(seed ^ LABEL_STREAM, step, sample_id))
+        if float(torch.rand(1, generator=generator)) < prob:
+            labels[index] = null_class
+    return labels
+
+
 @dataclass
 class FlowLossOutput:
     loss: torch.Tensor  # scalar: sum_i w_i L_i / N_global over this micro-batch's images (backward this)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from fitscale.config import RunConfig, to_yaml
 from fitscale.config.errors import ConfigError
-from fitscale.flow import flow_loss, per_image_noise
+from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
 from fitscale.parallel import (
     DistributedEnv,
     apply_ac,
@@ -133,8 +133,15 @@ class Trainer:
         model.init_weights()  # also fills buffers; the weights are replaced just below
         self._load_initial_weights(model)
         self._apply_trainable(model)
+        self._move_label_dropout_to_loss(model)
         seed_rank(cfg.train.seed, self.env.rank)
         return model
+
+    def _move_label_dropout_to_loss(self, model: torch.nn.Module) -> None:
+        """Label dropout is drawn per image in the step (per_image_label_dropout), not by the model."""
+        self.label_dropout = model.config.class_dropout_prob
+        self.null_class = model.config.num_classes
+        model.y_embedder.dropout_prob = 0.0
 
     def _load_initial_weights(self, model: torch.nn.Module) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -160,6 +167,7 @@ class Trainer:
         model.load_state_dict(self._full_initial_state())
         apply_ac(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
         self._apply_trainable(model)
+        self._move_label_dropout_to_loss(model)
         seed_rank(cfg.train.seed, self.env.rank)
         return model.to(self.env.device)
 
@@ -291,6 +299,8 @@ class Trainer:
         for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             timesteps, noise = per_image_noise(micro, cfg.train.seed, step, cfg.train.flow)
+            labels = per_image_label_dropout(micro, cfg.train.seed, step, self.label_dropout, self.null_class)
+            micro = replace(micro, labels=labels)
             lengths = (micro.cu_seqlens[1:] - micro.cu_seqlens[:-1])[: micro.num_images].tolist()
             seqlens.extend(lengths)
             batch = micro.to(self.env.device)

@@ -63,3 +63,22 @@ def test_noise_depends_on_sample_not_on_batch_position():
     assert torch.equal(t1[1], t2[0]) and torch.equal(n1[4:], n2)
     _, other_step = per_image_noise(alone, 5, 4, FlowConfig())
     assert not torch.equal(other_step, n2)
+
+
+def test_label_dropout_is_drawn_per_image_whatever_the_batch():
+    """The same image at the same step loses its label or not, whichever batch it is packed in."""
+    import torch
+
+    from fitscale.data.batch import pack_images
+    from fitscale.flow import per_image_label_dropout
+
+    images = [torch.zeros(16, 16) for _ in range(40)]
+    grids, labels, ids = [(4, 4)] * 40, [i % 10 for i in range(40)], list(range(100, 140))
+    whole = pack_images(images, grids, labels, ids, token_budget=700, null_class=10)
+    dropped = per_image_label_dropout(whole, seed=7, step=3, prob=0.5, null_class=10)
+    assert 5 < int((dropped[:40] == 10).sum()) < 35
+    assert dropped[40] == 10  # the padding segment keeps the null class
+    half = pack_images(images[::2], grids[::2], labels[::2], ids[::2], null_class=10)
+    assert torch.equal(per_image_label_dropout(half, 7, 3, 0.5, 10), dropped[:40:2])
+    assert not torch.equal(per_image_label_dropout(whole, 7, 4, 0.5, 10), dropped)  # a new draw per step
+    assert torch.equal(per_image_label_dropout(whole, 7, 3, 0.0, 10), whole.labels)
