@@ -118,7 +118,12 @@ def test_padded_baseline_computes_the_packed_function():
         expected = model(packed.tokens, t, packed.labels, packed.pos, packed.cu_seqlens, packed.max_seqlen)
         model.config = model.config.replace(attn_backend="padded")
         tokens = torch.cat([torch.cat([img, torch.zeros(n - img.shape[0], 16)]) for img in images])
-        pos = torch.cat([torch.cat([grid_positions(*g), torch.zeros(n - g[0] * g[1], 2, dtype=torch.int64)]) for g in grids])
+        pos = torch.cat(
+            [
+                torch.cat([grid_positions(*g), torch.zeros(n - g[0] * g[1], 2, dtype=torch.int64)])
+                for g in grids
+            ]
+        )
         cu = torch.arange(4, dtype=torch.int32) * n
         out = model(tokens, t, packed.labels, pos, cu, n, sizes=packed.sizes)
     real = torch.cat([torch.arange(i * n, i * n + r * c) for i, (r, c) in enumerate(grids)])
