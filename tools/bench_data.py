@@ -1,115 +1,220 @@
 """Loader throughput: fitscale's Streaming loader vs one safetensors file per image.
 
 The baseline is the release's way: a plain PyTorch DataLoader whose dataset opens one
-safetensors file per image (`feature` (2, h, w, 16)), picks a flip and pads the image to the
-token limit. Both read the same synthetic images; both use N worker processes.
+safetensors file per image (`feature` (2, h, w, 16), `grid`, `size`, `label`), picks the resized
+or the centre-crop file and a flip at random, pads tokens, grid and mask to the token limit and
+goes through the default collate. Its workers persist across epochs (kinder to the baseline than
+restarting them every epoch). fitscale's loader runs in "images" mode with the same batch of
+images per step, the same worker count and the same flip / crop probabilities, on the same
+images written as MDS shards.
 
-    python tools/bench_data.py --num-images 4000 --workers 2 --out /tmp/bench_data
+Each loader runs in its own process, alternating, `--rounds` times. Start-up (construction to
+first batch) is reported apart from the steady state: images and real (unpadded) tokens per
+second over a fixed window that begins after `--warmup` seconds of batches.
+
+    python tools/bench_data.py --num-images 30000 --workers 2 --out /tmp/bench_data
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+LIMIT = 256  # token limit the dataset is written for (256x256 images)
+TOKEN_DIM = 16
+
 
 class PerFileDataset(torch.utils.data.Dataset):
-    def __init__(self, files: list[Path], limit: int):
+    """The release's dataset: one file per image (two for images with a centre-crop variant)."""
+
+    def __init__(self, files: list[list[Path]], limit: int):
         self.files, self.limit = files, limit
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        tensors = load_file(self.files[index])
-        feature = tensors["feature"][index % 2].reshape(-1, 16).float()
-        padded = torch.zeros(self.limit, 16)
-        padded[: feature.shape[0]] = feature
-        return padded, feature.shape[0], int(tensors["label"])
+        tensors = load_file(random.choice(self.files[index]))
+        feature = tensors["feature"][random.randrange(2)].reshape(-1, TOKEN_DIM).float()
+        length = feature.shape[0]
+        tokens = torch.zeros(self.limit, TOKEN_DIM)
+        tokens[:length] = feature
+        grid = torch.zeros(2, self.limit, dtype=torch.int64)
+        grid[:, :length] = tensors["grid"]
+        mask = torch.zeros(self.limit, dtype=torch.bool)
+        mask[:length] = True
+        return {
+            "tokens": tokens,
+            "grid": grid,
+            "mask": mask,
+            "size": tensors["size"],
+            "label": tensors["label"],
+        }
 
 
-def write_per_file(folder: Path, dataset: Path) -> list[Path]:
+def release_file(path: Path, variants: np.ndarray, rows: int, cols: int, label: int) -> None:
     from safetensors.numpy import save_file
+
+    feature = np.ascontiguousarray(variants.reshape(2, rows, cols, TOKEN_DIM))
+    row, col = np.divmod(np.arange(rows * cols), cols)
+    grid = np.stack([col, row]).astype(np.int64)  # column then row index, as released
+    size = np.array([rows, cols], np.int64)
+    save_file({"feature": feature, "grid": grid, "size": size, "label": np.array(label)}, str(path))
+
+
+def write_per_file(folder: Path, dataset: Path) -> list[list[Path]]:
+    """The MDS dataset as release-style files; resized and crop variants as separate files."""
     from streaming.base.local import LocalDataset
 
+    listing = folder / "files.json"
+    if listing.exists():
+        return [[folder / name for name in names] for names in json.loads(listing.read_text())]
     folder.mkdir(parents=True, exist_ok=True)
     data, files = LocalDataset(str(dataset)), []
     for index in range(data.num_samples):
-        sample = data[index]
-        path = folder / f"{index:07d}.safetensors"
-        if not path.exists():
-            feature = sample["tokens"].reshape(2, sample["rows"], sample["cols"], 16)
-            size = np.array([sample["rows"], sample["cols"]])
-            save_file({"feature": feature, "size": size, "label": np.array(sample["label"])}, str(path))
-        files.append(path)
+        resized, crop = folder / f"{index:07d}.safetensors", folder / f"{index:07d}_crop.safetensors"
+        sample = None
+        if not resized.exists():
+            sample = data[index]
+            release_file(resized, sample["tokens"], sample["rows"], sample["cols"], sample["label"])
+            if sample["crop_rows"]:
+                release_file(crop, sample["crop"], sample["crop_rows"], sample["crop_cols"], sample["label"])
+        files.append([resized, crop] if crop.exists() else [resized])
+    listing.write_text(json.dumps([[path.name for path in paths] for paths in files]))
     return files
 
 
-def bench_per_file(files: list[Path], limit: int, workers: int, batch: int) -> dict:
+def per_file_batches(args: argparse.Namespace, files: list[list[Path]]) -> Iterator[tuple[int, int]]:
     loader = torch.utils.data.DataLoader(
-        PerFileDataset(files, limit), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
+        PerFileDataset(files, LIMIT),
+        batch_size=args.batch,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=True,
+        persistent_workers=args.workers > 0,
     )
-    images = tokens = 0
-    start = time.perf_counter()
-    for _, lengths, _ in loader:
-        images += len(lengths)
-        tokens += int(lengths.sum())
-    seconds = time.perf_counter() - start
-    return {"images_per_s": images / seconds, "real_tokens_per_s": tokens / seconds, "seconds": seconds}
+    while True:
+        for batch in loader:
+            yield int(batch["mask"].shape[0]), int(batch["mask"].sum())
 
 
-def bench_ours(dataset: Path, workers: int, batch: int, budget: int, num_images: int) -> dict:
+def fitscale_batches(args: argparse.Namespace) -> Iterator[tuple[int, int]]:
     from fitscale.config.data import DataConfig
     from fitscale.data import build_loader
 
-    cfg = DataConfig(path=str(dataset), global_batch_size=batch, token_budget=budget, num_workers=workers)
-    loader = build_loader(cfg, 0, 1)
-    images = tokens = 0
-    start = time.perf_counter()
-    for step in loader:
-        images += sum(mb.num_images for mb in step.micro_batches)
-        tokens += sum(mb.num_real_tokens for mb in step.micro_batches)
-        if images >= num_images - batch:
+    cfg = DataConfig(
+        path=str(Path(args.out) / "mds"),
+        global_batch_size=args.batch,
+        token_budget=args.token_budget,
+        num_workers=args.workers,
+        max_image_tokens=LIMIT,
+    )
+    for step in build_loader(cfg, 0, 1):
+        yield (
+            sum(mb.num_images for mb in step.micro_batches),
+            sum(mb.num_real_tokens for mb in step.micro_batches),
+        )
+
+
+def measure(batches: Iterator[tuple[int, int]], start: float, warmup: float, window: float) -> dict:
+    """Start-up to the first batch, then throughput over `window` seconds after `warmup`."""
+    next(batches)
+    startup = time.perf_counter() - start
+    began = time.perf_counter()
+    for _ in batches:
+        if time.perf_counter() - began >= warmup:
             break
-    seconds = time.perf_counter() - start
-    return {"images_per_s": images / seconds, "real_tokens_per_s": tokens / seconds, "seconds": seconds}
+    images = tokens = 0
+    began = time.perf_counter()
+    for num_images, num_tokens in batches:
+        images, tokens = images + num_images, tokens + num_tokens
+        seconds = time.perf_counter() - began
+        if seconds >= window:
+            break
+    batches.close()
+    return {
+        "startup_s": startup,
+        "images_per_s": images / seconds,
+        "real_tokens_per_s": tokens / seconds,
+        "measured_images": images,
+    }
+
+
+def prepare(args: argparse.Namespace) -> None:
+    from fitscale.data.sources import build_synth
+    from fitscale.data.writer import WriteSettings, write_dataset
+
+    dataset = Path(args.out) / "mds"
+    if not (dataset / "fitscale.json").exists():
+        settings = WriteSettings(writer="synth", options={"seed": 0, "num_images": args.num_images})
+        write_dataset(dataset, range(args.num_images), build_synth(0, LIMIT, 1000, "float16"), settings)
+    meta = json.loads((dataset / "fitscale.json").read_text())
+    if meta["num_samples"] != args.num_images:
+        raise SystemExit(
+            f"{dataset} holds {meta['num_samples']} images, not {args.num_images}; use another --out"
+        )
+    write_per_file(Path(args.out) / "files", dataset)
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    if args.only == "fitscale":
+        start = time.perf_counter()
+        batches = fitscale_batches(args)
+    else:
+        files = write_per_file(Path(args.out) / "files", Path(args.out) / "mds")  # the file listing
+        start = time.perf_counter()
+        batches = per_file_batches(args, files)
+    return measure(batches, start, args.warmup, args.window)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/bench_data")
-    parser.add_argument("--num-images", type=int, default=4000)
+    parser.add_argument("--num-images", type=int, default=30000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--token-budget", type=int, default=8192)
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of batches before measuring")
+    parser.add_argument("--window", type=float, default=20.0, help="seconds measured per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each loader, alternating")
+    parser.add_argument("--only", choices=("fitscale", "per_file"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    from fitscale.data.sources import build_synth
-    from fitscale.data.writer import WriteSettings, write_dataset
-
-    out = Path(args.out)
-    dataset = out / "mds"
-    if not (dataset / "fitscale.json").exists():
-        settings = WriteSettings(writer="synth", options={"seed": 0, "num_images": args.num_images})
-        write_dataset(dataset, range(args.num_images), build_synth(0, 256, 1000, "float16"), settings)
-    files = write_per_file(out / "files", dataset)
-    ours = bench_ours(dataset, args.workers, args.batch, args.token_budget, args.num_images)
-    baseline = bench_per_file(files, 256, args.workers, args.batch)
+    if args.only:
+        print(json.dumps(run_one(args)))
+        return
+    prepare(args)
+    runs: dict[str, list[dict]] = {"fitscale": [], "per_file": []}
+    for _ in range(args.rounds):
+        for name in runs:
+            command = [sys.executable, __file__, *sys.argv[1:], "--only", name]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs[name].append(json.loads(output.strip().splitlines()[-1]))
+    summary = {
+        name: {key: statistics.median(r[key] for r in results) for key in results[0]}
+        for name, results in runs.items()
+    }
     print(
         json.dumps(
             {
                 "images": args.num_images,
                 "workers": args.workers,
-                "fitscale": ours,
-                "per_file": baseline,
-                "speedup_images": ours["images_per_s"] / baseline["images_per_s"],
+                "runs": runs,
+                "median": summary,
+                "speedup_images": summary["fitscale"]["images_per_s"] / summary["per_file"]["images_per_s"],
+                "speedup_real_tokens": summary["fitscale"]["real_tokens_per_s"]
+                / summary["per_file"]["real_tokens_per_s"],
             },
             indent=1,
         )
