@@ -19,23 +19,32 @@ Each node caches the shards it reads (every rank reads samples from every shard)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fitscale.config.data import DataConfig
-from fitscale.data.batch import PackedBatch, pack_images, padding_batch
+from fitscale.data.batch import PackedBatch, padding_batch
 from fitscale.data.format import (
+    COLS,
+    CROP_COLS,
+    CROP_ROWS,
+    LABEL,
     META_FILE,
+    ROWS,
     SAMPLES_FILE,
+    SOURCE_ID,
     TOKEN_DIM,
     check_local_shards,
+    read_index,
     read_meta,
     read_sample_table,
 )
 from fitscale.data.packing import PlannedImage, SampleCatalog, StepPlanner
+from fitscale.data.reader import ShardReader
 
 STATE_VERSION = 1
 
@@ -56,6 +65,10 @@ class MicroBatchPlan:
     images: list[PlannedImage]
     global_num_images: int | None
 
+    def work(self) -> np.ndarray:
+        """What a worker needs to build the micro-batch: (N, 3) int64 of sample, crop, flip."""
+        return np.array([image[1:4] for image in self.images], dtype=np.int64).reshape(-1, 3)
+
 
 def fetch_remote_file(remote: str, local: Path, timeout: float) -> None:
     """Download `remote` to `local` unless present; a per-process temporary name avoids races."""
@@ -70,11 +83,9 @@ def fetch_remote_file(remote: str, local: Path, timeout: float) -> None:
 
 
 def open_streaming_dataset(path: str, remote: str | None, cfg: DataConfig):
-    """A StreamingDataset used for random access by global sample index."""
+    """The StreamingDataset that brings shards into `path`: downloads, decompression, eviction."""
     from streaming import StreamingDataset
 
-    if remote is None:
-        check_local_shards(path)  # names a missing or truncated shard before training starts
     return StreamingDataset(
         local=path,
         remote=remote,
@@ -85,80 +96,177 @@ def open_streaming_dataset(path: str, remote: str | None, cfg: DataConfig):
     )
 
 
-class MaterializeMicroBatch:
-    """Reads the planned samples and packs them; runs inside the worker processes."""
+def open_shard_reader(path: Path, cfg: DataConfig) -> ShardReader:
+    """Direct reads of the shards in `path`, which a StreamingDataset fills when it is a cache.
 
-    def __init__(self, dataset, cfg: DataConfig, where: str):
-        self.dataset, self.where = dataset, where
+    A local dataset of uncompressed shards needs no StreamingDataset at all (importing Streaming
+    alone takes seconds); a remote one, or compressed shards not yet unpacked, does.
+    """
+    if cfg.remote is not None:
+        cache = open_streaming_dataset(str(path), cfg.remote, cfg)
+        return ShardReader(path, read_index(path), cache)
+    check_local_shards(path)  # names a missing or truncated shard before training starts
+    index = read_index(path)
+    packed = any(
+        shard.get("zip_data") and not (path / shard["raw_data"]["basename"]).exists()
+        for shard in index["shards"]
+    )
+    cache = open_streaming_dataset(str(path), None, cfg) if packed else None
+    return ShardReader(path, index, cache)
+
+
+class PipedBatch(PackedBatch):
+    """A PackedBatch that crosses from a worker process to the trainer as plain array bytes.
+
+    torch pickles every tensor as its own shared-memory segment whose file descriptor the
+    receiver then fetches from the sender, several milliseconds per tensor; copying a
+    micro-batch's few hundred kilobytes through the pipe costs a fraction of that
+    (docs/benchmarks.md, "Data loader"). It arrives as a plain PackedBatch.
+    """
+
+    def __reduce__(self):
+        values = {f.name: getattr(self, f.name) for f in fields(PackedBatch)}
+        return _unpipe, ({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in values.items()},)
+
+
+def _unpipe(values: dict) -> PackedBatch:
+    return PackedBatch(
+        **{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in values.items()}
+    )
+
+
+class MaterializeMicroBatch:
+    """Reads the planned samples and packs them; runs inside the worker processes.
+
+    One pass per micro-batch: each image's chosen variant is copied from the mapped shard
+    straight into one float32 token buffer; positions, boundaries and labels come from a few
+    vectorised expressions over the sample table; NaN / inf is checked once over the buffer
+    (the image at fault is looked up only then). The result equals `pack_images` of the
+    decoded samples, bit for bit.
+    """
+
+    def __init__(self, reader: ShardReader, table: np.ndarray, cfg: DataConfig, where: str):
+        self.reader, self.table, self.where = reader, table, where
         self.pad_to = cfg.token_budget if cfg.pad_to_budget else None
         self.null_class = cfg.num_classes
 
-    def shard_name(self, index: int) -> str:
-        shard_id, _ = self.dataset.spanner[index]
-        return self.dataset.shards[shard_id].raw_data.basename
-
-    def read(self, image: PlannedImage) -> tuple[torch.Tensor, tuple[int, int], int, int]:
+    def describe(self, index: int) -> str:
+        shard, local = (int(v[0]) for v in self.reader.locate(np.asarray([index])))
         try:
-            sample = self.dataset[image.index]
-        except Exception as error:
-            raise ValueError(
-                f"{self.where}: sample {image.index} in shard {self.shard_name(image.index)} cannot be "
-                f"read ({type(error).__name__}: {error}); the shard is corrupt, rewrite the dataset"
-            ) from error
-        where = f"{self.where}: sample {image.index} (source {sample['source']!r}, shard {self.shard_name(image.index)})"
-        variants = sample["crop"] if image.crop else sample["tokens"]
-        rows, cols = (
-            (sample["crop_rows"], sample["crop_cols"]) if image.crop else (sample["rows"], sample["cols"])
-        )
-        if variants.ndim != 3 or variants.shape[2] != TOKEN_DIM or variants.shape[1] != rows * cols:
-            raise ValueError(
-                f"{where}: tokens of shape {tuple(variants.shape)}, expected (V, {rows * cols}, {TOKEN_DIM}) "
-                "for its grid and p*p*C; rewrite the dataset"
-            )
-        tokens = torch.from_numpy(np.array(variants[1 if image.flip else 0], dtype=np.float32))
-        if not torch.isfinite(tokens).all():
-            raise ValueError(f"{where}: latents hold NaN or inf; rewrite the dataset")
-        return tokens, (int(rows), int(cols)), int(sample["label"]), int(sample["source_id"])
+            source = repr(self.reader.source(shard, local))
+        except Exception:  # the shard is already known to be damaged; name what we can
+            source = "unreadable"
+        return f"{self.where}: sample {index} (source {source}, shard {self.reader.layouts[shard].basename})"
 
-    def __call__(self, plan: MicroBatchPlan) -> tuple[MicroBatchPlan, PackedBatch]:
-        if not plan.images:
-            return plan, padding_batch(self.pad_to or 1, TOKEN_DIM, self.null_class)
-        tokens, grids, labels, ids = zip(*(self.read(image) for image in plan.images))
-        batch = pack_images(list(tokens), list(grids), list(labels), list(ids), self.pad_to, self.null_class)
-        return plan, batch
+    def copy_tokens(self, work: np.ndarray, lengths: np.ndarray, out: np.ndarray) -> None:
+        shards, locals_ = self.reader.locate(work[:, 0])
+        start = 0
+        for (index, crop, flip), shard, local, length in zip(
+            work.tolist(), shards.tolist(), locals_.tolist(), lengths.tolist()
+        ):
+            try:
+                variants = self.reader.variants(shard, local, crop)
+            except Exception as error:
+                raise ValueError(
+                    f"{self.where}: sample {index} in shard {self.reader.layouts[shard].basename} cannot "
+                    f"be read ({type(error).__name__}: {error}); the shard is corrupt, rewrite the dataset"
+                ) from error
+            shape = variants.shape
+            if len(shape) != 3 or shape[2] != TOKEN_DIM or shape[1] != length or shape[0] <= flip:
+                raise ValueError(
+                    f"{self.describe(index)}: tokens of shape {shape}, expected "
+                    f"(V, {length}, {TOKEN_DIM}) for its grid and p*p*C; rewrite the dataset"
+                )
+            out[start : start + length] = variants[flip]
+            start += length
+
+    def __call__(self, work: np.ndarray) -> PackedBatch:
+        """The packed micro-batch of `work` (`MicroBatchPlan.work`)."""
+        if not len(work):
+            return padding_batch(self.pad_to or 1, TOKEN_DIM, self.null_class)
+        rows_of = self.table[work[:, 0]]
+        crop = work[:, 1].astype(bool)
+        rows = np.where(crop, rows_of[:, CROP_ROWS], rows_of[:, ROWS])
+        cols = np.where(crop, rows_of[:, CROP_COLS], rows_of[:, COLS])
+        labels, ids = rows_of[:, LABEL], rows_of[:, SOURCE_ID]
+        lengths = rows * cols
+        total = int(lengths.sum())
+        pad = 0 if self.pad_to is None else self.pad_to - total
+        if pad < 0:
+            raise ValueError(f"{total} tokens do not fit the token budget of {self.pad_to}")
+        tokens = np.empty((total + pad, TOKEN_DIM), np.float32)
+        self.copy_tokens(work, lengths, tokens)
+        if not np.isfinite(tokens[:total]).all():
+            ends = np.cumsum(lengths)
+            bad = int(np.searchsorted(ends, np.flatnonzero(~np.isfinite(tokens[:total]).all(1))[0], "right"))
+            raise ValueError(
+                f"{self.describe(int(work[bad, 0]))}: latents hold NaN or inf; rewrite the dataset"
+            )
+        if pad:
+            tokens[total:] = 0.0
+            rows, cols = np.append(rows, 1), np.append(cols, pad)
+            labels, ids = np.append(labels, self.null_class), np.append(ids, -1)
+            lengths = np.append(lengths, pad)
+        cu_seqlens = np.zeros(lengths.size + 1, np.int32)
+        np.cumsum(lengths, out=cu_seqlens[1:])
+        within = np.arange(total + pad) - np.repeat(cu_seqlens[:-1].astype(np.int64), lengths)
+        width = np.repeat(cols, lengths)
+        return PipedBatch(
+            tokens=torch.from_numpy(tokens),
+            pos=torch.from_numpy(np.stack([within // width, within % width], axis=1)),
+            cu_seqlens=torch.from_numpy(cu_seqlens),
+            max_seqlen=int(lengths.max()),
+            labels=torch.from_numpy(labels.astype(np.int64)),
+            sizes=torch.from_numpy(np.stack([rows, cols], axis=1).astype(np.int64)),
+            sample_ids=torch.from_numpy(ids.astype(np.int64)),
+            num_images=len(work),
+        )
 
 
 def _plan_source_class():
     import torchdata.nodes as tn
 
     class PlanSource(tn.BaseNode):
-        """This rank's micro-batch plans; its state is the global planner state."""
+        """This rank's micro-batch work; its state is the global planner state.
+
+        The plans themselves (with the planner state after each step) stay in this process, in
+        `planned`, in the order of their work items; workers receive only `MicroBatchPlan.work`,
+        and the pipeline keeps that order (`in_order=True`), so the consumer pairs each packed
+        micro-batch with the next plan.
+        """
 
         def __init__(self, planner: StepPlanner, rank: int, world_size: int):
             super().__init__()
             self.planner, self.rank, self.world_size = planner, rank, world_size
-            self._queue: list[MicroBatchPlan] = []
+            self._queue: deque[MicroBatchPlan] = deque()
+            self.planned: deque[MicroBatchPlan] = deque()
 
         def reset(self, initial_state: dict | None = None) -> None:
             super().reset(initial_state)
             if initial_state is not None:
                 self.planner.load_state(initial_state)
-            self._queue = []
+            self._queue.clear()
+            self.planned.clear()
 
-        def next(self) -> MicroBatchPlan:
+        def next(self) -> np.ndarray:
+            plan = self.next_plan()
+            self.planned.append(plan)
+            return plan.work()
+
+        def next_plan(self) -> MicroBatchPlan:
             if not self._queue:
                 per_rank = self.planner.next_step(self.world_size)
                 step_state = self.planner.state()
                 mine = per_rank[self.rank]
                 num_images = sum(len(b) for bins in per_rank for b in bins)
                 global_images = num_images if self.planner.batch_mode == "images" else None
-                self._queue = [
+                self._queue.extend(
                     MicroBatchPlan(
                         step_state if k == len(mine) - 1 else None, k, len(mine), images, global_images
                     )
                     for k, images in enumerate(mine)
-                ]
-            return self._queue.pop(0)
+                )
+            return self._queue.popleft()
 
         def get_state(self) -> dict:
             return self.planner.state()
@@ -181,8 +289,9 @@ class LatentLoader:
             for name in (META_FILE, SAMPLES_FILE):
                 fetch_remote_file(f"{remote}/{name}", path / name, cfg.download_timeout)
         self.meta = read_meta(path)
-        self.dataset = open_streaming_dataset(str(path), cfg.remote, cfg)
-        table = read_sample_table(path, self.dataset.num_samples)
+        self.reader = open_shard_reader(path, cfg)
+        table = read_sample_table(path, int(self.reader.starts[-1]))
+        self.table = table
         self.catalog = SampleCatalog(
             table,
             seed=cfg.seed,
@@ -218,24 +327,32 @@ class LatentLoader:
         return int(self._state["epoch"])
 
     def _build_pipeline(self) -> list:
-        """The torchdata nodes from source to output; the last one is iterated."""
+        """The torchdata nodes from source to output; the last one is iterated.
+
+        The nodes take no snapshots of their sources (`snapshot_frequency=0`): the loader's own
+        state is the planner state carried by the plans, and a per-item snapshot would copy the
+        packer's waiting list for every micro-batch.
+        """
         import torchdata.nodes as tn
 
         cfg = self.cfg
-        source = _plan_source_class()(self._new_planner(), self.rank, self.world_size)
+        self._source = source = _plan_source_class()(self._new_planner(), self.rank, self.world_size)
         source.reset(self._state)
-        materialize = MaterializeMicroBatch(self.dataset, cfg, str(cfg.path))
-        if cfg.num_workers > 0:
-            nodes = [
-                tn.ParallelMapper(
-                    source, materialize, num_workers=cfg.num_workers, in_order=True, method=cfg.worker_method
-                )
-            ]
-        else:
-            nodes = [tn.Mapper(source, materialize)]
+        materialize = MaterializeMicroBatch(self.reader, self.table, cfg, str(cfg.path))
+        nodes = [
+            tn.ParallelMapper(
+                source,
+                materialize,
+                num_workers=cfg.num_workers,
+                in_order=True,
+                method=cfg.worker_method,
+                snapshot_frequency=0,
+            )
+        ]
         if cfg.pin_memory and torch.cuda.is_available():
-            nodes.append(tn.PinMemory(nodes[-1]))
-        nodes.append(tn.Prefetcher(nodes[-1], prefetch_factor=cfg.prefetch * max(1, cfg.num_workers)))
+            nodes.append(tn.PinMemory(nodes[-1], snapshot_frequency=0))
+        prefetch = cfg.prefetch * max(1, cfg.num_workers)
+        nodes.append(tn.Prefetcher(nodes[-1], prefetch_factor=prefetch, snapshot_frequency=0))
         return nodes
 
     def close(self) -> None:
@@ -253,7 +370,10 @@ class LatentLoader:
         self._nodes = self._build_pipeline()
         micro_batches: list[PackedBatch] = []
         try:
-            for plan, batch in self._nodes[-1]:
+            for batch in self._nodes[-1]:
+                plan = self._source.planned.popleft()
+                if batch.num_images != len(plan.images):
+                    raise RuntimeError("loader pipeline out of order: a micro-batch does not match its plan")
                 micro_batches.append(batch)
                 if plan.position == plan.count - 1:
                     self._state = plan.step_state

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -42,9 +42,22 @@ def sample_uniform(seed: int, epoch: int, sample: int, purpose: int) -> float:
     return (x >> 11) / float(1 << 53)
 
 
-@dataclass(frozen=True)
-class PlannedImage:
-    """One image of a plan: which sample, which stored variant, and its token count."""
+def sample_uniforms(seed: int, epoch: int, samples: np.ndarray, purpose: int) -> np.ndarray:
+    """`sample_uniform` of many samples at once, bit for bit (uint64 arithmetic wraps mod 2**64)."""
+    base = np.uint64((seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + purpose) & _MASK64)
+    x = samples.astype(np.uint64) * np.uint64(0x94D049BB133111EB) + base
+    for _ in range(2):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class PlannedImage(NamedTuple):
+    """One image of a plan: which sample, which stored variant, and its token count.
+
+    A named tuple: the planner makes one per image, and tuples are the cheapest to make.
+    """
 
     epoch: int
     index: int  # global sample index in the dataset
@@ -104,9 +117,27 @@ class SampleCatalog:
         length = int(self.crop_lengths[index] if crop else self.lengths[index])
         return PlannedImage(epoch, index, crop, flip, length)
 
+    def plan_many(self, epoch: int, indices: np.ndarray) -> list[PlannedImage]:
+        """`plan` of many samples of one epoch, vectorised (the planner's hot path)."""
+        crop = (self.crop_lengths[indices] > 0) & (
+            sample_uniforms(self.seed, epoch, indices, CROP) < self.crop_prob
+        )
+        flip = self.has_flip[indices] & (sample_uniforms(self.seed, epoch, indices, FLIP) < self.flip_prob)
+        length = np.where(crop, self.crop_lengths[indices], self.lengths[indices])
+        return [
+            PlannedImage(epoch, *fields)
+            for fields in zip(indices.tolist(), crop.tolist(), flip.tolist(), length.tolist())
+        ]
+
 
 class SampleStream:
-    """Eligible samples in a seeded per-epoch order, one epoch after another."""
+    """Eligible samples in a seeded per-epoch order, one epoch after another.
+
+    The next `BLOCK` plans of the order are made at once (`SampleCatalog.plan_many`); the state
+    is still just (epoch, cursor).
+    """
+
+    BLOCK = 4096
 
     def __init__(self, catalog: SampleCatalog, seed: int, shuffle: bool):
         if catalog.eligible.size == 0:
@@ -114,6 +145,8 @@ class SampleStream:
         self.catalog, self.seed, self.shuffle = catalog, seed, shuffle
         self.epoch, self.cursor = 0, 0
         self._order_epoch, self._order = -1, catalog.eligible
+        self._block: list[PlannedImage] = []
+        self._block_at = (-1, 0)  # (epoch, cursor) of the first plan in _block
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
@@ -126,11 +159,15 @@ class SampleStream:
 
     def next(self) -> PlannedImage:
         epoch, order = self.epoch, self.order(self.epoch)
-        index = int(order[self.cursor])
+        first_epoch, first = self._block_at
+        if first_epoch != epoch or not first <= self.cursor < first + len(self._block):
+            self._block = self.catalog.plan_many(epoch, order[self.cursor : self.cursor + self.BLOCK])
+            self._block_at = first_epoch, first = epoch, self.cursor
+        image = self._block[self.cursor - first]
         self.cursor += 1
         if self.cursor == order.size:  # roll over now, so a finished epoch never shows as current
             self.epoch, self.cursor = self.epoch + 1, 0
-        return self.catalog.plan(epoch, index)
+        return image
 
 
 class TokenPacker:

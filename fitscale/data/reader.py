@@ -1,0 +1,160 @@
+"""Token arrays straight from the bytes of MDS shards, without decoding whole samples.
+
+`StreamingDataset.__getitem__` opens the shard file, reads the sample and decodes every one of
+its nine columns into a dict: some 100 µs per image, most of a loader worker's time. Training
+needs only the tokens of one variant; sizes, labels and ids are in the sample table already.
+So each worker maps every raw shard once (`mmap`) and, per image, reads the few header bytes
+that locate the `tokens` (or `crop`) array and views its values in place; the packer copies
+them into the micro-batch. Nothing else of the sample is touched.
+
+The MDS layout read here (streaming 0.x, format version 2): a shard is
+`uint32 n | uint32 offsets[n + 1] | config | samples`; a sample is the uint32 sizes of its
+variable-size columns, then every column's bytes in column order; an `ndarray` column is
+`uint8 dtype code | uint8 (ndim << 2 | shape width) | shape | values`.
+
+Shards come from the dataset folder itself, or, for a remote dataset or compressed shards, from
+a `StreamingDataset` that downloads / decompresses them into its local cache on first use
+(`prepare_shard`), may evict them under `cache_limit`, and is told of every access so that its
+eviction picks the coldest shards.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fitscale.data.format import INDEX_FILE
+
+# MDS ndarray dtype codes (streaming.base.format.mds.encodings.NDArray) of the latent dtypes.
+VALUE_DTYPES = {18: np.dtype("<f2"), 34: np.dtype("<f4"), 66: np.dtype("<f8")}
+SHAPE_FORMATS = "BHIQ"  # shape width 1, 2, 4, 8 bytes
+ARRAY_COLUMNS = ("tokens", "crop")
+SHARD_LOCAL = 3  # streaming's _ShardState.LOCAL
+
+
+class ShardReadError(ValueError):
+    """A sample whose bytes do not decode: the shard is corrupt."""
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where the columns of one shard's samples lie, from its entry in index.json."""
+
+    basename: str
+    num_samples: int
+    num_variable: int  # uint32 sizes at the start of every sample
+    columns: dict[str, tuple[int, int, int]]  # name -> (fixed bytes before, variable columns before, own)
+
+    @classmethod
+    def from_index(cls, shard: dict[str, Any], where: str) -> ShardLayout:
+        names, encodings, sizes = shard["column_names"], shard["column_encodings"], shard["column_sizes"]
+        expected = {"tokens": "ndarray", "crop": "ndarray", "source": "str"}
+        for name, encoding in expected.items():
+            if name not in names or encodings[names.index(name)] != encoding:
+                raise ValueError(
+                    f"{where}: shard {shard['raw_data']['basename']} has no {encoding} column {name!r}; "
+                    "not a fitscale latent dataset, rewrite it with `fitscale data ...`"
+                )
+        columns, fixed, variable = {}, 0, 0
+        for name, size in zip(names, sizes):
+            if size is None:
+                columns[name] = (fixed, variable, variable)
+                variable += 1
+            else:
+                fixed += int(size)
+        return cls(shard["raw_data"]["basename"], int(shard["samples"]), variable, columns)
+
+
+class ShardReader:
+    """Random access to the stored token arrays of a dataset, by global sample index."""
+
+    def __init__(self, folder: str | Path, index: dict[str, Any], cache: Any = None):
+        self.folder, self.cache = Path(folder), cache
+        where = str(self.folder / INDEX_FILE)
+        self.layouts = [ShardLayout.from_index(shard, where) for shard in index["shards"]]
+        counts = np.array([layout.num_samples for layout in self.layouts], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self._maps: dict[int, tuple[mmap.mmap, np.ndarray, list[int]]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_maps"] = {}  # every process maps the shards itself
+        return state
+
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, sample within the shard) of each global sample index."""
+        shards = np.searchsorted(self.starts, indices, side="right") - 1
+        return shards, indices - self.starts[shards]
+
+    def shard_name(self, index: int) -> str:
+        shard, _ = self.locate(np.asarray([index]))
+        return self.layouts[int(shard[0])].basename
+
+    def _open(self, shard: int) -> tuple[mmap.mmap, np.ndarray, list[int]]:
+        """The shard mapped into memory, with its sample offsets; fetched first when cached."""
+        opened = self._maps.get(shard)
+        if self.cache is not None:
+            if opened is None or self.cache._shard_states[shard] != SHARD_LOCAL:
+                self.cache.prepare_shard(shard)  # download / decompress; blocks while another does
+                opened = None
+            self.cache._shard_access_times[shard] = time.time_ns()  # what get_item records
+        if opened is not None:
+            return opened
+        layout = self.layouts[shard]
+        path = self.folder / layout.basename
+        with open(path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        data = np.frombuffer(mapped, dtype=np.uint8)
+        head = 4 * (layout.num_samples + 2)
+        if data.size < head or int(data[:4].view("<u4")[0]) != layout.num_samples:
+            raise ShardReadError(
+                f"shard {path}: header does not hold the {layout.num_samples} samples of the index"
+            )
+        offsets = data[4:head].view("<u4").astype(np.int64)
+        if offsets[-1] > data.size or np.any(np.diff(offsets) < 0):
+            raise ShardReadError(f"shard {path}: sample offsets run past its {data.size} bytes")
+        opened = (mapped, data, offsets.tolist())
+        self._maps[shard] = opened
+        return opened
+
+    def _column(self, shard: int, local: int, name: str) -> tuple[mmap.mmap, np.ndarray, int, int]:
+        """(mapping, bytes, start, size) of one column of one sample."""
+        mapped, data, offsets = self._open(shard)
+        layout = self.layouts[shard]
+        begin, end = offsets[local], offsets[local + 1]
+        sizes = struct.unpack_from(f"<{layout.num_variable}I", mapped, begin)
+        fixed, before, own = layout.columns[name]
+        start = begin + 4 * layout.num_variable + fixed + sum(sizes[:before])
+        size = sizes[own]
+        if start + size > end or begin + 4 * layout.num_variable + sum(sizes) > end:
+            raise ShardReadError(f"column sizes {sizes} overrun the sample's {end - begin} bytes")
+        return mapped, data, start, size
+
+    def variants(self, shard: int, local: int, crop: bool) -> np.ndarray:
+        """The stored (V, tokens, width) array of the resized (or crop) image, viewed in place."""
+        mapped, data, start, size = self._column(shard, local, ARRAY_COLUMNS[int(crop)])
+        if size < 2:
+            raise ShardReadError(f"ndarray column of {size} bytes")
+        code, packed = mapped[start], mapped[start + 1]
+        dtype = VALUE_DTYPES.get(code)
+        if dtype is None:
+            raise ShardReadError(f"latent dtype code {code} (float16/32/64 expected)")
+        ndim, width = packed >> 2, 1 << (packed & 3)
+        shape = struct.unpack_from(f"<{ndim}{SHAPE_FORMATS[packed & 3]}", mapped, start + 2)
+        values = start + 2 + ndim * width
+        count = math.prod(shape)
+        if values + count * dtype.itemsize != start + size:
+            raise ShardReadError(f"array of shape {shape} does not fill its {size} bytes")
+        return data[values : values + count * dtype.itemsize].view(dtype).reshape(shape)
+
+    def source(self, shard: int, local: int) -> str:
+        """The stored source name (for error messages)."""
+        mapped, _, start, size = self._column(shard, local, "source")
+        return bytes(mapped[start : start + size]).decode("utf-8", errors="replace")
