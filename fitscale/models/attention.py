@@ -5,11 +5,15 @@ Backends, all computing softmax(q k^T / sqrt(d)) v per segment of `cu_seqlens`:
 - `varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16), the same
   FlashAttention kernels shipped inside PyTorch.
 - `flex`: FlexAttention with a document mask (any device; compiled for speed).
-- `reference`: scaled_dot_product_attention image by image; exact, any device and dtype.
+- `grouped`: exact on any device and dtype: images of equal token count gathered into one batch,
+  one scaled_dot_product_attention call per distinct length (no padding, no mask). The fast
+  exact path on CPU, where per-call overhead and per-image slicing dominated `reference`.
+- `reference`: scaled_dot_product_attention image by image; exact, any device and dtype; the
+  simplest statement of the function, kept as the oracle the other backends are tested against.
 - `padded`: the released method, kept as the baseline for benchmarks: every image occupies a
   segment of exactly `max_seqlen` tokens whose first rows*cols are real, and attention runs on
   the (B, H, N, N) batch with a dense boolean key mask.
-`auto` picks the first of flash, varlen, reference that supports the inputs.
+`auto` picks the first of flash, varlen, grouped that supports the inputs.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
             return "flash"
         if cuda_half and torch_varlen_available():
             return "varlen"
-        return "reference"
+        return "grouped"
     if requested == "flash":
         if not flash_attn_available():
             raise RuntimeError(
@@ -65,6 +69,46 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
 
 
 @dataclass
+class LengthGroups:
+    """Segments regrouped by token count, read once per forward so that no layer touches the host.
+
+    `order` gathers the packed tokens so that the images of each group lie back to back, groups
+    in order of first appearance; `inverse` gathers them back. Both are None when the packed order
+    already has that layout (every image the same length, or equal lengths adjacent).
+    """
+
+    shapes: list[tuple[int, int]]  # (images, tokens per image) of each group, in gathered order
+    order: torch.Tensor | None  # (T,) int64
+    inverse: torch.Tensor | None  # (T,) int64
+
+
+def length_groups(cu_seqlens: torch.Tensor) -> LengthGroups:
+    """Group the non-empty segments of `cu_seqlens` by length (one host read of the boundaries)."""
+    bounds = cu_seqlens.tolist()
+    members: dict[int, list[int]] = {}  # length -> start of each of its segments, in packed order
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            members.setdefault(end - start, []).append(start)
+    shapes = [(len(starts), length) for length, starts in members.items()]
+    starts = [start for group in members.values() for start in group]
+    lengths = [length for length, group in members.items() for _ in group]
+    if starts == sorted(starts):  # groups already contiguous and in packed order
+        return LengthGroups(shapes, None, None)
+    device = cu_seqlens.device
+    starts_t = torch.tensor(starts, device=device)  # (S,) gathered order
+    lengths_t = torch.tensor(lengths, device=device)  # (S,)
+    total = sum(lengths)
+    offsets = torch.cumsum(lengths_t, 0) - lengths_t  # (S,) where each segment lands
+    within = torch.arange(total, device=device) - torch.repeat_interleave(
+        offsets, lengths_t, output_size=total
+    )
+    order = torch.repeat_interleave(starts_t, lengths_t, output_size=total) + within  # (T,)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(total, device=device)
+    return LengthGroups(shapes, order, inverse)
+
+
+@dataclass
 class PackedSequence:
     """What attention needs to know about a packed batch, computed once per forward."""
 
@@ -74,6 +118,7 @@ class PackedSequence:
     backend: str  # resolved backend name
     block_mask: object | None = None  # FlexAttention BlockMask when backend == "flex"
     padded_mask: torch.Tensor | None = None  # (B, 1, N, N) bool when backend == "padded"
+    groups: LengthGroups | None = None  # equal-length batches when backend == "grouped"
 
 
 def build_packed_sequence(
@@ -88,6 +133,7 @@ def build_packed_sequence(
     backend = resolve_backend(requested, device, dtype)
     segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, total)
     block_mask = document_block_mask(segment_ids) if backend == "flex" else None
+    groups = length_groups(cu_seqlens) if backend == "grouped" else None
     padded_mask = None
     if backend == "padded":
         if sizes is None or total % max_seqlen:
@@ -96,7 +142,7 @@ def build_packed_sequence(
         key_valid = torch.arange(max_seqlen, device=device)[None, :] < real[:, None]  # (B, N)
         padded_mask = key_valid[:, None, None, :].expand(-1, 1, max_seqlen, -1).contiguous()  # (B, 1, N, N)
     return PackedSequence(
-        cu_seqlens.to(torch.int32), max_seqlen, segment_ids, backend, block_mask, padded_mask
+        cu_seqlens.to(torch.int32), max_seqlen, segment_ids, backend, block_mask, padded_mask, groups
     )
 
 
@@ -116,6 +162,8 @@ def varlen_attention(
         return varlen_attn(q, k, v, cu, cu, n, n)
     if packed.backend == "flex":
         return flex_varlen_attention(q, k, v, packed.block_mask)
+    if packed.backend == "grouped":
+        return grouped_varlen_attention(q, k, v, packed.groups)
     if packed.backend == "padded":
         n = packed.max_seqlen
         qb, kb, vb = (t.unflatten(0, (-1, n)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
@@ -137,6 +185,28 @@ def reference_varlen_attention(
         out = F.scaled_dot_product_attention(qi, ki, vi)  # (1, H, L, d)
         outputs.append(out[0].transpose(0, 1))  # (L, H, d)
     return torch.cat(outputs, dim=0)
+
+
+@torch.compiler.disable  # shapes vary per batch: run eagerly between compiled regions
+def grouped_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: LengthGroups
+) -> torch.Tensor:
+    """Exact path, one SDPA call per distinct image length over a (images, H, L, d) batch.
+
+    The gather by `order` and the split into groups are single ops whose backward is one
+    scatter and one concatenation, where slicing image by image would, in backward, write a
+    full-size zero gradient per image.
+    """
+    if groups.order is not None:
+        q, k, v = (t.index_select(0, groups.order) for t in (q, k, v))  # (T', H, d) grouped order
+    sizes = [count * length for count, length in groups.shapes]
+    outputs = []
+    for (count, length), qg, kg, vg in zip(groups.shapes, q.split(sizes), k.split(sizes), v.split(sizes)):
+        qb, kb, vb = (t.unflatten(0, (count, length)).transpose(1, 2) for t in (qg, kg, vg))  # (n, H, L, d)
+        out = F.scaled_dot_product_attention(qb, kb, vb)  # (n, H, L, d)
+        outputs.append(out.transpose(1, 2).flatten(0, 1))  # (n*L, H, d)
+    out = torch.cat(outputs, dim=0)  # (T', H, d)
+    return out if groups.inverse is None else out.index_select(0, groups.inverse)  # (T, H, d)
 
 
 def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 ROPE_METHODS = ("none", "linear", "ntk", "ntk_by_parts", "yarn")
-ATTENTION_BACKENDS = ("auto", "flash", "varlen", "flex", "reference", "padded")
+ATTENTION_BACKENDS = ("auto", "flash", "varlen", "flex", "grouped", "reference", "padded")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class ModelConfig:
     rope_per_image: bool = False  # frequencies from each image's own grid (else from rope_target_grid)
     rope_base_grid: int = 16  # L0: grid edge of the training resolution (16 for 256-token models)
     rope_target_grid: tuple[int, int] | None = None  # (rows, cols) for fixed frequencies; None = no scaling
-    attn_backend: str = "auto"  # auto | flash | varlen | flex | reference | padded (the release's way)
+    attn_backend: str = "auto"  # auto | flash | varlen | flex | grouped | reference | padded (the release's way)
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from fitscale.models.attention import (
     build_packed_sequence,
     flash_attn_available,
+    length_groups,
     torch_varlen_available,
     varlen_attention,
 )
@@ -32,7 +33,7 @@ def dense_reference(q, k, v, lengths):
 
 
 def cases():
-    for backend in ("reference", "flex", "varlen", "flash"):
+    for backend in ("reference", "grouped", "flex", "varlen", "flash"):
         for device in ("cpu", "cuda"):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 reason = None
@@ -90,9 +91,44 @@ def test_cuda_backend_gradients_match_reference(backend):
     assert error < 3e-2
 
 
-def test_auto_picks_the_exact_path_on_cpu():
+# Repeated lengths apart from each other (the gather reorders them), length 1, an empty segment.
+GROUPED_LENGTHS = [64, 1, 17, 64, 0, 256, 1, 17, 17, 64, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_grouped_forward_and_gradients_match_dense_reference(dtype):
+    torch.manual_seed(0)
+    heads, head_dim, total = 4, 16, sum(GROUPED_LENGTHS)
+    base = [torch.randn(total, heads, head_dim, dtype=dtype) for _ in range(3)]
+    bounds = torch.tensor([0, *torch.tensor(GROUPED_LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    packed = build_packed_sequence(bounds, max(GROUPED_LENGTHS), total, "grouped", base[0].device, dtype)
+    q, k, v = (t.clone().requires_grad_() for t in base)
+    out = varlen_attention(q, k, v, packed)
+    weight = torch.randn(out.shape, dtype=torch.float64)  # a loss that weighs every output differently
+    (out.double() * weight).sum().backward()
+    q64, k64, v64 = (t.double().requires_grad_() for t in base)
+    expected = dense_reference(q64, k64, v64, [n for n in GROUPED_LENGTHS if n])
+    (expected * weight).sum().backward()
+    for name, ours, exact in (
+        ("out", out, expected),
+        *zip("qkv", (q.grad, k.grad, v.grad), (q64.grad, k64.grad, v64.grad)),
+    ):
+        error = (ours.detach().double() - exact.detach()).norm() / exact.norm()
+        assert error < TOLERANCE[dtype], f"grouped {name} relative error {error:.2e}"
+
+
+def test_grouped_gathers_only_when_equal_lengths_are_apart():
+    apart = length_groups(torch.tensor([0, 4, 6, 10], dtype=torch.int32))  # lengths 4, 2, 4
+    assert apart.shapes == [(2, 4), (1, 2)]
+    assert apart.order.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 4, 5]
+    assert apart.order[apart.inverse].tolist() == list(range(10))
+    adjacent = length_groups(torch.tensor([0, 4, 8, 8, 10], dtype=torch.int32))  # 4, 4, empty, 2
+    assert adjacent.shapes == [(2, 4), (1, 2)] and adjacent.order is None
+
+
+def test_auto_picks_the_grouped_exact_path_on_cpu():
     cu = torch.tensor([0, 4], dtype=torch.int32)
-    assert build_packed_sequence(cu, 4, 4, "auto", torch.device("cpu"), torch.bfloat16).backend == "reference"
+    assert build_packed_sequence(cu, 4, 4, "auto", torch.device("cpu"), torch.bfloat16).backend == "grouped"
 
 
 def test_explicit_cuda_backend_on_cpu_says_why():

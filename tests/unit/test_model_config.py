@@ -58,7 +58,7 @@ def test_high_res_presets_use_per_image_decoupled_ntk():
         ),
         (
             {"attn_backend": "xformers"},
-            "model.attn_backend='xformers' is not one of auto, flash, varlen, flex, reference",
+            "model.attn_backend='xformers' is not one of auto, flash, varlen, flex, grouped, reference",
         ),
         ({"depth": 0}, "model.depth must be positive, got 0"),
         ({"class_dropout_prob": 1.5}, "model.class_dropout_prob must be in [0, 1), got 1.5"),
