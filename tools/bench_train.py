@@ -2,7 +2,7 @@
 
 One full step (forward, backward, AdamW) on the same images in every mode:
 - packed modes: images back to back with no padding (plus a small static tail so compiled graphs
-  are reused), attention through a varlen backend (flash, varlen, flex, reference);
+  are reused), attention through a varlen backend (flash, varlen, flex, grouped, reference);
 - `padded`: the release's method: every image padded to the token limit (256 or 1024) and
   attention masked densely, the baseline every ratio is taken against.
 Each mode may add `+compile` (torch.compile per block), `+ac` (activation checkpointing) and
@@ -15,6 +15,7 @@ area (S = 256 or 512), sides floored to multiples of 16 px, 8x VAE, patch 2.
 
     python tools/bench_train.py --model fitv2-xl --mix 256 --json out.json           # one GPU
     python tools/bench_train.py --model tiny --mix 256 --images 16 --steps 3          # CPU smoke
+    python tools/bench_train.py --model tiny --hidden 256 --depth 4 --mix 1024 --images 16  # wider CPU
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def run_mode(mode: str, args, step_grids, device, dtype, after_warmup=None) -> d
     overrides = {"attn_backend": backend}
     if args.depth:
         overrides["depth"] = args.depth
+    if args.hidden:
+        overrides["hidden_size"] = args.hidden
     torch.manual_seed(0)
     with torch.device(device):
         model = build_model(args.model, **overrides)
@@ -233,7 +236,7 @@ def peak_flops(device, override_tflops: float | None) -> float | None:
 
 def default_modes(device) -> list[str]:
     if device.type != "cuda":
-        return ["reference", "padded"]
+        return ["grouped", "padded"]
     modes = ["padded", "padded+compile"]
     for backend, ok in (
         ("flash", flash_attn_available()),
@@ -251,6 +254,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--model", default="fitv2-xl")
     parser.add_argument("--depth", type=int, default=None, help="override the preset's depth")
+    parser.add_argument(
+        "--hidden", type=int, default=None, help="override the preset's width (heads stay the preset's)"
+    )
     parser.add_argument(
         "--mix", type=int, default=256, choices=[256, 1024], help="token limit of the length mix"
     )
@@ -291,6 +297,7 @@ def main(argv=None) -> int:
     report = {
         "model": args.model,
         "depth": args.depth,
+        "hidden": args.hidden,
         "mix": args.mix,
         "images_per_step": images,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -307,7 +314,8 @@ def main(argv=None) -> int:
 
 def print_table(report: dict) -> None:
     print(
-        f"\n{report['model']} depth={report['depth'] or 'preset'} mix={report['mix']} on {report['device']}, "
+        f"\n{report['model']} depth={report['depth'] or 'preset'} hidden={report['hidden'] or 'preset'} "
+        f"mix={report['mix']} on {report['device']}, "
         f"{report['images_per_step']} images/step, padded/real tokens = {report['padded_over_real_tokens']:.2f}"
     )
     print(

@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--model", default="fitv2-xl")
     parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--mix", type=int, default=256, choices=[256, 1024])
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--mode", default="varlen+compile")
