@@ -105,12 +105,12 @@ def test_planner_state_resumes_the_exact_sequence_across_epochs(mode):
 def test_every_image_once_per_epoch_with_variants_from_seed_epoch_and_sample():
     table = size_table(200)
     planner = make_planner(table, batch=50)
-    seen = Counter(
-        image.index
-        for _ in range(4)
-        for image in [i for bins in planner.next_step(3) for b in bins for i in b]
-    )
+    images = [i for _ in range(4) for bins in planner.next_step(3) for b in bins for i in b]
+    seen = Counter(image.index for image in images)
     assert sorted(seen) == list(range(200)) and set(seen.values()) == {1}
+    # the stream plans in blocks; a resumed packer re-plans its waiting images one by one
+    assert all(planner.stream.catalog.plan(image.epoch, image.index) == image for image in images)
+    assert {image.crop for image in images} == {image.flip for image in images} == {False, True}
     assert sample_uniform(3, 1, 7, 1) == sample_uniform(3, 1, 7, 1) != sample_uniform(3, 2, 7, 1)
 
 
