@@ -67,9 +67,22 @@ def run_digits(args) -> int:
     from fitscale.data.writer import write_dataset
 
     args.num_classes = 10
-    build, count = build_digits(args.seed, args.dtype)
+    if not 1 <= args.min_side <= args.max_side <= 16:
+        raise ValueError(
+            f"--min-side {args.min_side} --max-side {args.max_side}: grid sides in tokens must satisfy "
+            "1 <= min-side <= max-side <= 16 (the 256-token limit)"
+        )
+    build, count = build_digits(args.seed, args.dtype, args.min_side, args.max_side)
     inputs = [(digit, variant) for variant in range(args.variants) for digit in range(count)]
-    settings = _settings(args, "digits", 256, seed=args.seed, variants=args.variants)
+    settings = _settings(
+        args,
+        "digits",
+        256,
+        seed=args.seed,
+        variants=args.variants,
+        min_side=args.min_side,
+        max_side=args.max_side,
+    )
     meta = write_dataset(
         args.out,
         inputs,
@@ -77,7 +90,11 @@ def run_digits(args) -> int:
         settings,
         overwrite=args.overwrite,
         progress=not args.no_progress,
-        extra_meta={"classes": [str(d) for d in range(10)], "preview_channel": 0},
+        extra_meta={
+            "classes": [str(d) for d in range(10)],
+            "preview_channel": 0,
+            "grid_sides": [args.min_side, args.max_side],
+        },
     )
     return _finish(args, meta)
 
@@ -150,6 +167,10 @@ def register(subparsers) -> None:
     _add_write_options(digits, dtype_default="float32")
     digits.add_argument("--variants", type=int, default=4, help="renderings (size, aspect) per digit")
     digits.add_argument("--seed", type=int, default=0)
+    digits.add_argument(
+        "--min-side", type=int, default=4, help="smallest grid side in tokens (2 px of latent each)"
+    )
+    digits.add_argument("--max-side", type=int, default=16, help="largest grid side in tokens")
     digits.set_defaults(func=run_digits)
 
     images = commands.add_parser("from-images", help="encode an ImageFolder with a diffusers AutoencoderKL")

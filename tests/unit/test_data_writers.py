@@ -234,3 +234,19 @@ def test_from_images_encodes_photos_with_a_local_vae(tmp_path):
     assert meta["classes"] == ["animals", "things"] and meta["max_image_tokens"] == 64
     table = np.load(out / "samples.npy")
     assert (table[:, 0] * table[:, 1] <= 64).all() and (table[:, 2] == 8).all()  # all photos exceed 128 px
+
+
+def test_digits_grid_sides_are_chosen_recorded_and_checked(tmp_path, capsys):
+    from fitscale.data.format import COLS, ROWS, read_meta, read_sample_table
+
+    out = tmp_path / "small"
+    assert cli("data", "digits", out, "--variants", 1, "--min-side", 4, "--max-side", 6, "--no-progress") == 0
+    meta = read_meta(out)
+    assert meta["grid_sides"] == [4, 6] and meta["num_samples"] == 1797
+    table = read_sample_table(out, meta["num_samples"])
+    sides = np.concatenate([table[:, ROWS], table[:, COLS]])
+    assert sides.min() == 4 and sides.max() == 6
+    capsys.readouterr()
+    assert cli("data", "digits", tmp_path / "bad", "--min-side", 9, "--max-side", 8) == 2
+    assert "--min-side 9 --max-side 8: grid sides in tokens must satisfy" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
