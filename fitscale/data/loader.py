@@ -58,16 +58,19 @@ class StepBatch:
 
 
 @dataclass
-class MicroBatchPlan:
-    step_state: dict | None  # planner state after this step, on the step's last micro-batch only
-    position: int  # index of this micro-batch in its step
-    count: int  # micro-batches in the step
-    images: list[PlannedImage]
+class StepPlan:
+    """This rank's share of one optimizer step, as planned in the main process."""
+
+    micro_batches: list[list[PlannedImage]]
+    state: dict  # planner state after this step
     global_num_images: int | None
 
-    def work(self) -> np.ndarray:
-        """What a worker needs to build the micro-batch: (N, 3) int64 of sample, crop, flip."""
-        return np.array([image[1:4] for image in self.images], dtype=np.int64).reshape(-1, 3)
+    def work(self) -> list[np.ndarray]:
+        """What a worker needs to build the step: per micro-batch (N, 3) int64 of sample, crop, flip."""
+        return [
+            np.array([image[1:4] for image in images], dtype=np.int64).reshape(-1, 3)
+            for images in self.micro_batches
+        ]
 
 
 def fetch_remote_file(remote: str, local: Path, timeout: float) -> None:
@@ -135,8 +138,8 @@ def _unpipe(values: dict) -> PackedBatch:
     )
 
 
-class MaterializeMicroBatch:
-    """Reads the planned samples and packs them; runs inside the worker processes.
+class MaterializeStep:
+    """Reads the planned samples of a step and packs them; runs inside the worker processes.
 
     One pass per micro-batch: each image's chosen variant is copied from the mapped shard
     straight into one float32 token buffer; positions, boundaries and labels come from a few
@@ -180,8 +183,12 @@ class MaterializeMicroBatch:
             out[start : start + length] = variants[flip]
             start += length
 
-    def __call__(self, work: np.ndarray) -> PackedBatch:
-        """The packed micro-batch of `work` (`MicroBatchPlan.work`)."""
+    def __call__(self, work: list[np.ndarray]) -> list[PackedBatch]:
+        """The packed micro-batches of one step (`StepPlan.work`); one message back per step."""
+        return [self.micro_batch(images) for images in work]
+
+    def micro_batch(self, work: np.ndarray) -> PackedBatch:
+        """The packed micro-batch of (N, 3) sample, crop, flip rows."""
         if not len(work):
             return padding_batch(self.pad_to or 1, TOKEN_DIM, self.null_class)
         rows_of = self.table[work[:, 0]]
@@ -227,46 +234,35 @@ def _plan_source_class():
     import torchdata.nodes as tn
 
     class PlanSource(tn.BaseNode):
-        """This rank's micro-batch work; its state is the global planner state.
+        """This rank's work, one step at a time; its state is the global planner state.
 
         The plans themselves (with the planner state after each step) stay in this process, in
-        `planned`, in the order of their work items; workers receive only `MicroBatchPlan.work`,
-        and the pipeline keeps that order (`in_order=True`), so the consumer pairs each packed
-        micro-batch with the next plan.
+        `planned`, in the order of their work items; workers receive only `StepPlan.work`, and
+        the pipeline keeps that order (`in_order=True`), so the consumer pairs each step's
+        packed micro-batches with the next plan.
         """
 
         def __init__(self, planner: StepPlanner, rank: int, world_size: int):
             super().__init__()
             self.planner, self.rank, self.world_size = planner, rank, world_size
-            self._queue: deque[MicroBatchPlan] = deque()
-            self.planned: deque[MicroBatchPlan] = deque()
+            self.planned: deque[StepPlan] = deque()
 
         def reset(self, initial_state: dict | None = None) -> None:
             super().reset(initial_state)
             if initial_state is not None:
                 self.planner.load_state(initial_state)
-            self._queue.clear()
             self.planned.clear()
 
-        def next(self) -> np.ndarray:
+        def next(self) -> list[np.ndarray]:
             plan = self.next_plan()
             self.planned.append(plan)
             return plan.work()
 
-        def next_plan(self) -> MicroBatchPlan:
-            if not self._queue:
-                per_rank = self.planner.next_step(self.world_size)
-                step_state = self.planner.state()
-                mine = per_rank[self.rank]
-                num_images = sum(len(b) for bins in per_rank for b in bins)
-                global_images = num_images if self.planner.batch_mode == "images" else None
-                self._queue.extend(
-                    MicroBatchPlan(
-                        step_state if k == len(mine) - 1 else None, k, len(mine), images, global_images
-                    )
-                    for k, images in enumerate(mine)
-                )
-            return self._queue.popleft()
+        def next_plan(self) -> StepPlan:
+            per_rank = self.planner.next_step(self.world_size)
+            num_images = sum(len(b) for bins in per_rank for b in bins)
+            global_images = num_images if self.planner.batch_mode == "images" else None
+            return StepPlan(per_rank[self.rank], self.planner.state(), global_images)
 
         def get_state(self) -> dict:
             return self.planner.state()
@@ -338,7 +334,7 @@ class LatentLoader:
         cfg = self.cfg
         self._source = source = _plan_source_class()(self._new_planner(), self.rank, self.world_size)
         source.reset(self._state)
-        materialize = MaterializeMicroBatch(self.reader, self.table, cfg, str(cfg.path))
+        materialize = MaterializeStep(self.reader, self.table, cfg, str(cfg.path))
         nodes = [
             tn.ParallelMapper(
                 source,
@@ -368,17 +364,13 @@ class LatentLoader:
     def __iter__(self):
         self.close()
         self._nodes = self._build_pipeline()
-        micro_batches: list[PackedBatch] = []
         try:
-            for batch in self._nodes[-1]:
+            for micro_batches in self._nodes[-1]:
                 plan = self._source.planned.popleft()
-                if batch.num_images != len(plan.images):
-                    raise RuntimeError("loader pipeline out of order: a micro-batch does not match its plan")
-                micro_batches.append(batch)
-                if plan.position == plan.count - 1:
-                    self._state = plan.step_state
-                    yield StepBatch(micro_batches, plan.global_num_images)
-                    micro_batches = []
+                if [mb.num_images for mb in micro_batches] != [len(images) for images in plan.micro_batches]:
+                    raise RuntimeError("loader pipeline out of order: a step does not match its plan")
+                self._state = plan.state
+                yield StepBatch(micro_batches, plan.global_num_images)
         finally:
             self.close()
 

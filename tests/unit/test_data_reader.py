@@ -11,7 +11,7 @@ import torch
 
 from fitscale.config.data import DataConfig
 from fitscale.data.batch import pack_images
-from fitscale.data.loader import LatentLoader, MaterializeMicroBatch
+from fitscale.data.loader import LatentLoader, MaterializeStep
 
 NUM_IMAGES = 64
 
@@ -54,11 +54,11 @@ def test_micro_batches_equal_packing_of_decoded_samples(dataset, pad):
     cfg = config(dataset, pad_to_budget=pad, crop_prob=0.5, flip_prob=0.5)
     loader = LatentLoader(cfg, 0, 1)
     planner = loader._new_planner()
-    materialize = MaterializeMicroBatch(loader.reader, loader.table, cfg, str(dataset))
+    materialize = MaterializeStep(loader.reader, loader.table, cfg, str(dataset))
     crops = flips = 0
     for _ in range(12):  # two epochs
         for images in planner.next_step(1)[0]:
-            got = materialize(np.array([image[1:4] for image in images]))
+            got = materialize.micro_batch(np.array([image[1:4] for image in images]))
             want = reference_batch(decoded, images, cfg.token_budget if pad else None)
             for name in ("tokens", "pos", "cu_seqlens", "labels", "sizes", "sample_ids"):
                 assert torch.equal(getattr(got, name), getattr(want, name)), name
@@ -106,13 +106,13 @@ def test_damaged_sample_bytes_and_nan_latents_are_named(dataset, tmp_path):
             data[start + size - 4 : start + size] = np.full(2, np.nan, np.float16).tobytes()
         (broken / name).write_bytes(bytes(data))
 
-    materialize = MaterializeMicroBatch(LatentLoader(cfg, 0, 1).reader, loader.table, cfg, str(broken))
+    materialize = MaterializeStep(LatentLoader(cfg, 0, 1).reader, loader.table, cfg, str(broken))
     with pytest.raises(
         ValueError, match=rf"sample 3 in shard {names[0]} cannot be read .*dtype code 99.*corrupt"
     ):
-        materialize(np.array([[3, 0, 0]]))
+        materialize.micro_batch(np.array([[3, 0, 0]]))
     last_variant = int(loader.table[5, 5])  # has_flip: the flipped tokens are stored last
     with pytest.raises(
         ValueError, match=rf"sample 5 \(source 'synth:5', shard {names[1]}\): latents hold NaN"
     ):
-        materialize(np.array([[5, 0, last_variant]]))
+        materialize.micro_batch(np.array([[5, 0, last_variant]]))
