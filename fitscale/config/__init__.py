@@ -84,6 +84,11 @@ class RunConfig:
                 raise ConfigError(
                     "parallel.compile=true is supported with parallel.backend=fsdp only; set parallel.compile=false"
                 )
+        if self.train.val_every > 0 and self.data.val_path is None:
+            raise ConfigError(
+                f"train.val_every={self.train.val_every} needs a held-out split: set data.val_path to a "
+                "dataset folder written like data.path, or train.val_every=0"
+            )
         if self.parallel.compile and not self.data.pad_to_budget:
             raise ConfigError(
                 "parallel.compile=true needs static shapes: set data.pad_to_budget=true "

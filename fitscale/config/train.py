@@ -77,6 +77,16 @@ class TrainConfig:
     """Stop the run after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu` or `cuda`."""
+    val_every: int = 0
+    """Score the held-out split (`data.val_path`) every this many steps and at the last step, for the
+    weights and the EMA (`val_loss`, `val_loss_ema` in metrics.jsonl); 0 turns it off. Every image
+    is scored at a fixed grid of timesteps with fixed noise (fitscale.train.validation), so the
+    numbers compare across runs, model sizes and world sizes."""
+    val_max_images: int | None = None
+    """Score only the first N images of the split in its stored order (all by default). A split written
+    from class folders is stored class by class, so a prefix covers the first classes only."""
+    val_seed: int = 0
+    """Seed of the validation noise, independent of `seed`: runs with different seeds share it."""
     flow: FlowConfig = field(default_factory=FlowConfig)
 
     def __post_init__(self) -> None:
@@ -92,5 +102,11 @@ class TrainConfig:
             raise ConfigError(f"train.grad_clip: must be >= 0 (0 disables clipping), got {self.grad_clip}")
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"train.max_nonfinite_steps: must be >= 1, got {self.max_nonfinite_steps}")
+        if self.val_every < 0:
+            raise ConfigError(f"train.val_every: must be >= 0 (0 turns validation off), got {self.val_every}")
+        if self.val_max_images is not None and self.val_max_images < 1:
+            raise ConfigError(
+                f"train.val_max_images: must be >= 1 (or null for the whole split), got {self.val_max_images}"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device: {self.device!r} is not `auto`, `cpu` or `cuda`")

@@ -86,9 +86,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 def check_before_launch(config) -> None:
     """Catch what would otherwise fail in every rank after start-up: a trainable pattern that
-    matches nothing (checked on a meta-device model) and a run folder held by a live run."""
+    matches nothing (checked on a meta-device model), a validation split that is not there, and a
+    run folder held by a live run."""
     import torch
 
+    from fitscale.config.errors import ConfigError
+    from fitscale.data.format import META_FILE
     from fitscale.models import build_model
     from fitscale.train.state import RunLock
     from fitscale.train.trainer import apply_trainable_patterns
@@ -96,6 +99,16 @@ def check_before_launch(config) -> None:
     with torch.device("meta"):
         model = build_model(config.model.name, **dict(config.model.overrides))
     apply_trainable_patterns(model, list(config.train.trainable))
+    data = config.data
+    if (
+        config.train.val_every > 0
+        and data.val_remote is None
+        and not (Path(data.val_path) / META_FILE).is_file()
+    ):
+        raise ConfigError(
+            f"data.val_path={data.val_path} holds no dataset (no {META_FILE}); write the held-out split with "
+            f"`fitscale data ...` or set train.val_every=0"
+        )
     with RunLock(config.train.run_dir):  # RunFolderInUseError if a live run holds it
         pass
 

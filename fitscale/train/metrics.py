@@ -140,6 +140,10 @@ class Throughput:
         self.tokens += tokens
         self.flops += flops
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of other work (a validation pass) out of the current window."""
+        self.started += seconds
+
     def rates(self) -> dict[str, float]:
         """Rates since the last call, then start a new window."""
         now = time.perf_counter()

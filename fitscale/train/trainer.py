@@ -3,7 +3,8 @@
 `Trainer(config).train()` is the whole run: join the process group, lock the run folder, build
 the model on the meta device and parallelise it (FSDP2 or DeepSpeed), load the newest complete
 checkpoint or initialise, then loop over optimizer steps with gradient accumulation over
-micro-batches, clipping, a skip for non-finite steps, EMA, metrics and checkpoints. The loss is
+micro-batches, clipping, a skip for non-finite steps, EMA, metrics, the held-out loss
+(`train.val_every`) and checkpoints. The loss is
 the rectified-flow loss of fitscale.flow, normalised by the step's global image count so that
 neither the rank count nor the micro-batch split changes a step.
 """
@@ -71,6 +72,7 @@ class Trainer:
         self.optimizer, self.scheduler = self._build_optimizer()
         self.ema = self._build_ema()
         self.loader = loader if loader is not None else self._build_loader()
+        self.validation = self._build_validation()
         self.checkpoints = self._build_checkpoint_manager()
         self.metrics = None  # built in train(), once the start step is known
         self.history: list[dict[str, Any]] = []  # every step's metrics, for callers and tests
@@ -210,6 +212,21 @@ class Trainer:
         from fitscale.data import build_loader
 
         return build_loader(self.config.data, self.env.rank, self.env.world_size)
+
+    def _build_validation(self):
+        """The held-out split's batches, read once for the run (None when `train.val_every` is 0)."""
+        train = self.config.train
+        if train.val_every <= 0:
+            return None
+        from fitscale.train.validation import PeriodicValidation
+
+        try:
+            return PeriodicValidation(self.config.data, train, self.env.rank, self.env.world_size)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(
+                f"train.val_every={train.val_every}: the held-out split data.val_path="
+                f"{self.config.data.val_path} cannot be read: {str(error).splitlines()[0]}"
+            ) from error
 
     def _build_checkpoint_manager(self):
         from fitscale.checkpoint import CheckpointManager
@@ -428,7 +445,8 @@ class Trainer:
             self.throughput = Throughput(self.env.world_size, self.env.device, self.config.log.peak_flops)
             iterator = iter(self.loader)
             while self.progress.step < cfg.train.steps:
-                self._log_step(self.train_step(next(iterator)))
+                stats = self.train_step(next(iterator))
+                self._log_step(stats, self.maybe_validate())
                 if self.progress.nonfinite_consecutive >= cfg.train.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{self.progress.nonfinite_consecutive} consecutive steps had a non-finite loss or "
@@ -445,7 +463,20 @@ class Trainer:
         finally:
             self.close()
 
-    def _log_step(self, stats: StepStats) -> None:
+    def maybe_validate(self) -> dict[str, float]:
+        """The held-out loss of the weights and the EMA when this step is due (collective), else {}.
+
+        Its time is left out of the throughput window, so images/s and MFU measure training only.
+        """
+        if self.validation is None or not self.validation.due(self.progress.step):
+            return {}
+        # DeepSpeed: through the engine, which applies the bf16 autocast of training's forward.
+        forward = self.engine if self.engine is not None else self.model
+        metrics = self.validation.run(forward, self.ema, self.env.device)
+        self.throughput.exclude(metrics["val_seconds"])
+        return metrics
+
+    def _log_step(self, stats: StepStats, validation: dict[str, float] | None = None) -> None:
         """This step's metrics to the JSONL/wandb/progress-bar sinks (rank 0 unless log.all_ranks)."""
         from fitscale.models.flops import training_flops
         from fitscale.train.metrics import memory_stats, timestep_bucket_metrics
@@ -461,6 +492,7 @@ class Trainer:
             "nonfinite_total": self.progress.nonfinite_total,
             "images": stats.images,
             **timestep_bucket_metrics(stats.bucket_sums, stats.bucket_counts),
+            **(validation or {}),
         }
         step = self.progress.step
         if step % self.config.log.every == 0 or step == self.config.train.steps:

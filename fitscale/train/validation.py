@@ -8,19 +8,27 @@ same noisy inputs, and splitting the images over ranks changes nothing but the s
 
 The split is read once through the data loader in "images" mode with one step that holds the
 whole split (no shuffle, no flips or crops), so every image is scored exactly once.
+
+During training (`train.val_every`), `PeriodicValidation` holds the split's batches for the whole
+run and scores them at the due steps. It leaves the run as it found it: the global RNG streams
+(Python, NumPy, torch CPU/CUDA) are restored after it, the model's train/eval mode is put back,
+and FSDP2 parameters are resharded, so a run with validation trains bit-identically to one
+without and resumes bit-identically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from fitscale.config.data import DataConfig
-from fitscale.config.train import FlowConfig
+from fitscale.config.train import FlowConfig, TrainConfig
 from fitscale.data.batch import PackedBatch
 from fitscale.flow.loss import flow_loss, image_seed
 
@@ -106,6 +114,7 @@ def evaluate_validation_loss(
                 out = flow_loss(model, on_device, timesteps, noise, 1, flow)
                 sums[k] += out.per_image.double().sum()
     finally:
+        maybe_reshard(model)
         model.train(was_training)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
@@ -137,7 +146,58 @@ def run_validation(
     return metrics
 
 
+def maybe_reshard(model: torch.nn.Module) -> None:
+    """Put FSDP2 parameters back into their shards after forwards without a backward.
+
+    A no-grad forward leaves modules with `reshard_after_forward=False` (the last block) gathered;
+    the EMA swap and the next training step expect the sharded parameters.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run the block without moving this process's global RNG streams (they drive training)."""
+    from fitscale.checkpoint.stateful import RNGState
+
+    saved = RNGState().state_dict()
+    try:
+        yield
+    finally:
+        RNGState().load_state_dict(saved)
+
+
+class PeriodicValidation:
+    """The held-out loss of a training run: the split read once, scored every `train.val_every`
+    steps and at `train.steps`. Collective: every rank builds it and calls `run` at the same steps."""
+
+    def __init__(self, data: DataConfig, train: TrainConfig, rank: int = 0, world_size: int = 1):
+        self.every = train.val_every
+        self.last_step = train.steps
+        self.settings = ValidationSettings(seed=train.val_seed, max_images=train.val_max_images)
+        with preserved_rng():
+            self.batches = validation_batches(data, rank, world_size, self.settings.max_images)
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or step == self.last_step)
+
+    def run(
+        self, model: torch.nn.Module, ema=None, device: torch.device | str | None = None
+    ) -> dict[str, float]:
+        """`run_validation` of the weights (and `ema`), plus `val_seconds`; no RNG stream moves."""
+        started = time.perf_counter()
+        with preserved_rng():
+            metrics = run_validation(model, self.batches, self.settings, ema=ema, device=device)
+        metrics["val_seconds"] = time.perf_counter() - started
+        return metrics
+
+
 __all__ = [
+    "PeriodicValidation",
     "VALIDATION_TIMESTEPS",
     "ValidationSettings",
     "evaluate_validation_loss",

@@ -25,6 +25,8 @@ CASES = {
         "names look like ['x_embedder.proj.weight'",
     ),
     "train.steps": ("override 'train.steps' must look like section.field=value",),
+    "train.val_every=10": ("train.val_every=10 needs a held-out split: set data.val_path",),
+    "train.val_max_images=0": ("train.val_max_images: must be >= 1 (or null for the whole split), got 0",),
 }
 
 
@@ -39,6 +41,18 @@ def test_a_bad_setting_is_named_in_one_line_with_exit_2(override, tmp_path, caps
     for fragment in CASES[override]:
         assert fragment in lines[0], lines[0]
     assert not run_dir.exists(), "a refused run must not create its folder"
+
+
+def test_a_missing_validation_split_is_named_before_any_process_starts(tmp_path, capsys):
+    run_dir, missing = tmp_path / "run", tmp_path / "no_val"
+    overrides = [f"train.run_dir={run_dir}", "train.val_every=10", f"data.val_path={missing}"]
+    assert main(["train", "recipes/demo.yaml", "--set", *overrides]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"fitscale train: error: data.val_path={missing} holds no dataset (no fitscale.json); write the "
+        "held-out split with `fitscale data ...` or set train.val_every=0"
+    ]
+    assert not run_dir.exists()
 
 
 def test_a_missing_recipe_is_named_by_the_installed_command(tmp_path):

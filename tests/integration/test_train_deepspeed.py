@@ -1,7 +1,9 @@
 """DeepSpeed ZeRO-2/3 drive the same model, loss and data as FSDP: real processes, gloo, the tiny model.
 
 One module-scoped set of runs (single process, 2-rank FSDP, 2-rank ZeRO-3 with checkpoints at
-steps 2 and 4) serves the agreement, export and resume tests. Every run takes 2 micro-batches per
+steps 2 and 4) serves the agreement, export and resume tests. The FSDP and ZeRO-3 runs score a
+held-out split every 2 steps (`train.val_every`), so the agreement and bit-identical resume tests
+also check that validation through the engine leaves DeepSpeed's training as it was. Every run takes 2 micro-batches per
 rank, so gradient accumulation is exercised; warmup and clipping at 0.5 (the gradient norms are
 about 0.65) check that DeepSpeed steps with our schedule and clips like torch. Label dropout is
 off: the model draws it from each rank's RNG stream, so it differs between splits by design.
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, losses, model_weights, run
+from train_runs import checkpoint_tensors, losses, metric_records, model_weights, run, write_digits_split
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +37,10 @@ ZERO3 = ["parallel.backend=deepspeed", "parallel.zero_stage=3", "checkpoint.inte
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("backends")
     paths = {name: root / name for name in ("single", "fsdp", "zero3")}
+    validation = [f"data.val_path={write_digits_split(root / 'val')}", "train.val_every=2"]
     run(paths["single"], 1, *COMMON, *NO_CHECKPOINTS)
-    run(paths["fsdp"], 2, *COMMON, "checkpoint.interval=0")  # saves step 4 at the end
-    run(paths["zero3"], 2, *COMMON, *ZERO3)
+    run(paths["fsdp"], 2, *COMMON, *validation, "checkpoint.interval=0")  # saves step 4 at the end
+    run(paths["zero3"], 2, *COMMON, *ZERO3, *validation)
     return paths
 
 
@@ -52,6 +55,14 @@ def test_single_process_fsdp_and_zero3_give_the_same_losses_and_grad_norms(runs)
     assert len(reference) == 8
     for name in ("fsdp", "zero3"):
         assert history(runs[name]) == pytest.approx(reference, rel=1e-5), name
+
+
+def test_zero3_scores_the_held_out_split_like_fsdp(runs):
+    fsdp, zero3 = metric_records(runs["fsdp"]), metric_records(runs["zero3"])
+    for step in (2, 4):
+        assert zero3[step]["val_images"] == fsdp[step]["val_images"] == 12
+        assert zero3[step]["val_loss"] == pytest.approx(fsdp[step]["val_loss"], rel=1e-5), step
+    assert "val_loss" not in zero3[1] and "val_loss" not in zero3[3]
 
 
 def test_zero2_gives_the_losses_of_the_single_process_run(runs, tmp_path):

@@ -43,6 +43,17 @@ def run(
     return result
 
 
+def write_digits_split(out: Path, images: int = 12) -> Path:
+    """A small held-out split for `data.val_path`: the first `images` digits, rendered with seed 1."""
+    from fitscale.data.sources import build_digits
+    from fitscale.data.writer import WriteSettings, write_dataset
+
+    build, _ = build_digits(seed=1, dtype="float32")
+    settings = WriteSettings(writer="digits", num_classes=10, options={"dtype": "float32", "seed": 1})
+    write_dataset(out, [(digit, 0) for digit in range(images)], build, settings, progress=False)
+    return out
+
+
 def losses(run_dir: Path, name: str = "history.json") -> list[float]:
     return [record["loss"] for record in json.loads((run_dir / name).read_text())]
 
