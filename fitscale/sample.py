@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -283,14 +284,53 @@ def load_sampling_model(
 # ------------------------------------------------------------------------------------ images
 
 
-def load_vae(path: str | Path, device: torch.device):
+VAE_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def check_vae_folder(path: str | Path, latent_channels: int | None = None) -> dict:
+    """The config of a local AutoencoderKL folder (what `save_pretrained` writes), checked before
+    any sampling starts; each error names the path and what is wrong with it."""
+    folder = Path(path)
+    hint = "expected an AutoencoderKL saved with save_pretrained (config.json and its weights)"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--vae {path}: no such folder; {hint}")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        inside = " (a diffusers pipeline: pass its vae/ subfolder)" if (folder / "vae").is_dir() else ""
+        raise ValueError(f"--vae {path}: no config.json in the folder{inside}; {hint}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--vae {path}: config.json is not valid JSON ({error}); {hint}") from None
+    kind = config.get("_class_name") if isinstance(config, dict) else None
+    if kind != "AutoencoderKL":
+        raise ValueError(
+            f"--vae {path}: config.json describes {kind or 'no diffusers model'}, not an AutoencoderKL"
+        )
+    if not any((folder / name).is_file() for name in VAE_WEIGHT_FILES):
+        raise ValueError(f"--vae {path}: no weights file ({' or '.join(VAE_WEIGHT_FILES)}); {hint}")
+    channels = config.get("latent_channels", 4)
+    if latent_channels is not None and channels != latent_channels:
+        raise ValueError(
+            f"--vae {path}: it decodes {channels}-channel latents but the model makes {latent_channels}-channel ones"
+        )
+    return config
+
+
+def load_vae(path: str | Path, device: torch.device | str, latent_channels: int | None = None):
+    """A checked local AutoencoderKL in eval mode on `device`."""
     try:
         from diffusers import AutoencoderKL
     except ImportError as error:
         raise ImportError("decoding needs diffusers: pip install 'fitscale[images]'") from error
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"--vae {path}: no such folder (an AutoencoderKL saved with save_pretrained)")
-    return AutoencoderKL.from_pretrained(str(path)).to(device).eval()
+    check_vae_folder(path, latent_channels)
+    try:
+        # low_cpu_mem_usage needs accelerate; without it diffusers would warn, then load fully anyway.
+        vae = AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=find_spec("accelerate") is not None)
+    except (OSError, ValueError, RuntimeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"--vae {path}: cannot be loaded as an AutoencoderKL ({reason})") from error
+    return vae.to(device).eval()
 
 
 @torch.no_grad()
@@ -442,6 +482,9 @@ def run_sampling(model: torch.nn.Module, run: SampleRun, rank: int = 0, world_si
     out = run.out_dir
     (out / "images").mkdir(parents=True, exist_ok=True)
     mine = run.items[rank::world_size]
+    device = next(model.parameters()).device
+    # Loaded (and checked) before the ODE runs, so a bad folder fails in seconds, not after sampling.
+    vae = load_vae(run.vae, device, model.config.in_channels) if run.vae is not None else None
     latents = generate_latents(model, mine, run.options) if mine else []
     written: list[Path] = []
     if run.vae is None:
@@ -451,8 +494,8 @@ def run_sampling(model: torch.nn.Module, run: SampleRun, rank: int = 0, world_si
             np.save(path, latent.numpy())
             written.append(path)
     pictures: list[np.ndarray] = []
-    if run.vae is not None:
-        pictures = decode_latents(load_vae(run.vae, next(model.parameters()).device), latents)
+    if vae is not None:
+        pictures = decode_latents(vae, latents)
     elif run.preview_channel is not None:
         pictures = preview_latents(latents, run.preview_channel)
     for item, picture in zip(mine, pictures):
@@ -498,11 +541,13 @@ __all__ = [
     "SampleItem",
     "SampleRun",
     "SamplingOptions",
+    "check_vae_folder",
     "compute_fid",
     "extrapolation_overrides",
     "generate_latents",
     "image_grid",
     "load_sampling_model",
+    "load_vae",
     "plan_items",
     "run_sampling",
 ]

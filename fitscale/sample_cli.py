@@ -141,6 +141,10 @@ def run_sample(args) -> int:
                 f"--fid-reference needs local Inception weights and {weights} does not exist; "
                 "pass --inception-weights PATH (torch-fidelity's FID Inception file; nothing is downloaded)"
             )
+    if args.vae is not None:
+        from fitscale.sample import check_vae_folder
+
+        check_vae_folder(args.vae)  # before any process starts or any model loads
     if args.nproc > 1:
         return _relaunch(args)
 
