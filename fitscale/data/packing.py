@@ -66,6 +66,21 @@ class PlannedImage(NamedTuple):
     length: int  # tokens
 
 
+class PlannerState(NamedTuple):
+    """The planner's position, cheap enough to take after every step; `as_dict` to save it."""
+
+    epoch: int
+    cursor: int
+    waiting: tuple[PlannedImage, ...]  # images the token packer holds, oldest first
+
+    def as_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "waiting": [[image.epoch, image.index] for image in self.waiting],
+        }
+
+
 class SampleCatalog:
     """The sample table seen by the planner: eligibility, sizes, and per-sample choices."""
 
@@ -218,8 +233,8 @@ class TokenPacker:
             chosen.append(image)
             space -= image.length
 
-    def waiting(self) -> list[list[int]]:
-        return [[image.epoch, image.index] for image in self._waiting.values()]
+    def waiting(self) -> tuple[PlannedImage, ...]:
+        return tuple(self._waiting.values())
 
     def load_waiting(self, waiting: list[list[int]]) -> None:
         self._waiting.clear(), self._by_length.clear(), self._lengths.clear()
@@ -296,7 +311,10 @@ class StepPlanner:
         self.packer = TokenPacker(self.stream, token_budget, lookahead)
 
     def state(self) -> dict:
-        return {"epoch": self.stream.epoch, "cursor": self.stream.cursor, "waiting": self.packer.waiting()}
+        return self.snapshot().as_dict()
+
+    def snapshot(self) -> PlannerState:
+        return PlannerState(self.stream.epoch, self.stream.cursor, self.packer.waiting())
 
     def load_state(self, state: dict) -> None:
         self.stream.epoch, self.stream.cursor = int(state["epoch"]), int(state["cursor"])
