@@ -1,12 +1,15 @@
-"""The training loader: Streaming shards -> planned, packed micro-batches, one step at a time.
+"""The training loader: MDS shards -> planned, packed micro-batches, one step at a time.
 
 Pipeline (torchdata nodes, each a stateful piece):
-    PlanSource      this rank's micro-batch plans, from the global `StepPlanner` (metadata only)
-    ParallelMapper  worker processes read the planned samples from a `StreamingDataset`
-                    (local folder, or remote URI cached locally) and pack them (`pack_images`)
+    PlanSource      this rank's step plans, from the global `StepPlanner` (metadata only); the
+                    plans stay in this process, workers get (sample, crop, flip) arrays
+    ParallelMapper  worker processes read the planned token arrays straight from the shards
+                    (`ShardReader`: the local folder, or a remote dataset cached locally by a
+                    `StreamingDataset`) and pack the step (`MaterializeStep`), which comes back
+                    through shared memory
     PinMemory       optional, when CUDA is present
-    Prefetcher      keeps micro-batches ready ahead of the trainer
-`LatentLoader` groups the micro-batches of a step into a `StepBatch`.
+    Prefetcher      keeps steps ready ahead of the trainer
+`LatentLoader` pairs each packed step with its plan and yields a `StepBatch`.
 
 Resume guarantee: `state_dict()` is the planner state after the last step handed to the
 trainer (epoch, stream cursor, images waiting in the token packer), identical on every rank
@@ -20,30 +23,24 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fitscale.config.data import DataConfig
-from fitscale.data.batch import PackedBatch, padding_batch
+from fitscale.data.batch import PackedBatch
 from fitscale.data.format import (
-    COLS,
-    CROP_COLS,
-    CROP_ROWS,
-    LABEL,
     META_FILE,
-    ROWS,
     SAMPLES_FILE,
-    SOURCE_ID,
-    TOKEN_DIM,
     check_local_shards,
     read_index,
     read_meta,
     read_sample_table,
 )
-from fitscale.data.packing import PlannedImage, SampleCatalog, StepPlanner
+from fitscale.data.materialize import MaterializeStep, remove_leftovers, shared_prefix
+from fitscale.data.packing import PlannedImage, PlannerState, SampleCatalog, StepPlanner
 from fitscale.data.reader import ShardReader
 
 STATE_VERSION = 1
@@ -62,7 +59,7 @@ class StepPlan:
     """This rank's share of one optimizer step, as planned in the main process."""
 
     micro_batches: list[list[PlannedImage]]
-    state: dict  # planner state after this step
+    state: PlannerState  # after this step
     global_num_images: int | None
 
     def work(self) -> list[np.ndarray]:
@@ -118,118 +115,6 @@ def open_shard_reader(path: Path, cfg: DataConfig) -> ShardReader:
     return ShardReader(path, index, cache)
 
 
-class PipedBatch(PackedBatch):
-    """A PackedBatch that crosses from a worker process to the trainer as plain array bytes.
-
-    torch pickles every tensor as its own shared-memory segment whose file descriptor the
-    receiver then fetches from the sender, several milliseconds per tensor; copying a
-    micro-batch's few hundred kilobytes through the pipe costs a fraction of that
-    (docs/benchmarks.md, "Data loader"). It arrives as a plain PackedBatch.
-    """
-
-    def __reduce__(self):
-        values = {f.name: getattr(self, f.name) for f in fields(PackedBatch)}
-        return _unpipe, ({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in values.items()},)
-
-
-def _unpipe(values: dict) -> PackedBatch:
-    return PackedBatch(
-        **{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in values.items()}
-    )
-
-
-class MaterializeStep:
-    """Reads the planned samples of a step and packs them; runs inside the worker processes.
-
-    One pass per micro-batch: each image's chosen variant is copied from the mapped shard
-    straight into one float32 token buffer; positions, boundaries and labels come from a few
-    vectorised expressions over the sample table; NaN / inf is checked once over the buffer
-    (the image at fault is looked up only then). The result equals `pack_images` of the
-    decoded samples, bit for bit.
-    """
-
-    def __init__(self, reader: ShardReader, table: np.ndarray, cfg: DataConfig, where: str):
-        self.reader, self.table, self.where = reader, table, where
-        self.pad_to = cfg.token_budget if cfg.pad_to_budget else None
-        self.null_class = cfg.num_classes
-
-    def describe(self, index: int) -> str:
-        shard, local = (int(v[0]) for v in self.reader.locate(np.asarray([index])))
-        try:
-            source = repr(self.reader.source(shard, local))
-        except Exception:  # the shard is already known to be damaged; name what we can
-            source = "unreadable"
-        return f"{self.where}: sample {index} (source {source}, shard {self.reader.layouts[shard].basename})"
-
-    def copy_tokens(self, work: np.ndarray, lengths: np.ndarray, out: np.ndarray) -> None:
-        shards, locals_ = self.reader.locate(work[:, 0])
-        start = 0
-        for (index, crop, flip), shard, local, length in zip(
-            work.tolist(), shards.tolist(), locals_.tolist(), lengths.tolist()
-        ):
-            try:
-                variants = self.reader.variants(shard, local, crop)
-            except Exception as error:
-                raise ValueError(
-                    f"{self.where}: sample {index} in shard {self.reader.layouts[shard].basename} cannot "
-                    f"be read ({type(error).__name__}: {error}); the shard is corrupt, rewrite the dataset"
-                ) from error
-            shape = variants.shape
-            if len(shape) != 3 or shape[2] != TOKEN_DIM or shape[1] != length or shape[0] <= flip:
-                raise ValueError(
-                    f"{self.describe(index)}: tokens of shape {shape}, expected "
-                    f"(V, {length}, {TOKEN_DIM}) for its grid and p*p*C; rewrite the dataset"
-                )
-            out[start : start + length] = variants[flip]
-            start += length
-
-    def __call__(self, work: list[np.ndarray]) -> list[PackedBatch]:
-        """The packed micro-batches of one step (`StepPlan.work`); one message back per step."""
-        return [self.micro_batch(images) for images in work]
-
-    def micro_batch(self, work: np.ndarray) -> PackedBatch:
-        """The packed micro-batch of (N, 3) sample, crop, flip rows."""
-        if not len(work):
-            return padding_batch(self.pad_to or 1, TOKEN_DIM, self.null_class)
-        rows_of = self.table[work[:, 0]]
-        crop = work[:, 1].astype(bool)
-        rows = np.where(crop, rows_of[:, CROP_ROWS], rows_of[:, ROWS])
-        cols = np.where(crop, rows_of[:, CROP_COLS], rows_of[:, COLS])
-        labels, ids = rows_of[:, LABEL], rows_of[:, SOURCE_ID]
-        lengths = rows * cols
-        total = int(lengths.sum())
-        pad = 0 if self.pad_to is None else self.pad_to - total
-        if pad < 0:
-            raise ValueError(f"{total} tokens do not fit the token budget of {self.pad_to}")
-        tokens = np.empty((total + pad, TOKEN_DIM), np.float32)
-        self.copy_tokens(work, lengths, tokens)
-        if not np.isfinite(tokens[:total]).all():
-            ends = np.cumsum(lengths)
-            bad = int(np.searchsorted(ends, np.flatnonzero(~np.isfinite(tokens[:total]).all(1))[0], "right"))
-            raise ValueError(
-                f"{self.describe(int(work[bad, 0]))}: latents hold NaN or inf; rewrite the dataset"
-            )
-        if pad:
-            tokens[total:] = 0.0
-            rows, cols = np.append(rows, 1), np.append(cols, pad)
-            labels, ids = np.append(labels, self.null_class), np.append(ids, -1)
-            lengths = np.append(lengths, pad)
-        cu_seqlens = np.zeros(lengths.size + 1, np.int32)
-        np.cumsum(lengths, out=cu_seqlens[1:])
-        within = np.arange(total + pad) - np.repeat(cu_seqlens[:-1].astype(np.int64), lengths)
-        width = np.repeat(cols, lengths)
-        return PipedBatch(
-            tokens=torch.from_numpy(tokens),
-            pos=torch.from_numpy(np.stack([within // width, within % width], axis=1)),
-            cu_seqlens=torch.from_numpy(cu_seqlens),
-            max_seqlen=int(lengths.max()),
-            labels=torch.from_numpy(labels.astype(np.int64)),
-            sizes=torch.from_numpy(np.stack([rows, cols], axis=1).astype(np.int64)),
-            sample_ids=torch.from_numpy(ids.astype(np.int64)),
-            num_images=len(work),
-        )
-
-
 def _plan_source_class():
     import torchdata.nodes as tn
 
@@ -262,7 +147,7 @@ def _plan_source_class():
             per_rank = self.planner.next_step(self.world_size)
             num_images = sum(len(b) for bins in per_rank for b in bins)
             global_images = num_images if self.planner.batch_mode == "images" else None
-            return StepPlan(per_rank[self.rank], self.planner.state(), global_images)
+            return StepPlan(per_rank[self.rank], self.planner.snapshot(), global_images)
 
         def get_state(self) -> dict:
             return self.planner.state()
@@ -301,7 +186,7 @@ class LatentLoader:
         )
         self.num_samples = int(self.catalog.eligible.size)
         self.num_skipped_small = self.catalog.num_skipped_small
-        self._state = self._new_planner().state()
+        self._state: PlannerState | dict = self._new_planner().snapshot()
         self._nodes: list = []
 
     def _new_planner(self) -> StepPlanner:
@@ -320,7 +205,11 @@ class LatentLoader:
     @property
     def epoch(self) -> int:
         """Epoch of the next sample the loader will take from the order."""
-        return int(self._state["epoch"])
+        return int(self._state["epoch"] if isinstance(self._state, dict) else self._state.epoch)
+
+    def _position(self) -> dict:
+        """The planner state after the last step yielded, as saved."""
+        return self._state.as_dict() if isinstance(self._state, PlannerState) else self._state
 
     def _build_pipeline(self) -> list:
         """The torchdata nodes from source to output; the last one is iterated.
@@ -333,8 +222,9 @@ class LatentLoader:
 
         cfg = self.cfg
         self._source = source = _plan_source_class()(self._new_planner(), self.rank, self.world_size)
-        source.reset(self._state)
-        materialize = MaterializeStep(self.reader, self.table, cfg, str(cfg.path))
+        source.reset(self._position())
+        self._prefix = shared_prefix(cfg)
+        materialize = MaterializeStep(self.reader, self.table, cfg, str(cfg.path), self._prefix)
         nodes = [
             tn.ParallelMapper(
                 source,
@@ -360,6 +250,7 @@ class LatentLoader:
                     iterator._shutdown()
                 iterator = getattr(iterator, "_it", None)
         self._nodes = []
+        remove_leftovers(getattr(self, "_prefix", None))
 
     def __iter__(self):
         self.close()
@@ -376,15 +267,15 @@ class LatentLoader:
 
     def state_dict(self) -> dict:
         """The position after the last step yielded; the same on every rank, any world size."""
-        cfg = self.cfg
+        cfg, position = self.cfg, self._position()
         return {
             "version": STATE_VERSION,
             "num_samples": self.num_samples,
             "seed": cfg.seed,
             "shuffle": cfg.shuffle,
-            "epoch": int(self._state["epoch"]),
-            "cursor": int(self._state["cursor"]),
-            "waiting": [list(map(int, pair)) for pair in self._state["waiting"]],
+            "epoch": int(position["epoch"]),
+            "cursor": int(position["cursor"]),
+            "waiting": [list(map(int, pair)) for pair in position["waiting"]],
         }
 
     def load_state_dict(self, state: dict) -> None:

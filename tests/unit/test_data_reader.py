@@ -3,15 +3,18 @@ damaged samples named."""
 
 from __future__ import annotations
 
+import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from fitscale.config.data import DataConfig
-from fitscale.data.batch import pack_images
-from fitscale.data.loader import LatentLoader, MaterializeStep
+from fitscale.data.batch import PackedBatch, pack_images
+from fitscale.data.loader import LatentLoader
+from fitscale.data.materialize import SHM_DIR, MaterializeStep, SharedStep, remove_leftovers, shared_prefix
 
 NUM_IMAGES = 64
 
@@ -116,3 +119,26 @@ def test_damaged_sample_bytes_and_nan_latents_are_named(dataset, tmp_path):
         ValueError, match=rf"sample 5 \(source 'synth:5', shard {names[1]}\): latents hold NaN"
     ):
         materialize.micro_batch(np.array([[5, 0, last_variant]]))
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_steps_through_shared_memory_arrive_whole_and_leave_no_files(dataset):
+    cfg = config(dataset, num_workers=2, pad_to_budget=True)
+    loader = LatentLoader(cfg, 0, 1)
+    prefix = shared_prefix(cfg)
+    local = MaterializeStep(loader.reader, loader.table, cfg, str(dataset))
+    shared = MaterializeStep(loader.reader, loader.table, cfg, str(dataset), prefix)
+    work = [np.array([image[1:4] for image in images]) for images in loader._new_planner().next_step(1)[0]]
+    work.append(np.zeros((0, 3), np.int64))  # a padding-only micro-batch
+    step = shared(work)
+    assert isinstance(step, SharedStep) and len(list(SHM_DIR.glob(Path(prefix).name + "-*"))) == 1
+    arrived = pickle.loads(pickle.dumps(step))  # as the trainer's process receives it
+    assert not list(SHM_DIR.glob(Path(prefix).name + "-*"))
+    for got, want in zip(arrived, local(work), strict=True):
+        assert type(got) is PackedBatch and got.num_images == want.num_images
+        assert all(
+            torch.equal(getattr(got, name), getattr(want, name)) for name in ("tokens", "pos", "cu_seqlens")
+        )
+    shared(work)  # never taken in: the pipeline's close removes it
+    remove_leftovers(prefix)
+    assert not list(SHM_DIR.glob(Path(prefix).name + "-*"))

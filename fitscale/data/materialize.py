@@ -1,0 +1,262 @@
+"""Packed steps built in the loader's workers, and how they reach the trainer's process.
+
+Building (`MaterializeStep`): for each micro-batch of a step, sizes, labels and ids come from
+the sample table in a few vectorised expressions; each image's chosen variant is copied from
+the mapped shard (`ShardReader`) straight into the step's float32 token buffer; positions are
+one `divmod`; NaN / inf is checked once per micro-batch (the image at fault is looked up only
+then). The result equals `pack_images` of the decoded samples, bit for bit.
+
+Moving: a step's tokens and positions are some 80 bytes per token, megabytes per step. Through
+the worker's result pipe they cost a pickle copy and a write in the worker and a read, a copy
+and an unpickle in the trainer's process, about two thirds of that process's loader time
+(docs/benchmarks.md, "Data loader"); torch's own tensor pickling is slower still (one shared
+memory segment and file-descriptor handshake per tensor). So with process workers the two big
+arrays of every micro-batch of a step are built in place in one file under /dev/shm; only its
+name and the small arrays cross the pipe, and the trainer's process maps the file (unlinking it
+at once, so the memory goes when the last tensor does) and views the arrays without a copy.
+Files of steps still in flight when the pipeline stops are removed by `remove_leftovers`.
+Without /dev/shm, or when it is full, the step goes through the pipe as plain array bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fitscale.config.data import DataConfig
+from fitscale.data.batch import PackedBatch, padding_batch
+from fitscale.data.format import COLS, CROP_COLS, CROP_ROWS, LABEL, ROWS, SOURCE_ID, TOKEN_DIM
+from fitscale.data.reader import ShardReader
+
+SHM_DIR = Path("/dev/shm")
+TOKEN_BYTES = TOKEN_DIM * 4 + 2 * 8  # float32 values and int64 (row, col) of one token
+_STEP_NUMBERS = itertools.count()
+
+
+class PipedBatch(PackedBatch):
+    """A PackedBatch that crosses a pipe as plain array bytes and arrives as a PackedBatch.
+
+    Used when a step cannot go through shared memory; far cheaper than torch's per-tensor
+    shared-memory handshake.
+    """
+
+    def __reduce__(self):
+        values = {f.name: getattr(self, f.name) for f in fields(PackedBatch)}
+        return _unpipe, ({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in values.items()},)
+
+
+def _unpipe(values: dict) -> PackedBatch:
+    return PackedBatch(
+        **{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in values.items()}
+    )
+
+
+@dataclass
+class Layout:
+    """A micro-batch's segments (images, then the padding tail if any), from the sample table."""
+
+    work: np.ndarray  # (N, 3) sample, crop, flip
+    rows: np.ndarray
+    cols: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+    lengths: np.ndarray  # tokens per segment
+    real: int  # tokens of real images
+
+    @property
+    def total(self) -> int:
+        return int(self.lengths.sum())
+
+    def small_arrays(self) -> dict:
+        cu_seqlens = np.zeros(self.lengths.size + 1, np.int32)
+        np.cumsum(self.lengths, out=cu_seqlens[1:])
+        return {
+            "cu_seqlens": cu_seqlens,
+            "max_seqlen": int(self.lengths.max()),
+            "labels": self.labels.astype(np.int64),
+            "sizes": np.stack([self.rows, self.cols], axis=1).astype(np.int64),
+            "sample_ids": self.ids.astype(np.int64),
+            "num_images": len(self.work),
+        }
+
+
+class SharedStep:
+    """A step whose big arrays lie in one shared-memory file; unpickles as its micro-batches."""
+
+    def __init__(self, path: str, nbytes: int, entries: list[dict]):
+        self.path, self.nbytes, self.entries = path, nbytes, entries
+
+    def __reduce__(self):
+        return attach_step, (self.path, self.nbytes, self.entries)
+
+
+def attach_step(path: str, nbytes: int, entries: list[dict]) -> list[PackedBatch]:
+    """Map a worker's step file, remove its name, and view the micro-batches in it."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        mapped = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return batches_from(np.frombuffer(mapped, np.uint8), entries)
+
+
+def batches_from(buffer: np.ndarray, entries: list[dict], kind: type = PackedBatch) -> list[PackedBatch]:
+    """The micro-batches whose tokens and positions lie in `buffer`, viewed without a copy."""
+    batches = []
+    for entry in entries:
+        if "batch" in entry:
+            batches.append(entry["batch"])
+            continue
+        values = dict(entry)
+        tokens, pos = token_views(buffer, values.pop("offset"), values.pop("tokens"))
+        small = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in values.items()}
+        batches.append(kind(tokens=torch.from_numpy(tokens), pos=torch.from_numpy(pos), **small))
+    return batches
+
+
+def token_views(buffer: np.ndarray, offset: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(count, TOKEN_DIM) float32 tokens then (count, 2) int64 positions, from `offset` on."""
+    split = offset + count * TOKEN_DIM * 4
+    tokens = buffer[offset:split].view(np.float32).reshape(count, TOKEN_DIM)
+    pos = buffer[split : split + count * 16].view(np.int64).reshape(count, 2)
+    return tokens, pos
+
+
+def create_shared(prefix: str, nbytes: int) -> tuple[str, mmap.mmap] | None:
+    """A new file of `nbytes` under /dev/shm, mapped; None when there is no room for it."""
+    path = f"{prefix}-{os.getpid()}-{next(_STEP_NUMBERS)}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)  # no room fails here, not as SIGBUS on a later write
+        return path, mmap.mmap(fd, nbytes)
+    except OSError:
+        os.unlink(path)
+        return None
+    finally:
+        os.close(fd)
+
+
+def shared_prefix(cfg: DataConfig) -> str | None:
+    """Name prefix of this pipeline's step files, when its workers are processes and /dev/shm exists."""
+    if cfg.num_workers == 0 or cfg.worker_method != "process" or not SHM_DIR.is_dir():
+        return None
+    return str(SHM_DIR / f"fitscale-step-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def remove_leftovers(prefix: str | None) -> None:
+    """Delete the step files that workers wrote but the pipeline never took in."""
+    if prefix is not None:
+        for path in SHM_DIR.glob(Path(prefix).name + "-*"):
+            path.unlink(missing_ok=True)
+
+
+class MaterializeStep:
+    """Reads the planned samples of a step and packs them; runs inside the worker processes."""
+
+    def __init__(
+        self, reader: ShardReader, table: np.ndarray, cfg: DataConfig, where: str, prefix: str | None = None
+    ):
+        self.reader, self.table, self.where, self.prefix = reader, table, where, prefix
+        self.pad_to = cfg.token_budget if cfg.pad_to_budget else None
+        self.null_class = cfg.num_classes
+
+    def describe(self, index: int) -> str:
+        shard, local = (int(v[0]) for v in self.reader.locate(np.asarray([index])))
+        try:
+            source = repr(self.reader.source(shard, local))
+        except Exception:  # the shard is already known to be damaged; name what we can
+            source = "unreadable"
+        return f"{self.where}: sample {index} (source {source}, shard {self.reader.layouts[shard].basename})"
+
+    def layout(self, work: np.ndarray) -> Layout:
+        rows_of = self.table[work[:, 0]]
+        crop = work[:, 1].astype(bool)
+        rows = np.where(crop, rows_of[:, CROP_ROWS], rows_of[:, ROWS])
+        cols = np.where(crop, rows_of[:, CROP_COLS], rows_of[:, COLS])
+        labels, ids = rows_of[:, LABEL], rows_of[:, SOURCE_ID]
+        lengths = rows * cols
+        real = int(lengths.sum())
+        if self.pad_to is not None:
+            if real > self.pad_to:
+                raise ValueError(f"{real} tokens do not fit the token budget of {self.pad_to}")
+            if real < self.pad_to:
+                pad = self.pad_to - real
+                rows, cols = np.append(rows, 1), np.append(cols, pad)
+                labels, ids = np.append(labels, self.null_class), np.append(ids, -1)
+                lengths = np.append(lengths, pad)
+        return Layout(work, rows, cols, labels, ids, lengths, real)
+
+    def copy_tokens(self, layout: Layout, out: np.ndarray) -> None:
+        shards, locals_ = self.reader.locate(layout.work[:, 0])
+        start = 0
+        for (index, crop, flip), shard, local, length in zip(
+            layout.work.tolist(), shards.tolist(), locals_.tolist(), layout.lengths.tolist()
+        ):
+            try:
+                variants = self.reader.variants(shard, local, crop)
+            except Exception as error:
+                raise ValueError(
+                    f"{self.where}: sample {index} in shard {self.reader.layouts[shard].basename} cannot "
+                    f"be read ({type(error).__name__}: {error}); the shard is corrupt, rewrite the dataset"
+                ) from error
+            shape = variants.shape
+            if len(shape) != 3 or shape[2] != TOKEN_DIM or shape[1] != length or shape[0] <= flip:
+                raise ValueError(
+                    f"{self.describe(index)}: tokens of shape {shape}, expected "
+                    f"(V, {length}, {TOKEN_DIM}) for its grid and p*p*C; rewrite the dataset"
+                )
+            out[start : start + length] = variants[flip]
+            start += length
+
+    def fill(self, layout: Layout, tokens: np.ndarray, pos: np.ndarray) -> None:
+        """Tokens (padding zeroed) and (row, col) positions of every segment, checked for NaN / inf."""
+        real = layout.real
+        self.copy_tokens(layout, tokens)
+        if not np.isfinite(tokens[:real]).all():
+            ends = np.cumsum(layout.lengths)
+            bad = int(np.searchsorted(ends, np.flatnonzero(~np.isfinite(tokens[:real]).all(1))[0], "right"))
+            raise ValueError(
+                f"{self.describe(int(layout.work[bad, 0]))}: latents hold NaN or inf; rewrite the dataset"
+            )
+        tokens[real:] = 0.0
+        starts = np.cumsum(layout.lengths) - layout.lengths
+        within = np.arange(layout.total) - np.repeat(starts, layout.lengths)
+        np.divmod(within, np.repeat(layout.cols, layout.lengths), out=(pos[:, 0], pos[:, 1]))
+
+    def micro_batch(self, work: np.ndarray) -> PackedBatch:
+        """The packed micro-batch of (N, 3) sample, crop, flip rows, in this process's memory."""
+        return self([work])[0]
+
+    def __call__(self, work: list[np.ndarray]) -> list[PackedBatch] | SharedStep:
+        """The packed micro-batches of one step (`StepPlan.work`), in one buffer."""
+        layouts = [self.layout(images) if len(images) else None for images in work]
+        offsets = np.cumsum([0] + [layout.total * TOKEN_BYTES if layout else 0 for layout in layouts])
+        nbytes = int(offsets[-1])
+        shared = create_shared(self.prefix, nbytes) if self.prefix is not None and nbytes else None
+        buffer = np.frombuffer(shared[1], np.uint8) if shared else np.empty(nbytes, np.uint8)
+        entries: list[dict] = []
+        try:
+            for layout, offset in zip(layouts, offsets.tolist()):
+                if layout is None:
+                    padding = padding_batch(self.pad_to or 1, TOKEN_DIM, self.null_class)
+                    entries.append(
+                        {"batch": PipedBatch(**{f.name: getattr(padding, f.name) for f in fields(padding)})}
+                    )
+                    continue
+                tokens, pos = token_views(buffer, offset, layout.total)
+                self.fill(layout, tokens, pos)
+                entries.append({"offset": offset, "tokens": layout.total, **layout.small_arrays()})
+        except BaseException:
+            if shared:
+                os.unlink(shared[0])
+            raise
+        if shared:
+            return SharedStep(shared[0], nbytes, entries)
+        return batches_from(buffer, entries, PipedBatch)
