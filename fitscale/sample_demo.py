@@ -23,8 +23,15 @@ from fitscale.sample import (
     save_png,
 )
 
-# Grids (rows, cols) in tokens: square, wide, tall and large, all within the demo's training sizes.
+# Grids (rows, cols) in tokens for digits trained at 4..16 tokens a side: square, wide, tall, large.
 DEMO_GRIDS = ((8, 8), (6, 12), (12, 6), (14, 14))
+
+
+def demo_grids(min_side: int, max_side: int) -> tuple[tuple[int, int], ...]:
+    """Grids within the trained sides: a middle and a largest square, a wide and a tall one (1:2)."""
+    middle = (min_side + max_side) // 2
+    short = max(min_side, max_side // 2)
+    return ((middle, middle), (short, max_side), (max_side, short), (max_side, max_side))
 
 
 def latent_to_digit(latent: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -53,8 +60,8 @@ def sample_demo_grid(
     run_dir: str | Path,
     out: str | Path | None = None,
     grids: tuple[tuple[int, int], ...] = DEMO_GRIDS,
-    per_class: int = 1,
-    cfg_scale: float = 2.0,
+    per_class: int = 2,
+    cfg_scale: float = 4.0,
     sampler: str = "heun",
     steps: int = 12,
     seed: int = 0,

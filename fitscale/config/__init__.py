@@ -44,9 +44,24 @@ class DemoSection:
 
     prepare_digits: bool = False
     """Write the digits dataset into `data.path` first when no dataset is there."""
+    digits_min_side: int = 4
+    """Smallest grid side of the digits, in tokens (`fitscale data digits --min-side`)."""
+    digits_max_side: int = 16
+    """Largest grid side of the digits, in tokens: small digits train many more steps per minute."""
     sample_at_end: bool = False
     """After training, draw a grid of digits from the final checkpoint and report how many a classifier
     recognises (`fitscale.sample_demo.sample_demo_grid`)."""
+    sample_cfg_scale: float = 4.0
+    """Classifier-free guidance scale of the closing samples."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.digits_min_side <= self.digits_max_side <= 16:
+            raise ConfigError(
+                f"demo.digits_min_side={self.digits_min_side}, demo.digits_max_side={self.digits_max_side}: "
+                "need 1 <= digits_min_side <= digits_max_side <= 16"
+            )
+        if self.sample_cfg_scale < 0:
+            raise ConfigError(f"demo.sample_cfg_scale={self.sample_cfg_scale}: must be >= 0")
 
 
 @dataclass

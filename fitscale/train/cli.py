@@ -56,7 +56,7 @@ def run_train(args: argparse.Namespace) -> int:
     nproc = args.nproc or config.launch.tasks_per_node or 1
     check_before_launch(config)
     if config.demo.prepare_digits:
-        maybe_prepare_digits(config.data.path)
+        maybe_prepare_digits(config.data.path, config.demo.digits_min_side, config.demo.digits_max_side)
     if nproc > 1:
         command = [
             sys.executable,
@@ -79,7 +79,13 @@ def run_train(args: argparse.Namespace) -> int:
 
         Trainer(config).train()
     if config.demo.sample_at_end:
-        sample_demo(config.train.run_dir)
+        from fitscale.sample_demo import demo_grids
+
+        sample_demo(
+            config.train.run_dir,
+            config.demo.sample_cfg_scale,
+            demo_grids(config.demo.digits_min_side, config.demo.digits_max_side),
+        )
     print(summary_line(config, None))
     return 0
 
@@ -113,26 +119,48 @@ def check_before_launch(config) -> None:
         pass
 
 
-def maybe_prepare_digits(path: str | None) -> None:
-    """Write the digits dataset (`fitscale data digits PATH`) unless a dataset is already there."""
-    from fitscale.data.format import META_FILE
+def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16) -> None:
+    """Write the digits dataset (`fitscale data digits PATH`) unless a dataset is already there.
+
+    An existing digits dataset is reused only when its grid sides are the ones asked for: the
+    demo's step count and guidance are tuned to the size of its digits.
+    """
+    from fitscale.data.format import META_FILE, read_meta
 
     if not path:
         raise ValueError("demo.prepare_digits needs data.path: set data.path=data/digits")
     if (Path(path) / META_FILE).is_file():
+        meta = read_meta(path)
+        sides = list(meta.get("grid_sides", [4, 16])) if meta.get("writer", "digits") == "digits" else None
+        if sides is not None and sides != [min_side, max_side]:
+            raise ValueError(
+                f"{path}: this digits dataset has grid sides {sides[0]}..{sides[1]} tokens but the recipe asks "
+                f"for demo.digits_min_side={min_side}, demo.digits_max_side={max_side}; delete {path} to have it "
+                "rewritten, or point data.path at another folder"
+            )
         return
     from fitscale.cli import build_parser
 
     print(f"fitscale train: writing the digits dataset to {path} (demo.prepare_digits)", flush=True)
-    args = build_parser().parse_args(["data", "digits", str(path), "--no-progress"])
+    command = [
+        "data",
+        "digits",
+        str(path),
+        "--no-progress",
+        "--min-side",
+        str(min_side),
+        "--max-side",
+        str(max_side),
+    ]
+    args = build_parser().parse_args(command)
     args.func(args)
 
 
-def sample_demo(run_dir: str) -> None:
+def sample_demo(run_dir: str, cfg_scale: float, grids: tuple[tuple[int, int], ...]) -> None:
     """Draw the demo's closing grid of digits from the final checkpoint and score it."""
     from fitscale.sample_demo import sample_demo_grid
 
-    sample_demo_grid(run_dir)
+    sample_demo_grid(run_dir, cfg_scale=cfg_scale, grids=grids)
 
 
 def summary_line(config, step: int | None) -> str:

@@ -24,3 +24,36 @@ def test_reading_back_rendered_digits_recovers_them_at_any_aspect_ratio():
         labels.append(digits.target[index])
     accuracy = (classifier.predict(np.stack(recovered)) == np.array(labels)).mean()
     assert accuracy >= 0.9, f"only {accuracy:.0%} of re-read real digits recognised"
+
+
+def test_demo_grids_stay_within_the_trained_sides_and_cover_three_aspects():
+    from fitscale.sample_demo import demo_grids
+
+    assert demo_grids(4, 8) == ((6, 6), (4, 8), (8, 4), (8, 8))
+    for low, high in ((4, 8), (4, 16), (2, 5)):
+        grids = demo_grids(low, high)
+        assert all(low <= side <= high for grid in grids for side in grid)
+        assert {rows > cols for rows, cols in grids} == {True, False}
+
+
+def test_demo_refuses_a_digits_dataset_of_other_sizes(tmp_path):
+    import json
+
+    import pytest
+
+    from fitscale.data.format import FORMAT_NAME, FORMAT_VERSION, META_FILE
+    from fitscale.train.cli import maybe_prepare_digits
+
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "writer": "digits", "grid_sides": [4, 16]}
+    (folder / META_FILE).write_text(json.dumps(meta))
+    maybe_prepare_digits(str(folder), 4, 16)  # the same sizes: reused as it is
+    with pytest.raises(ValueError) as info:
+        maybe_prepare_digits(str(folder), 4, 8)
+    assert str(info.value) == (
+        f"{folder}: this digits dataset has grid sides 4..16 tokens but the recipe asks for "
+        f"demo.digits_min_side=4, demo.digits_max_side=8; delete {folder} to have it rewritten, "
+        "or point data.path at another folder"
+    )
+    assert json.loads((folder / META_FILE).read_text()) == meta  # nothing rewritten
