@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from fitscale.data.format import INDEX_FILE
+from fitscale.data.format import INDEX_FILE, TOKEN_DIM
 
 # MDS ndarray dtype codes (streaming.base.format.mds.encodings.NDArray) of the latent dtypes.
 VALUE_DTYPES = {18: np.dtype("<f2"), 34: np.dtype("<f4"), 66: np.dtype("<f8")}
@@ -72,6 +72,60 @@ class ShardLayout:
         return cls(shard["raw_data"]["basename"], int(shard["samples"]), variable, columns)
 
 
+def gather(data: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Bytes of `data` at positions `at` (clipped into the file: bad positions fail checks later)."""
+    return data[np.clip(at, 0, data.size - 1)].astype(np.int64)
+
+
+def little_endian(data: np.ndarray, at: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """The unsigned integers of `width` bytes (1, 2, 4 or 8 each) stored at `at`."""
+    value = np.zeros(at.shape, np.int64)
+    for byte in range(8):
+        value |= np.where(byte < width, gather(data, at + byte), 0) << (8 * byte)
+    return value
+
+
+@dataclass
+class ArrayIndex:
+    """Where the values of one ndarray column lie in every sample of a shard, found at once.
+
+    `values[i]` is -1 where sample i does not hold a well-formed (V, T, TOKEN_DIM) array; the
+    per-sample decoder (`ShardReader.variants`) then says what is wrong with it.
+    """
+
+    values: list[int]  # byte offset of the first value
+    codes: list[int]  # MDS dtype code
+    variants: list[int]  # V
+    tokens: list[int]  # T
+
+    @classmethod
+    def build(cls, data: np.ndarray, offsets: np.ndarray, layout: ShardLayout, name: str) -> ArrayIndex:
+        begins, ends = offsets[:-1], offsets[1:]
+        count = layout.num_variable
+        heads = begins[:, None] + np.arange(4 * count)
+        sizes = little_endian(data, heads[:, ::4].ravel(), np.full(heads[:, ::4].size, 4)).reshape(-1, count)
+        fixed, before, own = layout.columns[name]
+        start = begins + 4 * count + fixed + sizes[:, :before].sum(1)
+        size = sizes[:, own]
+        code, packed = gather(data, start), gather(data, start + 1)
+        width = 1 << (packed & 3)
+        shape = [little_endian(data, start + 2 + k * width, width) for k in range(3)]
+        itemsize = np.select(
+            [code == c for c in VALUE_DTYPES], [d.itemsize for d in VALUE_DTYPES.values()], 0
+        )
+        values = start + 2 + 3 * width
+        good = (
+            (begins + 4 * count + sizes.sum(1) <= ends)
+            & (size >= 2)
+            & (itemsize > 0)
+            & (packed >> 2 == 3)
+            & (shape[2] == TOKEN_DIM)
+            & (values + shape[0] * shape[1] * TOKEN_DIM * itemsize == start + size)
+        )
+        values = np.where(good, values, -1)
+        return cls(values.tolist(), code.tolist(), shape[0].tolist(), shape[1].tolist())
+
+
 class ShardReader:
     """Random access to the stored token arrays of a dataset, by global sample index."""
 
@@ -97,7 +151,7 @@ class ShardReader:
         shard, _ = self.locate(np.asarray([index]))
         return self.layouts[int(shard[0])].basename
 
-    def _open(self, shard: int) -> tuple[mmap.mmap, np.ndarray, list[int]]:
+    def _open(self, shard: int) -> tuple[mmap.mmap, np.ndarray, list[int], tuple[ArrayIndex, ArrayIndex]]:
         """The shard mapped into memory, with its sample offsets; fetched first when cached."""
         opened = self._maps.get(shard)
         if self.cache is not None:
@@ -120,13 +174,14 @@ class ShardReader:
         offsets = data[4:head].view("<u4").astype(np.int64)
         if offsets[-1] > data.size or np.any(np.diff(offsets) < 0):
             raise ShardReadError(f"shard {path}: sample offsets run past its {data.size} bytes")
-        opened = (mapped, data, offsets.tolist())
+        indexes = tuple(ArrayIndex.build(data, offsets, layout, name) for name in ARRAY_COLUMNS)
+        opened = (mapped, data, offsets.tolist(), indexes)
         self._maps[shard] = opened
         return opened
 
     def _column(self, shard: int, local: int, name: str) -> tuple[mmap.mmap, np.ndarray, int, int]:
         """(mapping, bytes, start, size) of one column of one sample."""
-        mapped, data, offsets = self._open(shard)
+        mapped, data, offsets, _ = self._open(shard)
         layout = self.layouts[shard]
         begin, end = offsets[local], offsets[local + 1]
         sizes = struct.unpack_from(f"<{layout.num_variable}I", mapped, begin)
@@ -136,6 +191,19 @@ class ShardReader:
         if start + size > end or begin + 4 * layout.num_variable + sum(sizes) > end:
             raise ShardReadError(f"column sizes {sizes} overrun the sample's {end - begin} bytes")
         return mapped, data, start, size
+
+    def variant(self, shard: int, local: int, crop: bool, flip: bool, length: int) -> np.ndarray | None:
+        """The (length, TOKEN_DIM) values of one stored variant, viewed in place; None when the
+        sample holds no such variant (ask `variants` why). The loader's per-image hot path."""
+        _, data, _, indexes = self._open(shard)
+        index = indexes[crop]
+        start = index.values[local]
+        if start < 0 or index.tokens[local] != length or index.variants[local] <= flip:
+            return None
+        dtype = VALUE_DTYPES[index.codes[local]]
+        nbytes = length * TOKEN_DIM * dtype.itemsize
+        start += flip * nbytes
+        return data[start : start + nbytes].view(dtype).reshape(length, TOKEN_DIM)
 
     def variants(self, shard: int, local: int, crop: bool) -> np.ndarray:
         """The stored (V, tokens, width) array of the resized (or crop) image, viewed in place."""
