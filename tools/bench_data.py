@@ -6,7 +6,8 @@ or the centre-crop file and a flip at random, pads tokens, grid and mask to the 
 goes through the default collate. Its workers persist across epochs (kinder to the baseline than
 restarting them every epoch). fitscale's loader runs in "images" mode with the same batch of
 images per step, the same worker count and the same flip / crop probabilities, on the same
-images written as MDS shards.
+images written as MDS shards (or, with `--batch-mode tokens`, one micro-batch filled to the
+token budget per step).
 
 Each loader runs in its own process, alternating, `--rounds` times. Start-up (construction to
 first batch) is reported apart from the steady state: images and real (unpadded) tokens per
@@ -120,6 +121,7 @@ def fitscale_batches(args: argparse.Namespace) -> Iterator[tuple[int, int]]:
         token_budget=args.token_budget,
         num_workers=args.workers,
         max_image_tokens=LIMIT,
+        batch_mode=args.batch_mode,
     )
     for step in build_loader(cfg, 0, 1):
         yield (
@@ -186,6 +188,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--token-budget", type=int, default=8192)
+    parser.add_argument(
+        "--batch-mode",
+        choices=("images", "tokens"),
+        default="images",
+        help="fitscale's: --batch images per step, or one micro-batch of --token-budget tokens per step",
+    )
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of batches before measuring")
     parser.add_argument("--window", type=float, default=20.0, help="seconds measured per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each loader, alternating")
@@ -210,6 +218,7 @@ def main() -> None:
             {
                 "images": args.num_images,
                 "workers": args.workers,
+                "batch_mode": args.batch_mode,
                 "runs": runs,
                 "median": summary,
                 "speedup_images": summary["fitscale"]["images_per_s"] / summary["per_file"]["images_per_s"],
