@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, losses, model_weights, run
+from train_runs import checkpoint_tensors, losses, model_weights, run, write_digits_split
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +32,16 @@ def reference(tmp_path_factory) -> Path:
 
 
 def test_fsdp_run_killed_and_resumed_is_bit_identical(reference, tmp_path):
+    """The interrupted run also scores a held-out split every 2 steps (`train.val_every`) and the
+    reference does not: validation must leave the weights, optimizer, EMA and RNG streams as they were."""
     die_at = random.Random().choice([3, 4, 5])
     interrupted = tmp_path / "interrupted"
-    run(interrupted, 2, *REFERENCE, die_at=die_at, expect_kill=True, **PAD)
+    validation = [f"data.val_path={write_digits_split(tmp_path / 'val')}", "train.val_every=2"]
+    run(interrupted, 2, *REFERENCE, *validation, die_at=die_at, expect_kill=True, **PAD)
     resumed_from = die_at - die_at % 2
     assert (interrupted / "checkpoints" / f"step-{resumed_from}").is_dir()
     assert not (interrupted / "checkpoints" / f"step-{resumed_from + 2}").exists()
-    run(interrupted, 2, *REFERENCE, history="history-resumed.json", **PAD)
+    run(interrupted, 2, *REFERENCE, *validation, history="history-resumed.json", **PAD)
     expected = checkpoint_tensors(reference, 6)
     actual = checkpoint_tensors(interrupted, 6)
     for section in ("model.", "optimizer.", "ema.", "rng.", "data."):
@@ -47,6 +50,8 @@ def test_fsdp_run_killed_and_resumed_is_bit_identical(reference, tmp_path):
     for key, tensor in expected.items():
         assert torch.equal(tensor, actual[key]), f"{key} differs after resuming from a kill at step {die_at}"
     assert losses(interrupted, "history-resumed.json") == losses(reference)[resumed_from:]
+    resumed = json.loads((interrupted / "history-resumed.json").read_text())
+    assert [r["step"] for r in resumed if "val_loss" in r] == list(range(resumed_from + 2, 7, 2))
 
 
 @pytest.mark.parametrize("nproc", [1, 4])

@@ -1,9 +1,10 @@
 """Held-out loss during training (`train.val_every`): real processes (torchrun, gloo), the tiny model.
 
-Three 3-step runs on the seeded training stream of `train_worker.py`, scoring a 12-image digits
-split every 2 steps and at the end: 2 ranks with validation, the same without it, and 1 rank with
-it. The logged numbers must be what `run_validation` gives for the checkpoint's raw and EMA weights,
-must not depend on the number of ranks, and validation must leave training bit-identical.
+Two 3-step runs on the seeded training stream of `train_worker.py`, on 2 ranks and on 1, scoring
+a 12-image digits split every 2 steps and at the end. The logged numbers must be what
+`run_validation` gives for the checkpoint's raw and EMA weights and must not depend on the number
+of ranks. That validation leaves training bit-identical is checked by the kill/resume test of
+test_train.py, whose interrupted run validates and whose reference does not.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ def val_split(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, val_split) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
-    paths = {name: root / name for name in ("two", "two_off", "one")}
+    paths = {name: root / name for name in ("two", "one")}
     validation = [f"data.val_path={val_split}", *VALIDATION]
     run(paths["two"], 2, *COMMON, *validation)
-    run(paths["two_off"], 2, *COMMON)
     run(paths["one"], 1, *COMMON, *validation)
     return paths
 
@@ -55,7 +55,6 @@ def test_val_loss_is_logged_every_n_steps_and_at_the_end(runs):
         )
     history = json.loads((runs["two"] / "history.json").read_text())
     assert [("val_loss" in r) for r in history] == [False, True, True]
-    assert not scored_records(runs["two_off"])
 
 
 def test_logged_val_loss_is_run_validation_of_the_checkpoint(runs, val_split):
@@ -68,12 +67,16 @@ def test_logged_val_loss_is_run_validation_of_the_checkpoint(runs, val_split):
     settings = ValidationSettings(seed=5)
     tensors = checkpoint_tensors(runs["two"], 2)
     logged = metric_records(runs["two"])[2]
-    for section, key in (("model", "val_loss"), ("ema", "val_loss_ema")):
-        model = build_model("tiny", attn_backend="reference")
-        model.load_state_dict(model_weights(tensors, section))
-        assert run_validation(model, batches, settings)["val_loss"] == pytest.approx(logged[key], rel=1e-6), (
-            key
-        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only wait on each other on a busy machine
+    try:
+        for section, key in (("model", "val_loss"), ("ema", "val_loss_ema")):
+            model = build_model("tiny", attn_backend="reference")
+            model.load_state_dict(model_weights(tensors, section))
+            scored = run_validation(model, batches, settings)["val_loss"]
+            assert scored == pytest.approx(logged[key], rel=1e-6), key
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_one_and_two_ranks_give_the_same_val_loss(runs):
@@ -82,13 +85,3 @@ def test_one_and_two_ranks_give_the_same_val_loss(runs):
     for step in (2, 3):
         for key in ("val_loss", "val_loss_ema", "val_loss_t0.062"):
             assert one[step][key] == pytest.approx(two[step][key], rel=1e-5), (step, key)
-
-
-def test_validation_leaves_training_bit_identical(runs):
-    """Same losses and the same checkpoint, RNG streams and EMA included, as the run without it."""
-    with_val, without = (json.loads((runs[n] / "history.json").read_text()) for n in ("two", "two_off"))
-    assert [r["loss"] for r in with_val] == [r["loss"] for r in without]
-    expected, actual = checkpoint_tensors(runs["two_off"], 3), checkpoint_tensors(runs["two"], 3)
-    assert expected.keys() == actual.keys()
-    for key, tensor in expected.items():
-        assert torch.equal(tensor, actual[key]), key
