@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -130,8 +131,25 @@ def fitscale_batches(args: argparse.Namespace) -> Iterator[tuple[int, int]]:
         )
 
 
+def cpu_seconds() -> float | None:
+    """CPU time so far of this process and its worker processes (Linux /proc), load-independent."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, pids = 0.0, [os.getpid()]
+    try:
+        while pids:
+            pid = pids.pop()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                pids += (task / "children").read_text().split()
+    except OSError:
+        return None
+    return total
+
+
 def measure(batches: Iterator[tuple[int, int]], start: float, warmup: float, window: float) -> dict:
-    """Start-up to the first batch, then throughput over `window` seconds after `warmup`."""
+    """Start-up to the first batch, then throughput and CPU per image over `window` seconds
+    after `warmup`. CPU per image barely depends on what else the machine runs; throughput does."""
     next(batches)
     startup = time.perf_counter() - start
     began = time.perf_counter()
@@ -139,14 +157,16 @@ def measure(batches: Iterator[tuple[int, int]], start: float, warmup: float, win
         if time.perf_counter() - began >= warmup:
             break
     images = tokens = 0
-    began = time.perf_counter()
+    cpu, began = cpu_seconds(), time.perf_counter()
     for num_images, num_tokens in batches:
         images, tokens = images + num_images, tokens + num_tokens
         seconds = time.perf_counter() - began
         if seconds >= window:
             break
+    cpu = None if cpu is None else cpu_seconds() - cpu
     batches.close()
     return {
+        "cpu_us_per_image": None if cpu is None else 1e6 * cpu / images,
         "startup_s": startup,
         "images_per_s": images / seconds,
         "real_tokens_per_s": tokens / seconds,
