@@ -56,7 +56,7 @@ class DataConfig:
     num_workers: int = 2
     # "process" workers sidestep the GIL; "thread" workers start instantly and share one cache.
     worker_method: Literal["process", "thread"] = "process"
-    # Steps (all micro-batches of one optimizer step) each worker keeps ready ahead of the trainer.
+    # Work items (whole steps, 256 images or more) each worker keeps ready ahead of the trainer.
     prefetch: int = 2
     # Put micro-batches in pinned memory so the host-to-GPU copy can overlap compute.
     pin_memory: bool = False

@@ -44,6 +44,8 @@ from fitscale.data.packing import PlannedImage, PlannerState, SampleCatalog, Ste
 from fitscale.data.reader import ShardReader
 
 STATE_VERSION = 1
+ITEM_IMAGES = 256  # a worker's item of work holds whole steps with at least this many images
+ITEM_STEPS = 16  # ... and at most this many steps (a rank may get no image in a step)
 
 
 @dataclass
@@ -119,18 +121,21 @@ def _plan_source_class():
     import torchdata.nodes as tn
 
     class PlanSource(tn.BaseNode):
-        """This rank's work, one step at a time; its state is the global planner state.
+        """This rank's work, a few steps at a time; its state is the global planner state.
 
         The plans themselves (with the planner state after each step) stay in this process, in
         `planned`, in the order of their work items; workers receive only `StepPlan.work`, and
-        the pipeline keeps that order (`in_order=True`), so the consumer pairs each step's
-        packed micro-batches with the next plan.
+        the pipeline keeps that order (`in_order=True`), so the consumer pairs each item's
+        packed micro-batches with its plans. An item holds whole steps, at least
+        `ITEM_IMAGES` images of them (at most `ITEM_STEPS` steps): the costs paid per item
+        (messages, a step file, thread hand-offs) then spread over as many images when a step
+        is small, as in "tokens" mode or with few images per rank.
         """
 
         def __init__(self, planner: StepPlanner, rank: int, world_size: int):
             super().__init__()
             self.planner, self.rank, self.world_size = planner, rank, world_size
-            self.planned: deque[StepPlan] = deque()
+            self.planned: deque[list[StepPlan]] = deque()
 
         def reset(self, initial_state: dict | None = None) -> None:
             super().reset(initial_state)
@@ -139,9 +144,13 @@ def _plan_source_class():
             self.planned.clear()
 
         def next(self) -> list[np.ndarray]:
-            plan = self.next_plan()
-            self.planned.append(plan)
-            return plan.work()
+            plans, work, images = [], [], 0
+            while images < ITEM_IMAGES and len(plans) < ITEM_STEPS:
+                plans.append(self.next_plan())
+                work += plans[-1].work()
+                images += sum(len(micro_batch) for micro_batch in plans[-1].micro_batches)
+            self.planned.append(plans)
+            return work
 
         def next_plan(self) -> StepPlan:
             per_rank = self.planner.next_step(self.world_size)
@@ -257,11 +266,15 @@ class LatentLoader:
         self._nodes = self._build_pipeline()
         try:
             for micro_batches in self._nodes[-1]:
-                plan = self._source.planned.popleft()
-                if [mb.num_images for mb in micro_batches] != [len(images) for images in plan.micro_batches]:
-                    raise RuntimeError("loader pipeline out of order: a step does not match its plan")
-                self._state = plan.state
-                yield StepBatch(micro_batches, plan.global_num_images)
+                plans = self._source.planned.popleft()
+                planned = [len(images) for plan in plans for images in plan.micro_batches]
+                if [mb.num_images for mb in micro_batches] != planned:
+                    raise RuntimeError("loader pipeline out of order: packed steps do not match their plans")
+                for plan in plans:
+                    count = len(plan.micro_batches)
+                    step, micro_batches = micro_batches[:count], micro_batches[count:]
+                    self._state = plan.state
+                    yield StepBatch(step, plan.global_num_images)
         finally:
             self.close()
 
