@@ -5,7 +5,8 @@ One full step (forward, backward, AdamW) on the same images in every mode:
   are reused), attention through a varlen backend (flash, varlen, flex, grouped, reference);
 - `padded`: the release's method: every image padded to the token limit (256 or 1024) and
   attention masked densely, the baseline every ratio is taken against.
-Each mode may add `+compile` (torch.compile per block), `+ac` (activation checkpointing) and
+Each mode may add `+compile` (torch.compile per block; `+autotune` with compile: its
+max-autotune-no-cudagraphs mode), `+ac` (activation checkpointing) and
 `+bf16w` (bf16 weights and optimizer state, no fp32 master copy: the mixed-precision ceiling).
 MFU counts real FLOPs only (fitscale.models.flops on the real image lengths): padding does not count.
 
@@ -162,7 +163,7 @@ def run_mode(mode: str, args, step_grids, device, dtype, after_warmup=None) -> d
         model.to(torch.bfloat16)
     if use_ac:
         apply_ac(model, "full")
-    apply_compile(model, use_compile)
+    apply_compile(model, use_compile, mode="max-autotune-no-cudagraphs" if "autotune" in parts else None)
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
     max_tokens = args.mix
