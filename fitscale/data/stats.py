@@ -38,10 +38,25 @@ def packing_efficiency(catalog: SampleCatalog, token_budget: int, lookahead: int
     return real / (bins * token_budget), bins
 
 
+def unpack_compressed_shards(folder: Path) -> None:
+    """Decompress each compressed shard whose raw form is absent next to it, as the training
+    loader's StreamingDataset does on first use (the compressed file is kept)."""
+    from streaming.base.compression import decompress
+
+    from fitscale.data.format import atomic_write_bytes, read_index
+
+    for shard in read_index(folder)["shards"]:
+        raw = folder / shard["raw_data"]["basename"]
+        if shard.get("zip_data") and not raw.exists():
+            packed = (folder / shard["zip_data"]["basename"]).read_bytes()
+            atomic_write_bytes(raw, decompress(shard["compression"], packed))
+
+
 def verify_samples(folder: Path) -> list[str]:
     """Decode every sample; a list of problems, each naming shard and sample."""
     from streaming.base.local import LocalDataset
 
+    unpack_compressed_shards(folder)
     dataset = LocalDataset(str(folder))
     problems = []
     for index in range(dataset.num_samples):

@@ -188,6 +188,21 @@ def write_part(
     os.replace(tmp, final)
 
 
+def first_tokens_dtype(out: Path, shard: dict[str, Any]) -> str:
+    """The latent dtype of a shard's first sample, read from its raw form (for a compressed
+    shard decoded in memory: MDSWriter keeps only the compressed file)."""
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+
+    raw = out / shard["raw_data"]["basename"]
+    if raw.exists():
+        return str(reader_from_json(str(out), None, shard).get_item(0)["tokens"].dtype)
+    data = decompress(shard["compression"], (out / shard["zip_data"]["basename"]).read_bytes())
+    reader = reader_from_json(str(out), None, shard)
+    first, end = np.frombuffer(data, np.uint32, count=2, offset=4)
+    return str(reader.decode_sample(data[first:end])["tokens"].dtype)
+
+
 def merge_parts(out: Path, num_parts: int, settings: WriteSettings, extra_meta: dict[str, Any]) -> dict:
     """Join complete parts into one dataset; written last, `fitscale.json` marks completion."""
     shards, tables, skipped = [], [], Counter()
@@ -208,10 +223,7 @@ def merge_parts(out: Path, num_parts: int, settings: WriteSettings, extra_meta: 
             skipped_names.append(entry)
     table = np.concatenate(tables) if tables else np.zeros((0, len(SAMPLE_COLUMNS)), np.int64)
     if dtype is None and shards:
-        from streaming.base.format import reader_from_json
-
-        first = reader_from_json(str(out), None, shards[0])
-        dtype = str(first.get_item(0)["tokens"].dtype)
+        dtype = first_tokens_dtype(out, shards[0])
     atomic_write_text(out / INDEX_FILE, json.dumps({"version": 2, "shards": shards}))
     atomic_save_npy(out / SAMPLES_FILE, table)
     (out / SKIPPED_FILE).write_text("".join(json.dumps(s) + "\n" for s in skipped_names))

@@ -92,6 +92,24 @@ def test_remote_dataset_through_a_small_local_cache_gives_the_same_batches(datas
     assert sum(f.stat().st_size for f in (tmp_path / "cache").rglob("*.mds")) <= 300 * 1024
 
 
+def test_compressed_dataset_is_written_verified_and_loaded_like_the_raw_one(dataset, tmp_path):
+    from fitscale.data.format import read_meta
+    from fitscale.data.sources import build_synth
+    from fitscale.data.stats import dataset_stats
+    from fitscale.data.writer import WriteSettings, write_dataset
+
+    settings = WriteSettings(
+        writer="synth", num_classes=10, part_size=32, shard_size_limit=1 << 16, compression="zstd"
+    )
+    verified, loaded = tmp_path / "verified", tmp_path / "loaded"
+    for out in (verified, loaded):
+        write_dataset(out, range(NUM_IMAGES), build_synth(0, 256, 10, "float16"), settings, progress=False)
+        assert read_meta(out)["dtype"] == "float16"
+        assert not list(out.rglob("*.mds"))  # only the compressed shards are stored
+    assert dataset_stats(verified, verify=True)["problems"] == []
+    assert digests(config(loaded)) == digests(config(dataset))
+
+
 def test_damaged_sample_bytes_and_nan_latents_are_named(dataset, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(dataset, broken)
