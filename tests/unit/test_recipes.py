@@ -102,6 +102,7 @@ def test_high_res_post_training_changes_only_the_trainable_set(tmp_path):
     overrides = [f"model.overrides.{k}={v}" for k, v in small.items()] + [
         f"data.path={data}",
         "data.val_path=null",
+        "train.val_every=0",
         "data.num_classes=10",
         "data.global_batch_size=4",
         "data.token_budget=1024",
