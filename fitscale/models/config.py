@@ -37,7 +37,7 @@ class ModelConfig:
     rope_per_image: bool = False  # frequencies from each image's own grid (else from rope_target_grid)
     rope_base_grid: int = 16  # L0: grid edge of the training resolution (16 for 256-token models)
     rope_target_grid: tuple[int, int] | None = None  # (rows, cols) for fixed frequencies; None = no scaling
-    attn_backend: str = "auto"  # auto | flash | varlen | flex | grouped | reference | padded (the release's way)
+    attn_backend: str = "auto"  # auto, flash, varlen, flex, grouped, reference, padded (release)
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

@@ -25,6 +25,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift, x, 1 + scale)
 
 
+def gather_rows(per_image: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """(S, F) -> (T, F): each token's row of its image.
+
+    `index_select`, not `per_image[segment_ids]`: its backward is an `index_add`, where
+    indexing's is an accumulating `index_put` that runs 8-14x slower on CPU (measured at
+    8192 tokens x 384-1536 features) and sorts the indices first on CUDA in eager mode.
+    """
+    return per_image.index_select(0, segment_ids)
+
+
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim with no weight and no bias, as every norm of FiTv2."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
@@ -136,7 +146,7 @@ class FiTBlock(nn.Module):
         sin: torch.Tensor,  # (T, d)
     ) -> torch.Tensor:
         modulation = self.adaLN_modulation(c) + global_modulation  # (S, 6D)
-        modulation = modulation[packed.segment_ids]  # (T, 6D)
+        modulation = gather_rows(modulation, packed.segment_ids)  # (T, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)  # each (T, D)
         h = modulate(layer_norm(x, self.norm_eps), shift1, scale1)  # (T, D)
         x = x + gate1 * self.attn(h, packed, cos, sin)  # (T, D)
@@ -154,5 +164,5 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c)[segment_ids].chunk(2, dim=-1)  # each (T, D)
+        shift, scale = gather_rows(self.adaLN_modulation(c), segment_ids).chunk(2, dim=-1)  # each (T, D)
         return self.linear(modulate(layer_norm(x, self.norm_eps), shift, scale))  # (T, p*p*C)
