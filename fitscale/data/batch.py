@@ -2,9 +2,11 @@
 
 A batch is one flat sequence of tokens from many images with no padding between them.
 Optionally a tail of padding up to a fixed token budget (static shapes for `torch.compile`)
-is held as its own final segment: it attends only to itself and never counts in the loss.
-The model treats it as one more image (label = null class); the loss reads only the first
-`num_images` segments.
+follows the images as segments of at most `PADDING_SEGMENT_TOKENS` tokens: each attends only
+to itself and never counts in the loss. The model treats them as more images (label = null
+class); the loss reads only the first `num_images` segments. Short padding segments keep the
+tail's attention cost linear in its length: one 7,000-token tail would cost as much attention
+as some fifty 1,024-token images.
 """
 
 from __future__ import annotations
@@ -13,16 +15,24 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+PADDING_SEGMENT_TOKENS = 128  # one FlashAttention tile
+
+
+def padding_lengths(pad: int) -> list[int]:
+    """Segment lengths of a `pad`-token padding tail: full segments, then the remainder."""
+    full, rest = divmod(pad, PADDING_SEGMENT_TOKENS)
+    return [PADDING_SEGMENT_TOKENS] * full + ([rest] if rest else [])
+
 
 @dataclass
 class PackedBatch:
     tokens: torch.Tensor  # (T, p*p*C) float: clean latent tokens, row-major per image
     pos: torch.Tensor  # (T, 2) int64: (row, col) of each token in its image's patch grid
-    cu_seqlens: torch.Tensor  # (S+1,) int32: segment boundaries; S = num_images (+1 with a padding tail)
+    cu_seqlens: torch.Tensor  # (S+1,) int32: segment boundaries; S = num_images + padding segments
     max_seqlen: int  # longest segment, computed on the host by the collator
-    labels: torch.Tensor  # (S,) int64: class labels (the padding segment holds the null class)
+    labels: torch.Tensor  # (S,) int64: class labels (padding segments hold the null class)
     sizes: torch.Tensor  # (S, 2) int64: grid rows and cols of each segment
-    sample_ids: torch.Tensor  # (S,) int64: stable source ids (-1 for the padding segment)
+    sample_ids: torch.Tensor  # (S,) int64: stable source ids (-1 for padding segments)
     num_images: int  # real images: the first `num_images` segments
 
     @property
@@ -66,7 +76,7 @@ def pack_images(
 ) -> PackedBatch:
     """Concatenate images (each (rows*cols, p*p*C), row-major) into one PackedBatch.
 
-    With `token_budget`, a padding segment fills the sequence up to exactly that many tokens.
+    With `token_budget`, padding segments fill the sequence up to exactly that many tokens.
     """
     if not images:
         raise ValueError("pack_images needs at least one image")
@@ -88,11 +98,12 @@ def pack_images(
         pad = token_budget - total
         if pad > 0:
             images = [*images, images[0].new_zeros(pad, images[0].shape[1])]
-            positions.append(grid_positions(1, pad))
-            lengths.append(pad)
-            sizes.append((1, pad))
-            segment_labels.append(null_class)
-            segment_ids.append(-1)
+            for length in padding_lengths(pad):
+                positions.append(grid_positions(1, length))
+                lengths.append(length)
+                sizes.append((1, length))
+                segment_labels.append(null_class)
+                segment_ids.append(-1)
     cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
     return PackedBatch(
@@ -120,14 +131,16 @@ def padding_batch(token_budget: int, token_dim: int, null_class: int = 1000) -> 
     A rank whose share of a step has fewer images than the step has micro-batches still runs
     every forward/backward that its peers run (FSDP collectives must match); its loss is zero.
     """
-    cu_seqlens = torch.tensor([0, token_budget], dtype=torch.int32)
+    lengths = padding_lengths(token_budget)
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
     return PackedBatch(
         tokens=torch.zeros(token_budget, token_dim),
-        pos=grid_positions(1, token_budget),
+        pos=torch.cat([grid_positions(1, length) for length in lengths]),
         cu_seqlens=cu_seqlens,
-        max_seqlen=token_budget,
-        labels=torch.tensor([null_class], dtype=torch.int64),
-        sizes=torch.tensor([[1, token_budget]], dtype=torch.int64),
-        sample_ids=torch.tensor([-1], dtype=torch.int64),
+        max_seqlen=max(lengths),
+        labels=torch.full((len(lengths),), null_class, dtype=torch.int64),
+        sizes=torch.tensor([[1, length] for length in lengths], dtype=torch.int64),
+        sample_ids=torch.full((len(lengths),), -1, dtype=torch.int64),
         num_images=0,
     )

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fitscale.config.data import DataConfig
-from fitscale.data.batch import PackedBatch, padding_batch
+from fitscale.data.batch import PackedBatch, padding_batch, padding_lengths
 from fitscale.data.format import COLS, CROP_COLS, CROP_ROWS, LABEL, ROWS, SOURCE_ID, TOKEN_DIM
 from fitscale.data.reader import ShardReader
 
@@ -60,7 +60,7 @@ def _unpipe(values: dict) -> PackedBatch:
 
 @dataclass
 class Layout:
-    """A micro-batch's segments (images, then the padding tail if any), from the sample table."""
+    """A micro-batch's segments (images, then the padding segments if any), from the sample table."""
 
     work: np.ndarray  # (N, 3) sample, crop, flip
     rows: np.ndarray
@@ -188,10 +188,10 @@ class MaterializeStep:
             if real > self.pad_to:
                 raise ValueError(f"{real} tokens do not fit the token budget of {self.pad_to}")
             if real < self.pad_to:
-                pad = self.pad_to - real
-                rows, cols = np.append(rows, 1), np.append(cols, pad)
-                labels, ids = np.append(labels, self.null_class), np.append(ids, -1)
-                lengths = np.append(lengths, pad)
+                pad = np.asarray(padding_lengths(self.pad_to - real))
+                rows, cols = np.append(rows, np.ones_like(pad)), np.append(cols, pad)
+                labels = np.append(labels, np.full_like(pad, self.null_class))
+                ids, lengths = np.append(ids, np.full_like(pad, -1)), np.append(lengths, pad)
         return Layout(work, rows, cols, labels, ids, lengths, real)
 
     def copy_tokens(self, layout: Layout, out: np.ndarray) -> None:

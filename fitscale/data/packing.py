@@ -190,7 +190,9 @@ class TokenPacker:
 
     Each micro-batch starts with the oldest waiting image (no image waits forever), then takes
     the largest waiting image that still fits, until none does. With a few hundred images of
-    mixed sizes waiting, the gap left is almost always filled exactly.
+    mixed sizes waiting, the gap left is almost always filled exactly. A micro-batch lists its
+    images longest first, as in images mode, so images of equal length lie back to back (the
+    exact CPU attention then batches them without a gather).
     """
 
     def __init__(self, stream: SampleStream, budget: int, lookahead: int):
@@ -227,8 +229,8 @@ class TokenPacker:
         while True:
             self._refill()
             fit = bisect.bisect_right(self._lengths, space)
-            if fit == 0:
-                return chosen
+            if fit == 0:  # longest first, as first_fit_decreasing: equal lengths lie adjacent
+                return sorted(chosen, key=lambda image: -image.length)
             image = self._take(self._lengths[fit - 1])
             chosen.append(image)
             space -= image.length

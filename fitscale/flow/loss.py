@@ -120,7 +120,7 @@ def flow_loss(
         torch.arange(batch.num_segments, device=token_error.device),
         segment_lengths,
         output_size=batch.num_tokens,
-    )  # (T,): the padding tail is the last segment and is dropped below
+    )  # (T,): the padding segments come last and are dropped below
     segment_sum = token_error.new_zeros(batch.num_segments).index_add(0, segment, token_error)  # (S,)
     lengths = segment_lengths[: batch.num_images].to(token_error.dtype)  # (N,)
     per_image = segment_sum[: batch.num_images] / lengths  # (N,)

@@ -81,8 +81,8 @@ def random_images(grids: list[tuple[int, int]], token_dim: int = 16, seed: int =
 def packed_forward(model, images, grids, t, y, token_budget: int | None = None) -> list[torch.Tensor]:
     """Run fitscale's packed forward and split the output back into images."""
     batch = pack(images, grids, y, token_budget, null_class=model.config.num_classes)
-    if batch.num_segments > len(images):  # padding tail: one more segment with its own t and label
-        t = torch.cat([t, t.new_ones(1)])
+    padding = batch.num_segments - len(images)  # padding segments, each with its own t and label
+    t = torch.cat([t, t.new_ones(padding)])
     out = model(batch.tokens, t, batch.labels, batch.pos, batch.cu_seqlens, batch.max_seqlen, batch.sizes)
     bounds = batch.cu_seqlens.tolist()
     return [out[bounds[i] : bounds[i + 1]] for i in range(len(images))]

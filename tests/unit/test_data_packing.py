@@ -6,9 +6,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from fitscale.config.data import DataConfig
-from fitscale.data.batch import padding_batch
+from fitscale.data.batch import pack_images, padding_batch
 from fitscale.data.packing import SampleCatalog, StepPlanner, sample_uniform
 
 
@@ -90,6 +91,17 @@ def test_tokens_mode_bin_sequence_is_world_size_independent_and_packs_over_99_pe
 
 
 @pytest.mark.parametrize("mode", ["images", "tokens"])
+def test_micro_batches_list_their_images_longest_first(mode):
+    """The exact CPU attention batches equal lengths without a gather only when they are adjacent."""
+    planner = make_planner(size_table(800), mode=mode, per_rank=2)
+    bins = [b for _ in range(15) for ranks in planner.next_step(3) for b in ranks]
+    assert sum(len(b) for b in bins) > 200
+    for b in bins:
+        lengths = [image.length for image in b]
+        assert lengths == sorted(lengths, reverse=True)
+
+
+@pytest.mark.parametrize("mode", ["images", "tokens"])
 def test_planner_state_resumes_the_exact_sequence_across_epochs(mode):
     table = size_table(150)
     straight = make_planner(table, mode=mode)
@@ -160,8 +172,22 @@ def test_rank_with_too_few_images_gets_padding_only_micro_batches():
     plan = make_planner(table, batch=5, budget=1024).next_step(4)
     assert [len(bins) for bins in plan] == [2, 2, 2, 2]
     assert sum(1 for bins in plan for b in bins if not b) == 3
-    pad = padding_batch(1024, 16, null_class=10)
-    assert pad.num_images == 0 and pad.num_tokens == 1024 and pad.num_real_tokens == 0
+    pad = padding_batch(1000, 16, null_class=10)
+    assert pad.num_images == 0 and pad.num_tokens == 1000 and pad.num_real_tokens == 0
+    assert (pad.cu_seqlens[1:] - pad.cu_seqlens[:-1]).tolist() == [128] * 7 + [104]
+    assert pad.max_seqlen == 128 and pad.labels.tolist() == [10] * 8 and pad.sample_ids.tolist() == [-1] * 8
+
+
+def test_padding_tail_is_split_into_short_segments_so_its_attention_stays_linear():
+    images = [torch.randn(r * c, 16) for r, c in [(16, 16), (8, 16), (5, 7)]]
+    batch = pack_images(images, [(16, 16), (8, 16), (5, 7)], [1, 2, 3], [7, 8, 9], token_budget=1024)
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    assert lengths == [256, 128, 35] + [128] * 4 + [93]
+    assert batch.num_images == 3 and batch.num_real_tokens == 419 and batch.max_seqlen == 256
+    assert batch.labels.tolist() == [1, 2, 3] + [1000] * 5 and batch.sample_ids.tolist()[3:] == [-1] * 5
+    assert batch.sizes.tolist()[3:] == [[1, 128]] * 4 + [[1, 93]]
+    assert batch.pos[419 + 128 :].tolist() == [[0, j] for j in range(128)] * 3 + [[0, j] for j in range(93)]
+    assert torch.equal(batch.tokens[:256], images[0]) and not batch.tokens[419:].any()
 
 
 def test_data_config_errors_name_the_field_and_the_fix():
