@@ -1,8 +1,9 @@
 """Training-step throughput of FiTv2: packed attention backends against the released padded method.
 
 One full step (forward, backward, AdamW) on the same images in every mode:
-- packed modes: images back to back with no padding (plus a small static tail so compiled graphs
-  are reused), attention through a varlen backend (flash, varlen, flex, grouped, reference);
+- packed modes: images back to back with no padding (plus a static tail, in short padding segments
+  as the collator makes them, so compiled graphs are reused), attention through a varlen backend
+  (flash, varlen, flex, grouped, reference);
 - `padded`: the release's method: every image padded to the token limit (256 or 1024) and
   attention masked densely, the baseline every ratio is taken against.
 Each mode may add `+compile` (torch.compile per block; `+autotune` with compile: its
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fitscale.data.batch import grid_positions  # noqa: E402
+from fitscale.data.batch import grid_positions, padding_lengths  # noqa: E402
 from fitscale.models import build_model  # noqa: E402
 from fitscale.models.attention import flash_attn_available, torch_varlen_available  # noqa: E402
 from fitscale.models.flops import training_flops  # noqa: E402
@@ -72,9 +73,20 @@ def imagenet_like_grids(count: int, max_tokens: int, seed: int) -> list[tuple[in
 
 
 def build_step_inputs(
-    grids, token_dim: int, max_tokens: int, padded: bool, budget: int, device, num_classes: int
+    grids,
+    token_dim: int,
+    max_tokens: int,
+    padded: bool,
+    budget: int,
+    device,
+    num_classes: int,
+    sort_by_length: bool = True,
 ):
-    """Packed (real images back to back, one padding tail up to `budget`) or padded-to-limit inputs."""
+    """Packed (real images back to back, padding segments up to `budget`) or padded-to-limit inputs.
+
+    Packed images are ordered as fitscale's collator orders them, longest first, unless
+    `sort_by_length` is off (arrival order: the `grouped` backend then gathers by length).
+    """
     lengths = [r * c for r, c in grids]
     count = len(grids)
     if padded:
@@ -89,12 +101,13 @@ def build_step_inputs(
         real_mask = torch.cat([torch.arange(max_tokens) < n for n in lengths])
         labels = torch.randint(0, num_classes, (count,))
     else:
-        tail = budget - sum(lengths)
-        seg = lengths + ([tail] if tail > 0 else [])
-        pos = torch.cat(
-            [grid_positions(r, c) for r, c in grids] + ([grid_positions(1, tail)] if tail > 0 else [])
-        )
-        sizes = torch.tensor(grids + ([(1, tail)] if tail > 0 else []))
+        if sort_by_length:  # the collator's order: longest first, equal lengths adjacent
+            grids = sorted(grids, key=lambda grid: -grid[0] * grid[1])
+            lengths = [r * c for r, c in grids]
+        tail = padding_lengths(budget - sum(lengths))  # as the collator splits its padding
+        seg = lengths + tail
+        pos = torch.cat([grid_positions(r, c) for r, c in grids] + [grid_positions(1, n) for n in tail])
+        sizes = torch.tensor(grids + [(1, n) for n in tail])
         real_mask = torch.arange(sum(seg)) < sum(lengths)
         labels = torch.cat(
             [torch.randint(0, num_classes, (count,)), torch.full((len(seg) - count,), num_classes)]
@@ -171,7 +184,16 @@ def run_mode(mode: str, args, step_grids, device, dtype, after_warmup=None) -> d
     budget = -(-budget // 128) * 128  # one static token count for every packed step
     config = model.config
     steps = [
-        build_step_inputs(g, config.token_dim, max_tokens, padded, budget, device, config.num_classes)
+        build_step_inputs(
+            g,
+            config.token_dim,
+            max_tokens,
+            padded,
+            budget,
+            device,
+            config.num_classes,
+            args.order == "collator",
+        )
         for g in step_grids
     ]
     if device.type == "cuda":
@@ -267,6 +289,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--modes", default=None, help="comma-separated, e.g. padded,varlen+compile,varlen+compile+ac"
     )
+    parser.add_argument(
+        "--order",
+        default="collator",
+        choices=["collator", "arrival"],
+        help="packed image order: the collator's (longest first) or as drawn",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument(
         "--repeats", type=int, default=1, help="passes over the modes; each keeps its fastest (shared CPUs)"
@@ -310,6 +338,7 @@ def main(argv=None) -> int:
         "mix": args.mix,
         "images_per_step": images,
         "repeats": args.repeats,
+        "order": args.order,
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "dtype": str(dtype),

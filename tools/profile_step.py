@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     images = args.images or (64 if args.mix == 256 else 16)
     grids = bench_train.imagenet_like_grids(images * 8, args.mix, seed=0)
     step_grids = [grids[i * images : (i + 1) * images] for i in range(8)]
-    args.warmup, args.peak_tflops, bench_args = 3, None, args
+    args.warmup, args.peak_tflops, args.order, bench_args = 3, None, "collator", args
     from torch.profiler import ProfilerActivity, profile
 
     def measured(model, optimizer, steps):

@@ -1,0 +1,70 @@
+"""tools/bench_train.py on CPU: every mode measured side by side, a missing backend reported, not fatal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
+import bench_train  # noqa: E402
+
+from fitscale.data.batch import PADDING_SEGMENT_TOKENS  # noqa: E402
+from fitscale.models.attention import flash_attn_available, length_groups  # noqa: E402
+
+
+def test_collator_order_needs_no_gather_and_arrival_order_does():
+    grids = bench_train.imagenet_like_grids(32, 256, seed=0)
+    assert len({r * c for r, c in grids}) > 3
+    common = dict(token_dim=16, max_tokens=256, padded=False, budget=8192, device="cpu", num_classes=10)
+    sorted_inputs = bench_train.build_step_inputs(grids, **common)
+    lengths = (sorted_inputs["cu_seqlens"][1:] - sorted_inputs["cu_seqlens"][:-1]).tolist()
+    images, tail = lengths[: len(grids)], lengths[len(grids) :]
+    assert images == sorted(images, reverse=True) and images != [r * c for r, c in grids]
+    assert sum(tail) == 8192 - sum(images) and max(tail) <= PADDING_SEGMENT_TOKENS  # as the collator pads
+    assert length_groups(sorted_inputs["cu_seqlens"]).order is None
+    arrival = bench_train.build_step_inputs(grids, **common, sort_by_length=False)
+    assert length_groups(arrival["cu_seqlens"]).order is not None
+    assert (
+        int(sorted_inputs["real_mask"].sum())
+        == int(arrival["real_mask"].sum())
+        == sum(r * c for r, c in grids)
+    )
+
+
+def test_modes_side_by_side_with_ratios_and_a_missing_backend_reported(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = "--model tiny --depth 1 --mix 256 --images 4 --steps 1 --warmup 1"
+    argv += " --modes grouped,reference,padded,flash --threads 1 --json"
+    assert bench_train.main([*argv.split(), str(out)]) == 0
+    report = json.loads(out.read_text())
+    results = {r["mode"]: r for r in report["results"]}
+    assert report["padded_over_real_tokens"] > 1.0
+    assert results["padded"]["speedup_vs_padded"] == 1.0
+    for mode in ("grouped", "reference"):
+        result = results[mode]
+        assert result["speedup_vs_padded"] == pytest.approx(
+            result["real_tokens_per_s"] / results["padded"]["real_tokens_per_s"]
+        )
+        # packed steps compute the real tokens plus one short static tail, padded ones the limit
+        assert result["computed_tokens_per_s"] / result["real_tokens_per_s"] < 1.5
+    padded = results["padded"]
+    assert padded["computed_tokens_per_s"] / padded["real_tokens_per_s"] == pytest.approx(
+        report["padded_over_real_tokens"], rel=0.3
+    )
+    if not flash_attn_available():
+        assert results["flash"]["error"].endswith(
+            "needs the flash-attn package: pip install 'fitscale[flash]'"
+        )
+    assert "grouped" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        bench_train.main(["--repeats", "0"])
+    assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
+    torch.set_num_threads(torch.get_num_threads())
