@@ -7,8 +7,11 @@ One full step (forward, backward, AdamW) on the same images in every mode:
 - `padded`: the release's method: every image padded to the token limit (256 or 1024) and
   attention masked densely, the baseline every ratio is taken against.
 Each mode may add `+compile` (torch.compile per block; `+autotune` with compile: its
-max-autotune-no-cudagraphs mode), `+ac` (activation checkpointing) and
-`+bf16w` (bf16 weights and optimizer state, no fp32 master copy: the mixed-precision ceiling).
+max-autotune-no-cudagraphs mode), `+ac` (activation checkpointing),
+`+bf16w` (bf16 weights and optimizer state, no fp32 master copy: the mixed-precision ceiling),
+`+static` (packed steps with one segment count and one `max_seqlen`, zero-length segments
+appended: every step has the same shapes and scalars) and `+cudagraphs` (with compile and
+static: CUDA graphs replay each block, removing the kernel-launch cost from the host).
 MFU counts real FLOPs only (fitscale.models.flops on the real image lengths): padding does not count.
 
 Image sizes follow the paper's preprocessing applied to ImageNet-like originals: aspect ratios
@@ -129,7 +132,29 @@ def build_step_inputs(
     }
 
 
-def train_step(model, optimizer, inputs, dtype) -> torch.Tensor:
+def with_static_segments(inputs: dict, num_segments: int, max_seqlen: int, null_class: int) -> dict:
+    """The same packed step with `num_segments` segments (zero-length ones appended, null class,
+    1x1 grid) and a fixed `max_seqlen` (at least the longest image): identical shapes and scalars
+    in every step, as CUDA graphs need; the output for every token is unchanged."""
+    extra = num_segments - inputs["num_segments"]
+    if extra < 0 or max_seqlen < inputs["max_seqlen"]:
+        raise ValueError(
+            f"a step has {inputs['num_segments']} segments and a longest one of {inputs['max_seqlen']}"
+        )
+    cu = inputs["cu_seqlens"]
+    return {
+        **inputs,
+        "cu_seqlens": torch.cat([cu, cu[-1:].expand(extra)]),
+        "labels": torch.cat([inputs["labels"], inputs["labels"].new_full((extra,), null_class)]),
+        "sizes": torch.cat([inputs["sizes"], inputs["sizes"].new_ones((extra, 2))]),
+        "max_seqlen": max_seqlen,
+        "num_segments": num_segments,
+    }
+
+
+def train_step(model, optimizer, inputs, dtype, cudagraphs: bool = False) -> torch.Tensor:
+    if cudagraphs:  # a new step: the graphs' outputs of the previous one may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
     x1 = inputs["x1"]
     t = torch.rand(inputs["num_segments"], device=x1.device)
     x0 = torch.randn_like(x1)
@@ -163,6 +188,10 @@ def run_mode(mode: str, args, step_grids, device, dtype, after_warmup=None) -> d
     parts = mode.split("+")
     backend, use_compile, use_ac = parts[0], "compile" in parts, "ac" in parts
     padded = backend == "padded"
+    cudagraphs = "cudagraphs" in parts
+    static = "static" in parts or cudagraphs
+    if cudagraphs and (not use_compile or device.type != "cuda" or padded):
+        return {"mode": mode, "error": "+cudagraphs needs +compile, a packed backend and a CUDA device"}
     overrides = {"attn_backend": backend}
     if args.depth:
         overrides["depth"] = args.depth
@@ -176,7 +205,13 @@ def run_mode(mode: str, args, step_grids, device, dtype, after_warmup=None) -> d
         model.to(torch.bfloat16)
     if use_ac:
         apply_ac(model, "full")
-    apply_compile(model, use_compile, mode="max-autotune-no-cudagraphs" if "autotune" in parts else None)
+    compile_modes = {
+        (False, False): None,
+        (True, False): "max-autotune-no-cudagraphs",
+        (False, True): "reduce-overhead",
+        (True, True): "max-autotune",
+    }
+    apply_compile(model, use_compile, mode=compile_modes["autotune" in parts, cudagraphs])
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
     max_tokens = args.mix
@@ -196,18 +231,21 @@ def run_mode(mode: str, args, step_grids, device, dtype, after_warmup=None) -> d
         )
         for g in step_grids
     ]
+    if static and not padded:
+        most = max(s["num_segments"] for s in steps)
+        steps = [with_static_segments(s, most, max_tokens, config.num_classes) for s in steps]
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
         for i in range(args.warmup):
-            train_step(model, optimizer, steps[i % len(steps)], dtype)
+            train_step(model, optimizer, steps[i % len(steps)], dtype, cudagraphs)
         sync(device)
         if after_warmup is not None:
             after_warmup(model, optimizer, steps)
         start = time.perf_counter()
         for i in range(args.steps):
-            loss = train_step(model, optimizer, steps[(args.warmup + i) % len(steps)], dtype)
+            loss = train_step(model, optimizer, steps[(args.warmup + i) % len(steps)], dtype, cudagraphs)
         sync(device)
         elapsed = time.perf_counter() - start
     except torch.OutOfMemoryError:

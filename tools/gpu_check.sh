@@ -37,7 +37,7 @@ bench() {  # name, time limit, then bench_train.py arguments
     || echo "$name: exit $? (see $name.log)"
   tail -n 12 "$out_dir/$name.log"
 }
-bench bench_xl_256 170 --model fitv2-xl --mix 256 --modes padded,padded+compile,varlen+compile,flash+compile --steps 8
+bench bench_xl_256 210 --model fitv2-xl --mix 256 --modes padded,padded+compile,varlen+compile,varlen+compile+static+cudagraphs,flash+compile --steps 8
 bench bench_xl_256_b128 80 --model fitv2-xl --mix 256 --images 128 --modes varlen+compile --steps 6
 bench bench_xl_1024 150 --model fitv2-xl --mix 1024 --modes padded,padded+compile,varlen+compile --steps 6
 bench bench_3b_256 110 --model fitv2-3b --mix 256 --modes varlen+compile+ac --steps 6

@@ -68,3 +68,35 @@ def test_bad_arguments_are_refused_by_name(capsys):
         bench_train.main(["--repeats", "0"])
     assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
     torch.set_num_threads(torch.get_num_threads())
+
+
+def test_static_segments_change_no_output():
+    """`+static` appends zero-length segments and fixes max_seqlen: every token's output is unchanged."""
+    from fitscale.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", depth=1, attn_backend="grouped").eval()
+    grids = bench_train.imagenet_like_grids(6, 256, seed=1)
+    inputs = bench_train.build_step_inputs(grids, model.config.token_dim, 256, False, 1536, "cpu", 10)
+    static = bench_train.with_static_segments(inputs, inputs["num_segments"] + 5, 256, 10)
+    assert static["cu_seqlens"].numel() == inputs["cu_seqlens"].numel() + 5
+    t = torch.rand(static["num_segments"])
+    with torch.no_grad():
+        outputs = [
+            model(
+                s["x1"],
+                t[: s["num_segments"]],
+                s["labels"],
+                s["pos"],
+                s["cu_seqlens"],
+                s["max_seqlen"],
+                s["sizes"],
+            )
+            for s in (inputs, static)
+        ]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    assert inputs["num_segments"] == 8 and inputs["max_seqlen"] == 247  # 6 images, 2 padding segments
+    with pytest.raises(ValueError, match="a step has 8 segments and a longest one of 247"):
+        bench_train.with_static_segments(inputs, 7, 256, 10)
+    with pytest.raises(ValueError, match="a step has 8 segments and a longest one of 247"):
+        bench_train.with_static_segments(inputs, 8, 200, 10)
