@@ -39,7 +39,7 @@ def test_collator_order_needs_no_gather_and_arrival_order_does():
 def test_modes_side_by_side_with_ratios_and_a_missing_backend_reported(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = "--model tiny --depth 1 --mix 256 --images 4 --steps 1 --warmup 1"
-    argv += " --modes grouped,reference,padded,flash --threads 1 --json"
+    argv += " --modes grouped,reference,padded,flash --threads 1 --repeats 2 --json"
     assert bench_train.main([*argv.split(), str(out)]) == 0
     report = json.loads(out.read_text())
     results = {r["mode"]: r for r in report["results"]}
@@ -49,6 +49,11 @@ def test_modes_side_by_side_with_ratios_and_a_missing_backend_reported(tmp_path,
         result = results[mode]
         assert result["speedup_vs_padded"] == pytest.approx(
             result["real_tokens_per_s"] / results["padded"]["real_tokens_per_s"]
+        )
+        passes = result["step_ms_passes"]
+        assert len(passes) == 2 and result["step_ms"] == min(passes)
+        assert result["speedup_vs_padded_median"] == pytest.approx(
+            sum(results["padded"]["step_ms_passes"]) / sum(passes)  # the median of two is their mean
         )
         # packed steps compute the real tokens plus one short static tail, padded ones the limit
         assert result["computed_tokens_per_s"] / result["real_tokens_per_s"] < 1.5
