@@ -25,6 +25,11 @@ class ParallelConfig:
     """Ranks per shard group for `hybrid`; 0 means the ranks of one node (LOCAL_WORLD_SIZE)."""
     reshard_after_forward: bool = True
     """FSDP: free gathered parameters after forward (less memory, one more all-gather in backward)."""
+    fsdp_prefetch: int = 0
+    """FSDP: blocks whose all-gather each block issues ahead, in forward (the next ones) and in
+    backward (the previous ones); 0 keeps FSDP2's own schedule (one block ahead, overlapped on
+    a CUDA stream). Each extra block keeps its gathered parameters alive longer; measure with
+    tools/bench_fsdp_prefetch.py on the cluster before raising it."""
     activation_checkpointing: str = "off"
     """`off`, `full` (every block recomputes its activations in backward) or `every` (every
     `ac_every`-th block)."""
@@ -53,6 +58,10 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name}: {value!r} is not one of {', '.join(allowed)}")
         if self.ac_every < 1:
             raise ConfigError(f"parallel.ac_every: must be >= 1, got {self.ac_every}")
+        if self.fsdp_prefetch < 0:
+            raise ConfigError(
+                f"parallel.fsdp_prefetch: must be >= 0 (0 = FSDP2's own schedule), got {self.fsdp_prefetch}"
+            )
         if self.shard_size < 0:
             raise ConfigError(
                 f"parallel.shard_size: must be >= 0 (0 = ranks of one node), got {self.shard_size}"

@@ -84,6 +84,16 @@ def test_activation_checkpointing_and_compile_give_the_losses_of_the_plain_run(r
     assert losses(tmp_path / "run") == pytest.approx(expected, rel=tolerance)
 
 
+def test_explicit_fsdp_prefetch_changes_the_schedule_not_the_numbers(reference, tmp_path):
+    """Prefetching two blocks ahead in forward and backward: the same all-gathers, issued earlier."""
+    run(tmp_path / "run", 2, *REFERENCE, "train.steps=2", "parallel.fsdp_prefetch=2", **PAD)
+    assert losses(tmp_path / "run") == losses(reference)[:2]
+    expected, actual = checkpoint_tensors(reference, 2), checkpoint_tensors(tmp_path / "run", 2)
+    assert expected.keys() == actual.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, actual[key]), f"{key} differs with parallel.fsdp_prefetch=2"
+
+
 def test_same_images_split_differently_give_the_same_loss_and_update(tmp_path):
     """Every random draw of a step is per image, label dropout included (noise, timestep and the
     dropped labels come from the image's own seed), so the split changes only the order of fp32

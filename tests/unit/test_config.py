@@ -26,6 +26,10 @@ def test_demo_recipe_loads():
         ("trian.steps=3", "unknown config key 'trian'; top-level sections are"),
         ("train.steps=0", "train.steps: must be >= 1, got 0"),
         ("parallel.backend=ddp", "parallel.backend: 'ddp' is not one of fsdp, deepspeed"),
+        (
+            "parallel.fsdp_prefetch=-1",
+            "parallel.fsdp_prefetch: must be >= 0 (0 = FSDP2's own schedule), got -1",
+        ),
         ("train.flow.timesteps=cosine", "train.flow.timesteps: unknown sampler 'cosine'"),
         ("model.overrides.num_classes=5", "data.num_classes=10 but the model has num_classes=5"),
         ("parallel.compile=true", "parallel.compile=true needs static shapes: set data.pad_to_budget=true"),
