@@ -1,6 +1,7 @@
-"""Where a training step's GPU time goes: the top CUDA kernels of a few profiled steps.
+"""Where a training step's time goes: the top operators (CPU) or kernels (CUDA) of a few profiled steps.
 
-python tools/profile_step.py --model fitv2-xl --mix 256 --mode varlen+compile
+python tools/profile_step.py --model fitv2-xl --mix 256 --mode varlen+compile          # one GPU
+python tools/profile_step.py --model tiny --mix 256 --images 32 --mode grouped         # CPU
 """
 
 from __future__ import annotations
@@ -25,28 +26,44 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--mix", type=int, default=256, choices=[256, 1024])
     parser.add_argument("--images", type=int, default=None)
-    parser.add_argument("--mode", default="varlen+compile")
+    parser.add_argument(
+        "--mode", default=None, help="a bench_train mode (default varlen+compile on CUDA, grouped on CPU)"
+    )
+    parser.add_argument("--order", default="collator", choices=["collator", "arrival"])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args(argv)
-    device = torch.device("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    mode = args.mode or ("varlen+compile" if cuda else "grouped")
+    dtype = torch.bfloat16 if cuda else torch.float32
     images = args.images or (64 if args.mix == 256 else 16)
     grids = bench_train.imagenet_like_grids(images * 8, args.mix, seed=0)
     step_grids = [grids[i * images : (i + 1) * images] for i in range(8)]
-    args.warmup, args.peak_tflops, args.order, bench_args = 3, None, "collator", args
+    args.warmup, args.peak_tflops = (3 if cuda else 1), None
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
     def measured(model, optimizer, steps):
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            for inputs in steps[: args.steps]:
-                bench_train.train_step(model, optimizer, inputs, torch.bfloat16)
-            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for inputs in steps[args.warmup : args.warmup + args.steps]:
+                bench_train.train_step(model, optimizer, inputs, dtype)
+            bench_train.sync(device)
         table = prof.key_averages().table(
-            sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70
+            sort_by="cuda_time_total" if cuda else "self_cpu_time_total",
+            row_limit=args.top,
+            max_name_column_width=70,
         )
         print(table)
 
-    bench_train.run_mode(args.mode, bench_args, step_grids, device, torch.bfloat16, after_warmup=measured)
+    result = bench_train.run_mode(mode, args, step_grids, device, dtype, after_warmup=measured)
+    if "error" in result:
+        print(f"profile_step: {mode}: {result['error']}", file=sys.stderr)
+        return 1
     return 0
 
 

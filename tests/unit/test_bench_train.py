@@ -105,3 +105,17 @@ def test_static_segments_change_no_output():
         bench_train.with_static_segments(inputs, 7, 256, 10)
     with pytest.raises(ValueError, match="a step has 8 segments and a longest one of 247"):
         bench_train.with_static_segments(inputs, 8, 200, 10)
+
+
+def test_profile_step_lists_the_operators_of_a_cpu_step_and_names_a_missing_backend(capsys):
+    import profile_step
+
+    argv = ["--model", "tiny", "--depth", "1", "--images", "4", "--steps", "1", "--top", "5"]
+    assert profile_step.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "aten::mm" in out and "Self CPU time total" in out
+    if not flash_attn_available():
+        assert profile_step.main([*argv, "--mode", "flash"]) == 1
+        assert "profile_step: flash: RuntimeError: attn_backend='flash' needs the flash-attn package" in (
+            capsys.readouterr().err
+        )
