@@ -191,8 +191,10 @@ def run_mode(mode: str, args, step_grids, device, dtype, after_warmup=None) -> d
     padded = backend == "padded"
     cudagraphs = "cudagraphs" in parts
     static = "static" in parts or cudagraphs
-    if cudagraphs and (not use_compile or device.type != "cuda" or padded):
-        return {"mode": mode, "error": "+cudagraphs needs +compile, a packed backend and a CUDA device"}
+    if static and padded:
+        return {"mode": mode, "error": "+static and +cudagraphs need a packed backend, not padded"}
+    if cudagraphs and (not use_compile or device.type != "cuda"):
+        return {"mode": mode, "error": "+cudagraphs needs +compile and a CUDA device"}
     overrides = {"attn_backend": backend}
     if args.depth:
         overrides["depth"] = args.depth
