@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as error:
+    # ImportError: an optional dependency that is not installed (its message says which extra to install).
+    except (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         if os.environ.get("FITSCALE_DEBUG"):
             raise
         print(f"fitscale {args.command}: error: {error}", file=sys.stderr)
