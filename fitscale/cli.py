@@ -28,6 +28,29 @@ class CommandError(Exception):
     """An error with a one-line, user-facing reason; printed without a traceback (FITSCALE_DEBUG=1 shows it)."""
 
 
+def add_set_option(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """`--set KEY=VALUE ...`, the one definition every command uses; the items go to `args.overrides`.
+
+    `--set a=1 --set b=2` and `--set a=1 b=2` are the same: every item of every `--set`, in command-line
+    order (a later item for the same key wins). Items are split by `fitscale.config.split_override`
+    (the value is everything after the first `=`), which names an item that is not KEY=VALUE.
+    """
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override {what}, e.g. --set {example}; takes several items and may be repeated",
+    )
+
+
+def set_option_args(overrides: list[str]) -> list[str]:
+    """`overrides` as command-line arguments for a child command: `--set` and the items, or nothing."""
+    return ["--set", *overrides] if overrides else []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fitscale", description="Train FiTv2 diffusion transformers at scale."

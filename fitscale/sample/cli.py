@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from fitscale.cli import add_set_option
+
     parser = subparsers.add_parser(
         "sample",
         help="generate images (or latents) at any resolution from a checkpoint",
@@ -59,14 +61,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--model", default=None, help="preset of a weights file (e.g. fitv2-xl); runs know theirs"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a model field, e.g. --set attn_backend=reference (repeatable)",
-    )
+    add_set_option(parser, "model fields", "attn_backend=reference")
     parser.add_argument(
         "--vae",
         default=None,

@@ -19,16 +19,11 @@ PARENT_ENV = "FITSCALE_TRAIN_PARENT"  # set for the ranks this process starts
 
 
 def register(subparsers) -> None:
+    from fitscale.cli import add_set_option
+
     parser = subparsers.add_parser("train", help="train a model from a YAML recipe")
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/demo.yaml")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        dest="overrides",
-        metavar="KEY=VALUE",
-        help="override recipe fields, e.g. --set train.steps=100 optim.lr=2e-4",
-    )
+    add_set_option(parser, "recipe fields", "train.steps=100 optim.lr=2e-4")
     parser.add_argument(
         "--nproc",
         type=int,
@@ -39,6 +34,7 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from fitscale.cli import set_option_args
     from fitscale.config import load_config
 
     config = load_config(args.recipe, args.overrides)  # fail fast, before any process starts
@@ -68,8 +64,7 @@ def run_train(args: argparse.Namespace) -> int:
             "fitscale.cli",
             "train",
             args.recipe,
-            "--set",
-            *args.overrides,
+            *set_option_args(args.overrides),
         ]
         code = subprocess.call(command, env={**os.environ, PARENT_ENV: "1"})
         if code != 0:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fitscale.cli import add_set_option
 from fitscale.config import load_config
 from fitscale.data.batch import pack_images
 from fitscale.train.trainer import Trainer
@@ -110,7 +111,7 @@ class KillingTrainer(Trainer):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
-    parser.add_argument("--set", nargs="*", default=[], dest="overrides")
+    add_set_option(parser, "config fields", "train.steps=3")
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--split", default="interleave")
