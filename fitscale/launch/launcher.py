@@ -142,10 +142,12 @@ def render_sbatch(plan: LaunchPlan) -> str:
 def submit_plan(plan: LaunchPlan):
     """Submit to SLURM; returns the submitit Job. Refuses a run folder whose previous job may still run."""
     from fitscale.launch.slurm import build_executor, require_slurm, submit
+    from fitscale.train.resume import check_before_start
 
     if plan.problems:
         raise ConfigError("; ".join(plan.problems))
     require_slurm()
+    check_before_start(plan.config)  # a resume that changes a field that may not change
     active = rundir.active_job(plan.run_dir)
     if active is not None:
         raise ConfigError(

@@ -87,13 +87,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 def check_before_launch(config) -> None:
     """Catch what would otherwise fail in every rank after start-up: a trainable pattern that
-    matches nothing (checked on a meta-device model), a validation split that is not there, and a
-    run folder held by a live run."""
+    matches nothing (checked on a meta-device model), a validation split that is not there, a
+    run folder held by a live run, and a resume that changes a field that may not change."""
     import torch
 
     from fitscale.config.errors import ConfigError
     from fitscale.data.format import META_FILE
     from fitscale.models import build_model
+    from fitscale.train.resume import check_before_start
     from fitscale.train.state import RunLock
     from fitscale.train.trainer import apply_trainable_patterns
 
@@ -112,6 +113,7 @@ def check_before_launch(config) -> None:
         )
     with RunLock(config.train.run_dir):  # RunFolderInUseError if a live run holds it
         pass
+    check_before_start(config)  # a resume that changes a field that may not change
 
 
 def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16) -> None:

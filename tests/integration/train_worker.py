@@ -96,6 +96,19 @@ class SeededSteps:
         self.step = int(state["step"])
 
 
+def worker_config(run_dir: str | Path) -> list[str]:
+    """The config overrides every worker run starts from, before its own `--set` items."""
+    return [
+        f"train.run_dir={run_dir}",
+        "data.path=unused",
+        "data.num_classes=10",
+        "model.name=tiny",
+        "model.overrides.attn_backend=reference",
+        "train.device=cpu",
+        "optim.lr=1e-3",
+    ]
+
+
 class KillingTrainer(Trainer):
     """Rank 0 SIGKILLs itself right after step `die_at` (its checkpoint, if due, is written)."""
 
@@ -121,17 +134,7 @@ def main() -> None:
     parser.add_argument("--nan-steps", default="", help="comma-separated 0-based steps with a NaN image")
     parser.add_argument("--pad-to", type=int, default=None, help="pad every micro-batch to this many tokens")
     args = parser.parse_args()
-    overrides = [
-        f"train.run_dir={args.run_dir}",
-        "data.path=unused",
-        "data.num_classes=10",
-        "model.name=tiny",
-        "model.overrides.attn_backend=reference",
-        "train.device=cpu",
-        "optim.lr=1e-3",
-        *args.overrides,
-    ]
-    config = load_config(None, overrides)
+    config = load_config(None, [*worker_config(args.run_dir), *args.overrides])
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     loader = SeededSteps(
         rank,
@@ -148,7 +151,7 @@ def main() -> None:
     trainer = KillingTrainer(config, loader=loader)
     trainer.train()
     if rank == 0:
-        Path(args.run_dir, args.history).write_text(json.dumps(trainer.history))
+        Path(args.run_dir, args.history).write_text(json.dumps(list(trainer.history)))
 
 
 if __name__ == "__main__":
