@@ -81,7 +81,11 @@ def comparable(config: RunConfig | dict[str, Any]) -> dict[str, Any]:
     tree = dataclasses.asdict(config) if isinstance(config, RunConfig) else config
     tree = json.loads(json.dumps(tree))  # tuples -> lists, as a checkpoint's JSON holds them
     model = tree.pop("model")
-    resolved = dataclasses.asdict(build_config(model["name"], **dict(model.get("overrides") or {})))
+    overrides = dict(model.get("overrides") or {})
+    try:
+        resolved = dataclasses.asdict(build_config(model["name"], **overrides))
+    except (TypeError, ValueError):  # a preset or field this version does not know: compare as written
+        resolved = {"overrides": overrides}
     flat = {"model.name": model["name"]}
     flat.update({f"model.{k}": v for k, v in json.loads(json.dumps(resolved)).items()})
     _flatten(tree, "", flat)
