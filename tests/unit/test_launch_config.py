@@ -168,17 +168,16 @@ def test_dry_run_rejects_a_batch_that_does_not_divide_over_ranks(tmp_path):
     )
 
 
-def test_submitting_without_slurm_is_refused_in_one_line(tmp_path):
-    result = fitscale(
-        "launch",
-        "recipes/demo.yaml",
-        "--cluster",
-        "local-slurm",
-        "--set",
-        f"train.run_dir={tmp_path / 'run'}",
+def test_submitting_without_slurm_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from fitscale.cli import main
+
+    monkeypatch.setenv("PATH", os.devnull)  # no sbatch, no srun
+    recipe = str(REPO / "recipes" / "demo.yaml")
+    assert (
+        main(["launch", recipe, "--cluster", "local-slurm", "--set", f"train.run_dir={tmp_path / 'run'}"])
+        == 2
     )
-    assert result.returncode == 2
-    assert result.stderr == (
+    assert capsys.readouterr().err == (
         "fitscale launch: error: no SLURM on this machine (sbatch and srun not on PATH); submit from a SLURM "
         "login node, check the job here with --dry-run, or run on this machine with --cluster local\n"
     )
