@@ -23,6 +23,7 @@ import torch.distributed as dist
 from fitscale.config import RunConfig, to_yaml
 from fitscale.config.errors import ConfigError
 from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
+from fitscale.models.inputs import check_packed_batch
 from fitscale.parallel import (
     DistributedEnv,
     apply_ac,
@@ -143,6 +144,7 @@ class Trainer:
         """Label dropout is drawn per image in the step (per_image_label_dropout), not by the model."""
         self.label_dropout = model.config.class_dropout_prob
         self.null_class = model.config.num_classes
+        self.model_config = model.config
         model.y_embedder.dropout_prob = 0.0
 
     def _load_initial_weights(self, model: torch.nn.Module) -> None:
@@ -320,6 +322,8 @@ class Trainer:
             micro = replace(micro, labels=labels)
             lengths = (micro.cu_seqlens[1:] - micro.cu_seqlens[:-1])[: micro.num_images].tolist()
             seqlens.extend(lengths)
+            if self.env.device.type != "cpu":  # the model reads no device values (no sync): check them here
+                self._check_host_batch(micro, timesteps)
             batch = micro.to(self.env.device)
             timesteps = timesteps.to(self.env.device, non_blocking=True)
             noise = noise.to(self.env.device, non_blocking=True)
@@ -363,6 +367,16 @@ class Trainer:
             bucket_counts=summary[1 + buckets :].cpu(),
             seqlens=seqlens,
         )
+
+    def _check_host_batch(self, micro, timesteps: torch.Tensor) -> None:
+        """The packed-batch contract (fitscale.models.inputs) on the collator's host tensors."""
+        config = self.model_config
+        check_packed_batch(
+            micro.tokens, timesteps, micro.labels, micro.pos, micro.cu_seqlens, micro.max_seqlen, micro.sizes,
+            token_dim=config.token_dim,
+            num_classes=config.num_classes,
+            padded=config.attn_backend == "padded",
+        )  # fmt: skip
 
     def _global_counts(self, micro_batches) -> torch.Tensor:
         """Global (images, real tokens, tokens); checks every rank has as many micro-batches.
