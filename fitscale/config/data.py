@@ -68,6 +68,9 @@ class DataConfig:
     download_timeout: float = 120.0
     # Most bytes of shards kept in the local cache of a remote dataset (e.g. "200gb"); None keeps all.
     cache_limit: str | None = None
+    # Check each shard against the xxh64 recorded in index.json when a reader first maps it (one
+    # hash pass per shard and reading process; fitscale/data/integrity.py, docs/benchmarks.md).
+    verify_shards: bool = True
 
     def __post_init__(self) -> None:
         if self.path is None and self.remote is None:

@@ -39,6 +39,7 @@ from fitscale.data.format import (
     read_meta,
     read_sample_table,
 )
+from fitscale.data.integrity import check_side_files
 from fitscale.data.materialize import MaterializeStep, remove_leftovers, shared_prefix
 from fitscale.data.packing import PlannedImage, PlannerState, SampleCatalog, StepPlanner
 from fitscale.data.reader import ShardReader
@@ -106,7 +107,7 @@ def open_shard_reader(path: Path, cfg: DataConfig) -> ShardReader:
     """
     if cfg.remote is not None:
         cache = open_streaming_dataset(str(path), cfg.remote, cfg)
-        return ShardReader(path, read_index(path), cache)
+        return ShardReader(path, read_index(path), cache, cfg.verify_shards)
     check_local_shards(path)  # names a missing or truncated shard before training starts
     index = read_index(path)
     packed = any(
@@ -114,7 +115,7 @@ def open_shard_reader(path: Path, cfg: DataConfig) -> ShardReader:
         for shard in index["shards"]
     )
     cache = open_streaming_dataset(str(path), None, cfg) if packed else None
-    return ShardReader(path, index, cache)
+    return ShardReader(path, index, cache, cfg.verify_shards)
 
 
 def _plan_source_class():
@@ -180,6 +181,7 @@ class LatentLoader:
                 fetch_remote_file(f"{remote}/{name}", path / name, cfg.download_timeout)
         self.meta = read_meta(path)
         self.reader = open_shard_reader(path, cfg)
+        check_side_files(path, self.meta)  # index.json and samples.npy are this dataset's
         table = read_sample_table(path, int(self.reader.starts[-1]))
         self.table = table
         self.catalog = SampleCatalog(
@@ -265,7 +267,7 @@ class LatentLoader:
         self.close()
         self._nodes = self._build_pipeline()
         try:
-            for micro_batches in self._nodes[-1]:
+            for micro_batches in _worker_errors_unwrapped(self._nodes[-1]):
                 plans = self._source.planned.popleft()
                 planned = [len(images) for plan in plans for images in plan.micro_batches]
                 if [mb.num_images for mb in micro_batches] != planned:
@@ -307,6 +309,19 @@ class LatentLoader:
                 )
         self.close()
         self._state = {"epoch": state["epoch"], "cursor": state["cursor"], "waiting": state["waiting"]}
+
+
+def _worker_errors_unwrapped(iterable):
+    """Items of `iterable`; a data error (ValueError) raised in a worker comes back with its own
+    one-line message, not torchdata's "Caught ... Original Traceback ..." wrapping of it."""
+    try:
+        yield from iterable
+    except ValueError as error:
+        text = str(error)
+        marker = f"{type(error).__name__}: "
+        if not text.startswith("Caught ") or marker not in text:
+            raise
+        raise type(error)(text.rsplit(marker, 1)[1].strip()) from error
 
 
 def build_loader(cfg: DataConfig, rank: int, world_size: int) -> LatentLoader:
