@@ -142,9 +142,13 @@ def run_sample(args) -> int:
                 "pass --inception-weights PATH (torch-fidelity's FID Inception file; nothing is downloaded)"
             )
     if args.vae is not None:
-        from fitscale.data.vae import check_vae_folder
+        from fitscale.data.vae import check_vae_folder, check_vae_matches_dataset
+        from fitscale.sample.generate import training_dataset
 
         check_vae_folder(args.vae)  # before any process starts or any model loads
+        dataset = training_dataset(Path(args.checkpoint))
+        if dataset is not None:
+            check_vae_matches_dataset(args.vae, dataset)
     if args.nproc > 1:
         return _relaunch(args)
 

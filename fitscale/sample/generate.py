@@ -38,6 +38,23 @@ def generate_latents(
     return out
 
 
+def training_dataset(checkpoint: str | Path) -> Path | None:
+    """The dataset (`data.path` of the run's config.yaml) a run checkpoint was trained on; None for
+    a weights file or a run whose config names none."""
+    from fitscale.checkpoint.layout import find_checkpoint
+
+    path = Path(checkpoint)
+    if path.is_file():
+        return None
+    config_file = find_checkpoint(path).parent.parent / "config.yaml"
+    if not config_file.is_file():
+        return None
+    import yaml
+
+    data = (yaml.safe_load(config_file.read_text()) or {}).get("data") or {}
+    return Path(data["path"]) if data.get("path") else None
+
+
 def load_sampling_model(
     checkpoint: str | Path,
     model_name: str | None = None,
