@@ -32,6 +32,7 @@ from fitscale.parallel import (
     build_mesh,
     init_distributed,
 )
+from fitscale.parallel.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
 from fitscale.train.metrics import Throughput
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
 
@@ -81,18 +82,8 @@ class Trainer:
     # ---- building ---------------------------------------------------------------------------
 
     def _acquire_lock(self) -> None:
-        """Rank 0 takes the run-folder lock; every rank learns whether it succeeded."""
-        error: Exception | None = None
-        if self.env.is_main:
-            try:
-                self.lock.acquire()
-            except Exception as exc:  # RunFolderInUseError, OSError
-                error = exc
-        ok = self._all_agree(error is None)
-        if error is not None:
-            raise error
-        if not ok:
-            raise SystemExit(2)  # rank 0 reports the reason
+        """Rank 0 takes the run-folder lock; every rank raises its error if it could not."""
+        rank0_decides(self.lock.acquire)  # RunFolderInUseError, OSError: the same on every rank
 
     def _all_agree(self, flag: bool) -> bool:
         if self.env.world_size == 1:
@@ -153,7 +144,13 @@ class Trainer:
         if self.mesh is None:
             model.load_state_dict(self._full_initial_state())
             return
-        full = self._full_initial_state() if self.env.is_main else {}
+        held: dict[str, dict[str, torch.Tensor]] = {}  # rank 0's copy; only success or the error is shared
+
+        def build_on_rank0() -> None:
+            held["state"] = self._full_initial_state()
+
+        rank0_decides(build_on_rank0)  # a failed read of train.init_from fails every rank, none waits
+        full = held.get("state", {})
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, full, options=options)
 
@@ -168,7 +165,7 @@ class Trainer:
         cfg = self.config
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, **dict(cfg.model.overrides))
-        model.load_state_dict(self._full_initial_state())
+        model.load_state_dict(all_ranks_agree(self._full_initial_state))  # every rank reads init_from
         apply_ac(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
         self._apply_trainable(model)
         self._move_label_dropout_to_loss(model)
@@ -211,9 +208,18 @@ class Trainer:
         return EMA(self.model, self.config.optim.ema)
 
     def _build_loader(self):
+        """This rank's loader; every rank reads the dataset's files itself, so the ranks then check
+        that they opened the same dataset (the same sample table) and fail together if not."""
         from fitscale.data import build_loader
+        from fitscale.data.integrity import digest
 
-        return build_loader(self.config.data, self.env.rank, self.env.world_size)
+        data = self.config.data
+        loader = all_ranks_agree(lambda: build_loader(data, self.env.rank, self.env.world_size))
+        table = getattr(loader, "table", None)
+        if table is not None:
+            identity = {"samples": int(table.shape[0]), "xxh64": digest(table.tobytes())}
+            same_on_all_ranks(identity, f"datasets at data.path={data.path}")
+        return loader
 
     def _build_validation(self):
         """The held-out split's batches, read once for the run (None when `train.val_every` is 0)."""
@@ -223,7 +229,9 @@ class Trainer:
         from fitscale.train.validation import PeriodicValidation
 
         try:
-            return PeriodicValidation(self.config.data, train, self.env.rank, self.env.world_size)
+            return all_ranks_agree(
+                lambda: PeriodicValidation(self.config.data, train, self.env.rank, self.env.world_size)
+            )
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(
                 f"train.val_every={train.val_every}: the held-out split data.val_path="
