@@ -31,6 +31,7 @@ import torch
 
 from fitscale.config.data import DataConfig
 from fitscale.data.batch import PackedBatch
+from fitscale.data.cache import open_streaming_dataset
 from fitscale.data.format import (
     META_FILE,
     SAMPLES_FILE,
@@ -85,28 +86,14 @@ def fetch_remote_file(remote: str, local: Path, timeout: float) -> None:
     os.replace(tmp, local)
 
 
-def open_streaming_dataset(path: str, remote: str | None, cfg: DataConfig):
-    """The StreamingDataset that brings shards into `path`: downloads, decompression, eviction."""
-    from streaming import StreamingDataset
-
-    return StreamingDataset(
-        local=path,
-        remote=remote,
-        shuffle=False,
-        download_timeout=cfg.download_timeout,
-        cache_limit=cfg.cache_limit,
-        batch_size=1,
-    )
-
-
-def open_shard_reader(path: Path, cfg: DataConfig) -> ShardReader:
+def open_shard_reader(path: Path, cfg: DataConfig, field: str = "data.path") -> ShardReader:
     """Direct reads of the shards in `path`, which a StreamingDataset fills when it is a cache.
 
     A local dataset of uncompressed shards needs no StreamingDataset at all (importing Streaming
     alone takes seconds); a remote one, or compressed shards not yet unpacked, does.
     """
     if cfg.remote is not None:
-        cache = open_streaming_dataset(str(path), cfg.remote, cfg)
+        cache = open_streaming_dataset(path, cfg.remote, cfg, field)
         return ShardReader(path, read_index(path), cache, cfg.verify_shards)
     check_local_shards(path)  # names a missing or truncated shard before training starts
     index = read_index(path)
@@ -114,7 +101,7 @@ def open_shard_reader(path: Path, cfg: DataConfig) -> ShardReader:
         shard.get("zip_data") and not (path / shard["raw_data"]["basename"]).exists()
         for shard in index["shards"]
     )
-    cache = open_streaming_dataset(str(path), None, cfg) if packed else None
+    cache = open_streaming_dataset(path, None, cfg, field) if packed else None
     return ShardReader(path, index, cache, cfg.verify_shards)
 
 
@@ -180,7 +167,7 @@ class LatentLoader:
             for name in (META_FILE, SAMPLES_FILE):
                 fetch_remote_file(f"{remote}/{name}", path / name, cfg.download_timeout)
         self.meta = read_meta(path)
-        self.reader = open_shard_reader(path, cfg)
+        self.reader = open_shard_reader(path, cfg, "data.val_path" if validation else "data.path")
         check_side_files(path, self.meta)  # index.json and samples.npy are this dataset's
         table = read_sample_table(path, int(self.reader.starts[-1]))
         self.table = table
