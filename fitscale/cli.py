@@ -20,7 +20,7 @@ COMMAND_MODULES = (
     "fitscale.checkpoint.cli",  # convert
     "fitscale.launch.cli",  # launch
     "fitscale.sweep.cli",  # sweep
-    "fitscale.sample_cli",  # sample
+    "fitscale.sample.cli",  # sample
 )
 
 

@@ -53,6 +53,22 @@ def read_weights(
     return weights
 
 
+def load_dcp_weights(model: torch.nn.Module, checkpoint: Path, ema: bool = True) -> None:
+    """Copy a checkpoint's EMA (`ema.params.*`) or raw (`model.*`) weights into a materialised
+    model, on one process; the optimizer state is never read. Raises ValueError naming the
+    checkpoint when those entries are missing."""
+    weights = {name: tensor for name, tensor in model.state_dict().items()}
+    state = {"ema": {"params": weights}} if ema else {"model": weights}
+    try:
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    except Exception as error:  # DCP wraps a missing key in CheckpointException
+        which = "EMA weights (key `ema`)" if ema else "weights (key `model`)"
+        hint = "; pass --raw to use the raw weights" if ema else ""
+        raise ValueError(
+            f"{checkpoint} has no usable {which}: {str(error).splitlines()[0][:300]}{hint}"
+        ) from None
+
+
 def _groups(entries: dict[str, TensorStorageMetadata]) -> list[dict[str, TensorStorageMetadata]]:
     groups, current, size = [], {}, 0
     for key, entry in entries.items():

@@ -50,7 +50,7 @@ class DemoSection:
     """Largest grid side of the digits, in tokens: small digits train many more steps per minute."""
     sample_at_end: bool = False
     """After training, draw a grid of digits from the final checkpoint and report how many a classifier
-    recognises (`fitscale.sample_demo.sample_demo_grid`)."""
+    recognises (`fitscale.sample.demo.sample_demo_grid`)."""
     sample_cfg_scale: float = 4.0
     """Classifier-free guidance scale of the closing samples."""
 

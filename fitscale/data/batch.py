@@ -104,8 +104,7 @@ def pack_images(
                 sizes.append((1, length))
                 segment_labels.append(null_class)
                 segment_ids.append(-1)
-    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    cu_seqlens = cu_seqlens_from_lengths(lengths)
     return PackedBatch(
         tokens=torch.cat(images, 0),
         pos=torch.cat(positions, 0),
@@ -116,6 +115,13 @@ def pack_images(
         sample_ids=torch.tensor(segment_ids, dtype=torch.int64),
         num_images=len(grids),
     )
+
+
+def cu_seqlens_from_lengths(lengths: list[int]) -> torch.Tensor:
+    """Segment boundaries (S+1,) int32 on the CPU, [0, l0, l0+l1, ...], of S segment lengths."""
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return cu_seqlens
 
 
 def grid_positions(rows: int, cols: int) -> torch.Tensor:
@@ -132,8 +138,7 @@ def padding_batch(token_budget: int, token_dim: int, null_class: int = 1000) -> 
     every forward/backward that its peers run (FSDP collectives must match); its loss is zero.
     """
     lengths = padding_lengths(token_budget)
-    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    cu_seqlens = cu_seqlens_from_lengths(lengths)
     return PackedBatch(
         tokens=torch.zeros(token_budget, token_dim),
         pos=torch.cat([grid_positions(1, length) for length in lengths]),

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from fitscale.data.format import LATENT_CHANNELS, LatentSample, patchify
+from fitscale.data.vae import PIXELS_PER_TOKEN, encode_pixels, load_vae
 from fitscale.data.writer import SkipSample
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-PIXELS_PER_TOKEN_SIDE = 16
 
 
 def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
@@ -50,7 +50,7 @@ def resize_to_area(image, resolution: int):
 
     width, height = image.size
     scale = min(1.0, math.sqrt(resolution * resolution / (width * height)))
-    step = PIXELS_PER_TOKEN_SIDE
+    step = PIXELS_PER_TOKEN
     new_w, new_h = int(width * scale) // step * step, int(height * scale) // step * step
     if new_w < step or new_h < step:
         return None
@@ -72,27 +72,6 @@ def centre_crop(image, resolution: int):
     return scaled.crop((left, top, left + resolution, top + resolution))
 
 
-def load_vae(path: str, device: str):
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as error:
-        raise ImportError("from-images needs diffusers: pip install 'fitscale[images]'") from error
-    if not Path(path).exists():
-        raise FileNotFoundError(
-            f"--vae {path}: no such folder (save an AutoencoderKL there with save_pretrained)"
-        )
-    vae = AutoencoderKL.from_pretrained(path).to(device).eval()
-    if vae.config.latent_channels != LATENT_CHANNELS:
-        raise ValueError(
-            f"--vae {path}: {vae.config.latent_channels} latent channels, fitscale needs {LATENT_CHANNELS}"
-        )
-    if len(vae.config.block_out_channels) != 4:
-        raise ValueError(
-            f"--vae {path}: downsamples by 2^{len(vae.config.block_out_channels) - 1}, fitscale needs 8"
-        )
-    return vae
-
-
 def build_from_images(vae_path: str, resolution: int, batch_size: int, dtype: str, device: str | None = None):
     import torch
 
@@ -102,14 +81,13 @@ def build_from_images(vae_path: str, resolution: int, batch_size: int, dtype: st
     def encode(pictures: list) -> list[np.ndarray]:
         """Equal-size PIL images -> (C, h, w) latents, batched."""
         if "vae" not in state:
-            state["vae"] = load_vae(vae_path, device)
+            state["vae"] = load_vae(vae_path, device, LATENT_CHANNELS, purpose="from-images")
         vae = state["vae"]
         out = []
         for start in range(0, len(pictures), batch_size):
             chunk = np.stack([np.asarray(p, dtype=np.float32) for p in pictures[start : start + batch_size]])
             pixels = torch.from_numpy(chunk).permute(0, 3, 1, 2).to(device) / 127.5 - 1.0
-            with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+            latents = encode_pixels(vae, pixels)
             out.extend(latents.float().cpu().numpy())
         return out
 
@@ -152,15 +130,15 @@ def build_from_images(vae_path: str, resolution: int, batch_size: int, dtype: st
                 continue
             sample = LatentSample(
                 tokens=np.stack([patchify(latents[i, "tokens", f]) for f in (0, 1)]).astype(dtype),
-                rows=item["tokens"].height // PIXELS_PER_TOKEN_SIDE,
-                cols=item["tokens"].width // PIXELS_PER_TOKEN_SIDE,
+                rows=item["tokens"].height // PIXELS_PER_TOKEN,
+                cols=item["tokens"].width // PIXELS_PER_TOKEN,
                 label=label,
                 source_id=first + i,
                 source=path,
             )
             if item["crop"] is not None:
                 sample.crop = np.stack([patchify(latents[i, "crop", f]) for f in (0, 1)]).astype(dtype)
-                sample.crop_rows = sample.crop_cols = resolution // PIXELS_PER_TOKEN_SIDE
+                sample.crop_rows = sample.crop_cols = resolution // PIXELS_PER_TOKEN
             yield sample
 
     return build

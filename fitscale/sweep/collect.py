@@ -51,14 +51,10 @@ def _validation_data(spec: SweepSpec, config):
 
 
 def _fid(spec: SweepSpec, model: torch.nn.Module, folder: Path) -> float:
-    from fitscale.sample import (
-        SampleRun,
-        SamplingOptions,
-        compute_fid,
-        load_reference_images,
-        plan_items,
-        run_sampling,
-    )
+    from fitscale.sample.fid import compute_fid, load_reference_images
+    from fitscale.sample.options import SamplingOptions
+    from fitscale.sample.plan import plan_items
+    from fitscale.sample.run import SampleRun, run_sampling
 
     fid = spec.fid
     height, width = fid.get("size", [256, 256])
@@ -85,7 +81,7 @@ def _load_pictures(path: Path):
 
 def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]:
     """Score every run and write `<out_dir>/results.json`; returns its rows (runs without a checkpoint too)."""
-    from fitscale.sample import load_sampling_model
+    from fitscale.sample.generate import load_sampling_model
     from fitscale.train.validation import ValidationSettings, run_validation, validation_batches
 
     runs = plan_sweep(spec)

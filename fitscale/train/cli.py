@@ -79,7 +79,7 @@ def run_train(args: argparse.Namespace) -> int:
 
         Trainer(config).train()
     if config.demo.sample_at_end:
-        from fitscale.sample_demo import demo_grids
+        from fitscale.sample.demo import demo_grids
 
         sample_demo(
             config.train.run_dir,
@@ -158,7 +158,7 @@ def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16
 
 def sample_demo(run_dir: str, cfg_scale: float, grids: tuple[tuple[int, int], ...]) -> None:
     """Draw the demo's closing grid of digits from the final checkpoint and score it."""
-    from fitscale.sample_demo import sample_demo_grid
+    from fitscale.sample.demo import sample_demo_grid
 
     sample_demo_grid(run_dir, cfg_scale=cfg_scale, grids=grids)
 

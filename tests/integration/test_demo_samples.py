@@ -11,7 +11,7 @@ def test_sample_demo_grid_after_a_short_demo_run(tmp_path, capsys):
     from fitscale.config import load_config
     from fitscale.data.sources import build_digits
     from fitscale.data.writer import WriteSettings, write_dataset
-    from fitscale.sample_demo import sample_demo_grid
+    from fitscale.sample.demo import sample_demo_grid
     from fitscale.train.trainer import Trainer
 
     data = tmp_path / "digits"

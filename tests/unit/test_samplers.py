@@ -91,7 +91,7 @@ def test_guidance_first_three_channels_keep_the_conditional_rest():
 
 def test_packed_guidance_equals_two_separate_passes():
     from fitscale.models import build_model
-    from fitscale.sample import SampleItem, initial_noise, pack_layout
+    from fitscale.sample.plan import SampleItem, initial_noise, pack_layout
 
     torch.manual_seed(0)
     model = build_model("tiny", attn_backend="reference").eval()

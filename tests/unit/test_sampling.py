@@ -10,15 +10,11 @@ import torch
 
 from fitscale.cli import main
 from fitscale.models import build_model
-from fitscale.sample import (
-    SamplingOptions,
-    compute_fid,
-    extrapolation_overrides,
-    generate_latents,
-    image_grid,
-    load_sampling_model,
-    plan_items,
-)
+from fitscale.sample.fid import compute_fid
+from fitscale.sample.generate import generate_latents, load_sampling_model
+from fitscale.sample.options import SamplingOptions, extrapolation_overrides
+from fitscale.sample.pictures import image_grid
+from fitscale.sample.plan import plan_items
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:

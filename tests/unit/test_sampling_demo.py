@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 from fitscale.data.sources import render_digit
-from fitscale.sample_demo import digits_classifier, latent_to_digit
+from fitscale.sample.demo import digits_classifier, latent_to_digit
 
 
 def test_reading_back_rendered_digits_recovers_them_at_any_aspect_ratio():
@@ -27,7 +27,7 @@ def test_reading_back_rendered_digits_recovers_them_at_any_aspect_ratio():
 
 
 def test_demo_grids_stay_within_the_trained_sides_and_cover_three_aspects():
-    from fitscale.sample_demo import demo_grids
+    from fitscale.sample.demo import demo_grids
 
     assert demo_grids(4, 8) == ((6, 6), (4, 8), (8, 4), (8, 8))
     for low, high in ((4, 8), (4, 16), (2, 5)):

@@ -14,8 +14,11 @@ import torch
 from PIL import Image
 
 from fitscale.cli import main
+from fitscale.data.vae import decode_latents, load_vae
 from fitscale.models import build_model
-from fitscale.sample import SamplingOptions, decode_latents, generate_latents, load_vae, plan_items
+from fitscale.sample.generate import generate_latents
+from fitscale.sample.options import SamplingOptions
+from fitscale.sample.plan import plan_items
 
 SIZES = [(32, 32), (48, 80)]  # pixels: 4x4 and 6x10 latents, 2x2 and 3x5 tokens
 

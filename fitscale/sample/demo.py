@@ -14,14 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fitscale.sample import (
-    SampleItem,
-    SamplingOptions,
-    generate_latents,
-    image_grid,
-    load_sampling_model,
-    save_png,
-)
+from fitscale.sample.generate import generate_latents, load_sampling_model
+from fitscale.sample.options import SamplingOptions
+from fitscale.sample.pictures import image_grid, save_png
+from fitscale.sample.plan import SampleItem
 
 # Grids (rows, cols) in tokens for digits trained at 4..16 tokens a side: square, wide, tall, large.
 DEMO_GRIDS = ((8, 8), (6, 12), (12, 6), (14, 14))

@@ -133,7 +133,7 @@ def run_sample(args) -> int:
             f"{out} already holds samples (samples.json); pick another --out or pass --overwrite"
         )
     if args.fid_reference:
-        from fitscale.sample import default_inception_weights
+        from fitscale.sample.fid import default_inception_weights
 
         weights = Path(args.inception_weights) if args.inception_weights else default_inception_weights()
         if not weights.is_file():
@@ -142,7 +142,7 @@ def run_sample(args) -> int:
                 "pass --inception-weights PATH (torch-fidelity's FID Inception file; nothing is downloaded)"
             )
     if args.vae is not None:
-        from fitscale.sample import check_vae_folder
+        from fitscale.data.vae import check_vae_folder
 
         check_vae_folder(args.vae)  # before any process starts or any model loads
     if args.nproc > 1:
@@ -153,16 +153,11 @@ def run_sample(args) -> int:
 
     from fitscale.launch.env import init_distributed_from_env
     from fitscale.models.cli import parse_overrides
-    from fitscale.sample import (
-        SampleRun,
-        SamplingOptions,
-        compute_fid,
-        extrapolation_overrides,
-        load_reference_images,
-        load_sampling_model,
-        plan_items,
-        run_sampling,
-    )
+    from fitscale.sample.fid import compute_fid, load_reference_images
+    from fitscale.sample.generate import load_sampling_model
+    from fitscale.sample.options import SamplingOptions, extrapolation_overrides
+    from fitscale.sample.plan import plan_items
+    from fitscale.sample.run import SampleRun, run_sampling
 
     options = SamplingOptions(
         sampler=args.sampler,

@@ -1,0 +1,124 @@
+"""Which images a sampling run makes, how they share forward passes, and their starting noise.
+
+An image is a `SampleItem`: its global index (which seeds its noise), class and grid in tokens.
+Items are packed into batches up to a token budget exactly like training batches
+(fitscale.data.batch), so any mix of sizes and aspect ratios shares one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fitscale.data.batch import cu_seqlens_from_lengths, grid_positions
+from fitscale.data.format import unpatchify
+from fitscale.data.vae import PIXELS_PER_TOKEN
+from fitscale.flow.guidance import PackedLayout
+from fitscale.flow.loss import image_seed
+
+
+@dataclass
+class SampleItem:
+    """One image to generate: its global index (seeds its noise), class and grid in tokens."""
+
+    index: int
+    label: int
+    rows: int
+    cols: int
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def height(self) -> int:
+        """Height in pixels after VAE decoding."""
+        return self.rows * PIXELS_PER_TOKEN
+
+    @property
+    def width(self) -> int:
+        """Width in pixels after VAE decoding."""
+        return self.cols * PIXELS_PER_TOKEN
+
+
+def plan_items(
+    sizes: list[tuple[int, int]],
+    num_per_size: int,
+    num_classes: int,
+    labels: list[int] | None = None,
+    seed: int = 0,
+) -> list[SampleItem]:
+    """The images of a run: `num_per_size` of each (height, width) in pixels, labels cycled or random.
+
+    Raises ValueError naming the flag of a bad size, count or label.
+    """
+    if num_per_size < 1:
+        raise ValueError(f"--num-per-size {num_per_size}: must be >= 1")
+    for height, width in sizes:
+        if height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN or min(height, width) <= 0:
+            raise ValueError(
+                f"size {height}x{width}: height and width must be positive multiples of {PIXELS_PER_TOKEN} pixels"
+            )
+    for label in labels or []:
+        if not 0 <= label < num_classes:
+            raise ValueError(f"--labels: class {label} is outside [0, {num_classes}) for this model")
+    rng = np.random.default_rng([seed, 7])
+    items = []
+    for height, width in sizes:
+        for _ in range(num_per_size):
+            index = len(items)
+            label = labels[index % len(labels)] if labels else int(rng.integers(num_classes))
+            items.append(SampleItem(index, label, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN))
+    return items
+
+
+def batches_by_budget(items: list[SampleItem], token_budget: int, guided: bool) -> list[list[SampleItem]]:
+    """Consecutive items grouped so each forward holds at most `token_budget` tokens (guidance
+    doubles an image's tokens). Raises ValueError for an image that alone exceeds the budget."""
+    factor = 2 if guided else 1
+    groups: list[list[SampleItem]] = []
+    used = 0
+    for item in items:
+        need = item.tokens * factor
+        if need > token_budget:
+            raise ValueError(
+                f"a {item.height}x{item.width} image needs {need} tokens per forward, over --token-budget "
+                f"{token_budget}; raise the budget"
+            )
+        if not groups or used + need > token_budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(item)
+        used += need
+    return groups
+
+
+def initial_noise(item: SampleItem, token_dim: int, seed: int) -> torch.Tensor:
+    """(rows*cols, p*p*C) standard normal noise that depends only on (seed, item index)."""
+    generator = torch.Generator().manual_seed(image_seed(seed, 0, item.index))
+    return torch.randn(item.tokens, token_dim, generator=generator)
+
+
+def pack_layout(items: list[SampleItem], device: torch.device) -> PackedLayout:
+    """The packed-batch layout (labels, positions, boundaries, grid sizes) of `items`, in order."""
+    lengths = [item.tokens for item in items]
+    return PackedLayout(
+        labels=torch.tensor([item.label for item in items], dtype=torch.int64, device=device),
+        pos=torch.cat([grid_positions(item.rows, item.cols) for item in items]).to(device),
+        cu_seqlens=cu_seqlens_from_lengths(lengths).to(device),
+        sizes=torch.tensor([[item.rows, item.cols] for item in items], dtype=torch.int64, device=device),
+        max_seqlen=max(lengths),
+    )
+
+
+def split_latents(tokens: torch.Tensor, items: list[SampleItem], channels: int) -> list[torch.Tensor]:
+    """Packed tokens (T, C*p*p) of `items` -> one latent (C, rows*p, cols*p) float32 per item."""
+    out = []
+    start = 0
+    for item in items:
+        chunk = tokens[start : start + item.tokens].float().cpu().numpy()
+        out.append(torch.from_numpy(np.ascontiguousarray(unpatchify(chunk, item.rows, item.cols, channels))))
+        start += item.tokens
+    return out

@@ -1,0 +1,95 @@
+"""A whole sampling run written to a folder, spread over ranks: latents or decoded pictures per
+image, then (rank 0) `samples.json`, `grid.png` and the ADM `.npz` batches."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fitscale.data.vae import decode_latents, load_vae
+from fitscale.sample.generate import generate_latents
+from fitscale.sample.options import SamplingOptions
+from fitscale.sample.pictures import image_grid, preview_latents, save_png, write_npz_by_size
+from fitscale.sample.plan import SampleItem
+
+
+@dataclass
+class SampleRun:
+    """What `fitscale sample` writes and where; one process's share is `items[rank::world_size]`."""
+
+    out_dir: Path
+    items: list[SampleItem]
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+    vae: str | None = None  # AutoencoderKL folder; None writes latents (and previews)
+    preview_channel: int | None = None  # without a VAE: also write this channel as grey PNGs
+    grid_size: int = 64  # images in grid.png
+    grid_scale: int = 1  # nearest-neighbour upscaling of grid.png (small latents)
+
+
+def run_sampling(model: torch.nn.Module, run: SampleRun, rank: int = 0, world_size: int = 1) -> list[Path]:
+    """Generate this rank's share and write it; rank 0 then adds the grid, npz files and an index.
+
+    Call on every rank; with world_size > 1 torch.distributed must be initialised (a barrier
+    separates the two phases). Returns the files this rank wrote.
+    """
+    import torch.distributed as dist
+
+    out = run.out_dir
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    mine = run.items[rank::world_size]
+    device = next(model.parameters()).device
+    # Loaded (and checked) before the ODE runs, so a bad folder fails in seconds, not after sampling.
+    vae = load_vae(run.vae, device, model.config.in_channels) if run.vae is not None else None
+    latents = generate_latents(model, mine, run.options) if mine else []
+    written: list[Path] = []
+    if run.vae is None:
+        (out / "latents").mkdir(exist_ok=True)
+        for item, latent in zip(mine, latents):
+            path = out / "latents" / f"{item.index:06d}.npy"
+            np.save(path, latent.numpy())
+            written.append(path)
+    pictures: list[np.ndarray] = []
+    if vae is not None:
+        pictures = decode_latents(vae, latents)
+    elif run.preview_channel is not None:
+        pictures = preview_latents(latents, run.preview_channel)
+    for item, picture in zip(mine, pictures):
+        path = out / "images" / f"{item.index:06d}_class{item.label}_{item.height}x{item.width}.png"
+        save_png(picture, path)
+        written.append(path)
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        written += _write_summary(run, bool(pictures))
+    return written
+
+
+def _write_summary(run: SampleRun, have_pictures: bool) -> list[Path]:
+    from PIL import Image
+
+    out = run.out_dir
+    written = []
+    index = [
+        {
+            "index": i.index,
+            "label": i.label,
+            "height": i.height,
+            "width": i.width,
+            "rows": i.rows,
+            "cols": i.cols,
+        }
+        for i in run.items
+    ]
+    (out / "samples.json").write_text(json.dumps({"options": vars(run.options), "images": index}, indent=1))
+    written.append(out / "samples.json")
+    if have_pictures:
+        files = {int(p.name[:6]): p for p in (out / "images").glob("*.png")}
+        pictures = [np.asarray(Image.open(files[i.index]).convert("RGB")) for i in run.items]
+        save_png(image_grid(pictures[: run.grid_size]), out / "grid.png", run.grid_scale)
+        written.append(out / "grid.png")
+        written += write_npz_by_size(out, run.items, pictures)
+    return written
