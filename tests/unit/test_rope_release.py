@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of the reference package
 
+from reference.pairs import RELEASE_NAMES  # noqa: E402
 from reference.release_rope import RELEASE_METHODS, RopeSpec, image_cos_sin  # noqa: E402
 
 from fitscale.models.config import build_config  # noqa: E402
@@ -175,13 +176,5 @@ def test_bad_release_sampling_flags_name_the_flag(kwargs, message):
 
 def test_release_names_are_stored_as_ours():
     names = {m: build_config("tiny", rope_method=m).rope_method for m in RELEASE_METHODS}
-    assert names == {
-        "normal": "none",
-        "linear": "linear",
-        "ntk-aware": "ntk",
-        "ntk-by-parts": "ntk_by_parts",
-        "yarn": "yarn",
-        "ntk-aware-pro1": "ntk_pro1",
-        "ntk-aware-pro2": "ntk_pro2",
-    }
+    assert names == {release: ours for ours, release in RELEASE_NAMES.items()}
     assert build_config("tiny", rope_method="NTK-Aware").rope_method == "ntk"  # the release lower-cases
