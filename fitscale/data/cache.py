@@ -17,10 +17,11 @@ directory"), a multi-line error naming neither the recipe field nor a fix. Three
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 from typing import Any
+
+from fitscale.locking import try_lock
 
 LOCK_FILE = ".fitscale-cache.lock"
 SHM_DIR = Path("/dev/shm")
@@ -70,20 +71,13 @@ def _local_leader() -> bool:
 def _claim(folder: str, field: str) -> int:
     """Lock `folder` for this run (a file descriptor held until the process ends) and clear stale
     registrations of it; ValueError naming `field` when another live process holds it."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    lock_path = Path(folder) / LOCK_FILE
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
+    fd, holder = try_lock(Path(folder) / LOCK_FILE, str(os.getpid()))
+    if fd is None:
         raise ValueError(
-            f"{field}={folder}: this cache folder is in use by another run on this machine (pid {holder}); "
-            f"Streaming allows one reader per cache folder: give this run its own {field}"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+            f"{field}={folder}: this cache folder is in use by another run on this machine "
+            f"(pid {holder or 'unknown'}); Streaming allows one reader per cache folder: give this run its "
+            f"own {field}"
+        )
     remove_stale_registrations(folder)
     return fd
 

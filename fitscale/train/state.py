@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fitscale.locking import try_lock
+
 
 class SchedulerState:
     """The learning-rate scheduler's position (identical on every rank)."""
@@ -78,21 +80,13 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-            os.close(fd)
-            raise RunFolderInUseError(
-                f"run folder {str(self.path.parent)!r} is in use by a live run ({holder}); stop that run "
-                "or choose another train.run_dir"
-            ) from None
-        os.ftruncate(fd, 0)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        os.fsync(fd)
+        fd, holder = try_lock(self.path, json.dumps(info))
+        if fd is None:
+            raise RunFolderInUseError(
+                f"run folder {str(self.path.parent)!r} is in use by a live run ({holder or 'unknown process'}); "
+                "stop that run or choose another train.run_dir"
+            )
         self._fd = fd
 
     def release(self) -> None:

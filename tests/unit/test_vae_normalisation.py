@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_sampling_vae import tiny_vae as sampling_vae
 
 from fitscale.cli import main
 from fitscale.data.vae import check_vae_folder, decode_latents, encode_pixels
@@ -23,18 +24,7 @@ STD = [1.5, 0.5, 2.0, 1.0]
 
 
 def tiny_vae(**factors):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        **factors,
-    ).eval()
+    return sampling_vae(**factors).eval()
 
 
 def pictures_of(vae, raw: torch.Tensor) -> np.ndarray:
