@@ -16,7 +16,8 @@ WORKER_METHODS = ("process", "thread")
 @dataclass
 class DataConfig:
     # A dataset written by `fitscale data ...` (MDS shards + samples.npy + fitscale.json). Without
-    # `remote` this is the dataset itself; with `remote` it is the local cache the shards go to.
+    # `remote` this is the dataset itself; with `remote` it is the local cache the shards go to:
+    # one live run per cache folder on a machine (fitscale/data/cache.py).
     path: str | None = None
     # Remote URI of the dataset (s3://, gs://, oci://, hf://, or another local folder); shards are
     # downloaded into `path` on first use, so one copy per node serves every rank of that node.
