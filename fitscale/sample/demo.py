@@ -16,7 +16,13 @@ import torch
 
 from fitscale.sample.generate import generate_latents, load_sampling_model
 from fitscale.sample.options import SamplingOptions
-from fitscale.sample.pictures import image_grid, save_png
+from fitscale.sample.pictures import (
+    class_size_grid,
+    extrapolation_name,
+    grid_caption,
+    preview_latents,
+    save_png,
+)
 from fitscale.sample.plan import SampleItem
 
 # Grids (rows, cols) in tokens for digits trained at 4..16 tokens a side: square, wide, tall, large.
@@ -65,13 +71,17 @@ def sample_demo_grid(
     verbose: bool = True,
 ) -> dict:
     """Sample every digit class at every grid of `grids` from the run's newest checkpoint, write
-    `<out>/digits_grid.png` (one row per class, sizes side by side) and report the fraction a
+    `<out>/digits_grid.png` (one row per class, sizes in tokens side by side, a caption with the
+    checkpoint's step and the sampling settings) and report the fraction a
     classifier trained on real digits recognises. `out` defaults to `<run_dir>/samples`.
     """
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "samples"
     out.mkdir(parents=True, exist_ok=True)
-    model = load_sampling_model(run_dir, ema=ema)
+    from fitscale.checkpoint.layout import find_checkpoint
+
+    step_dir = find_checkpoint(run_dir)
+    model = load_sampling_model(step_dir, ema=ema)
     classes = model.config.num_classes
     items: list[SampleItem] = []
     for label in range(classes):
@@ -84,10 +94,12 @@ def sample_demo_grid(
     predicted = digits_classifier().predict(digits.reshape(len(digits), 64))
     labels = np.array([item.label for item in items])
     recognised = float((predicted == labels).mean())
-    pictures = [((np.clip(latent[0].numpy(), -1, 1) + 1) * 127.5).astype(np.uint8) for latent in latents]
-    pictures = [np.repeat(p[:, :, None], 3, axis=2) for p in pictures]
+    caption = grid_caption(
+        options, extrapolation_name(model.config), int(step_dir.name.split("-")[-1]), size_unit="tokens"
+    )
+    grid = class_size_grid(items, preview_latents(latents, 0), caption=caption, size_unit="tokens", scale=4)
     grid_path = out / "digits_grid.png"
-    save_png(image_grid(pictures, columns=len(grids) * per_class), grid_path, scale=4)
+    save_png(grid, grid_path)
     per_grid = {
         f"{rows}x{cols}": float(
             (predicted == labels)[
