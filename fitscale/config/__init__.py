@@ -110,6 +110,12 @@ class RunConfig:
                 "or parallel.compile=false"
             )
         model = self.model_config()
+        wrong = [label for label in self.train.sample_labels if not 0 <= label < self.data.num_classes]
+        if wrong:
+            raise ConfigError(
+                f"train.sample_labels: {wrong} outside [0, {self.data.num_classes}) (data.num_classes); "
+                "list class indices of the dataset"
+            )
         if self.data.num_classes != model.num_classes:
             raise ConfigError(
                 f"data.num_classes={self.data.num_classes} but the model has num_classes={model.num_classes}; "
