@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "fitscale.launch.cli",  # launch
     "fitscale.sweep.cli",  # sweep
     "fitscale.sample.cli",  # sample
+    "fitscale.report.cli",  # report, status
 )
 
 

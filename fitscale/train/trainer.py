@@ -521,6 +521,7 @@ class Trainer:
             "skipped": int(stats.skipped),
             "nonfinite_total": self.progress.nonfinite_total,
             "images": stats.images,
+            "flops": flops,  # this step's training FLOPs, all ranks (fitscale report sums them)
             **timestep_bucket_metrics(stats.bucket_sums, stats.bucket_counts),
             **(validation or {}),
         }

@@ -1,9 +1,11 @@
 """Watching a run: the demo recipe on one process with stderr not a terminal writes key=value log
-lines (steps, checkpoints, sample grids), draws the asked sample grids, and trains exactly as the
-same run without grids (every checkpointed tensor equal, losses equal)."""
+lines (steps, validation, checkpoints, sample grids), draws the asked sample grids, and trains
+exactly as the same run without grids (every checkpointed tensor equal, losses equal);
+`fitscale report` plots the two runs and `fitscale status` reads one."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, metric_records
+from train_runs import checkpoint_tensors, metric_records, write_digits_split
 
 from fitscale.train.loglines import parse_fields
 
@@ -24,6 +26,8 @@ COMMON = [
     "checkpoint.interval=2",
     "demo.sample_at_end=false",
     "launch.tasks_per_node=1",
+    "train.val_every=2",
+    "train.val_max_images=8",
 ]
 GRIDS = [
     "train.sample_every=3",
@@ -50,8 +54,9 @@ def train_demo(data: Path, run_dir: Path, *extra: str) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("watch")
-    with_grids = train_demo(root / "digits", root / "grids", *GRIDS)
-    plain = train_demo(root / "digits", root / "plain")
+    val = f"data.val_path={write_digits_split(root / 'val', images=8)}"
+    with_grids = train_demo(root / "digits", root / "grids", val, *GRIDS)
+    plain = train_demo(root / "digits", root / "plain", val)
     return {
         "grids": root / "grids",
         "plain": root / "plain",
@@ -88,8 +93,10 @@ def test_log_lines_carry_the_step_fields_and_events(runs):
     events = [(r["event"], r["step"]) for r in records if "event" in r]
     assert events == [
         ("start", "0"),
+        ("validation", "2"),
         ("checkpoint", "2"),
         ("samples", "3"),
+        ("validation", "4"),
         ("samples", "4"),
         ("checkpoint", "4"),
     ]
@@ -119,3 +126,37 @@ def test_grids_leave_training_bit_identical(runs):
         run: [r["loss"] for _, r in sorted(metric_records(runs[run]).items())] for run in ("grids", "plain")
     }
     assert losses["grids"] == losses["plain"]
+
+
+def test_report_plots_and_summarises_both_runs(runs, tmp_path, capsys):
+    from fitscale.cli import main
+
+    out = tmp_path / "report"
+    assert main(["report", str(runs["grids"]), str(runs["plain"]), "--out", str(out), "--json"]) == 0
+    summaries = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "loss.png",
+        "optim.png",
+        "throughput.png",
+        "timesteps.png",
+    ]
+    assert all(p.stat().st_size > 10_000 for p in out.glob("*.png"))
+    for summary, name in zip(summaries, ("grids", "plain")):
+        logged = {step: r["val_loss"] for step, r in metric_records(runs[name]).items() if "val_loss" in r}
+        assert sorted(logged) == [2, 4]
+        assert summary["best_val_loss"] == min(logged.values())
+        assert (summary["step"], summary["restarts"]) == (4, 0)
+    assert (
+        (out / "summary.txt").read_text().startswith(f"{runs['grids']}: step 4, 1 segment(s), 0 restart(s)")
+    )
+
+
+def test_status_of_a_finished_run(runs, capsys):
+    from fitscale.cli import main
+
+    assert main(["status", str(runs["grids"]), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["alive"] is False
+    assert (status["step"], status["steps"], status["checkpoint_step"]) == (4, 4, 4)
+    assert status["checkpoint"] == str(runs["grids"] / "checkpoints" / "step-4")
+    assert status["samples"] == str(runs["grids"] / "samples" / "step-4.png")
