@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_recipe_prepares_its_data_and_trains_on_two_ranks(tmp_path):
     data, run_dir = tmp_path / "digits", tmp_path / "run"
-    overrides = [f"data.path={data}", f"train.run_dir={run_dir}", "train.steps=2", "demo.sample_at_end=false"]
+    overrides = [f"data.path={data}", f"train.run_dir={run_dir}", "train.steps=2", "hooks.after=[]"]
     result = subprocess.run(
         [sys.executable, "-m", "fitscale.cli", "train", "recipes/demo.yaml", "--set", *overrides],
         capture_output=True,
