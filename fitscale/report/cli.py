@@ -39,7 +39,7 @@ def run_report(args: argparse.Namespace) -> int:
     names = [h.name for h in histories]
     if len(set(names)) != len(names):
         for history in histories:  # same folder names from different parents: tell them apart
-            history.path = history.path.resolve()
+            history.label = str(history.path)
     out = Path(args.out)
     written = write_plots(histories, out)
     summaries = [summarize(h) for h in histories]

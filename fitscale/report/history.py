@@ -40,10 +40,11 @@ class RunHistory:
     path: Path
     segments: list[Segment]
     events: list[dict[str, Any]]
+    label: str = ""  # what plots call the run; the folder's name when empty
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.label or self.path.name
 
     def steps(self) -> dict[int, dict[str, Any]]:
         """The last record of each step, in step order."""

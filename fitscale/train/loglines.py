@@ -46,21 +46,23 @@ STEP_FIELDS = (
 
 
 def configure_console(rank: int) -> None:
-    """Send the `fitscale` loggers' INFO lines to stderr on rank 0 only (idempotent).
+    """Show the `fitscale` loggers' INFO lines on stderr on rank 0 only (idempotent).
 
-    Other ranks keep warnings and errors; their info lines would repeat rank 0's.
+    Other ranks keep warnings and errors; their info lines would repeat rank 0's. When the process
+    already logs somewhere (a root handler: `logging.basicConfig` in a launcher, a test's capture),
+    the lines go there instead of a second handler, so nothing prints twice.
     """
-    root = logging.getLogger("fitscale")
+    package = logging.getLogger("fitscale")
     if rank != 0:
-        root.setLevel(logging.WARNING)
+        package.setLevel(logging.WARNING)
         return
-    root.setLevel(logging.INFO)
-    if not any(getattr(handler, "_fitscale_console", False) for handler in root.handlers):
+    package.setLevel(logging.INFO)
+    ours = any(getattr(handler, "_fitscale_console", False) for handler in package.handlers)
+    if not ours and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
         handler._fitscale_console = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.propagate = False  # a root handler (logging.basicConfig in a launcher) would print it twice
+        package.addHandler(handler)
 
 
 def format_value(value: Any) -> str:

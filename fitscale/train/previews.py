@@ -65,7 +65,7 @@ def trained_side(meta: dict, max_image_tokens: int) -> int:
 class PeriodicSamples:
     """The grids of one run; every rank builds it and calls `run` at the same (due) steps."""
 
-    def __init__(self, config: RunConfig, rank: int = 0):
+    def __init__(self, config: RunConfig, rank: int = 0, device: torch.device | str = "cpu"):
         from fitscale.sample.options import SamplingOptions
         from fitscale.sample.pictures import extrapolation_name
 
@@ -73,6 +73,7 @@ class PeriodicSamples:
         self.every = train.sample_every
         self.last_step = train.steps
         self.rank = rank
+        self.device = torch.device(device)  # of the VAE that decodes the grid
         self.out_dir = Path(train.run_dir) / "samples"
         meta = dataset_meta(config.data.path)
         labels = list(train.sample_labels) or default_labels(config.data.num_classes)
@@ -97,6 +98,15 @@ class PeriodicSamples:
         self.extrapolation = extrapolation_name(config.model_config())
         self.vae_path = train.sample_vae
         self._vae = None
+        if self.vae_path is not None:  # a bad folder fails at start-up, not at the first grid
+            from fitscale.config.errors import ConfigError
+            from fitscale.data.vae import check_vae_folder
+
+            try:
+                check_vae_folder(self.vae_path, config.model_config().in_channels)
+            except (FileNotFoundError, ValueError) as error:
+                message = str(error).replace(f"--vae {self.vae_path}", f"train.sample_vae={self.vae_path}")
+                raise ConfigError(message) from error
 
     def due(self, step: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == self.last_step)
@@ -136,8 +146,7 @@ class PeriodicSamples:
             from fitscale.data.vae import decode_latents, load_vae
 
             if self._vae is None:
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-                self._vae = load_vae(self.vae_path, device, latents[0].shape[0])
+                self._vae = load_vae(self.vae_path, self.device, latents[0].shape[0])
             pictures, unit, scale = decode_latents(self._vae, latents), "pixels", 1
         else:
             pictures, unit = preview_latents(latents, self.preview_channel), "tokens"

@@ -238,7 +238,7 @@ class Trainer:
             return None
         from fitscale.train.previews import PeriodicSamples
 
-        return PeriodicSamples(self.config, self.env.rank)
+        return PeriodicSamples(self.config, self.env.rank, self.env.device)
 
     def _build_checkpoint_manager(self):
         from fitscale.checkpoint import CheckpointManager

@@ -34,10 +34,10 @@ def test_lazy_package_exports_resolve():
         "import sys, fitscale.models, fitscale.data, fitscale.checkpoint, fitscale.flow, "
         "fitscale.parallel, fitscale.sweep\n"
         "assert 'torch' not in sys.modules\n"
-        "from fitscale.models import build_model, ModelConfig\n"
-        "from fitscale.data import PackedBatch\n"
-        "from fitscale.models.fit import build_model as direct\n"
-        "assert build_model is direct\n"
+        "from fitscale.models import build_config, ModelConfig\n"
+        "from fitscale.models.config import build_config as direct\n"
+        "assert build_config is direct and 'build_model' in dir(fitscale.models)\n"
+        "assert 'torch' not in sys.modules\n"
         "try:\n    fitscale.models.no_such_name\nexcept AttributeError as e:\n    print(e)\n"
     )
     result = subprocess.run(
