@@ -35,10 +35,8 @@ def test_grid_items_use_the_dataset_classes_and_sides(tmp_path):
     import json
 
     from fitscale.config import load_config
-    from fitscale.data.format import META_FILE
+    from fitscale.data.format import FORMAT_NAME, FORMAT_VERSION, META_FILE
     from fitscale.train.previews import PeriodicSamples
-
-    from fitscale.data.format import FORMAT_NAME, FORMAT_VERSION
 
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "writer": "digits", "num_classes": 10}
     meta |= {"classes": [f"c{i}" for i in range(10)], "grid_sides": [4, 8], "preview_channel": 2}
