@@ -1,9 +1,9 @@
-"""Pictures out of latents and onto disk: grey previews of one latent channel, grids of
-pictures of any sizes, PNG files, and the ADM evaluation suite's `.npz` batches."""
+"""Pictures out of latents and onto disk: grey previews of one latent channel, labelled grids of
+pictures of any sizes (rows by class, columns by size, a caption), PNG files, and the ADM
+evaluation suite's `.npz` batches."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +20,6 @@ def preview_latents(latents: list[torch.Tensor], channel: int) -> list[np.ndarra
         grey = ((latent[channel].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
         pictures.append(np.repeat(grey[:, :, None], 3, axis=2))
     return pictures
-
-
-def image_grid(pictures: list[np.ndarray], columns: int | None = None, pad: int = 2) -> np.ndarray:
-    """Pictures of any sizes in a grid of equal cells (each centred), uint8 (H, W, 3).
-
-    Raises ValueError for an empty list."""
-    if not pictures:
-        raise ValueError("no pictures to put in a grid")
-    columns = columns or math.ceil(math.sqrt(len(pictures)))
-    cell_h = max(p.shape[0] for p in pictures) + pad
-    cell_w = max(p.shape[1] for p in pictures) + pad
-    rows = math.ceil(len(pictures) / columns)
-    grid = np.full((rows * cell_h + pad, columns * cell_w + pad, 3), 255, dtype=np.uint8)
-    for index, picture in enumerate(pictures):
-        top = (index // columns) * cell_h + pad + (cell_h - pad - picture.shape[0]) // 2
-        left = (index % columns) * cell_w + pad + (cell_w - pad - picture.shape[1]) // 2
-        grid[top : top + picture.shape[0], left : left + picture.shape[1]] = picture
-    return grid
 
 
 def save_png(picture: np.ndarray, path: Path, scale: int = 1) -> None:
