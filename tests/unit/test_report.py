@@ -98,3 +98,17 @@ def test_not_a_run_folder(tmp_path):
         FileNotFoundError, match=r"not a run folder \(no metrics.jsonl, config.yaml or .lock\)"
     ):
         run_status(tmp_path)
+
+
+def test_plots_of_a_resumed_run_with_mfu(resumed_run, tmp_path):
+    from fitscale.report.history import read_history
+    from fitscale.report.plots import write_plots
+
+    lines = [json.loads(line) for line in (resumed_run / "metrics.jsonl").read_text().splitlines()[:-1]]
+    for line in lines:
+        if "perf/images_per_s" in line:
+            line["perf/mfu"] = line["perf/images_per_s"] / 100
+    other = write_metrics(tmp_path / "other", lines)
+    written = write_plots([read_history(resumed_run), read_history(other)], tmp_path / "plots")
+    assert [p.name for p in written] == ["loss.png", "timesteps.png", "optim.png", "throughput.png"]
+    assert all(p.stat().st_size > 10_000 for p in written)
