@@ -1,4 +1,5 @@
-"""What a run reports: JSONL lines, wandb, a progress bar, throughput and MFU, memory.
+"""What a run reports: JSONL lines, wandb, a progress bar or log lines (fitscale.train.loglines),
+throughput and MFU, memory.
 
 Numbers are computed where they are cheap (device-side sums that the trainer all-reduces once
 per log step) and written by rank 0 only unless `log.all_ranks` is set. MFU divides the model's

@@ -3,8 +3,8 @@
 `Trainer(config).train()` is the whole run: join the process group, lock the run folder, build
 the model on the meta device and parallelise it (FSDP2 or DeepSpeed), load the newest complete
 checkpoint or initialise, then loop over optimizer steps with gradient accumulation over
-micro-batches, clipping, a skip for non-finite steps, EMA, metrics, the held-out loss
-(`train.val_every`) and checkpoints. The loss is
+micro-batches, clipping, a skip for non-finite steps, EMA, metrics and log lines, the held-out
+loss (`train.val_every`), sample grids (`train.sample_every`) and checkpoints. The loss is
 the rectified-flow loss of fitscale.flow, normalised by the step's global image count so that
 neither the rank count nor the micro-batch split changes a step.
 """
@@ -502,7 +502,7 @@ class Trainer:
             return
         path, seconds = self.samples.run(self.model, self.ema, self.progress.step)
         self.throughput.exclude(seconds)
-        self.metrics.event("samples", self.progress.step, path=str(path), seconds=seconds)
+        self.metrics.event("samples", self.progress.step, path=str(path) if path else None, seconds=seconds)
         if path is not None:
             self.metrics.log_image(self.progress.step, "samples", path)
 
