@@ -232,8 +232,16 @@ def run_sample(args) -> int:
     )
     model = load_sampling_model(args.checkpoint, args.model, overrides, ema=not args.raw, device=device)
     items = plan_items(sizes, args.num_per_size, model.config.num_classes, labels, args.seed)
+    from fitscale.sample.pictures import extrapolation_name, grid_caption
+
     run = SampleRun(
-        out, items, options, vae=args.vae, preview_channel=args.preview_channel, grid_scale=args.grid_scale
+        out,
+        items,
+        options,
+        vae=args.vae,
+        preview_channel=args.preview_channel,
+        grid_scale=args.grid_scale,
+        caption=grid_caption(options, extrapolation_name(model.config)),
     )
     run_sampling(model, run, info.rank, info.world_size)
     summary = {"out": str(out), "images": len(items), "sizes": [f"{h}x{w}" for h, w in sizes]}
