@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--sampler",
         default=None,
-        help="ODE method: euler (default), heun, midpoint, rk4, heun2, heun3, explicit_adams, implicit_adams "
+        help="ODE method: euler (default), heun, midpoint, rk4, heun2, heun3, implicit_adams "
         "on --steps; dopri5, dopri8, bosh3, fehlberg2, adaptive_heun by --atol/--rtol",
     )
     parser.add_argument(

@@ -36,7 +36,7 @@ def integrate_batch(
         return sample_sde(
             velocity,
             x,
-            lambda step: step_noise(items, x.shape[1], options.seed, step).to(x.device),
+            lambda step: step_noise(items, x.shape[1], options.seed, step).to(x),
             options.steps,
             options.sde_sampler,
             options.diffusion_form,
@@ -56,15 +56,19 @@ def integrate_batch(
 def generate_latents(
     model: torch.nn.Module, items: list[SampleItem], options: SamplingOptions
 ) -> list[torch.Tensor]:
-    """Latents (C, h, w) float32 on the CPU, one per item in order; the model stays on its device."""
+    """Latents (C, h, w) float32 on the CPU, one per item in order; the model stays on its device.
+
+    A float64 model samples in float64 and gives float64 latents."""
     model.eval()
     config = model.config
     device = next(model.parameters()).device
     dtype = autocast_dtype(options.autocast, device)
+    precise = next(model.parameters()).dtype == torch.float64  # a float64 model samples in float64
     out: list[torch.Tensor] = []
     for group in batches_by_budget(items, options.token_budget, options.cfg_scale != 1.0):
         layout = pack_layout(group, device)
-        x = torch.cat([initial_noise(item, config.token_dim, options.seed) for item in group]).to(device)
+        x = torch.cat([initial_noise(item, config.token_dim, options.seed) for item in group])
+        x = x.to(device, torch.float64 if precise else torch.float32)
         velocity = PackedVelocity(
             model, layout, options.cfg_scale, options.guidance_channels, dtype, options.scale_pow
         )

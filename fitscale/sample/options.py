@@ -147,6 +147,11 @@ class SamplingOptions:
         if self.diffusion_norm < 0:
             raise ValueError(f"--diffusion-norm {self.diffusion_norm}: must be >= 0")
         if self.last_step == "none":
+            if self.sde_sampler == "heun":
+                raise ValueError(
+                    "--last-step none with --sde-sampler heun evaluates the score at t = 1, where it is "
+                    "infinite (the release returns NaN); choose --last-step mean, tweedie or euler"
+                )
             if self.last_step_size not in (None, 0.0):
                 raise ValueError("--last-step-size applies to --last-step mean, tweedie or euler; drop it")
             self.last_step_size = 0.0

@@ -124,11 +124,14 @@ def pack_layout(items: list[SampleItem], device: torch.device) -> PackedLayout:
 
 
 def split_latents(tokens: torch.Tensor, items: list[SampleItem], channels: int) -> list[torch.Tensor]:
-    """Packed tokens (T, C*p*p) of `items` -> one latent (C, rows*p, cols*p) float32 per item."""
+    """Packed tokens (T, C*p*p) of `items` -> one latent (C, rows*p, cols*p) per item, float32
+    (float64 for float64 tokens)."""
     out = []
     start = 0
+    if tokens.dtype != torch.float64:
+        tokens = tokens.float()
     for item in items:
-        chunk = tokens[start : start + item.tokens].float().cpu().numpy()
+        chunk = tokens[start : start + item.tokens].cpu().numpy()
         out.append(torch.from_numpy(np.ascontiguousarray(unpatchify(chunk, item.rows, item.cols, channels))))
         start += item.tokens
     return out
