@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -172,6 +175,147 @@ def test_bad_sample_arguments_are_one_line_errors(weights_file, tmp_path, capsys
     fid = f"--height 64 --width 64 --model tiny --fid-reference x.npz --inception-weights {tmp_path}/none.pth"
     assert main([*base, *fid.split()]) == 2
     assert "needs local Inception weights" in capsys.readouterr().err
+
+
+def test_sampling_options_take_each_modes_defaults_and_the_releases_names():
+    assert SamplingOptions() == SamplingOptions(sampler="euler", steps=50)
+    adaptive = SamplingOptions(sampler="dopri5")
+    assert (adaptive.steps, adaptive.atol, adaptive.rtol) == (None, 1e-6, 1e-3)
+    sde = SamplingOptions(mode="SDE", sde_sampler="Heun", diffusion_form="SBDM", last_step="Tweedie")
+    assert (sde.mode, sde.sde_sampler, sde.diffusion_form, sde.last_step) == (
+        "sde",
+        "heun",
+        "sbdm",
+        "tweedie",
+    )
+    assert (sde.steps, sde.diffusion_norm, sde.last_step_size, sde.sampler, sde.atol) == (
+        50,
+        1.0,
+        0.04,
+        None,
+        None,
+    )
+    assert SamplingOptions(mode="sde", last_step="None").last_step_size == 0.0
+    assert SamplingOptions(**vars(sde)) == sde  # what samples.json records builds the same options
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            dict(sampler="rk5"),
+            "--sampler 'rk5': choose one of euler, heun, midpoint, rk4, heun2, heun3, implicit_adams, dopri5, "
+            "dopri8, bosh3, fehlberg2, adaptive_heun",
+        ),
+        (dict(mode="sdes"), "--mode 'sdes': choose one of ode, sde"),
+        (dict(sampler="dopri5", atol=-1e-6), "--atol -1e-06: a tolerance must be > 0"),
+        (dict(sampler="bosh3", rtol=0.0), "--rtol 0.0: a tolerance must be > 0"),
+        (
+            dict(diffusion_form="sigma"),
+            "--diffusion-form applies to --mode sde only; drop it or add --mode sde (this run is --mode ode)",
+        ),
+        (
+            dict(mode="sde", sampler="dopri5"),
+            "--sampler applies to --mode ode only; drop it or add --mode ode (this run is --mode sde)",
+        ),
+        (
+            dict(mode="sde", atol=1e-3),
+            "--atol applies to --mode ode only; drop it or add --mode ode (this run is --mode sde)",
+        ),
+        (
+            dict(sampler="dopri5", steps=10),
+            "--steps applies to grid samplers (euler, heun, midpoint, rk4, heun2, heun3, implicit_adams); "
+            "--sampler dopri5 picks its own steps from --atol / --rtol",
+        ),
+        (
+            dict(sampler="rk4", rtol=1e-3),
+            "--rtol applies to samplers with an error control (dopri5, dopri8, bosh3, fehlberg2, adaptive_heun, "
+            "implicit_adams); --sampler rk4 takes --steps",
+        ),
+        (
+            dict(mode="sde", diffusion_form="cosine"),
+            "--diffusion-form 'cosine': choose one of constant, sbdm, sigma, linear, decreasing, "
+            "increasing-decreasing",
+        ),
+        (dict(mode="sde", sde_sampler="rk4"), "--sde-sampler 'rk4': choose one of euler, heun"),
+        (dict(mode="sde", last_step="last"), "--last-step 'last': choose one of mean, tweedie, euler, none"),
+        (
+            dict(mode="sde", last_step_size=1.0),
+            "--last-step-size 1.0: must be in (0, 1) (or --last-step none to run the SDE to t = 1)",
+        ),
+        (
+            dict(mode="sde", last_step="none", last_step_size=0.1),
+            "--last-step-size applies to --last-step mean, tweedie or euler; drop it",
+        ),
+        (
+            dict(mode="sde", sde_sampler="heun", last_step="none"),
+            "--last-step none with --sde-sampler heun evaluates the score at t = 1, where it is infinite "
+            "(the release returns NaN); choose --last-step mean, tweedie or euler",
+        ),
+        (dict(mode="sde", diffusion_norm=-1.0), "--diffusion-norm -1.0: must be >= 0"),
+        (dict(scale_pow=-1.0), "--scale-pow -1.0: must be >= 0 (0 = a constant guidance scale)"),
+    ],
+)
+def test_bad_sampling_options_name_the_flag_and_the_choices(fields, message):
+    with pytest.raises(ValueError) as error:
+        SamplingOptions(**fields)
+    assert str(error.value) == message
+
+
+def test_bad_sampler_flags_stop_the_command_before_anything_is_written(weights_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = [
+        "sample",
+        str(weights_file),
+        "--out",
+        str(out),
+        "--model",
+        "tiny",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    ]
+    assert main([*base, "--diffusion-form", "SBDM"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "--diffusion-form applies to --mode sde only; drop it or add --mode sde (this run is --mode ode)"
+        )
+    )
+    assert main([*base, "--sampler", "dopri5", "--atol", "-1"]) == 2
+    assert "--atol -1.0: a tolerance must be > 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_two_ranks_write_the_images_one_rank_writes(weights_file, tmp_path, capsys):
+    """`fitscale sample --nproc 2` (gloo): each rank samples every other image, in batches of its own;
+    a noise stream tied to the rank or the batch would move an image by O(1)."""
+    flags = (
+        "--model tiny --set attn_backend=reference --height 32 --width 48 --height 48 --width 32 --num-per-size 2 "
+        "--labels 3,7 --cfg 2 --scale-pow 1 --guide-first-3 --mode sde --sde-sampler Heun --steps 2 "
+        "--diffusion-form SBDM --last-step Euler --seed 4 --device cpu"
+    ).split()
+    assert main(["sample", str(weights_file), "--out", str(tmp_path / "one"), *flags]) == 0
+    capsys.readouterr()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "fitscale.cli",
+        "sample",
+        str(weights_file),
+        "--out",
+        str(tmp_path / "two"),
+    ]
+    subprocess.run([*command, *flags, "--nproc", "2"], env=env, check=True, capture_output=True, timeout=300)
+    index = json.loads((tmp_path / "two" / "samples.json").read_text())
+    assert index["options"]["sde_sampler"] == "heun" and index["options"]["diffusion_form"] == "sbdm"
+    for image in range(4):
+        one = np.load(tmp_path / "one" / "latents" / f"{image:06d}.npy")
+        two = np.load(tmp_path / "two" / "latents" / f"{image:06d}.npy")
+        assert np.abs(one - two).max() <= 1e-5 * np.abs(one).max(), f"image {image}"
 
 
 def test_run_checkpoint_gives_ema_or_raw_weights(tmp_path):
