@@ -44,7 +44,7 @@ class OdeResult:
     evaluations: int  # calls of the velocity function
 
 
-class _Counted:
+class CountedVelocity:
     """Counts velocity evaluations and keeps t a 0-d float32 tensor on x's device."""
 
     def __init__(self, velocity: VelocityFn):
@@ -71,7 +71,7 @@ def time_grid(steps: int, time_shift: float = 1.0, t0: float = 0.0, t1: float = 
 @torch.no_grad()
 def euler(velocity: VelocityFn, x: torch.Tensor, steps: int, time_shift: float = 1.0) -> OdeResult:
     """First order: x <- x + h v(x, t)."""
-    fn = _Counted(velocity)
+    fn = CountedVelocity(velocity)
     times = time_grid(steps, time_shift).tolist()
     for t, t_next in zip(times[:-1], times[1:]):
         x = x + (t_next - t) * fn(x, t)
@@ -81,7 +81,7 @@ def euler(velocity: VelocityFn, x: torch.Tensor, steps: int, time_shift: float =
 @torch.no_grad()
 def heun(velocity: VelocityFn, x: torch.Tensor, steps: int, time_shift: float = 1.0) -> OdeResult:
     """Second order (explicit trapezoid): an Euler predictor, then the mean of both slopes."""
-    fn = _Counted(velocity)
+    fn = CountedVelocity(velocity)
     times = time_grid(steps, time_shift).tolist()
     for t, t_next in zip(times[:-1], times[1:]):
         h = t_next - t
@@ -133,7 +133,7 @@ def odeint_endpoint(
     An adaptive method's error norm covers all of x: call it on one image for per-image control.
     """
     torchdiffeq = import_torchdiffeq()
-    fn = _Counted(velocity)
+    fn = CountedVelocity(velocity)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if method in ADAPTIVE:
         rhs = shifted_rhs(fn, time_shift)
@@ -186,6 +186,7 @@ __all__ = [
     "FIXED_GRID",
     "SAMPLERS",
     "TOLERANCE_METHODS",
+    "CountedVelocity",
     "OdeResult",
     "dopri5",
     "euler",

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 
 from fitscale.flow.path import shift_time
-from fitscale.flow.samplers import OdeResult, VelocityFn, _Counted
+from fitscale.flow.samplers import CountedVelocity, OdeResult, VelocityFn
 
 SDE_SAMPLERS = ("euler", "heun")
 DIFFUSION_FORMS = ("constant", "sbdm", "sigma", "linear", "decreasing", "increasing-decreasing")
@@ -93,7 +93,7 @@ def sample_sde(
     """
     if sampler not in SDE_SAMPLERS:
         raise ValueError(f"unknown SDE sampler {sampler!r}; choose one of {', '.join(SDE_SAMPLERS)}")
-    fn = _Counted(velocity)
+    fn = CountedVelocity(velocity)
     t0, t1 = sde_interval(diffusion_form, last_step, last_step_size)
     unit = shift_time(torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64), time_shift)
     times = (t0 + (t1 - t0) * unit).tolist()
