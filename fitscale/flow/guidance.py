@@ -171,7 +171,7 @@ class PackedVelocity:
         if key not in self._layouts:
             self._layouts[key] = self.layout.select(images)
         layout = self._layouts[key]
-        t = torch.stack([t.reshape(()) for t in ts]).to(torch.float32)
+        t = torch.stack([t.reshape(()) for t in ts])
         v = self._velocity(layout, torch.cat(xs), t)
         return list(v.split([x.shape[0] for x in xs]))
 

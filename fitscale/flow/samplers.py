@@ -45,14 +45,16 @@ class OdeResult:
 
 
 class CountedVelocity:
-    """Counts velocity evaluations and keeps t a 0-d float32 tensor on x's device."""
+    """Counts velocity evaluations and keeps t a 0-d tensor on x's device, float32 (float64 for a
+    float64 x)."""
 
     def __init__(self, velocity: VelocityFn):
         self.velocity, self.calls = velocity, 0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         self.calls += 1
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(())
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        t = torch.as_tensor(t, dtype=dtype, device=x.device).reshape(())
         return self.velocity(x, t)
 
 
