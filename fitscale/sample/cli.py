@@ -142,10 +142,13 @@ def parse_labels(text: str | None) -> list[int] | None:
 
 
 def sampling_options(args):
-    """The `SamplingOptions` of the command's flags (ValueError naming a bad flag)."""
+    """The `SamplingOptions` of the command's flags (ValueError naming a bad flag; CommandError when
+    the sampler needs torchdiffeq and it is not installed)."""
+    from fitscale.cli import CommandError
+    from fitscale.flow.samplers import import_torchdiffeq
     from fitscale.sample.options import SamplingOptions
 
-    return SamplingOptions(
+    options = SamplingOptions(
         mode=args.mode,
         sampler=args.sampler,
         steps=args.steps,
@@ -164,6 +167,12 @@ def sampling_options(args):
         token_budget=args.token_budget,
         autocast=args.dtype,
     )
+    if options.mode == "ode" and options.sampler not in ("euler", "heun"):
+        try:
+            import_torchdiffeq()
+        except ImportError as error:
+            raise CommandError(f"--sampler {options.sampler}: {error}") from None
+    return options
 
 
 def _relaunch(args) -> int:

@@ -286,6 +286,12 @@ def test_bad_sampler_flags_stop_the_command_before_anything_is_written(weights_f
     )
     assert main([*base, "--sampler", "dopri5", "--atol", "-1"]) == 2
     assert "--atol -1.0: a tolerance must be > 0" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "torchdiffeq", None)  # as if not installed
+        assert main([*base, "--sampler", "rk4"]) == 2
+    assert "--sampler rk4: the torchdiffeq samplers need torchdiffeq: pip install 'fitscale[sample]'" in (
+        capsys.readouterr().err
+    )
     assert not out.exists()
 
 
