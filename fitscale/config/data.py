@@ -15,6 +15,8 @@ WORKER_METHODS = ("process", "thread")
 
 @dataclass
 class DataConfig:
+    """Where the latents live and how they become packed steps (fitscale.data.loader)."""
+
     # A dataset written by `fitscale data ...` (MDS shards + samples.npy + fitscale.json). Without
     # `remote` this is the dataset itself; with `remote` it is the local cache the shards go to.
     path: str | None = None

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from fitscale.models.extrapolation import INTERPOLATIONS, release_sampling_overrides
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -84,6 +86,22 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--attn-scale", action="store_true", help="add the attention-logit scale to the extrapolation"
     )
+    parser.add_argument(
+        "--interpolation",
+        default=None,
+        help=f"the release's sample_fitv2_ddp.py RoPE flag, per image, instead of --extrapolation: one of "
+        f"{', '.join(INTERPOLATIONS)} (dynntk = NTK-aware, partntk = NTK-by-parts, ntkpro1/2 = NTK-aware "
+        "with the release's attention scales)",
+    )
+    parser.add_argument(
+        "--decouple", action="store_true", help="with --interpolation: scale rows and columns separately"
+    )
+    parser.add_argument(
+        "--ori-max-pe-len",
+        type=int,
+        default=None,
+        help="with --interpolation: the training grid edge L0 in tokens (default: the model's own)",
+    )
     parser.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     parser.add_argument(
         "--model", default=None, help="preset of a weights file (e.g. fitv2-xl); runs know theirs"
@@ -130,6 +148,34 @@ def parse_sizes(heights: list[int], widths: list[int]) -> list[tuple[int, int]]:
             f"give one --width per --height (got {len(heights)} heights, {len(widths)} widths), e.g. --height 256 --width 256"
         )
     return list(zip(heights, widths))
+
+
+def rope_overrides(args) -> dict:
+    """ModelConfig overrides of --extrapolation / --attn-scale or of the release's --interpolation,
+    --decouple and --ori-max-pe-len. Raises ValueError naming the flag of a bad value or combination."""
+    from fitscale.sample.options import extrapolation_overrides
+
+    if args.interpolation is None:
+        if args.decouple or args.ori_max_pe_len is not None:
+            flag = "--decouple" if args.decouple else "--ori-max-pe-len"
+            raise ValueError(
+                f"{flag} goes with --interpolation (the release's flags); e.g. --interpolation dynntk"
+            )
+        return extrapolation_overrides(args.extrapolation, args.attn_scale)
+    if args.extrapolation is not None:
+        raise ValueError(
+            f"--extrapolation {args.extrapolation} and --interpolation {args.interpolation} both choose the "
+            "RoPE extrapolation: give one"
+        )
+    overrides = release_sampling_overrides(args.interpolation, args.decouple, args.ori_max_pe_len)
+    if args.attn_scale:
+        if args.interpolation in ("ntkpro1", "ntkpro2"):
+            raise ValueError(
+                f"--attn-scale with --interpolation {args.interpolation}: that method scales attention "
+                "already; drop --attn-scale"
+            )
+        overrides["rope_attn_scale"] = True
+    return overrides
 
 
 def parse_labels(text: str | None) -> list[int] | None:
@@ -191,6 +237,7 @@ def run_sample(args) -> int:
     sizes = parse_sizes(args.height, args.width)
     labels = parse_labels(args.labels)
     options = sampling_options(args)  # checked before anything starts or is written
+    rope = rope_overrides(args)
     out = Path(args.out)
     if (out / "samples.json").exists() and not args.overwrite:
         raise FileExistsError(
@@ -219,13 +266,12 @@ def run_sample(args) -> int:
     from fitscale.models.cli import parse_overrides
     from fitscale.sample.fid import compute_fid, load_reference_images
     from fitscale.sample.generate import load_sampling_model
-    from fitscale.sample.options import extrapolation_overrides
     from fitscale.sample.plan import plan_items
     from fitscale.sample.run import SampleRun, run_sampling
 
     overrides = {
         **parse_overrides(args.overrides),
-        **extrapolation_overrides(args.extrapolation, args.attn_scale),
+        **rope,
     }
     info = init_distributed_from_env(args.device)
     device = (
@@ -233,8 +279,16 @@ def run_sample(args) -> int:
     )
     model = load_sampling_model(args.checkpoint, args.model, overrides, ema=not args.raw, device=device)
     items = plan_items(sizes, args.num_per_size, model.config.num_classes, labels, args.seed)
+    from fitscale.sample.pictures import extrapolation_name, grid_caption
+
     run = SampleRun(
-        out, items, options, vae=args.vae, preview_channel=args.preview_channel, grid_scale=args.grid_scale
+        out,
+        items,
+        options,
+        vae=args.vae,
+        preview_channel=args.preview_channel,
+        grid_scale=args.grid_scale,
+        caption=grid_caption(options, extrapolation_name(model.config)),
     )
     run_sampling(model, run, info.rank, info.world_size)
     summary = {"out": str(out), "images": len(items), "sizes": [f"{h}x{w}" for h, w in sizes]}

@@ -3,8 +3,8 @@
 `Trainer(config).train()` is the whole run: join the process group, lock the run folder, build
 the model on the meta device and parallelise it (FSDP2 or DeepSpeed), load the newest complete
 checkpoint or initialise, then loop over optimizer steps with gradient accumulation over
-micro-batches, clipping, a skip for non-finite steps, EMA, metrics, the held-out loss
-(`train.val_every`) and checkpoints. The loss is
+micro-batches, clipping, a skip for non-finite steps, EMA, metrics and log lines, the held-out
+loss (`train.val_every`), sample grids (`train.sample_every`) and checkpoints. The loss is
 the rectified-flow loss of fitscale.flow, normalised by the step's global image count so that
 neither the rank count nor the micro-batch split changes a step.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from fitscale.parallel import (
     build_mesh,
     init_distributed,
 )
+from fitscale.train.loglines import configure_console, log_event
 from fitscale.train.metrics import Throughput
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
 
@@ -61,6 +63,7 @@ class Trainer:
         """`loader` replaces `build_loader(config.data, ...)`: any Stateful iterable of StepBatch."""
         self.config = config
         self.env = env or init_distributed(config.train.device)
+        configure_console(self.env.rank)
         self.run_dir = Path(config.train.run_dir)
         self.lock = RunLock(self.run_dir)
         self._acquire_lock()
@@ -73,6 +76,7 @@ class Trainer:
         self.ema = self._build_ema()
         self.loader = loader if loader is not None else self._build_loader()
         self.validation = self._build_validation()
+        self.samples = self._build_samples()
         self.checkpoints = self._build_checkpoint_manager()
         self.metrics = None  # built in train(), once the start step is known
         self.history: list[dict[str, Any]] = []  # every step's metrics, for callers and tests
@@ -228,6 +232,14 @@ class Trainer:
                 f"{self.config.data.val_path} cannot be read: {str(error).splitlines()[0]}"
             ) from error
 
+    def _build_samples(self):
+        """The sample grids of `train.sample_every` (None when it is 0)."""
+        if self.config.train.sample_every <= 0:
+            return None
+        from fitscale.train.previews import PeriodicSamples
+
+        return PeriodicSamples(self.config, self.env.rank, self.env.device)
+
     def _build_checkpoint_manager(self):
         from fitscale.checkpoint import CheckpointManager
 
@@ -279,7 +291,7 @@ class Trainer:
 
             load_deepspeed_state(self.engine, self.run_dir, step)
         self.checkpoints.load(step, self.state())
-        log.info("resumed from step %d", step)
+        log_event("resume", step, checkpoint=self.checkpoints.step_path(step))
         return step
 
     def maybe_save(self, force: bool = False) -> bool:
@@ -445,8 +457,12 @@ class Trainer:
             self.throughput = Throughput(self.env.world_size, self.env.device, self.config.log.peak_flops)
             iterator = iter(self.loader)
             while self.progress.step < cfg.train.steps:
-                stats = self.train_step(next(iterator))
+                waited = time.perf_counter()
+                step_batch = next(iterator)
+                self.throughput.add_data_wait(time.perf_counter() - waited)
+                stats = self.train_step(step_batch)
                 self._log_step(stats, self.maybe_validate())
+                self.maybe_sample()
                 if self.progress.nonfinite_consecutive >= cfg.train.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{self.progress.nonfinite_consecutive} consecutive steps had a non-finite loss or "
@@ -454,9 +470,11 @@ class Trainer:
                         f"checkpoint in {self.run_dir} is untouched; lower optim.lr or check the data"
                     )
                 at_end = self.progress.step >= cfg.train.steps and cfg.checkpoint.save_at_end
-                self.maybe_save(force=at_end)
+                if self.maybe_save(force=at_end):
+                    path = self.checkpoints.step_path(self.progress.step)
+                    self.metrics.event("checkpoint", self.progress.step, path=str(path))
                 if self.checkpoints.exit_requested:
-                    log.info("stopping at step %d on %s", self.progress.step, self.checkpoints.last_signal)
+                    log_event("stop", self.progress.step, signal=self.checkpoints.last_signal)
                     break
             self.checkpoints.wait()
             return self.progress.step
@@ -474,7 +492,19 @@ class Trainer:
         forward = self.engine if self.engine is not None else self.model
         metrics = self.validation.run(forward, self.ema, self.env.device)
         self.throughput.exclude(metrics["val_seconds"])
+        shown = ("val_loss", "val_loss_ema", "val_seconds")
+        log_event("validation", self.progress.step, **{k: metrics[k] for k in shown if k in metrics})
         return metrics
+
+    def maybe_sample(self) -> None:
+        """The sample grid when this step is due (collective; rank 0 writes it), left out of throughput."""
+        if self.samples is None or not self.samples.due(self.progress.step):
+            return
+        path, seconds = self.samples.run(self.model, self.ema, self.progress.step)
+        self.throughput.exclude(seconds)
+        self.metrics.event("samples", self.progress.step, path=str(path) if path else None, seconds=seconds)
+        if path is not None:
+            self.metrics.log_image(self.progress.step, "samples", path)
 
     def _log_step(self, stats: StepStats, validation: dict[str, float] | None = None) -> None:
         """This step's metrics to the JSONL/wandb/progress-bar sinks (rank 0 unless log.all_ranks)."""
@@ -491,6 +521,7 @@ class Trainer:
             "skipped": int(stats.skipped),
             "nonfinite_total": self.progress.nonfinite_total,
             "images": stats.images,
+            "flops": flops,  # this step's training FLOPs, all ranks (fitscale report sums them)
             **timestep_bucket_metrics(stats.bucket_sums, stats.bucket_counts),
             **(validation or {}),
         }

@@ -17,7 +17,6 @@ from fitscale.models import build_model
 from fitscale.sample.fid import compute_fid
 from fitscale.sample.generate import generate_latents, load_sampling_model
 from fitscale.sample.options import SamplingOptions, extrapolation_overrides
-from fitscale.sample.pictures import image_grid
 from fitscale.sample.plan import plan_items
 
 
@@ -366,10 +365,3 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     assert compute_fid(shifted, real, feature_extractor=Extractor()) > 1e-3
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         compute_fid(real, real, inception_weights="/nonexistent/inception.pth")
-
-
-def test_image_grid_centres_pictures_of_any_size():
-    pictures = [np.zeros((4, 6, 3), np.uint8), np.zeros((8, 2, 3), np.uint8), np.zeros((2, 2, 3), np.uint8)]
-    grid = image_grid(pictures, columns=2, pad=1)
-    assert grid.shape == (2 * 9 + 1, 2 * 7 + 1, 3)
-    assert (grid == 0).sum() == sum(p.size for p in pictures)
