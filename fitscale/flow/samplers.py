@@ -12,8 +12,9 @@ x_1 - x_0), so every torchdiffeq method it accepts is offered here by the same n
   is not offered: on the Gaussian flow it diverges, more with more steps (docs/sampling.md).
 
 torchdiffeq is the well-kept implementation, installed with `pip install 'fitscale[sample]'`.
-The adaptive methods control the step size per image (fitscale.flow.per_image), so an image
-does not depend on the batch it shares; the grid methods are elementwise and need no care.
+The methods with an error control (adaptive, and implicit Adams' corrector) are solved per image
+(fitscale.flow.per_image), so an image does not depend on the batch it shares; the grid methods
+are elementwise and need no care.
 
 A velocity function takes (x, t) with x any tensor and t a 0-d float tensor, and returns dx/dt
 with x's shape. Every sampler returns an `OdeResult` with the endpoint and the number of
@@ -31,6 +32,7 @@ import torch
 from fitscale.flow.path import shift_time
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+WRITTEN_OUT = ("euler", "heun")  # ours, elementwise; every other sampler is torchdiffeq's
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_GRID = ("euler", "heun", "midpoint", "rk4", "heun2", "heun3", "implicit_adams")
 SAMPLERS = (*FIXED_GRID, *ADAPTIVE)
@@ -188,6 +190,7 @@ __all__ = [
     "FIXED_GRID",
     "SAMPLERS",
     "TOLERANCE_METHODS",
+    "WRITTEN_OUT",
     "CountedVelocity",
     "OdeResult",
     "dopri5",

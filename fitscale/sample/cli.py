@@ -191,7 +191,7 @@ def sampling_options(args):
     """The `SamplingOptions` of the command's flags (ValueError naming a bad flag; CommandError when
     the sampler needs torchdiffeq and it is not installed)."""
     from fitscale.cli import CommandError
-    from fitscale.flow.samplers import import_torchdiffeq
+    from fitscale.flow.samplers import WRITTEN_OUT, import_torchdiffeq
     from fitscale.sample.options import SamplingOptions
 
     options = SamplingOptions(
@@ -213,7 +213,7 @@ def sampling_options(args):
         token_budget=args.token_budget,
         autocast=args.dtype,
     )
-    if options.mode == "ode" and options.sampler not in ("euler", "heun"):
+    if options.mode == "ode" and options.sampler not in WRITTEN_OUT:
         try:
             import_torchdiffeq()
         except ImportError as error:

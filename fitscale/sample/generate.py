@@ -15,7 +15,7 @@ import torch
 
 from fitscale.flow.guidance import PackedVelocity
 from fitscale.flow.per_image import integrate_per_image
-from fitscale.flow.samplers import integrate
+from fitscale.flow.samplers import TOLERANCE_METHODS, integrate
 from fitscale.flow.sde import sample_sde
 from fitscale.sample.options import SamplingOptions, autocast_dtype
 from fitscale.sample.plan import (
@@ -45,10 +45,11 @@ def integrate_batch(
             options.last_step_size,
             options.time_shift,
         ).x
-    if options.sampler in ("euler", "heun"):  # elementwise: all images in one state
+    if options.sampler not in TOLERANCE_METHODS:  # grid methods are elementwise: all images in one state
         return integrate(velocity, x, options.sampler, options.steps, time_shift=options.time_shift).x
+    # An error norm chooses the steps (or the corrector's iterations): one solve per image.
     states = list(x.split([item.tokens for item in items]))
-    args = (options.sampler, options.steps or 0, options.atol or 0.0, options.rtol or 0.0, options.time_shift)
+    args = (options.sampler, options.steps or 0, options.atol, options.rtol, options.time_shift)
     return torch.cat(integrate_per_image(velocity.images, states, *args).xs)
 
 
