@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import replace
 
@@ -295,28 +293,24 @@ def test_bad_sampler_flags_stop_the_command_before_anything_is_written(weights_f
 
 
 def test_two_ranks_write_the_images_one_rank_writes(weights_file, tmp_path, capsys):
-    """`fitscale sample --nproc 2` (gloo): each rank samples every other image, in batches of its own;
-    a noise stream tied to the rank or the batch would move an image by O(1)."""
+    """`fitscale sample` on 2 gloo ranks (launched as `--nproc 2` launches them): each rank samples
+    every other image, in batches of its own; a noise stream tied to the rank or the batch would
+    move an image by O(1)."""
+    from fitscale.launch.local import launch_local, python_module_command
+
     flags = (
         "--model tiny --set attn_backend=reference --height 32 --width 48 --height 48 --width 32 --num-per-size 2 "
         "--labels 3,7 --cfg 2 --scale-pow 1 --guide-first-3 --mode sde --sde-sampler Heun --steps 2 "
-        "--diffusion-form SBDM --last-step Euler --seed 4 --device cpu"
+        "--diffusion-form Decreasing --last-step Euler --seed 4 --device cpu"
     ).split()
     assert main(["sample", str(weights_file), "--out", str(tmp_path / "one"), *flags]) == 0
     capsys.readouterr()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "fitscale.cli",
-        "sample",
-        str(weights_file),
-        "--out",
-        str(tmp_path / "two"),
-    ]
-    subprocess.run([*command, *flags, "--nproc", "2"], env=env, check=True, capture_output=True, timeout=300)
+    command = python_module_command(
+        "fitscale.cli", "sample", str(weights_file), "--out", str(tmp_path / "two")
+    )
+    assert launch_local([*command, *flags], 2, env={"OMP_NUM_THREADS": "1"}) == 0
     index = json.loads((tmp_path / "two" / "samples.json").read_text())
-    assert index["options"]["sde_sampler"] == "heun" and index["options"]["diffusion_form"] == "sbdm"
+    assert index["options"]["sde_sampler"] == "heun" and index["options"]["diffusion_form"] == "decreasing"
     for image in range(4):
         one = np.load(tmp_path / "one" / "latents" / f"{image:06d}.npy")
         two = np.load(tmp_path / "two" / "latents" / f"{image:06d}.npy")
