@@ -99,7 +99,8 @@ class TrainConfig:
     sample_cfg_scale: float = 4.0
     """Classifier-free guidance scale of the grid (1 = none)."""
     sample_sampler: str = "heun"
-    """ODE solver of the grid: euler, heun or dopri5 (fitscale.flow.samplers)."""
+    """ODE solver of the grid: euler, heun, dopri5 or another of fitscale.flow.samplers.SAMPLERS
+    (`sample_steps` counts the steps of the grid samplers; the adaptive ones pick their own)."""
     sample_steps: int = 20
     """Steps of the grid's euler / heun solver."""
     sample_vae: str | None = None

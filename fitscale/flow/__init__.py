@@ -1,4 +1,6 @@
-"""Rectified flow: the interpolation path, timestep samplers and the packed-batch loss."""
+"""Rectified flow: the interpolation path, timestep samplers and the packed-batch loss; the ODE
+samplers (`samplers`, solved per image by `per_image`), the SDE (`sde`) and guidance (`guidance`)
+are imported from their submodules."""
 
 from fitscale.lazy import lazy_exports
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fitscale.flow.samplers import FIXED_GRID
 from fitscale.sample.generate import generate_latents, load_sampling_model
 from fitscale.sample.options import SamplingOptions
 from fitscale.sample.pictures import (
@@ -178,7 +179,10 @@ def sample_demo_grid(
         for rows, cols in grids:
             for _ in range(per_class):
                 items.append(SampleItem(len(items), label, rows, cols))
-    options = SamplingOptions(sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, token_budget=8192)
+    steps_or_none = steps if sampler in FIXED_GRID else None  # adaptive samplers pick their own steps
+    options = SamplingOptions(
+        sampler=sampler, steps=steps_or_none, cfg_scale=cfg_scale, seed=seed, token_budget=8192
+    )
     latents = generate_latents(model, items, options)
     digits = np.stack([latent_to_digit(latent) for latent in latents])
     predicted = digits_classifier().predict(digits.reshape(len(digits), 64))

@@ -60,13 +60,15 @@ def grid_caption(options, extrapolation: str, step: int | None = None, size_unit
     """The caption under a labelled grid: step, guidance, sampler, extrapolation and the size unit.
 
     `options` is a fitscale.sample.options.SamplingOptions."""
-    solver = (
-        f"{options.sampler} {options.steps} steps"
-        if options.sampler != "dopri5"
-        else f"dopri5 rtol {options.rtol:g}"
-    )
+    if options.mode == "sde":
+        solver = f"SDE {options.sde_sampler} {options.steps} steps {options.diffusion_form}"
+    elif options.steps is None:  # adaptive
+        solver = f"{options.sampler} rtol {options.rtol:g}"
+    else:
+        solver = f"{options.sampler} {options.steps} steps"
+    guidance = f"cfg {options.cfg_scale:g}" + (f" pow {options.scale_pow:g}" if options.scale_pow else "")
     parts = [f"step {step}"] if step is not None else []
-    parts += [f"cfg {options.cfg_scale:g}", solver, f"extrapolation {extrapolation}", f"seed {options.seed}"]
+    parts += [guidance, solver, f"extrapolation {extrapolation}", f"seed {options.seed}"]
     return " | ".join(parts) + f"   (rows: class, columns: {size_unit})"
 
 

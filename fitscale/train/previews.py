@@ -66,6 +66,7 @@ class PeriodicSamples:
     """The grids of one run; every rank builds it and calls `run` at the same (due) steps."""
 
     def __init__(self, config: RunConfig, rank: int = 0, device: torch.device | str = "cpu"):
+        from fitscale.flow.samplers import FIXED_GRID
         from fitscale.sample.options import SamplingOptions
         from fitscale.sample.pictures import extrapolation_name
 
@@ -88,7 +89,7 @@ class PeriodicSamples:
         guided = train.sample_cfg_scale != 1.0
         self.options = SamplingOptions(
             sampler=train.sample_sampler,
-            steps=train.sample_steps,
+            steps=train.sample_steps if train.sample_sampler in FIXED_GRID else None,  # adaptive: own steps
             cfg_scale=train.sample_cfg_scale,
             seed=train.seed,
             token_budget=max(config.data.token_budget, largest * (2 if guided else 1)),

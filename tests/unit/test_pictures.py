@@ -66,3 +66,8 @@ def test_caption_names_step_guidance_sampler_and_extrapolation():
     assert grid_caption(options, extrapolation_name(config), step=400) == (
         "step 400 | cfg 4 | heun 12 steps | extrapolation vision-ntk | seed 3   (rows: class, columns: pixels)"
     )
+    sde = SamplingOptions(mode="sde", steps=40, diffusion_form="SBDM", cfg_scale=1.5, scale_pow=1.0)
+    assert grid_caption(sde, "none").startswith(
+        "cfg 1.5 pow 1 | SDE euler 40 steps sbdm | extrapolation none"
+    )
+    assert "| dopri5 rtol 0.001 |" in grid_caption(SamplingOptions(sampler="dopri5"), "none")
