@@ -92,11 +92,12 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, metric: str = 
     return written
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only); ImportError says which extra installs it."""
     try:
         import matplotlib
     except ImportError as error:
-        raise ImportError("sweep plots need matplotlib: pip install 'fitscale[sweep]'") from error
+        raise ImportError("plots need matplotlib: pip install 'fitscale[sweep]'") from error
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -105,7 +106,7 @@ def _pyplot():
 
 def plot_loss_vs_compute(rows: list[dict[str, Any]], analysis: dict[str, Any], path: Path) -> list[Path]:
     """Every run's loss against compute (log-log), each size's fit, and the frontier fit."""
-    plt = _pyplot()
+    plt = pyplot()
     metric = analysis["metric"]
     usable = _usable(rows, metric)
     figure, axes = plt.subplots(figsize=(7, 5))
@@ -140,7 +141,7 @@ def plot_loss_vs_compute(rows: list[dict[str, Any]], analysis: dict[str, Any], p
 
 def plot_isoflop(rows: list[dict[str, Any]], analysis: dict[str, Any], path: Path) -> list[Path]:
     """Left: loss against size per budget with its parabola; right: N*(C) with its fit."""
-    plt = _pyplot()
+    plt = pyplot()
     metric = analysis["metric"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     optima = analysis["isoflop"]

@@ -157,7 +157,6 @@ def check_before_start(config: RunConfig) -> list[ConfigChange]:
 
 
 def report_changes(changes: list[ConfigChange], step: int, metrics) -> None:
-    """Print each change and write it as a `config_changed` event in `metrics.jsonl` (rank 0's logger)."""
+    """Each change as a `config_changed` event: a line in `metrics.jsonl` and a log line on rank 0."""
     for change in changes:
-        log.warning("resuming at step %d with %s (from step %d on)", step, change, step + 1)
         metrics.event("config_changed", step, field=change.field, old=change.old, new=change.new)

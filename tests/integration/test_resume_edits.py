@@ -66,7 +66,7 @@ def test_edited_lr_steps_and_schedule_take_effect_from_the_first_resumed_step(fi
         (3, "optim.lr", 2e-3, 1e-4),
         (3, "optim.schedule.warmup_steps", 2, 1),
     ]
-    assert "resuming at step 3 with optim.lr 0.002 -> 0.0001 (from step 4 on)" in result.stderr
+    assert "event=config_changed step=3 field=optim.lr old=0.002 new=0.0001" in result.stderr
 
 
 REFUSED = {
