@@ -83,7 +83,7 @@ def test_train_with_one_set_per_field_runs_where_and_as_asked(tmp_path):
     )
     run_dir = tmp_path / "x"
     sets = [f"data.path={data}", f"train.run_dir={run_dir}", "train.steps=2", "checkpoint.interval=0"]
-    sets += ["demo.sample_at_end=false", "data.global_batch_size=8", "log.every=1"]
+    sets += ["hooks.before=[]", "hooks.after=[]", "data.global_batch_size=8", "log.every=1"]
     command = [sys.executable, "-m", "fitscale.cli", "train", RECIPE]
     for item in sets:
         command += ["--set", item]
