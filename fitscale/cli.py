@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command relaunches itself with
     try:
         result = args.func(args)
     # ImportError: an optional dependency that is not installed (its message says which extra to install).

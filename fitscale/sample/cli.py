@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from fitscale.models.extrapolation import INTERPOLATIONS, release_sampling_overrides
@@ -219,7 +218,7 @@ def sampling_options(args):
 def _relaunch(args) -> int:
     from fitscale.launch.local import launch_local, python_module_command
 
-    argv = [a for a in sys.argv[1:]]
+    argv = list(args.argv)
     if "--nproc" in argv:
         index = argv.index("--nproc")
         del argv[index : index + 2]

@@ -22,6 +22,7 @@ COMMANDS = {
     "launch": ["launch", RECIPE, "--dry-run"],
     "info": ["info", "tiny"],
     "sample": ["sample", "runs/x", "--out", "out"],
+    "config show": ["config", "show", RECIPE],
 }
 ITEMS = ["--set", "a.b=1", "--set", "c=2", "d.e=3", "--set", "f=x=y"]
 
@@ -30,6 +31,43 @@ ITEMS = ["--set", "a.b=1", "--set", "c=2", "d.e=3", "--set", "f=x=y"]
 def test_every_set_item_of_every_use_reaches_the_command_in_order(command):
     args = build_parser().parse_args([*COMMANDS[command], *ITEMS, "--set", "a.b=4"])
     assert args.overrides == ["a.b=1", "c=2", "d.e=3", "f=x=y", "a.b=4"]
+
+
+def test_config_show_applies_repeated_and_grouped_sets(capsys):
+    code = main(
+        [
+            "config",
+            "show",
+            RECIPE,
+            "--plain",
+            "--set",
+            "train.steps=7",
+            "--set",
+            "optim.lr=1e-4",
+            "train.seed=5",
+        ]
+    )
+    assert code == 0
+    shown = capsys.readouterr().out
+    assert "  steps: 7\n" in shown and "  lr: 0.0001\n" in shown and "  seed: 5\n" in shown
+
+
+def test_sample_nproc_relaunches_with_the_arguments_it_was_given(monkeypatch, tmp_path):
+    """`main([...])` from Python relaunches with its own arguments, not the interpreter's sys.argv."""
+    import fitscale.launch.local
+
+    launched = {}
+    monkeypatch.setattr(sys, "argv", ["pytest", "-q"])
+    monkeypatch.setattr(
+        fitscale.launch.local,
+        "launch_local",
+        lambda command, nproc: launched.update(command=command, nproc=nproc) or 0,
+    )
+    argv = ["sample", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--height", "64", "--width", "64",
+            "--nproc", "2", "--set", "attn_backend=reference"]  # fmt: skip
+    assert main(argv) == 0
+    assert launched["nproc"] == 2
+    assert launched["command"][-len(argv) + 2 :] == [a for a in argv if a not in ("--nproc", "2")]
 
 
 def test_info_applies_repeated_and_grouped_sets(capsys):
