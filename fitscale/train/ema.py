@@ -49,6 +49,25 @@ def ema_decay(cfg: EMAConfig, step: int) -> float:
     return min(value, cfg.decay)
 
 
+def ema_initial_weight(cfg: EMAConfig, step: int) -> float:
+    """The weight the average after optimizer step `step` still gives the initial weights, in [0, 1].
+
+    The product of the decays of its updates (decay ** update_every each), 0 once an update copied
+    the weights. A warmed-up EMA copies at its first update, so this is 0; a constant decay d after
+    s steps leaves d ** s (0.99 after 24 steps: 0.79), which makes the EMA of short runs score
+    mostly their initialisation.
+    """
+    weight, k = 1.0, cfg.update_every
+    for update_step in range(k, step + 1, k):
+        decay = ema_decay(cfg, update_step)
+        if decay == 0.0:
+            return 0.0
+        if decay == cfg.decay:  # the cap: every later update uses it too (the warmup only grows)
+            return weight * cfg.decay ** (k * ((step - update_step) // k + 1))
+        weight *= decay**k
+    return weight
+
+
 class EMA:
     """Exponential moving average of `model`'s parameters (a `Stateful` for the CheckpointManager).
 

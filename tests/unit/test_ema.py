@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fitscale.config.optim import EMAConfig
-from fitscale.train.ema import EMA, ema_decay
+from fitscale.train.ema import EMA, ema_decay, ema_initial_weight
 
 
 def make_model(dtype=torch.float32) -> nn.Module:
@@ -107,6 +107,27 @@ def test_warmup_ema_saved_and_resumed_equals_the_uninterrupted_one():
     assert resumed.num_updates == uninterrupted.num_updates == 5
     for name, value in uninterrupted.shadow.items():
         assert torch.equal(resumed.shadow[name], value), name
+
+
+def test_weight_left_on_the_initial_weights_matches_an_ema_of_a_unit_step():
+    """Weights 1 at init and 0 after: the EMA's value is exactly the weight it keeps on the init."""
+    for cfg, steps in (
+        (EMAConfig(decay=0.99, warmup="none"), 24),
+        (EMAConfig(decay=0.9, warmup="none", update_every=3), 20),
+        (EMAConfig(decay=0.9, warmup="ratio", update_every=2), 9),
+        (EMAConfig(decay=0.99, warmup="power", start_step=2), 30),
+    ):
+        model = nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+        ema = EMA(model, cfg)
+        with torch.no_grad():
+            model.weight.fill_(0.0)
+        for step in range(1, steps + 1):
+            ema.update(step)
+        assert ema_initial_weight(cfg, steps) == pytest.approx(float(ema.shadow["weight"]), rel=1e-5, abs=1e-9)
+    assert ema_initial_weight(EMAConfig(decay=0.99, warmup="none"), 24) == pytest.approx(0.99**24)
+    assert ema_initial_weight(EMAConfig(decay=0.99), 24) == 0.0
 
 
 def test_warmup_config_errors_name_the_field():
