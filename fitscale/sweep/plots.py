@@ -43,13 +43,16 @@ def compact(value: float) -> str:
 
 
 def readable_log_axis(axis, values: list[float], most: int = 6) -> None:
-    """Log-scale ticks at (at most `most` of) `values`, merging values within 15% of each other,
-    with compact labels and no minor labels, so no two labels overlap."""
+    """Log-scale ticks at (at most `most` of) `values` with compact labels and no minor labels; a
+    value closer to the previous tick than 1/(2 most) of the axis' log range is dropped, so no two
+    labels overlap."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
+    values = sorted(float(v) for v in values if v > 0)
+    gap = max(1.15, (values[-1] / values[0]) ** (1 / (2 * most))) if values else 1.15
     ticks: list[float] = []
-    for value in sorted(float(v) for v in values if v > 0):
-        if not ticks or value > ticks[-1] * 1.15:
+    for value in values:
+        if not ticks or value > ticks[-1] * gap:
             ticks.append(value)
     if len(ticks) > most:
         ticks = [ticks[int(i)] for i in np.linspace(0, len(ticks) - 1, most).round()]

@@ -307,3 +307,25 @@ def test_predict_recovers_a_synthetic_law_within_its_interval_and_fit_checks_the
         main(["sweep", "predict", str(spec), "--preset", "tiny", "--overrides", "depth", "--steps", "5"]) == 2
     )
     assert "--overrides: expects FIELD=VALUE, got 'depth'" in capsys.readouterr().err
+
+
+def test_log_axis_ticks_are_the_values_tried_without_overlapping_labels():
+    """Runs' compute differs from the budget by a step's rounding: one tick per budget, short labels."""
+    from fitscale.sweep.plots import _pyplot, compact, readable_log_axis
+
+    plt = _pyplot()
+    figure, axes = plt.subplots()
+    axes.set_xscale("log")
+    readable_log_axis(axes.xaxis, [5.99e10, 6.04e10, 1.8e11, 1.79e11, 5.4e11, 1.08e12])
+    assert list(axes.xaxis.get_major_locator().tick_values(0, 1)) == [5.99e10, 1.79e11, 5.4e11, 1.08e12]
+    assert [compact(v) for v in (5.99e10, 1.08e12, 171_000, 6.4, 1.0e12)] == [
+        "6e10",
+        "1.1e12",
+        "171K",
+        "6.4",
+        "1e12",
+    ]
+    # Values a few percent apart on an axis spanning decades get one label.
+    readable_log_axis(axes.yaxis, [6.64, 171_000, 208_000])
+    assert list(axes.yaxis.get_major_locator().tick_values(0, 1)) == [6.64, 171_000]
+    plt.close(figure)
