@@ -28,7 +28,8 @@ def no_interval_note(points: int, parameters: int, what: str) -> str | None:
         return None
     return (
         f"no interval: {points} points for the {parameters} parameters of {what}, so the fit passes "
-        "through every point and its residuals say nothing about the noise; add runs"
+        "through every point (as near as its bounds allow) and its residuals say nothing about the noise; "
+        "add runs"
     )
 
 
