@@ -125,7 +125,9 @@ def test_weight_left_on_the_initial_weights_matches_an_ema_of_a_unit_step():
             model.weight.fill_(0.0)
         for step in range(1, steps + 1):
             ema.update(step)
-        assert ema_initial_weight(cfg, steps) == pytest.approx(float(ema.shadow["weight"]), rel=1e-5, abs=1e-9)
+        assert ema_initial_weight(cfg, steps) == pytest.approx(
+            float(ema.shadow["weight"]), rel=1e-5, abs=1e-9
+        )
     assert ema_initial_weight(EMAConfig(decay=0.99, warmup="none"), 24) == pytest.approx(0.99**24)
     assert ema_initial_weight(EMAConfig(decay=0.99), 24) == 0.0
 
