@@ -15,12 +15,14 @@ import sys
 # Modules that contribute subcommands, in the order they appear in `fitscale --help`.
 COMMAND_MODULES = (
     "fitscale.models.cli",  # info
+    "fitscale.config.cli",  # config show|fields
     "fitscale.data.cli",  # data synth|digits|from-images|from-fit-latents|stats
     "fitscale.train.cli",  # train
     "fitscale.checkpoint.cli",  # convert
     "fitscale.launch.cli",  # launch
     "fitscale.sweep.cli",  # sweep
     "fitscale.sample.cli",  # sample
+    "fitscale.report.cli",  # report, status
 )
 
 

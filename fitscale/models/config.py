@@ -10,8 +10,30 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-ROPE_METHODS = ("none", "linear", "ntk", "ntk_by_parts", "yarn")
+ROPE_METHODS = ("none", "linear", "ntk", "ntk_by_parts", "yarn", "ntk_pro1", "ntk_pro2")
+# The release's `custom_freqs` values (whlzy/FiT fit/model/rope.py), accepted as spellings of ours.
+RELEASE_ROPE_METHODS = {
+    "normal": "none",
+    "linear": "linear",
+    "ntk-aware": "ntk",
+    "ntk-by-parts": "ntk_by_parts",
+    "yarn": "yarn",
+    "ntk-aware-pro1": "ntk_pro1",
+    "ntk-aware-pro2": "ntk_pro2",
+}
 ATTENTION_BACKENDS = ("auto", "flash", "varlen", "flex", "grouped", "reference", "padded")
+
+
+def canonical_rope_method(name: str) -> str:
+    """Our name of a RoPE method given ours or the release's `custom_freqs` (any case), or a ValueError."""
+    lowered = str(name).lower()
+    canonical = RELEASE_ROPE_METHODS.get(lowered, lowered)
+    if canonical not in ROPE_METHODS:
+        release = ", ".join(n for n in RELEASE_ROPE_METHODS if n not in ROPE_METHODS)
+        raise ValueError(
+            f"model.rope_method={name!r} is not one of {', '.join(ROPE_METHODS)} (or the release's {release})"
+        )
+    return canonical
 
 
 @dataclass(frozen=True)
@@ -31,12 +53,15 @@ class ModelConfig:
     norm_eps: float = 1e-6  # eps of every LayerNorm (blocks, QK-norm, final layer)
     # RoPE: 2-D, half the head dims for rows and half for columns.
     rope_theta: float = 10000.0
-    rope_method: str = "none"  # none | linear | ntk | ntk_by_parts | yarn (training-free extrapolation)
-    rope_decoupled: bool = False  # scale rows and columns separately (the paper's "Vision" variants)
+    # rope_method: training-free extrapolation, one of ROPE_METHODS or the release's custom_freqs name
+    # (normal, ntk-aware, ntk-by-parts, ntk-aware-pro1, ntk-aware-pro2), stored as ours.
+    rope_method: str = "none"
+    rope_decoupled: bool = False  # scale rows and columns separately (release `decouple`; paper "Vision")
     rope_attn_scale: bool = False  # multiply cos/sin by sqrt(log(2hw)/log(L0^2)) when 2hw > L0^2
-    rope_per_image: bool = False  # frequencies from each image's own grid (else from rope_target_grid)
-    rope_base_grid: int = 16  # L0: grid edge of the training resolution (16 for 256-token models)
-    rope_target_grid: tuple[int, int] | None = None  # (rows, cols) for fixed frequencies; None = no scaling
+    rope_per_image: bool = False  # frequencies from each image's own grid (release `online_rope`)
+    rope_base_grid: int = 16  # L0 (release `ori_max_pe_len`): training grid edge, 16 for 256 tokens
+    # (rows, cols) of fixed frequencies (release `max_pe_len_h/w`); None: the L0 x L0 grid (no scaling)
+    rope_target_grid: tuple[int, int] | None = None
     attn_backend: str = "auto"  # auto, flash, varlen, flex, grouped, reference, padded (release)
 
     def __post_init__(self) -> None:
@@ -72,16 +97,31 @@ class ModelConfig:
             )
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
-        if self.rope_method not in ROPE_METHODS:
-            raise ValueError(
-                f"model.rope_method={self.rope_method!r} is not one of {', '.join(ROPE_METHODS)}"
-            )
+        object.__setattr__(self, "rope_method", canonical_rope_method(self.rope_method))
         if self.attn_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"model.attn_backend={self.attn_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
             )
-        if self.rope_method in ("ntk", "ntk_by_parts", "yarn") and self.head_dim // 2 <= 2:
+        if self.rope_method not in ("none", "linear") and self.head_dim // 2 <= 2:
             raise ValueError(f"model.rope_method={self.rope_method!r} needs a head dim above 4")
+        if self.rope_method not in ("none", "linear") and self.rope_theta <= 1:
+            raise ValueError(
+                f"model.rope_theta={self.rope_theta} must exceed 1 for model.rope_method={self.rope_method!r}"
+            )
+        if self.rope_attn_scale and self.rope_method in ("ntk_pro1", "ntk_pro2"):
+            raise ValueError(
+                f"model.rope_method={self.rope_method!r} already multiplies cos/sin by its own factor: "
+                "set model.rope_attn_scale=false"
+            )
+        if self.rope_base_grid == 1 and (
+            self.rope_attn_scale or self.rope_method in ("ntk_pro1", "ntk_pro2")
+        ):
+            scaled = (
+                "model.rope_attn_scale" if self.rope_attn_scale else f"model.rope_method={self.rope_method!r}"
+            )
+            raise ValueError(
+                f"{scaled} divides by ln(L0) and model.rope_base_grid=1 makes it 0: use a base grid of 2 or more"
+            )
         if self.rope_target_grid is not None:
             grid = tuple(self.rope_target_grid)
             if len(grid) != 2 or min(grid) <= 0:
@@ -144,4 +184,12 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-__all__ = ["ModelConfig", "PRESETS", "build_config", "preset_names"]
+__all__ = [
+    "ModelConfig",
+    "PRESETS",
+    "RELEASE_ROPE_METHODS",
+    "ROPE_METHODS",
+    "build_config",
+    "canonical_rope_method",
+    "preset_names",
+]

@@ -62,7 +62,7 @@ def _fid(spec: SweepSpec, model: torch.nn.Module, folder: Path) -> float:
     items = plan_items([(height, width)], int(fid.get("num_images", 1000)), model.config.num_classes)
     options = SamplingOptions(
         sampler=fid.get("sampler", "euler"),
-        steps=int(fid.get("steps", 50)),
+        steps=int(fid["steps"]) if "steps" in fid else None,
         cfg_scale=float(fid.get("cfg", 1.0)),
     )
     out = folder / "fid_samples"

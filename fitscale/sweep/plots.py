@@ -16,18 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fitscale.sweep.report import _compute, _has
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError("sweep plots need matplotlib: pip install 'fitscale[sweep]'") from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from fitscale.sweep.report import _compute, _has, pyplot
 
 
 def compact(value: float) -> str:
@@ -72,7 +61,7 @@ def _title(axes, analysis: dict[str, Any], what: str) -> None:
 
 
 def plot_loss_vs_compute(rows: list[dict[str, Any]], analysis: dict[str, Any], path: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     metric = analysis["metric"]
     fitted = set(analysis["fitted_runs"])
     scored = [r for r in rows if _has(r, metric)]
@@ -157,7 +146,7 @@ def _span(rows: list[dict[str, Any]]) -> np.ndarray:
 
 
 def plot_isoflop(rows: list[dict[str, Any]], analysis: dict[str, Any], path: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     metric = analysis["metric"]
     fitted = set(analysis["fitted_runs"])
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))

@@ -284,3 +284,15 @@ def write_report(
     if analysis["isoflop"]:
         written += plot_isoflop(rows, analysis, out_dir / "isoflop.png")
     return written
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only); ImportError says which extra installs it."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("plots need matplotlib: pip install 'fitscale[sweep]'") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

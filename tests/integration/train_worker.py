@@ -96,9 +96,21 @@ class SeededSteps:
 
 
 class KillingTrainer(Trainer):
-    """Rank 0 SIGKILLs itself right after step `die_at` (its checkpoint, if due, is written)."""
+    """Rank 0 SIGKILLs itself right after step `die_at` (its checkpoint, if due, is written);
+    rank `signal_rank` alone sends itself `signal_name` as the validation of step `signal_at` starts."""
 
     die_at: int | None = None
+    signal_at: int | None = None
+    signal_rank: int = 0
+    signal_name: str = "SIGTERM"
+
+    def maybe_validate(self):
+        if self.progress.step == self.signal_at and self.env.rank == self.signal_rank:
+            assert self.validation is not None and self.validation.due(self.progress.step), (
+                "no validation here"
+            )
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+        return super().maybe_validate()
 
     def maybe_save(self, force: bool = False) -> bool:
         saved = super().maybe_save(force)
@@ -119,6 +131,9 @@ def main() -> None:
     parser.add_argument("--history", default="history.json")
     parser.add_argument("--nan-steps", default="", help="comma-separated 0-based steps with a NaN image")
     parser.add_argument("--pad-to", type=int, default=None, help="pad every micro-batch to this many tokens")
+    parser.add_argument("--signal-at", type=int, default=None, help="step whose validation gets the signal")
+    parser.add_argument("--signal-rank", type=int, default=0, help="the one rank that is signalled")
+    parser.add_argument("--send-signal", default="SIGTERM", help="the signal's name")
     args = parser.parse_args()
     overrides = [
         f"train.run_dir={args.run_dir}",
@@ -144,6 +159,8 @@ def main() -> None:
         pad_to=args.pad_to,
     )
     KillingTrainer.die_at = args.die_at
+    KillingTrainer.signal_at, KillingTrainer.signal_rank = args.signal_at, args.signal_rank
+    KillingTrainer.signal_name = args.send_signal
     trainer = KillingTrainer(config, loader=loader)
     trainer.train()
     if rank == 0:

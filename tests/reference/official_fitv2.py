@@ -20,26 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROPE_METHODS = ("none", "linear", "ntk", "ntk_by_parts", "yarn")
-YARN_BETA_FAST = 32.0
-YARN_BETA_SLOW = 1.0
-
-
-@dataclass(frozen=True)
-class RopeSpec:
-    """How the 2-D RoPE frequencies are chosen (the release's extrapolation options)."""
-
-    method: str = "none"  # one of ROPE_METHODS
-    decoupled: bool = False  # per-axis scale (Vision* variants) instead of max(rows, cols) for both
-    attn_scale: bool = False  # multiply cos and sin by sqrt(log(2*rows*cols) / log(L0*L0))
-    per_image: bool = False  # frequencies from each image's own grid instead of `target_grid`
-    target_grid: tuple[int, int] | None = None  # (rows, cols) for all images; None: L0 x L0
-    base_grid: int = 16  # L0: the grid edge the model was trained at
-    theta: float = 10000.0
-
-    def __post_init__(self) -> None:
-        if self.method not in ROPE_METHODS:
-            raise ValueError(f"RoPE method {self.method!r} is not one of {ROPE_METHODS}")
+from .release_rope import RopeSpec, image_cos_sin, rotate_pairs
 
 
 @dataclass(frozen=True)
@@ -67,7 +48,7 @@ class ReferenceConfig:
         return int(2 * (4 * self.hidden_size) / 3)
 
 
-HR_ROPE = RopeSpec(method="ntk", decoupled=True, per_image=True, base_grid=16)
+HR_ROPE = RopeSpec(custom_freqs="ntk-aware", decouple=True, online_rope=True, ori_max_pe_len=16)
 PRESETS = {
     "fitv2-b": ReferenceConfig(depth=15, hidden_size=768, num_heads=12, lora_rank=192),
     "fitv2-xl": ReferenceConfig(depth=36, hidden_size=1152, num_heads=16, lora_rank=288),
@@ -80,68 +61,6 @@ PRESETS = {
 def reference_config(name: str, **overrides) -> ReferenceConfig:
     """A preset with fields replaced, e.g. `reference_config("fitv2-xl", depth=2)`."""
     return replace(PRESETS[name], **overrides)
-
-
-# ----------------------------------------------------------------------------- RoPE
-
-
-def axis_frequencies(spec: RopeSpec, axis_dim: int, length: int) -> tuple[torch.Tensor, float]:
-    """The a/2 angular frequencies of one axis (float64) and that axis's YaRN magnitude factor."""
-    a = axis_dim
-    k = torch.arange(a // 2, dtype=torch.float64)
-    base = spec.theta ** (-2.0 * k / a)
-    s = max(1.0, length / spec.base_grid)
-    if spec.method == "none":
-        return base, 1.0
-    if spec.method == "linear":
-        return base / s, 1.0
-    if spec.method == "ntk":
-        theta = spec.theta * s ** (a / (a - 2))
-        return theta ** (-2.0 * k / a), 1.0
-
-    # NTK-by-parts and YaRN: interpolate the low frequencies, keep the high ones, ramp between.
-    def correction_dim(rotations: float) -> float:
-        return a * math.log(spec.base_grid / (2 * math.pi * rotations)) / (2 * math.log(spec.theta))
-
-    low = max(math.floor(correction_dim(YARN_BETA_FAST)), 0)
-    high = min(math.ceil(correction_dim(YARN_BETA_SLOW)), a - 1)
-    if low == high:
-        high += 0.001
-    ramp = ((k - low) / (high - low)).clamp(0, 1)
-    keep = 1 - ramp
-    freqs = (base / s) * (1 - keep) + base * keep
-    mscale = 0.1 * math.log(s) + 1.0 if spec.method == "yarn" and s > 1 else 1.0
-    return freqs, mscale
-
-
-def image_cos_sin(
-    spec: RopeSpec, head_dim: int, grid: torch.Tensor, size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (N, head_dim) for one padded image; `grid` is the release's (2, N) column, row."""
-    a = head_dim // 2
-    if spec.per_image:
-        rows, cols = size
-    else:
-        rows, cols = spec.target_grid or (spec.base_grid, spec.base_grid)
-    row_len, col_len = (rows, cols) if spec.decoupled else (max(rows, cols), max(rows, cols))
-    row_freqs, row_mscale = axis_frequencies(spec, a, row_len)
-    col_freqs, col_mscale = axis_frequencies(spec, a, col_len)
-    attn = 1.0
-    if spec.attn_scale and 2 * rows * cols > spec.base_grid**2:
-        attn = math.sqrt(math.log(2 * rows * cols) / math.log(spec.base_grid**2))
-    col_pos = grid[0].to(torch.float64)
-    row_pos = grid[1].to(torch.float64)
-    row_angles = row_pos[:, None] * row_freqs.repeat_interleave(2)[None, :]  # (N, a)
-    col_angles = col_pos[:, None] * col_freqs.repeat_interleave(2)[None, :]  # (N, a)
-    angles = torch.cat([row_angles, col_angles], dim=1)  # (N, d)
-    magnitude = torch.cat([torch.full((a,), row_mscale), torch.full((a,), col_mscale)]) * attn
-    return angles.cos() * magnitude, angles.sin() * magnitude
-
-
-def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1) -> (-x1, x0) on each adjacent pair of the last dim."""
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
 
 
 # ----------------------------------------------------------------------------- modules

@@ -14,24 +14,42 @@ from fitscale.data.batch import PackedBatch, pack_images
 from .official_fitv2 import (
     OfficialFiTv2,
     ReferenceConfig,
-    RopeSpec,
     pad_images,
     random_official_state_dict,
     unpad,
 )
+from .release_rope import RopeSpec
+
+# fitscale's rope_method -> the release's custom_freqs (fit/model/rope.py), stated here on its own.
+RELEASE_NAMES = {
+    "none": "normal",
+    "linear": "linear",
+    "ntk": "ntk-aware",
+    "ntk_by_parts": "ntk-by-parts",
+    "yarn": "yarn",
+    "ntk_pro1": "ntk-aware-pro1",
+    "ntk_pro2": "ntk-aware-pro2",
+}
+
+
+def release_rope_of(config) -> RopeSpec:
+    """The release's RoPE arguments for a fitscale ModelConfig (no target grid: the L0 x L0 grid)."""
+    rows, cols = config.rope_target_grid or (config.rope_base_grid, config.rope_base_grid)
+    return RopeSpec(
+        custom_freqs=RELEASE_NAMES[config.rope_method],
+        decouple=config.rope_decoupled,
+        online_rope=config.rope_per_image,
+        max_pe_len_h=rows,
+        max_pe_len_w=cols,
+        ori_max_pe_len=config.rope_base_grid,
+        theta=config.rope_theta,
+        attn_scale=config.rope_attn_scale,
+    )
 
 
 def reference_config_of(config) -> ReferenceConfig:
     """The reference's description of a fitscale ModelConfig."""
-    rope = RopeSpec(
-        method=config.rope_method,
-        decoupled=config.rope_decoupled,
-        attn_scale=config.rope_attn_scale,
-        per_image=config.rope_per_image,
-        target_grid=config.rope_target_grid,
-        base_grid=config.rope_base_grid,
-        theta=config.rope_theta,
-    )
+    rope = release_rope_of(config)
     return ReferenceConfig(
         depth=config.depth,
         hidden_size=config.hidden_size,

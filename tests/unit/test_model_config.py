@@ -54,7 +54,22 @@ def test_high_res_presets_use_per_image_decoupled_ntk():
         ({"hidden_size": 72, "num_heads": 12}, "head dim hidden_size/num_heads = 6 must be a multiple of 4"),
         (
             {"rope_method": "ntk2"},
-            "model.rope_method='ntk2' is not one of none, linear, ntk, ntk_by_parts, yarn",
+            "model.rope_method='ntk2' is not one of none, linear, ntk, ntk_by_parts, yarn, ntk_pro1, ntk_pro2 "
+            "(or the release's normal, ntk-aware, ntk-by-parts, ntk-aware-pro1, ntk-aware-pro2)",
+        ),
+        (
+            {"rope_method": "ntk-aware-pro2", "rope_attn_scale": True},
+            "model.rope_method='ntk_pro2' already multiplies cos/sin by its own factor: "
+            "set model.rope_attn_scale=false",
+        ),
+        (
+            {"rope_method": "ntk_pro1", "rope_base_grid": 1},
+            "model.rope_method='ntk_pro1' divides by ln(L0) and model.rope_base_grid=1 makes it 0: "
+            "use a base grid of 2 or more",
+        ),
+        (
+            {"rope_method": "yarn", "rope_theta": 1.0},
+            "model.rope_theta=1.0 must exceed 1 for model.rope_method='yarn'",
         ),
         (
             {"attn_backend": "xformers"},

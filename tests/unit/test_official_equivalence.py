@@ -51,18 +51,35 @@ def test_fitv2_xl_full_depth_matches_release():
     assert_equivalent("fitv2-xl", [(16, 16), (5, 31)], 256, seed=1)
 
 
-# Every method x coupled/decoupled x attention scale; per-image vs fixed frequencies alternate so that
-# each of them meets both values of the other two switches (a pairwise design: 20 cases, not 40).
-ROPE_CASES = [
-    dict(
+# Every method (release custom_freqs name) x coupled/decoupled x fixed/per-image frequencies, on a small
+# model with L0 = 6 and images at, below and above L0, wide, tall and one token wide; the attention scale
+# on top of the methods that take it; and the two ramp methods at L0 = 16, where their ramps differ.
+SMALL = dict(hidden_size=64, num_heads=2, adaln_lora_rank=16, depth=2, num_classes=10)
+GRIDS_L0_6 = [(6, 6), (4, 3), (3, 9), (10, 4), (1, 8), (8, 8)]
+GRIDS_L0_16 = [(16, 16), (12, 20), (1, 24), (20, 9)]
+METHODS = ("normal", "linear", "ntk-aware", "ntk-by-parts", "yarn", "ntk-aware-pro1", "ntk-aware-pro2")
+
+
+def rope_case(method: str, decoupled: bool, per_image: bool, attn_scale: bool = False, base: int = 6) -> dict:
+    target = (8, 12) if not decoupled else (5, 12)  # above L0 on both axes / rows below, columns above
+    return dict(
         rope_method=method,
         rope_decoupled=decoupled,
         rope_attn_scale=attn_scale,
-        **(dict(rope_per_image=True) if decoupled != attn_scale else dict(rope_target_grid=(24, 40))),
+        rope_base_grid=base,
+        **(
+            dict(rope_per_image=True)
+            if per_image
+            else dict(rope_target_grid=target if base == 6 else (24, 40))
+        ),
     )
-    for method, decoupled, attn_scale in itertools.product(
-        ("none", "linear", "ntk", "ntk_by_parts", "yarn"), (False, True), (False, True)
-    )
+
+
+ROPE_CASES = [
+    *(rope_case(*case) for case in itertools.product(METHODS, (False, True), (False, True))),
+    *(rope_case(m, m in ("linear", "yarn"), m != "linear", True) for m in METHODS[:5]),
+    rope_case("ntk-by-parts", False, False, base=16),
+    rope_case("yarn", True, True, base=16),
 ]
 
 
@@ -71,14 +88,16 @@ def rope_case_id(rope: dict) -> str:
         [
             rope["rope_method"],
             "decoupled" if rope["rope_decoupled"] else "coupled",
-            "attn-scale" if rope["rope_attn_scale"] else "no-scale",
             "per-image" if rope.get("rope_per_image") else "fixed",
+            *(["attn-scale"] if rope["rope_attn_scale"] else []),
+            f"L0={rope['rope_base_grid']}",
         ]
     )
 
 
 @pytest.mark.parametrize("rope", ROPE_CASES, ids=rope_case_id)
 def test_every_rope_method_matches_release(rope):
-    small = dict(hidden_size=96, num_heads=2, adaln_lora_rank=16, depth=2, num_classes=10)
-    grids = [(16, 16), (12, 20), (5, 31), (20, 30), (9, 40)]  # under, at and over L0 on each axis
-    assert_equivalent("tiny", grids, 640, **small, **rope)
+    if rope["rope_base_grid"] == 6:
+        assert_equivalent("tiny", GRIDS_L0_6, 80, **SMALL, **rope)
+    else:
+        assert_equivalent("tiny", GRIDS_L0_16, 256, **SMALL, **rope)

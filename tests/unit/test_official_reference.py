@@ -15,16 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of 
 from reference.official_fitv2 import (  # noqa: E402
     OfficialFiTv2,
     ReferenceConfig,
-    RopeSpec,
-    axis_frequencies,
-    image_cos_sin,
     official_shapes,
     pad_images,
     random_official_state_dict,
     reference_config,
-    rotate_pairs,
     unpad,
 )
+from reference.release_rope import RopeSpec, get_1d_rope_freqs, image_cos_sin, magnitude, rotate_pairs  # noqa: E402
 
 KEY_TABLE = Path(__file__).resolve().parents[1] / "reference" / "fitv2-xl-official-keys.tsv"
 SMALL = ReferenceConfig(depth=2, hidden_size=96, num_heads=2, lora_rank=16, num_classes=10)
@@ -55,34 +52,57 @@ def test_random_weights_have_no_zero_entry():
 
 
 def test_frequency_formulas():
-    a = 36
-    base, _ = axis_frequencies(RopeSpec(), a, 64)
+    a, L0, length = 36, 16, 64  # s = 4
+
+    def freqs(method: str) -> torch.Tensor:
+        return torch.tensor(get_1d_rope_freqs(method, 10000.0, a, length, L0), dtype=torch.float64)
+
+    base = freqs("normal")
     assert torch.allclose(base, 10000.0 ** (-2 * torch.arange(18, dtype=torch.float64) / a))
-    linear, _ = axis_frequencies(RopeSpec(method="linear"), a, 64)  # s = 4
-    assert torch.allclose(linear, base / 4)
-    ntk, _ = axis_frequencies(RopeSpec(method="ntk"), a, 64)
+    assert torch.allclose(freqs("linear"), base / 4)
+    ntk = freqs("ntk-aware")
     assert ntk[0] == base[0]  # the highest frequency is untouched ...
     assert torch.allclose(ntk[-1], base[-1] / 4)  # ... the lowest is interpolated by exactly s
-    parts, parts_mscale = axis_frequencies(RopeSpec(method="ntk_by_parts"), a, 64)
-    yarn, yarn_mscale = axis_frequencies(RopeSpec(method="yarn"), a, 64)
-    # For a = 36, L0 = 16: low = 0, high = 2, so k = 0 keeps, k = 1 is half-way, k >= 2 interpolates.
-    assert torch.allclose(parts, torch.cat([base[:1], (base[1:2] / 4 + base[1:2]) / 2, base[2:] / 4]))
-    assert torch.equal(parts, yarn)
-    assert parts_mscale == 1.0 and yarn_mscale == pytest.approx(0.1 * math.log(4) + 1)
-    unscaled, mscale = axis_frequencies(RopeSpec(method="yarn"), a, 10)  # s = max(1, 10/16) = 1
-    assert torch.allclose(unscaled, base) and mscale == 1.0
+    assert torch.equal(freqs("ntk-aware-pro1"), ntk) and torch.equal(freqs("ntk-aware-pro2"), ntk)
+    # a = 36, L0 = 16: the NTK/linear ramp runs over k = 1..3 and the original/blend ramp over k = 0..1,
+    # so k = 0 keeps, k = 1 is NTK, k = 2 half NTK half linear, k >= 3 linear.
+    parts = freqs("ntk-by-parts")
+    expected = torch.cat([base[:1], ntk[1:2], (ntk[2:3] + base[2:3] / 4) / 2, base[3:] / 4])
+    assert torch.allclose(parts, expected, rtol=1e-12)
+    # YaRN's ramp runs over k = 0..2: k = 0 keeps, k = 1 is half-way, k >= 2 interpolates.
+    yarn = freqs("yarn")
+    assert torch.allclose(yarn, torch.cat([base[:1], (base[1:2] / 4 + base[1:2]) / 2, base[2:] / 4]))
+    unscaled = torch.tensor(get_1d_rope_freqs("yarn", 10000.0, a, 10, L0), dtype=torch.float64)
+    assert torch.allclose(unscaled, base)  # s = max(1, 10/16) = 1
+
+
+def test_magnitudes():
+    def factor(method: str, grid: tuple[int, int], decouple: bool = False) -> float:
+        return magnitude(RopeSpec(custom_freqs=method, decouple=decouple), *grid)
+
+    assert (
+        factor("yarn", (24, 64))
+        == factor("yarn", (24, 64), decouple=True)
+        == pytest.approx(0.1 * math.log(4) + 1)
+    )
+    assert factor("yarn", (10, 16)) == 1.0
+    assert factor("ntk-aware-pro1", (12, 20)) == pytest.approx(math.sqrt(math.log(40) / math.log(16)))
+    assert factor("ntk-aware-pro1", (8, 3)) == 1.0  # 2 * 8 = L0
+    assert factor("ntk-aware-pro2", (12, 20)) == pytest.approx(math.sqrt(math.log(480) / math.log(256)))
+    assert factor("ntk-aware-pro2", (8, 16)) == 1.0  # 2 * 8 * 16 = L0^2
+    assert factor("ntk-aware", (64, 64)) == factor("ntk-by-parts", (64, 64)) == 1.0
 
 
 @pytest.mark.parametrize("grid, factor", [((32, 32), 11 / 8), ((8, 8), 1.0), ((16, 16), 9 / 8)])
 def test_attention_scale_multiplies_cos_and_sin(grid, factor):
-    spec = RopeSpec(attn_scale=True, per_image=True)
+    spec = RopeSpec(attn_scale=True, online_rope=True)
     _, positions, _, size = pad_images([torch.zeros(grid[0] * grid[1], 16)], [grid], 1024)
     cos, sin = image_cos_sin(spec, 64, positions[0], tuple(size[0].tolist()))
     assert torch.allclose(cos**2 + sin**2, torch.full_like(cos, factor))
 
 
 def test_rope_logits_depend_on_relative_position_only():
-    spec = RopeSpec(per_image=True)
+    spec = RopeSpec(online_rope=True)
     _, positions, _, size = pad_images([torch.zeros(400, 16)], [(20, 20)], 400)
     cos, sin = image_cos_sin(spec, 32, positions[0], (20, 20))
     q, k = torch.randn(2, 32, dtype=torch.float64)
@@ -100,7 +120,7 @@ def test_rope_logits_depend_on_relative_position_only():
 def test_rope_rows_come_first_and_grid_is_column_then_row():
     _, positions, _, _ = pad_images([torch.zeros(6, 16)], [(2, 3)], 8)
     assert positions[0, :, :6].tolist() == [[0, 1, 2, 0, 1, 2], [0, 0, 0, 1, 1, 1]]
-    cos, sin = image_cos_sin(RopeSpec(per_image=True), 8, positions[0], (2, 3))
+    cos, sin = image_cos_sin(RopeSpec(online_rope=True), 8, positions[0], (2, 3))
     token = 5  # row 1, column 2
     assert torch.allclose(cos[token, :2], torch.cos(torch.tensor(1.0, dtype=torch.float64)).expand(2))
     assert torch.allclose(sin[token, 4:6], torch.sin(torch.tensor(2.0, dtype=torch.float64)).expand(2))
@@ -115,7 +135,7 @@ def _small_model(rope: RopeSpec | None = None) -> OfficialFiTv2:
 
 
 def test_padded_output_ignores_the_limit_and_the_other_images():
-    model = _small_model(RopeSpec(method="yarn", decoupled=True, attn_scale=True, per_image=True))
+    model = _small_model(RopeSpec(custom_freqs="yarn", decouple=True, attn_scale=True, online_rope=True))
     grids = [(12, 20), (5, 31), (8, 8)]
     images = [torch.randn(r * c, 16) for r, c in grids]
     t, y = torch.tensor([0.3, 0.6, 0.9]), torch.tensor([1, 2, 10])

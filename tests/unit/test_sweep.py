@@ -311,9 +311,10 @@ def test_predict_recovers_a_synthetic_law_within_its_interval_and_fit_checks_the
 
 def test_log_axis_ticks_are_the_values_tried_without_overlapping_labels():
     """Runs' compute differs from the budget by a step's rounding: one tick per budget, short labels."""
-    from fitscale.sweep.plots import _pyplot, compact, readable_log_axis
+    from fitscale.sweep.plots import compact, readable_log_axis
+    from fitscale.sweep.report import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots()
     axes.set_xscale("log")
     readable_log_axis(axes.xaxis, [5.99e10, 6.04e10, 1.8e11, 1.79e11, 5.4e11, 1.08e12])
