@@ -307,12 +307,13 @@ def labelled_panels(study: dict, variants: list[Variant], sizes, num_classes: in
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
         cell_h, cell_w = (grid.height - 2 * scale) / num_classes, (grid.width - 2 * scale) / len(sizes)
         left, top = 24, 40
-        panel = Image.new("RGB", (grid.width + left, grid.height + top), "white")
-        panel.paste(grid, (left, top))
-        draw = ImageDraw.Draw(panel)
         inside, beyond = summary_columns(study["rates"][variant.label], base_grid)
         paper = f" ({variant.paper_name})" if variant.paper_name else ""
         title = f"{variant.label}{paper}: {percent(inside)}% within L0, {percent(beyond)}% beyond"
+        width = max(grid.width + left, int(ImageDraw.Draw(grid).textlength(title)) + 8)
+        panel = Image.new("RGB", (width, grid.height + top), "white")
+        panel.paste(grid, (left, top))
+        draw = ImageDraw.Draw(panel)
         draw.text((4, 2), title, fill="black")
         for column, (rows, cols) in enumerate(sizes):
             mark = "*" if max(rows, cols) > base_grid else ""
