@@ -286,6 +286,41 @@ def check_comparable(other: dict, variants: list[Variant], sizes, path: str) -> 
         )
 
 
+def summary_table(studies: list[dict], paths: list[str]) -> str:
+    """Means of each variant's cells within L0, beyond on square and on other grids, and beyond
+    altogether, per seed and over seeds ("s0 / s1 (**mean**)"), for studies of equal variants."""
+    first = studies[0]
+    for study, path in zip(studies[1:], paths[1:]):
+        if set(study["rates"]) != set(first["rates"]) or any(
+            set(study["rates"][v]) != set(row) for v, row in first["rates"].items()
+        ):
+            raise StudyError(f"--summarize {path}: other methods or sizes than {paths[0]}")
+    base_grid = first["settings"]["base_grid"]
+    sizes = list(next(iter(first["rates"].values())))
+    beyond = [s for s in sizes if is_beyond(s, base_grid)]
+    groups = {
+        "within L0": [s for s in sizes if not is_beyond(s, base_grid)],
+        "beyond, square": [s for s in beyond if s.split("x")[0] == s.split("x")[1]],
+        "beyond, other": [s for s in beyond if s.split("x")[0] != s.split("x")[1]],
+        "beyond L0": beyond,
+    }
+    seeds = " / ".join(f"seed {study['settings']['seed']}" for study in studies)
+    lines = [
+        f"| variant ({seeds} (**mean**)) | " + " | ".join(groups) + " |",
+        "|" + "---|" * (len(groups) + 1),
+    ]
+    for variant in first["rates"]:
+        cells = []
+        for columns in groups.values():
+            means = [
+                float(np.mean([study["rates"][variant][s] for s in columns])) if columns else float("nan")
+                for study in studies
+            ]
+            cells.append(" / ".join(percent(m) for m in means) + f" (**{percent(float(np.mean(means)))}**)")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def spread_report(rates: dict, other: dict, base_grid: int) -> tuple[str, float]:
     """Per-cell absolute difference (percentage points) between two seeds' rates, and its mean."""
     diff = {v: {s: abs(rates[v][s] - other[v][s]) for s in rates[v]} for v in rates}
@@ -335,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--run", required=True, help="training run folder (its newest checkpoint, EMA weights)"
+        "--run", help="training run folder (its newest checkpoint, EMA weights); required unless --summarize"
     )
-    parser.add_argument("--out", required=True, help="folder for the table, json and PNGs")
+    parser.add_argument("--out", help="folder for the table, json and PNGs; required unless --summarize")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of every image")
     parser.add_argument("--methods", default=",".join(METHODS), help="release method names, comma-separated")
     parser.add_argument(
@@ -357,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", default=None, help="another seed's recognition json: report the spread")
     parser.add_argument("--no-grids", action="store_true", help="write no PNGs")
     parser.add_argument("--overwrite", action="store_true", help="replace this seed's files in --out")
+    parser.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="JSON",
+        help="print the means within and beyond L0 of several seeds' recognition json (samples nothing)",
+    )
     return parser
 
 
@@ -364,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        if args.summarize:
+            print(
+                summary_table([json.loads(Path(path).read_text()) for path in args.summarize], args.summarize)
+            )
+            return 0
+        if args.run is None or args.out is None:
+            raise StudyError("--run and --out are required (or --summarize JSON... to summarise seeds)")
         args.sizes = parse_sizes(args.sizes)
         methods = parse_methods(args.methods)
         if args.per_class < 1:

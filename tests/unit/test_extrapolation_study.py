@@ -80,6 +80,23 @@ def test_table_of_every_variant_and_size_and_the_spread_between_seeds(run_dir, t
     assert second["spread_mean"] == pytest.approx(np.mean(differences))
     assert f"mean {100 * np.mean(differences):.1f}" in (out / "recognition-seed1.md").read_text()
 
+    capsys.readouterr()
+    jsons = [str(out / f"recognition-seed{seed}.json") for seed in (0, 1)]
+    assert extrapolation_study.main(["--summarize", *jsons]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "| variant (seed 0 / seed 1 (**mean**)) | within L0 | beyond, square | beyond, other | beyond L0 |"
+    )
+    inside, beyond = (first["rates"]["yarn"][s] for s in ("2x2", "4x2"))
+    inside_1, beyond_1 = (second["rates"]["yarn"][s] for s in ("2x2", "4x2"))
+    assert (
+        lines[4]
+        == (
+            f"| yarn | {100 * inside:.0f} / {100 * inside_1:.0f} (**{50 * (inside + inside_1):.0f}**) | - / - (**-**) | "
+            + f"{100 * beyond:.0f} / {100 * beyond_1:.0f} (**{50 * (beyond + beyond_1):.0f}**) | " * 2
+        ).rstrip()
+    )
+
 
 def test_cells_with_equal_float32_tables_sample_equal_images(run_dir):
     """The study samples such cells once: plain RoPE and NTK-aware (s = 1, computed through exp/log)
