@@ -15,17 +15,42 @@ import sys
 # Modules that contribute subcommands, in the order they appear in `fitscale --help`.
 COMMAND_MODULES = (
     "fitscale.models.cli",  # info
+    "fitscale.config.cli",  # config show|fields
     "fitscale.data.cli",  # data synth|digits|from-images|from-fit-latents|stats
     "fitscale.train.cli",  # train
     "fitscale.checkpoint.cli",  # convert
     "fitscale.launch.cli",  # launch
     "fitscale.sweep.cli",  # sweep
     "fitscale.sample.cli",  # sample
+    "fitscale.report.cli",  # report, status
 )
 
 
 class CommandError(Exception):
     """An error with a one-line, user-facing reason; printed without a traceback (FITSCALE_DEBUG=1 shows it)."""
+
+
+def add_set_option(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """`--set KEY=VALUE ...`, the one definition every command uses; the items go to `args.overrides`.
+
+    `--set a=1 --set b=2` and `--set a=1 b=2` are the same: every item of every `--set`, in command-line
+    order (a later item for the same key wins). Items are split by `fitscale.config.split_override`
+    (the value is everything after the first `=`), which names an item that is not KEY=VALUE.
+    """
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override {what}, e.g. --set {example}; takes several items and may be repeated",
+    )
+
+
+def set_option_args(overrides: list[str]) -> list[str]:
+    """`overrides` as command-line arguments for a child command: `--set` and the items, or nothing."""
+    return ["--set", *overrides] if overrides else []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command relaunches itself with
     try:
         result = args.func(args)
-    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as error:
+    # ImportError: an optional dependency that is not installed (its message says which extra to install).
+    except (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         if os.environ.get("FITSCALE_DEBUG"):
             raise
         print(f"fitscale {args.command}: error: {error}", file=sys.stderr)

@@ -42,6 +42,7 @@ from fitscale.data.batch import grid_positions, padding_lengths  # noqa: E402
 from fitscale.models import build_model  # noqa: E402
 from fitscale.models.attention import flash_attn_available, torch_varlen_available  # noqa: E402
 from fitscale.models.flops import training_flops  # noqa: E402
+from fitscale.models.inputs import check_packed_batch  # noqa: E402
 
 # Dense bf16 peak FLOP/s by device-name fragment (the MFU denominator).
 PEAK_BF16 = {
@@ -271,6 +272,8 @@ def run_mode(mode: str, args, step_grids, device, dtype, after_warmup=None) -> d
         "real_tflops_per_s": flops / elapsed / 1e12,
         "loss": float(loss),
     }
+    result["input_check_ms"] = input_check_ms(config, used, padded)
+    result["input_check_share"] = result["input_check_ms"] / result["step_ms"]
     peak = peak_flops(device, args.peak_tflops)
     if peak:
         result["mfu"] = flops / elapsed / peak
@@ -279,6 +282,26 @@ def run_mode(mode: str, args, step_grids, device, dtype, after_warmup=None) -> d
     del model
     gc.collect()
     return result
+
+
+def input_check_ms(config, steps: list[dict], padded: bool, repeats: int = 20) -> float:
+    """Median time of the packed-batch checks FiT.forward runs on a step's inputs (included in step_ms).
+
+    Values are read only for host tensors (no device sync), so on CUDA this times the metadata checks.
+    """
+    times = []
+    for _ in range(repeats):
+        for inputs in steps:
+            x, t = inputs["x1"], torch.rand(inputs["num_segments"], device=inputs["x1"].device)
+            start = time.perf_counter()
+            check_packed_batch(
+                x, t, inputs["labels"], inputs["pos"], inputs["cu_seqlens"], inputs["max_seqlen"], inputs["sizes"],
+                token_dim=config.token_dim,
+                num_classes=config.num_classes,
+                padded=padded,
+            )  # fmt: skip
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def sync(device) -> None:
@@ -427,7 +450,7 @@ def print_table(report: dict) -> None:
     )
     print(
         f"{'mode':24} {'step ms':>9} {'img/s':>9} {'real tok/s':>12} {'MFU':>6} {'mem GiB':>8} {'x padded':>9}"
-        f" {'(median)':>9}"
+        f" {'(median)':>9} {'checks':>7}"
     )
     for r in report["results"]:
         if "error" in r:
@@ -437,6 +460,7 @@ def print_table(report: dict) -> None:
             f"{r['mode']:24} {r['step_ms']:9.1f} {r['images_per_s']:9.1f} {r['real_tokens_per_s']:12.0f} "
             f"{r.get('mfu', float('nan')):6.1%} {r.get('peak_memory_gib', float('nan')):8.1f} "
             f"{r.get('speedup_vs_padded', float('nan')):9.2f} {r.get('speedup_vs_padded_median', float('nan')):9.2f}"
+            f" {r['input_check_share']:7.2%}"
         )
 
 

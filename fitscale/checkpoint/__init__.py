@@ -1,20 +1,16 @@
 """Sharded checkpoints with torch.distributed.checkpoint: atomic publish, retention, resume, export."""
 
-from fitscale.checkpoint.manager import CheckpointManager, CheckpointMismatchError
-from fitscale.checkpoint.stateful import (
-    ModelState,
-    OptimizerState,
-    PerRankState,
-    RNGState,
-    clean_parameter_name,
-)
+from fitscale.lazy import lazy_exports
 
-__all__ = [
-    "CheckpointManager",
-    "CheckpointMismatchError",
-    "ModelState",
-    "OptimizerState",
-    "PerRankState",
-    "RNGState",
-    "clean_parameter_name",
-]
+# Imported on first use, so that importing the package does not import torch.
+_EXPORTS = {
+    "CheckpointManager": "manager",
+    "CheckpointMismatchError": "manager",
+    "ModelState": "stateful",
+    "OptimizerState": "stateful",
+    "PerRankState": "stateful",
+    "RNGState": "stateful",
+    "clean_parameter_name": "stateful",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from fitscale.checkpoint import layout
 from fitscale.checkpoint.stateful import PerRankState
 from fitscale.config.checkpoint import CheckpointConfig
+from fitscale.parallel.agree import rank0_decides
 
 logger = logging.getLogger(__name__)
 
@@ -103,25 +104,7 @@ class CheckpointManager:
 
     def resume_step(self, resume: str = "auto") -> int | None:
         """The step to resume from under `train.resume`: `auto`, `never` or a step number."""
-        steps = self.complete_steps()
-        if resume == "auto":
-            return steps[-1] if steps else None
-        if resume == "never":
-            if steps:
-                raise FileExistsError(
-                    f"{self.folder} already holds checkpoints (steps {steps}); with train.resume=never pick a "
-                    "new train.run_dir, or set train.resume=auto to continue this run"
-                )
-            return None
-        if not str(resume).isdigit():
-            raise ValueError(f"train.resume={resume!r} is not `auto`, `never` or a step number")
-        step = int(resume)
-        if step not in steps:
-            raise FileNotFoundError(
-                f"train.resume={step}: {self.step_path(step)} is not a complete checkpoint; complete steps in "
-                f"{self.folder}: {steps or 'none'}"
-            )
-        return step
+        return layout.resume_step(self.complete_steps(), resume, self.folder)
 
     def maybe_resume(self, state: dict[str, Any], resume: str = "auto") -> int | None:
         """Load the checkpoint that `resume` names, if any; returns its step."""
@@ -269,12 +252,7 @@ class CheckpointManager:
         """
         self.wait()
         path = self.step_path(step_or_path) if isinstance(step_or_path, int) else Path(step_or_path)
-        if not self._from_rank0(lambda: layout.is_complete(path)):
-            raise FileNotFoundError(
-                f"{path} is not a complete checkpoint; complete steps in {self.folder}: "
-                f"{layout.complete_steps(self.folder) or 'none'}"
-            )
-        metadata = layout.read_metadata(path)
+        metadata = self._from_rank0(lambda: self._read_complete(path))
         saved_world = int(metadata["world_size"])
         dcp_state, per_rank = self._state_for_loading(state, path, metadata)
         try:
@@ -292,6 +270,15 @@ class CheckpointManager:
             value.restore(saved, self.rank, self.world_size, saved_world)
         logger.info("loaded checkpoint %s", path)
         return int(metadata["step"])
+
+    def _read_complete(self, path: Path) -> dict[str, Any]:
+        """The metadata of the complete checkpoint `path` (read by rank 0 only)."""
+        if not layout.is_complete(path):
+            raise FileNotFoundError(
+                f"{path} is not a complete checkpoint; complete steps in {self.folder}: "
+                f"{layout.complete_steps(self.folder) or 'none'}"
+            )
+        return layout.read_metadata(path)
 
     def _state_for_loading(
         self, state: dict[str, Any], path: Path, metadata: dict[str, Any]
@@ -359,9 +346,6 @@ class CheckpointManager:
             dist.barrier(group=self._group)
 
     def _from_rank0(self, compute):
-        """Rank 0 looks at the file system and tells everyone, so ranks never disagree on what exists."""
-        if not self.distributed:
-            return compute()
-        box = [compute() if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self._group, 0), group=self._group)
-        return box[0]
+        """Rank 0 looks at the file system and tells everyone (its errors too), so ranks never
+        disagree on what exists (fitscale.parallel.agree)."""
+        return rank0_decides(compute, self._group)

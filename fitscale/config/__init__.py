@@ -25,7 +25,7 @@ from fitscale.config.optim import OptimConfig
 from fitscale.config.parallel import ParallelConfig
 from fitscale.config.train import FlowConfig, TrainConfig
 
-SECTIONS = ("model", "data", "train", "optim", "parallel", "checkpoint", "log", "launch", "demo")
+SECTIONS = ("model", "data", "train", "optim", "parallel", "checkpoint", "log", "launch", "hooks")
 
 
 @dataclass
@@ -39,29 +39,26 @@ class ModelSection:
 
 
 @dataclass
-class DemoSection:
-    """What `fitscale train` does around the run for the CPU demo (recipes/demo.yaml)."""
+class HooksSection:
+    """Steps `fitscale train` runs around the training processes, in the process that starts them:
+    importable `module:function` names, each called with the RunConfig (recipes/demo.yaml uses the
+    CPU demo's, fitscale.sample.demo)."""
 
-    prepare_digits: bool = False
-    """Write the digits dataset into `data.path` first when no dataset is there."""
-    digits_min_side: int = 4
-    """Smallest grid side of the digits, in tokens (`fitscale data digits --min-side`)."""
-    digits_max_side: int = 16
-    """Largest grid side of the digits, in tokens: small digits train many more steps per minute."""
-    sample_at_end: bool = False
-    """After training, draw a grid of digits from the final checkpoint and report how many a classifier
-    recognises (`fitscale.sample.demo.sample_demo_grid`)."""
-    sample_cfg_scale: float = 4.0
-    """Classifier-free guidance scale of the closing samples."""
+    before: list[str] = field(default_factory=list)
+    """Called in order before the ranks start, e.g. to write a dataset."""
+    after: list[str] = field(default_factory=list)
+    """Called in order once every rank finished, e.g. to draw samples from the final checkpoint."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Settings of the hooks, checked by the hooks themselves (fitscale.sample.demo.DemoOptions)."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.digits_min_side <= self.digits_max_side <= 16:
-            raise ConfigError(
-                f"demo.digits_min_side={self.digits_min_side}, demo.digits_max_side={self.digits_max_side}: "
-                "need 1 <= digits_min_side <= digits_max_side <= 16"
-            )
-        if self.sample_cfg_scale < 0:
-            raise ConfigError(f"demo.sample_cfg_scale={self.sample_cfg_scale}: must be >= 0")
+        for where in ("before", "after"):
+            for name in getattr(self, where):
+                module, _, function = str(name).partition(":")
+                if not (module and function.isidentifier()):
+                    raise ConfigError(
+                        f"hooks.{where}: {name!r} is not module:function, e.g. fitscale.sample.demo:prepare_digits"
+                    )
 
 
 @dataclass
@@ -76,7 +73,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
-    demo: DemoSection = field(default_factory=DemoSection)
+    hooks: HooksSection = field(default_factory=HooksSection)
 
     def model_config(self):
         """The validated ModelConfig of this run."""
@@ -110,6 +107,12 @@ class RunConfig:
                 "or parallel.compile=false"
             )
         model = self.model_config()
+        wrong = [label for label in self.train.sample_labels if not 0 <= label < self.data.num_classes]
+        if wrong:
+            raise ConfigError(
+                f"train.sample_labels: {wrong} outside [0, {self.data.num_classes}) (data.num_classes); "
+                "list class indices of the dataset"
+            )
         if self.data.num_classes != model.num_classes:
             raise ConfigError(
                 f"data.num_classes={self.data.num_classes} but the model has num_classes={model.num_classes}; "
@@ -138,8 +141,19 @@ _YAML11_WORDS = {"on", "off", "yes", "no", "y", "n"}
 
 
 def _keep_yaml11_words(item: str) -> str:
-    key, value = item.split("=", 1)
+    key, value = split_override(item)
     return f"{key}='{value}'" if value.strip().lower() in _YAML11_WORDS else item
+
+
+def split_override(item: str, form: str = "section.field=value, e.g. train.steps=100") -> tuple[str, str]:
+    """`"key=value"` -> `("key", "value")`: split at the first `=`, so a value may contain `=`.
+
+    Raises ConfigError naming the item when it has no `=` or no key; `form` says what it should look like.
+    """
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like {form}")
+    return key.strip(), value
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -157,9 +171,6 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
             layers.append(OmegaConf.load(path))
         except Exception as error:  # yaml.YAMLError and friends
             raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {error}") from error
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.steps=100")
     if overrides:
         try:
             layers.append(OmegaConf.from_dotlist([_keep_yaml11_words(item) for item in overrides]))
@@ -199,12 +210,13 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 __all__ = [
     "ConfigError",
-    "DemoSection",
+    "HooksSection",
     "FlowConfig",
     "ModelSection",
     "ParallelConfig",
     "RunConfig",
     "TrainConfig",
     "load_config",
+    "split_override",
     "to_yaml",
 ]

@@ -15,8 +15,11 @@ WORKER_METHODS = ("process", "thread")
 
 @dataclass
 class DataConfig:
+    """Where the latents live and how they become packed steps (fitscale.data.loader)."""
+
     # A dataset written by `fitscale data ...` (MDS shards + samples.npy + fitscale.json). Without
-    # `remote` this is the dataset itself; with `remote` it is the local cache the shards go to.
+    # `remote` this is the dataset itself; with `remote` it is the local cache the shards go to:
+    # one live run per cache folder on a machine (fitscale/data/cache.py).
     path: str | None = None
     # Remote URI of the dataset (s3://, gs://, oci://, hf://, or another local folder); shards are
     # downloaded into `path` on first use, so one copy per node serves every rank of that node.
@@ -68,6 +71,9 @@ class DataConfig:
     download_timeout: float = 120.0
     # Most bytes of shards kept in the local cache of a remote dataset (e.g. "200gb"); None keeps all.
     cache_limit: str | None = None
+    # Check each shard against the xxh64 recorded in index.json when a reader first maps it (one
+    # hash pass per shard and reading process; fitscale/data/integrity.py, docs/benchmarks.md).
+    verify_shards: bool = True
 
     def __post_init__(self) -> None:
         if self.path is None and self.remote is None:

@@ -22,6 +22,10 @@ class LogConfig:
     """Every rank writes its own `metrics.rank<r>.jsonl` (for debugging imbalance); wandb stays on rank 0."""
     progress_bar: str = "auto"
     """tqdm bar with ETA on rank 0: `auto` (only on a terminal), `on` or `off`."""
+    console: str = "auto"
+    """One `key=value` log line on stderr every `every` steps (step, loss, grad norm, lr, images/s,
+    tokens/s, MFU, peak memory, data wait, ETA) and one per event (checkpoint, resume, validation,
+    skipped step, samples): `auto` (when no progress bar is shown, e.g. under SLURM), `on` or `off`."""
     wandb: str = "offline"
     """`offline` (files under the run folder, sync later with `wandb sync`), `online` or `disabled`."""
     wandb_project: str = "fitscale"
@@ -44,6 +48,8 @@ class LogConfig:
             raise ConfigError(
                 f"log.progress_bar: {self.progress_bar!r} is not one of {', '.join(PROGRESS_BAR_MODES)}"
             )
+        if self.console not in PROGRESS_BAR_MODES:
+            raise ConfigError(f"log.console: {self.console!r} is not one of {', '.join(PROGRESS_BAR_MODES)}")
         if self.wandb not in WANDB_MODES:
             raise ConfigError(f"log.wandb: {self.wandb!r} is not one of {', '.join(WANDB_MODES)}")
         if self.peak_flops < 0:

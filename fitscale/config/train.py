@@ -87,6 +87,25 @@ class TrainConfig:
     from class folders is stored class by class, so a prefix covers the first classes only."""
     val_seed: int = 0
     """Seed of the validation noise, independent of `seed`: runs with different seeds share it."""
+    sample_every: int = 0
+    """Draw a grid of samples every this many steps and at the last step, from fixed noise with the EMA
+    weights (the raw weights without an EMA), to `<run_dir>/samples/step-N.png` and wandb; 0 turns it
+    off. Training is unchanged by it, bit for bit (fitscale.train.previews)."""
+    sample_labels: list[int] = field(default_factory=list)
+    """Classes of the grid's rows; empty takes up to 10 classes spread evenly over the label range."""
+    sample_grids: list[str] = field(default_factory=list)
+    """Sizes of the grid's columns as `ROWSxCOLS` in tokens, e.g. [16x16, 8x16, 20x20]; empty takes the
+    largest trained square, a wide and a tall half, and one square 1.25x beyond the training grid."""
+    sample_cfg_scale: float = 4.0
+    """Classifier-free guidance scale of the grid (1 = none)."""
+    sample_sampler: str = "heun"
+    """ODE solver of the grid: euler, heun, dopri5 or another of fitscale.flow.samplers.SAMPLERS
+    (`sample_steps` counts the steps of the grid samplers; the adaptive ones pick their own)."""
+    sample_steps: int = 20
+    """Steps of the grid's euler / heun solver."""
+    sample_vae: str | None = None
+    """Local AutoencoderKL folder to decode the grid with (rank 0); None shows a latent channel in grey
+    (the dataset's `preview_channel`, else 0)."""
     flow: FlowConfig = field(default_factory=FlowConfig)
 
     def __post_init__(self) -> None:
@@ -108,5 +127,30 @@ class TrainConfig:
             raise ConfigError(
                 f"train.val_max_images: must be >= 1 (or null for the whole split), got {self.val_max_images}"
             )
+        if self.sample_every < 0:
+            raise ConfigError(f"train.sample_every: must be >= 0 (0 turns it off), got {self.sample_every}")
+        for grid in self.sample_grids:
+            parse_grid(grid)
+        if self.sample_cfg_scale < 0:
+            raise ConfigError(
+                f"train.sample_cfg_scale: must be >= 0 (1 = no guidance), got {self.sample_cfg_scale}"
+            )
+        if self.sample_steps < 1:
+            raise ConfigError(f"train.sample_steps: must be >= 1, got {self.sample_steps}")
+        if self.sample_every > 0:
+            from fitscale.flow.samplers import SAMPLERS
+
+            if self.sample_sampler not in SAMPLERS:
+                raise ConfigError(
+                    f"train.sample_sampler: {self.sample_sampler!r} is not one of {', '.join(SAMPLERS)}"
+                )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device: {self.device!r} is not `auto`, `cpu` or `cuda`")
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    """`"16x8"` -> (16, 8): a grid of rows x cols tokens (`train.sample_grids`); ConfigError otherwise."""
+    rows, sep, cols = str(text).lower().partition("x")
+    if not (sep and rows.strip().isdigit() and cols.strip().isdigit() and int(rows) > 0 and int(cols) > 0):
+        raise ConfigError(f"train.sample_grids: {text!r} is not ROWSxCOLS in tokens, e.g. 16x16")
+    return int(rows), int(cols)

@@ -1,15 +1,17 @@
 """Latent datasets on MosaicML Streaming, token-budget packing and the resumable loader."""
 
-from fitscale.data.batch import PackedBatch, grid_positions, pack_images, padding_batch
-from fitscale.data.loader import LatentLoader, StepBatch, build_loader, build_validation_loader
+from fitscale.lazy import lazy_exports
 
-__all__ = [
-    "LatentLoader",
-    "PackedBatch",
-    "StepBatch",
-    "build_loader",
-    "build_validation_loader",
-    "grid_positions",
-    "pack_images",
-    "padding_batch",
-]
+# Imported on first use, so that importing the package does not import torch.
+_EXPORTS = {
+    "LatentLoader": "loader",
+    "PackedBatch": "batch",
+    "StepBatch": "loader",
+    "build_loader": "loader",
+    "build_validation_loader": "loader",
+    "grid_positions": "batch",
+    "pack_images": "batch",
+    "padding_batch": "batch",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -100,7 +100,9 @@ def run_digits(args) -> int:
 
 
 def run_from_images(args) -> int:
+    from fitscale.data.format import LATENT_CHANNELS
     from fitscale.data.images import build_from_images, list_image_folder
+    from fitscale.data.vae import LatentNormalisation, check_vae_folder
     from fitscale.data.writer import write_dataset
 
     if args.resolution % 16 or args.resolution < 64:
@@ -109,7 +111,17 @@ def run_from_images(args) -> int:
     if len(classes) > args.num_classes:
         raise ValueError(f"{args.images}: {len(classes)} class folders but --num-classes {args.num_classes}")
     max_tokens = (args.resolution // 16) ** 2
-    settings = _settings(args, "from-images", max_tokens, resolution=args.resolution, vae=str(args.vae))
+    latents = LatentNormalisation.from_config(
+        check_vae_folder(args.vae, LATENT_CHANNELS), f"--vae {args.vae}"
+    )
+    settings = _settings(
+        args,
+        "from-images",
+        max_tokens,
+        resolution=args.resolution,
+        vae=str(args.vae),
+        vae_latents=latents.as_dict(),
+    )
     build = build_from_images(args.vae, args.resolution, args.batch_size, args.dtype, args.device)
     meta = write_dataset(
         args.out,
@@ -119,7 +131,7 @@ def run_from_images(args) -> int:
         overwrite=args.overwrite,
         rank=args.rank,
         world_size=args.world_size,
-        extra_meta={"classes": classes},
+        extra_meta={"classes": classes, "vae": {"path": str(args.vae), **latents.as_dict()}},
         progress=not args.no_progress,
     )
     return _finish(args, meta)

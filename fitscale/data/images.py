@@ -4,8 +4,9 @@ Preprocessing (per image, resolution S): downscale keeping the aspect ratio to a
 pixels of area (never upscale), floor both sides to multiples of 16 (8x VAE downsampling times
 patch size 2), and, when both sides exceed S, also a centre-crop variant (short side resized to
 S, centre S x S). Each variant is encoded with its horizontal flip. The encoder is a diffusers
-`AutoencoderKL` loaded from a local folder; latents are the posterior mean times its
-`scaling_factor`, so a rewrite gives identical data. Images of one part are encoded in batches
+`AutoencoderKL` loaded from a local folder; latents are the posterior mean normalised by its
+`scaling_factor` and `shift_factor` or `latents_mean`/`latents_std` (fitscale/data/vae.py, recorded
+in the dataset's fitscale.json), so a rewrite gives identical data. Images of one part are encoded in batches
 of equal size, on the GPU when one is present.
 """
 

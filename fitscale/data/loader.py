@@ -31,6 +31,7 @@ import torch
 
 from fitscale.config.data import DataConfig
 from fitscale.data.batch import PackedBatch
+from fitscale.data.cache import open_streaming_dataset
 from fitscale.data.format import (
     META_FILE,
     SAMPLES_FILE,
@@ -39,6 +40,7 @@ from fitscale.data.format import (
     read_meta,
     read_sample_table,
 )
+from fitscale.data.integrity import check_side_files
 from fitscale.data.materialize import MaterializeStep, remove_leftovers, shared_prefix
 from fitscale.data.packing import PlannedImage, PlannerState, SampleCatalog, StepPlanner
 from fitscale.data.reader import ShardReader
@@ -84,37 +86,23 @@ def fetch_remote_file(remote: str, local: Path, timeout: float) -> None:
     os.replace(tmp, local)
 
 
-def open_streaming_dataset(path: str, remote: str | None, cfg: DataConfig):
-    """The StreamingDataset that brings shards into `path`: downloads, decompression, eviction."""
-    from streaming import StreamingDataset
-
-    return StreamingDataset(
-        local=path,
-        remote=remote,
-        shuffle=False,
-        download_timeout=cfg.download_timeout,
-        cache_limit=cfg.cache_limit,
-        batch_size=1,
-    )
-
-
-def open_shard_reader(path: Path, cfg: DataConfig) -> ShardReader:
+def open_shard_reader(path: Path, cfg: DataConfig, field: str = "data.path") -> ShardReader:
     """Direct reads of the shards in `path`, which a StreamingDataset fills when it is a cache.
 
     A local dataset of uncompressed shards needs no StreamingDataset at all (importing Streaming
     alone takes seconds); a remote one, or compressed shards not yet unpacked, does.
     """
     if cfg.remote is not None:
-        cache = open_streaming_dataset(str(path), cfg.remote, cfg)
-        return ShardReader(path, read_index(path), cache)
+        cache = open_streaming_dataset(path, cfg.remote, cfg, field)
+        return ShardReader(path, read_index(path), cache, cfg.verify_shards)
     check_local_shards(path)  # names a missing or truncated shard before training starts
     index = read_index(path)
     packed = any(
         shard.get("zip_data") and not (path / shard["raw_data"]["basename"]).exists()
         for shard in index["shards"]
     )
-    cache = open_streaming_dataset(str(path), None, cfg) if packed else None
-    return ShardReader(path, index, cache)
+    cache = open_streaming_dataset(path, None, cfg, field) if packed else None
+    return ShardReader(path, index, cache, cfg.verify_shards)
 
 
 def _plan_source_class():
@@ -179,7 +167,8 @@ class LatentLoader:
             for name in (META_FILE, SAMPLES_FILE):
                 fetch_remote_file(f"{remote}/{name}", path / name, cfg.download_timeout)
         self.meta = read_meta(path)
-        self.reader = open_shard_reader(path, cfg)
+        self.reader = open_shard_reader(path, cfg, "data.val_path" if validation else "data.path")
+        check_side_files(path, self.meta)  # index.json and samples.npy are this dataset's
         table = read_sample_table(path, int(self.reader.starts[-1]))
         self.table = table
         self.catalog = SampleCatalog(
@@ -265,7 +254,7 @@ class LatentLoader:
         self.close()
         self._nodes = self._build_pipeline()
         try:
-            for micro_batches in self._nodes[-1]:
+            for micro_batches in _worker_errors_unwrapped(self._nodes[-1]):
                 plans = self._source.planned.popleft()
                 planned = [len(images) for plan in plans for images in plan.micro_batches]
                 if [mb.num_images for mb in micro_batches] != planned:
@@ -307,6 +296,19 @@ class LatentLoader:
                 )
         self.close()
         self._state = {"epoch": state["epoch"], "cursor": state["cursor"], "waiting": state["waiting"]}
+
+
+def _worker_errors_unwrapped(iterable):
+    """Items of `iterable`; a data error (ValueError) raised in a worker comes back with its own
+    one-line message, not torchdata's "Caught ... Original Traceback ..." wrapping of it."""
+    try:
+        yield from iterable
+    except ValueError as error:
+        text = str(error)
+        marker = f"{type(error).__name__}: "
+        if not text.startswith("Caught ") or marker not in text:
+            raise
+        raise type(error)(text.rsplit(marker, 1)[1].strip()) from error
 
 
 def build_loader(cfg: DataConfig, rank: int, world_size: int) -> LatentLoader:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from fitscale.data.format import INDEX_FILE, TOKEN_DIM
+from fitscale.data.integrity import shard_hash_problem
 
 # MDS ndarray dtype codes (streaming.base.format.mds.encodings.NDArray) of the latent dtypes.
 VALUE_DTYPES = {18: np.dtype("<f2"), 34: np.dtype("<f4"), 66: np.dtype("<f8")}
@@ -131,8 +132,10 @@ class ArrayIndex:
 class ShardReader:
     """Random access to the stored token arrays of a dataset, by global sample index."""
 
-    def __init__(self, folder: str | Path, index: dict[str, Any], cache: Any = None):
-        self.folder, self.cache = Path(folder), cache
+    def __init__(self, folder: str | Path, index: dict[str, Any], cache: Any = None, verify: bool = False):
+        """`verify`: check each shard against its hash in the index when first mapped (ShardReadError)."""
+        self.folder, self.cache, self.verify = Path(folder), cache, verify
+        self.raw_entries = [shard["raw_data"] for shard in index["shards"]]
         where = str(self.folder / INDEX_FILE)
         self.layouts = [ShardLayout.from_index(shard, where) for shard in index["shards"]]
         counts = np.array([layout.num_samples for layout in self.layouts], dtype=np.int64)
@@ -164,6 +167,11 @@ class ShardReader:
         with open(path, "rb") as handle:
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         data = np.frombuffer(mapped, dtype=np.uint8)
+        if self.verify:
+            problem = shard_hash_problem(path, self.raw_entries[shard], mapped)
+            if problem:
+                first, last = int(self.starts[shard]), int(self.starts[shard + 1]) - 1
+                raise ShardReadError(f"{problem} (samples {first}-{last}; data.verify_shards=true)")
         head = 4 * (layout.num_samples + 2)
         if data.size < head or int(data[:4].view("<u4")[0]) != layout.num_samples:
             raise ShardReadError(

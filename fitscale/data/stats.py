@@ -12,7 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fitscale.data.format import TOKEN_DIM, check_local_shards, read_meta, read_sample_table
+from fitscale.data.format import (
+    SAMPLE_COLUMNS,
+    SAMPLES_FILE,
+    TOKEN_DIM,
+    check_local_shards,
+    read_index,
+    read_meta,
+    read_sample_table,
+)
+from fitscale.data.integrity import check_side_files, hash_note, recorded_hash, verify_shards
 from fitscale.data.packing import SampleCatalog, SampleStream, TokenPacker
 
 
@@ -43,7 +52,7 @@ def unpack_compressed_shards(folder: Path) -> None:
     loader's StreamingDataset does on first use (the compressed file is kept)."""
     from streaming.base.compression import decompress
 
-    from fitscale.data.format import atomic_write_bytes, read_index
+    from fitscale.data.format import atomic_write_bytes
 
     for shard in read_index(folder)["shards"]:
         raw = folder / shard["raw_data"]["basename"]
@@ -52,8 +61,8 @@ def unpack_compressed_shards(folder: Path) -> None:
             atomic_write_bytes(raw, decompress(shard["compression"], packed))
 
 
-def verify_samples(folder: Path) -> list[str]:
-    """Decode every sample; a list of problems, each naming shard and sample."""
+def verify_samples(folder: Path, table: np.ndarray) -> list[str]:
+    """Decode every sample and compare it with its row of samples.npy; problems name shard and sample."""
     from streaming.base.local import LocalDataset
 
     unpack_compressed_shards(folder)
@@ -74,6 +83,22 @@ def verify_samples(folder: Path) -> list[str]:
             )
         elif not np.isfinite(tokens).all():
             problems.append(f"{where} ({sample['source']}): NaN or inf latents")
+        else:
+            stored = [
+                *(int(sample[c]) for c in SAMPLE_COLUMNS[:5]),
+                int(tokens.shape[0] > 1),
+                int(sample["source_id"]),
+            ]
+            differ = [
+                f"{name} {int(row)} vs {value}"
+                for name, row, value in zip(SAMPLE_COLUMNS, table[index], stored)
+                if int(row) != value
+            ]
+            if differ:
+                problems.append(
+                    f"{where} ({sample['source']}): {SAMPLES_FILE} disagrees with the shard "
+                    f"({', '.join(differ)}): the table belongs to another dataset or another order"
+                )
     return problems
 
 
@@ -81,6 +106,7 @@ def dataset_stats(folder: str | Path, token_budget: int | None = None, verify: b
     folder = Path(folder)
     meta = read_meta(folder)
     num_samples = check_local_shards(folder)
+    check_side_files(folder, meta)
     table = read_sample_table(folder, num_samples)
     limit = int(meta["max_image_tokens"])
     budget = token_budget or 8 * limit
@@ -118,8 +144,16 @@ def dataset_stats(folder: str | Path, token_budget: int | None = None, verify: b
         "packing_efficiency": efficiency,
         "padded_efficiency": float(lengths.mean() / limit) if lengths.size else 0.0,
     }
+    index = read_index(folder)
+    starts = np.concatenate([[0], np.cumsum([int(shard["samples"]) for shard in index["shards"]])])
+    hash_problems, unhashed = verify_shards(folder, index, starts) if verify else ([], 0)
+    if not verify:
+        unhashed = sum(not recorded_hash(shard["raw_data"]) for shard in index["shards"])
+    note = hash_note(meta, unhashed, len(index["shards"]))
+    if note:
+        stats["note"] = note
     if verify:
-        stats["problems"] = verify_samples(folder)
+        stats["problems"] = hash_problems + verify_samples(folder, table)
     return stats
 
 
@@ -141,6 +175,8 @@ def format_stats(stats: dict) -> str:
         f"({stats['packed_micro_batches']} micro-batches); padding each image to {stats['token_limit']} "
         f"tokens (release): {100 * stats['padded_efficiency']:.2f}%"
     )
+    if "note" in stats:
+        lines.append(f"note: {stats['note']}")
     if "problems" in stats:
         lines.append(f"verify: {len(stats['problems'])} problems")
         lines += [f"  {p}" for p in stats["problems"][:50]]

@@ -1,14 +1,21 @@
 """The VAE between pictures and latents: one place that finds, checks and loads a local
 diffusers `AutoencoderKL`, and that turns its outputs into the latents fitscale trains on and back.
 
-Latents are the VAE's posterior mean times its `scaling_factor` (the release's 0.18215 for
-sd-vae-ft-ema), so `encode_pixels` then `decode_latents` is the VAE's own round trip. A token
-covers `PIXELS_PER_TOKEN` pixels a side: the VAE downsamples by 8 and a patch is 2 x 2 latent pixels.
+Latents are the VAE's posterior mean x, normalised as its config says (`LatentNormalisation`):
+z = (x - mean) * scaling_factor / std, with mean = `shift_factor` (SD3, FLUX) or the per-channel
+`latents_mean` and std = `latents_std` (both as diffusers' pipelines undo them), or just
+x * scaling_factor (the release's sd-vae-ft-ema: 0.18215). `encode_pixels` then `decode_latents`
+is the VAE's own round trip. A dataset written from images records its VAE's factors in
+`fitscale.json` (`vae`), and `fitscale sample --vae` compares them with the VAE it is given.
+A token covers `PIXELS_PER_TOKEN` pixels a side: the VAE downsamples by 8 and a patch is 2 x 2
+latent pixels.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import asdict, dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -49,7 +56,74 @@ def check_vae_folder(path: str | Path, latent_channels: int | None = None) -> di
     blocks = config.get("block_out_channels")
     if blocks is not None and len(blocks) != 4:
         raise ValueError(f"--vae {path}: downsamples by 2^{len(blocks) - 1}, fitscale needs 8")
+    LatentNormalisation.from_config(config, f"--vae {path}")  # refuses factors it cannot apply
     return config
+
+
+@dataclass(frozen=True)
+class LatentNormalisation:
+    """How a VAE's latents are scaled for the diffusion model: z = (x - mean) * scaling_factor / std.
+
+    `shift_factor` (a scalar mean, SD3 / FLUX VAEs) or `latents_mean` and `latents_std` (per
+    channel, as diffusers' SD-XL pipeline reads them), or neither (SD 1.x: scaling only).
+    """
+
+    scaling_factor: float = 1.0
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_config(cls, config: dict, where: str) -> LatentNormalisation:
+        """From an AutoencoderKL config (a dict); ValueError naming `where` for factors that do not fit."""
+        scaling = config.get("scaling_factor", 0.18215)  # diffusers' default
+        shift = config.get("shift_factor")
+        mean, std = config.get("latents_mean"), config.get("latents_std")
+        channels = config.get("latent_channels", 4)
+        if not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
+            raise ValueError(f"{where}: scaling_factor={scaling!r}, expected a positive number")
+        if shift is not None and (mean is not None or std is not None):
+            raise ValueError(
+                f"{where}: sets both shift_factor={shift} and latents_mean/latents_std; "
+                "fitscale applies one or the other, not both (set the unused one to null in config.json)"
+            )
+        if (mean is None) != (std is None):
+            raise ValueError(f"{where}: latents_mean and latents_std must be set together, got only one")
+        for name, values in (("latents_mean", mean), ("latents_std", std)):
+            if values is not None and (not isinstance(values, (list, tuple)) or len(values) != channels):
+                raise ValueError(
+                    f"{where}: {name} must list {channels} values (latent_channels), got {values!r}"
+                )
+        if std is not None and min(std) <= 0:
+            raise ValueError(f"{where}: latents_std must be positive, got {std}")
+        return cls(
+            float(scaling),
+            None if shift is None else float(shift),
+            None if mean is None else tuple(float(v) for v in mean),
+            None if std is None else tuple(float(v) for v in std),
+        )
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def _mean_std(self, latents: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """Broadcastable over (..., C, h, w)."""
+        if self.latents_mean is None:
+            return (self.shift_factor or 0.0), 1.0
+        shape = (-1, 1, 1)
+        mean = torch.tensor(self.latents_mean, dtype=latents.dtype, device=latents.device).view(shape)
+        std = torch.tensor(self.latents_std, dtype=latents.dtype, device=latents.device).view(shape)
+        return mean, std
+
+    def normalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents (..., C, h, w) -> what the model is trained on."""
+        mean, std = self._mean_std(latents)
+        return (latents - mean) * self.scaling_factor / std
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of `normalise`: model latents (..., C, h, w) -> what the VAE decodes."""
+        mean, std = self._mean_std(latents)
+        return latents * std / self.scaling_factor + mean
 
 
 def load_vae(
@@ -73,19 +147,49 @@ def load_vae(
     return vae.to(device).eval()
 
 
+def describe_factors(factors: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in factors.items() if v is not None and k != "path")
+
+
+def check_vae_matches_dataset(vae_path: str | Path, dataset: str | Path) -> None:
+    """The VAE at `vae_path` normalises latents as the one that encoded `dataset` did.
+
+    Checked only where the dataset records its VAE (`fitscale data from-images` writes `vae` in
+    fitscale.json); ValueError naming both VAEs and their factors otherwise.
+    """
+    meta_file = Path(dataset) / "fitscale.json"
+    if not meta_file.is_file():
+        return
+    recorded = json.loads(meta_file.read_text()).get("vae")
+    if not isinstance(recorded, dict):
+        return
+    where = f"--vae {vae_path}"
+    given = LatentNormalisation.from_config(check_vae_folder(vae_path), where).as_dict()
+    trained = {key: recorded.get(key) for key in given}
+    if given != trained:
+        raise ValueError(
+            f"{where} normalises latents with {describe_factors(given)}, but the model was trained on "
+            f"{dataset}, encoded by {recorded.get('path')} with {describe_factors(trained)}; "
+            "decode with that VAE (or one with the same factors)"
+        )
+
+
 @torch.no_grad()
 def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels (N, 3, H, W) in [-1, 1] -> latents (N, C, H/8, W/8): posterior mean x scaling_factor."""
-    return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    """Pixels (N, 3, H, W) in [-1, 1] -> latents (N, C, H/8, W/8): the posterior mean, normalised."""
+    normalisation = LatentNormalisation.from_config(dict(vae.config), "the VAE")
+    return normalisation.normalise(vae.encode(pixels).latent_dist.mean)
 
 
 @torch.no_grad()
 def decode_latents(vae, latents: list[torch.Tensor]) -> list[np.ndarray]:
     """Latents (C, h, w), scaled as in training -> uint8 (8h, 8w, 3) pictures, one by one."""
     device = next(vae.parameters()).device
+    normalisation = LatentNormalisation.from_config(dict(vae.config), "the VAE")
     pictures = []
     for latent in latents:
-        pixels = vae.decode(latent[None].to(device, vae.dtype) / vae.config.scaling_factor).sample[0]
+        raw = normalisation.denormalise(latent[None].to(device, torch.float32)).to(vae.dtype)
+        pixels = vae.decode(raw).sample[0]
         pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         pictures.append(pixels.permute(1, 2, 0).cpu().numpy())
     return pictures

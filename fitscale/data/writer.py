@@ -6,7 +6,9 @@ MDS shards into `parts/part-0000k.tmp/` and renamed to `parts/part-0000k/` when 
 interrupted write loses at most the part in progress and rerunning the same command continues
 from there. Ranks of a split write (`rank`, `world_size`) take every `world_size`-th part; the
 process that finds all parts complete merges them into the dataset's `index.json`,
-`samples.npy` and finally `fitscale.json`, which marks the dataset complete.
+`samples.npy` and finally `fitscale.json`, which marks the dataset complete. Every shard's
+xxh64 is recorded in the index, and those of the index and `samples.npy` in `fitscale.json`
+(checked by fitscale/data/integrity.py).
 
 Per-sample problems are counted skips, logged with the source name in `skipped.jsonl`:
 fewer than `min_image_tokens` tokens (as in the release), more than `max_image_tokens`, a token
@@ -43,6 +45,7 @@ from fitscale.data.format import (
     atomic_save_npy,
     atomic_write_text,
 )
+from fitscale.data.integrity import HASH, side_file_hashes
 
 WRITER_FILE = "writer.json"
 PARTS_DIR = "parts"
@@ -166,7 +169,7 @@ def write_part(
         columns=MDS_COLUMNS,
         compression=settings.compression,
         size_limit=settings.shard_size_limit,
-        hashes=["xxh64"],
+        hashes=[HASH],
         progress_bar=False,
     ) as mds:
         for item in build(inputs, index * settings.part_size):
@@ -243,6 +246,7 @@ def merge_parts(out: Path, num_parts: int, settings: WriteSettings, extra_meta: 
         "skipped": dict(skipped),
         **extra_meta,
     }
+    meta["hashes"] = side_file_hashes(out)  # the shards' hashes are in the index (MDSWriter's)
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=1))
     return meta
 

@@ -1,16 +1,19 @@
-"""Rectified flow: the interpolation path, timestep samplers and the packed-batch loss."""
+"""Rectified flow: the interpolation path, timestep samplers and the packed-batch loss; the ODE
+samplers (`samplers`, solved per image by `per_image`), the SDE (`sde`) and guidance (`guidance`)
+are imported from their submodules."""
 
-from fitscale.flow.loss import FlowLossOutput, flow_loss, per_image_label_dropout, per_image_noise
-from fitscale.flow.path import interpolate, shift_time, velocity_target
-from fitscale.flow.timesteps import sample_timesteps
+from fitscale.lazy import lazy_exports
 
-__all__ = [
-    "FlowLossOutput",
-    "flow_loss",
-    "interpolate",
-    "per_image_label_dropout",
-    "per_image_noise",
-    "sample_timesteps",
-    "shift_time",
-    "velocity_target",
-]
+# Imported on first use, so that importing the package does not import torch.
+_EXPORTS = {
+    "FlowLossOutput": "loss",
+    "flow_loss": "loss",
+    "interpolate": "path",
+    "per_image_label_dropout": "loss",
+    "per_image_noise": "loss",
+    "sample_timesteps": "timesteps",
+    "shift_time": "path",
+    "velocity_target": "path",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -8,23 +8,37 @@ The release guides only the first 3 of the 4 latent channels (a habit inherited 
 the other channels held the learned variance); `guidance_channels=3` reproduces it, and the
 remaining channels keep the conditional velocity. A token's p*p*C values are ordered (channel,
 row-in-patch, col-in-patch), so channel c owns values [c p^2, (c + 1) p^2).
+
+The release's `scale_pow` schedule (its `forward_with_cfg`, after MDT) lowers the scale towards
+the data end: s(t) = 1 + (s - 1) (1 - cos(pi (1 - t)^scale_pow)) / 2, full at t = 0 (noise) and
+1 (no guidance) at t = 1; scale_pow = 0 keeps the constant scale.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 
+def guidance_scale(cfg_scale: float, t: torch.Tensor, scale_pow: float = 0.0) -> torch.Tensor:
+    """The guidance scale at times t (any shape, 0 = noise), release `forward_with_cfg`'s schedule."""
+    if scale_pow == 0.0:
+        return torch.full_like(t, cfg_scale)
+    step = (1 - torch.cos((1 - t.clamp(max=1.0)) ** scale_pow * math.pi)) / 2
+    return (cfg_scale - 1) * step + 1
+
+
 def guide(
     v_cond: torch.Tensor,
     v_uncond: torch.Tensor,
-    scale: float,
+    scale: float | torch.Tensor,
     guidance_channels: int | None = None,
     patch_size: int = 2,
 ) -> torch.Tensor:
-    """Guided velocity (T, p*p*C); `guidance_channels=k` guides channels [0, k) only."""
+    """Guided velocity (T, p*p*C); `scale` a float or per token (T, 1); `guidance_channels=k`
+    guides channels [0, k) only."""
     guided = v_uncond + scale * (v_cond - v_uncond)
     if guidance_channels is None:
         return guided
@@ -48,6 +62,26 @@ class PackedLayout:
     max_seqlen: int
 
     @property
+    def lengths(self) -> torch.Tensor:
+        """(S,) tokens of each image."""
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    def select(self, images: list[int]) -> PackedLayout:
+        """The layout of some of the images, packed in the order given."""
+        starts, lengths = self.cu_seqlens[:-1].tolist(), self.lengths.tolist()
+        chosen = [lengths[i] for i in images]
+        index = torch.tensor(images, dtype=torch.int64, device=self.labels.device)
+        offsets = torch.zeros(len(images) + 1, dtype=self.cu_seqlens.dtype)
+        offsets[1:] = torch.tensor(chosen).cumsum(0)
+        return PackedLayout(
+            labels=self.labels[index],
+            pos=torch.cat([self.pos[starts[i] : starts[i] + lengths[i]] for i in images]),
+            cu_seqlens=offsets.to(self.cu_seqlens.device),
+            sizes=self.sizes[index],
+            max_seqlen=max(chosen),
+        )
+
+    @property
     def num_images(self) -> int:
         return int(self.labels.shape[0])
 
@@ -68,11 +102,14 @@ class PackedLayout:
 
 
 class PackedVelocity:
-    """The model as a velocity function of (x (T, p*p*C), t scalar) for one packed batch.
+    """The model as a velocity function of one packed batch: `v(x (T, p*p*C), t scalar)` for all
+    images at one time, or `v.images(images, xs, ts)` for some of them, each at its own time
+    (fitscale.flow.per_image).
 
     With `cfg_scale` != 1 the conditional and unconditional passes share one forward over the
-    doubled sequence. The model runs in eval mode (no label dropout) under `autocast_dtype` when
-    given; the velocity comes back in x's dtype.
+    doubled sequence; `scale_pow` > 0 applies the release's schedule of the scale over time. The
+    model runs in eval mode (no label dropout) under `autocast_dtype` when given; the velocity
+    comes back in x's dtype.
     """
 
     def __init__(
@@ -82,19 +119,21 @@ class PackedVelocity:
         cfg_scale: float = 1.0,
         guidance_channels: int | None = None,
         autocast_dtype: torch.dtype | None = None,
+        scale_pow: float = 0.0,
     ):
         self.model = model
+        self.layout = layout
         self.cfg_scale = float(cfg_scale)
+        self.scale_pow = float(scale_pow)
         self.guidance_channels = guidance_channels
         self.autocast_dtype = autocast_dtype
         config = model.config
         self.patch_size = config.patch_size
+        self.null_class = config.num_classes
         self.guided = self.cfg_scale != 1.0
-        self.layout = layout.doubled(config.num_classes) if self.guided else layout
-        self.num_images = layout.num_images
+        self._layouts: dict[tuple[int, ...], PackedLayout] = {}
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        layout = self.layout
+    def _forward(self, layout: PackedLayout, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
         enabled = self.autocast_dtype is not None
         with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=enabled):
@@ -109,13 +148,32 @@ class PackedVelocity:
             )
         return out.to(x.dtype)
 
+    def _velocity(self, layout: PackedLayout, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x (T, p*p*C) of `layout`'s images, t (S,) -> guided velocity (T, p*p*C)."""
+        if not self.guided:
+            return self._forward(layout, x, t)
+        tokens = x.shape[0]
+        v = self._forward(layout.doubled(self.null_class), torch.cat([x, x]), torch.cat([t, t]))  # (2T, ..)
+        scale: float | torch.Tensor = self.cfg_scale
+        if self.scale_pow != 0.0:
+            per_image = guidance_scale(self.cfg_scale, t.float(), self.scale_pow)
+            scale = per_image.repeat_interleave(layout.lengths, output_size=tokens)[:, None].to(x.dtype)
+        return guide(v[:tokens], v[tokens:], scale, self.guidance_channels, self.patch_size)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if not self.guided:
-            return self._forward(x, t.expand(self.num_images))
-        tokens = x.shape[0]
-        v = self._forward(torch.cat([x, x]), t.expand(2 * self.num_images))  # (2T, p*p*C)
-        return guide(v[:tokens], v[tokens:], self.cfg_scale, self.guidance_channels, self.patch_size)
+        return self._velocity(self.layout, x, t.expand(self.layout.num_images))
+
+    @torch.no_grad()
+    def images(self, images: list[int], xs: list[torch.Tensor], ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Velocities of some images (their numbers in the layout), each at its own time."""
+        key = tuple(images)
+        if key not in self._layouts:
+            self._layouts[key] = self.layout.select(images)
+        layout = self._layouts[key]
+        t = torch.stack([t.reshape(()) for t in ts])
+        v = self._velocity(layout, torch.cat(xs), t)
+        return list(v.split([x.shape[0] for x in xs]))
 
 
-__all__ = ["PackedLayout", "PackedVelocity", "guide"]
+__all__ = ["PackedLayout", "PackedVelocity", "guidance_scale", "guide"]

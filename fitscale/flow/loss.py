@@ -88,6 +88,21 @@ class FlowLossOutput:
     timesteps: torch.Tensor  # (num_images,) detached timesteps of the real images
 
 
+def check_loss_inputs(batch: PackedBatch, timesteps: torch.Tensor, noise: torch.Tensor) -> None:
+    """Shapes and counts the loss relies on (tensor metadata and host ints only: no device sync)."""
+    segments = batch.num_segments
+    if not 0 <= batch.num_images <= segments:
+        raise ValueError(f"flow loss: num_images={batch.num_images} is not in [0, {segments}] (the segments)")
+    if tuple(timesteps.shape) != (segments,):
+        raise ValueError(
+            f"flow loss: timesteps must have shape ({segments},), one per segment, got {tuple(timesteps.shape)}"
+        )
+    if noise.shape != batch.tokens.shape:
+        raise ValueError(
+            f"flow loss: noise has shape {tuple(noise.shape)}, the tokens {tuple(batch.tokens.shape)}"
+        )
+
+
 def flow_loss(
     model: torch.nn.Module,
     batch: PackedBatch,
@@ -96,7 +111,12 @@ def flow_loss(
     global_num_images: int,
     flow: FlowConfig,
 ) -> FlowLossOutput:
-    """Forward the model on x_t of a packed batch (already on the model's device) and score it."""
+    """Forward the model on x_t of a packed batch (already on the model's device) and score it.
+
+    timesteps (S,) and noise (T, C) as per_image_noise makes them; the model checks the batch
+    itself (fitscale.models.inputs), this checks what only the loss reads. Errors: ValueError.
+    """
+    check_loss_inputs(batch, timesteps, noise)
     tokens = batch.tokens.float()  # (T, C)
     t_tokens = torch.repeat_interleave(
         timesteps,

@@ -133,20 +133,21 @@ def plan_launch(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (),
 
 
 def render_sbatch(plan: LaunchPlan) -> str:
-    from fitscale.launch.slurm import build_executor, sbatch_script
+    """The batch script `submit_plan` would submit; works on a machine without SLURM."""
+    from fitscale.launch.slurm import sbatch_script
 
-    executor = build_executor(
-        rundir.slurm_folder(plan.run_dir), plan.sbatch_params, plan.config.launch.max_timeout_requeues
-    )
-    return sbatch_script(executor)
+    return sbatch_script(rundir.slurm_folder(plan.run_dir), plan.sbatch_params)
 
 
 def submit_plan(plan: LaunchPlan):
     """Submit to SLURM; returns the submitit Job. Refuses a run folder whose previous job may still run."""
-    from fitscale.launch.slurm import build_executor, submit
+    from fitscale.launch.slurm import build_executor, require_slurm, submit
+    from fitscale.train.resume import check_before_start
 
     if plan.problems:
         raise ConfigError("; ".join(plan.problems))
+    require_slurm()
+    check_before_start(plan.config)  # a resume that changes a field that may not change
     active = rundir.active_job(plan.run_dir)
     if active is not None:
         raise ConfigError(

@@ -5,6 +5,7 @@
   config.yaml            the resolved config of the latest start (trainer)
   metrics.jsonl          one line per step, appended across restarts (trainer)
   checkpoints/step-N/    complete checkpoints only; `.step-N.tmp/` while being written (checkpoint manager)
+  samples/step-N.png     sample grids of `train.sample_every` (trainer, fitscale.train.previews)
   .lock                  held by the live run (trainer); a second run on the folder is refused
   launch.jsonl           one record per `fitscale launch`: job id, cluster, resources, command (launcher)
   slurm/                 submitit: <job>_submitted.pkl, <job>_<task>_log.out/.err, <job>_<task>_result.pkl

@@ -1,23 +1,19 @@
 """FiTv2 models: presets, the packed network, RoPE extrapolation, released-checkpoint I/O."""
 
-from fitscale.models.config import PRESETS, ModelConfig, build_config, preset_names
-from fitscale.models.fit import FiT, build_model
-from fitscale.models.official import (
-    export_official_state_dict,
-    load_official_checkpoint,
-    load_official_state_dict,
-    read_checkpoint_file,
-)
+from fitscale.lazy import lazy_exports
 
-__all__ = [
-    "PRESETS",
-    "FiT",
-    "ModelConfig",
-    "build_config",
-    "build_model",
-    "export_official_state_dict",
-    "load_official_checkpoint",
-    "load_official_state_dict",
-    "preset_names",
-    "read_checkpoint_file",
-]
+# Imported on first use, so that importing the package does not import torch.
+_EXPORTS = {
+    "PRESETS": "config",
+    "FiT": "fit",
+    "ModelConfig": "config",
+    "build_config": "config",
+    "build_model": "fit",
+    "export_official_state_dict": "official",
+    "load_official_checkpoint": "official",
+    "load_official_state_dict": "official",
+    "preset_names": "config",
+    "read_checkpoint_file": "official",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

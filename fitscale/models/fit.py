@@ -14,6 +14,7 @@ from torch import nn
 
 from fitscale.models.attention import build_packed_sequence, segment_ids_from_cu_seqlens
 from fitscale.models.config import ModelConfig, build_config
+from fitscale.models.inputs import check_packed_batch
 from fitscale.models.layers import FinalLayer, FiTBlock, LabelEmbedder, PatchEmbed, TimestepEmbedder
 from fitscale.models.rope import rope_cos_sin
 
@@ -39,10 +40,18 @@ class FiT(nn.Module):
         t: torch.Tensor,  # (S,) timesteps in [0, 1], 1 = clean data
         y: torch.Tensor,  # (S,) class labels; num_classes = null class
         pos: torch.Tensor,  # (T, 2) (row, col) in each image's patch grid
-        cu_seqlens: torch.Tensor,  # (S+1,) int32 image boundaries
+        cu_seqlens: torch.Tensor,  # (S+1,) int32 image boundaries, 0 to T
         max_seqlen: int | None = None,  # longest image; computed here (a host sync) when absent
         sizes: torch.Tensor | None = None,  # (S, 2) grid rows/cols; derived from pos when absent
     ) -> torch.Tensor:
+        """(T, p*p*C) velocity of every token; a malformed batch is a ValueError (models/inputs.py)."""
+        config = self.config
+        check_packed_batch(
+            x, t, y, pos, cu_seqlens, max_seqlen, sizes,
+            token_dim=config.token_dim,
+            num_classes=config.num_classes,
+            padded=config.attn_backend == "padded",
+        )  # fmt: skip
         total = x.shape[0]
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

@@ -4,17 +4,17 @@ The order is fixed (torchtitan's): `apply_ac` -> `apply_compile` -> `apply_fsdp`
 built on the meta device; materialise and initialise afterwards.
 """
 
-from fitscale.parallel.ac import apply_ac
-from fitscale.parallel.compile import apply_compile
-from fitscale.parallel.fsdp import apply_fsdp, resolve_dtypes
-from fitscale.parallel.mesh import DistributedEnv, build_mesh, init_distributed
+from fitscale.lazy import lazy_exports
 
-__all__ = [
-    "DistributedEnv",
-    "apply_ac",
-    "apply_compile",
-    "apply_fsdp",
-    "build_mesh",
-    "init_distributed",
-    "resolve_dtypes",
-]
+# Imported on first use, so that importing the package does not import torch.
+_EXPORTS = {
+    "DistributedEnv": "mesh",
+    "apply_ac": "ac",
+    "apply_compile": "compile",
+    "apply_fsdp": "fsdp",
+    "build_mesh": "mesh",
+    "init_distributed": "mesh",
+    "resolve_dtypes": "fsdp",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -41,6 +41,7 @@ import torch
 
 from fitscale.config.parallel import ParallelConfig
 from fitscale.config.train import TrainConfig
+from fitscale.parallel.agree import rank0_decides
 from fitscale.parallel.fsdp import resolve_dtypes
 from fitscale.parallel.mesh import DistributedEnv
 
@@ -188,7 +189,9 @@ def check_resumable(run_dir: str | Path, step: int, world_size: int, zero_stage:
 
 def load_deepspeed_state(engine, run_dir: str | Path, step: int) -> None:
     """Load step `step`'s partitions into `engine` (same world size and ZeRO stage only)."""
-    folder = check_resumable(run_dir, step, engine.world_size, engine.zero_optimization_stage())
+    stage = engine.zero_optimization_stage()
+    # Rank 0 reads the metadata for everyone: ranks that saw different files would disagree on the load.
+    folder = rank0_decides(lambda: check_resumable(run_dir, step, engine.world_size, stage))
     load_path, _ = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=folder.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {folder}; see its log above for the reason")

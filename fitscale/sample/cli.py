@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from fitscale.models.extrapolation import INTERPOLATIONS, release_sampling_overrides
 
 
 def register(subparsers) -> None:
+    from fitscale.cli import add_set_option
+
     parser = subparsers.add_parser(
         "sample",
         help="generate images (or latents) at any resolution from a checkpoint",
         description=(
-            "Sample class-conditional images with the flow ODE. Several --height/--width pairs are "
+            "Sample class-conditional images with the flow's ODE or SDE. Several --height/--width pairs are "
             "packed into one batch. Under torchrun / srun (or with --nproc) the images are spread over ranks."
         ),
     )
@@ -41,10 +42,39 @@ def register(subparsers) -> None:
         action="store_true",
         help="guide only the first 3 latent channels (the release's habit)",
     )
-    parser.add_argument("--sampler", default="euler", choices=("euler", "heun", "dopri5"))
-    parser.add_argument("--steps", type=int, default=50, help="steps of euler / heun (50)")
-    parser.add_argument("--atol", type=float, default=1e-6, help="dopri5 absolute tolerance")
-    parser.add_argument("--rtol", type=float, default=1e-3, help="dopri5 relative tolerance")
+    parser.add_argument(
+        "--scale-pow",
+        type=float,
+        default=0.0,
+        help="the release's guidance schedule: scale 1 + (cfg - 1)(1 - cos(pi (1 - t)^p)) / 2; 0 = constant",
+    )
+    parser.add_argument("--mode", default="ode", help="ode (default) or sde, the release's --sampler-mode")
+    parser.add_argument(
+        "--sampler",
+        default=None,
+        help="ODE method: euler (default), heun, midpoint, rk4, heun2, heun3, implicit_adams "
+        "on --steps; dopri5, dopri8, bosh3, fehlberg2, adaptive_heun by --atol/--rtol",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps of grid ODE samplers and of the SDE (50)"
+    )
+    parser.add_argument(
+        "--atol", type=float, default=None, help="absolute tolerance of adaptive samplers (1e-6)"
+    )
+    parser.add_argument(
+        "--rtol", type=float, default=None, help="relative tolerance of adaptive samplers (1e-3)"
+    )
+    parser.add_argument("--sde-sampler", default=None, help="SDE: euler (Euler-Maruyama, default) or heun")
+    parser.add_argument(
+        "--diffusion-form",
+        default=None,
+        help="SDE: constant, SBDM, sigma (default), linear, decreasing, increasing-decreasing",
+    )
+    parser.add_argument("--diffusion-norm", type=float, default=None, help="SDE: diffusion scale (1)")
+    parser.add_argument(
+        "--last-step", default=None, help="SDE: mean (default), tweedie, euler or none, from t = 1 - size"
+    )
+    parser.add_argument("--last-step-size", type=float, default=None, help="SDE: last step's size (0.04)")
     parser.add_argument(
         "--time-shift", type=float, default=1.0, help="shift of the time grid (< 1: more steps near noise)"
     )
@@ -77,14 +107,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--model", default=None, help="preset of a weights file (e.g. fitv2-xl); runs know theirs"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a model field, e.g. --set attn_backend=reference (repeatable)",
-    )
+    add_set_option(parser, "model fields", "attn_backend=reference")
     parser.add_argument(
         "--vae",
         default=None,
@@ -158,10 +181,44 @@ def parse_labels(text: str | None) -> list[int] | None:
         raise ValueError(f"--labels {text!r}: expected comma-separated integers such as 1,207,360") from None
 
 
+def sampling_options(args):
+    """The `SamplingOptions` of the command's flags (ValueError naming a bad flag; CommandError when
+    the sampler needs torchdiffeq and it is not installed)."""
+    from fitscale.cli import CommandError
+    from fitscale.flow.samplers import WRITTEN_OUT, import_torchdiffeq
+    from fitscale.sample.options import SamplingOptions
+
+    options = SamplingOptions(
+        mode=args.mode,
+        sampler=args.sampler,
+        steps=args.steps,
+        atol=args.atol,
+        rtol=args.rtol,
+        sde_sampler=args.sde_sampler,
+        diffusion_form=args.diffusion_form,
+        diffusion_norm=args.diffusion_norm,
+        last_step=args.last_step,
+        last_step_size=args.last_step_size,
+        time_shift=args.time_shift,
+        cfg_scale=args.cfg,
+        scale_pow=args.scale_pow,
+        guidance_channels=3 if args.guide_first_3 else None,
+        seed=args.seed,
+        token_budget=args.token_budget,
+        autocast=args.dtype,
+    )
+    if options.mode == "ode" and options.sampler not in WRITTEN_OUT:
+        try:
+            import_torchdiffeq()
+        except ImportError as error:
+            raise CommandError(f"--sampler {options.sampler}: {error}") from None
+    return options
+
+
 def _relaunch(args) -> int:
     from fitscale.launch.local import launch_local, python_module_command
 
-    argv = [a for a in sys.argv[1:]]
+    argv = list(args.argv)
     if "--nproc" in argv:
         index = argv.index("--nproc")
         del argv[index : index + 2]
@@ -173,6 +230,7 @@ def _relaunch(args) -> int:
 def run_sample(args) -> int:
     sizes = parse_sizes(args.height, args.width)
     labels = parse_labels(args.labels)
+    options = sampling_options(args)  # checked before anything starts or is written
     rope = rope_overrides(args)
     out = Path(args.out)
     if (out / "samples.json").exists() and not args.overwrite:
@@ -189,9 +247,13 @@ def run_sample(args) -> int:
                 "pass --inception-weights PATH (torch-fidelity's FID Inception file; nothing is downloaded)"
             )
     if args.vae is not None:
-        from fitscale.data.vae import check_vae_folder
+        from fitscale.data.vae import check_vae_folder, check_vae_matches_dataset
+        from fitscale.sample.generate import training_dataset
 
         check_vae_folder(args.vae)  # before any process starts or any model loads
+        dataset = training_dataset(Path(args.checkpoint))
+        if dataset is not None:
+            check_vae_matches_dataset(args.vae, dataset)
     if args.nproc > 1:
         return _relaunch(args)
 
@@ -202,22 +264,9 @@ def run_sample(args) -> int:
     from fitscale.models.cli import parse_overrides
     from fitscale.sample.fid import compute_fid, load_reference_images
     from fitscale.sample.generate import load_sampling_model
-    from fitscale.sample.options import SamplingOptions
     from fitscale.sample.plan import plan_items
     from fitscale.sample.run import SampleRun, run_sampling
 
-    options = SamplingOptions(
-        sampler=args.sampler,
-        steps=args.steps,
-        atol=args.atol,
-        rtol=args.rtol,
-        time_shift=args.time_shift,
-        cfg_scale=args.cfg,
-        guidance_channels=3 if args.guide_first_3 else None,
-        seed=args.seed,
-        token_budget=args.token_budget,
-        autocast=args.dtype,
-    )
     overrides = {
         **parse_overrides(args.overrides),
         **rope,
@@ -228,8 +277,16 @@ def run_sample(args) -> int:
     )
     model = load_sampling_model(args.checkpoint, args.model, overrides, ema=not args.raw, device=device)
     items = plan_items(sizes, args.num_per_size, model.config.num_classes, labels, args.seed)
+    from fitscale.sample.pictures import extrapolation_name, grid_caption
+
     run = SampleRun(
-        out, items, options, vae=args.vae, preview_channel=args.preview_channel, grid_scale=args.grid_scale
+        out,
+        items,
+        options,
+        vae=args.vae,
+        preview_channel=args.preview_channel,
+        grid_scale=args.grid_scale,
+        caption=grid_caption(options, extrapolation_name(model.config)),
     )
     run_sampling(model, run, info.rank, info.world_size)
     summary = {"out": str(out), "images": len(items), "sizes": [f"{h}x{w}" for h, w in sizes]}

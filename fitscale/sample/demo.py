@@ -1,5 +1,9 @@
-"""The demo's closing pictures: class-conditional digits at several aspect ratios, and a check
-that a classifier trained on the real digits recognises them.
+"""The CPU demo (recipes/demo.yaml): its dataset written before training, and its closing
+pictures, class-conditional digits at several aspect ratios with a check that a classifier
+trained on the real digits recognises them.
+
+`fitscale train` knows nothing of the demo: the recipe names `prepare_digits` in `hooks.before`
+and `sample_grid` in `hooks.after`, and their settings (`DemoOptions`) in `hooks.options`.
 
 The digits dataset (fitscale.data.sources.render_digit) draws each 8x8 digit, scaled up with
 its aspect kept, into the centre square of latent channel 0 as 2 * ink - 1. `latent_to_digit`
@@ -9,18 +13,111 @@ undoes exactly that: channel 0 back to ink in [0, 1], the centre square, an area
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fitscale.flow.samplers import FIXED_GRID
 from fitscale.sample.generate import generate_latents, load_sampling_model
 from fitscale.sample.options import SamplingOptions
-from fitscale.sample.pictures import image_grid, save_png
+from fitscale.sample.pictures import (
+    class_size_grid,
+    extrapolation_name,
+    grid_caption,
+    preview_latents,
+    save_png,
+)
 from fitscale.sample.plan import SampleItem
 
 # Grids (rows, cols) in tokens for digits trained at 4..16 tokens a side: square, wide, tall, large.
 DEMO_GRIDS = ((8, 8), (6, 12), (12, 6), (14, 14))
+
+
+@dataclass
+class DemoOptions:
+    """The demo's settings, `hooks.options` of recipes/demo.yaml."""
+
+    digits_min_side: int = 4
+    """Smallest grid side of the digits, in tokens (`fitscale data digits --min-side`)."""
+    digits_max_side: int = 16
+    """Largest grid side of the digits, in tokens: small digits train many more steps per minute."""
+    sample_cfg_scale: float = 4.0
+    """Classifier-free guidance scale of the closing samples."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.digits_min_side <= self.digits_max_side <= 16:
+            raise ValueError(
+                f"hooks.options.digits_min_side={self.digits_min_side}, hooks.options.digits_max_side="
+                f"{self.digits_max_side}: need 1 <= digits_min_side <= digits_max_side <= 16"
+            )
+        if self.sample_cfg_scale < 0:
+            raise ValueError(f"hooks.options.sample_cfg_scale={self.sample_cfg_scale}: must be >= 0")
+
+    @classmethod
+    def from_config(cls, config) -> DemoOptions:
+        """The options of a RunConfig's `hooks.options`; ValueError names an unknown or bad one."""
+        import dataclasses
+
+        options = dict(config.hooks.options)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"hooks.options: unknown demo option(s) {unknown}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**options)
+
+
+def prepare_digits(config) -> None:
+    """`hooks.before`: write the digits dataset into `data.path` unless it is there (`maybe_prepare_digits`)."""
+    options = DemoOptions.from_config(config)
+    maybe_prepare_digits(config.data.path, options.digits_min_side, options.digits_max_side)
+
+
+def sample_grid(config) -> dict:
+    """`hooks.after`: the closing grid of digits from the run's final checkpoint, and its score."""
+    options = DemoOptions.from_config(config)
+    grids = demo_grids(options.digits_min_side, options.digits_max_side)
+    return sample_demo_grid(config.train.run_dir, cfg_scale=options.sample_cfg_scale, grids=grids)
+
+
+def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16) -> None:
+    """Write the digits dataset (`fitscale data digits PATH`) unless a dataset is already there.
+
+    An existing digits dataset is reused only when its grid sides are the ones asked for: the
+    demo's step count and guidance are tuned to the size of its digits.
+    """
+    from fitscale.data.format import META_FILE, read_meta
+
+    if not path:
+        raise ValueError("the demo needs data.path: set data.path=data/digits")
+    if (Path(path) / META_FILE).is_file():
+        meta = read_meta(path)
+        sides = list(meta.get("grid_sides", [4, 16])) if meta.get("writer", "digits") == "digits" else None
+        if sides is not None and sides != [min_side, max_side]:
+            raise ValueError(
+                f"{path}: this digits dataset has grid sides {sides[0]}..{sides[1]} tokens but the recipe asks "
+                f"for hooks.options.digits_min_side={min_side}, hooks.options.digits_max_side={max_side}; "
+                f"delete {path} to have it rewritten, or point data.path at another folder"
+            )
+        return
+    from fitscale.cli import build_parser
+
+    print(f"fitscale train: writing the digits dataset to {path} (hooks.before)", flush=True)
+    command = [
+        "data",
+        "digits",
+        str(path),
+        "--no-progress",
+        "--min-side",
+        str(min_side),
+        "--max-side",
+        str(max_side),
+    ]
+    args = build_parser().parse_args(command)
+    args.func(args)
 
 
 def demo_grids(min_side: int, max_side: int) -> tuple[tuple[int, int], ...]:
@@ -65,29 +162,38 @@ def sample_demo_grid(
     verbose: bool = True,
 ) -> dict:
     """Sample every digit class at every grid of `grids` from the run's newest checkpoint, write
-    `<out>/digits_grid.png` (one row per class, sizes side by side) and report the fraction a
+    `<out>/digits_grid.png` (one row per class, sizes in tokens side by side, a caption with the
+    checkpoint's step and the sampling settings) and report the fraction a
     classifier trained on real digits recognises. `out` defaults to `<run_dir>/samples`.
     """
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "samples"
     out.mkdir(parents=True, exist_ok=True)
-    model = load_sampling_model(run_dir, ema=ema)
+    from fitscale.checkpoint.layout import find_checkpoint
+
+    step_dir = find_checkpoint(run_dir)
+    model = load_sampling_model(step_dir, ema=ema)
     classes = model.config.num_classes
     items: list[SampleItem] = []
     for label in range(classes):
         for rows, cols in grids:
             for _ in range(per_class):
                 items.append(SampleItem(len(items), label, rows, cols))
-    options = SamplingOptions(sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, token_budget=8192)
+    steps_or_none = steps if sampler in FIXED_GRID else None  # adaptive samplers pick their own steps
+    options = SamplingOptions(
+        sampler=sampler, steps=steps_or_none, cfg_scale=cfg_scale, seed=seed, token_budget=8192
+    )
     latents = generate_latents(model, items, options)
     digits = np.stack([latent_to_digit(latent) for latent in latents])
     predicted = digits_classifier().predict(digits.reshape(len(digits), 64))
     labels = np.array([item.label for item in items])
     recognised = float((predicted == labels).mean())
-    pictures = [((np.clip(latent[0].numpy(), -1, 1) + 1) * 127.5).astype(np.uint8) for latent in latents]
-    pictures = [np.repeat(p[:, :, None], 3, axis=2) for p in pictures]
+    caption = grid_caption(
+        options, extrapolation_name(model.config), int(step_dir.name.split("-")[-1]), size_unit="tokens"
+    )
+    grid = class_size_grid(items, preview_latents(latents, 0), caption=caption, size_unit="tokens", scale=4)
     grid_path = out / "digits_grid.png"
-    save_png(image_grid(pictures, columns=len(grids) * per_class), grid_path, scale=4)
+    save_png(grid, grid_path)
     per_grid = {
         f"{rows}x{cols}": float(
             (predicted == labels)[

@@ -1,8 +1,10 @@
 """The sampling loop: a model ready to sample (from a run's checkpoint or a weights file), then
 packed batches of items integrated from noise (t = 0) to data (t = 1) with guidance.
 
-The ODE solvers are fitscale.flow.samplers, guidance is fitscale.flow.guidance; this module only
-connects them to models, items and batches.
+The ODE solvers are fitscale.flow.samplers (adaptive ones one solve per image through
+fitscale.flow.per_image), the SDE fitscale.flow.sde, guidance fitscale.flow.guidance; this module
+only connects them to models, items and batches. Every image's result depends only on the model,
+the options and the image itself (its noise: seed and index), never on its batch.
 """
 
 from __future__ import annotations
@@ -12,30 +14,84 @@ from pathlib import Path
 import torch
 
 from fitscale.flow.guidance import PackedVelocity
-from fitscale.flow.samplers import integrate
+from fitscale.flow.per_image import integrate_per_image
+from fitscale.flow.samplers import TOLERANCE_METHODS, integrate
+from fitscale.flow.sde import sample_sde
 from fitscale.sample.options import SamplingOptions, autocast_dtype
-from fitscale.sample.plan import SampleItem, batches_by_budget, initial_noise, pack_layout, split_latents
+from fitscale.sample.plan import (
+    SampleItem,
+    batches_by_budget,
+    initial_noise,
+    pack_layout,
+    split_latents,
+    step_noise,
+)
+
+
+def integrate_batch(
+    velocity: PackedVelocity, items: list[SampleItem], x: torch.Tensor, options: SamplingOptions
+) -> torch.Tensor:
+    """The packed noise x (T, p*p*C) of `items` at t = 0 -> their packed latents at t = 1."""
+    if options.mode == "sde":
+        return sample_sde(
+            velocity,
+            x,
+            lambda step: step_noise(items, x.shape[1], options.seed, step).to(x),
+            options.steps,
+            options.sde_sampler,
+            options.diffusion_form,
+            options.diffusion_norm,
+            options.last_step,
+            options.last_step_size,
+            options.time_shift,
+        ).x
+    if options.sampler not in TOLERANCE_METHODS:  # grid methods are elementwise: all images in one state
+        return integrate(velocity, x, options.sampler, options.steps, time_shift=options.time_shift).x
+    # An error norm chooses the steps (or the corrector's iterations): one solve per image.
+    states = list(x.split([item.tokens for item in items]))
+    args = (options.sampler, options.steps or 0, options.atol, options.rtol, options.time_shift)
+    return torch.cat(integrate_per_image(velocity.images, states, *args).xs)
 
 
 @torch.no_grad()
 def generate_latents(
     model: torch.nn.Module, items: list[SampleItem], options: SamplingOptions
 ) -> list[torch.Tensor]:
-    """Latents (C, h, w) float32 on the CPU, one per item in order; the model stays on its device."""
+    """Latents (C, h, w) float32 on the CPU, one per item in order; the model stays on its device.
+
+    A float64 model samples in float64 and gives float64 latents."""
     model.eval()
     config = model.config
     device = next(model.parameters()).device
     dtype = autocast_dtype(options.autocast, device)
+    precise = next(model.parameters()).dtype == torch.float64  # a float64 model samples in float64
     out: list[torch.Tensor] = []
     for group in batches_by_budget(items, options.token_budget, options.cfg_scale != 1.0):
         layout = pack_layout(group, device)
-        x = torch.cat([initial_noise(item, config.token_dim, options.seed) for item in group]).to(device)
-        velocity = PackedVelocity(model, layout, options.cfg_scale, options.guidance_channels, dtype)
-        result = integrate(
-            velocity, x, options.sampler, options.steps, options.atol, options.rtol, options.time_shift
+        x = torch.cat([initial_noise(item, config.token_dim, options.seed) for item in group])
+        x = x.to(device, torch.float64 if precise else torch.float32)
+        velocity = PackedVelocity(
+            model, layout, options.cfg_scale, options.guidance_channels, dtype, options.scale_pow
         )
-        out.extend(split_latents(result.x, group, config.in_channels))
+        out.extend(split_latents(integrate_batch(velocity, group, x, options), group, config.in_channels))
     return out
+
+
+def training_dataset(checkpoint: str | Path) -> Path | None:
+    """The dataset (`data.path` of the run's config.yaml) a run checkpoint was trained on; None for
+    a weights file or a run whose config names none."""
+    from fitscale.checkpoint.layout import find_checkpoint
+
+    path = Path(checkpoint)
+    if path.is_file():
+        return None
+    config_file = find_checkpoint(path).parent.parent / "config.yaml"
+    if not config_file.is_file():
+        return None
+    import yaml
+
+    data = (yaml.safe_load(config_file.read_text()) or {}).get("data") or {}
+    return Path(data["path"]) if data.get("path") else None
 
 
 def load_sampling_model(

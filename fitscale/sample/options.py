@@ -1,4 +1,4 @@
-"""How to sample: the solver and its settings, guidance, seed, batch size, compute dtype, and
+"""How to sample: ODE or SDE, the solver and its settings, guidance, seed, batch size, compute dtype, and
 the paper's training-free RoPE extrapolation methods as ModelConfig overrides."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fitscale.flow.samplers import SAMPLERS
+from fitscale.flow.samplers import ADAPTIVE, FIXED_GRID, SAMPLERS, TOLERANCE_METHODS
+from fitscale.flow.sde import DIFFUSION_FORMS, LAST_STEPS, SBDM_START, SDE_SAMPLERS
 
 # The paper's training-free extrapolation methods as ModelConfig fields ("Vision" = decoupled axes).
 EXTRAPOLATIONS = {
@@ -36,33 +37,132 @@ def extrapolation_overrides(method: str | None, attn_scale: bool = False) -> dic
     }
 
 
+# Options of one mode only: given with the other mode they are refused, not ignored.
+ODE_FIELDS = {"sampler": "--sampler", "atol": "--atol", "rtol": "--rtol"}
+SDE_FIELDS = {
+    "sde_sampler": "--sde-sampler",
+    "diffusion_form": "--diffusion-form",
+    "diffusion_norm": "--diffusion-norm",
+    "last_step": "--last-step",
+    "last_step_size": "--last-step-size",
+}
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> str:
+    """`value` as one of `allowed` (matched ignoring case, as the release writes SBDM, Mean, Euler)."""
+    lowered = str(value).lower()
+    if lowered not in allowed:
+        raise ValueError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+    return lowered
+
+
 @dataclass
 class SamplingOptions:
-    """How to integrate: sampler, steps or tolerances, guidance, seed and batch size.
+    """How to integrate: ODE or SDE and their settings, guidance, seed and batch size.
 
-    Raises ValueError naming the command-line flag of a bad value.
+    Fields left None take their mode's default (`mode="ode"`: euler, 50 steps, or atol 1e-6 /
+    rtol 1e-3 for adaptive samplers; `mode="sde"`: the release's Euler-Maruyama, sigma diffusion,
+    norm 1, last step `mean` of size 0.04, 50 steps). An option of the other mode, a step count
+    for an adaptive sampler or a tolerance for a grid sampler is refused. Raises ValueError naming
+    the command-line flag of a bad value and the allowed values.
     """
 
-    sampler: str = "euler"  # euler | heun | dopri5
-    steps: int = 50  # fixed-step samplers only
-    atol: float = 1e-6  # dopri5
-    rtol: float = 1e-3  # dopri5
+    mode: str = "ode"  # ode | sde
+    sampler: str | None = None  # ODE: fitscale.flow.samplers.SAMPLERS (euler)
+    steps: int | None = None  # steps of grid ODE samplers and of the SDE (50)
+    atol: float | None = None  # adaptive ODE samplers (1e-6)
+    rtol: float | None = None  # adaptive ODE samplers (1e-3)
+    sde_sampler: str | None = None  # SDE: euler (Euler-Maruyama) | heun
+    diffusion_form: str | None = None  # SDE: fitscale.flow.sde.DIFFUSION_FORMS (sigma)
+    diffusion_norm: float | None = None  # SDE: scale of the diffusion coefficient (1)
+    last_step: str | None = None  # SDE: mean | tweedie | euler | none (mean)
+    last_step_size: float | None = None  # SDE: size of the last step (0.04)
     time_shift: float = 1.0  # sample on a shifted time grid (< 1: more steps near noise)
     cfg_scale: float = 1.0  # 1 = no guidance
+    scale_pow: float = 0.0  # the release's guidance schedule over time; 0 = constant scale
     guidance_channels: int | None = None  # 3: the release's first-3-channels guidance
     seed: int = 0
     token_budget: int = 16384  # tokens per forward (guidance doubles a batch's tokens)
     autocast: str = "auto"  # auto (bf16 on CUDA), bf16 or fp32
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        if self.steps < 1:
+        self.mode = _choice("--mode", self.mode, ("ode", "sde"))
+        if self.mode == "ode":
+            self._check_ode()
+        else:
+            self._check_sde()
+        if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps {self.steps}: must be >= 1")
+        if self.time_shift <= 0:
+            raise ValueError(f"--time-shift {self.time_shift}: must be > 0")
         if self.cfg_scale < 0:
             raise ValueError(f"--cfg {self.cfg_scale}: the guidance scale must be >= 0")
+        if self.scale_pow < 0:
+            raise ValueError(f"--scale-pow {self.scale_pow}: must be >= 0 (0 = a constant guidance scale)")
+        if self.guidance_channels is not None and self.guidance_channels < 1:
+            raise ValueError(
+                f"guidance_channels {self.guidance_channels}: must be >= 1 (None = all channels)"
+            )
         if self.autocast not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--dtype {self.autocast!r}: choose auto, bf16 or fp32")
+
+    def _refuse(self, fields: dict[str, str], mode: str) -> None:
+        for name, flag in fields.items():
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{flag} applies to --mode {mode} only; drop it or add --mode {mode} (this run is --mode {self.mode})"
+                )
+
+    def _check_ode(self) -> None:
+        self._refuse(SDE_FIELDS, "sde")
+        self.sampler = _choice("--sampler", self.sampler or "euler", SAMPLERS)
+        if self.sampler in ADAPTIVE:
+            if self.steps is not None:
+                raise ValueError(
+                    f"--steps applies to grid samplers ({', '.join(FIXED_GRID)}); --sampler {self.sampler} "
+                    "picks its own steps from --atol / --rtol"
+                )
+        elif self.steps is None:
+            self.steps = 50
+        if self.sampler in TOLERANCE_METHODS:
+            self.atol = 1e-6 if self.atol is None else self.atol
+            self.rtol = 1e-3 if self.rtol is None else self.rtol
+            for flag, value in (("--atol", self.atol), ("--rtol", self.rtol)):
+                if not value > 0:
+                    raise ValueError(f"{flag} {value}: a tolerance must be > 0")
+        elif self.atol is not None or self.rtol is not None:
+            flag = "--atol" if self.atol is not None else "--rtol"
+            raise ValueError(
+                f"{flag} applies to samplers with an error control ({', '.join(TOLERANCE_METHODS)}); "
+                f"--sampler {self.sampler} takes --steps"
+            )
+
+    def _check_sde(self) -> None:
+        self._refuse(ODE_FIELDS, "ode")
+        self.sde_sampler = _choice("--sde-sampler", self.sde_sampler or "euler", SDE_SAMPLERS)
+        self.diffusion_form = _choice("--diffusion-form", self.diffusion_form or "sigma", DIFFUSION_FORMS)
+        self.last_step = _choice("--last-step", self.last_step or "mean", LAST_STEPS)
+        self.steps = 50 if self.steps is None else self.steps
+        self.diffusion_norm = 1.0 if self.diffusion_norm is None else float(self.diffusion_norm)
+        if self.diffusion_norm < 0:
+            raise ValueError(f"--diffusion-norm {self.diffusion_norm}: must be >= 0")
+        if self.last_step == "none":
+            if self.sde_sampler == "heun":
+                raise ValueError(
+                    "--last-step none with --sde-sampler heun evaluates the score at t = 1, where it is "
+                    "infinite (the release returns NaN); choose --last-step mean, tweedie or euler"
+                )
+            if self.last_step_size not in (None, 0.0):
+                raise ValueError("--last-step-size applies to --last-step mean, tweedie or euler; drop it")
+            self.last_step_size = 0.0
+            return
+        self.last_step_size = 0.04 if self.last_step_size is None else float(self.last_step_size)
+        start = SBDM_START if self.diffusion_form == "sbdm" else 0.0
+        if not 0 < self.last_step_size < 1 - start:
+            raise ValueError(
+                f"--last-step-size {self.last_step_size}: must be in (0, {1 - start:g}) "
+                "(or --last-step none to run the SDE to t = 1)"
+            )
 
 
 def autocast_dtype(option: str, device: torch.device) -> torch.dtype | None:

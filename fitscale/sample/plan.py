@@ -101,6 +101,16 @@ def initial_noise(item: SampleItem, token_dim: int, seed: int) -> torch.Tensor:
     return torch.randn(item.tokens, token_dim, generator=generator)
 
 
+def step_noise(items: list[SampleItem], token_dim: int, seed: int, step: int) -> torch.Tensor:
+    """(T, p*p*C) standard normal noise of SDE step `step` (0, 1, ...) for packed `items`, each
+    image's drawn from (seed, step + 1, its index) on the CPU: independent of batch, rank and device."""
+    chunks = []
+    for item in items:
+        generator = torch.Generator().manual_seed(image_seed(seed, step + 1, item.index))
+        chunks.append(torch.randn(item.tokens, token_dim, generator=generator))
+    return torch.cat(chunks)
+
+
 def pack_layout(items: list[SampleItem], device: torch.device) -> PackedLayout:
     """The packed-batch layout (labels, positions, boundaries, grid sizes) of `items`, in order."""
     lengths = [item.tokens for item in items]
@@ -114,11 +124,14 @@ def pack_layout(items: list[SampleItem], device: torch.device) -> PackedLayout:
 
 
 def split_latents(tokens: torch.Tensor, items: list[SampleItem], channels: int) -> list[torch.Tensor]:
-    """Packed tokens (T, C*p*p) of `items` -> one latent (C, rows*p, cols*p) float32 per item."""
+    """Packed tokens (T, C*p*p) of `items` -> one latent (C, rows*p, cols*p) per item, float32
+    (float64 for float64 tokens)."""
     out = []
     start = 0
+    if tokens.dtype != torch.float64:
+        tokens = tokens.float()
     for item in items:
-        chunk = tokens[start : start + item.tokens].float().cpu().numpy()
+        chunk = tokens[start : start + item.tokens].cpu().numpy()
         out.append(torch.from_numpy(np.ascontiguousarray(unpatchify(chunk, item.rows, item.cols, channels))))
         start += item.tokens
     return out

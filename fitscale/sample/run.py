@@ -13,7 +13,7 @@ import torch
 from fitscale.data.vae import decode_latents, load_vae
 from fitscale.sample.generate import generate_latents
 from fitscale.sample.options import SamplingOptions
-from fitscale.sample.pictures import image_grid, preview_latents, save_png, write_npz_by_size
+from fitscale.sample.pictures import class_size_grid, preview_latents, save_png, write_npz_by_size
 from fitscale.sample.plan import SampleItem
 
 
@@ -28,6 +28,8 @@ class SampleRun:
     preview_channel: int | None = None  # without a VAE: also write this channel as grey PNGs
     grid_size: int = 64  # images in grid.png
     grid_scale: int = 1  # nearest-neighbour upscaling of grid.png (small latents)
+    caption: str = ""  # under grid.png (pictures.grid_caption)
+    class_names: list[str] | None = None  # row labels of grid.png; None labels rows by class index
 
 
 def run_sampling(model: torch.nn.Module, run: SampleRun, rank: int = 0, world_size: int = 1) -> list[Path]:
@@ -89,7 +91,16 @@ def _write_summary(run: SampleRun, have_pictures: bool) -> list[Path]:
     if have_pictures:
         files = {int(p.name[:6]): p for p in (out / "images").glob("*.png")}
         pictures = [np.asarray(Image.open(files[i.index]).convert("RGB")) for i in run.items]
-        save_png(image_grid(pictures[: run.grid_size]), out / "grid.png", run.grid_scale)
+        shown = slice(0, run.grid_size)
+        grid = class_size_grid(
+            run.items[shown],
+            pictures[shown],
+            run.class_names,
+            run.caption,
+            size_unit="pixels" if run.vae is not None else "tokens",
+            scale=run.grid_scale,
+        )
+        save_png(grid, out / "grid.png")
         written.append(out / "grid.png")
         written += write_npz_by_size(out, run.items, pictures)
     return written

@@ -1,10 +1,10 @@
 """`fitscale train RECIPE [--set key=value ...] [--nproc N]`.
 
 Without a launcher around it (no RANK / SLURM_PROCID in the environment) this process is the
-parent: it checks the recipe, prepares the demo data if the recipe asks, starts `--nproc`
+parent: it checks the recipe, runs the recipe's `hooks.before` steps, starts `--nproc`
 processes (default: the recipe's `launch.tasks_per_node`, else 1) with torchrun, and once they
-finish runs the closing steps (demo samples) and prints where the results are. Under torchrun
-or SLURM every rank trains with the environment as given.
+finish runs its `hooks.after` steps and prints where the results are. Under torchrun or SLURM
+every rank trains with the environment as given.
 """
 
 from __future__ import annotations
@@ -19,16 +19,11 @@ PARENT_ENV = "FITSCALE_TRAIN_PARENT"  # set for the ranks this process starts
 
 
 def register(subparsers) -> None:
+    from fitscale.cli import add_set_option
+
     parser = subparsers.add_parser("train", help="train a model from a YAML recipe")
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/demo.yaml")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        dest="overrides",
-        metavar="KEY=VALUE",
-        help="override recipe fields, e.g. --set train.steps=100 optim.lr=2e-4",
-    )
+    add_set_option(parser, "recipe fields", "train.steps=100 optim.lr=2e-4")
     parser.add_argument(
         "--nproc",
         type=int,
@@ -39,6 +34,7 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from fitscale.cli import set_option_args
     from fitscale.config import load_config
 
     config = load_config(args.recipe, args.overrides)  # fail fast, before any process starts
@@ -55,8 +51,10 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     nproc = args.nproc or config.launch.tasks_per_node or 1
     check_before_launch(config)
-    if config.demo.prepare_digits:
-        maybe_prepare_digits(config.data.path, config.demo.digits_min_side, config.demo.digits_max_side)
+    before = [resolve_hook("before", name) for name in config.hooks.before]
+    after = [resolve_hook("after", name) for name in config.hooks.after]  # found now, not after training
+    for hook in before:
+        hook(config)
     if nproc > 1:
         command = [
             sys.executable,
@@ -68,8 +66,7 @@ def run_train(args: argparse.Namespace) -> int:
             "fitscale.cli",
             "train",
             args.recipe,
-            "--set",
-            *args.overrides,
+            *set_option_args(args.overrides),
         ]
         code = subprocess.call(command, env={**os.environ, PARENT_ENV: "1"})
         if code != 0:
@@ -78,27 +75,22 @@ def run_train(args: argparse.Namespace) -> int:
         from fitscale.train.trainer import Trainer
 
         Trainer(config).train()
-    if config.demo.sample_at_end:
-        from fitscale.sample.demo import demo_grids
-
-        sample_demo(
-            config.train.run_dir,
-            config.demo.sample_cfg_scale,
-            demo_grids(config.demo.digits_min_side, config.demo.digits_max_side),
-        )
+    for hook in after:
+        hook(config)
     print(summary_line(config, None))
     return 0
 
 
 def check_before_launch(config) -> None:
     """Catch what would otherwise fail in every rank after start-up: a trainable pattern that
-    matches nothing (checked on a meta-device model), a validation split that is not there, and a
-    run folder held by a live run."""
+    matches nothing (checked on a meta-device model), a validation split that is not there, a
+    run folder held by a live run, and a resume that changes a field that may not change."""
     import torch
 
     from fitscale.config.errors import ConfigError
     from fitscale.data.format import META_FILE
     from fitscale.models import build_model
+    from fitscale.train.resume import check_before_start
     from fitscale.train.state import RunLock
     from fitscale.train.trainer import apply_trainable_patterns
 
@@ -117,50 +109,19 @@ def check_before_launch(config) -> None:
         )
     with RunLock(config.train.run_dir):  # RunFolderInUseError if a live run holds it
         pass
+    check_before_start(config)  # a resume that changes a field that may not change
 
 
-def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16) -> None:
-    """Write the digits dataset (`fitscale data digits PATH`) unless a dataset is already there.
+def resolve_hook(where: str, name: str):
+    """The function a `hooks.before` / `hooks.after` entry (`module:function`) names; ValueError
+    naming the entry when it cannot be imported."""
+    import importlib
 
-    An existing digits dataset is reused only when its grid sides are the ones asked for: the
-    demo's step count and guidance are tuned to the size of its digits.
-    """
-    from fitscale.data.format import META_FILE, read_meta
-
-    if not path:
-        raise ValueError("demo.prepare_digits needs data.path: set data.path=data/digits")
-    if (Path(path) / META_FILE).is_file():
-        meta = read_meta(path)
-        sides = list(meta.get("grid_sides", [4, 16])) if meta.get("writer", "digits") == "digits" else None
-        if sides is not None and sides != [min_side, max_side]:
-            raise ValueError(
-                f"{path}: this digits dataset has grid sides {sides[0]}..{sides[1]} tokens but the recipe asks "
-                f"for demo.digits_min_side={min_side}, demo.digits_max_side={max_side}; delete {path} to have it "
-                "rewritten, or point data.path at another folder"
-            )
-        return
-    from fitscale.cli import build_parser
-
-    print(f"fitscale train: writing the digits dataset to {path} (demo.prepare_digits)", flush=True)
-    command = [
-        "data",
-        "digits",
-        str(path),
-        "--no-progress",
-        "--min-side",
-        str(min_side),
-        "--max-side",
-        str(max_side),
-    ]
-    args = build_parser().parse_args(command)
-    args.func(args)
-
-
-def sample_demo(run_dir: str, cfg_scale: float, grids: tuple[tuple[int, int], ...]) -> None:
-    """Draw the demo's closing grid of digits from the final checkpoint and score it."""
-    from fitscale.sample.demo import sample_demo_grid
-
-    sample_demo_grid(run_dir, cfg_scale=cfg_scale, grids=grids)
+    module_name, _, function = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"hooks.{where}: {name!r} cannot be found ({error})") from error
 
 
 def summary_line(config, step: int | None) -> str:

@@ -1,4 +1,5 @@
-"""What a run reports: JSONL lines, wandb, a progress bar, throughput and MFU, memory.
+"""What a run reports: JSONL lines, wandb, a progress bar or log lines (fitscale.train.loglines),
+throughput and MFU, memory.
 
 Numbers are computed where they are cheap (device-side sums that the trainer all-reduces once
 per log step) and written by rank 0 only unless `log.all_ranks` is set. MFU divides the model's
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from fitscale.config.log import LogConfig
+from fitscale.train.loglines import StepLine, console_wanted, log_event
 
 # Dense (no sparsity) bf16 tensor-core peak per device in FLOP/s, from NVIDIA's data sheets.
 # Matched against torch.cuda.get_device_name in order, so specific names come first.
@@ -132,6 +134,11 @@ class Throughput:
         self.started = now
         self.images = self.real_tokens = self.tokens = 0
         self.flops = 0.0
+        self.data_wait = 0.0
+
+    def add_data_wait(self, seconds: float) -> None:
+        """Time the training loop spent waiting for its next batch (part of the window)."""
+        self.data_wait += seconds
 
     def update(self, images: int, real_tokens: int, tokens: int, flops: float) -> None:
         """Add one step's global counts (all ranks together) and its training FLOPs (3x forward)."""
@@ -153,6 +160,8 @@ class Throughput:
             "perf/real_tokens_per_s": self.real_tokens / seconds,
             "perf/packing_efficiency": self.real_tokens / self.tokens if self.tokens else 0.0,
             "perf/tflops_per_device": self.flops / seconds / self.world_size / 1e12,
+            "perf/data_wait_s": self.data_wait,
+            "perf/data_wait_fraction": self.data_wait / seconds,
         }
         if self.peak is not None:
             out["perf/mfu"] = self.flops / seconds / self.world_size / self.peak
@@ -195,6 +204,7 @@ class MetricsLogger:
         self._file = None
         self._bar = None
         self._wandb_run = None
+        self._step_line = None
         if not self.writes:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,6 +214,8 @@ class MetricsLogger:
             self.event("start", start_step)
         if rank == 0:
             self._bar = self._make_bar(total_steps, start_step)
+            if console_wanted(cfg.console, self._bar is not None):
+                self._step_line = StepLine(cfg.every, total_steps, start_step)
             if cfg.wandb != "disabled":
                 self._wandb_run = self._init_wandb(scrub_secrets(config or {}))
 
@@ -240,7 +252,10 @@ class MetricsLogger:
         )
 
     def event(self, name: str, step: int, **info: Any) -> None:
-        """A non-metric record (start, resume, skipped step, checkpoint) in the JSONL file."""
+        """A non-metric record (start, resume, skipped step, checkpoint) in the JSONL file, and as a
+        log line on rank 0 (fitscale.train.loglines)."""
+        if self.rank == 0 and self.writes:
+            log_event(name, step, **{k: _plain(v) for k, v in info.items()})
         if self._file is not None:
             record = {
                 "event": name,
@@ -259,12 +274,21 @@ class MetricsLogger:
             self._file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         if self._wandb_run is not None:
             self._wandb_run.log({k: v for k, v in values.items() if v is not None}, step=step)
+        if self._step_line is not None:
+            self._step_line.maybe_write(step, values)
         if self._bar is not None:
             self.update_progress(step)
             shown = {
                 k: v for k, v in values.items() if k in ("loss", "lr", "perf/images_per_s") and v is not None
             }
             self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def log_image(self, step: int, key: str, path: str | Path) -> None:
+        """A picture file to wandb under `key` (when wandb is on for this rank)."""
+        if self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.log({key: wandb.Image(str(path))}, step=step)
 
     def update_progress(self, step: int) -> None:
         """Move the progress bar to `step` (cheap; call every step)."""

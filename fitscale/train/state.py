@@ -1,4 +1,5 @@
-"""The trainer's own checkpointed state (progress counters, LR schedule) and the run-folder lock.
+"""The trainer's own checkpointed state (progress counters, LR schedule); the run-folder lock is
+fitscale.train.lock (re-exported here).
 
 Model, optimizer and RNG adapters live in fitscale.checkpoint.stateful; the classes here are
 the small `Stateful`s only the training loop knows about.
@@ -6,18 +7,16 @@ the small `Stateful`s only the training loop knows about.
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
 import random
-import socket
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from fitscale.train.lock import RunFolderInUseError, RunLock
+
+__all__ = ["Progress", "RunFolderInUseError", "RunLock", "SchedulerState", "seed_rank"]
 
 
 class SchedulerState:
@@ -57,53 +56,3 @@ class Progress:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key, value in state_dict.items():
             setattr(self, key, int(value))
-
-
-class RunFolderInUseError(FileExistsError):
-    """Another live process holds the run folder (a FileExistsError, so the CLI reports it in one line)."""
-
-
-class RunLock:
-    """An exclusive lock on the run folder, held by rank 0 for the whole run.
-
-    Built on `flock`, which the kernel drops when its holder dies (even by SIGKILL), so the lock
-    of a dead run is taken over without any cleanup, while a second live run is refused. The
-    file names the holder for the error message.
-    """
-
-    FILE_NAME = ".lock"
-
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / self.FILE_NAME
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-            os.close(fd)
-            raise RunFolderInUseError(
-                f"run folder {str(self.path.parent)!r} is in use by a live run ({holder}); stop that run "
-                "or choose another train.run_dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        os.fsync(fd)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()

@@ -3,8 +3,8 @@
 `Trainer(config).train()` is the whole run: join the process group, lock the run folder, build
 the model on the meta device and parallelise it (FSDP2 or DeepSpeed), load the newest complete
 checkpoint or initialise, then loop over optimizer steps with gradient accumulation over
-micro-batches, clipping, a skip for non-finite steps, EMA, metrics, the held-out loss
-(`train.val_every`) and checkpoints. The loss is
+micro-batches, clipping, a skip for non-finite steps, EMA, metrics and log lines, the held-out
+loss (`train.val_every`), sample grids (`train.sample_every`) and checkpoints. The loss is
 the rectified-flow loss of fitscale.flow, normalised by the step's global image count so that
 neither the rank count nor the micro-batch split changes a step.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from fitscale.config import RunConfig, to_yaml
 from fitscale.config.errors import ConfigError
 from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
+from fitscale.models.inputs import check_packed_batch
 from fitscale.parallel import (
     DistributedEnv,
     apply_ac,
@@ -31,6 +34,8 @@ from fitscale.parallel import (
     build_mesh,
     init_distributed,
 )
+from fitscale.parallel.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
+from fitscale.train.loglines import configure_console, log_event
 from fitscale.train.metrics import Throughput
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
 
@@ -55,16 +60,32 @@ class StepStats:
 
 
 class Trainer:
-    """Builds everything a run needs from a RunConfig; `train()` runs it to `train.steps`."""
+    """Builds everything a run needs from a RunConfig; `train()` runs it to `train.steps`.
+
+    `history` holds the metrics of the last `HISTORY_STEPS` steps in memory (oldest first; the last
+    one is the newest step's), so a long run does not grow with its step count; every step's
+    metrics are in `metrics.jsonl`.
+    """
+
+    HISTORY_STEPS = 1000
 
     def __init__(self, config: RunConfig, env: DistributedEnv | None = None, loader: Any = None):
         """`loader` replaces `build_loader(config.data, ...)`: any Stateful iterable of StepBatch."""
         self.config = config
         self.env = env or init_distributed(config.train.device)
+        configure_console(self.env.rank)
         self.run_dir = Path(config.train.run_dir)
         self.lock = RunLock(self.run_dir)
+        self.checkpoints = self.metrics = self.loader = None
         self._acquire_lock()
-        self.model_config = config.model_config()
+        try:
+            self._build(loader)
+        except BaseException:
+            self.close()  # a failed construction leaves the run folder free for the next attempt
+            raise
+
+    def _build(self, loader: Any) -> None:
+        self.model_config = self.config.model_config()
         self.progress = Progress()
         self.mesh = None
         self.engine = None  # the DeepSpeed engine when parallel.backend == deepspeed
@@ -73,25 +94,17 @@ class Trainer:
         self.ema = self._build_ema()
         self.loader = loader if loader is not None else self._build_loader()
         self.validation = self._build_validation()
+        self.samples = self._build_samples()
         self.checkpoints = self._build_checkpoint_manager()
         self.metrics = None  # built in train(), once the start step is known
-        self.history: list[dict[str, Any]] = []  # every step's metrics, for callers and tests
+        self.config_changes = []  # fields changed since the checkpoint resumed from (train.resume)
+        self.history: deque[dict[str, Any]] = deque(maxlen=self.HISTORY_STEPS)
 
     # ---- building ---------------------------------------------------------------------------
 
     def _acquire_lock(self) -> None:
-        """Rank 0 takes the run-folder lock; every rank learns whether it succeeded."""
-        error: Exception | None = None
-        if self.env.is_main:
-            try:
-                self.lock.acquire()
-            except Exception as exc:  # RunFolderInUseError, OSError
-                error = exc
-        ok = self._all_agree(error is None)
-        if error is not None:
-            raise error
-        if not ok:
-            raise SystemExit(2)  # rank 0 reports the reason
+        """Rank 0 takes the run-folder lock; every rank raises its error if it could not."""
+        rank0_decides(self.lock.acquire)  # RunFolderInUseError, OSError: the same on every rank
 
     def _all_agree(self, flag: bool) -> bool:
         if self.env.world_size == 1:
@@ -151,7 +164,13 @@ class Trainer:
         if self.mesh is None:
             model.load_state_dict(self._full_initial_state())
             return
-        full = self._full_initial_state() if self.env.is_main else {}
+        held: dict[str, dict[str, torch.Tensor]] = {}  # rank 0's copy; only success or the error is shared
+
+        def build_on_rank0() -> None:
+            held["state"] = self._full_initial_state()
+
+        rank0_decides(build_on_rank0)  # a failed read of train.init_from fails every rank, none waits
+        full = held.get("state", {})
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, full, options=options)
 
@@ -166,7 +185,7 @@ class Trainer:
         cfg = self.config
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, **dict(cfg.model.overrides))
-        model.load_state_dict(self._full_initial_state())
+        model.load_state_dict(all_ranks_agree(self._full_initial_state))  # every rank reads init_from
         apply_ac(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
         self._apply_trainable(model)
         self._move_label_dropout_to_loss(model)
@@ -186,8 +205,19 @@ class Trainer:
             from fitscale.parallel.deepspeed import build_deepspeed_engine
 
             self.engine = build_deepspeed_engine(self.model, optimizer, cfg.parallel, cfg.train, self.env)
+        # The config's hyperparameters of each group (betas, eps, weight decay, kernel choice), put back
+        # over the saved ones after a resume: an edited config takes effect from the first resumed step.
+        self._group_settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         scheduler = build_lr_scheduler(optimizer, cfg.optim.schedule, total_steps=cfg.train.steps)
         return optimizer, scheduler
+
+    def _apply_config_to_loaded_optimizer(self) -> None:
+        from fitscale.train.optim import scaled_lr
+        from fitscale.train.schedule import rebase_lr_scheduler
+
+        for group, settings in zip(self.optimizer.param_groups, self._group_settings):
+            group.update(settings)
+        rebase_lr_scheduler(self.scheduler, scaled_lr(self.config.optim, self.global_batch_size()))
 
     def global_batch_size(self) -> int | None:
         """Images per optimizer step across all ranks, when the data section fixes it."""
@@ -209,9 +239,18 @@ class Trainer:
         return EMA(self.model, self.config.optim.ema)
 
     def _build_loader(self):
+        """This rank's loader; every rank reads the dataset's files itself, so the ranks then check
+        that they opened the same dataset (the same sample table) and fail together if not."""
         from fitscale.data import build_loader
+        from fitscale.data.integrity import digest
 
-        return build_loader(self.config.data, self.env.rank, self.env.world_size)
+        data = self.config.data
+        loader = all_ranks_agree(lambda: build_loader(data, self.env.rank, self.env.world_size))
+        table = getattr(loader, "table", None)
+        if table is not None:
+            identity = {"samples": int(table.shape[0]), "xxh64": digest(table.tobytes())}
+            same_on_all_ranks(identity, f"datasets at data.path={data.path}")
+        return loader
 
     def _build_validation(self):
         """The held-out split's batches, read once for the run (None when `train.val_every` is 0)."""
@@ -221,17 +260,32 @@ class Trainer:
         from fitscale.train.validation import PeriodicValidation
 
         try:
-            return PeriodicValidation(self.config.data, train, self.env.rank, self.env.world_size)
+            return all_ranks_agree(
+                lambda: PeriodicValidation(self.config.data, train, self.env.rank, self.env.world_size)
+            )
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(
                 f"train.val_every={train.val_every}: the held-out split data.val_path="
                 f"{self.config.data.val_path} cannot be read: {str(error).splitlines()[0]}"
             ) from error
 
+    def _build_samples(self):
+        """The sample grids of `train.sample_every` (None when it is 0)."""
+        if self.config.train.sample_every <= 0:
+            return None
+        from fitscale.train.previews import PeriodicSamples
+
+        return PeriodicSamples(self.config, self.env.rank, self.env.device)
+
     def _build_checkpoint_manager(self):
+        from dataclasses import asdict
+
         from fitscale.checkpoint import CheckpointManager
 
-        return CheckpointManager(self.run_dir, self.config.checkpoint)
+        # Each checkpoint records the config it was trained with, for the checks of a later resume.
+        return CheckpointManager(
+            self.run_dir, self.config.checkpoint, metadata={"config": asdict(self.config)}
+        )
 
     def _build_metrics(self, start_step: int):
         from dataclasses import asdict
@@ -274,12 +328,17 @@ class Trainer:
             raise ConfigError(str(error)) from error
         if step is None:
             return None
+        from fitscale.train.resume import resume_changes
+
+        # Before anything is loaded: refuses a change of a field that may not change on resume.
+        self.config_changes = resume_changes(self.config, self.checkpoints.step_path(step))
         if self.engine is not None:
             from fitscale.parallel.deepspeed import load_deepspeed_state
 
             load_deepspeed_state(self.engine, self.run_dir, step)
         self.checkpoints.load(step, self.state())
-        log.info("resumed from step %d", step)
+        self._apply_config_to_loaded_optimizer()
+        log_event("resume", step, checkpoint=self.checkpoints.step_path(step))
         return step
 
     def maybe_save(self, force: bool = False) -> bool:
@@ -320,6 +379,8 @@ class Trainer:
             micro = replace(micro, labels=labels)
             lengths = (micro.cu_seqlens[1:] - micro.cu_seqlens[:-1])[: micro.num_images].tolist()
             seqlens.extend(lengths)
+            if self.env.device.type != "cpu":  # the model reads no device values (no sync): check them here
+                self._check_host_batch(micro, timesteps)
             batch = micro.to(self.env.device)
             timesteps = timesteps.to(self.env.device, non_blocking=True)
             noise = noise.to(self.env.device, non_blocking=True)
@@ -363,6 +424,16 @@ class Trainer:
             bucket_counts=summary[1 + buckets :].cpu(),
             seqlens=seqlens,
         )
+
+    def _check_host_batch(self, micro, timesteps: torch.Tensor) -> None:
+        """The packed-batch contract (fitscale.models.inputs) on the collator's host tensors."""
+        config = self.model_config
+        check_packed_batch(
+            micro.tokens, timesteps, micro.labels, micro.pos, micro.cu_seqlens, micro.max_seqlen, micro.sizes,
+            token_dim=config.token_dim,
+            num_classes=config.num_classes,
+            padded=config.attn_backend == "padded",
+        )  # fmt: skip
 
     def _global_counts(self, micro_batches) -> torch.Tensor:
         """Global (images, real tokens, tokens); checks every rank has as many micro-batches.
@@ -442,11 +513,18 @@ class Trainer:
             if self.env.is_main:
                 (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             self.metrics = self._build_metrics(start_step)
+            from fitscale.train.resume import report_changes
+
+            report_changes(self.config_changes, start_step, self.metrics)
             self.throughput = Throughput(self.env.world_size, self.env.device, self.config.log.peak_flops)
             iterator = iter(self.loader)
             while self.progress.step < cfg.train.steps:
-                stats = self.train_step(next(iterator))
+                waited = time.perf_counter()
+                step_batch = next(iterator)
+                self.throughput.add_data_wait(time.perf_counter() - waited)
+                stats = self.train_step(step_batch)
                 self._log_step(stats, self.maybe_validate())
+                self.maybe_sample()
                 if self.progress.nonfinite_consecutive >= cfg.train.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{self.progress.nonfinite_consecutive} consecutive steps had a non-finite loss or "
@@ -454,9 +532,11 @@ class Trainer:
                         f"checkpoint in {self.run_dir} is untouched; lower optim.lr or check the data"
                     )
                 at_end = self.progress.step >= cfg.train.steps and cfg.checkpoint.save_at_end
-                self.maybe_save(force=at_end)
+                if self.maybe_save(force=at_end):
+                    path = self.checkpoints.step_path(self.progress.step)
+                    self.metrics.event("checkpoint", self.progress.step, path=str(path))
                 if self.checkpoints.exit_requested:
-                    log.info("stopping at step %d on %s", self.progress.step, self.checkpoints.last_signal)
+                    log_event("stop", self.progress.step, signal=self.checkpoints.last_signal)
                     break
             self.checkpoints.wait()
             return self.progress.step
@@ -474,7 +554,19 @@ class Trainer:
         forward = self.engine if self.engine is not None else self.model
         metrics = self.validation.run(forward, self.ema, self.env.device)
         self.throughput.exclude(metrics["val_seconds"])
+        shown = ("val_loss", "val_loss_ema", "val_seconds")
+        log_event("validation", self.progress.step, **{k: metrics[k] for k in shown if k in metrics})
         return metrics
+
+    def maybe_sample(self) -> None:
+        """The sample grid when this step is due (collective; rank 0 writes it), left out of throughput."""
+        if self.samples is None or not self.samples.due(self.progress.step):
+            return
+        path, seconds = self.samples.run(self.model, self.ema, self.progress.step)
+        self.throughput.exclude(seconds)
+        self.metrics.event("samples", self.progress.step, path=str(path) if path else None, seconds=seconds)
+        if path is not None:
+            self.metrics.log_image(self.progress.step, "samples", path)
 
     def _log_step(self, stats: StepStats, validation: dict[str, float] | None = None) -> None:
         """This step's metrics to the JSONL/wandb/progress-bar sinks (rank 0 unless log.all_ranks)."""
@@ -491,6 +583,7 @@ class Trainer:
             "skipped": int(stats.skipped),
             "nonfinite_total": self.progress.nonfinite_total,
             "images": stats.images,
+            "flops": flops,  # this step's training FLOPs, all ranks (fitscale report sums them)
             **timestep_bucket_metrics(stats.bucket_sums, stats.bucket_counts),
             **(validation or {}),
         }
@@ -504,10 +597,13 @@ class Trainer:
         self.metrics.log(step, metrics)
 
     def close(self) -> None:
-        for closer in (getattr(self, "checkpoints", None), getattr(self, "metrics", None)):
-            if closer is not None:
-                closer.close()
-        self.lock.release()
+        """Finish pending saves, close the metrics sinks and release the run folder (also after a failure)."""
+        try:
+            for closer in (self.checkpoints, self.metrics):
+                if closer is not None:
+                    closer.close()
+        finally:
+            self.lock.release()
 
 
 def apply_trainable_patterns(model: torch.nn.Module, patterns: list[str]) -> int | None:

@@ -19,7 +19,14 @@ pytestmark = pytest.mark.slow
 
 def test_demo_recipe_prepares_its_data_and_trains_on_two_ranks(tmp_path):
     data, run_dir = tmp_path / "digits", tmp_path / "run"
-    overrides = [f"data.path={data}", f"train.run_dir={run_dir}", "train.steps=2", "demo.sample_at_end=false"]
+    overrides = [f"data.path={data}", f"train.run_dir={run_dir}", "train.steps=2", "hooks.after=[]"]
+    # a sample grid at the end, drawn by both ranks from the FSDP-sharded EMA
+    overrides += [
+        "train.sample_every=2",
+        "train.sample_labels=[1]",
+        "train.sample_grids=[4x4]",
+        "train.sample_steps=1",
+    ]
     result = subprocess.run(
         [sys.executable, "-m", "fitscale.cli", "train", "recipes/demo.yaml", "--set", *overrides],
         capture_output=True,
@@ -39,3 +46,4 @@ def test_demo_recipe_prepares_its_data_and_trains_on_two_ranks(tmp_path):
     steps = [record for record in records if "event" not in record]
     assert [record["step"] for record in steps] == [1, 2]
     assert all(record["images"] == 32 and record["loss"] > 0 for record in steps)
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-2.png"]

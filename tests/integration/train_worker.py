@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fitscale.cli import add_set_option
 from fitscale.config import load_config
 from fitscale.data.batch import pack_images
 from fitscale.train.trainer import Trainer
@@ -95,10 +96,35 @@ class SeededSteps:
         self.step = int(state["step"])
 
 
+def worker_config(run_dir: str | Path) -> list[str]:
+    """The config overrides every worker run starts from, before its own `--set` items."""
+    return [
+        f"train.run_dir={run_dir}",
+        "data.path=unused",
+        "data.num_classes=10",
+        "model.name=tiny",
+        "model.overrides.attn_backend=reference",
+        "train.device=cpu",
+        "optim.lr=1e-3",
+    ]
+
+
 class KillingTrainer(Trainer):
-    """Rank 0 SIGKILLs itself right after step `die_at` (its checkpoint, if due, is written)."""
+    """Rank 0 SIGKILLs itself right after step `die_at` (its checkpoint, if due, is written);
+    rank `signal_rank` alone sends itself `signal_name` as the validation of step `signal_at` starts."""
 
     die_at: int | None = None
+    signal_at: int | None = None
+    signal_rank: int = 0
+    signal_name: str = "SIGTERM"
+
+    def maybe_validate(self):
+        if self.progress.step == self.signal_at and self.env.rank == self.signal_rank:
+            assert self.validation is not None and self.validation.due(self.progress.step), (
+                "no validation here"
+            )
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+        return super().maybe_validate()
 
     def maybe_save(self, force: bool = False) -> bool:
         saved = super().maybe_save(force)
@@ -110,7 +136,7 @@ class KillingTrainer(Trainer):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
-    parser.add_argument("--set", nargs="*", default=[], dest="overrides")
+    add_set_option(parser, "config fields", "train.steps=3")
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--split", default="interleave")
@@ -119,18 +145,11 @@ def main() -> None:
     parser.add_argument("--history", default="history.json")
     parser.add_argument("--nan-steps", default="", help="comma-separated 0-based steps with a NaN image")
     parser.add_argument("--pad-to", type=int, default=None, help="pad every micro-batch to this many tokens")
+    parser.add_argument("--signal-at", type=int, default=None, help="step whose validation gets the signal")
+    parser.add_argument("--signal-rank", type=int, default=0, help="the one rank that is signalled")
+    parser.add_argument("--send-signal", default="SIGTERM", help="the signal's name")
     args = parser.parse_args()
-    overrides = [
-        f"train.run_dir={args.run_dir}",
-        "data.path=unused",
-        "data.num_classes=10",
-        "model.name=tiny",
-        "model.overrides.attn_backend=reference",
-        "train.device=cpu",
-        "optim.lr=1e-3",
-        *args.overrides,
-    ]
-    config = load_config(None, overrides)
+    config = load_config(None, [*worker_config(args.run_dir), *args.overrides])
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     loader = SeededSteps(
         rank,
@@ -144,10 +163,12 @@ def main() -> None:
         pad_to=args.pad_to,
     )
     KillingTrainer.die_at = args.die_at
+    KillingTrainer.signal_at, KillingTrainer.signal_rank = args.signal_at, args.signal_rank
+    KillingTrainer.signal_name = args.send_signal
     trainer = KillingTrainer(config, loader=loader)
     trainer.train()
     if rank == 0:
-        Path(args.run_dir, args.history).write_text(json.dumps(trainer.history))
+        Path(args.run_dir, args.history).write_text(json.dumps(list(trainer.history)))
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ def test_static_segments_change_no_output():
 def test_profile_step_lists_the_operators_of_a_cpu_step_and_names_a_missing_backend(capsys):
     import profile_step
 
-    argv = ["--model", "tiny", "--depth", "1", "--images", "4", "--steps", "1", "--top", "5"]
+    # Every operator is listed (--top 200): which ones rank first by self time depends on the machine's load.
+    argv = ["--model", "tiny", "--depth", "1", "--images", "4", "--steps", "1", "--top", "200"]
     assert profile_step.main(argv) == 0
     out = capsys.readouterr().out
     assert "aten::mm" in out and "Self CPU time total" in out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +15,6 @@ from fitscale.models import build_model
 from fitscale.sample.fid import compute_fid
 from fitscale.sample.generate import generate_latents, load_sampling_model
 from fitscale.sample.options import SamplingOptions, extrapolation_overrides
-from fitscale.sample.pictures import image_grid
 from fitscale.sample.plan import plan_items
 
 
@@ -35,16 +36,73 @@ def weights_file(tmp_path_factory):
     return path
 
 
-def test_each_image_is_the_same_whatever_its_batch():
+# Every sampler, with settings that keep it fast on a tiny model.
+SAMPLERS = {
+    "euler": dict(sampler="euler", steps=2),
+    "heun": dict(sampler="heun", steps=2),
+    "midpoint": dict(sampler="midpoint", steps=2),
+    "rk4": dict(sampler="rk4", steps=1),
+    "heun2": dict(sampler="heun2", steps=1),
+    "heun3": dict(sampler="heun3", steps=1),
+    "implicit_adams": dict(sampler="implicit_adams", steps=2, atol=1e-4, rtol=1e-3),
+    "dopri5": dict(sampler="dopri5", atol=1e-3, rtol=1e-2),
+    "dopri8": dict(sampler="dopri8", atol=1e-2, rtol=1e-1),
+    "bosh3": dict(sampler="bosh3", atol=1e-3, rtol=1e-2),
+    "fehlberg2": dict(sampler="fehlberg2", atol=1e-3, rtol=1e-2),
+    "adaptive_heun": dict(sampler="adaptive_heun", atol=1e-3, rtol=1e-2),
+    "sde-euler": dict(mode="sde", steps=3, diffusion_form="SBDM"),
+    "sde-heun": dict(mode="sde", sde_sampler="heun", steps=2, last_step="tweedie"),
+}
+
+
+def assert_same_images(first: list[torch.Tensor], second: list[torch.Tensor], tolerance: float, what: str):
+    """Each pair equal to `tolerance` relative to the image's largest value."""
+    for image, (a, b) in enumerate(zip(first, second)):
+        error = ((a - b).abs().max() / a.abs().max()).item()
+        assert error < tolerance, f"{what}: image {image} differs by {error:.1e} (relative)"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: more threads only wait on each other on a busy machine (10x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def float64_model():
+    """The model's fp32 arithmetic differs by ~1e-7 between batch shapes, and dopri8's tableau or
+    SBDM's 1/t amplify that up to 1e-4; in float64 nothing but a batch effect can move an image."""
+    return tiny_model().double()
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_each_image_is_the_same_whatever_its_batch(name, float64_model, one_thread):
+    items = plan_items([(32, 48), (48, 32), (32, 32)], 1, num_classes=10, seed=3)
+    for guidance in (dict(), dict(cfg_scale=2.5, scale_pow=1.0, guidance_channels=3)):
+        options = SamplingOptions(**SAMPLERS[name], **guidance, seed=5)
+        together = generate_latents(float64_model, items, options)
+        # Reversed, and a budget that fits one image (guided: its two copies) per forward.
+        budget = 6 * (2 if options.cfg_scale != 1.0 else 1)
+        alone = generate_latents(float64_model, items[::-1], replace(options, token_budget=budget))[::-1]
+        for latent, item in zip(together, items):
+            assert latent.shape == (4, 2 * item.rows, 2 * item.cols) and torch.isfinite(latent).all()
+        assert_same_images(together, alone, 1e-9, f"{name} {guidance}: together vs alone, reversed")
+
+
+def test_dopri5_image_alone_equals_it_beside_smaller_ones(one_thread):
+    """In fp32 at the release's dopri5 tolerances: a 96x128 image alone and beside two 64x64
+    images (one step size for the batch moved it by ~1e-3)."""
     model = tiny_model()
-    items = plan_items([(64, 96), (80, 80), (48, 128)], 2, num_classes=10, seed=3)
-    options = SamplingOptions(sampler="heun", steps=3, cfg_scale=2.0, seed=5)
-    together = generate_latents(model, items, options)
-    alone = generate_latents(model, items, SamplingOptions(**{**vars(options), "token_budget": 2 * 40}))
-    reordered = generate_latents(model, items[::-1], options)[::-1]
-    for a, b, c, item in zip(together, alone, reordered, items):
-        assert a.shape == (4, 2 * item.rows, 2 * item.cols)
-        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+    options = SamplingOptions(sampler="dopri5", seed=1)
+    big = plan_items([(96, 128)], 1, num_classes=10, labels=[3], seed=1)
+    mixed = plan_items([(96, 128), (64, 64)], 1, num_classes=10, labels=[3, 7], seed=1)
+    mixed.append(plan_items([(64, 64)], 1, 10, labels=[7])[0])
+    mixed[2].index = 2
+    alone, together = generate_latents(model, big, options), generate_latents(model, mixed, options)[:1]
+    assert_same_images(alone, together, 1e-6, "dopri5")
 
 
 def test_plan_items_checks_sizes_and_labels():
@@ -116,6 +174,149 @@ def test_bad_sample_arguments_are_one_line_errors(weights_file, tmp_path, capsys
     assert "needs local Inception weights" in capsys.readouterr().err
 
 
+def test_sampling_options_take_each_modes_defaults_and_the_releases_names():
+    assert SamplingOptions() == SamplingOptions(sampler="euler", steps=50)
+    adaptive = SamplingOptions(sampler="dopri5")
+    assert (adaptive.steps, adaptive.atol, adaptive.rtol) == (None, 1e-6, 1e-3)
+    sde = SamplingOptions(mode="SDE", sde_sampler="Heun", diffusion_form="SBDM", last_step="Tweedie")
+    assert (sde.mode, sde.sde_sampler, sde.diffusion_form, sde.last_step) == (
+        "sde",
+        "heun",
+        "sbdm",
+        "tweedie",
+    )
+    assert (sde.steps, sde.diffusion_norm, sde.last_step_size, sde.sampler, sde.atol) == (
+        50,
+        1.0,
+        0.04,
+        None,
+        None,
+    )
+    assert SamplingOptions(mode="sde", last_step="None").last_step_size == 0.0
+    assert SamplingOptions(**vars(sde)) == sde  # what samples.json records builds the same options
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            dict(sampler="rk5"),
+            "--sampler 'rk5': choose one of euler, heun, midpoint, rk4, heun2, heun3, implicit_adams, dopri5, "
+            "dopri8, bosh3, fehlberg2, adaptive_heun",
+        ),
+        (dict(mode="sdes"), "--mode 'sdes': choose one of ode, sde"),
+        (dict(sampler="dopri5", atol=-1e-6), "--atol -1e-06: a tolerance must be > 0"),
+        (dict(sampler="bosh3", rtol=0.0), "--rtol 0.0: a tolerance must be > 0"),
+        (
+            dict(diffusion_form="sigma"),
+            "--diffusion-form applies to --mode sde only; drop it or add --mode sde (this run is --mode ode)",
+        ),
+        (
+            dict(mode="sde", sampler="dopri5"),
+            "--sampler applies to --mode ode only; drop it or add --mode ode (this run is --mode sde)",
+        ),
+        (
+            dict(mode="sde", atol=1e-3),
+            "--atol applies to --mode ode only; drop it or add --mode ode (this run is --mode sde)",
+        ),
+        (
+            dict(sampler="dopri5", steps=10),
+            "--steps applies to grid samplers (euler, heun, midpoint, rk4, heun2, heun3, implicit_adams); "
+            "--sampler dopri5 picks its own steps from --atol / --rtol",
+        ),
+        (
+            dict(sampler="rk4", rtol=1e-3),
+            "--rtol applies to samplers with an error control (dopri5, dopri8, bosh3, fehlberg2, adaptive_heun, "
+            "implicit_adams); --sampler rk4 takes --steps",
+        ),
+        (
+            dict(mode="sde", diffusion_form="cosine"),
+            "--diffusion-form 'cosine': choose one of constant, sbdm, sigma, linear, decreasing, "
+            "increasing-decreasing",
+        ),
+        (dict(mode="sde", sde_sampler="rk4"), "--sde-sampler 'rk4': choose one of euler, heun"),
+        (dict(mode="sde", last_step="last"), "--last-step 'last': choose one of mean, tweedie, euler, none"),
+        (
+            dict(mode="sde", last_step_size=1.0),
+            "--last-step-size 1.0: must be in (0, 1) (or --last-step none to run the SDE to t = 1)",
+        ),
+        (
+            dict(mode="sde", last_step="none", last_step_size=0.1),
+            "--last-step-size applies to --last-step mean, tweedie or euler; drop it",
+        ),
+        (
+            dict(mode="sde", sde_sampler="heun", last_step="none"),
+            "--last-step none with --sde-sampler heun evaluates the score at t = 1, where it is infinite "
+            "(the release returns NaN); choose --last-step mean, tweedie or euler",
+        ),
+        (dict(mode="sde", diffusion_norm=-1.0), "--diffusion-norm -1.0: must be >= 0"),
+        (dict(scale_pow=-1.0), "--scale-pow -1.0: must be >= 0 (0 = a constant guidance scale)"),
+    ],
+)
+def test_bad_sampling_options_name_the_flag_and_the_choices(fields, message):
+    with pytest.raises(ValueError) as error:
+        SamplingOptions(**fields)
+    assert str(error.value) == message
+
+
+def test_bad_sampler_flags_stop_the_command_before_anything_is_written(weights_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = [
+        "sample",
+        str(weights_file),
+        "--out",
+        str(out),
+        "--model",
+        "tiny",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    ]
+    assert main([*base, "--diffusion-form", "SBDM"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "--diffusion-form applies to --mode sde only; drop it or add --mode sde (this run is --mode ode)"
+        )
+    )
+    assert main([*base, "--sampler", "dopri5", "--atol", "-1"]) == 2
+    assert "--atol -1.0: a tolerance must be > 0" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "torchdiffeq", None)  # as if not installed
+        assert main([*base, "--sampler", "rk4"]) == 2
+    assert "--sampler rk4: the torchdiffeq samplers need torchdiffeq: pip install 'fitscale[sample]'" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
+
+
+def test_two_ranks_write_the_images_one_rank_writes(weights_file, tmp_path, capsys):
+    """`fitscale sample` on 2 gloo ranks (launched as `--nproc 2` launches them): each rank samples
+    every other image, in batches of its own; a noise stream tied to the rank or the batch would
+    move an image by O(1)."""
+    from fitscale.launch.local import launch_local, python_module_command
+
+    flags = (
+        "--model tiny --set attn_backend=reference --height 32 --width 48 --height 48 --width 32 --num-per-size 2 "
+        "--labels 3,7 --cfg 2 --scale-pow 1 --guide-first-3 --mode sde --sde-sampler Heun --steps 2 "
+        "--diffusion-form Decreasing --last-step Euler --seed 4 --device cpu"
+    ).split()
+    assert main(["sample", str(weights_file), "--out", str(tmp_path / "one"), *flags]) == 0
+    capsys.readouterr()
+    command = python_module_command(
+        "fitscale.cli", "sample", str(weights_file), "--out", str(tmp_path / "two")
+    )
+    assert launch_local([*command, *flags], 2, env={"OMP_NUM_THREADS": "1"}) == 0
+    index = json.loads((tmp_path / "two" / "samples.json").read_text())
+    assert index["options"]["sde_sampler"] == "heun" and index["options"]["diffusion_form"] == "decreasing"
+    for image in range(4):
+        one = np.load(tmp_path / "one" / "latents" / f"{image:06d}.npy")
+        two = np.load(tmp_path / "two" / "latents" / f"{image:06d}.npy")
+        assert np.abs(one - two).max() <= 1e-5 * np.abs(one).max(), f"image {image}"
+
+
 def test_run_checkpoint_gives_ema_or_raw_weights(tmp_path):
     from fitscale.checkpoint import CheckpointManager, ModelState
     from fitscale.config.checkpoint import CheckpointConfig
@@ -158,10 +359,3 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     assert compute_fid(shifted, real, feature_extractor=Extractor()) > 1e-3
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         compute_fid(real, real, inception_weights="/nonexistent/inception.pth")
-
-
-def test_image_grid_centres_pictures_of_any_size():
-    pictures = [np.zeros((4, 6, 3), np.uint8), np.zeros((8, 2, 3), np.uint8), np.zeros((2, 2, 3), np.uint8)]
-    grid = image_grid(pictures, columns=2, pad=1)
-    assert grid.shape == (2 * 9 + 1, 2 * 7 + 1, 3)
-    assert (grid == 0).sum() == sum(p.size for p in pictures)

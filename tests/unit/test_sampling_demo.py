@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sklearn.datasets import load_digits
 
 from fitscale.data.sources import render_digit
@@ -42,7 +43,7 @@ def test_demo_refuses_a_digits_dataset_of_other_sizes(tmp_path):
     import pytest
 
     from fitscale.data.format import FORMAT_NAME, FORMAT_VERSION, META_FILE
-    from fitscale.train.cli import maybe_prepare_digits
+    from fitscale.sample.demo import maybe_prepare_digits
 
     folder = tmp_path / "digits"
     folder.mkdir()
@@ -53,7 +54,38 @@ def test_demo_refuses_a_digits_dataset_of_other_sizes(tmp_path):
         maybe_prepare_digits(str(folder), 4, 8)
     assert str(info.value) == (
         f"{folder}: this digits dataset has grid sides 4..16 tokens but the recipe asks for "
-        f"demo.digits_min_side=4, demo.digits_max_side=8; delete {folder} to have it rewritten, "
-        "or point data.path at another folder"
+        f"hooks.options.digits_min_side=4, hooks.options.digits_max_side=8; delete {folder} to have it "
+        "rewritten, or point data.path at another folder"
     )
     assert json.loads((folder / META_FILE).read_text()) == meta  # nothing rewritten
+
+
+def test_demo_hooks_are_named_by_the_recipe_and_check_their_options():
+    from fitscale.config import load_config
+    from fitscale.sample.demo import DemoOptions, prepare_digits, sample_grid
+    from fitscale.train.cli import resolve_hook
+
+    config = load_config("recipes/demo.yaml")
+    assert [resolve_hook("before", n) for n in config.hooks.before] == [prepare_digits]
+    assert [resolve_hook("after", n) for n in config.hooks.after] == [sample_grid]
+    assert DemoOptions.from_config(config) == DemoOptions(digits_max_side=8, sample_cfg_scale=6.0)
+    bad = load_config("recipes/demo.yaml", ["hooks.options.sample_cfg=2"])
+    with pytest.raises(ValueError) as info:
+        DemoOptions.from_config(bad)
+    assert str(info.value) == (
+        "hooks.options: unknown demo option(s) ['sample_cfg']; known: digits_max_side, digits_min_side, "
+        "sample_cfg_scale"
+    )
+
+
+def test_a_hook_that_is_not_there_is_refused_by_name():
+    from fitscale.config import ConfigError, load_config
+    from fitscale.train.cli import resolve_hook
+
+    with pytest.raises(ValueError, match=r"^hooks.after: 'fitscale.sample.demo:no_such' cannot be found \("):
+        resolve_hook("after", "fitscale.sample.demo:no_such")
+    with pytest.raises(ConfigError) as info:
+        load_config("recipes/demo.yaml", ["hooks.before=[fitscale.sample.demo]"])
+    assert str(info.value) == (
+        "hooks.before: 'fitscale.sample.demo' is not module:function, e.g. fitscale.sample.demo:prepare_digits"
+    )

@@ -23,7 +23,8 @@ from fitscale.sample.plan import plan_items
 SIZES = [(32, 32), (48, 80)]  # pixels: 4x4 and 6x10 latents, 2x2 and 3x5 tokens
 
 
-def tiny_vae(latent_channels: int = 4):
+def tiny_vae(latent_channels: int = 4, **factors):
+    """`factors`: the latent normalisation (scaling_factor, shift_factor, latents_mean, latents_std)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -34,6 +35,7 @@ def tiny_vae(latent_channels: int = 4):
         latent_channels=latent_channels,
         norm_num_groups=4,
         layers_per_block=1,
+        **factors,
     )
 
 

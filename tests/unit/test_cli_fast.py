@@ -1,0 +1,46 @@
+"""`fitscale --help` builds every command's parser without importing torch (or numpy)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_PROBE = """
+import sys
+from fitscale.cli import build_parser
+parser = build_parser()
+parser.format_help()
+for action in parser._subparsers._group_actions:
+    for sub in action.choices.values():
+        sub.format_help()
+heavy = sorted(name for name in ("torch", "numpy", "streaming", "sklearn", "PIL") if name in sys.modules)
+print(",".join(heavy) or "none")
+"""
+
+
+def test_help_imports_no_torch():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "none"
+
+
+def test_lazy_package_exports_resolve():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    probe = (
+        "import sys, fitscale.models, fitscale.data, fitscale.checkpoint, fitscale.flow, "
+        "fitscale.parallel, fitscale.sweep\n"
+        "assert 'torch' not in sys.modules\n"
+        "from fitscale.models import build_config, ModelConfig\n"
+        "from fitscale.models.config import build_config as direct\n"
+        "assert build_config is direct and 'build_model' in dir(fitscale.models)\n"
+        "assert 'torch' not in sys.modules\n"
+        "try:\n    fitscale.models.no_such_name\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "module 'fitscale.models' has no attribute 'no_such_name'"
