@@ -36,12 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fitscale.flow.samplers import FIXED_GRID
 from fitscale.models.config import canonical_rope_method
 from fitscale.models.rope import segment_rope_tables
 from fitscale.sample.demo import digits_classifier, latent_to_digit
 from fitscale.sample.generate import generate_latents, load_sampling_model
 from fitscale.sample.options import SamplingOptions
-from fitscale.sample.pictures import image_grid, preview_latents
+from fitscale.sample.pictures import grid_caption, labelled_grid, preview_latents, save_png
 from fitscale.sample.plan import SampleItem
 
 # The release's `custom_freqs` names, in the order of its rope.py.
@@ -151,18 +152,21 @@ def study_items(sizes, num_classes: int, per_class: int) -> dict[tuple[int, int]
 
 
 def run_settings(run: Path, base_grid: int | None, cfg_scale: float | None) -> tuple[int, float]:
-    """L0 and the guidance scale: given, or the run's demo section (`digits_max_side`, the largest
-    grid side it trained on, and `sample_cfg_scale`, its closing grid's guidance)."""
+    """L0 and the guidance scale: given, or the run's demo settings (`hooks.options`, or the `demo`
+    section of older runs): `digits_max_side`, the largest grid side it trained on, and
+    `sample_cfg_scale`, its closing grid's guidance."""
     import yaml
 
     config_file = run / "config.yaml"
     if not config_file.is_file():
         raise StudyError(f"--run {run}: no config.yaml there; give the folder of a training run")
-    demo = (yaml.safe_load(config_file.read_text()) or {}).get("demo") or {}
+    saved = yaml.safe_load(config_file.read_text()) or {}
+    demo = (saved.get("hooks") or {}).get("options") or saved.get("demo") or {}
     if base_grid is None:
         if "digits_max_side" not in demo:
             raise StudyError(
-                f"--base-grid: {config_file} has no demo.digits_max_side; give the training grid edge L0 in tokens"
+                f"--base-grid: {config_file} has no hooks.options.digits_max_side; "
+                "give the training grid edge L0 in tokens"
             )
         base_grid = int(demo["digits_max_side"])
     if base_grid < 2:
@@ -183,7 +187,11 @@ def run_study(args, variants: list[Variant]) -> dict:
     num_classes = plain.config.num_classes
     items = study_items(args.sizes, num_classes, args.per_class)
     options = SamplingOptions(
-        sampler=args.sampler, steps=args.steps, cfg_scale=cfg_scale, seed=args.seed, token_budget=16384
+        sampler=args.sampler,
+        steps=args.steps if args.sampler in FIXED_GRID else None,  # adaptive samplers choose their own
+        cfg_scale=cfg_scale,
+        seed=args.seed,
+        token_budget=16384,
     )
     classifier = digits_classifier()
     sampled: dict[bytes, tuple[np.ndarray, list[np.ndarray]]] = {}  # table -> (correct, previews)
@@ -225,6 +233,7 @@ def run_study(args, variants: list[Variant]) -> dict:
     return {
         "rates": rates,
         "previews": {cell: sampled[key][1] for cell, key in cells.items()},
+        "options": options,
         "seconds": seconds,
         "images_sampled": images,
         "cells": len(cells),
@@ -328,41 +337,29 @@ def spread_report(rates: dict, other: dict, base_grid: int) -> tuple[str, float]
     return markdown_table(diff, {}, base_grid, percent), mean
 
 
-def labelled_panels(study: dict, variants: list[Variant], sizes, num_classes: int, scale: int):
-    """One PIL image: a titled panel per variant, rows classes, columns sizes (one sample each)."""
-    from PIL import Image, ImageDraw
-
+def labelled_panels(study: dict, variants: list[Variant], sizes, num_classes: int, options, scale: int):
+    """uint8 (H, W, 3): a labelled grid per variant (rows classes, columns sizes, one sample each,
+    * beyond L0) captioned with its rates and settings, stacked top to bottom."""
     base_grid = study["settings"]["base_grid"]
+    columns = [f"{rows}x{cols}{'*' if max(rows, cols) > base_grid else ''}" for rows, cols in sizes]
     panels = []
     for variant in variants:
-        pictures = [
-            study["previews"][(variant, size)][label] for label in range(num_classes) for size in sizes
+        cells = [
+            [study["previews"][(variant, size)][label] for size in sizes] for label in range(num_classes)
         ]
-        grid = Image.fromarray(image_grid(pictures, columns=len(sizes)))
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-        cell_h, cell_w = (grid.height - 2 * scale) / num_classes, (grid.width - 2 * scale) / len(sizes)
-        left, top = 24, 40
         inside, beyond = summary_columns(study["rates"][variant.label], base_grid)
         paper = f" ({variant.paper_name})" if variant.paper_name else ""
-        title = f"{variant.label}{paper}: {percent(inside)}% within L0, {percent(beyond)}% beyond"
-        width = max(grid.width + left, int(ImageDraw.Draw(grid).textlength(title)) + 8)
-        panel = Image.new("RGB", (width, grid.height + top), "white")
-        panel.paste(grid, (left, top))
-        draw = ImageDraw.Draw(panel)
-        draw.text((4, 2), title, fill="black")
-        for column, (rows, cols) in enumerate(sizes):
-            mark = "*" if max(rows, cols) > base_grid else ""
-            draw.text((left + column * cell_w + 4, 22), f"{rows}x{cols}{mark}", fill="black")
-        for label in range(num_classes):
-            draw.text((6, top + label * cell_h + cell_h / 2 - 5), str(label), fill="black")
-        panels.append(panel)
-    width = max(panel.width for panel in panels)
-    sheet = Image.new("RGB", (width, sum(panel.height for panel in panels) + 8 * len(panels)), "white")
-    y = 0
-    for panel in panels:
-        sheet.paste(panel, (0, y))
-        y += panel.height + 8
-    return sheet
+        rates = f"{percent(inside)}% recognised within L0 = {base_grid}, {percent(beyond)}% beyond"
+        caption = f"{variant.label}{paper}: {rates}\n" + grid_caption(
+            options, variant.label, size_unit="tokens"
+        )
+        panels.append(
+            labelled_grid(cells, [str(label) for label in range(num_classes)], columns, caption, scale)
+        )
+    width = max(panel.shape[1] for panel in panels)
+    gap = np.full((8 * scale, width, 3), 255, np.uint8)
+    padded = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in panels]
+    return np.concatenate([part for panel in padded for part in (panel, gap)][:-1])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,8 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_grids:
         for method in methods:
             chosen = [variant for variant in variants if variant.method == method]
-            sheet = labelled_panels(study, chosen, args.sizes, settings["num_classes"], scale=3)
-            sheet.save(out / f"{method}-seed{args.seed}.png")
+            sheet = labelled_panels(
+                study, chosen, args.sizes, settings["num_classes"], study["options"], scale=3
+            )
+            save_png(sheet, out / f"{method}-seed{args.seed}.png")
     print("\n".join(lines))
     print(timing)
     return 0

@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory):
     CheckpointManager(run, CheckpointConfig(), handle_signals=False).save(1, state)
     (run / "config.yaml").write_text(
         "model:\n  name: tiny\n  overrides:\n    attn_backend: reference\n"
-        "demo:\n  digits_max_side: 2\n  sample_cfg_scale: 2.0\n"
+        "hooks:\n  options:\n    digits_max_side: 2\n    sample_cfg_scale: 2.0\n"
     )
     return run
 
