@@ -10,13 +10,14 @@ size stands in for the paper's FID (FiTv2, Table of resolution extrapolation).
 
 Every variant samples the same images (class, replica and size give the noise), so methods
 differ only by their RoPE. A cell whose cos/sin tables equal, in float32, those of a cell
-already sampled (every method is plain RoPE on grids within L0; decoupling changes nothing on a
-square grid) is sampled once and shared.
+already sampled (within L0 every method is plain RoPE times its magnitude; decoupling changes
+nothing on a square grid) is sampled once and shared.
 
 Writes into `--out`: `recognition-seed<S>.json` (every rate), `recognition-seed<S>.md` (the
 table, the command and the run time) and, unless `--no-grids`, one labelled PNG per method
 (`<method>-seed<S>.png`: a panel per variant, rows classes, columns sizes). `--compare` adds the
-per-cell difference to another seed's json (the spread between seeds).
+per-cell difference to another seed's json (the spread between seeds); `--summarize` prints the
+means within and beyond L0 of several seeds' json. The numbers: docs/extrapolation.md.
 
     OMP_NUM_THREADS=1 nice -n 10 python tools/extrapolation_study.py --run runs/demo \
         --out docs/extrapolation --seed 0
@@ -349,10 +350,8 @@ def labelled_panels(study: dict, variants: list[Variant], sizes, num_classes: in
         ]
         inside, beyond = summary_columns(study["rates"][variant.label], base_grid)
         paper = f" ({variant.paper_name})" if variant.paper_name else ""
-        rates = f"{percent(inside)}% recognised within L0 = {base_grid}, {percent(beyond)}% beyond"
-        caption = f"{variant.label}{paper}: {rates}\n" + grid_caption(
-            options, variant.label, size_unit="tokens"
-        )
+        rates = f"{percent(inside)}% recognised within L0 = {base_grid}, {percent(beyond)}% beyond{paper}"
+        caption = f"{rates} | " + grid_caption(options, variant.label, size_unit="tokens")
         panels.append(
             labelled_grid(cells, [str(label) for label in range(num_classes)], columns, caption, scale)
         )
