@@ -30,6 +30,10 @@ class CommandError(Exception):
     """An error with a one-line, user-facing reason; printed without a traceback (FITSCALE_DEBUG=1 shows it)."""
 
 
+# Printed as one line with exit status 2; any other exception is a traceback and status 1.
+USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fitscale", description="Train FiTv2 diffusion transformers at scale."
@@ -49,15 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from fitscale.launch.failures import WorkerFailed, in_launched_rank, record_failure
+
     try:
         result = args.func(args)
-    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as error:
-        if os.environ.get("FITSCALE_DEBUG"):
+    except WorkerFailed as error:  # a rank this process launched: its line (or traceback), its status
+        details = error.details if os.environ.get("FITSCALE_DEBUG") and error.details else None
+        print(details.rstrip() if details else f"fitscale {args.command}: error: {error}", file=sys.stderr)
+        return error.code
+    except BrokenPipeError:  # `fitscale info ... | head`
+        return 0
+    except Exception as error:
+        user_error = isinstance(error, USER_ERRORS)
+        if in_launched_rank():  # the launcher reports the first failing rank's error, once
+            record_failure(error, user_error)
+            return 2 if user_error else 1
+        if os.environ.get("FITSCALE_DEBUG") or not user_error:
             raise
         print(f"fitscale {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `fitscale info ... | head`
-        return 0
     return int(result or 0)
 
 

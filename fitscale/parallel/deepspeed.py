@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,35 @@ class DeepSpeedResumeError(ValueError):
     """A DeepSpeed checkpoint cannot be loaded by this run (world size or ZeRO stage differ)."""
 
 
+INSTALL_HINT = "parallel.backend=deepspeed needs DeepSpeed: pip install 'fitscale[deepspeed]'"
+
+
 def _import_deepspeed():
     try:
         import deepspeed
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "parallel.backend=deepspeed needs DeepSpeed: pip install 'fitscale[deepspeed]'"
-        ) from error
+        raise ImportError(INSTALL_HINT) from error
     return deepspeed
+
+
+def deepspeed_problems(config) -> list[str]:
+    """What keeps a RunConfig from running on DeepSpeed, each naming the fix ([] for other backends).
+
+    Needs no process group and imports no DeepSpeed, so launchers check it before starting ranks.
+    """
+    import importlib.util
+
+    if config.parallel.backend != "deepspeed":
+        return []
+    problems = []
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append(f"{INSTALL_HINT} (it is not installed in {sys.executable})")
+    if config.optim.ema.enabled:
+        problems.append(
+            "optim.ema.enabled=true is not supported with parallel.backend=deepspeed "
+            "(ZeRO partitions the weights outside torch); set optim.ema.enabled=false or use parallel.backend=fsdp"
+        )
+    return problems
 
 
 def deepspeed_config(cfg: ParallelConfig, train: TrainConfig, device: torch.device) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,11 @@ class Trainer:
         if self.mesh is not None:
             apply_fsdp(model, self.mesh, cfg.parallel, self.env.device)
         model.to_empty(device=self.env.device)
-        model.init_weights()  # also fills buffers; the weights are replaced just below
+        with warnings.catch_warnings():
+            # DTensor warns that random init on a CPU mesh may differ from a GPU mesh's: these values are
+            # replaced by the broadcast initial weights just below.
+            warnings.filterwarnings("ignore", "DTensor random operators", UserWarning)
+            model.init_weights()  # also fills buffers
         self._load_initial_weights(model)
         self._apply_trainable(model)
         self._move_label_dropout_to_loss(model)
@@ -202,10 +207,11 @@ class Trainer:
         if not self.config.optim.ema.enabled:
             return None
         if self.config.parallel.backend == "deepspeed":
-            raise ConfigError(
-                "optim.ema.enabled=true is not supported with parallel.backend=deepspeed "
-                "(ZeRO partitions the weights outside torch); set optim.ema.enabled=false or use parallel.backend=fsdp"
-            )
+            from fitscale.parallel.deepspeed import deepspeed_problems
+
+            problems = deepspeed_problems(self.config)
+            if problems:
+                raise ConfigError("; ".join(problems))
         from fitscale.train.ema import EMA
 
         return EMA(self.model, self.config.optim.ema)
