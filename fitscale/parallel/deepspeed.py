@@ -19,7 +19,8 @@ DeepSpeed inference's all-reduce, and only under the `deepspeed` launcher), so i
 off and ZeRO's collectives run on our gloo group.
 
 Checkpoints: DeepSpeed writes its own per-rank ZeRO partitions (weights and optimizer state)
-under `<run_dir>/deepspeed/step-N`, with a small `fitscale.json` naming the world size and ZeRO
+under `<run_dir>/deepspeed/step-N`, beside the EMA's partitions (`ema-rank-R.pt`,
+fitscale.parallel.deepspeed_ema), with a small `fitscale.json` naming the world size and ZeRO
 stage that wrote them, before the CheckpointManager publishes step N (whose DCP part holds the
 LR schedule, data position, RNG and progress), so a visible step always has its DeepSpeed part.
 Resuming is supported on the same world size and ZeRO stage, and continues bit-identically.
@@ -42,7 +43,7 @@ import torch
 
 from fitscale.config.parallel import ParallelConfig
 from fitscale.config.train import TrainConfig
-from fitscale.parallel.agree import rank0_decides
+from fitscale.parallel.agree import all_ranks_agree, rank0_decides
 from fitscale.parallel.fsdp import resolve_dtypes
 from fitscale.parallel.mesh import DistributedEnv
 
@@ -79,11 +80,6 @@ def deepspeed_problems(config) -> list[str]:
     problems = []
     if importlib.util.find_spec("deepspeed") is None:
         problems.append(f"{INSTALL_HINT} (it is not installed in {sys.executable})")
-    if config.optim.ema.enabled:
-        problems.append(
-            "optim.ema.enabled=true is not supported with parallel.backend=deepspeed "
-            "(ZeRO partitions the weights outside torch); set optim.ema.enabled=false or use parallel.backend=fsdp"
-        )
     return problems
 
 
@@ -163,14 +159,19 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def save_deepspeed_state(
-    engine, run_dir: str | Path, step: int, complete_steps: list[int] | None = None
+    engine, run_dir: str | Path, step: int, complete_steps: list[int] | None = None, ema=None
 ) -> None:
-    """Weights and optimizer partitions of every rank, as DeepSpeed lays them out (collective).
+    """Weights and optimizer partitions of every rank, as DeepSpeed lays them out, and the EMA's
+    partitions (fitscale.parallel.deepspeed_ema) when `ema` is given (collective).
 
     `complete_steps` (the published checkpoints) lets rank 0 remove the DeepSpeed folders of
     steps the CheckpointManager has since pruned: only older steps absent from that list go, so
     a step still being published (asynchronous saving) keeps its part.
     """
+    if ema is not None:  # before DeepSpeed's files, whose save ends in a barrier; the metadata comes last
+        from fitscale.parallel.deepspeed_ema import save_ema
+
+        save_ema(ema, step_dir(run_dir, step), engine.global_rank)
     engine.save_checkpoint(str(checkpoint_dir(run_dir)), tag=f"step-{step}", save_latest=False)
     if engine.global_rank != 0:
         return
@@ -209,14 +210,45 @@ def check_resumable(run_dir: str | Path, step: int, world_size: int, zero_stage:
     return folder
 
 
-def load_deepspeed_state(engine, run_dir: str | Path, step: int) -> None:
-    """Load step `step`'s partitions into `engine` (same world size and ZeRO stage only)."""
+def load_deepspeed_state(engine, run_dir: str | Path, step: int, ema=None) -> None:
+    """Load step `step`'s partitions into `engine` and `ema` (same world size and ZeRO stage only)."""
     stage = engine.zero_optimization_stage()
     # Rank 0 reads the metadata for everyone: ranks that saw different files would disagree on the load.
     folder = rank0_decides(lambda: check_resumable(run_dir, step, engine.world_size, stage))
     load_path, _ = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=folder.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {folder}; see its log above for the reason")
+    if ema is not None:
+        from fitscale.parallel.deepspeed_ema import load_ema
+
+        all_ranks_agree(lambda: load_ema(ema, folder, engine.global_rank))
+
+
+def read_deepspeed_weights(run_dir: str | Path, step: int, which: str = "model") -> dict[str, torch.Tensor]:
+    """Full fp32 weights (`which="model"`) or EMA weights (`"ema"`) of step `step`, in one process.
+
+    The EMA covers the trainable parameters; frozen ones, which it does not average, are the weights'.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = step_dir(run_dir, step)
+    if not (folder / METADATA).is_file():
+        raise FileNotFoundError(f"{folder} is not a complete DeepSpeed checkpoint of this run")
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=folder.name)
+    if which == "ema":
+        from fitscale.parallel.deepspeed_ema import assemble_ema, ema_file
+
+        if not ema_file(folder, 0).is_file():
+            raise ValueError(f"{folder} holds no EMA weights (was the EMA disabled in that run? drop --ema)")
+        world_size = json.loads((folder / METADATA).read_text())["world_size"]
+        weights.update(assemble_ema(folder, world_size))
+    return weights
+
+
+def is_deepspeed_checkpoint(checkpoint: str | Path) -> bool:
+    """Whether a published `<run_dir>/checkpoints/step-N` folder has its weights in DeepSpeed's files."""
+    checkpoint = Path(checkpoint)
+    return (checkpoint.parent.parent / SUBFOLDER / checkpoint.name / METADATA).is_file()
 
 
 def export_deepspeed_weights(run_dir: str | Path, step: int, out: str | Path) -> dict[str, Any]:
@@ -224,14 +256,10 @@ def export_deepspeed_weights(run_dir: str | Path, step: int, out: str | Path) ->
 
     Runs in one process without a process group; the file loads with `train.init_from`.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from fitscale.checkpoint.export import save_safetensors
 
     folder = step_dir(run_dir, step)
-    if not (folder / METADATA).is_file():
-        raise FileNotFoundError(f"{folder} is not a complete DeepSpeed checkpoint of this run")
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=folder.name)
+    weights = read_deepspeed_weights(run_dir, step)
     info = {"source": str(folder), "step": str(step), "weights": "model", "dtype": "fp32"}
     save_safetensors(weights, Path(out), info, overwrite=False)
     return {**info, "out": str(out), "tensors": len(weights)}

@@ -206,12 +206,10 @@ class Trainer:
     def _build_ema(self):
         if not self.config.optim.ema.enabled:
             return None
-        if self.config.parallel.backend == "deepspeed":
-            from fitscale.parallel.deepspeed import deepspeed_problems
+        if self.engine is not None:  # ZeRO's fp32 master partitions, averaged where they live
+            from fitscale.parallel.deepspeed_ema import DeepSpeedEMA
 
-            problems = deepspeed_problems(self.config)
-            if problems:
-                raise ConfigError("; ".join(problems))
+            return DeepSpeedEMA(self.engine, self.model, self.config.optim.ema)
         from fitscale.train.ema import EMA
 
         return EMA(self.model, self.config.optim.ema)
@@ -284,11 +282,11 @@ class Trainer:
             "rng": PerRankState(RNGState()),
             "progress": self.progress,
         }
-        if self.engine is None:  # DeepSpeed keeps weights and optimizer in its own files
+        if self.engine is None:  # DeepSpeed keeps weights, optimizer and EMA partitions in its own files
             state["model"] = ModelState(self.model)
             state["optimizer"] = OptimizerState(self.model, self.optimizer)
-        if self.ema is not None:
-            state["ema"] = self.ema
+            if self.ema is not None:
+                state["ema"] = self.ema
         return state
 
     # ---- resuming ---------------------------------------------------------------------------
@@ -304,7 +302,7 @@ class Trainer:
         if self.engine is not None:
             from fitscale.parallel.deepspeed import load_deepspeed_state
 
-            load_deepspeed_state(self.engine, self.run_dir, step)
+            load_deepspeed_state(self.engine, self.run_dir, step, self.ema)
         self.checkpoints.load(step, self.state())
         log_event("resume", step, checkpoint=self.checkpoints.step_path(step))
         return step
@@ -316,7 +314,7 @@ class Trainer:
             from fitscale.parallel.deepspeed import save_deepspeed_state
 
             # Written before the manager publishes step-N, so a visible step always has this part.
-            save_deepspeed_state(self.engine, self.run_dir, step, self.checkpoints.complete_steps())
+            save_deepspeed_state(self.engine, self.run_dir, step, self.checkpoints.complete_steps(), self.ema)
             force = True
         return self.checkpoints.maybe_save(step, self.state(), force=force)
 

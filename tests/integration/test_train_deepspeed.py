@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 COMMON = [
     "train.steps=4",
     "checkpoint.keep_last=0",
-    "optim.ema.enabled=false",
+    "optim.ema.decay=0.5",  # far from the weights within 4 steps, so a wrong average shows
     "optim.schedule.warmup_steps=2",
     "train.grad_clip=0.5",
     "model.overrides.class_dropout_prob=0.0",
@@ -39,7 +39,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     paths = {name: root / name for name in ("single", "fsdp", "zero3")}
     validation = [f"data.val_path={write_digits_split(root / 'val')}", "train.val_every=2"]
     run(paths["single"], 1, *COMMON, *NO_CHECKPOINTS)
-    run(paths["fsdp"], 2, *COMMON, *validation, "checkpoint.interval=0")  # saves step 4 at the end
+    run(paths["fsdp"], 2, *COMMON, *validation, "checkpoint.interval=2")
     run(paths["zero3"], 2, *COMMON, *ZERO3, *validation)
     return paths
 
@@ -65,10 +65,42 @@ def test_zero3_scores_the_held_out_split_like_fsdp(runs):
     assert "val_loss" not in zero3[1] and "val_loss" not in zero3[3]
 
 
-def test_zero2_gives_the_losses_of_the_single_process_run(runs, tmp_path):
+def test_zero3_scores_the_ema_on_the_held_out_split_like_fsdp(runs):
+    fsdp, zero3 = metric_records(runs["fsdp"]), metric_records(runs["zero3"])
+    for step in (2, 4):
+        assert zero3[step]["val_loss_ema"] == pytest.approx(fsdp[step]["val_loss_ema"], rel=1e-5), step
+        assert abs(zero3[step]["val_loss_ema"] - zero3[step]["val_loss"]) > 1e-4  # the average was swapped in
+
+
+def exported(run_dir: Path, step: int, out: Path, ema: bool) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from fitscale.checkpoint.export import export_checkpoint
+
+    export_checkpoint(run_dir / "checkpoints" / f"step-{step}", out, ema=ema)
+    return load_file(out)
+
+
+def assert_ema_matches_fsdp(run_dir: Path, fsdp: Path, step: int, tmp_path: Path) -> None:
+    ema = exported(run_dir, step, tmp_path / "ema.safetensors", ema=True)
+    weights = exported(run_dir, step, tmp_path / "weights.safetensors", ema=False)
+    expected = checkpoint_tensors(fsdp, step)
+    assert ema.keys() == weights.keys()
+    for name, tensor in ema.items():
+        torch.testing.assert_close(tensor, expected[f"ema.params.{name}"], rtol=1e-5, atol=1e-6, msg=name)
+    moved = weights["final_layer.linear.weight"] - ema["final_layer.linear.weight"]
+    assert moved.abs().max() > 1e-4  # the average lags the weights
+
+
+def test_zero3_ema_is_fsdps_and_exports_from_its_partitions(runs, tmp_path):
+    assert_ema_matches_fsdp(runs["zero3"], runs["fsdp"], 4, tmp_path)
+
+
+def test_zero2_gives_the_losses_and_ema_of_the_other_backends(runs, tmp_path):
     zero2 = ["parallel.backend=deepspeed", "parallel.zero_stage=2", "train.steps=2"]
-    run(tmp_path / "zero2", 2, *COMMON, *NO_CHECKPOINTS, *zero2)
+    run(tmp_path / "zero2", 2, *COMMON, "checkpoint.interval=0", *zero2)
     assert history(tmp_path / "zero2") == pytest.approx(history(runs["single"])[:4], rel=1e-5)
+    assert_ema_matches_fsdp(tmp_path / "zero2", runs["fsdp"], 2, tmp_path)
 
 
 def test_zero3_weights_exported_from_its_partitions_match_fsdp(runs, tmp_path):
@@ -119,6 +151,7 @@ def test_zero3_resumed_on_the_same_world_size_continues_bit_identically(runs, tm
     assert losses(resumed, "history-resumed.json") == losses(runs["zero3"])[2:]
     expected, actual = deepspeed_tensors(runs["zero3"], 4), deepspeed_tensors(resumed, 4)
     assert any("exp_avg_sq" in key for key in expected), "no Adam state in the DeepSpeed files"
+    assert any(key.startswith("ema-rank-1.pt.params.") for key in expected), "no EMA in the DeepSpeed files"
     assert expected.keys() == actual.keys()
     for key, tensor in expected.items():
         assert torch.equal(tensor, actual[key]), f"{key} differs after resuming"
