@@ -30,8 +30,32 @@ class CommandError(Exception):
     """An error with a one-line, user-facing reason; printed without a traceback (FITSCALE_DEBUG=1 shows it)."""
 
 
-# Printed as one line with exit status 2; any other exception is a traceback and status 1.
-USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError)
+def add_set_option(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """`--set KEY=VALUE ...`, the one definition every command uses; the items go to `args.overrides`.
+
+    `--set a=1 --set b=2` and `--set a=1 b=2` are the same: every item of every `--set`, in command-line
+    order (a later item for the same key wins). Items are split by `fitscale.config.split_override`
+    (the value is everything after the first `=`), which names an item that is not KEY=VALUE.
+    """
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override {what}, e.g. --set {example}; takes several items and may be repeated",
+    )
+
+
+def set_option_args(overrides: list[str]) -> list[str]:
+    """`overrides` as command-line arguments for a child command: `--set` and the items, or nothing."""
+    return ["--set", *overrides] if overrides else []
+
+
+# Printed as one line with exit status 2 (ImportError: an optional dependency that is not installed,
+# whose message says which extra to install); any other exception is a traceback and status 1.
+USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from fitscale.launch.failures import WorkerFailed, in_launched_rank, record_failure
 
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command relaunches itself with
     try:
         result = args.func(args)
     except WorkerFailed as error:  # a rank this process launched: its line (or traceback), its status

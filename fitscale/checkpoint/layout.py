@@ -47,6 +47,29 @@ def complete_steps(folder: Path) -> list[int]:
     return sorted(steps)
 
 
+def resume_step(steps: list[int], resume: str, folder: Path) -> int | None:
+    """The step to resume from under `train.resume` (`auto`, `never` or a step number), given the
+    complete `steps` of checkpoint `folder`; None for a fresh start."""
+    if resume == "auto":
+        return steps[-1] if steps else None
+    if resume == "never":
+        if steps:
+            raise FileExistsError(
+                f"{folder} already holds checkpoints (steps {steps}); with train.resume=never pick a "
+                "new train.run_dir, or set train.resume=auto to continue this run"
+            )
+        return None
+    if not str(resume).isdigit():
+        raise ValueError(f"train.resume={resume!r} is not `auto`, `never` or a step number")
+    step = int(resume)
+    if step not in steps:
+        raise FileNotFoundError(
+            f"train.resume={step}: {folder / step_dirname(step)} is not a complete checkpoint; complete steps in "
+            f"{folder}: {steps or 'none'}"
+        )
+    return step
+
+
 def steps_to_delete(steps: list[int], newest: int, keep_last: int, keep_every: int) -> list[int]:
     """Complete steps older than `newest` that neither the last-K nor the every-M rule keeps.
 

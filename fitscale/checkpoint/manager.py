@@ -104,25 +104,7 @@ class CheckpointManager:
 
     def resume_step(self, resume: str = "auto") -> int | None:
         """The step to resume from under `train.resume`: `auto`, `never` or a step number."""
-        steps = self.complete_steps()
-        if resume == "auto":
-            return steps[-1] if steps else None
-        if resume == "never":
-            if steps:
-                raise FileExistsError(
-                    f"{self.folder} already holds checkpoints (steps {steps}); with train.resume=never pick a "
-                    "new train.run_dir, or set train.resume=auto to continue this run"
-                )
-            return None
-        if not str(resume).isdigit():
-            raise ValueError(f"train.resume={resume!r} is not `auto`, `never` or a step number")
-        step = int(resume)
-        if step not in steps:
-            raise FileNotFoundError(
-                f"train.resume={step}: {self.step_path(step)} is not a complete checkpoint; complete steps in "
-                f"{self.folder}: {steps or 'none'}"
-            )
-        return step
+        return layout.resume_step(self.complete_steps(), resume, self.folder)
 
     def maybe_resume(self, state: dict[str, Any], resume: str = "auto") -> int | None:
         """Load the checkpoint that `resume` names, if any; returns its step."""

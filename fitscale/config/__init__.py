@@ -141,8 +141,19 @@ _YAML11_WORDS = {"on", "off", "yes", "no", "y", "n"}
 
 
 def _keep_yaml11_words(item: str) -> str:
-    key, value = item.split("=", 1)
+    key, value = split_override(item)
     return f"{key}='{value}'" if value.strip().lower() in _YAML11_WORDS else item
+
+
+def split_override(item: str, form: str = "section.field=value, e.g. train.steps=100") -> tuple[str, str]:
+    """`"key=value"` -> `("key", "value")`: split at the first `=`, so a value may contain `=`.
+
+    Raises ConfigError naming the item when it has no `=` or no key; `form` says what it should look like.
+    """
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like {form}")
+    return key.strip(), value
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -160,9 +171,6 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
             layers.append(OmegaConf.load(path))
         except Exception as error:  # yaml.YAMLError and friends
             raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {error}") from error
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.steps=100")
     if overrides:
         try:
             layers.append(OmegaConf.from_dotlist([_keep_yaml11_words(item) for item in overrides]))
@@ -209,5 +217,6 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "load_config",
+    "split_override",
     "to_yaml",
 ]

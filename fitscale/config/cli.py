@@ -7,20 +7,15 @@ import json
 
 
 def register(subparsers) -> None:
+    from fitscale.cli import add_set_option
+
     parser = subparsers.add_parser("config", help="show a resolved recipe or list every config field")
     commands = parser.add_subparsers(dest="config_command", metavar="show|fields", required=True)
     show = commands.add_parser(
         "show", help="print the resolved config of a recipe (with overrides), each field described"
     )
     show.add_argument("recipe", help="YAML recipe, e.g. recipes/demo.yaml")
-    show.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        dest="overrides",
-        metavar="KEY=VALUE",
-        help="override recipe fields, e.g. --set train.steps=100 optim.lr=2e-4",
-    )
+    add_set_option(show, "recipe fields", "train.steps=100 optim.lr=2e-4")
     show.add_argument("--plain", action="store_true", help="YAML only, without the descriptions")
     show.set_defaults(func=run_show)
     fields = commands.add_parser("fields", help="list every config field: type, default, description")

@@ -17,6 +17,8 @@ examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from fitscale.cli import add_set_option
+
     parser = subparsers.add_parser(
         "launch",
         help="submit a run to a SLURM cluster (submitit) or run it on this machine",
@@ -42,15 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="processes per node (CPU-only nodes; default one per GPU)",
     )
     parser.add_argument("--time", dest="time_min", type=int, help="time limit of one job in minutes")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config fields, e.g. --set train.steps=100 optim.lr=2e-4 (repeatable)",
-    )
+    add_set_option(parser, "recipe fields", "train.steps=100 optim.lr=2e-4")
     parser.add_argument(
         "--dry-run",
         action="store_true",

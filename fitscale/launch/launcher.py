@@ -141,17 +141,16 @@ def plan_launch(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (),
 
 
 def render_sbatch(plan: LaunchPlan) -> str:
-    from fitscale.launch.slurm import build_executor, sbatch_script
+    """The batch script `submit_plan` would submit; works on a machine without SLURM."""
+    from fitscale.launch.slurm import sbatch_script
 
-    executor = build_executor(
-        rundir.slurm_folder(plan.run_dir), plan.sbatch_params, plan.config.launch.max_timeout_requeues
-    )
-    return sbatch_script(executor)
+    return sbatch_script(rundir.slurm_folder(plan.run_dir), plan.sbatch_params)
 
 
-def check_before_start(plan: LaunchPlan, lock: bool) -> None:
+def check_plan(plan: LaunchPlan, lock: bool) -> None:
     """Everything that needs no process group, before any rank or job exists: the topology, the
-    backend, the trainable patterns, the datasets and (with `lock`) the run folder; ConfigError."""
+    backend, the trainable patterns, the datasets, (with `lock`) the run folder, and a resume that
+    changes a field that may not change; ConfigError."""
     from fitscale.train.cli import check_before_launch, check_data_before_launch
 
     if plan.problems:
@@ -162,9 +161,12 @@ def check_before_start(plan: LaunchPlan, lock: bool) -> None:
 
 def submit_plan(plan: LaunchPlan):
     """Submit to SLURM; returns the submitit Job. Refuses a run folder whose previous job may still run."""
-    from fitscale.launch.slurm import build_executor, submit
+    from fitscale.launch.slurm import build_executor, require_slurm, submit
 
-    check_before_start(plan, lock=False)  # the lock is the job's to take, on its node
+    if plan.problems:
+        raise ConfigError("; ".join(plan.problems))
+    require_slurm()
+    check_plan(plan, lock=False)  # the lock is the job's to take, on its node
     active = rundir.active_job(plan.run_dir)
     if active is not None:
         raise ConfigError(
@@ -201,7 +203,7 @@ def run_local(
 
     if plan.resources.nodes > 1 and master_port is None:
         raise ValueError("a multi-node launch needs an explicit master_port that every node agrees on")
-    check_before_start(plan, lock=True)
+    check_plan(plan, lock=True)
     args = ["train", str(recipe), "--set", *overrides, f"train.run_dir={plan.run_dir}"]
     rundir.append_launch_record(
         plan.run_dir,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import pickle
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -98,8 +99,25 @@ def task_python() -> str:
     return f'bash -c \'trap "" USR2; exec "$0" "$@"\' {shlex.quote(sys.executable)}'
 
 
+def task_command(folder: str | Path) -> str:
+    """The command every task of the job runs: submitit's entry point on the job's pickle folder."""
+    return " ".join([task_python(), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+
+
+def require_slurm() -> None:
+    """Raise FileNotFoundError, naming what to do instead, when this machine has no SLURM client."""
+    missing = [name for name in ("sbatch", "srun") if shutil.which(name) is None]
+    if missing:
+        raise FileNotFoundError(
+            f"no SLURM on this machine ({' and '.join(missing)} not on PATH); submit from a SLURM login node, "
+            "check the job here with --dry-run, or run on this machine with --cluster local"
+        )
+
+
 def build_executor(folder: str | Path, params: dict, max_timeout_requeues: int):
+    """A submitit SlurmExecutor for these sbatch parameters; FileNotFoundError without SLURM here."""
     submitit = import_submitit()
+    require_slurm()
     executor = submitit.SlurmExecutor(
         folder=folder, max_num_timeout=max_timeout_requeues, python=task_python()
     )
@@ -107,9 +125,12 @@ def build_executor(folder: str | Path, params: dict, max_timeout_requeues: int):
     return executor
 
 
-def sbatch_script(executor) -> str:
-    """The batch script submitit would write (for `--dry-run`)."""
-    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+def sbatch_script(folder: str | Path, params: dict) -> str:
+    """The batch script `build_executor(folder, params, ...)` submits (for `--dry-run`; needs no SLURM here)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = Path(folder).expanduser().absolute()  # as submitit's executor holds it
+    return _make_sbatch_string(command=task_command(folder), folder=folder, **params)
 
 
 class SubmissionError(RuntimeError):

@@ -7,6 +7,8 @@ import json
 
 
 def register(subparsers) -> None:
+    from fitscale.cli import add_set_option
+
     parser = subparsers.add_parser(
         "info",
         help="parameters, FLOPs per token and per image, memory of a model preset",
@@ -24,27 +26,21 @@ def register(subparsers) -> None:
         help="trainable set: 'all', 'high-res' (the released post-training set) or a name pattern; "
         "default: high-res for *-hr presets, else all",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a model field, e.g. --set depth=4 (repeatable)",
-    )
+    add_set_option(parser, "model fields", "depth=4 hidden_size=256")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run_info)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
+    """`--set` items for ModelConfig fields -> {field: YAML-parsed value}; ConfigError names a malformed item."""
     import yaml
+
+    from fitscale.config import split_override
 
     overrides = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set expects FIELD=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+        key, value = split_override(pair, "field=value, e.g. depth=4")
+        overrides[key] = yaml.safe_load(value)
     return overrides
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from fitscale.models.extrapolation import INTERPOLATIONS, release_sampling_overrides
 
 
 def register(subparsers) -> None:
+    from fitscale.cli import add_set_option
+
     parser = subparsers.add_parser(
         "sample",
         help="generate images (or latents) at any resolution from a checkpoint",
@@ -106,14 +107,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--model", default=None, help="preset of a weights file (e.g. fitv2-xl); runs know theirs"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a model field, e.g. --set attn_backend=reference (repeatable)",
-    )
+    add_set_option(parser, "model fields", "attn_backend=reference")
     parser.add_argument(
         "--vae",
         default=None,
@@ -224,7 +218,7 @@ def sampling_options(args):
 def _relaunch(args) -> int:
     from fitscale.launch.local import launch_local, python_module_command
 
-    argv = [a for a in sys.argv[1:]]
+    argv = list(args.argv)
     if "--nproc" in argv:
         index = argv.index("--nproc")
         del argv[index : index + 2]

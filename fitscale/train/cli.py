@@ -20,16 +20,11 @@ PARENT_ENV = "FITSCALE_TRAIN_PARENT"  # set for the ranks this process starts
 
 
 def register(subparsers) -> None:
+    from fitscale.cli import add_set_option
+
     parser = subparsers.add_parser("train", help="train a model from a YAML recipe")
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/demo.yaml")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        dest="overrides",
-        metavar="KEY=VALUE",
-        help="override recipe fields, e.g. --set train.steps=100 optim.lr=2e-4",
-    )
+    add_set_option(parser, "recipe fields", "train.steps=100 optim.lr=2e-4")
     parser.add_argument(
         "--nproc",
         type=int,
@@ -40,6 +35,7 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from fitscale.cli import set_option_args
     from fitscale.config import load_config
 
     config = load_config(args.recipe, args.overrides)  # fail fast, before any process starts
@@ -65,7 +61,9 @@ def run_train(args: argparse.Namespace) -> int:
         from fitscale.launch.failures import run_ranks
         from fitscale.launch.local import python_module_command
 
-        command = python_module_command("fitscale.cli", "train", args.recipe, "--set", *args.overrides)
+        command = python_module_command(
+            "fitscale.cli", "train", args.recipe, *set_option_args(args.overrides)
+        )
         run_ranks(command, nproc, config.train.run_dir, env={PARENT_ENV: "1"})
     else:
         from fitscale.train.trainer import Trainer
@@ -79,15 +77,16 @@ def run_train(args: argparse.Namespace) -> int:
 
 def check_before_launch(config, world_size: int, lock: bool = True) -> None:
     """Catch what would otherwise fail in every rank after start-up, before any process starts:
-    the backend's package and features, a world size that does not
-    divide the batch, a trainable pattern that matches nothing (checked on a meta-device model),
-    a validation split that is not there, and (with `lock`) a run folder held by a live run."""
+    the backend's package, a world size that does not divide the batch, a trainable pattern that
+    matches nothing (checked on a meta-device model), a validation split that is not there, (with
+    `lock`) a run folder held by a live run, and a resume that changes a field that may not change."""
     import torch
 
     from fitscale.config.errors import ConfigError
     from fitscale.data.format import META_FILE
     from fitscale.launch.launcher import world_size_problems
     from fitscale.models import build_model
+    from fitscale.train.resume import check_before_start
     from fitscale.train.state import RunLock
     from fitscale.train.trainer import apply_trainable_patterns
 
@@ -107,10 +106,10 @@ def check_before_launch(config, world_size: int, lock: bool = True) -> None:
             f"data.val_path={data.val_path} holds no dataset (no {META_FILE}); write the held-out split with "
             f"`fitscale data ...` or set train.val_every=0"
         )
-    if not lock:
-        return
-    with RunLock(config.train.run_dir):  # RunFolderInUseError if a live run holds it
-        pass
+    if lock:
+        with RunLock(config.train.run_dir):  # RunFolderInUseError if a live run holds it
+            pass
+    check_before_start(config)  # a resume that changes a field that may not change
 
 
 def check_data_before_launch(config) -> None:

@@ -3,7 +3,8 @@
 The scheduler is a `LambdaLR` over a `functools.partial` of a pure function. LambdaLR saves a
 callable object's attributes in its state dict and restores them on load; a partial has none,
 so a resumed run takes the schedule from its (possibly edited) config, such as a longer
-`train.steps`, while the step counter comes from the checkpoint.
+`train.steps`, while the step counter comes from the checkpoint. The base rates it saves would
+still win over an edited `optim.lr`; `rebase_lr_scheduler` puts the config's back after a load.
 """
 
 from __future__ import annotations
@@ -61,3 +62,17 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, to
             "lower optim.schedule.warmup_steps or raise train.steps"
         )
     return LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg, total_steps=total_steps))
+
+
+def rebase_lr_scheduler(scheduler: LambdaLR, base_lr: float) -> None:
+    """Make `base_lr` every group's base rate from the scheduler's current step on (after a load).
+
+    A loaded LambdaLR (and optimizer) keep the base rates they were saved with; a resumed run's rate
+    is the config's. The current rate becomes `base_lr * factor(step)`, the value LambdaLR's own
+    `get_lr` gives, so an unchanged rate stays bit-identical.
+    """
+    scheduler.base_lrs = [base_lr] * len(scheduler.optimizer.param_groups)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,14 @@ class StepStats:
 
 
 class Trainer:
-    """Builds everything a run needs from a RunConfig; `train()` runs it to `train.steps`."""
+    """Builds everything a run needs from a RunConfig; `train()` runs it to `train.steps`.
+
+    `history` holds the metrics of the last `HISTORY_STEPS` steps in memory (oldest first; the last
+    one is the newest step's), so a long run does not grow with its step count; every step's
+    metrics are in `metrics.jsonl`.
+    """
+
+    HISTORY_STEPS = 1000
 
     def __init__(self, config: RunConfig, env: DistributedEnv | None = None, loader: Any = None):
         """`loader` replaces `build_loader(config.data, ...)`: any Stateful iterable of StepBatch."""
@@ -69,8 +77,16 @@ class Trainer:
         configure_console(self.env.rank)
         self.run_dir = Path(config.train.run_dir)
         self.lock = RunLock(self.run_dir)
+        self.checkpoints = self.metrics = self.loader = None
         self._acquire_lock()
-        self.model_config = config.model_config()
+        try:
+            self._build(loader)
+        except BaseException:
+            self.close()  # a failed construction leaves the run folder free for the next attempt
+            raise
+
+    def _build(self, loader: Any) -> None:
+        self.model_config = self.config.model_config()
         self.progress = Progress()
         self.mesh = None
         self.engine = None  # the DeepSpeed engine when parallel.backend == deepspeed
@@ -82,7 +98,8 @@ class Trainer:
         self.samples = self._build_samples()
         self.checkpoints = self._build_checkpoint_manager()
         self.metrics = None  # built in train(), once the start step is known
-        self.history: list[dict[str, Any]] = []  # every step's metrics, for callers and tests
+        self.config_changes = []  # fields changed since the checkpoint resumed from (train.resume)
+        self.history: deque[dict[str, Any]] = deque(maxlen=self.HISTORY_STEPS)
 
     # ---- building ---------------------------------------------------------------------------
 
@@ -193,8 +210,19 @@ class Trainer:
             from fitscale.parallel.deepspeed import build_deepspeed_engine
 
             self.engine = build_deepspeed_engine(self.model, optimizer, cfg.parallel, cfg.train, self.env)
+        # The config's hyperparameters of each group (betas, eps, weight decay, kernel choice), put back
+        # over the saved ones after a resume: an edited config takes effect from the first resumed step.
+        self._group_settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         scheduler = build_lr_scheduler(optimizer, cfg.optim.schedule, total_steps=cfg.train.steps)
         return optimizer, scheduler
+
+    def _apply_config_to_loaded_optimizer(self) -> None:
+        from fitscale.train.optim import scaled_lr
+        from fitscale.train.schedule import rebase_lr_scheduler
+
+        for group, settings in zip(self.optimizer.param_groups, self._group_settings):
+            group.update(settings)
+        rebase_lr_scheduler(self.scheduler, scaled_lr(self.config.optim, self.global_batch_size()))
 
     def global_batch_size(self) -> int | None:
         """Images per optimizer step across all ranks, when the data section fixes it."""
@@ -254,9 +282,14 @@ class Trainer:
         return PeriodicSamples(self.config, self.env.rank, self.env.device)
 
     def _build_checkpoint_manager(self):
+        from dataclasses import asdict
+
         from fitscale.checkpoint import CheckpointManager
 
-        return CheckpointManager(self.run_dir, self.config.checkpoint)
+        # Each checkpoint records the config it was trained with, for the checks of a later resume.
+        return CheckpointManager(
+            self.run_dir, self.config.checkpoint, metadata={"config": asdict(self.config)}
+        )
 
     def _build_metrics(self, start_step: int):
         from dataclasses import asdict
@@ -299,11 +332,16 @@ class Trainer:
             raise ConfigError(str(error)) from error
         if step is None:
             return None
+        from fitscale.train.resume import resume_changes
+
+        # Before anything is loaded: refuses a change of a field that may not change on resume.
+        self.config_changes = resume_changes(self.config, self.checkpoints.step_path(step))
         if self.engine is not None:
             from fitscale.parallel.deepspeed import load_deepspeed_state
 
             load_deepspeed_state(self.engine, self.run_dir, step, self.ema)
         self.checkpoints.load(step, self.state())
+        self._apply_config_to_loaded_optimizer()
         log_event("resume", step, checkpoint=self.checkpoints.step_path(step))
         return step
 
@@ -479,6 +517,9 @@ class Trainer:
             if self.env.is_main:
                 (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             self.metrics = self._build_metrics(start_step)
+            from fitscale.train.resume import report_changes
+
+            report_changes(self.config_changes, start_step, self.metrics)
             self.throughput = Throughput(self.env.world_size, self.env.device, self.config.log.peak_flops)
             iterator = iter(self.loader)
             while self.progress.step < cfg.train.steps:
@@ -560,10 +601,13 @@ class Trainer:
         self.metrics.log(step, metrics)
 
     def close(self) -> None:
-        for closer in (getattr(self, "checkpoints", None), getattr(self, "metrics", None)):
-            if closer is not None:
-                closer.close()
-        self.lock.release()
+        """Finish pending saves, close the metrics sinks and release the run folder (also after a failure)."""
+        try:
+            for closer in (self.checkpoints, self.metrics):
+                if closer is not None:
+                    closer.close()
+        finally:
+            self.lock.release()
 
 
 def apply_trainable_patterns(model: torch.nn.Module, patterns: list[str]) -> int | None:

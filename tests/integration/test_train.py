@@ -52,6 +52,8 @@ def test_fsdp_run_killed_and_resumed_is_bit_identical(reference, tmp_path):
     assert losses(interrupted, "history-resumed.json") == losses(reference)[resumed_from:]
     resumed = json.loads((interrupted / "history-resumed.json").read_text())
     assert [r["step"] for r in resumed if "val_loss" in r] == list(range(resumed_from + 2, 7, 2))
+    records = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r.get("event") == "config_changed"]
 
 
 @pytest.mark.parametrize("nproc", [1, 4])

@@ -14,7 +14,11 @@ import sys
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, launch_command, metric_records, model_weights, run
+from train_runs import BASE, checkpoint_tensors, launch_command, metric_records, model_weights, run
+from train_worker import SeededSteps, worker_config
+
+from fitscale.config import load_config
+from fitscale.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -161,3 +165,38 @@ def test_wandb_offline_writes_its_files_and_no_secret(tmp_path):
         data = path.read_bytes()
         for secret in (api_key, token, looks_like_a_key):
             assert secret.encode() not in data, f"{secret[:6]}... leaked into {path}"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ["train.val_every=2", "data.val_path=no-such-split"],  # fails building the validation split
+        ["train.trainable=[no.such.*]"],  # fails while building the model
+        ["train.init_from=no-such-weights.safetensors"],  # fails loading the initial weights
+    ],
+)
+def test_a_failed_trainer_construction_releases_the_run_folder(tmp_path, failure):
+    base = [*worker_config(tmp_path / "run"), *BASE, "train.steps=1"]
+    with pytest.raises((ValueError, FileNotFoundError)):
+        Trainer(load_config(None, [*base, *failure]), loader=SeededSteps(0, 1, 4, 1, 10))
+    # The same process retries with the mistake fixed: the run folder is free, the run trains.
+    trainer = Trainer(load_config(None, base), loader=SeededSteps(0, 1, 4, 1, 10))
+    assert json.loads((tmp_path / "run" / ".lock").read_text())["pid"] == os.getpid()
+    assert trainer.train() == 1
+
+
+def test_the_in_memory_history_keeps_a_window_of_the_newest_steps(tmp_path):
+    class ShortHistory(Trainer):
+        HISTORY_STEPS = 3
+
+    run_dir = tmp_path / "run"
+    overrides = [*worker_config(run_dir), "log.wandb=disabled", "train.steps=5", "log.every=2"]
+    overrides += ["checkpoint.interval=0", "checkpoint.save_at_end=false"]
+    trainer = ShortHistory(load_config(None, overrides), loader=SeededSteps(0, 1, 4, 1, 10))
+    assert trainer.train() == 5
+    assert [record["step"] for record in trainer.history] == [3, 4, 5]
+    logged = metric_records(run_dir)
+    for record in trainer.history:
+        assert (
+            record["loss"] == logged[record["step"]]["loss"] and record["lr"] == logged[record["step"]]["lr"]
+        )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fitscale.cli import add_set_option
 from fitscale.config import load_config
 from fitscale.data.batch import pack_images
 from fitscale.train.trainer import Trainer
@@ -95,6 +96,19 @@ class SeededSteps:
         self.step = int(state["step"])
 
 
+def worker_config(run_dir: str | Path) -> list[str]:
+    """The config overrides every worker run starts from, before its own `--set` items."""
+    return [
+        f"train.run_dir={run_dir}",
+        "data.path=unused",
+        "data.num_classes=10",
+        "model.name=tiny",
+        "model.overrides.attn_backend=reference",
+        "train.device=cpu",
+        "optim.lr=1e-3",
+    ]
+
+
 class KillingTrainer(Trainer):
     """Rank 0 SIGKILLs itself right after step `die_at` (its checkpoint, if due, is written);
     rank `signal_rank` alone sends itself `signal_name` as the validation of step `signal_at` starts."""
@@ -122,7 +136,7 @@ class KillingTrainer(Trainer):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
-    parser.add_argument("--set", nargs="*", default=[], dest="overrides")
+    add_set_option(parser, "config fields", "train.steps=3")
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--split", default="interleave")
@@ -135,17 +149,7 @@ def main() -> None:
     parser.add_argument("--signal-rank", type=int, default=0, help="the one rank that is signalled")
     parser.add_argument("--send-signal", default="SIGTERM", help="the signal's name")
     args = parser.parse_args()
-    overrides = [
-        f"train.run_dir={args.run_dir}",
-        "data.path=unused",
-        "data.num_classes=10",
-        "model.name=tiny",
-        "model.overrides.attn_backend=reference",
-        "train.device=cpu",
-        "optim.lr=1e-3",
-        *args.overrides,
-    ]
-    config = load_config(None, overrides)
+    config = load_config(None, [*worker_config(args.run_dir), *args.overrides])
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     loader = SeededSteps(
         rank,
@@ -164,7 +168,7 @@ def main() -> None:
     trainer = KillingTrainer(config, loader=loader)
     trainer.train()
     if rank == 0:
-        Path(args.run_dir, args.history).write_text(json.dumps(trainer.history))
+        Path(args.run_dir, args.history).write_text(json.dumps(list(trainer.history)))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "cluster" / "local_slurm.sh"
+HELD_JOB = Path(__file__).resolve().parent / "held_job"  # its sitecustomize.py holds a job's first attempt
 
 # Every run of these tests trains the same tiny model on the same data, so any two final
 # checkpoints must be bit-identical however the runs were interrupted.
@@ -26,14 +28,24 @@ RUN_SETTINGS = [
 ]
 
 
-def fitscale_launch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def fitscale_launch(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fitscale.cli", "launch", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
+
+
+def held_until_signalled(step: int) -> dict[str, str]:
+    """The environment of a job whose first attempt takes `step` steps, then waits for a signal.
+
+    SLURM passes the submitter's environment to the job; `held_job/sitecustomize.py` reads it.
+    """
+    path = os.pathsep.join(p for p in (str(HELD_JOB), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "FITSCALE_TEST_HOLD_AT_STEP": str(step)}
 
 
 def run_overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,8 +114,15 @@ def test_resources_merge_profile_and_launch_section():
 
 
 def fitscale(*args: str) -> subprocess.CompletedProcess:
+    """The CLI on a machine without SLURM: nothing on PATH, whether or not this one has SLURM."""
+    env = {**os.environ, "PATH": os.devnull}
     return subprocess.run(
-        [sys.executable, "-m", "fitscale.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "fitscale.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
 
 
@@ -158,6 +166,39 @@ def test_dry_run_rejects_a_batch_that_does_not_divide_over_ranks(tmp_path):
         "fitscale launch: error: data.global_batch_size=32 does not divide over 24 ranks "
         "(3 node(s) x 8 task(s)); set it to a multiple of 24"
     )
+
+
+def test_submitting_without_slurm_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from fitscale.cli import main
+
+    monkeypatch.setenv("PATH", os.devnull)  # no sbatch, no srun
+    recipe = str(REPO / "recipes" / "demo.yaml")
+    assert (
+        main(["launch", recipe, "--cluster", "local-slurm", "--set", f"train.run_dir={tmp_path / 'run'}"])
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        "fitscale launch: error: no SLURM on this machine (sbatch and srun not on PATH); submit from a SLURM "
+        "login node, check the job here with --dry-run, or run on this machine with --cluster local\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_script_is_the_one_submitit_submits(tmp_path, monkeypatch):
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor
+
+    from fitscale.launch.slurm import sbatch_parameters, sbatch_script, task_python
+
+    profile = load_profile("example-cluster")
+    launch = LaunchConfig(cluster="example-cluster", nodes=2)
+    params = sbatch_parameters(profile, launch, resolve_resources(launch, profile), "fitscale-xl")
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # as if srun were here
+    executor = submitit.SlurmExecutor(folder=tmp_path / "slurm", max_num_timeout=3, python=task_python())
+    executor.update_parameters(**params)
+    submitted = executor._make_submission_file_text(executor._submitit_command_str, "uid")
+    assert sbatch_script(tmp_path / "slurm", params) == submitted
+    assert "#SBATCH --nodes=2" in submitted and "submitit.core._submit" in submitted
 
 
 def test_sweep_array_needs_one_launch_shape(tmp_path):

@@ -1,0 +1,162 @@
+"""What a resumed run may change in its config, and the check that enforces it.
+
+A run resumed from a checkpoint continues the run that wrote it. The fields in `FIXED` decide
+what the saved state means (the network the weights belong to, the dataset and sample order the
+data position indexes, the seed every step's noise is drawn from, the parameter groups the
+optimizer state is keyed by, the checkpoint's format); a change to one of them is refused before
+anything is loaded, naming the field and both values. Every other field may change and takes
+effect from the first resumed step: the learning rate and its schedule, `train.steps`, clipping,
+the EMA's decay, logging, checkpoint and validation cadence, data loading and batch shape,
+parallelism and launch resources. Each change is reported (`config_changed` events in
+`metrics.jsonl`). `NOT_COMPARED` fields say where and how to resume, not what the run is.
+
+The saved config is the one each checkpoint records in its `fitscale.json` (`"config"`); for
+checkpoints written before it did, the run folder's `config.yaml` (the config of the latest start).
+The rules, written out for users, are in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fitscale.config import RunConfig
+from fitscale.config.errors import ConfigError
+
+log = logging.getLogger("fitscale.train")
+
+# Field (or section prefix) -> why it may not change on resume. `model.*` are the resolved
+# ModelConfig fields (preset plus overrides), so an override that restates a default is no change.
+FIXED: dict[str, str] = {
+    "model": "the checkpoint's weights belong to that network",
+    "data.path": "the saved data position indexes that dataset",
+    "data.remote": "the saved data position indexes that dataset",
+    "data.num_classes": "the label embedding has that many classes",
+    "data.seed": "the sample order is drawn from it",
+    "data.shuffle": "the sample order depends on it",
+    "train.seed": "every step's noise and label dropout are drawn from it",
+    "train.trainable": "the optimizer state holds exactly those parameters",
+    "optim.no_weight_decay": "the optimizer state is grouped by it",
+    "optim.ema.enabled": "the checkpoint holds an EMA only when it was on",
+    "parallel.backend": "FSDP and DeepSpeed write different checkpoints",
+    "parallel.zero_stage": "DeepSpeed lays out its checkpoint files per ZeRO stage",
+}
+# Model fields that change how the same function is computed or trained, not the network.
+MODEL_MAY_CHANGE = ("model.attn_backend", "model.class_dropout_prob")
+NOT_COMPARED = ("train.run_dir", "train.resume", "checkpoint.folder")
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """One field whose value differs from the config the checkpoint was trained with."""
+
+    field: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.field} {self.old!r} -> {self.new!r}"
+
+
+def fixed_reason(field: str, config: dict[str, Any]) -> str | None:
+    """Why `field` may not change on resume, or None when it may."""
+    if field in MODEL_MAY_CHANGE:
+        return None
+    if field == "parallel.zero_stage" and config.get("parallel.backend") != "deepspeed":
+        return None  # only DeepSpeed reads it
+    for prefix, reason in FIXED.items():
+        if field == prefix or field.startswith(prefix + "."):
+            return reason
+    return None
+
+
+def comparable(config: RunConfig | dict[str, Any]) -> dict[str, Any]:
+    """A config as {dotted field: JSON value}, with `model` resolved to its ModelConfig fields."""
+    from fitscale.models.config import build_config
+
+    tree = dataclasses.asdict(config) if isinstance(config, RunConfig) else config
+    tree = json.loads(json.dumps(tree))  # tuples -> lists, as a checkpoint's JSON holds them
+    model = tree.pop("model")
+    overrides = dict(model.get("overrides") or {})
+    try:
+        resolved = dataclasses.asdict(build_config(model["name"], **overrides))
+    except (TypeError, ValueError):  # a preset or field this version does not know: compare as written
+        resolved = {"overrides": overrides}
+    flat = {"model.name": model["name"]}
+    flat.update({f"model.{k}": v for k, v in json.loads(json.dumps(resolved)).items()})
+    _flatten(tree, "", flat)
+    return {k: v for k, v in flat.items() if k not in NOT_COMPARED}
+
+
+def _flatten(tree: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and name != "launch.sbatch":
+            _flatten(value, name + ".", out)
+        else:
+            out[name] = value
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[ConfigChange]:
+    """Fields of two `comparable` configs that differ, in the current config's order."""
+    fields = list(current) + [k for k in saved if k not in current]
+    return [ConfigChange(f, saved.get(f), current.get(f)) for f in fields if saved.get(f) != current.get(f)]
+
+
+def check_resume(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> list[ConfigChange]:
+    """The changes from `saved` to `current`; ConfigError naming every change that is not allowed."""
+    changes = config_changes(saved, current)
+    refused = [(change, fixed_reason(change.field, saved)) for change in changes]
+    refused = [(change, reason) for change, reason in refused if reason is not None]
+    if refused:
+        listed = "; ".join(
+            f"{c.field} was {c.old!r} and is now {c.new!r} ({reason})" for c, reason in refused
+        )
+        raise ConfigError(
+            f"cannot resume {checkpoint} with this config: {listed}. Set it back to resume, or start a new run "
+            "with another train.run_dir"
+        )
+    return changes
+
+
+def saved_config(checkpoint: Path, run_dir: Path) -> dict[str, Any] | None:
+    """The config `checkpoint` was trained with: its own record, else the run folder's config.yaml."""
+    from fitscale.checkpoint.layout import read_metadata
+
+    recorded = read_metadata(checkpoint).get("config")
+    if recorded is not None:
+        return recorded
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def resume_changes(config: RunConfig, checkpoint: Path) -> list[ConfigChange]:
+    """Check `config` against the config `checkpoint` was trained with (see the module docstring)."""
+    saved = saved_config(checkpoint, Path(config.train.run_dir))
+    if saved is None:
+        log.warning("%s records no config; resuming without checking what changed", checkpoint)
+        return []
+    return check_resume(comparable(saved), comparable(config), checkpoint)
+
+
+def check_before_start(config: RunConfig) -> list[ConfigChange]:
+    """`resume_changes` for the checkpoint `train.resume` picks, before any process starts ([] if none)."""
+    from fitscale.checkpoint.layout import complete_steps, resume_step, step_dirname
+
+    folder = Path(config.train.run_dir) / config.checkpoint.folder
+    step = resume_step(complete_steps(folder) if folder.is_dir() else [], config.train.resume, folder)
+    return [] if step is None else resume_changes(config, folder / step_dirname(step))
+
+
+def report_changes(changes: list[ConfigChange], step: int, metrics) -> None:
+    """Each change as a `config_changed` event: a line in `metrics.jsonl` and a log line on rank 0."""
+    for change in changes:
+        metrics.event("config_changed", step, field=change.field, old=change.old, new=change.new)
