@@ -23,12 +23,15 @@ under `<run_dir>/deepspeed/step-N`, beside the EMA's partitions (`ema-rank-R.pt`
 fitscale.parallel.deepspeed_ema), with a small `fitscale.json` naming the world size and ZeRO
 stage that wrote them, before the CheckpointManager publishes step N (whose DCP part holds the
 LR schedule, data position, RNG and progress), so a visible step always has its DeepSpeed part.
-Resuming is supported on the same world size and ZeRO stage, and continues bit-identically.
-Another world size or stage is refused with an error before anything is loaded: ZeRO partitions
-are cut for the ranks that wrote them. To change either, `export_deepspeed_weights` consolidates
-a step's full fp32 weights into one safetensors file, and a new run starts from it with
-`train.init_from=FILE` (weights only: the optimizer state, schedule and data position start
-afresh), or train with FSDP, whose checkpoints reshard to any world size.
+Resuming on the same world size loads DeepSpeed's own files and continues bit-identically. On
+another world size (same ZeRO stage), rank 0 converts the step once to DeepSpeed's universal
+checkpoint (`ds_to_universal`, into `<run_dir>/deepspeed/universal/step-N`), every rank loads
+its new partitions with `load_universal`, the EMA is cut again from its assembled files, and the
+data position follows the data pipeline's own elastic rule (the DCP part). A ZeRO stage change
+is refused before anything is loaded, naming both stages: `export_deepspeed_weights`
+consolidates a step's full fp32 weights into one safetensors file, and a new run starts from it
+with `train.init_from=FILE` (weights only: the optimizer state, schedule and data position start
+afresh).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from fitscale.parallel.fsdp import resolve_dtypes
 from fitscale.parallel.mesh import DistributedEnv
 
 SUBFOLDER = "deepspeed"
+UNIVERSAL = "universal"  # <run_dir>/deepspeed/universal/step-N: a step converted for another world size
 METADATA = "fitscale.json"
 _SHARED_MEMORY_OP = "deepspeed_shm_comm"
 _AUTOCAST_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -182,14 +186,16 @@ def save_deepspeed_state(
 
 
 def _prune(run_dir: str | Path, keep: set[int], below: int) -> None:
-    for folder in checkpoint_dir(run_dir).glob("step-*"):
+    folders = [*checkpoint_dir(run_dir).glob("step-*"), *(checkpoint_dir(run_dir) / UNIVERSAL).glob("step-*")]
+    for folder in folders:
         suffix = folder.name.removeprefix("step-")
         if suffix.isdigit() and int(suffix) < below and int(suffix) not in keep:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def check_resumable(run_dir: str | Path, step: int, world_size: int, zero_stage: int) -> Path:
-    """The DeepSpeed folder of `step`, after checking this run can load it; raises a clear error otherwise."""
+def check_resumable(run_dir: str | Path, step: int, world_size: int, zero_stage: int) -> tuple[Path, int]:
+    """The DeepSpeed folder of `step` and the world size that wrote it, after checking this run can
+    load it (any world size, the same ZeRO stage); raises a clear error otherwise."""
     folder = step_dir(run_dir, step)
     metadata_file = folder / METADATA
     if not metadata_file.is_file():
@@ -198,30 +204,89 @@ def check_resumable(run_dir: str | Path, step: int, world_size: int, zero_stage:
             "backend (resume it with parallel.backend=fsdp) or its DeepSpeed part is incomplete"
         )
     saved = json.loads(metadata_file.read_text())
-    if saved["world_size"] != world_size or saved["zero_stage"] != zero_stage:
+    if saved["zero_stage"] != zero_stage:
         raise DeepSpeedResumeError(
             f"{folder} holds ZeRO-{saved['zero_stage']} partitions of {saved['world_size']} ranks; this run has "
-            f"{world_size} ranks and ZeRO-{zero_stage}. DeepSpeed checkpoints resume on the world size and "
-            f"stage that wrote them only: rerun with {saved['world_size']} ranks and "
-            f"parallel.zero_stage={saved['zero_stage']}, or consolidate the weights with "
-            f"fitscale.parallel.deepspeed.export_deepspeed_weights({str(run_dir)!r}, {step}, OUT) and start a "
-            "new run with train.init_from=OUT (optimizer state and data position start afresh)"
+            f"{world_size} ranks and ZeRO-{zero_stage}. DeepSpeed checkpoints resume with the ZeRO stage that "
+            f"wrote them (on any world size): rerun with parallel.zero_stage={saved['zero_stage']}, or "
+            f"consolidate the weights with fitscale.parallel.deepspeed.export_deepspeed_weights("
+            f"{str(run_dir)!r}, {step}, OUT) and start a new run with train.init_from=OUT (optimizer state and "
+            "data position start afresh)"
         )
-    return folder
+    return folder, int(saved["world_size"])
+
+
+def universal_step_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / UNIVERSAL / f"step-{step}"
+
+
+def convert_to_universal(run_dir: str | Path, step: int) -> Path:
+    """DeepSpeed's universal checkpoint of step `step` (`ds_to_universal`): per-parameter fp32
+    weights and optimizer moments that any world size loads. Written once, beside the step, through
+    a temporary folder and a rename; one process."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = universal_step_dir(run_dir, step)
+    if out.is_dir():
+        return out
+    partial = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(step_dir(run_dir, step)),
+        output_folder=str(partial),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress report
+        ds_to_universal(args)
+    partial.rename(out)
+    return out
+
+
+def _separate_step_counters(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter's `step` its own tensor. DeepSpeed's universal load (0.19.8) stores one
+    tensor object for all of them, and torch's Adam increments `step` in place once per parameter
+    group that holds it, so each step would count once per group and skew Adam's bias correction."""
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def load_deepspeed_state(engine, run_dir: str | Path, step: int, ema=None) -> None:
-    """Load step `step`'s partitions into `engine` and `ema` (same world size and ZeRO stage only)."""
+    """Load step `step`'s partitions into `engine` and `ema` (collective).
+
+    On the world size that wrote them DeepSpeed loads its own files; on another one, rank 0 first
+    converts the step to DeepSpeed's universal checkpoint, every rank loads its new partitions from
+    it, and the EMA is cut again from the full average its files assemble into.
+    """
     stage = engine.zero_optimization_stage()
     # Rank 0 reads the metadata for everyone: ranks that saw different files would disagree on the load.
-    folder = rank0_decides(lambda: check_resumable(run_dir, step, engine.world_size, stage))
-    load_path, _ = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=folder.name)
+    folder, saved_world = rank0_decides(lambda: check_resumable(run_dir, step, engine.world_size, stage))
+    if saved_world == engine.world_size:
+        load_path, _ = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=folder.name)
+    else:
+        universal = rank0_decides(lambda: convert_to_universal(run_dir, step))
+        # DeepSpeed reads this flag only while loading (checked with DeepSpeed 0.19.8); it is the
+        # `checkpoint.load_universal` config entry, set here because only resuming knows it.
+        engine._config.load_universal_checkpoint = True
+        try:
+            load_path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        _separate_step_counters(engine.optimizer.optimizer)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {folder}; see its log above for the reason")
     if ema is not None:
         from fitscale.parallel.deepspeed_ema import load_ema
 
-        all_ranks_agree(lambda: load_ema(ema, folder, engine.global_rank))
+        all_ranks_agree(lambda: load_ema(ema, folder, engine.global_rank, saved_world))
 
 
 def read_deepspeed_weights(run_dir: str | Path, step: int, which: str = "model") -> dict[str, torch.Tensor]:

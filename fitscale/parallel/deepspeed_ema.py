@@ -165,14 +165,25 @@ def save_ema(ema: DeepSpeedEMA, folder: str | Path, rank: int) -> None:
     torch.save(ema.state_dict(), ema_file(folder, rank))
 
 
-def load_ema(ema: DeepSpeedEMA, folder: str | Path, rank: int) -> None:
-    file = ema_file(folder, rank)
+def load_ema(ema: DeepSpeedEMA, folder: str | Path, rank: int, saved_world_size: int) -> None:
+    """This rank's EMA partitions from a step's files; written by another world size, the full
+    average is assembled from every rank's file and this rank's fragments are cut from it."""
+    file = ema_file(folder, rank if saved_world_size > rank else 0)
     if not file.is_file():
         raise FileNotFoundError(
             f"{file} is missing: the checkpoint was written with optim.ema.enabled=false; "
             "resume with optim.ema.enabled=false or start a new run"
         )
-    ema.load_state_dict(torch.load(file, map_location="cpu", weights_only=False))
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    if saved_world_size != ema.fragments.engine.world_size:
+        full = assemble_ema(folder, saved_world_size)
+        state["params"] = {}
+        for name, place in ema.fragments.places.items():
+            shadow = torch.zeros_like(ema.average.shadow[name])
+            shadow[: place.numel] = full[name].reshape(-1)[place.start : place.start + place.numel]
+            state["params"][name] = shadow
+        state["places"] = {name: (p.start, p.numel, p.shape) for name, p in ema.fragments.places.items()}
+    ema.load_state_dict(state)
 
 
 def assemble_ema(folder: str | Path, world_size: int) -> dict[str, torch.Tensor]:

@@ -162,21 +162,29 @@ def test_zero3_resumed_on_the_same_world_size_continues_bit_identically(runs, tm
         assert torch.equal(tensor, actual[key]), f"{key} differs after resuming"
 
 
-def test_zero3_checkpoint_on_another_world_size_or_stage_is_refused_before_loading(runs):
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_zero3_resumes_on_another_world_size_with_its_ema(runs, tmp_path, ranks):
+    resumed = tmp_path / "resumed"
+    copy_step(runs["zero3"], resumed, 2)
+    run(resumed, ranks, *COMMON, *ZERO3, history="history-resumed.json")
+    assert losses(resumed, "history-resumed.json") == pytest.approx(losses(runs["zero3"])[2:], rel=1e-5)
+    assert_ema_matches_fsdp(resumed, runs["fsdp"], 4, tmp_path)
+
+
+def test_zero3_checkpoint_with_another_zero_stage_is_refused_before_loading(runs):
     from fitscale.parallel.deepspeed import DeepSpeedResumeError, check_resumable
 
     folder = runs["zero3"] / "deepspeed" / "step-2"
-    assert check_resumable(runs["zero3"], 2, world_size=2, zero_stage=3) == folder
-    for world_size, stage in ((1, 3), (4, 3), (2, 2)):
-        message = (
-            f"{folder} holds ZeRO-3 partitions of 2 ranks; this run has {world_size} ranks and ZeRO-{stage}. "
-            "DeepSpeed checkpoints resume on the world size and stage that wrote them only: rerun with 2 ranks "
-            "and parallel.zero_stage=3, or consolidate the weights with "
-            f"fitscale.parallel.deepspeed.export_deepspeed_weights({str(runs['zero3'])!r}, 2, OUT) and start a "
-            "new run with train.init_from=OUT (optimizer state and data position start afresh)"
-        )
-        with pytest.raises(DeepSpeedResumeError) as error:
-            check_resumable(runs["zero3"], 2, world_size=world_size, zero_stage=stage)
-        assert str(error.value) == message
+    assert check_resumable(runs["zero3"], 2, world_size=3, zero_stage=3) == (folder, 2)
+    message = (
+        f"{folder} holds ZeRO-3 partitions of 2 ranks; this run has 2 ranks and ZeRO-2. DeepSpeed checkpoints "
+        "resume with the ZeRO stage that wrote them (on any world size): rerun with parallel.zero_stage=3, or "
+        f"consolidate the weights with fitscale.parallel.deepspeed.export_deepspeed_weights("
+        f"{str(runs['zero3'])!r}, 2, OUT) and start a new run with train.init_from=OUT (optimizer state and "
+        "data position start afresh)"
+    )
+    with pytest.raises(DeepSpeedResumeError) as error:
+        check_resumable(runs["zero3"], 2, world_size=2, zero_stage=2)
+    assert str(error.value) == message
     with pytest.raises(FileNotFoundError, match="was not written by the DeepSpeed backend"):
         check_resumable(runs["fsdp"], 4, world_size=2, zero_stage=3)
