@@ -188,17 +188,10 @@ def load_ema(ema: DeepSpeedEMA, folder: str | Path, rank: int, saved_world_size:
 
 def assemble_ema(folder: str | Path, world_size: int) -> dict[str, torch.Tensor]:
     """Full fp32 EMA weights of the trainable parameters from every rank's file (one process)."""
-    parts = [
-        torch.load(ema_file(folder, rank), map_location="cpu", weights_only=False)
-        for rank in range(world_size)
-    ]
     full: dict[str, torch.Tensor] = {}
-    for part in parts:
+    for rank in range(world_size):
+        part = torch.load(ema_file(folder, rank), map_location="cpu", weights_only=False)
         for name, (start, numel, shape) in part["places"].items():
-            flat = full.setdefault(name, torch.empty(torch.Size(shape).numel(), dtype=torch.float32))
-            flat[start : start + numel] = part["params"][name].reshape(-1)[:numel]
-    return {name: flat.view(part_shape(parts, name)) for name, flat in full.items()}
-
-
-def part_shape(parts: list[dict[str, Any]], name: str) -> tuple[int, ...]:
-    return tuple(parts[0]["places"][name][2])
+            flat = full.setdefault(name, torch.empty(shape, dtype=torch.float32))
+            flat.view(-1)[start : start + numel] = part["params"][name].reshape(-1)[:numel]
+    return full
