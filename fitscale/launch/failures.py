@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 ERROR_DIR_ENV = "FITSCALE_ERROR_DIR"
+LAST_ERROR = "logs/last-error.json"  # in the run folder: the report a local launch ended with
 
 
 class WorkerFailed(Exception):
@@ -46,12 +47,13 @@ def in_launched_rank() -> bool:
     return ERROR_DIR_ENV in os.environ
 
 
-def record_failure(error: BaseException, user_error: bool) -> None:
-    """Write this rank's report for its launcher (a rank started with `FITSCALE_ERROR_DIR`).
+def record_failure(error: BaseException, user_error: bool, folder: str | Path | None = None) -> None:
+    """Write this rank's report into `folder` (default: `FITSCALE_ERROR_DIR`, set by the launcher).
 
     `user_error`: a configuration or input error (status 2, its message alone), else status 1.
     """
-    folder = Path(os.environ[ERROR_DIR_ENV])
+    folder = Path(folder if folder is not None else os.environ[ERROR_DIR_ENV])
+    folder.mkdir(parents=True, exist_ok=True)
     rank = os.environ.get("RANK", "0")
     report = {
         "rank": int(rank),
@@ -69,6 +71,31 @@ def first_failure(folder: str | Path) -> dict | None:
     """The report written first in `folder` (ties: the lowest rank), or None when no rank wrote one."""
     reports = [json.loads(path.read_text()) for path in Path(folder).glob("rank-*.json")]
     return min(reports, key=lambda r: (r["time"], r["rank"])) if reports else None
+
+
+def slurm_error_folder(slurm_folder: str | Path, job_id: str, restart: int | str) -> Path:
+    """Where the tasks of one attempt of a SLURM job write their reports (a requeue starts a new one)."""
+    return Path(slurm_folder) / "errors" / f"{job_id}-{restart}"
+
+
+def slurm_first_failure(slurm_folder: str | Path, job_id: str) -> dict | None:
+    """The first failing rank's report of a SLURM job's latest attempt, or None."""
+    attempts = list((Path(slurm_folder) / "errors").glob(f"{job_id}-*"))
+    numbered = [(int(a.name.rsplit("-", 1)[1]), a) for a in attempts if a.name.rsplit("-", 1)[1].isdigit()]
+    return first_failure(max(numbered)[1]) if numbered else None
+
+
+def last_failure(run_dir: str | Path) -> dict | None:
+    """The newest failure report of a run (its last local launch's, or a SLURM attempt's), or None."""
+    from fitscale.launch.rundir import slurm_folder
+
+    run_dir = Path(run_dir)
+    reports = [first_failure(folder) for folder in (slurm_folder(run_dir) / "errors").glob("*-*")]
+    local = run_dir / LAST_ERROR
+    if local.is_file():
+        reports.append(json.loads(local.read_text()))
+    reports = [r for r in reports if r is not None]
+    return max(reports, key=lambda r: r["time"]) if reports else None
 
 
 def launch_failure(folder: str | Path, code: int) -> WorkerFailed:
@@ -99,4 +126,8 @@ def run_ranks(command: list[str], nproc_per_node: int, run_dir: str | Path, **la
             **launch,  # type: ignore[arg-type]
         )
         if code != 0:
-            raise launch_failure(folder, code)
+            failure = launch_failure(folder, code)
+            report = first_failure(folder)
+            if report is not None:  # for `fitscale status`
+                (Path(run_dir) / LAST_ERROR).write_text(json.dumps(report))
+            raise failure

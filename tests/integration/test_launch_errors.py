@@ -14,6 +14,7 @@ from train_runs import write_digits_split
 
 from fitscale.cli import main
 from fitscale.launch.failures import ERROR_DIR_ENV, launch_failure, record_failure
+from fitscale.report.status import run_status
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,9 +70,22 @@ def test_an_error_inside_the_ranks_is_reported_once_in_one_line_with_its_exit_st
     ], result.stderr
     assert result.returncode == 2  # as one process exits on a bad setting
     assert (run_dir / "logs" / "rank-1.log").is_file()  # rank 1's own output, off the terminal
+    status = run_status(run_dir)
+    assert status["last_error"] == f"rank 0: checkpoint file {missing} does not exist"  # the same line
+
+
+def clock(monkeypatch) -> None:
+    """Reports written one second apart, so which came first never rests on the clock's resolution."""
+    from types import SimpleNamespace
+
+    from fitscale.launch import failures
+
+    ticks = iter(range(1000, 2000))
+    monkeypatch.setattr(failures, "time", SimpleNamespace(time=lambda: float(next(ticks))))
 
 
 def test_the_launcher_reports_the_first_failure_with_the_single_process_exit_status(tmp_path, monkeypatch):
+    clock(monkeypatch)
     monkeypatch.setenv(ERROR_DIR_ENV, str(tmp_path))
     monkeypatch.setenv("RANK", "1")
     record_failure(RuntimeError("all_reduce failed\nsecond line"), user_error=False)
@@ -86,3 +100,26 @@ def test_the_launcher_reports_the_first_failure_with_the_single_process_exit_sta
     empty.mkdir()
     killed = launch_failure(empty, code=-9)
     assert (str(killed), killed.code) == ("a rank was killed by signal 9; see its log in the run folder", 137)
+
+
+def test_a_slurm_job_reports_its_first_failing_rank(tmp_path, monkeypatch):
+    import pickle
+
+    from fitscale.launch.failures import slurm_error_folder
+    from fitscale.launch.slurm import failure_reason
+
+    clock(monkeypatch)
+    # submitit's pickle of task 0 holds the consequence (its peer was gone), not the cause.
+    (tmp_path / "77_0_result.pkl").write_bytes(
+        pickle.dumps(("error", "Traceback ...\nRuntimeError: peer lost"))
+    )
+    assert failure_reason(tmp_path, "77") == "task 0: RuntimeError: peer lost"
+    for restart, rank, error in (
+        (0, 0, ValueError("stale attempt")),
+        (1, 1, ValueError("data.path=/x: no dataset")),
+    ):
+        monkeypatch.setenv("RANK", str(rank))
+        record_failure(error, user_error=True, folder=slurm_error_folder(tmp_path, "77", restart))
+    monkeypatch.setenv("RANK", "0")
+    record_failure(RuntimeError("peer lost"), user_error=False, folder=slurm_error_folder(tmp_path, "77", 1))
+    assert failure_reason(tmp_path, "77") == "data.path=/x: no dataset"
