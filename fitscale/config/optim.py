@@ -3,7 +3,8 @@
 `optim.schedule` and `optim.ema` are nested here because all three describe one thing, how
 the weights move; `build_optimizer`, `build_lr_scheduler` and `EMA` in fitscale.train read them.
 Defaults are the FiTv2 recipe: AdamW at 1e-4 with no weight decay for a batch of 256, a constant
-rate after warmup, EMA decay 0.9999.
+rate after warmup, EMA decay 0.9999. The EMA of a new run warms up (`optim.ema.warmup: power`);
+the paper recipes set `warmup: none`, the release's constant decay.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ IMPLEMENTATIONS = ("auto", "fused", "foreach", "apex")
 LR_SCALINGS = ("none", "linear", "sqrt")
 SCHEDULES = ("constant", "cosine", "wsd")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
+EMA_WARMUPS = ("none", "ratio", "power")
 
 
 @dataclass
@@ -67,6 +69,18 @@ class EMAConfig:
     """Update the EMA every k optimizer steps (a cost knob for very large models)."""
     start_step: int = 0
     """Before this step the EMA copies the weights instead of averaging them."""
+    warmup: str = "power"
+    """How the decay grows with the step t = step - start_step - 1 (diffusers' `EMAModel.get_decay`;
+    the EMA copies the weights while t <= 0, and the decay never exceeds `decay`):
+    `power`: 1 - (1 + t / inv_gamma) ** -power (diffusers `use_ema_warmup=True`, timm `ModelEmaV3`);
+    `ratio`: (1 + t) / (10 + t) (diffusers' default, TensorFlow's `ExponentialMovingAverage(num_updates)`);
+    `none`: `decay` from the first step (the FiTv2 release, whose EMA starts at the initial weights).
+    Without warmup the EMA of a run shorter than a few 1 / (1 - decay) steps is mostly its initial weights."""
+    inv_gamma: float = 1.0
+    """`power` warmup: steps are divided by this before the power (larger: slower warmup)."""
+    power: float = 2 / 3
+    """`power` warmup: the exponent; 2/3 reaches decay 0.999 at 31.6k steps and 0.9999 at 1M steps,
+    3/4 reaches 0.999 at 10k steps (for shorter runs)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
@@ -75,6 +89,15 @@ class EMAConfig:
             raise ConfigError(f"optim.ema.update_every: must be >= 1, got {self.update_every}")
         if self.start_step < 0:
             raise ConfigError(f"optim.ema.start_step: must be >= 0, got {self.start_step}")
+        if self.warmup not in EMA_WARMUPS:
+            raise ConfigError(
+                f"optim.ema.warmup: {self.warmup!r} is not one of {', '.join(EMA_WARMUPS)}; "
+                "`power` for new runs, `none` for the release's constant decay"
+            )
+        if not self.inv_gamma > 0:
+            raise ConfigError(f"optim.ema.inv_gamma: must be > 0, got {self.inv_gamma}; diffusers uses 1.0")
+        if not self.power > 0:
+            raise ConfigError(f"optim.ema.power: must be > 0, got {self.power}; diffusers uses 2/3")
 
 
 @dataclass

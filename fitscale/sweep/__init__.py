@@ -1,12 +1,16 @@
-"""Scaling-law sweeps: a spec of sizes x budgets (or steps), launch, collect, fit and plot."""
+"""Scaling-law sweeps: a spec of sizes x budgets (or steps) x learning rates, launch, collect, fit, predict."""
 
 from fitscale.lazy import lazy_exports
 
 # Imported on first use, so that importing the package does not import torch.
 _EXPORTS = {
+    "HeldOutRun": "spec",
+    "LRAxis": "spec",
+    "LossLawFit": "law",
     "PlannedRun": "spec",
     "SweepModel": "spec",
     "SweepSpec": "spec",
+    "fit_loss_law": "law",
     "fit_optimal_size": "fit",
     "fit_power_law": "fit",
     "frontier": "fit",

@@ -2,7 +2,8 @@
 
 For each run with a checkpoint: its newest step, the mean training loss of its last logged steps,
 and the held-out validation loss (fitscale.train.validation: fixed timestep grid, fixed noise) of
-its raw and EMA weights, measured here on one process so every run is scored identically.
+its raw and EMA weights, measured here on one process so every run is scored identically, with
+the EMA's warmup and the weight it still gives the initial weights (`ema_initial_weight`).
 With `fid:` in the spec, also the FID of EMA samples against a reference batch.
 """
 
@@ -111,6 +112,10 @@ def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]
             raw = load_sampling_model(folder, ema=False, device=device)
             row.update(run_validation(raw, batches, settings))
             if config.optim.ema.enabled:
+                from fitscale.train.ema import ema_initial_weight
+
+                row["ema_warmup"] = config.optim.ema.warmup
+                row["ema_initial_weight"] = ema_initial_weight(config.optim.ema, step)
                 ema_model = load_sampling_model(folder, ema=True, device=device)
                 averaged = run_validation(ema_model, batches, settings)
                 row.update({f"{k}_ema": v for k, v in averaged.items() if k != "val_images"})

@@ -1,8 +1,14 @@
-"""From collected results to fits and pictures: `fitscale sweep fit`.
+"""From collected results to fits: `fitscale sweep fit` (plots in fitscale.sweep.plots).
 
-Reads `results.json`, fits L(C) per model size and for the compute frontier, finds the isoFLOP
-optimum at each budget with at least 3 sizes and fits N*(C) through them, then writes
-`fits.json` and PNG plots (matplotlib, `pip install 'fitscale[sweep]'`) next to the results.
+Reads `results.json` and
+- chooses the metric (`auto`: the EMA's validation loss when every run's EMA has left its initial
+  weights behind, else the raw weights' `val_loss`) and says why;
+- keeps, per (size, budget), the learning rate with the best validation loss;
+- fits L(C) per model size and for the compute frontier, the isoFLOP optimum at each budget with
+  at least 3 sizes and N*(C) through the optima inside the sizes tried (extrapolated ones only
+  when asked), and the joint law L(N, D);
+- compares the held-out runs, which no fit sees, with the law's prediction;
+then writes `fits.json` and the PNG plots next to the results.
 """
 
 from __future__ import annotations
@@ -14,33 +20,155 @@ from typing import Any
 
 import numpy as np
 
-from fitscale.sweep.fit import (
-    IsoFlopOptimum,
-    fit_optimal_size,
-    fit_power_law,
-    frontier,
-    isoflop_optimum,
-)
+from fitscale.sweep.fit import IsoFlopOptimum, fit_optimal_size, fit_power_law, frontier, isoflop_optimum
+from fitscale.sweep.law import PARAMETERS, LossLawFit, fit_loss_law
 
 METRICS = ("val_loss_ema", "val_loss", "train_loss", "fid")
+VALIDATION_METRICS = ("val_loss_ema", "val_loss", "fid")
+EMA_INITIAL_LIMIT = 0.01  # an EMA still giving its initial weights more than this scores the init
+BAND_POINTS = 40
+
+
+def _has(row: dict[str, Any], metric: str) -> bool:
+    return isinstance(row.get(metric), (int, float)) and bool(row.get("step"))
 
 
 def _usable(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    return [r for r in rows if isinstance(r.get(metric), (int, float)) and r.get("step")]
+    """Runs with a value of `metric`, held-out runs left out."""
+    return [r for r in rows if _has(r, metric) and not r.get("held_out")]
 
 
 def _compute(row: dict[str, Any]) -> float:
     return float(row.get("training_flops_done") or row["training_flops"])
 
 
-def analyse(rows: list[dict[str, Any]], metric: str = "val_loss_ema", bootstrap: int = 200) -> dict[str, Any]:
-    """Fits of `metric` against training compute (ours); parts without enough runs are listed as skipped."""
+def _tokens(row: dict[str, Any]) -> float:
+    """Training tokens done: steps x images per step x tokens per image."""
+    return float(row["step"]) * row["global_batch_size"] * row["tokens_per_image"]
+
+
+def choose_metric(rows: list[dict[str, Any]], requested: str = "auto") -> tuple[str, str]:
+    """(metric, why): `auto` takes `val_loss_ema` only where every run's EMA has forgotten its init."""
+    scored = [r for r in rows if r.get("step")]
+    if requested != "auto":
+        if requested not in METRICS:
+            raise ValueError(f"--metric: {requested!r} is not one of auto, {', '.join(METRICS)}")
+        reason = "asked for"
+        if requested == "val_loss_ema":
+            stale = [r for r in scored if (r.get("ema_initial_weight") or 0.0) > EMA_INITIAL_LIMIT]
+            if stale:
+                worst = max(stale, key=lambda r: r["ema_initial_weight"])
+                reason += (
+                    f"; warning: the EMA of {len(stale)} run(s) still weighs its initial weights "
+                    f"(up to {worst['ema_initial_weight']:.0%}, {worst['run']}), train with optim.ema.warmup"
+                )
+        return requested, reason
+    if not any(_has(r, "val_loss") or _has(r, "val_loss_ema") for r in scored):
+        return "train_loss", "auto: no validation loss collected, so the mean training loss of the last steps"
+    if not any(_has(r, "val_loss") for r in scored):
+        return "val_loss_ema", "auto: the only validation loss collected (the EMA's)"
+    known = [r.get("ema_initial_weight") for r in scored if _has(r, "val_loss_ema")]
+    if known and len(known) == len(scored) and all(w is not None and w <= EMA_INITIAL_LIMIT for w in known):
+        warmups = sorted({str(r.get("ema_warmup")) for r in scored})
+        return "val_loss_ema", (
+            f"auto: the EMA of every run gives its initial weights <= {EMA_INITIAL_LIMIT:.0%} weight "
+            f"(EMA warmup {', '.join(warmups)}), so its validation loss means the same at every run length"
+        )
+    if not known or None in known:
+        why = "some runs have no EMA, or were collected before `ema_initial_weight` was recorded"
+    else:
+        worst = max((r for r in scored if _has(r, "val_loss_ema")), key=lambda r: r["ema_initial_weight"])
+        why = (
+            f"the EMA of {worst['run']} still gives its initial weights {worst['ema_initial_weight']:.0%} "
+            f"weight (EMA warmup {worst.get('ema_warmup')}, {worst['step']} steps)"
+        )
+    return "val_loss", f"auto: the raw weights' validation loss, because {why}"
+
+
+def _group_key(row: dict[str, Any]) -> tuple:
+    return (row["model"], row.get("budget") or None, None if row.get("budget") else row.get("steps"))
+
+
+def select_learning_rates(
+    rows: list[dict[str, Any]], metric: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the best run of each (size, budget or steps), the choices made where there was more than one lr).
+
+    The best is the lowest validation metric (`metric` if it is one, else `val_loss`); a choice at
+    the smallest or largest lr tried is flagged `at_edge` (the grid may not hold the best rate).
+    """
+    judge = metric if metric in VALIDATION_METRICS else "val_loss"
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[_group_key(row)].append(row)
+    chosen, choices = [], []
+    for (model, budget, steps), group in groups.items():
+        judged = [r for r in group if _has(r, judge)] or group
+        best = min(judged, key=lambda r: r.get(judge, r[metric]))
+        chosen.append(best)
+        rates = sorted({r["lr"] for r in judged if r.get("lr") is not None})
+        if len(rates) > 1:
+            choices.append(
+                {
+                    "model": model,
+                    "budget": budget,
+                    "steps": steps,
+                    "lr": best["lr"],
+                    "judged_on": judge,
+                    "candidates": {f"{r['lr']:.4g}": r.get(judge, r[metric]) for r in judged},
+                    "at_edge": best["lr"] in (rates[0], rates[-1]),
+                }
+            )
+    order = {id(r): i for i, r in enumerate(rows)}
+    return sorted(chosen, key=lambda r: order[id(r)]), choices
+
+
+def _band(fit, span: np.ndarray) -> dict[str, list[float]] | None:
+    band = fit.band(span)
+    if band is None:
+        return None
+    return {"compute": span.tolist(), "lo": band[0].tolist(), "hi": band[1].tolist()}
+
+
+def fit_law(rows: list[dict[str, Any]], metric: str, bootstrap: int = 200) -> LossLawFit | str:
+    """L(N, D) through `rows` (already one per size and budget); a string says why it cannot be fitted."""
+    if len(rows) < PARAMETERS or len({r["parameters"] for r in rows}) < 2:
+        return f"L(N, D): needs >= {PARAMETERS} runs of >= 2 sizes, got {len(rows)}"
+    return fit_loss_law(
+        [r["parameters"] for r in rows], [_tokens(r) for r in rows], [r[metric] for r in rows], bootstrap
+    )
+
+
+def prepare(rows: list[dict[str, Any]], metric: str = "auto") -> tuple[str, str, list, list]:
+    """(metric, why, the fitted runs: best lr of each size and budget, the lr choices)."""
+    metric, reason = choose_metric(rows, metric)
     usable = _usable(rows, metric)
     if not usable:
         raise ValueError(
             f"no run has a `{metric}` value; run `fitscale sweep collect` (metrics: {', '.join(METRICS)})"
         )
-    result: dict[str, Any] = {"metric": metric, "per_model": {}, "skipped": []}
+    chosen, choices = select_learning_rates(usable, metric)
+    return metric, reason, chosen, choices
+
+
+def analyse(
+    rows: list[dict[str, Any]],
+    metric: str = "auto",
+    bootstrap: int = 200,
+    include_extrapolated: bool = False,
+) -> dict[str, Any]:
+    """Fits of the metric against training compute (ours); parts without enough runs are listed as skipped."""
+    metric, reason, usable, choices = prepare(rows, metric)
+    result: dict[str, Any] = {
+        "metric": metric,
+        "metric_reason": reason,
+        "lr_choice": choices,
+        "per_model": {},
+        "skipped": [],
+        "include_extrapolated": include_extrapolated,
+        "fitted_runs": [r["run"] for r in usable],
+    }
+    span = np.geomspace(min(_compute(r) for r in usable), max(_compute(r) for r in usable), BAND_POINTS)
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in usable:
         by_model[row["model"]].append(row)
@@ -49,13 +177,32 @@ def analyse(rows: list[dict[str, Any]], metric: str = "val_loss_ema", bootstrap:
             result["skipped"].append(f"L(C) of {model}: needs runs at >= 3 compute values")
             continue
         fit = fit_power_law([_compute(r) for r in model_rows], [r[metric] for r in model_rows], bootstrap)
-        result["per_model"][model] = {**fit.to_dict(), "parameters": model_rows[0]["parameters"]}
+        result["per_model"][model] = {
+            **fit.to_dict(),
+            "parameters": model_rows[0]["parameters"],
+            "band": _band(fit, span),
+        }
     front = frontier([(_compute(r), r[metric]) for r in usable])
     result["frontier_points"] = front
     if len(front) >= 3:
-        result["frontier"] = fit_power_law(*zip(*front), bootstrap=bootstrap).to_dict()
+        fit = fit_power_law(*zip(*front), bootstrap=bootstrap)
+        result["frontier"] = {**fit.to_dict(), "band": _band(fit, span)}
     else:
         result["skipped"].append("frontier L(C): needs >= 3 frontier points")
+    _isoflop(result, usable, metric, bootstrap, include_extrapolated)
+    law = fit_law(usable, metric, bootstrap)
+    if isinstance(law, str):
+        result["skipped"].append(law)
+        law = None
+    else:
+        result["law"] = law.to_dict()
+    result["held_out"] = compare_held_out(rows, metric, law)
+    return result
+
+
+def _isoflop(
+    result: dict[str, Any], usable: list[dict[str, Any]], metric: str, bootstrap: int, include: bool
+) -> None:
     optima: list[IsoFlopOptimum] = []
     by_budget: dict[float, list[dict[str, Any]]] = defaultdict(list)
     for row in usable:
@@ -72,18 +219,65 @@ def analyse(rows: list[dict[str, Any]], metric: str = "val_loss_ema", bootstrap:
             result["skipped"].append(f"isoFLOP at {budget:.2e}: the losses have no minimum over size")
         else:
             optima.append(optimum)
-    result["isoflop"] = [vars(o) for o in optima]
-    if len(optima) >= 2:
-        result["optimal_size"] = vars(fit_optimal_size(optima))
+    used = [o for o in optima if o.bracketed or include]
+    result["isoflop"] = [{**vars(o), "used_in_fit": o in used} for o in optima]
+    for o in optima:
+        if not o.bracketed:
+            result["skipped"].append(
+                f"isoFLOP at {o.budget:.2e}: the optimum {o.n_opt:.3g} lies outside the sizes tried "
+                f"[{o.n_range[0]:.3g}, {o.n_range[1]:.3g}] (an extrapolation); "
+                + (
+                    "kept in N*(C) as asked"
+                    if include
+                    else "left out of N*(C) (--include-extrapolated keeps it)"
+                )
+            )
+    if len(used) >= 2:
+        fit = fit_optimal_size(used)
+        span = np.geomspace(min(o.budget for o in used), max(o.budget for o in used), BAND_POINTS)
+        result["optimal_size"] = {**fit.to_dict(), "band": _band(fit, span)}
     else:
-        result["skipped"].append("N*(C): needs isoFLOP optima at >= 2 budgets")
-    return result
+        result["skipped"].append("N*(C): needs isoFLOP optima inside the sizes tried at >= 2 budgets")
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: str | Path, metric: str = "val_loss_ema") -> list[Path]:
+def compare_held_out(rows: list[dict[str, Any]], metric: str, law: LossLawFit | None) -> list[dict[str, Any]]:
+    """Each held-out run's measured metric against the law's prediction at its N and D."""
+    out = []
+    for row in rows:
+        if not row.get("held_out"):
+            continue
+        entry: dict[str, Any] = {"run": row["run"], "parameters": row["parameters"]}
+        if not _has(row, metric):
+            out.append({**entry, "note": f"not trained or no `{metric}` yet"})
+            continue
+        entry.update(tokens=_tokens(row), compute=_compute(row), measured=row[metric])
+        if law is None:
+            out.append({**entry, "note": "no L(N, D) fit to predict it"})
+            continue
+        predicted = float(law.predict(row["parameters"], entry["tokens"]))
+        interval = law.interval(row["parameters"], entry["tokens"])
+        entry.update(
+            predicted=predicted,
+            interval=interval,
+            error_percent=100.0 * (predicted - row[metric]) / row[metric],
+            within=None if interval is None else bool(interval[0] <= row[metric] <= interval[1]),
+        )
+        out.append(entry)
+    return out
+
+
+def write_report(
+    rows: list[dict[str, Any]],
+    out_dir: str | Path,
+    metric: str = "auto",
+    include_extrapolated: bool = False,
+    analysis: dict[str, Any] | None = None,
+) -> list[Path]:
     """`fits.json` and the PNG plots in `out_dir`; returns the files written."""
+    from fitscale.sweep.plots import plot_isoflop, plot_loss_vs_compute
+
     out_dir = Path(out_dir)
-    analysis = analyse(rows, metric)
+    analysis = analysis or analyse(rows, metric, include_extrapolated=include_extrapolated)
     written = [out_dir / "fits.json"]
     written[0].write_text(json.dumps(analysis, indent=1))
     written += plot_loss_vs_compute(rows, analysis, out_dir / "loss_vs_compute.png")
@@ -102,83 +296,3 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def plot_loss_vs_compute(rows: list[dict[str, Any]], analysis: dict[str, Any], path: Path) -> list[Path]:
-    """Every run's loss against compute (log-log), each size's fit, and the frontier fit."""
-    plt = pyplot()
-    metric = analysis["metric"]
-    usable = _usable(rows, metric)
-    figure, axes = plt.subplots(figsize=(7, 5))
-    models = sorted(
-        {r["model"] for r in usable}, key=lambda m: min(r["parameters"] for r in usable if r["model"] == m)
-    )
-    colours = plt.cm.viridis(np.linspace(0, 0.9, max(len(models), 1)))
-    span = np.geomspace(min(_compute(r) for r in usable), max(_compute(r) for r in usable), 100)
-    for model, colour in zip(models, colours):
-        mine = [r for r in usable if r["model"] == model]
-        axes.scatter(
-            [_compute(r) for r in mine], [r[metric] for r in mine], color=colour, label=model, zorder=3
-        )
-        fit = analysis["per_model"].get(model)
-        if fit:
-            axes.plot(span, fit["a"] * span ** (-fit["b"]) + fit["c"], color=colour, lw=1)
-    if "frontier" in analysis:
-        fit = analysis["frontier"]
-        label = f"frontier: {fit['a']:.3g} C^-{fit['b']:.3f} + {fit['c']:.3f}"
-        axes.plot(span, fit["a"] * span ** (-fit["b"]) + fit["c"], "k--", lw=1.5, label=label)
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("training compute (FLOPs, 2 per multiply-add)")
-    axes.set_ylabel(metric)
-    axes.legend(fontsize=8)
-    axes.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return [path]
-
-
-def plot_isoflop(rows: list[dict[str, Any]], analysis: dict[str, Any], path: Path) -> list[Path]:
-    """Left: loss against size per budget with its parabola; right: N*(C) with its fit."""
-    plt = pyplot()
-    metric = analysis["metric"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    optima = analysis["isoflop"]
-    colours = plt.cm.plasma(np.linspace(0, 0.85, len(optima)))
-    for optimum, colour in zip(optima, colours):
-        mine = [r for r in _usable(rows, metric) if r.get("budget") == optimum["budget"]]
-        n = np.array([r["parameters"] for r in mine], dtype=np.float64)
-        loss = np.array([r[metric] for r in mine])
-        left.scatter(n, loss, color=colour, label=f"C = {optimum['budget']:.1e}")
-        coefficients = np.polyfit(np.log(n), loss, 2)
-        grid = np.geomspace(n.min(), n.max(), 50)
-        left.plot(grid, np.polyval(coefficients, np.log(grid)), color=colour, lw=1)
-        left.axvline(optimum["n_opt"], color=colour, ls=":", lw=1)
-    left.set_xscale("log")
-    left.set_xlabel("parameters")
-    left.set_ylabel(metric)
-    left.legend(fontsize=8)
-    budgets = np.array([o["budget"] for o in optima])
-    n_opt = np.array([o["n_opt"] for o in optima])
-    errors = np.array([[o["n_opt"] - o["n_interval"][0], o["n_interval"][1] - o["n_opt"]] for o in optima]).T
-    right.errorbar(budgets, n_opt, yerr=np.clip(errors, 0, None), fmt="o", color="k")
-    if "optimal_size" in analysis:
-        fit = analysis["optimal_size"]
-        span = np.geomspace(budgets.min(), budgets.max(), 50)
-        lo, hi = fit["alpha_interval"]
-        right.plot(
-            span,
-            fit["k"] * span ** fit["alpha"],
-            "k--",
-            label=f"N* ~ C^{fit['alpha']:.2f} [{lo:.2f}, {hi:.2f}]",
-        )
-        right.legend(fontsize=8)
-    right.set_xscale("log")
-    right.set_yscale("log")
-    right.set_xlabel("training compute (FLOPs)")
-    right.set_ylabel("compute-optimal parameters")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return [path]

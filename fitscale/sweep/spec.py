@@ -9,6 +9,11 @@ turns it into runs, each with its model, its steps, and its compute in two conve
 - the paper's: "GFLOPs" (multiply-adds of the linear layers of one 256-token image) x batch x
   steps x 3, the axis FiT/DiT plot against.
 Budgets are in our convention (real FLOPs); steps are rounded to the nearest integer >= 1.
+
+Learning rates: a spec's `lr` rule (base * (width / base_width) ** width_exponent, times each of
+`multipliers`) or a model's own `lrs` list makes each (size, budget) a small learning-rate grid;
+`fitscale sweep fit` keeps the run with the best validation loss of each. `held_out` runs train
+and are scored like the others, but no fit sees them: `fit` compares them with its prediction.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("grid", "isoflop", "steps")
+METRICS = ("auto", "val_loss_ema", "val_loss", "train_loss", "fid")
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of one H100 SXM
 
 
@@ -29,6 +35,57 @@ class SweepModel:
     name: str
     preset: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    lrs: list[float] = field(default_factory=list)  # this model's learning-rate grid (else the spec's rule)
+
+
+@dataclass
+class LRAxis:
+    """Learning rates per model: base * (width / base_width) ** width_exponent, times each multiplier.
+
+    width_exponent -1 is the muP-style rule for Adam's hidden matrices (lr proportional to 1 / width);
+    0 gives every width the same grid."""
+
+    base: float
+    base_width: int = 0  # hidden size that `base` is tuned for (needed when width_exponent != 0)
+    width_exponent: float = 0.0
+    multipliers: list[float] = field(default_factory=lambda: [1.0])
+
+    def __post_init__(self) -> None:
+        if not self.base > 0 or any(not m > 0 for m in self.multipliers) or not self.multipliers:
+            raise ValueError(
+                f"lr: base and multipliers must be > 0, got base {self.base}, multipliers {self.multipliers}"
+            )
+        if self.width_exponent and self.base_width < 1:
+            raise ValueError(
+                f"lr: width_exponent {self.width_exponent} needs base_width (the hidden size `base` is tuned for)"
+            )
+
+    def centre(self, width: int) -> float:
+        """The rule's rate for a model of hidden size `width` (multiplier 1)."""
+        return (
+            self.base * (width / self.base_width) ** self.width_exponent if self.width_exponent else self.base
+        )
+
+    def rates(self, width: int) -> list[float]:
+        return [self.centre(width) * m for m in self.multipliers]
+
+
+@dataclass
+class HeldOutRun:
+    """A run trained and scored with the sweep but left out of every fit, to test its predictions."""
+
+    name: str
+    preset: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    budget: float | None = None  # training FLOPs (ours); or
+    steps: int | None = None
+    lr: float | None = None  # default: the spec's rule at this width (multiplier 1), else the recipe's
+
+    def __post_init__(self) -> None:
+        if (self.budget is None) == (self.steps is None):
+            raise ValueError(f"held_out {self.name!r}: give exactly one of `budget` (FLOPs) or `steps`")
+        if (self.budget is not None and not self.budget > 0) or (self.steps is not None and self.steps < 1):
+            raise ValueError(f"held_out {self.name!r}: budget must be > 0 and steps >= 1")
 
 
 @dataclass
@@ -50,6 +107,10 @@ class SweepSpec:
     peak_flops: float = H100_BF16_PEAK  # FLOP/s of one GPU
     validation: dict[str, Any] = field(default_factory=dict)  # ValidationSettings fields + val_path
     fid: dict[str, Any] = field(default_factory=dict)  # reference, inception_weights, vae, num_images, cfg
+    lr: LRAxis | None = None  # learning-rate rule / grid; default: the recipe's optim.lr for every run
+    held_out: list[HeldOutRun] = field(default_factory=list)  # trained, scored, never fitted
+    metric: str = "auto"  # what `fit` fits: auto, val_loss_ema, val_loss, train_loss or fid
+    include_extrapolated: bool = False  # let isoFLOP optima outside the sizes tried into N*(C)
 
     def __post_init__(self) -> None:
         where = f"sweep {self.name!r}"
@@ -77,6 +138,14 @@ class SweepSpec:
             raise ValueError(f"{where}: mfu must be in (0, 1], got {self.mfu}")
         if self.tokens_per_image < 1:
             raise ValueError(f"{where}: tokens_per_image must be >= 1")
+        if self.metric not in METRICS:
+            raise ValueError(f"{where}: metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        for model in self.models:
+            if any(not lr > 0 for lr in model.lrs):
+                raise ValueError(f"{where}: model {model.name!r}: lrs must be > 0, got {model.lrs}")
+        clashes = sorted({h.name for h in self.held_out} & set(names))
+        if clashes:
+            raise ValueError(f"{where}: held_out names {clashes} are also in `models`; name them apart")
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -99,7 +168,18 @@ def load_spec(path: str | Path) -> SweepSpec:
     try:
         raw["models"] = [SweepModel(**m) for m in raw["models"]]
     except TypeError as error:
-        raise ValueError(f"{path}: each model is {{name, preset, overrides}}: {error}") from None
+        raise ValueError(f"{path}: each model is {{name, preset, overrides, lrs}}: {error}") from None
+    try:
+        if raw.get("lr") is not None:
+            raw["lr"] = LRAxis(**raw["lr"])
+        raw["held_out"] = [HeldOutRun(**h) for h in raw.get("held_out") or []]
+    except TypeError as error:
+        raise ValueError(
+            f"{path}: `lr` is {{base, base_width, width_exponent, multipliers}} and each `held_out` run "
+            f"{{name, preset, overrides, budget | steps, lr}}: {error}"
+        ) from None
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     raw["budgets"] = [float(b) for b in raw.get("budgets", [])]
     raw["isoflop"] = {float(b): list(m) for b, m in (raw.get("isoflop") or {}).items()}
     return SweepSpec(**raw)
@@ -120,6 +200,14 @@ class PlannedRun:
     flops_per_step: int  # ours: training FLOPs of one step
     paper_gflops: float  # the paper's per-image "GFLOPs"
     budget: float | None  # the budget it was planned for (grid / isoflop)
+    width: int = 0  # hidden size
+    lr: float | None = None  # optim.lr of this run (None: the recipe's)
+    held_out: bool = False  # trained and scored, never fitted
+
+    @property
+    def tokens(self) -> float:
+        """Training tokens D: steps x images per step x tokens per image."""
+        return float(self.steps) * self.global_batch_size * self.tokens_per_image
 
     @property
     def training_flops(self) -> float:
@@ -148,6 +236,10 @@ class PlannedRun:
             "training_flops": self.training_flops,
             "ratio_real_to_paper": self.training_flops / self.paper_compute,
             "gpu_hours": self.gpu_hours(mfu, peak_flops),
+            "width": self.width,
+            "tokens": self.tokens,
+            "lr": self.lr,
+            "held_out": self.held_out,
         }
 
 
@@ -159,11 +251,60 @@ def _batch_size(spec: SweepSpec) -> int:
     return int(load_config(spec.recipe, spec.overrides).data.global_batch_size)
 
 
-def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
-    """The runs of the sweep in a stable order (model, then budget or steps)."""
+def plan_run(
+    spec: SweepSpec,
+    model: SweepModel,
+    budget: float | None,
+    steps: int | None,
+    lr: float | None = None,
+    suffix: str = "",
+    held_out: bool = False,
+    batch: int | None = None,
+) -> PlannedRun:
+    """One run of `model` at `budget` FLOPs (steps = budget / FLOPs per step, >= 1) or `steps`."""
     from fitscale.models.config import build_config
     from fitscale.models.flops import count_parameters, paper_gflops, training_flops
 
+    batch = batch or _batch_size(spec)
+    try:
+        config = build_config(model.preset, **model.overrides)
+    except ValueError as error:
+        raise ValueError(f"sweep {spec.name!r}, model {model.name!r}: {error}") from None
+    per_step = training_flops(config, [spec.tokens_per_image] * batch)
+    if steps is None:
+        steps = max(1, round(budget / per_step))
+        label = f"{model.name}-C{budget:.0e}".replace("+", "")
+    else:
+        label = f"{model.name}-s{steps}"
+    return PlannedRun(
+        name=label + suffix,
+        model=model.name,
+        preset=model.preset,
+        overrides=dict(model.overrides),
+        parameters=count_parameters(config),
+        steps=int(steps),
+        global_batch_size=batch,
+        tokens_per_image=spec.tokens_per_image,
+        flops_per_step=per_step,
+        paper_gflops=paper_gflops(config, 256),
+        budget=budget,
+        width=int(config.hidden_size),
+        lr=lr,
+        held_out=held_out,
+    )
+
+
+def model_lrs(spec: SweepSpec, model: SweepModel, width: int) -> list[float | None]:
+    """The learning rates `model` trains at: its own `lrs`, else the spec's rule, else the recipe's."""
+    if model.lrs:
+        return [float(lr) for lr in model.lrs]
+    if spec.lr is not None:
+        return spec.lr.rates(width)
+    return [None]
+
+
+def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
+    """The runs of the sweep in a stable order (model, then budget or steps, then lr; held-out last)."""
     batch = _batch_size(spec)
     by_name = {m.name: m for m in spec.models}
     combos: list[tuple[SweepModel, float | None, int | None]] = []
@@ -179,30 +320,24 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
         combos = [(m, None, s) for m in spec.models for s in spec.steps]
     runs = []
     for model, budget, steps in combos:
-        try:
-            config = build_config(model.preset, **model.overrides)
-        except ValueError as error:
-            raise ValueError(f"sweep {spec.name!r}, model {model.name!r}: {error}") from None
-        per_step = training_flops(config, [spec.tokens_per_image] * batch)
-        if steps is None:
-            steps = max(1, round(budget / per_step))
-            label = f"{model.name}-C{budget:.0e}".replace("+", "")
-        else:
-            label = f"{model.name}-s{steps}"
-        runs.append(
-            PlannedRun(
-                name=label,
-                model=model.name,
-                preset=model.preset,
-                overrides=dict(model.overrides),
-                parameters=count_parameters(config),
-                steps=int(steps),
-                global_batch_size=batch,
-                tokens_per_image=spec.tokens_per_image,
-                flops_per_step=per_step,
-                paper_gflops=paper_gflops(config, 256),
-                budget=budget,
-            )
+        first = plan_run(spec, model, budget, steps, batch=batch)
+        lrs = model_lrs(spec, model, first.width)
+        for lr in lrs:
+            suffix = f"-lr{lr:.3g}" if len(lrs) > 1 else ""
+            runs.append(plan_run(spec, model, budget, steps, lr, suffix, batch=batch))
+    for held in spec.held_out:
+        model = SweepModel(held.name, held.preset, dict(held.overrides))
+        run = plan_run(spec, model, held.budget, held.steps, held_out=True, batch=batch)
+        run.lr = held.lr if held.lr is not None else (spec.lr.centre(run.width) if spec.lr else None)
+        runs.append(run)
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.name] = seen.get(run.name, 0) + 1
+    clashes = sorted(name for name, count in seen.items() if count > 1)
+    if clashes:
+        raise ValueError(
+            f"sweep {spec.name!r}: runs {clashes} share a folder name (budgets equal to one significant "
+            "digit, or learning rates to three); make them differ"
         )
     return runs
 
@@ -212,6 +347,8 @@ def run_overrides(spec: SweepSpec, run: PlannedRun) -> list[str]:
     overrides = [*spec.overrides, f"model.name={run.preset}", f"train.steps={run.steps}"]
     overrides += [f"model.overrides.{k}={v}" for k, v in run.overrides.items()]
     overrides += [f"data.global_batch_size={run.global_batch_size}", f"train.run_dir={run_dir(spec, run)}"]
+    if run.lr is not None:
+        overrides.append(f"optim.lr={run.lr!r}")
     return overrides
 
 
@@ -231,6 +368,7 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
         "our FLOPs",
         "ours/paper",
         "GPU-h",
+        "lr",
     )
     lines = [header]
     for r in rows:
@@ -247,6 +385,8 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
                 f"{r['training_flops']:.3e}",
                 f"{r['ratio_real_to_paper']:.2f}",
                 f"{r['gpu_hours']:.1f}" if r["gpu_hours"] >= 0.1 else f"{r['gpu_hours']:.2g}",
+                ("recipe" if r.get("lr") is None else f"{r['lr']:.3g}")
+                + (" held-out" if r.get("held_out") else ""),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

@@ -5,6 +5,9 @@ the same placement, so the EMA costs 4 bytes per parameter divided by the shard 
 without communication (one fused lerp over local shards), and saves/loads through DCP with the
 same resharding as the weights. Names are the parameters' names with wrapper segments removed,
 so they match the model's checkpoint keys and `fitscale convert export --ema`.
+
+The decay of each update is `ema_decay(cfg, step)`, a function of the optimizer step alone, so
+a resumed run (whose step comes back from the checkpoint) averages exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,12 +28,52 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def ema_decay(cfg: EMAConfig, step: int) -> float:
+    """Decay per optimizer step of the update after optimizer step `step` (1-based); 0 means copy.
+
+    With t = step - cfg.start_step - 1, as diffusers' `EMAModel.get_decay` (its `optimization_step`
+    is our step, its `update_after_step` our `start_step`): 0 while t <= 0, else
+    min(cfg.decay, 1 - (1 + t / inv_gamma) ** -power) for `power` warmup and
+    min(cfg.decay, (1 + t) / (10 + t)) for `ratio`. `none` keeps the constant `cfg.decay` after
+    `start_step` (copying up to it), as the FiTv2 release's `update_ema` (train_fitv2.py).
+    """
+    if cfg.warmup == "none":
+        return 0.0 if step <= cfg.start_step else cfg.decay
+    t = step - cfg.start_step - 1
+    if t <= 0:
+        return 0.0
+    if cfg.warmup == "power":
+        value = 1.0 - (1.0 + t / cfg.inv_gamma) ** -cfg.power
+    else:
+        value = (1.0 + t) / (10.0 + t)
+    return min(value, cfg.decay)
+
+
+def ema_initial_weight(cfg: EMAConfig, step: int) -> float:
+    """The weight the average after optimizer step `step` still gives the initial weights, in [0, 1].
+
+    The product of the decays of its updates (decay ** update_every each), 0 once an update copied
+    the weights. A warmed-up EMA copies at its first update, so this is 0; a constant decay d after
+    s steps leaves d ** s (0.99 after 24 steps: 0.79), which makes the EMA of short runs score
+    mostly their initialisation.
+    """
+    weight, k = 1.0, cfg.update_every
+    for update_step in range(k, step + 1, k):
+        decay = ema_decay(cfg, update_step)
+        if decay == 0.0:
+            return 0.0
+        if decay == cfg.decay:  # the cap: every later update uses it too (the warmup only grows)
+            return weight * cfg.decay ** (k * ((step - update_step) // k + 1))
+        weight *= decay**k
+    return weight
+
+
 class EMA:
     """Exponential moving average of `model`'s parameters (a `Stateful` for the CheckpointManager).
 
     Call `update(step)` after every optimizer step; it averages on steps that are multiples of
-    `cfg.update_every` with decay `cfg.decay ** cfg.update_every`, and copies the weights before
-    `cfg.start_step`. Frozen parameters are tracked too (they stay equal to the weights), so the
+    `cfg.update_every` with decay `ema_decay(cfg, step) ** cfg.update_every`, and copies the weights
+    where that decay is 0 (before `cfg.start_step`, and at the first step of a warmup). Frozen parameters are tracked too (they stay equal to the weights), so the
     EMA is always a complete set of weights for evaluation and export.
     """
 
@@ -60,11 +103,11 @@ class EMA:
             return
         shadows = [_local(s) for s in self.shadow.values()]
         params = [_local(p).float() for p in self._params.values()]
-        if step <= self.cfg.start_step:
+        decay = ema_decay(self.cfg, step)
+        if decay == 0.0:
             torch._foreach_copy_(shadows, params)
         else:
-            weight = 1.0 - self.cfg.decay**self.cfg.update_every
-            torch._foreach_lerp_(shadows, params, weight)
+            torch._foreach_lerp_(shadows, params, 1.0 - decay**self.cfg.update_every)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -30,7 +30,8 @@ def test_recipe_loads_and_states_its_cost(name):
         0.999,
         0,
     )
-    assert config.optim.ema.decay == 0.9999 and config.train.grad_clip == 1.0
+    assert config.optim.ema.decay == 0.9999 and config.optim.ema.warmup == "none"  # the release's EMA
+    assert config.train.grad_clip == 1.0
     assert config.optim.schedule.name == "constant" and config.train.flow.timesteps == "logit_normal"
     assert config.data.global_batch_size == 256 and config.parallel.param_dtype == "bf16"
     assert config.model_config().class_dropout_prob == 0.1
