@@ -92,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         user_error = isinstance(error, USER_ERRORS)
         if in_launched_rank():  # the launcher reports the first failing rank's error, once
             record_failure(error, user_error)
-            return 2 if user_error else 1
+            # Leave at once: the teardown of a half-failed process group (its threads still waiting on
+            # peers) can abort with a C++ message of its own, a second line the launcher cannot hide.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2 if user_error else 1)
         if os.environ.get("FITSCALE_DEBUG") or not user_error:
             raise
         print(f"fitscale {args.command}: error: {error}", file=sys.stderr)
