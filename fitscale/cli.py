@@ -53,6 +53,11 @@ def set_option_args(overrides: list[str]) -> list[str]:
     return ["--set", *overrides] if overrides else []
 
 
+# Printed as one line with exit status 2 (ImportError: an optional dependency that is not installed,
+# whose message says which extra to install); any other exception is a traceback and status 1.
+USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fitscale", description="Train FiTv2 diffusion transformers at scale."
@@ -72,17 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from fitscale.launch.failures import WorkerFailed, in_launched_rank, record_failure
+
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command relaunches itself with
     try:
         result = args.func(args)
-    # ImportError: an optional dependency that is not installed (its message says which extra to install).
-    except (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
-        if os.environ.get("FITSCALE_DEBUG"):
+    except WorkerFailed as error:  # a rank this process launched: its line (or traceback), its status
+        details = error.details if os.environ.get("FITSCALE_DEBUG") and error.details else None
+        print(details.rstrip() if details else f"fitscale {args.command}: error: {error}", file=sys.stderr)
+        return error.code
+    except BrokenPipeError:  # `fitscale info ... | head`
+        return 0
+    except Exception as error:
+        user_error = isinstance(error, USER_ERRORS)
+        if in_launched_rank():  # the launcher reports the first failing rank's error, once
+            record_failure(error, user_error)
+            # Leave at once: the teardown of a half-failed process group (its threads still waiting on
+            # peers) can abort with a C++ message of its own, a second line the launcher cannot hide.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2 if user_error else 1)
+        if os.environ.get("FITSCALE_DEBUG") or not user_error:
             raise
         print(f"fitscale {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `fitscale info ... | head`
-        return 0
     return int(result or 0)
 
 

@@ -25,6 +25,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GROUP_BYTES = 1 << 30
 
 
+def read_run_weights(checkpoint: Path, which: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`read_weights`, or for a DeepSpeed run the weights (and EMA) of its ZeRO partitions."""
+    from fitscale.parallel.deepspeed import is_deepspeed_checkpoint, read_deepspeed_weights
+
+    if not is_deepspeed_checkpoint(checkpoint):
+        return read_weights(checkpoint, which, dtype)
+    step = layout.read_metadata(checkpoint)["step"]
+    weights = read_deepspeed_weights(checkpoint.parent.parent, step, which)
+    return {name: tensor.to(dtype) for name, tensor in weights.items()}
+
+
 def read_weights(
     checkpoint: Path, which: str = "model", dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
@@ -136,7 +147,7 @@ def export_checkpoint(
         raise ValueError(f"--names {names!r} is not `fitscale` or `official`")
     checkpoint = layout.find_checkpoint(source)
     which = "ema" if ema else "model"
-    weights = read_weights(checkpoint, which, DTYPES[dtype])
+    weights = read_run_weights(checkpoint, which, DTYPES[dtype])
     if names == "official":
         from fitscale.models.official import export_official_state_dict
 

@@ -81,13 +81,17 @@ class TrainingJob:
             os.environ.get("SLURM_JOB_ID"),
             os.environ.get("SLURM_RESTART_COUNT", "0"),
         )
-        config = self.load_config()
-        from fitscale.train.trainer import Trainer
+        try:
+            config = self.load_config()
+            from fitscale.train.trainer import Trainer
 
-        trainer = Trainer(config)  # its checkpoint manager now owns SIGTERM/SIGUSR2
-        early.watch_time_limit()
-        early.replay()
-        step = trainer.train()
+            trainer = Trainer(config)  # its checkpoint manager now owns SIGTERM/SIGUSR2
+            early.watch_time_limit()
+            early.replay()
+            step = trainer.train()
+        except Exception as error:
+            self._report_failure(error)
+            raise
         early.restore()  # the trainer handed the signals back to our recorders; give them back to submitit
         if step >= config.train.steps:
             return {"run_dir": self.run_dir, "step": step, "job_id": os.environ.get("SLURM_JOB_ID")}
@@ -96,6 +100,26 @@ class TrainingJob:
         last = TIME_LIMIT_SIGNAL if early.time_limit_warned else trainer.checkpoints.last_signal
         self._after_interrupt(last, step, submitit_handler)
         raise AssertionError("unreachable")  # _after_interrupt always exits
+
+    def _report_failure(self, error: Exception) -> None:
+        """This rank's one-line report, so `fitscale launch --wait` and `fitscale status` name the
+        first rank that failed (the others often fail after it, having lost their peer)."""
+        from fitscale.cli import USER_ERRORS
+        from fitscale.launch.failures import record_failure, slurm_error_folder
+        from fitscale.launch.rundir import slurm_folder
+
+        try:
+            import submitit
+
+            environment = submitit.JobEnvironment()
+            folder, job_id = environment.paths.folder, environment.job_id
+        except Exception:  # not started by submitit
+            folder, job_id = slurm_folder(self.run_dir), os.environ.get("SLURM_JOB_ID", "local")
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        try:
+            record_failure(error, isinstance(error, USER_ERRORS), slurm_error_folder(folder, job_id, restart))
+        except OSError as write_error:  # the job's own error still goes to submitit
+            log.warning("could not write the failure report: %s", write_error)
 
     def _after_interrupt(self, last_signal: str | None, step: int, submitit_handler: Any) -> None:
         """The trainer stopped early with a complete checkpoint at `step`: requeue or just exit."""

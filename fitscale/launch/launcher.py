@@ -71,24 +71,32 @@ def launch_overrides(
     return [f"launch.{name}={value}" for name, value in values.items() if value is not None]
 
 
-def check_topology(config, resources: Resources, profile: ClusterProfile) -> list[str]:
-    """Reasons this run cannot work on these resources, each naming what to change."""
-    problems = []
-    world = resources.world_size
+def world_size_problems(config, world: int, shape: str, tasks_per_node: int | None = None) -> list[str]:
+    """Reasons this run cannot split over `world` ranks (`shape` says how they are laid out)."""
+    from fitscale.parallel.deepspeed import deepspeed_problems
+
+    problems = deepspeed_problems(config)
     data = config.data
     if data.batch_mode == "images" and data.global_batch_size % world:
         problems.append(
             f"data.global_batch_size={data.global_batch_size} does not divide over {world} ranks "
-            f"({resources.nodes} node(s) x {resources.tasks_per_node} task(s)); set it to a multiple of {world}"
+            f"({shape}); set it to a multiple of {world}"
         )
     parallel = config.parallel
-    if parallel.sharding == "hybrid":
-        shard = parallel.shard_size or resources.tasks_per_node
+    if parallel.sharding == "hybrid" and parallel.backend == "fsdp":
+        shard = parallel.shard_size or tasks_per_node or world
         if world % shard:
             problems.append(
                 f"parallel.shard_size={shard} does not divide the {world} ranks; set parallel.shard_size "
-                f"to a divisor of {world} (0 = the {resources.tasks_per_node} ranks of one node)"
+                f"to a divisor of {world} (0 = the ranks of one node)"
             )
+    return problems
+
+
+def check_topology(config, resources: Resources, profile: ClusterProfile) -> list[str]:
+    """Reasons this run cannot work on these resources, each naming what to change."""
+    shape = f"{resources.nodes} node(s) x {resources.tasks_per_node} task(s)"
+    problems = world_size_problems(config, resources.world_size, shape, resources.tasks_per_node)
     if config.train.device == "cuda" and resources.gpus_per_node == 0:
         problems.append(
             f"train.device=cuda but cluster profile {profile.name!r} requests no GPUs; "
@@ -139,15 +147,26 @@ def render_sbatch(plan: LaunchPlan) -> str:
     return sbatch_script(rundir.slurm_folder(plan.run_dir), plan.sbatch_params)
 
 
+def check_plan(plan: LaunchPlan, lock: bool) -> None:
+    """Everything that needs no process group, before any rank or job exists: the topology, the
+    backend, the trainable patterns, the datasets, (with `lock`) the run folder, and a resume that
+    changes a field that may not change; ConfigError."""
+    from fitscale.train.cli import check_before_launch, check_data_before_launch
+
+    if plan.problems:
+        raise ConfigError("; ".join(plan.problems))
+    check_before_launch(plan.config, plan.resources.world_size, lock=lock)
+    check_data_before_launch(plan.config)
+
+
 def submit_plan(plan: LaunchPlan):
     """Submit to SLURM; returns the submitit Job. Refuses a run folder whose previous job may still run."""
     from fitscale.launch.slurm import build_executor, require_slurm, submit
-    from fitscale.train.resume import check_before_start
 
     if plan.problems:
         raise ConfigError("; ".join(plan.problems))
     require_slurm()
-    check_before_start(plan.config)  # a resume that changes a field that may not change
+    check_plan(plan, lock=False)  # the lock is the job's to take, on its node
     active = rundir.active_job(plan.run_dir)
     if active is not None:
         raise ConfigError(
@@ -179,27 +198,28 @@ def run_local(
     master_port: int | None = None,
 ) -> int:
     """Run the plan's ranks on this machine (one node of `resources.nodes`); returns the exit code."""
-    from fitscale.launch.local import launch_local, python_module_command
+    from fitscale.launch.failures import run_ranks
+    from fitscale.launch.local import python_module_command
 
-    if plan.problems:
-        raise ConfigError("; ".join(plan.problems))
     if plan.resources.nodes > 1 and master_port is None:
         raise ValueError("a multi-node launch needs an explicit master_port that every node agrees on")
+    check_plan(plan, lock=True)
     args = ["train", str(recipe), "--set", *overrides, f"train.run_dir={plan.run_dir}"]
     rundir.append_launch_record(
         plan.run_dir,
         {"scheduler": "local", "node_rank": node_rank, "command": shlex.join(sys.argv), **plan.summary()},
     )
-    env = dict(plan.profile.env)
-    return launch_local(
+    run_ranks(
         python_module_command("fitscale.cli", *args),
         plan.resources.tasks_per_node,
+        plan.run_dir,
         nnodes=plan.resources.nodes,
         node_rank=node_rank,
         master_addr=master_addr,
         master_port=master_port,
-        env={**env, "FITSCALE_LAUNCHED": "1"} if env else {"FITSCALE_LAUNCHED": "1"},
+        env={**plan.profile.env, "FITSCALE_LAUNCHED": "1"},
     )
+    return 0
 
 
 def submit_sweep(configs: list, folder: str | Path, cluster: str | None = None) -> list[str]:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -70,6 +71,7 @@ def launch_local(
     master_port: int | None = None,
     env: Mapping[str, str] | None = None,
     stop_grace_s: float = 60.0,
+    log_dir: str | Path | None = None,
 ) -> int:
     """Run `command` in `nproc_per_node` processes of one node of an `nnodes`-node job; return its exit code.
 
@@ -83,7 +85,9 @@ def launch_local(
     after `stop_grace_s`) and the failed rank's code is returned. Signals to this process
     (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) are forwarded to every rank and do not stop this function;
     it returns when the ranks have exited (called from another thread, signals are not forwarded).
-    `env` adds variables to every rank's environment.
+    `env` adds variables to every rank's environment. With `log_dir`, every rank but this node's
+    first writes its output to `log_dir/rank-R.log` (appended to) instead of the terminal, and the
+    launcher prints nothing of its own (see fitscale.launch.failures for the error line).
     """
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
@@ -107,20 +111,33 @@ def launch_local(
             previous_handlers[signum] = signal.signal(signum, forward)
     try:
         for rank_env in rank_environments(nproc_per_node, nnodes, node_rank, master_addr, master_port):
+            output = _rank_log(log_dir, rank_env)
             processes.append(
                 subprocess.Popen(
                     list(command),
                     env={**base_env, **rank_env},
+                    stdout=output,
+                    stderr=subprocess.STDOUT if output is not None else None,
                     # Own session: a Ctrl-C in the terminal reaches each rank once (forwarded), not twice.
                     start_new_session=True,
                     preexec_fn=_die_with_parent,
                 )
             )
-        return _wait_for_ranks(processes, node_rank * nproc_per_node, stop_grace_s)
+            if output is not None:
+                output.close()  # the rank holds its own copy
+        return _wait_for_ranks(processes, node_rank * nproc_per_node, stop_grace_s, quiet=log_dir is not None)
     finally:
         _stop(processes, stop_grace_s)
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
+
+
+def _rank_log(log_dir: str | Path | None, rank_env: Mapping[str, str]):
+    """The open log file of a rank whose output stays off the terminal, else None."""
+    if log_dir is None or rank_env["LOCAL_RANK"] == "0":
+        return None
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    return open(Path(log_dir) / f"rank-{rank_env['RANK']}.log", "ab")
 
 
 def _die_with_parent() -> None:
@@ -132,14 +149,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _wait_for_ranks(processes: list[subprocess.Popen], first_rank: int, stop_grace_s: float) -> int:
+def _wait_for_ranks(
+    processes: list[subprocess.Popen], first_rank: int, stop_grace_s: float, quiet: bool = False
+) -> int:
     """Wait for all ranks; on the first failure stop the rest and return that rank's code."""
     while True:
         codes = [process.poll() for process in processes]
         failed = [(index, code) for index, code in enumerate(codes) if code not in (None, 0)]
         if failed:
             index, code = failed[0]
-            if any(c is None for c in codes):
+            if any(c is None for c in codes) and not quiet:
                 print(
                     f"fitscale launch: rank {first_rank + index} exited with code {code}; stopping the other ranks",
                     file=sys.stderr,

@@ -208,8 +208,14 @@ class JobOutcome:
 
 
 def failure_reason(folder: str | Path, job_id: str, max_lines: int = 1) -> str:
-    """Why a job failed, from its tasks' result pickles (submitit stores the traceback) or their logs."""
+    """Why a job failed: the first failing rank's line (fitscale.launch.failures), else from its
+    tasks' result pickles (submitit stores the traceback) or their logs."""
+    from fitscale.launch.failures import slurm_first_failure
+
     folder = Path(folder)
+    report = slurm_first_failure(folder, job_id)
+    if report is not None:
+        return report["message"]  # the line a local launch prints
     for path in sorted(folder.glob(f"{job_id}_*_result.pkl")):
         try:
             with open(path, "rb") as handle:

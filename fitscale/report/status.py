@@ -103,6 +103,13 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
         "launches": len(launch_records(run_dir)),
         "samples": str(grids[-1]) if grids else None,
     }
+    if alive is False:
+        from fitscale.launch.failures import last_failure
+
+        failure = last_failure(run_dir)
+        since = last["time"] if last is not None and "time" in last else 0.0
+        if failure is not None and failure["time"] >= since:  # not an error a later run got past
+            status["last_error"] = failure["message"]  # the line the launcher printed
     last_val = next((r for r in reversed(list(steps.values())) if "val_loss" in r), None)
     if last_val is not None:
         status["last_validation"] = {
@@ -148,4 +155,6 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"restarts: {status['restarts']} (resumes and requeues); launches: {status['launches']}")
     if status["samples"]:
         lines.append(f"samples: {status['samples']}")
+    if status.get("last_error"):
+        lines.append(f"last error: {status['last_error']}")
     return "\n".join(lines)

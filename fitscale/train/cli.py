@@ -1,18 +1,19 @@
 """`fitscale train RECIPE [--set key=value ...] [--nproc N]`.
 
 Without a launcher around it (no RANK / SLURM_PROCID in the environment) this process is the
-parent: it checks the recipe, runs the recipe's `hooks.before` steps, starts `--nproc`
-processes (default: the recipe's `launch.tasks_per_node`, else 1) with torchrun, and once they
-finish runs its `hooks.after` steps and prints where the results are. Under torchrun or SLURM
-every rank trains with the environment as given.
-"""
+parent: it checks the recipe and everything else that needs no process group (the backend's
+package, the world size against the batch, the datasets, the run folder's lock), runs the
+recipe's `hooks.before` steps, starts `--nproc` processes (default: the recipe's
+`launch.tasks_per_node`, else 1) with fitscale.launch.local, and once they finish runs its
+`hooks.after` steps and prints where the results are. A failing run prints one line, the first
+failing rank's error, with the exit status one process would give (fitscale.launch.failures);
+the other ranks' output is in `<run_dir>/logs/`. Under torchrun or SLURM every rank trains
+with the environment as given."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 PARENT_ENV = "FITSCALE_TRAIN_PARENT"  # set for the ranks this process starts
@@ -45,32 +46,26 @@ def run_train(args: argparse.Namespace) -> int:
         from fitscale.train.trainer import Trainer
 
         step = Trainer(config).train()
+        _leave_process_group()
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
         if rank == 0 and PARENT_ENV not in os.environ:  # else the parent reports, after its closing steps
             print(summary_line(config, step))
         return 0
     nproc = args.nproc or config.launch.tasks_per_node or 1
-    check_before_launch(config)
+    check_before_launch(config, nproc)
     before = [resolve_hook("before", name) for name in config.hooks.before]
     after = [resolve_hook("after", name) for name in config.hooks.after]  # found now, not after training
     for hook in before:
         hook(config)
+    check_data_before_launch(config)  # after the hooks, which may write the dataset
     if nproc > 1:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "fitscale.cli",
-            "train",
-            args.recipe,
-            *set_option_args(args.overrides),
-        ]
-        code = subprocess.call(command, env={**os.environ, PARENT_ENV: "1"})
-        if code != 0:
-            return code
+        from fitscale.launch.failures import run_ranks
+        from fitscale.launch.local import python_module_command
+
+        command = python_module_command(
+            "fitscale.cli", "train", args.recipe, *set_option_args(args.overrides)
+        )
+        run_ranks(command, nproc, config.train.run_dir, env={PARENT_ENV: "1"})
     else:
         from fitscale.train.trainer import Trainer
 
@@ -81,19 +76,33 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_before_launch(config) -> None:
-    """Catch what would otherwise fail in every rank after start-up: a trainable pattern that
-    matches nothing (checked on a meta-device model), a validation split that is not there, a
-    run folder held by a live run, and a resume that changes a field that may not change."""
+def _leave_process_group() -> None:
+    """Destroy the process group at the end of a rank's run, so its threads stop before the
+    interpreter exits (a gloo group left to the interpreter's teardown can abort the process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_before_launch(config, world_size: int, lock: bool = True) -> None:
+    """Catch what would otherwise fail in every rank after start-up, before any process starts:
+    the backend's package, a world size that does not divide the batch, a trainable pattern that
+    matches nothing (checked on a meta-device model), a validation split that is not there, (with
+    `lock`) a run folder held by a live run, and a resume that changes a field that may not change."""
     import torch
 
     from fitscale.config.errors import ConfigError
     from fitscale.data.format import META_FILE
+    from fitscale.launch.launcher import world_size_problems
     from fitscale.models import build_model
     from fitscale.train.resume import check_before_start
     from fitscale.train.state import RunLock
     from fitscale.train.trainer import apply_trainable_patterns
 
+    problems = world_size_problems(config, world_size, f"{world_size} process(es)")
+    if problems:
+        raise ConfigError("; ".join(problems))
     with torch.device("meta"):
         model = build_model(config.model.name, **dict(config.model.overrides))
     apply_trainable_patterns(model, list(config.train.trainable))
@@ -107,9 +116,23 @@ def check_before_launch(config) -> None:
             f"data.val_path={data.val_path} holds no dataset (no {META_FILE}); write the held-out split with "
             f"`fitscale data ...` or set train.val_every=0"
         )
-    with RunLock(config.train.run_dir):  # RunFolderInUseError if a live run holds it
-        pass
+    if lock:
+        with RunLock(config.train.run_dir):  # RunFolderInUseError if a live run holds it
+            pass
     check_before_start(config)  # a resume that changes a field that may not change
+
+
+def check_data_before_launch(config) -> None:
+    """The training set must be there (unless it streams from `data.remote`): ConfigError otherwise."""
+    from fitscale.config.errors import ConfigError
+    from fitscale.data.format import META_FILE
+
+    data = config.data
+    if data.remote is None and not (Path(data.path) / META_FILE).is_file():
+        raise ConfigError(
+            f"data.path={data.path} holds no dataset (no {META_FILE}); write one with `fitscale data ...` "
+            "or point data.path at a dataset folder"
+        )
 
 
 def resolve_hook(where: str, name: str):

@@ -78,15 +78,23 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, cfg: EMAConfig):
+        self._track({clean_parameter_name(name): param for name, param in model.named_parameters()}, cfg)
+
+    @classmethod
+    def of_tensors(cls, tensors: dict[str, torch.Tensor], cfg: EMAConfig) -> EMA:
+        """The average of live tensors that are not a module's parameters (e.g. the fp32 master
+        partitions of DeepSpeed ZeRO, fitscale.parallel.deepspeed_ema): same update rule.
+        `copy_to` and `swap_into` need a model and are not used for these."""
+        ema = cls.__new__(cls)
+        ema._track(tensors, cfg)
+        return ema
+
+    @torch.no_grad()
+    def _track(self, params: dict[str, torch.Tensor], cfg: EMAConfig) -> None:
         self.cfg = cfg
         self.num_updates = 0
-        self._params: dict[str, nn.Parameter] = {}
-        self.shadow: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                clean = clean_parameter_name(name)
-                self._params[clean] = param
-                self.shadow[clean] = param.detach().to(torch.float32, copy=True)
+        self._params = dict(params)
+        self.shadow = {name: param.detach().to(torch.float32, copy=True) for name, param in params.items()}
 
     @torch.no_grad()
     def update(self, step: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -145,7 +146,11 @@ class Trainer:
         if self.mesh is not None:
             apply_fsdp(model, self.mesh, cfg.parallel, self.env.device)
         model.to_empty(device=self.env.device)
-        model.init_weights()  # also fills buffers; the weights are replaced just below
+        with warnings.catch_warnings():
+            # DTensor warns that random init on a CPU mesh may differ from a GPU mesh's: these values are
+            # replaced by the broadcast initial weights just below.
+            warnings.filterwarnings("ignore", "DTensor random operators", UserWarning)
+            model.init_weights()  # also fills buffers
         self._load_initial_weights(model)
         self._apply_trainable(model)
         self._move_label_dropout_to_loss(model)
@@ -229,11 +234,10 @@ class Trainer:
     def _build_ema(self):
         if not self.config.optim.ema.enabled:
             return None
-        if self.config.parallel.backend == "deepspeed":
-            raise ConfigError(
-                "optim.ema.enabled=true is not supported with parallel.backend=deepspeed "
-                "(ZeRO partitions the weights outside torch); set optim.ema.enabled=false or use parallel.backend=fsdp"
-            )
+        if self.engine is not None:  # ZeRO's fp32 master partitions, averaged where they live
+            from fitscale.parallel.deepspeed_ema import DeepSpeedEMA
+
+            return DeepSpeedEMA(self.engine, self.model, self.config.optim.ema)
         from fitscale.train.ema import EMA
 
         return EMA(self.model, self.config.optim.ema)
@@ -311,11 +315,11 @@ class Trainer:
             "rng": PerRankState(RNGState()),
             "progress": self.progress,
         }
-        if self.engine is None:  # DeepSpeed keeps weights and optimizer in its own files
+        if self.engine is None:  # DeepSpeed keeps weights, optimizer and EMA partitions in its own files
             state["model"] = ModelState(self.model)
             state["optimizer"] = OptimizerState(self.model, self.optimizer)
-        if self.ema is not None:
-            state["ema"] = self.ema
+            if self.ema is not None:
+                state["ema"] = self.ema
         return state
 
     # ---- resuming ---------------------------------------------------------------------------
@@ -335,7 +339,7 @@ class Trainer:
         if self.engine is not None:
             from fitscale.parallel.deepspeed import load_deepspeed_state
 
-            load_deepspeed_state(self.engine, self.run_dir, step)
+            load_deepspeed_state(self.engine, self.run_dir, step, self.ema)
         self.checkpoints.load(step, self.state())
         self._apply_config_to_loaded_optimizer()
         log_event("resume", step, checkpoint=self.checkpoints.step_path(step))
@@ -348,7 +352,7 @@ class Trainer:
             from fitscale.parallel.deepspeed import save_deepspeed_state
 
             # Written before the manager publishes step-N, so a visible step always has this part.
-            save_deepspeed_state(self.engine, self.run_dir, step, self.checkpoints.complete_steps())
+            save_deepspeed_state(self.engine, self.run_dir, step, self.checkpoints.complete_steps(), self.ema)
             force = True
         return self.checkpoints.maybe_save(step, self.state(), force=force)
 

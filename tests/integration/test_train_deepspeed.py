@@ -7,6 +7,9 @@ also check that validation through the engine leaves DeepSpeed's training as it 
 rank, so gradient accumulation is exercised; warmup and clipping at 0.5 (the gradient norms are
 about 0.65) check that DeepSpeed steps with our schedule and clips like torch. Label dropout is
 off: the model draws it from each rank's RNG stream, so it differs between splits by design.
+Every run keeps an EMA (decay 0.5, so it lags the weights visibly): the ZeRO averages, exported
+from their partitions and scored on the held-out split, are compared with FSDP2's, also after
+resuming on 1 and 3 ranks.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ pytestmark = pytest.mark.slow
 COMMON = [
     "train.steps=4",
     "checkpoint.keep_last=0",
-    "optim.ema.enabled=false",
+    "optim.ema.decay=0.5",  # far from the weights within 4 steps, so a wrong average shows
     "optim.schedule.warmup_steps=2",
     "train.grad_clip=0.5",
     "model.overrides.class_dropout_prob=0.0",
@@ -39,14 +42,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     paths = {name: root / name for name in ("single", "fsdp", "zero3")}
     validation = [f"data.val_path={write_digits_split(root / 'val')}", "train.val_every=2"]
     run(paths["single"], 1, *COMMON, *NO_CHECKPOINTS)
-    run(paths["fsdp"], 2, *COMMON, *validation, "checkpoint.interval=0")  # saves step 4 at the end
+    run(paths["fsdp"], 2, *COMMON, *validation, "checkpoint.interval=2")
     run(paths["zero3"], 2, *COMMON, *ZERO3, *validation)
     return paths
 
 
-def history(run_dir: Path) -> list[float]:
+def history(run_dir: Path, name: str = "history.json") -> list[float]:
     """Loss and gradient norm (before clipping) of every step, in order."""
-    records = json.loads((run_dir / "history.json").read_text())
+    records = json.loads((run_dir / name).read_text())
     return [value for r in records for value in (r["loss"], r["grad_norm"])]
 
 
@@ -65,10 +68,46 @@ def test_zero3_scores_the_held_out_split_like_fsdp(runs):
     assert "val_loss" not in zero3[1] and "val_loss" not in zero3[3]
 
 
-def test_zero2_gives_the_losses_of_the_single_process_run(runs, tmp_path):
-    zero2 = ["parallel.backend=deepspeed", "parallel.zero_stage=2", "train.steps=2"]
-    run(tmp_path / "zero2", 2, *COMMON, *NO_CHECKPOINTS, *zero2)
+def test_zero3_scores_the_ema_on_the_held_out_split_like_fsdp(runs):
+    fsdp, zero3 = metric_records(runs["fsdp"]), metric_records(runs["zero3"])
+    for step in (2, 4):
+        assert zero3[step]["val_loss_ema"] == pytest.approx(fsdp[step]["val_loss_ema"], rel=1e-5), step
+        assert abs(zero3[step]["val_loss_ema"] - zero3[step]["val_loss"]) > 1e-4  # the average was swapped in
+
+
+def exported(run_dir: Path, step: int, out: Path, ema: bool) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from fitscale.checkpoint.export import export_checkpoint
+
+    export_checkpoint(run_dir / "checkpoints" / f"step-{step}", out, ema=ema)
+    return load_file(out)
+
+
+def assert_ema_matches_fsdp(run_dir: Path, fsdp: Path, step: int, tmp_path: Path) -> None:
+    ema = exported(run_dir, step, tmp_path / "ema.safetensors", ema=True)
+    weights = exported(run_dir, step, tmp_path / "weights.safetensors", ema=False)
+    expected = checkpoint_tensors(fsdp, step)
+    assert ema.keys() == weights.keys()
+    for name, tensor in ema.items():
+        torch.testing.assert_close(tensor, expected[f"ema.params.{name}"], rtol=1e-5, atol=1e-6, msg=name)
+    moved = weights["final_layer.linear.weight"] - ema["final_layer.linear.weight"]
+    assert moved.abs().max() > 1e-4  # the average lags the weights
+
+
+def test_zero3_ema_is_fsdps_and_exports_from_its_partitions(runs, tmp_path):
+    assert_ema_matches_fsdp(runs["zero3"], runs["fsdp"], 4, tmp_path)
+
+
+def test_zero2_gives_the_losses_and_ema_of_the_other_backends_also_resumed_on_one_rank(runs, tmp_path):
+    zero2 = ["parallel.backend=deepspeed", "parallel.zero_stage=2", "checkpoint.interval=0"]
+    run(tmp_path / "zero2", 2, *COMMON, *zero2, "train.steps=2")
     assert history(tmp_path / "zero2") == pytest.approx(history(runs["single"])[:4], rel=1e-5)
+    assert_ema_matches_fsdp(tmp_path / "zero2", runs["fsdp"], 2, tmp_path)
+    run(tmp_path / "zero2", 1, *COMMON, *zero2, history="history-resumed.json")  # 2 -> 1 rank, to step 4
+    resumed = history(tmp_path / "zero2", "history-resumed.json")
+    assert resumed == pytest.approx(history(runs["single"])[4:], rel=1e-5)
+    assert_ema_matches_fsdp(tmp_path / "zero2", runs["fsdp"], 4, tmp_path / "step-4")
 
 
 def test_zero3_weights_exported_from_its_partitions_match_fsdp(runs, tmp_path):
@@ -119,6 +158,7 @@ def test_zero3_resumed_on_the_same_world_size_continues_bit_identically(runs, tm
     assert losses(resumed, "history-resumed.json") == losses(runs["zero3"])[2:]
     expected, actual = deepspeed_tensors(runs["zero3"], 4), deepspeed_tensors(resumed, 4)
     assert any("exp_avg_sq" in key for key in expected), "no Adam state in the DeepSpeed files"
+    assert any(key.startswith("ema-rank-1.pt.params.") for key in expected), "no EMA in the DeepSpeed files"
     assert expected.keys() == actual.keys()
     for key, tensor in expected.items():
         assert torch.equal(tensor, actual[key]), f"{key} differs after resuming"
@@ -129,21 +169,29 @@ def test_zero3_resumed_on_the_same_world_size_continues_bit_identically(runs, tm
         assert torch.equal(tensor, actual[key]), f"{key} differs after resuming"
 
 
-def test_zero3_checkpoint_on_another_world_size_or_stage_is_refused_before_loading(runs):
+def test_zero3_resumes_on_three_ranks_with_its_ema(runs, tmp_path):
+    """2 -> 3 ranks, where ZeRO-3 pads the last rank's partitions (2 -> 1: the ZeRO-2 test)."""
+    resumed = tmp_path / "resumed"
+    copy_step(runs["zero3"], resumed, 2)
+    run(resumed, 3, *COMMON, *ZERO3, history="history-resumed.json")
+    assert losses(resumed, "history-resumed.json") == pytest.approx(losses(runs["zero3"])[2:], rel=1e-5)
+    assert_ema_matches_fsdp(resumed, runs["fsdp"], 4, tmp_path)
+
+
+def test_zero3_checkpoint_with_another_zero_stage_is_refused_before_loading(runs):
     from fitscale.parallel.deepspeed import DeepSpeedResumeError, check_resumable
 
     folder = runs["zero3"] / "deepspeed" / "step-2"
-    assert check_resumable(runs["zero3"], 2, world_size=2, zero_stage=3) == folder
-    for world_size, stage in ((1, 3), (4, 3), (2, 2)):
-        message = (
-            f"{folder} holds ZeRO-3 partitions of 2 ranks; this run has {world_size} ranks and ZeRO-{stage}. "
-            "DeepSpeed checkpoints resume on the world size and stage that wrote them only: rerun with 2 ranks "
-            "and parallel.zero_stage=3, or consolidate the weights with "
-            f"fitscale.parallel.deepspeed.export_deepspeed_weights({str(runs['zero3'])!r}, 2, OUT) and start a "
-            "new run with train.init_from=OUT (optimizer state and data position start afresh)"
-        )
-        with pytest.raises(DeepSpeedResumeError) as error:
-            check_resumable(runs["zero3"], 2, world_size=world_size, zero_stage=stage)
-        assert str(error.value) == message
+    assert check_resumable(runs["zero3"], 2, world_size=3, zero_stage=3) == (folder, 2)
+    message = (
+        f"{folder} holds ZeRO-3 partitions of 2 ranks; this run has 2 ranks and ZeRO-2. DeepSpeed checkpoints "
+        "resume with the ZeRO stage that wrote them (on any world size): rerun with parallel.zero_stage=3, or "
+        f"consolidate the weights with fitscale.parallel.deepspeed.export_deepspeed_weights("
+        f"{str(runs['zero3'])!r}, 2, OUT) and start a new run with train.init_from=OUT (optimizer state and "
+        "data position start afresh)"
+    )
+    with pytest.raises(DeepSpeedResumeError) as error:
+        check_resumable(runs["zero3"], 2, world_size=2, zero_stage=2)
+    assert str(error.value) == message
     with pytest.raises(FileNotFoundError, match="was not written by the DeepSpeed backend"):
         check_resumable(runs["fsdp"], 4, world_size=2, zero_stage=3)

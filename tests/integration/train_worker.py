@@ -169,6 +169,8 @@ def main() -> None:
     trainer.train()
     if rank == 0:
         Path(args.run_dir, args.history).write_text(json.dumps(list(trainer.history)))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

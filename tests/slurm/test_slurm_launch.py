@@ -151,20 +151,19 @@ def test_time_limit_with_no_requeues_left_ends_the_run_with_its_checkpoint(
     assert stopped and max(stopped) <= 3  # the work up to the warning is kept
 
 
-def test_wrong_config_fails_fast_and_launch_reports_the_reason(slurm_cluster, tmp_path):
+def test_a_missing_dataset_is_refused_before_submitting(slurm_cluster, tmp_path):
     run_dir = tmp_path / "broken"
     missing = tmp_path / "no-such-dataset"
     result = fitscale_launch(
         "recipes/demo.yaml", "--cluster", "local-slurm", "--set", f"data.path={missing}",
         f"train.run_dir={run_dir}", "--wait",
     )  # fmt: skip
-    assert result.returncode == 1
-    report = result.stderr.strip().splitlines()[-1]
-    assert report.startswith("fitscale launch: job ") and " FAILED: task " in report
-    assert f"FileNotFoundError: {missing}: not a fitscale latent dataset" in report
-    job_id = report.split()[3]
-    assert f"{missing}: not a fitscale latent dataset" in job_logs(run_dir, job_id)
-    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"fitscale launch: error: data.path={missing} holds no dataset (no fitscale.json); write one with "
+        "`fitscale data ...` or point data.path at a dataset folder"
+    ]
+    assert not run_dir.exists()
 
 
 def test_second_launch_on_a_live_run_folder_is_refused(slurm_cluster, synth_data, tmp_path):
