@@ -76,7 +76,7 @@ def _ranks(rank: int, world_size: int, store: str, run_dir: str, out: str) -> No
                 return f"{folder}/{tag}", None
 
         real_check = deepspeed.check_resumable
-        deepspeed.check_resumable = failing_on(1, lambda *args: Path("step-5"))
+        deepspeed.check_resumable = failing_on(1, lambda *args: (Path("step-5"), 2))
         results["deepspeed_rank1_stale"] = _outcome(
             lambda: deepspeed.load_deepspeed_state(Engine(), run_dir, 5)
         )
