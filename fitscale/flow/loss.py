@@ -101,6 +101,13 @@ def check_loss_inputs(batch: PackedBatch, timesteps: torch.Tensor, noise: torch.
         raise ValueError(
             f"flow loss: noise has shape {tuple(noise.shape)}, the tokens {tuple(batch.tokens.shape)}"
         )
+    if timesteps.device.type == "cpu":  # values of device tensors would need a sync: their sampler is ours
+        bad = torch.nonzero(~((timesteps >= 0) & (timesteps <= 1))).flatten()  # NaN fails too
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(
+                f"flow loss: timesteps[{i}]={float(timesteps[i])} is outside [0, 1] (1 = clean data)"
+            )
 
 
 def flow_loss(

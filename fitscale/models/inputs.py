@@ -13,7 +13,9 @@ rows (fitscale.data.batch). The model needs, and `check_packed_batch` enforces:
 - every pos lies in its segment's grid: 0 <= row < rows, 0 <= col < cols;
 - y in [0, num_classes]: num_classes is the null class (classifier-free guidance, label dropout,
   padding segments);
-- t in [0, 1] (1 = clean data, FiTv2's convention).
+- t finite and >= 0 (0 = noise, 1 = clean data, FiTv2's convention). Training draws t in [0, 1]
+  and the loss checks that; the model itself also answers past 1, because adaptive ODE solvers
+  (torchdiffeq's initial step selection, as the release's sampling uses it) probe t0 + h0 > 1.
 
 Dtypes, shapes and devices are tensor metadata and always checked. Values are checked for
 tensors on the CPU only: reading a CUDA tensor's values would stall the step on a device sync.
@@ -110,10 +112,10 @@ def check_packed_batch(
             )
     if _on_cpu(t):
         times = _host(t.float())
-        bad = np.flatnonzero(~((times >= 0) & (times <= 1)))  # NaN fails too
+        bad = np.flatnonzero(~(np.isfinite(times) & (times >= 0)))  # NaN fails too
         if bad.size:
             i = int(bad[0])
-            _fail(f"t[{i}]={float(times[i])} is outside [0, 1] (1 = clean data)")
+            _fail(f"t[{i}]={float(times[i])} must be a finite time >= 0 (0 = noise, 1 = clean data)")
 
 
 def _host(tensor: torch.Tensor) -> np.ndarray:

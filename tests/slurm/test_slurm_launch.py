@@ -196,10 +196,10 @@ def test_job_array_runs_every_element(slurm_cluster, tmp_path):
         assert outcome.result["world_size"] == 1 and outcome.result["source"] == "slurm"
 
 
-def test_sbatch_refusal_is_reported_in_one_line(slurm_cluster, tmp_path):
+def test_sbatch_refusal_is_reported_in_one_line(slurm_cluster, synth_data, tmp_path):
     result = fitscale_launch(
         "recipes/demo.yaml", "--cluster", "local-slurm",
-        "--set", "launch.sbatch.partition=no-such-partition", f"train.run_dir={tmp_path / 'refused'}",
+        *run_overrides(synth_data, tmp_path / "refused", "launch.sbatch.partition=no-such-partition"),
     )  # fmt: skip
     assert result.returncode == 2
     assert (

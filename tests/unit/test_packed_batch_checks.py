@@ -107,8 +107,21 @@ def test_labels_and_timesteps_out_of_range(model):
         y=torch.tensor([-1, 2, 3]),
     )
     refused(model, "y must be an integer tensor, got torch.float32", y=torch.tensor([1.0, 2.0, 3.0]))
-    refused(model, "t[2]=1.5 is outside [0, 1] (1 = clean data)", t=torch.tensor([0.5, 0.5, 1.5]))
-    refused(model, "t[0]=nan is outside [0, 1] (1 = clean data)", t=torch.tensor([float("nan"), 0.5, 0.5]))
+    refused(
+        model,
+        "t[2]=-0.5 must be a finite time >= 0 (0 = noise, 1 = clean data)",
+        t=torch.tensor([0.5, 0.5, -0.5]),
+    )
+    refused(
+        model,
+        "t[0]=nan must be a finite time >= 0 (0 = noise, 1 = clean data)",
+        t=torch.tensor([float("nan"), 0.5, 0.5]),
+    )
+    refused(
+        model,
+        "t[1]=inf must be a finite time >= 0 (0 = noise, 1 = clean data)",
+        t=torch.tensor([0.5, float("inf"), 0.5]),
+    )
     refused(model, "t must have shape (3,), got (2,)", t=torch.tensor([0.5, 0.5]))
 
 
@@ -169,5 +182,11 @@ def test_the_loss_checks_its_own_inputs(model):
         ValueError, match=re.escape("flow loss: num_images=4 is not in [0, 3] (the segments)")
     ):
         flow_loss(model, replace(batch, num_images=4), timesteps, noise, 3, FlowConfig())
-    with pytest.raises(ValueError, match=re.escape("packed batch: t[1]=-0.25 is outside [0, 1]")):
+    with pytest.raises(
+        ValueError, match=re.escape("flow loss: timesteps[1]=-0.25 is outside [0, 1] (1 = clean data)")
+    ):
         flow_loss(model, batch, torch.tensor([0.5, -0.25, 0.5]), noise, 3, FlowConfig())
+    with pytest.raises(
+        ValueError, match=re.escape("flow loss: timesteps[2]=1.5 is outside [0, 1] (1 = clean data)")
+    ):
+        flow_loss(model, batch, torch.tensor([0.5, 0.5, 1.5]), noise, 3, FlowConfig())

@@ -324,7 +324,7 @@ def test_run_checkpoint_gives_ema_or_raw_weights(tmp_path):
     from fitscale.train.ema import EMA
 
     model = tiny_model(1)
-    ema = EMA(model, EMAConfig(decay=0.5))
+    ema = EMA(model, EMAConfig(decay=0.5, warmup="none"))
     with torch.no_grad():
         for param in model.parameters():
             param.add_(1.0)

@@ -306,7 +306,7 @@ def test_predict_recovers_a_synthetic_law_within_its_interval_and_fit_checks_the
     assert (
         main(["sweep", "predict", str(spec), "--preset", "tiny", "--overrides", "depth", "--steps", "5"]) == 2
     )
-    assert "--overrides: expects FIELD=VALUE, got 'depth'" in capsys.readouterr().err
+    assert "--overrides: override 'depth' must look like field=value, e.g. depth=4" in capsys.readouterr().err
 
 
 def test_log_axis_ticks_are_the_values_tried_without_overlapping_labels():
