@@ -120,7 +120,9 @@ def main() -> None:
 
     sync.close()
     background.close()
-    dist.destroy_process_group()
+    from fitscale.launch.env import leave_process_group
+
+    leave_process_group()
     shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(result, indent=1))
     if args.json:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_train  # noqa: E402
 
 from fitscale.config.parallel import ParallelConfig  # noqa: E402
+from fitscale.launch.env import leave_process_group  # noqa: E402
 from fitscale.models import build_model  # noqa: E402
 from fitscale.parallel.fsdp import apply_fsdp  # noqa: E402
 
@@ -98,7 +99,7 @@ def worker(args) -> None:
             print(f"{r['fsdp_prefetch']:>14} {r['step_ms']:10.1f}")
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def spawned(rank: int, world_size: int, port: int, args) -> None:

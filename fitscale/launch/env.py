@@ -205,6 +205,27 @@ def init_distributed_from_env(device: str = "auto", timeout_s: float = 1800) -> 
     return info
 
 
+def leave_process_group() -> None:
+    """Destroy the default process group (and every subgroup) at the end of a rank's work.
+
+    Garbage from the run (FSDP modules, device meshes, optimizer state in reference cycles) can
+    hold the last references to a group's C++ backend; freed during interpreter teardown, a gloo
+    backend's worker threads are destroyed while still joinable and the rank dies with SIGABRT
+    ("terminate called without an active exception") after its work succeeded. Collecting that
+    garbage before and after the destroy frees every backend while the interpreter is whole.
+    A no-op when no group was started.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
+
+
 def allreduce_check(device: str = "cpu") -> dict[str, object]:
     """A cluster sanity check: join the job's group and all-reduce rank + 1 (the sum is n(n+1)/2).
 
@@ -217,7 +238,7 @@ def allreduce_check(device: str = "cpu") -> dict[str, object]:
     value = torch.tensor([float(info.rank + 1)])
     if info.world_size > 1:
         dist.all_reduce(value)
-        dist.destroy_process_group()
+        leave_process_group()
     return {
         "rank": info.rank,
         "world_size": info.world_size,

@@ -260,7 +260,7 @@ def run_sample(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from fitscale.launch.env import init_distributed_from_env
+    from fitscale.launch.env import init_distributed_from_env, leave_process_group
     from fitscale.models.cli import parse_overrides
     from fitscale.sample.fid import compute_fid, load_reference_images
     from fitscale.sample.generate import load_sampling_model
@@ -303,7 +303,7 @@ def run_sample(args) -> int:
         (out / "fid.json").write_text(json.dumps(summary, indent=1))
     if info.world_size > 1:
         dist.barrier()
-        dist.destroy_process_group()
+        leave_process_group()
     if info.rank == 0:
         print(
             json.dumps(summary, indent=1) if args.json else ", ".join(f"{k}: {v}" for k, v in summary.items())

@@ -43,10 +43,11 @@ def run_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if launched:
+        from fitscale.launch.env import leave_process_group
         from fitscale.train.trainer import Trainer
 
         step = Trainer(config).train()
-        _leave_process_group()
+        leave_process_group()
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
         if rank == 0 and PARENT_ENV not in os.environ:  # else the parent reports, after its closing steps
             print(summary_line(config, step))
@@ -74,15 +75,6 @@ def run_train(args: argparse.Namespace) -> int:
         hook(config)
     print(summary_line(config, None))
     return 0
-
-
-def _leave_process_group() -> None:
-    """Destroy the process group at the end of a rank's run, so its threads stop before the
-    interpreter exits (a gloo group left to the interpreter's teardown can abort the process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def check_before_launch(config, world_size: int, lock: bool = True) -> None:

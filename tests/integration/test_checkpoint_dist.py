@@ -29,6 +29,7 @@ from fitscale.checkpoint import (
 from fitscale.checkpoint.export import export_checkpoint
 from fitscale.config.checkpoint import CheckpointConfig
 from fitscale.config.optim import EMAConfig, OptimConfig, ScheduleConfig
+from fitscale.launch.env import leave_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def _entry(rank: int, fn, world_size: int, store: str, args) -> None:
     try:
         fn(rank, world_size, *args)
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 class Tag:

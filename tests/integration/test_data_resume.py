@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fitscale.config.data import DataConfig
+from fitscale.launch.env import leave_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +62,7 @@ def rank_main(rank, world_size, port, cfg, steps, state_in, out_file):
     state = loader.state_dict()
     torch.save({"record": record, "state": state, "epoch": loader.epoch}, out_file)
     dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def run(tmp_path, name, world_size, cfg, steps, state_in=None):

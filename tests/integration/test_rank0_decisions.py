@@ -96,7 +96,9 @@ def _ranks(rank: int, world_size: int, store: str, run_dir: str, out: str) -> No
         results["after"] = "in step"
     finally:
         Path(out, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.destroy_process_group()
+        from fitscale.launch.env import leave_process_group
+
+        leave_process_group()
 
 
 def test_a_read_failing_on_one_rank_gives_one_outcome_on_every_rank(tmp_path):

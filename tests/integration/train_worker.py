@@ -20,6 +20,7 @@ import torch
 from fitscale.cli import add_set_option
 from fitscale.config import load_config
 from fitscale.data.batch import pack_images
+from fitscale.launch.env import leave_process_group
 from fitscale.train.trainer import Trainer
 
 
@@ -169,8 +170,7 @@ def main() -> None:
     trainer.train()
     if rank == 0:
         Path(args.run_dir, args.history).write_text(json.dumps(list(trainer.history)))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
