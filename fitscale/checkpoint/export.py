@@ -27,7 +27,7 @@ GROUP_BYTES = 1 << 30
 
 def read_run_weights(checkpoint: Path, which: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """`read_weights`, or for a DeepSpeed run the weights (and EMA) of its ZeRO partitions."""
-    from fitscale.parallel.deepspeed import is_deepspeed_checkpoint, read_deepspeed_weights
+    from fitscale.checkpoint.deepspeed import is_deepspeed_checkpoint, read_deepspeed_weights
 
     if not is_deepspeed_checkpoint(checkpoint):
         return read_weights(checkpoint, which, dtype)

@@ -10,7 +10,7 @@ update rule is fitscale.train.ema.EMA's, applied to these views (`EMA.of_tensors
 
 Each fragment is recorded with its place in the full parameter (offset into the flattened
 parameter, element count, full shape), so the per-rank files a checkpoint holds
-(`ema-rank-R.pt` in the step's DeepSpeed folder) assemble offline into full weights for
+(`ema-rank-R.pt` in the step's DeepSpeed folder, fitscale.checkpoint.deepspeed) assemble offline into full weights for
 `fitscale convert export --ema`. Validation and sample grids use the average through
 `swap_into`: this rank's master fragments are set to the average and pushed into the weights
 (ZeRO's own hp -> lp copy, an all-gather for ZeRO-2), then restored exactly the same way.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,44 +153,3 @@ class DeepSpeedEMA:
         self.fragments.views = self.fragments.resolve()
         self.average._params = dict(self.fragments.views)
         self.average.load_state_dict({"params": state["params"], "num_updates": state["num_updates"]})
-
-
-def ema_file(folder: str | Path, rank: int) -> Path:
-    return Path(folder) / f"ema-rank-{rank}.pt"
-
-
-def save_ema(ema: DeepSpeedEMA, folder: str | Path, rank: int) -> None:
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    torch.save(ema.state_dict(), ema_file(folder, rank))
-
-
-def load_ema(ema: DeepSpeedEMA, folder: str | Path, rank: int, saved_world_size: int) -> None:
-    """This rank's EMA partitions from a step's files; written by another world size, the full
-    average is assembled from every rank's file and this rank's fragments are cut from it."""
-    file = ema_file(folder, rank if saved_world_size > rank else 0)
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{file} is missing: the checkpoint was written with optim.ema.enabled=false; "
-            "resume with optim.ema.enabled=false or start a new run"
-        )
-    state = torch.load(file, map_location="cpu", weights_only=False)
-    if saved_world_size != ema.fragments.engine.world_size:
-        full = assemble_ema(folder, saved_world_size)
-        state["params"] = {}
-        for name, place in ema.fragments.places.items():
-            shadow = torch.zeros_like(ema.average.shadow[name])
-            shadow[: place.numel] = full[name].reshape(-1)[place.start : place.start + place.numel]
-            state["params"][name] = shadow
-        state["places"] = {name: (p.start, p.numel, p.shape) for name, p in ema.fragments.places.items()}
-    ema.load_state_dict(state)
-
-
-def assemble_ema(folder: str | Path, world_size: int) -> dict[str, torch.Tensor]:
-    """Full fp32 EMA weights of the trainable parameters from every rank's file (one process)."""
-    full: dict[str, torch.Tensor] = {}
-    for rank in range(world_size):
-        part = torch.load(ema_file(folder, rank), map_location="cpu", weights_only=False)
-        for name, (start, numel, shape) in part["places"].items():
-            flat = full.setdefault(name, torch.empty(shape, dtype=torch.float32))
-            flat.view(-1)[start : start + numel] = part["params"][name].reshape(-1)[:numel]
-    return full

@@ -1,7 +1,7 @@
 """The training loop: one object that builds the run, takes steps and keeps them safe.
 
 `Trainer(config).train()` is the whole run: join the process group, lock the run folder, build
-the model on the meta device and parallelise it (FSDP2 or DeepSpeed), load the newest complete
+the model and parallelise it through its ParallelBackend (FSDP2 or DeepSpeed), load the newest complete
 checkpoint or initialise, then loop over optimizer steps with gradient accumulation over
 micro-batches, clipping, a skip for non-finite steps, EMA, metrics and log lines, the held-out
 loss (`train.val_every`), sample grids (`train.sample_every`) and checkpoints. The loss is
@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,15 +26,9 @@ from fitscale.config import RunConfig, to_yaml
 from fitscale.config.errors import ConfigError
 from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
 from fitscale.models.inputs import check_packed_batch
-from fitscale.parallel import (
-    DistributedEnv,
-    apply_ac,
-    apply_compile,
-    apply_fsdp,
-    build_mesh,
-    init_distributed,
-)
+from fitscale.parallel import DistributedEnv, init_distributed
 from fitscale.parallel.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
+from fitscale.parallel.backend import build_backend
 from fitscale.train.loglines import configure_console, log_event
 from fitscale.train.metrics import Throughput
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
@@ -88,8 +81,7 @@ class Trainer:
     def _build(self, loader: Any) -> None:
         self.model_config = self.config.model_config()
         self.progress = Progress()
-        self.mesh = None
-        self.engine = None  # the DeepSpeed engine when parallel.backend == deepspeed
+        self.backend = build_backend(self.config, self.env)  # FSDP2 or DeepSpeed (parallel.backend)
         self.model = self._build_model()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.ema = self._build_ema()
@@ -107,17 +99,6 @@ class Trainer:
         """Rank 0 takes the run-folder lock; every rank raises its error if it could not."""
         rank0_decides(self.lock.acquire)  # RunFolderInUseError, OSError: the same on every rank
 
-    def _all_agree(self, flag: bool) -> bool:
-        if self.env.world_size == 1:
-            return flag
-        value = torch.tensor([0 if flag else 1], dtype=torch.int64, device=self.comm_device)
-        dist.all_reduce(value)
-        return int(value) == 0
-
-    @property
-    def comm_device(self) -> torch.device:
-        return self.env.device
-
     def _full_initial_state(self) -> dict[str, torch.Tensor]:
         """The initial weights, built on the CPU from the run seed (or a released checkpoint).
 
@@ -133,28 +114,10 @@ class Trainer:
         return model.state_dict()
 
     def _build_model(self) -> torch.nn.Module:
-        from fitscale.models import build_model
-
-        cfg = self.config
-        if cfg.parallel.backend == "deepspeed":
-            return self._build_deepspeed_model()
-        with torch.device("meta"):
-            model = build_model(cfg.model.name, **dict(cfg.model.overrides))
-        apply_ac(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
-        apply_compile(model, cfg.parallel.compile)
-        self.mesh = build_mesh(cfg.parallel, self.env)
-        if self.mesh is not None:
-            apply_fsdp(model, self.mesh, cfg.parallel, self.env.device)
-        model.to_empty(device=self.env.device)
-        with warnings.catch_warnings():
-            # DTensor warns that random init on a CPU mesh may differ from a GPU mesh's: these values are
-            # replaced by the broadcast initial weights just below.
-            warnings.filterwarnings("ignore", "DTensor random operators", UserWarning)
-            model.init_weights()  # also fills buffers
-        self._load_initial_weights(model)
+        model = self.backend.build_model(self._full_initial_state)
         self._apply_trainable(model)
         self._move_label_dropout_to_loss(model)
-        seed_rank(cfg.train.seed, self.env.rank)
+        seed_rank(self.config.train.seed, self.env.rank)
         return model
 
     def _move_label_dropout_to_loss(self, model: torch.nn.Module) -> None:
@@ -163,42 +126,10 @@ class Trainer:
         self.null_class = model.config.num_classes
         model.y_embedder.dropout_prob = 0.0
 
-    def _load_initial_weights(self, model: torch.nn.Module) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        if self.mesh is None:
-            model.load_state_dict(self._full_initial_state())
-            return
-        held: dict[str, dict[str, torch.Tensor]] = {}  # rank 0's copy; only success or the error is shared
-
-        def build_on_rank0() -> None:
-            held["state"] = self._full_initial_state()
-
-        rank0_decides(build_on_rank0)  # a failed read of train.init_from fails every rank, none waits
-        full = held.get("state", {})
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, full, options=options)
-
     def _apply_trainable(self, model: torch.nn.Module) -> None:
         count = apply_trainable_patterns(model, list(self.config.train.trainable))
         if count is not None:
             log.info("training %d of the model's parameter values; the rest stay frozen", count)
-
-    def _build_deepspeed_model(self) -> torch.nn.Module:
-        from fitscale.models import build_model
-
-        cfg = self.config
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model.name, **dict(cfg.model.overrides))
-        model.load_state_dict(all_ranks_agree(self._full_initial_state))  # every rank reads init_from
-        apply_ac(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
-        self._apply_trainable(model)
-        self._move_label_dropout_to_loss(model)
-        seed_rank(cfg.train.seed, self.env.rank)
-        return model.to(self.env.device)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _build_optimizer(self):
         from fitscale.train.optim import build_optimizer
@@ -206,10 +137,7 @@ class Trainer:
 
         cfg = self.config
         optimizer = build_optimizer(self.model, cfg.optim, global_batch_size=self.global_batch_size())
-        if cfg.parallel.backend == "deepspeed":
-            from fitscale.parallel.deepspeed import build_deepspeed_engine
-
-            self.engine = build_deepspeed_engine(self.model, optimizer, cfg.parallel, cfg.train, self.env)
+        self.backend.wrap_optimizer(optimizer)
         # The config's hyperparameters of each group (betas, eps, weight decay, kernel choice), put back
         # over the saved ones after a resume: an edited config takes effect from the first resumed step.
         self._group_settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -232,15 +160,7 @@ class Trainer:
         return int(value) if value else None
 
     def _build_ema(self):
-        if not self.config.optim.ema.enabled:
-            return None
-        if self.engine is not None:  # ZeRO's fp32 master partitions, averaged where they live
-            from fitscale.parallel.deepspeed_ema import DeepSpeedEMA
-
-            return DeepSpeedEMA(self.engine, self.model, self.config.optim.ema)
-        from fitscale.train.ema import EMA
-
-        return EMA(self.model, self.config.optim.ema)
+        return self.backend.build_ema(self.config.optim.ema) if self.config.optim.ema.enabled else None
 
     def _build_loader(self):
         """This rank's loader; every rank reads the dataset's files itself, so the ranks then check
@@ -307,20 +227,15 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         """Everything a checkpoint holds, as Statefuls keyed by name."""
-        from fitscale.checkpoint.stateful import ModelState, OptimizerState, PerRankState, RNGState
+        from fitscale.checkpoint.stateful import PerRankState, RNGState
 
-        state: dict[str, Any] = {
+        return {
             "lr_scheduler": SchedulerState(self.scheduler),
             "data": self.loader,
             "rng": PerRankState(RNGState()),
             "progress": self.progress,
+            **self.backend.checkpoint_state(self.optimizer, self.ema),  # DeepSpeed: in its own files
         }
-        if self.engine is None:  # DeepSpeed keeps weights, optimizer and EMA partitions in its own files
-            state["model"] = ModelState(self.model)
-            state["optimizer"] = OptimizerState(self.model, self.optimizer)
-            if self.ema is not None:
-                state["ema"] = self.ema
-        return state
 
     # ---- resuming ---------------------------------------------------------------------------
 
@@ -336,10 +251,7 @@ class Trainer:
 
         # Before anything is loaded: refuses a change of a field that may not change on resume.
         self.config_changes = resume_changes(self.config, self.checkpoints.step_path(step))
-        if self.engine is not None:
-            from fitscale.parallel.deepspeed import load_deepspeed_state
-
-            load_deepspeed_state(self.engine, self.run_dir, step, self.ema)
+        self.backend.load(step, self.ema)
         self.checkpoints.load(step, self.state())
         self._apply_config_to_loaded_optimizer()
         log_event("resume", step, checkpoint=self.checkpoints.step_path(step))
@@ -348,18 +260,9 @@ class Trainer:
     def maybe_save(self, force: bool = False) -> bool:
         """Checkpoint at the interval, on a signal, or when forced (collective on every rank)."""
         step = self.progress.step
-        if self.engine is not None and self._deepspeed_save_due(step, force):
-            from fitscale.parallel.deepspeed import save_deepspeed_state
-
-            # Written before the manager publishes step-N, so a visible step always has this part.
-            save_deepspeed_state(self.engine, self.run_dir, step, self.checkpoints.complete_steps(), self.ema)
-            force = True
+        # A backend with files of its own writes them first: then the manager must publish the step.
+        force = self.backend.save(step, force, self.checkpoints, self.ema) or force
         return self.checkpoints.maybe_save(step, self.state(), force=force)
-
-    def _deepspeed_save_due(self, step: int, force: bool) -> bool:
-        interval = self.config.checkpoint.interval
-        flags = [force, self.checkpoints.save_requested, interval > 0 and step % interval == 0]
-        return not self._all_agree(not any(flags))
 
     # ---- one step ---------------------------------------------------------------------------
 
@@ -388,11 +291,11 @@ class Trainer:
             batch = micro.to(self.env.device)
             timesteps = timesteps.to(self.env.device, non_blocking=True)
             noise = noise.to(self.env.device, non_blocking=True)
-            self._set_gradient_sync(last)
-            # DeepSpeed counts micro-batches in its engine's forward; bypassing it drops all but the last.
-            forward = self.engine if self.engine is not None else self.model
-            out = flow_loss(forward, batch, timesteps, noise, global_images, cfg.train.flow)
-            self._backward(out.loss, last)
+            self.backend.set_gradient_sync(last)
+            out = flow_loss(
+                self.backend.forward_module, batch, timesteps, noise, global_images, cfg.train.flow
+            )
+            self.backend.backward(out.loss)
             local_loss += out.loss.detach().double()
             bucket = (out.timesteps * buckets).long().clamp(0, buckets - 1)
             bucket_sum.index_add_(0, bucket, out.per_image.double())
@@ -401,17 +304,17 @@ class Trainer:
         if self.env.world_size > 1:
             dist.all_reduce(summary)
         loss = float(summary[0])
-        grad_norm = self._clip_gradients()
+        grad_norm = self.backend.clip_gradients()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
-            self._optimizer_step()
-            if self.engine is not None:
-                grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+            measured = self.backend.step(self.optimizer)  # DeepSpeed clips in its step and measures there
+            grad_norm = grad_norm if measured is None else measured
+            self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(step + 1)
             self.progress.nonfinite_consecutive = 0
         else:
-            self._zero_grad()
+            self.backend.zero_grad(self.optimizer)
             self.progress.nonfinite_total += 1
             self.progress.nonfinite_consecutive += 1
         self.progress.step = step + 1
@@ -464,49 +367,6 @@ class Trainer:
                 )
         return counts.cpu()
 
-    def _set_gradient_sync(self, last: bool) -> None:
-        if self.engine is not None:
-            self.engine.set_gradient_accumulation_boundary(last)
-        elif self.mesh is not None:
-            self.model.set_requires_gradient_sync(last)
-
-    def _backward(self, loss: torch.Tensor, last: bool) -> None:
-        # FSDP and DeepSpeed average gradients over ranks; the loss is already this rank's share of
-        # the global mean, so scale it by the world size to make their average the sum.
-        scaled = loss * self.env.world_size if self.env.world_size > 1 else loss
-        if self.engine is not None:
-            self.engine.backward(scaled, scale_wrt_gas=False)
-        else:
-            scaled.backward()
-
-    def _clip_gradients(self) -> float:
-        """Clip to `train.grad_clip` and return the global norm before clipping.
-
-        DeepSpeed clips inside `engine.step()` (its config carries the limit); its norm is read after.
-        """
-        if self.engine is not None:
-            return 0.0
-        params = self.trainable_parameters()
-        max_norm = self.config.train.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=None)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
-
-    def _optimizer_step(self) -> None:
-        if self.engine is not None:
-            self.engine.step()
-        else:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-
-    def _zero_grad(self) -> None:
-        if self.engine is not None:
-            self.engine.zero_grad()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-
     # ---- the run ----------------------------------------------------------------------------
 
     def train(self) -> int:
@@ -554,9 +414,7 @@ class Trainer:
         """
         if self.validation is None or not self.validation.due(self.progress.step):
             return {}
-        # DeepSpeed: through the engine, which applies the bf16 autocast of training's forward.
-        forward = self.engine if self.engine is not None else self.model
-        metrics = self.validation.run(forward, self.ema, self.env.device)
+        metrics = self.validation.run(self.backend.forward_module, self.ema, self.env.device)
         self.throughput.exclude(metrics["val_seconds"])
         shown = ("val_loss", "val_loss_ema", "val_seconds")
         log_event("validation", self.progress.step, **{k: metrics[k] for k in shown if k in metrics})

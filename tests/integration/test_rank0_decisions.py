@@ -32,9 +32,8 @@ def _outcome(fn) -> str:
 
 
 def _ranks(rank: int, world_size: int, store: str, run_dir: str, out: str) -> None:
-    from fitscale.checkpoint import CheckpointManager, layout
+    from fitscale.checkpoint import CheckpointManager, deepspeed, layout
     from fitscale.config.checkpoint import CheckpointConfig
-    from fitscale.parallel import deepspeed
     from fitscale.parallel.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
 
     dist.init_process_group(

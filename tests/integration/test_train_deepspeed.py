@@ -113,7 +113,7 @@ def test_zero2_gives_the_losses_and_ema_of_the_other_backends_also_resumed_on_on
 def test_zero3_weights_exported_from_its_partitions_match_fsdp(runs, tmp_path):
     from safetensors.torch import load_file
 
-    from fitscale.parallel.deepspeed import export_deepspeed_weights
+    from fitscale.checkpoint.deepspeed import export_deepspeed_weights
 
     out = tmp_path / "zero3-step4.safetensors"
     info = export_deepspeed_weights(runs["zero3"], 4, out)
@@ -179,14 +179,14 @@ def test_zero3_resumes_on_three_ranks_with_its_ema(runs, tmp_path):
 
 
 def test_zero3_checkpoint_with_another_zero_stage_is_refused_before_loading(runs):
-    from fitscale.parallel.deepspeed import DeepSpeedResumeError, check_resumable
+    from fitscale.checkpoint.deepspeed import DeepSpeedResumeError, check_resumable
 
     folder = runs["zero3"] / "deepspeed" / "step-2"
     assert check_resumable(runs["zero3"], 2, world_size=3, zero_stage=3) == (folder, 2)
     message = (
         f"{folder} holds ZeRO-3 partitions of 2 ranks; this run has 2 ranks and ZeRO-2. DeepSpeed checkpoints "
         "resume with the ZeRO stage that wrote them (on any world size): rerun with parallel.zero_stage=3, or "
-        f"consolidate the weights with fitscale.parallel.deepspeed.export_deepspeed_weights("
+        f"consolidate the weights with fitscale.checkpoint.deepspeed.export_deepspeed_weights("
         f"{str(runs['zero3'])!r}, 2, OUT) and start a new run with train.init_from=OUT (optimizer state and "
         "data position start afresh)"
     )
