@@ -14,7 +14,7 @@ is refused before anything is loaded, naming both stages: `export_deepspeed_weig
 consolidates a step's full fp32 weights into one safetensors file, and a new run starts from it
 with `train.init_from=FILE` (weights only: the optimizer state, schedule and data position start
 afresh). `read_deepspeed_weights` assembles a step's full weights or EMA in one process, for
-export.
+export and for `train.init_from` of a DeepSpeed checkpoint folder.
 """
 
 from __future__ import annotations
@@ -226,15 +226,12 @@ def load_ema(ema, folder: str | Path, rank: int, saved_world_size: int) -> None:
             "resume with optim.ema.enabled=false or start a new run"
         )
     state = torch.load(file, map_location="cpu", weights_only=False)
-    if saved_world_size != ema.fragments.engine.world_size:
-        full = assemble_ema(folder, saved_world_size)
-        state["params"] = {}
-        for name, place in ema.fragments.places.items():
-            shadow = torch.zeros_like(ema.average.shadow[name])
-            shadow[: place.numel] = full[name].reshape(-1)[place.start : place.start + place.numel]
-            state["params"][name] = shadow
-        state["places"] = {name: (p.start, p.numel, p.shape) for name, p in ema.fragments.places.items()}
-    ema.load_state_dict(state)
+    if saved_world_size == ema.fragments.engine.world_size:
+        ema.load_state_dict(state)
+        return
+    ema.relink()
+    ema.load_full(assemble_ema(folder, saved_world_size))
+    ema.average.num_updates = int(state["num_updates"])
 
 
 def assemble_ema(folder: str | Path, world_size: int) -> dict[str, torch.Tensor]:

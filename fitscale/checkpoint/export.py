@@ -224,3 +224,17 @@ def convert_official(
         "tensors": len(weights),
         "parameters": sum(t.numel() for t in weights.values()),
     }
+
+
+def read_run_start(path: str | Path, which: str = "model") -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights (`which="model"`) or EMA (`"ema"`; None when that run kept none) of a
+    checkpoint of either backend, for `train.init_from` of a run folder, its `checkpoints` folder or
+    a step-N folder (the newest complete step of a folder). One process; FileNotFoundError naming
+    the path when it holds no complete checkpoint."""
+    checkpoint = layout.find_checkpoint(path)
+    try:
+        return read_run_weights(checkpoint, which, torch.float32)
+    except ValueError:
+        if which == "ema":  # that run kept no EMA: this one's starts from the weights, as usual
+            return None
+        raise

@@ -67,7 +67,9 @@ class TrainConfig:
     checkpoints; or a step number to resume from that checkpoint."""
     init_from: str | None = None
     """Weights to start a fresh run from: a released FiTv2 checkpoint or a `fitscale convert export`
-    file (.safetensors/.bin/.pt). Ignored when resuming."""
+    file (.safetensors/.bin/.pt), or a checkpoint of another run of either backend (its folder,
+    `checkpoints` folder or a step-N folder), whose EMA, if it kept one, the EMA continues from.
+    Ignored when resuming."""
     trainable: list[str] = field(default_factory=list)
     """Name patterns (fnmatch, e.g. `x_embedder.*`, `*.bias`) of the parameters to train; empty trains
     everything. Parameters that match none stay frozen and bit-identical."""

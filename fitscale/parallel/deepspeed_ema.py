@@ -142,6 +142,25 @@ class DeepSpeedEMA:
                     view.copy_(backup[name])
                 self.fragments.push_to_weights()
 
+    def relink(self) -> None:
+        """Look the master fragments up again (after a load, DeepSpeed may have relinked them)."""
+        self.fragments.views = self.fragments.resolve()
+        self.average._params = dict(self.fragments.views)
+
+    @torch.no_grad()
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        """Set the average to full weights keyed by parameter name (another world size's assembled
+        EMA, or another run's for `train.init_from`): this rank's fragments are cut from them.
+        Names in `full` that are not averaged here (frozen parameters) are ignored."""
+        missing = sorted(set(self.fragments.places) - set(full))
+        if missing:
+            raise ValueError(f"the EMA to start from lacks {', '.join(missing[:5])}")
+        for name, place in self.fragments.places.items():
+            shadow = self.average.shadow[name]
+            shadow.zero_()
+            flat = full[name].to(torch.float32).reshape(-1)
+            shadow[: place.numel] = flat[place.start : place.start + place.numel]
+
     def state_dict(self) -> dict[str, Any]:
         places = {name: (p.start, p.numel, p.shape) for name, p in self.fragments.places.items()}
         return {**self.average.state_dict(), "places": places}
@@ -150,6 +169,5 @@ class DeepSpeedEMA:
         places = {name: (p.start, p.numel, p.shape) for name, p in self.fragments.places.items()}
         if state.get("places") != places:
             raise ValueError("the saved EMA partitions do not match this run's ZeRO partitions")
-        self.fragments.views = self.fragments.resolve()
-        self.average._params = dict(self.fragments.views)
+        self.relink()
         self.average.load_state_dict({"params": state["params"], "num_updates": state["num_updates"]})

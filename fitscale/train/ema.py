@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fitscale.checkpoint.stateful import clean_parameter_name
 from fitscale.config.optim import EMAConfig
@@ -128,6 +128,20 @@ class EMA:
             with torch.no_grad():
                 for name, param in model.named_parameters():
                     _local(param).copy_(backup[name])
+
+    @torch.no_grad()
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        """Set the average to full (unsharded) weights keyed by parameter name, e.g. another run's
+        EMA (`train.init_from`); each rank keeps its own shard, without communication. Raises
+        ValueError naming parameters that `full` lacks."""
+        missing = sorted(set(self.shadow) - set(full))
+        if missing:
+            raise ValueError(f"the EMA to start from lacks {', '.join(missing[:5])}")
+        for name, shadow in self.shadow.items():
+            value = full[name].to(torch.float32)
+            if isinstance(shadow, DTensor):
+                value = distribute_tensor(value, shadow.device_mesh, shadow.placements, src_data_rank=None)
+            _local(shadow).copy_(_local(value))
 
     def state_dict(self) -> dict[str, Any]:
         # The shadows themselves: DCP loads into them in place (resharding DTensors as needed).

@@ -100,17 +100,22 @@ class Trainer:
         rank0_decides(self.lock.acquire)  # RunFolderInUseError, OSError: the same on every rank
 
     def _full_initial_state(self) -> dict[str, torch.Tensor]:
-        """The initial weights, built on the CPU from the run seed (or a released checkpoint).
+        """The initial weights, built on the CPU from the run seed (or `train.init_from`).
 
         Built in full on rank 0 and broadcast, so initial weights do not depend on the world size.
         """
         from fitscale.models import build_model
-        from fitscale.models.official import load_official_checkpoint
+        from fitscale.models.official import load_official_checkpoint, load_official_state_dict
 
         torch.manual_seed(self.config.train.seed)
         model = build_model(self.config.model.name, **dict(self.config.model.overrides))
-        if self.config.train.init_from:
-            load_official_checkpoint(model, self.config.train.init_from)
+        init_from = self.config.train.init_from
+        if init_from and Path(init_from).is_dir():  # a checkpoint of a run, FSDP's or DeepSpeed's
+            from fitscale.checkpoint.export import read_run_start
+
+            load_official_state_dict(model, read_run_start(init_from))
+        elif init_from:
+            load_official_checkpoint(model, init_from)
         return model.state_dict()
 
     def _build_model(self) -> torch.nn.Module:
@@ -160,7 +165,17 @@ class Trainer:
         return int(value) if value else None
 
     def _build_ema(self):
-        return self.backend.build_ema(self.config.optim.ema) if self.config.optim.ema.enabled else None
+        if not self.config.optim.ema.enabled:
+            return None
+        ema = self.backend.build_ema(self.config.optim.ema)
+        init_from = self.config.train.init_from
+        if init_from and Path(init_from).is_dir():  # that run's EMA goes on (else it starts from the weights)
+            from fitscale.checkpoint.export import read_run_start
+
+            start = all_ranks_agree(lambda: read_run_start(init_from, "ema"))
+            if start is not None:
+                ema.load_full(start)
+        return ema
 
     def _build_loader(self):
         """This rank's loader; every rank reads the dataset's files itself, so the ranks then check

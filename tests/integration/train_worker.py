@@ -149,6 +149,9 @@ def main() -> None:
     parser.add_argument("--signal-at", type=int, default=None, help="step whose validation gets the signal")
     parser.add_argument("--signal-rank", type=int, default=0, help="the one rank that is signalled")
     parser.add_argument("--send-signal", default="SIGTERM", help="the signal's name")
+    parser.add_argument(
+        "--save-initial", type=int, default=0, help="1: checkpoint the initial state as step 0, then stop"
+    )
     args = parser.parse_args()
     config = load_config(None, [*worker_config(args.run_dir), *args.overrides])
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -167,6 +170,12 @@ def main() -> None:
     KillingTrainer.signal_at, KillingTrainer.signal_rank = args.signal_at, args.signal_rank
     KillingTrainer.signal_name = args.send_signal
     trainer = KillingTrainer(config, loader=loader)
+    if args.save_initial:
+        trainer.maybe_save(force=True)
+        trainer.checkpoints.wait()
+        trainer.close()
+        leave_process_group()
+        return
     trainer.train()
     if rank == 0:
         Path(args.run_dir, args.history).write_text(json.dumps(list(trainer.history)))
