@@ -86,16 +86,13 @@ class RunConfig:
 
     def validate(self) -> None:
         """Rules that involve more than one section; raises ConfigError naming the field to change."""
-        if self.parallel.backend == "deepspeed":
-            if self.parallel.sharding == "hybrid":
-                raise ConfigError(
-                    "parallel.sharding=hybrid is an FSDP mode; with parallel.backend=deepspeed set "
-                    "parallel.sharding=full (ZeRO shards over all ranks) or use parallel.backend=fsdp"
-                )
-            if self.parallel.compile:
-                raise ConfigError(
-                    "parallel.compile=true is supported with parallel.backend=fsdp only; set parallel.compile=false"
-                )
+        parallel = self.parallel
+        if parallel.backend == "deepspeed" and parallel.sharding == "hybrid" and parallel.zero_stage != 3:
+            raise ConfigError(
+                "parallel.sharding=hybrid with parallel.backend=deepspeed is ZeRO++'s hierarchical "
+                f"partitioning (hpZ), a ZeRO-3 feature; parallel.zero_stage={parallel.zero_stage}: set "
+                "parallel.zero_stage=3 or parallel.sharding=full"
+            )
         if self.train.val_every > 0 and self.data.val_path is None:
             raise ConfigError(
                 f"train.val_every={self.train.val_every} needs a held-out split: set data.val_path to a "

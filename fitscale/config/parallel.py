@@ -20,7 +20,9 @@ class ParallelConfig:
     """`fsdp` (torch FSDP2 `fully_shard`) or `deepspeed` (ZeRO stage `zero_stage`)."""
     sharding: str = "full"
     """FSDP: `full` shards over all ranks; `hybrid` (HSDP) shards within groups of `shard_size`
-    ranks and replicates across them; `none` replicates everything (data parallel only)."""
+    ranks and replicates across them; `none` replicates everything (data parallel only).
+    DeepSpeed (ZeRO-3 only): `hybrid` is ZeRO++'s hpZ, a secondary copy of the weights partitioned
+    within groups of `shard_size` ranks, so backward's all-gathers stay inside a node."""
     shard_size: int = 0
     """Ranks per shard group for `hybrid`; 0 means the ranks of one node (LOCAL_WORLD_SIZE)."""
     reshard_after_forward: bool = True

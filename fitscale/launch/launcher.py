@@ -83,7 +83,7 @@ def world_size_problems(config, world: int, shape: str, tasks_per_node: int | No
             f"({shape}); set it to a multiple of {world}"
         )
     parallel = config.parallel
-    if parallel.sharding == "hybrid" and parallel.backend == "fsdp":
+    if parallel.sharding == "hybrid":
         shard = parallel.shard_size or tasks_per_node or world
         if world % shard:
             problems.append(

@@ -194,6 +194,14 @@ class DeepSpeedBackend(ParallelBackend):
         model = self._new_model()
         model.load_state_dict(all_ranks_agree(initial_state))  # every rank reads train.init_from
         parallelize(model, self.config.parallel, None, self.env.device)
+        if self.config.parallel.zero_stage == 3:
+            from deepspeed.utils import set_z3_leaf_modules
+
+            from fitscale.models.layers import FiTBlock
+
+            # ZeRO-3 gathers each block's parameters at once, as FSDP2 does, with hooks on the block
+            # alone and none inside it (so a compiled block's forward holds no ZeRO hook).
+            set_z3_leaf_modules(model, [FiTBlock])
         self.model = model.to(self.env.device)
         return self.model
 

@@ -64,14 +64,27 @@ def deepspeed_problems(config) -> list[str]:
     return problems
 
 
+def hpz_partition_size(cfg: ParallelConfig, world_size: int, local_world_size: int) -> int:
+    """ZeRO++ hpZ group size for `parallel.sharding=hybrid` (ZeRO-3): `shard_size`, 0 meaning the
+    ranks of one node, as FSDP's HSDP; 1 (hpZ off) when that group would hold every rank or one."""
+    if cfg.sharding != "hybrid" or cfg.zero_stage != 3:
+        return 1
+    size = cfg.shard_size or local_world_size
+    return size if 1 < size < world_size else 1
+
+
 def deepspeed_config(cfg: ParallelConfig, train: TrainConfig, env: DistributedEnv) -> dict[str, Any]:
     """The DeepSpeed JSON config equivalent to our parallel and train sections."""
     param_dtype, reduce_dtype = resolve_dtypes(cfg, env.device)
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    hpz = hpz_partition_size(cfg, env.world_size, env.local_world_size)
+    if hpz > 1:
+        zero["zero_hpz_partition_size"] = hpz
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

@@ -35,8 +35,9 @@ def parallelize(
     # 1. float8: `fitscale.parallel.float8.apply_float8(model, config)` converts the linears here.
     # 2. activation checkpointing of whole blocks (recomputes the converted linears too).
     apply_ac(model, config.activation_checkpointing, config.ac_every)
-    # 3. torch.compile per block (one graph every block reuses).
-    apply_compile(model, config.compile)
+    # 3. torch.compile per block (one graph every block reuses). Without a mesh under DeepSpeed, only
+    #    each block's forward: ZeRO-3's parameter hooks stay eager (fitscale.parallel.compile).
+    apply_compile(model, config.compile, eager_hooks=mesh is None and config.backend == "deepspeed")
     # 4. FSDP2: each block, then the root.
     if mesh is not None:
         apply_fsdp(model, mesh, config, device)

@@ -3,6 +3,7 @@ the released set while every other weight stays bit-identical."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -55,6 +56,46 @@ def test_recipe_loads_and_states_its_cost(name):
     # Ranks divide the batch, and the per-rank share fits the micro-batches.
     ranks = config.launch.nodes * config.launch.gpus_per_node
     assert 256 % ranks == 0
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_dry_runs_on_deepspeed_with_hybrid_sharding_as_zero_plus_plus_hpz(name, tmp_path, capsys):
+    """`fitscale launch RECIPE --set parallel.backend=deepspeed --dry-run` passes its checks; the
+    recipe's HSDP (shard within each node of 8) becomes ZeRO-3 with an hpZ group of one node."""
+    from fitscale.cli import main
+    from fitscale.parallel.deepspeed import deepspeed_config
+    from fitscale.parallel.mesh import DistributedEnv
+
+    run_dir = tmp_path / "run"
+    argv = [
+        "launch",
+        f"recipes/{name}.yaml",
+        "--set",
+        "parallel.backend=deepspeed",
+        f"train.run_dir={run_dir}",
+    ]
+    assert main([*argv, "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["problems"] == [] and "backend: deepspeed" in plan["config"]
+    config = load_config(Path("recipes") / f"{name}.yaml", ["parallel.backend=deepspeed"])
+    nodes, per_node = config.launch.nodes, config.launch.gpus_per_node
+    env = DistributedEnv(0, nodes * per_node, 0, per_node, torch.device("cuda", 0))
+    zero = deepspeed_config(config.parallel, config.train, env)["zero_optimization"]
+    hybrid = config.parallel.sharding == "hybrid"
+    assert zero == ({"stage": 3, "zero_hpz_partition_size": 8} if hybrid else {"stage": 3}), (nodes, per_node)
+    assert config.parallel.compile and not run_dir.exists()
+
+
+def test_hybrid_sharding_on_zero2_is_refused_naming_the_fix():
+    from fitscale.config.errors import ConfigError
+
+    overrides = ["parallel.backend=deepspeed", "parallel.zero_stage=2"]
+    with pytest.raises(ConfigError) as error:
+        load_config("recipes/fitv2_3b_256.yaml", overrides)
+    assert str(error.value) == (
+        "parallel.sharding=hybrid with parallel.backend=deepspeed is ZeRO++'s hierarchical partitioning "
+        "(hpZ), a ZeRO-3 feature; parallel.zero_stage=2: set parallel.zero_stage=3 or parallel.sharding=full"
+    )
 
 
 @pytest.mark.parametrize(("preset", "trainable", "total"), [("fitv2-xl-hr", 94_961_680, 671_045_776)])
