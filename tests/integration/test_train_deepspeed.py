@@ -151,10 +151,14 @@ def copy_step(source: Path, target: Path, step: int) -> None:
         shutil.copytree(source / folder / f"step-{step}", target / folder / f"step-{step}")
 
 
-def test_zero3_resumed_on_the_same_world_size_continues_bit_identically(runs, tmp_path):
+def test_zero3_killed_and_resumed_on_the_same_world_size_continues_bit_identically(runs, tmp_path):
+    """Rank 0 is SIGKILLed right after step 3 (step 2 is the last checkpoint); the resumed run holds
+    the weights, Adam state, EMA partitions, data position and RNG of the uninterrupted one."""
     resumed = tmp_path / "resumed"
-    copy_step(runs["zero3"], resumed, 2)
-    run(resumed, 2, *COMMON, *ZERO3, history="history-resumed.json")
+    validation = [f"data.val_path={write_digits_split(tmp_path / 'val')}", "train.val_every=2"]
+    run(resumed, 2, *COMMON, *ZERO3, *validation, die_at=3, expect_kill=True)
+    assert (resumed / "deepspeed" / "step-2").is_dir() and not (resumed / "checkpoints" / "step-4").exists()
+    run(resumed, 2, *COMMON, *ZERO3, *validation, history="history-resumed.json")
     assert losses(resumed, "history-resumed.json") == losses(runs["zero3"])[2:]
     expected, actual = deepspeed_tensors(runs["zero3"], 4), deepspeed_tensors(resumed, 4)
     assert any("exp_avg_sq" in key for key in expected), "no Adam state in the DeepSpeed files"
@@ -195,3 +199,79 @@ def test_zero3_checkpoint_with_another_zero_stage_is_refused_before_loading(runs
     assert str(error.value) == message
     with pytest.raises(FileNotFoundError, match="was not written by the DeepSpeed backend"):
         check_resumable(runs["fsdp"], 4, world_size=2, zero_stage=3)
+
+
+def test_checkpoints_initialise_a_run_of_the_other_backend_with_their_weights_and_ema(runs, tmp_path):
+    """`train.init_from` of a checkpoint folder: ZeRO-3 -> FSDP2 (one process) and FSDP2 -> ZeRO-3
+    (2 ranks); each new run saves its initial state as step 0, which must be the source's exactly."""
+    from fitscale.checkpoint.deepspeed import read_deepspeed_weights
+
+    zero3_step = runs["zero3"] / "checkpoints" / "step-4"
+    run(tmp_path / "fsdp", 1, *COMMON, f"train.init_from={zero3_step}", save_initial=1)
+    started = checkpoint_tensors(tmp_path / "fsdp", 0)
+    for section, which in (("model", "model"), ("ema", "ema")):
+        expected, actual = read_deepspeed_weights(runs["zero3"], 4, which), model_weights(started, section)
+        assert expected.keys() == actual.keys(), section
+        for name, tensor in expected.items():
+            assert torch.equal(actual[name], tensor), f"{section}: {name}"
+
+    run(tmp_path / "zero3", 2, *COMMON, *ZERO3, f"train.init_from={runs['fsdp']}", save_initial=1)
+    source = checkpoint_tensors(runs["fsdp"], 4)  # the newest step of the run folder
+    for section, which in (("model", "model"), ("ema", "ema")):
+        expected, actual = (
+            model_weights(source, section),
+            read_deepspeed_weights(tmp_path / "zero3", 0, which),
+        )
+        assert expected.keys() == actual.keys(), section
+        for name, tensor in expected.items():
+            assert torch.equal(actual[name], tensor), f"{section}: {name}"
+    assert not torch.equal(
+        model_weights(source)["final_layer.linear.weight"],
+        model_weights(source, "ema")["final_layer.linear.weight"],
+    )  # weights and EMA differ, so each went to its own place
+
+
+def test_paper_recipe_trains_on_deepspeed_with_its_parallelism_unchanged(tmp_path):
+    """fitv2_3b_256 (HSDP, activation checkpointing of every 2nd block, compiled blocks, bf16) with
+    `parallel.backend=deepspeed` and only the model shrunk, the data, device and run length made
+    local: 2 ranks, ZeRO-3, blocks compiled before DeepSpeed wraps the model (before the ZeRO-3
+    leaf-block hooks kept them free of recompiles, this run hit torch.compile's recompile limit)."""
+    import os
+    import subprocess
+    import sys
+
+    small = dict(depth=2, hidden_size=64, num_heads=4, num_classes=10, attn_backend="reference")
+    overrides = [
+        "parallel.backend=deepspeed",
+        "parallel.shard_size=2",  # the recipe's node of 8 GPUs is this machine's 2 processes
+        *(f"model.overrides.{key}={value}" for key, value in small.items()),
+        f"data.path={write_digits_split(tmp_path / 'digits', images=16)}",
+        "data.val_path=null",
+        "train.val_every=0",
+        "data.num_classes=10",
+        "data.global_batch_size=2",  # one image per rank: the same shapes every step, one compile
+        "data.token_budget=256",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        f"train.run_dir={tmp_path / 'run'}",
+        "train.steps=2",
+        "train.device=cpu",
+        "checkpoint.async_save=false",
+        "log.wandb=disabled",
+        "log.every=1",
+        "launch.cluster=local",
+    ]
+    command = [sys.executable, "-m", "fitscale.cli", "train", "recipes/fitv2_3b_256.yaml", "--nproc", "2"]
+    result = subprocess.run(
+        [*command, "--set", *overrides],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,  # inductor compiles each rank's blocks on the CPU first
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = metric_records(tmp_path / "run")
+    assert sorted(records) == [1, 2] and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in records.values())
+    saved = json.loads((tmp_path / "run" / "deepspeed" / "step-2" / "fitscale.json").read_text())
+    assert (saved["world_size"], saved["zero_stage"]) == (2, 3)
