@@ -275,3 +275,13 @@ def test_paper_recipe_trains_on_deepspeed_with_its_parallelism_unchanged(tmp_pat
     assert sorted(records) == [1, 2] and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in records.values())
     saved = json.loads((tmp_path / "run" / "deepspeed" / "step-2" / "fitscale.json").read_text())
     assert (saved["world_size"], saved["zero_stage"]) == (2, 3)
+
+
+def test_zero3_hybrid_sharding_as_hpz_on_two_groups_gives_the_losses_of_one_process(runs, tmp_path):
+    """`parallel.sharding=hybrid` with ZeRO-3 is ZeRO++ hpZ: 4 ranks in 2 groups of 2 (a secondary
+    copy of the weights partitioned within each group, used by backward's all-gathers)."""
+    hybrid = ["parallel.sharding=hybrid", "parallel.shard_size=2", "train.steps=2"]
+    run(
+        tmp_path / "hpz", 4, *COMMON, *ZERO3, *hybrid, "checkpoint.interval=0", "checkpoint.save_at_end=false"
+    )
+    assert history(tmp_path / "hpz") == pytest.approx(history(runs["single"])[:4], rel=1e-5)
