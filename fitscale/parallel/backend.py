@@ -33,6 +33,9 @@ class ParallelBackend:
     `zero_grad`; `checkpoint_state`, `save` and `load` around checkpoints."""
 
     name = ""
+    fixed_on_resume: dict[str, str] = {}
+    """Config fields a resume may not change because this backend's checkpoints depend on them,
+    each with the reason (fitscale.train.resume adds them to its own list)."""
 
     def __init__(self, config, env: DistributedEnv):
         self.config = config  # the RunConfig
@@ -182,6 +185,7 @@ class DeepSpeedBackend(ParallelBackend):
     """
 
     name = "deepspeed"
+    fixed_on_resume = {"parallel.zero_stage": "DeepSpeed lays out its checkpoint files per ZeRO stage"}
 
     def __init__(self, config, env: DistributedEnv):
         super().__init__(config, env)

@@ -43,8 +43,7 @@ FIXED: dict[str, str] = {
     "optim.no_weight_decay": "the optimizer state is grouped by it",
     "optim.ema.enabled": "the checkpoint holds an EMA only when it was on",
     "parallel.backend": "FSDP and DeepSpeed write different checkpoints",
-    "parallel.zero_stage": "DeepSpeed lays out its checkpoint files per ZeRO stage",
-}
+}  # and the fields of the run's backend (ParallelBackend.fixed_on_resume)
 # Model fields that change how the same function is computed or trained, not the network.
 MODEL_MAY_CHANGE = ("model.attn_backend", "model.class_dropout_prob")
 NOT_COMPARED = ("train.run_dir", "train.resume", "checkpoint.folder")
@@ -66,8 +65,11 @@ def fixed_reason(field: str, config: dict[str, Any]) -> str | None:
     """Why `field` may not change on resume, or None when it may."""
     if field in MODEL_MAY_CHANGE:
         return None
-    if field == "parallel.zero_stage" and config.get("parallel.backend") != "deepspeed":
-        return None  # only DeepSpeed reads it
+    from fitscale.parallel.backend import BACKENDS
+
+    backend = BACKENDS.get(config.get("parallel.backend"))
+    if backend is not None and field in backend.fixed_on_resume:
+        return backend.fixed_on_resume[field]
     for prefix, reason in FIXED.items():
         if field == prefix or field.startswith(prefix + "."):
             return reason
