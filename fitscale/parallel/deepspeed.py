@@ -18,6 +18,10 @@ lock, which looks like a hang right after start-up). Training never calls that k
 DeepSpeed inference's all-reduce, and only under the `deepspeed` launcher), so it is switched
 off and ZeRO's collectives run on our gloo group.
 
+ZeRO-3 gathers each transformer block's parameters in one hook on the block (a "leaf" module, as
+FSDP2 gathers per block), so a block compiled by `parallel.compile` holds no ZeRO hook and is not
+recompiled by their Python state; `parallel.sharding=hybrid` is ZeRO++'s hpZ (`hpz_partition_size`).
+
 Checkpoint files (ZeRO partitions, the EMA's, universal conversion for another world size) are
 fitscale.checkpoint.deepspeed's.
 """

@@ -110,7 +110,7 @@ class Trainer:
         torch.manual_seed(self.config.train.seed)
         model = build_model(self.config.model.name, **dict(self.config.model.overrides))
         init_from = self.config.train.init_from
-        if init_from and Path(init_from).is_dir():  # a checkpoint of a run, FSDP's or DeepSpeed's
+        if init_from and Path(init_from).is_dir():  # another run's checkpoint, of either backend
             from fitscale.checkpoint.export import read_run_start
 
             load_official_state_dict(model, read_run_start(init_from))
