@@ -37,6 +37,7 @@ def test_fitv2_xl_matches_release_on_mixed_grids():
     assert_equivalent("fitv2-xl", GRIDS_256, 256, depth=2)
 
 
+@pytest.mark.slow  # ~30 s on 2 CPU cores
 def test_fitv2_xl_hr_matches_release_on_mixed_grids():
     assert_equivalent("fitv2-xl-hr", GRIDS_1024, 1024, depth=2)
 
