@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-BATCH_MODES = ("images", "tokens")
-WORKER_METHODS = ("process", "thread")
+from fitscale.config.schema import check_choices
 
 
 @dataclass
@@ -87,12 +86,7 @@ class DataConfig:
                 f"data.val_path: data.val_remote={self.val_remote!r} needs a local cache folder; "
                 "set data.val_path to one"
             )
-        if self.batch_mode not in BATCH_MODES:
-            raise ValueError(f"data.batch_mode={self.batch_mode!r}: use one of {', '.join(BATCH_MODES)}")
-        if self.worker_method not in WORKER_METHODS:
-            raise ValueError(
-                f"data.worker_method={self.worker_method!r}: use one of {', '.join(WORKER_METHODS)}"
-            )
+        check_choices(self, "data.")
         for name in ("global_batch_size", "token_budget", "micro_batches_per_step", "packing_lookahead"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -193,7 +193,7 @@ def test_padding_tail_is_split_into_short_segments_so_its_attention_stays_linear
 def test_data_config_errors_name_the_field_and_the_fix():
     with pytest.raises(ValueError, match=r"data.path: set it to a dataset folder"):
         DataConfig()
-    with pytest.raises(ValueError, match=r"data.batch_mode='token': use one of images, tokens"):
+    with pytest.raises(ValueError, match=r"^data.batch_mode: 'token' is not one of images, tokens$"):
         DataConfig(path="x", batch_mode="token")
     with pytest.raises(ValueError, match=r"data.token_budget=128: must hold the largest image"):
         DataConfig(path="x", token_budget=128)
