@@ -37,7 +37,11 @@ class _SetFields(Mapping):
     and `dict(overrides)` see only the changes."""
 
     def _set(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
 
     def __getitem__(self, key: str) -> Any:
         return self._set()[key]

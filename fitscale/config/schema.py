@@ -67,7 +67,9 @@ def check_choices(obj: Any, prefix: str) -> None:
         value = getattr(obj, item.name)
         if allowed is None or value in allowed or (value is None and type(None) in _union(hints[item.name])):
             continue
-        raise ConfigError(choice_message(f"{prefix}{item.name}", value, allowed, item.metadata.get("hint", "")))
+        raise ConfigError(
+            choice_message(f"{prefix}{item.name}", value, allowed, item.metadata.get("hint", ""))
+        )
 
 
 def _union(kind: Any) -> tuple[Any, ...]:

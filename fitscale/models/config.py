@@ -29,7 +29,9 @@ RopeMethod = Literal[
     "normal", "ntk-aware", "ntk-by-parts", "ntk-aware-pro1", "ntk-aware-pro2",
 ]  # fmt: skip
 ROPE_METHODS = tuple(dict.fromkeys(RELEASE_ROPE_METHODS.values()))  # ours
-RELEASE_SPELLINGS = f"{', '.join(n for n in RELEASE_ROPE_METHODS if n not in ROPE_METHODS)} are the release's names"
+RELEASE_SPELLINGS = (
+    f"{', '.join(n for n in RELEASE_ROPE_METHODS if n not in ROPE_METHODS)} are the release's names"
+)
 AttentionBackend = Literal["auto", "flash", "varlen", "flex", "grouped", "reference", "padded"]
 ATTENTION_BACKENDS = get_args(AttentionBackend)
 
