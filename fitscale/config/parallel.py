@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from fitscale.config.errors import ConfigError
@@ -40,7 +40,7 @@ class ParallelConfig:
     """Compute dtype of parameters: `auto` is bf16 on CUDA and fp32 on CPU; master weights stay fp32."""
     reduce_dtype: Dtype = "fp32"
     """Dtype of gradient reduction across ranks."""
-    zero_stage: int = 3
+    zero_stage: Literal[2, 3] = field(default=3, metadata={"hint": "DeepSpeed stages 2 and 3 are supported"})
     """DeepSpeed ZeRO stage: 2 (optimizer state and gradients sharded) or 3 (parameters too)."""
 
     def __post_init__(self) -> None:
@@ -54,8 +54,4 @@ class ParallelConfig:
         if self.shard_size < 0:
             raise ConfigError(
                 f"parallel.shard_size: must be >= 0 (0 = ranks of one node), got {self.shard_size}"
-            )
-        if self.zero_stage not in (2, 3):
-            raise ConfigError(
-                f"parallel.zero_stage: DeepSpeed stages 2 and 3 are supported, got {self.zero_stage}"
             )

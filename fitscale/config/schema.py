@@ -204,7 +204,7 @@ def _merge_message(schema: type, error: Exception, key: str) -> str:
         message = f"unknown config key {key!r}; check the spelling against the fields of section {parent!r}"
         return f"{message}: {', '.join(names)}" if names else message
     kind = field_type(schema, key)
-    value = _bad_value(error)
+    value = getattr(error, "value", None)
     allowed = choices(kind)
     if allowed is not None and value is not None:
         return choice_message(key, value, allowed, _hint(schema, key))
@@ -215,11 +215,6 @@ def _merge_message(schema: type, error: Exception, key: str) -> str:
 
 def _parent(key: str) -> str:
     return re.sub(r"\[\d+\]$", "", key.rsplit(".", 1)[0]) if "." in key else ""
-
-
-def _bad_value(error: Exception) -> Any:
-    match = re.search(r"(?:Invalid value|Value) '(.*?)'", _first_line(error))
-    return match.group(1) if match else None
 
 
 def _expected(kind: Any) -> str | None:
