@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from fitscale.config.errors import ConfigError
 from fitscale.config.schema import check_choices, choice_message
 
 # The release's `custom_freqs` values (whlzy/FiT fit/model/rope.py), accepted as spellings of ours.
@@ -38,10 +39,10 @@ ATTENTION_BACKENDS = get_args(AttentionBackend)
 
 def canonical_rope_method(name: str) -> str:
     """Our name of a RoPE method given ours or the release's `custom_freqs` (any case);
-    ConfigError (a ValueError) listing both spellings otherwise."""
+    ConfigError (a ValueError) listing both spellings otherwise (`model.rope_method: ...`)."""
     lowered = str(name).lower()
     if lowered not in get_args(RopeMethod):
-        raise ValueError(choice_message("model.rope_method", name, get_args(RopeMethod), RELEASE_SPELLINGS))
+        raise ConfigError(choice_message("model.rope_method", name, get_args(RopeMethod), RELEASE_SPELLINGS))
     return RELEASE_ROPE_METHODS.get(lowered, lowered)
 
 

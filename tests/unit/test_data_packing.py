@@ -197,7 +197,10 @@ def test_data_config_errors_name_the_field_and_the_fix():
         DataConfig(path="x", batch_mode="token")
     with pytest.raises(ValueError, match=r"data.token_budget=128: must hold the largest image"):
         DataConfig(path="x", token_budget=128)
-    with pytest.raises(ValueError, match=r"^data.max_image_tokens: 512 is not one of 256, 1024; 256 for 256x256 images, 1024 for 512x512$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^data.max_image_tokens: 512 is not one of 256, 1024; 256 for 256x256 images, 1024 for 512x512$",
+    ):
         DataConfig(path="x", max_image_tokens=512, token_budget=4096)
     with pytest.raises(ValueError, match=r"data.flip_prob=1.5: must be a probability"):
         DataConfig(path="x", flip_prob=1.5)
