@@ -96,7 +96,7 @@ def test_profile_errors_name_the_file_and_key(tmp_path):
         load_profile("no-such-cluster")
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("scheduler: pbs\n")
-    with pytest.raises(ConfigError, match="scheduler 'pbs' is not one of slurm, local"):
+    with pytest.raises(ConfigError, match="wrong.yaml': scheduler: 'pbs' is not one of slurm, local$"):
         load_profile(str(wrong))
 
 
