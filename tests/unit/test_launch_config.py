@@ -16,6 +16,7 @@ from fitscale.launch.env import (
     expand_tasks_per_node,
     export_torch_env,
     first_hostname,
+    init_distributed_from_env,
     master_port_for_job,
     rank_info_from_env,
 )
@@ -57,6 +58,23 @@ def test_torchrun_variables_win_over_slurm_and_batch_script_is_one_process():
     assert (info.rank, info.world_size, info.num_nodes, info.source) == (5, 8, 2, "torchrun")
     batch_script = {k: v for k, v in SLURM_STEP.items() if k != "SLURM_STEP_ID"}
     assert rank_info_from_env(batch_script).world_size == 1
+
+
+def test_a_lone_process_joins_without_touching_the_environment(monkeypatch):
+    for name in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_PROCID",
+        "SLURM_STEP_ID",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    info = init_distributed_from_env(device="cpu")
+    assert (info.rank, info.world_size, info.source) == (0, 1, "single")
+    assert dict(os.environ) == before  # else a later in-process command takes itself for a launched rank
 
 
 @pytest.mark.parametrize(
