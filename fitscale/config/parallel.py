@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from fitscale.config.errors import ConfigError
 
@@ -10,6 +11,7 @@ BACKENDS = ("fsdp", "deepspeed")
 SHARDINGS = ("full", "hybrid", "none")
 AC_MODES = ("off", "full", "every")
 DTYPES = ("auto", "bf16", "fp32")
+FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
 
 
 @dataclass
@@ -43,6 +45,16 @@ class ParallelConfig:
     """Dtype of gradient reduction across ranks."""
     zero_stage: int = 3
     """DeepSpeed ZeRO stage: 2 (optimizer state and gradients sharded) or 3 (parameters too)."""
+    float8: Literal["none", "tensorwise", "rowwise"] = "none"
+    """FSDP: float8 matmuls in the token linears (torchao `Float8LinearConfig` recipe; needs the
+    `float8` extra and a GPU of compute capability 8.9+, emulated on CPU). Weights, checkpoints and
+    exports stay in the master dtype. See fitscale/parallel/float8.py for which linears convert."""
+    float8_fsdp_all_gather: bool = False
+    """With `float8: tensorwise` on several ranks: FSDP2 all-gathers float8 weights (half of bf16's
+    bytes), their scales computed once per step after the optimizer step."""
+    float8_size_filter: bool = True
+    """Skip linears too small to gain from float8 (torchao's H100 thresholds); false converts every
+    linear whose dims are multiples of 16 (small test models)."""
 
     def __post_init__(self) -> None:
         choices = {
@@ -51,6 +63,7 @@ class ParallelConfig:
             "activation_checkpointing": AC_MODES,
             "param_dtype": DTYPES,
             "reduce_dtype": DTYPES,
+            "float8": FLOAT8_RECIPES,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -69,4 +82,9 @@ class ParallelConfig:
         if self.zero_stage not in (2, 3):
             raise ConfigError(
                 f"parallel.zero_stage: DeepSpeed stages 2 and 3 are supported, got {self.zero_stage}"
+            )
+        if self.float8_fsdp_all_gather and self.float8 != "tensorwise":
+            raise ConfigError(
+                f"parallel.float8_fsdp_all_gather=true needs parallel.float8=tensorwise (got {self.float8}); "
+                "set parallel.float8=tensorwise or parallel.float8_fsdp_all_gather=false"
             )
