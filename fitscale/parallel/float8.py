@@ -137,7 +137,40 @@ def apply_float8(
                 report.skipped[name] = reason
     chosen = set(report.converted)
     convert_to_float8_training(model, config=linear_config, module_filter_fn=lambda _, name: name in chosen)
+    if config.float8_fsdp_all_gather:
+        model.register_state_dict_post_hook(_plain_state_dict)
     return report
+
+
+def without_float8_wrapper(tensor: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under torchao's `WeightWithDynamicFloat8CastTensor` (the weight of a linear
+    with FSDP float8 all-gather), also as the local tensor of a DTensor, sharing its storage; any
+    other tensor unchanged. Checkpoints and EMA copies hold plain tensors, so they load without
+    torchao and into runs with float8 off."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        local = tensor._local_tensor
+        plain = without_float8_wrapper(local)
+        if plain is local:
+            return tensor
+        return DTensor.from_local(
+            plain,
+            tensor.device_mesh,
+            tensor.placements,
+            run_check=False,
+            shape=tensor.shape,
+            stride=tensor.stride(),
+        )
+    if type(tensor).__name__ == "WeightWithDynamicFloat8CastTensor":
+        return tensor._tensor
+    return tensor
+
+
+def _plain_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor):
+            state_dict[key] = without_float8_wrapper(value)
 
 
 def uses_float8_all_gather(config: ParallelConfig, sharded: bool) -> bool:
