@@ -141,20 +141,26 @@ def with_static_segments(inputs: dict, num_segments: int, max_seqlen: int, null_
     """The same packed step with `num_segments` segments (zero-length ones appended, null class,
     1x1 grid) and a fixed `max_seqlen` (at least the longest image): identical shapes and scalars
     in every step, as CUDA graphs need; the output for every token is unchanged."""
-    extra = num_segments - inputs["num_segments"]
-    if extra < 0 or max_seqlen < inputs["max_seqlen"]:
+    from fitscale.train.cuda_graphs import StaticShapes, static_model_inputs
+
+    if num_segments < inputs["num_segments"] or max_seqlen < inputs["max_seqlen"]:
         raise ValueError(
             f"a step has {inputs['num_segments']} segments and a longest one of {inputs['max_seqlen']}"
         )
-    cu = inputs["cu_seqlens"]
-    return {
-        **inputs,
-        "cu_seqlens": torch.cat([cu, cu[-1:].expand(extra)]),
-        "labels": torch.cat([inputs["labels"], inputs["labels"].new_full((extra,), null_class)]),
-        "sizes": torch.cat([inputs["sizes"], inputs["sizes"].new_ones((extra, 2))]),
-        "max_seqlen": max_seqlen,
-        "num_segments": num_segments,
-    }
+    x, labels, pos, cu = inputs["x1"], inputs["labels"], inputs["pos"], inputs["cu_seqlens"]
+    t = x.new_ones(inputs["num_segments"])  # drawn again in every step
+    (_, _, labels, _, cu), static = static_model_inputs(
+        StaticShapes(num_segments, max_seqlen),
+        null_class,
+        x,
+        t,
+        labels,
+        pos,
+        cu,
+        inputs["max_seqlen"],
+        inputs["sizes"],
+    )
+    return {**inputs, "cu_seqlens": cu, "labels": labels, **static, "num_segments": num_segments}
 
 
 def train_step(model, optimizer, inputs, dtype, cudagraphs: bool = False) -> torch.Tensor:
