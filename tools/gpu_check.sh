@@ -89,10 +89,10 @@ else
   hi="padded,varlen+compile,varlen+compile+static+cudagraphs"
 fi
 # The new modes first: they are what this check exists to measure.
-bench bench_xl_256_modes 200 --model fitv2-xl --mix 256 --modes "$xl" --steps 5
-bench bench_3b_256_fp8 120 --model fitv2-3b --mix 256 --modes "$big" --steps 4
+bench bench_xl_256_modes 180 --model fitv2-xl --mix 256 --modes "$xl" --steps 5
+bench bench_3b_256_fp8 110 --model fitv2-3b --mix 256 --modes "$big" --steps 4
 
-tests_limit=$(( $(left) - 80 ))
+tests_limit=$(( $(left) - 50 ))
 [ "$tests_limit" -gt 120 ] && tests_limit=120
 if [ "$dry" = 1 ]; then
   echo "== GPU tests: not in a dry run"
