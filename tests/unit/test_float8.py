@@ -107,6 +107,7 @@ def fp32_losses(tmp_path_factory):
     return [record["loss"] for record in trainer.history]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, steps", [("tensorwise", 20), ("rowwise", 5)])
 def test_float8_steps_track_the_fp32_loss(tmp_path, fp32_losses, recipe, steps):
     """Emulated float8 (operands rounded to e4m3/e5m2 with dynamic scales) stays within 1e-4 of the
