@@ -42,6 +42,16 @@ class ParallelConfig:
     """Dtype of gradient reduction across ranks."""
     zero_stage: Literal[2, 3] = field(default=3, metadata={"hint": "DeepSpeed stages 2 and 3 are supported"})
     """DeepSpeed ZeRO stage: 2 (optimizer state and gradients sharded) or 3 (parameters too)."""
+    float8: Literal["none", "tensorwise", "rowwise"] = "none"
+    """FSDP: float8 matmuls in the token linears (torchao `Float8LinearConfig` recipe; needs the
+    `float8` extra and a GPU of compute capability 8.9+, emulated on CPU). Weights, checkpoints and
+    exports stay in the master dtype. See fitscale/parallel/float8.py for which linears convert."""
+    float8_fsdp_all_gather: bool = False
+    """With `float8: tensorwise` on several ranks: FSDP2 all-gathers float8 weights (half of bf16's
+    bytes), their scales computed once per step after the optimizer step."""
+    float8_size_filter: bool = True
+    """Skip linears too small to gain from float8 (torchao's H100 thresholds); false converts every
+    linear whose dims are multiples of 16 (small test models)."""
 
     def __post_init__(self) -> None:
         check_choices(self, "parallel.")
@@ -54,4 +64,9 @@ class ParallelConfig:
         if self.shard_size < 0:
             raise ConfigError(
                 f"parallel.shard_size: must be >= 0 (0 = ranks of one node), got {self.shard_size}"
+            )
+        if self.float8_fsdp_all_gather and self.float8 != "tensorwise":
+            raise ConfigError(
+                f"parallel.float8_fsdp_all_gather=true needs parallel.float8=tensorwise (got {self.float8}); "
+                "set parallel.float8=tensorwise or parallel.float8_fsdp_all_gather=false"
             )

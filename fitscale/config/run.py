@@ -81,6 +81,11 @@ class RunConfig:
                 raise ConfigError(
                     "parallel.compile=true is supported with parallel.backend=fsdp only; set parallel.compile=false"
                 )
+            if self.parallel.float8 != "none":
+                raise ConfigError(
+                    f"parallel.float8={self.parallel.float8} is supported with parallel.backend=fsdp only; "
+                    "set parallel.float8=none"
+                )
         if self.train.val_every > 0 and self.data.val_path is None:
             raise ConfigError(
                 f"train.val_every={self.train.val_every} needs a held-out split: set data.val_path to a "
@@ -90,6 +95,11 @@ class RunConfig:
             raise ConfigError(
                 "parallel.compile=true needs static shapes: set data.pad_to_budget=true "
                 "or parallel.compile=false"
+            )
+        if self.train.cuda_graphs and not self.parallel.compile:
+            raise ConfigError(
+                "train.cuda_graphs=true replays compiled blocks: set parallel.compile=true "
+                "(with data.pad_to_budget=true) or train.cuda_graphs=false"
             )
         model = self.model_config()
         wrong = [label for label in self.train.sample_labels if not 0 <= label < self.data.num_classes]

@@ -68,6 +68,10 @@ class TrainConfig:
     """Stop the run after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` (CUDA when available, else CPU), `cpu` or `cuda`."""
+    cuda_graphs: bool = False
+    """Replay each compiled block as a CUDA graph (torch.compile "reduce-overhead"): needs one GPU,
+    `parallel.compile` and `data.pad_to_budget`; every forward then gets one segment count and one
+    `max_seqlen` (zero-length segments appended, fitscale/train/cuda_graphs.py)."""
     val_every: int = 0
     """Score the held-out split (`data.val_path`) every this many steps and at the last step, for the
     weights and the EMA (`val_loss`, `val_loss_ema` in metrics.jsonl); 0 turns it off. Every image
