@@ -27,6 +27,9 @@ CUDA_GRAPHS_COMPILE_MODE = "reduce-overhead"
 
 @dataclass(frozen=True)
 class StaticShapes:
+    """The shapes every captured forward sees, so one CUDA graph per block replays on every step:
+    the segment count S (the length of t, y and cu_seqlens - 1) and the `max_seqlen` scalar."""
+
     num_segments: int  # S of every forward: images, padding segments, then zero-length segments
     max_seqlen: int  # the `max_seqlen` every forward is given
 
