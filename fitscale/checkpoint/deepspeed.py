@@ -38,10 +38,12 @@ class DeepSpeedResumeError(ValueError):
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
+    """Where a DeepSpeed run keeps its checkpoints: `<run_dir>/deepspeed`."""
     return Path(run_dir) / SUBFOLDER
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
+    """The DeepSpeed checkpoint folder of `step`: `<run_dir>/deepspeed/step-N`."""
     return checkpoint_dir(run_dir) / f"step-{step}"
 
 
@@ -98,6 +100,7 @@ def check_resumable(run_dir: str | Path, step: int, world_size: int, zero_stage:
 
 
 def universal_step_dir(run_dir: str | Path, step: int) -> Path:
+    """The universal-checkpoint conversion of `step`, for resuming on another world size."""
     return checkpoint_dir(run_dir) / UNIVERSAL / f"step-{step}"
 
 
@@ -208,10 +211,12 @@ def export_deepspeed_weights(run_dir: str | Path, step: int, out: str | Path) ->
 
 
 def ema_file(folder: str | Path, rank: int) -> Path:
+    """This rank's EMA file in a DeepSpeed checkpoint folder: ema-rank-R.pt."""
     return Path(folder) / f"ema-rank-{rank}.pt"
 
 
 def save_ema(ema, folder: str | Path, rank: int) -> None:
+    """Write this rank's EMA state to `ema_file(folder, rank)`, creating the folder."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     torch.save(ema.state_dict(), ema_file(folder, rank))
 

@@ -83,10 +83,12 @@ class PackedLayout:
 
     @property
     def num_images(self) -> int:
+        """S, the number of images (segments) in the layout."""
         return int(self.labels.shape[0])
 
     @property
     def num_tokens(self) -> int:
+        """T, the number of token rows in the layout."""
         return int(self.pos.shape[0])
 
     def doubled(self, null_class: int) -> PackedLayout:

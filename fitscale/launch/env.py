@@ -49,6 +49,7 @@ class RankInfo:
 
     @property
     def is_main(self) -> bool:
+        """Whether this process is global rank 0."""
         return self.rank == 0
 
 
@@ -171,6 +172,7 @@ def export_torch_env(info: RankInfo, environ: MutableMapping[str, str] | None = 
 
 
 def apply_nccl_defaults(environ: MutableMapping[str, str] | None = None) -> None:
+    """Set NCCL_DEFAULTS in `environ` (os.environ by default) where the user has not set them."""
     environ = os.environ if environ is None else environ
     for name, value in NCCL_DEFAULTS.items():
         environ.setdefault(name, value)
@@ -188,7 +190,10 @@ def init_distributed_from_env(device: str = "auto", timeout_s: float = 1800) -> 
     import torch.distributed as dist
 
     info = rank_info_from_env()
-    export_torch_env(info)
+    if (
+        info.source != "single"
+    ):  # a lone process (e.g. `fitscale sample` in-process) leaves os.environ as it was
+        export_torch_env(info)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         apply_nccl_defaults()

@@ -30,11 +30,13 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 @functools.cache
 def flash_attn_available() -> bool:
+    """Whether the flash-attn package is importable (cached; imports nothing)."""
     return importlib.util.find_spec("flash_attn") is not None
 
 
 @functools.cache
 def torch_varlen_available() -> bool:
+    """Whether this PyTorch has `torch.nn.attention.varlen.varlen_attn` (2.9 or newer; cached)."""
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
@@ -130,6 +132,15 @@ def build_packed_sequence(
     dtype: torch.dtype,
     sizes: torch.Tensor | None = None,
 ) -> PackedSequence:
+    """What every attention layer of one forward needs, built once: segment ids and the backend's mask
+    or groups.
+
+    `cu_seqlens` (S+1,) int32 boundaries from 0 to `total` tokens; `max_seqlen` the longest segment;
+    `requested` a backend name or "auto", resolved for `device` and `dtype` by `resolve_backend`
+    (RuntimeError when that backend cannot run there); `sizes` (S, 2) grid rows/cols, needed by the
+    release's `padded` layout only. Raises ValueError for `padded` without `sizes` or with segments
+    not all padded to `max_seqlen` tokens.
+    """
     backend = resolve_backend(requested, device, dtype)
     segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, total)
     block_mask = document_block_mask(segment_ids) if backend == "flex" else None

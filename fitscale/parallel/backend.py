@@ -13,6 +13,7 @@ size to make their average the sum.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from fitscale.parallel.mesh import DistributedEnv, build_mesh
 from fitscale.parallel.parallelize import parallelize
 
 InitialState = Callable[[], dict[str, torch.Tensor]]
+log = logging.getLogger("fitscale.train")
 
 
 class ParallelBackend:
@@ -42,6 +44,7 @@ class ParallelBackend:
         self.env = env
         self.mesh = None
         self.model: torch.nn.Module | None = None
+        self.float8_report = None  # parallelize's: which linears became float8
 
     def _new_model(self) -> torch.nn.Module:
         from fitscale.models import build_model
@@ -112,10 +115,19 @@ class FSDPBackend(ParallelBackend):
         rank 0 are broadcast (so they do not depend on the world size)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        from fitscale.train.cuda_graphs import maybe_apply_cuda_graphs
+
+        cfg = self.config
         with torch.device("meta"):
             model = self._new_model()
-        self.mesh = build_mesh(self.config.parallel, self.env)
-        parallelize(model, self.config.parallel, self.mesh, self.env.device)
+        self.mesh = build_mesh(cfg.parallel, self.env)
+        # train.cuda_graphs: static shapes and the compile mode that replays graphs (fitscale/train/cuda_graphs.py)
+        compile_mode = maybe_apply_cuda_graphs(model, cfg, self.env.device, self.env.world_size)
+        self.float8_report = parallelize(
+            model, cfg.parallel, self.mesh, self.env.device, compile_mode=compile_mode
+        )
+        if self.env.is_main and cfg.parallel.float8 != "none":
+            log.info(self.float8_report.summary())
         model.to_empty(device=self.env.device)
         with warnings.catch_warnings():
             # DTensor warns that random init on a CPU mesh may differ from a GPU mesh's: these values are
@@ -152,8 +164,11 @@ class FSDPBackend(ParallelBackend):
         return float(norm)
 
     def step(self, optimizer: torch.optim.Optimizer) -> float | None:
+        from fitscale.parallel.float8 import maybe_precompute_float8_scales
+
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        maybe_precompute_float8_scales(self.model, self.config.parallel, self.mesh is not None)
         return None
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
@@ -197,7 +212,7 @@ class DeepSpeedBackend(ParallelBackend):
         torch.manual_seed(self.config.train.seed)
         model = self._new_model()
         model.load_state_dict(all_ranks_agree(initial_state))  # every rank reads train.init_from
-        parallelize(model, self.config.parallel, None, self.env.device)
+        self.float8_report = parallelize(model, self.config.parallel, None, self.env.device)
         if self.config.parallel.zero_stage == 3:
             from deepspeed.utils import set_z3_leaf_modules
 

@@ -120,9 +120,13 @@ class DeepSpeedEMA:
 
     @property
     def num_updates(self) -> int:
+        """EMA updates applied so far."""
         return self.average.num_updates
 
     def update(self, step: int) -> None:
+        """Average this rank's fp32 master partitions into the EMA at optimizer step `step` (decay
+        warmup by step).
+        """
         self.average.update(step)
 
     @contextlib.contextmanager
@@ -162,10 +166,14 @@ class DeepSpeedEMA:
             shadow[: place.numel] = flat[place.start : place.start + place.numel]
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's EMA partitions, update count and the parameter places they were cut at."""
         places = {name: (p.start, p.numel, p.shape) for name, p in self.fragments.places.items()}
         return {**self.average.state_dict(), "places": places}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore this rank's EMA; ValueError when the saved partitions differ from this run's ZeRO
+        partitions.
+        """
         places = {name: (p.start, p.numel, p.shape) for name, p in self.fragments.places.items()}
         if state.get("places") != places:
             raise ValueError("the saved EMA partitions do not match this run's ZeRO partitions")

@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from fitscale.config.parallel import ParallelConfig
 from fitscale.parallel.ac import apply_ac
 from fitscale.parallel.compile import apply_compile
+from fitscale.parallel.float8 import Float8Report, apply_float8
 from fitscale.parallel.fsdp import apply_fsdp
 
 
@@ -24,21 +25,26 @@ def parallelize(
     config: ParallelConfig,
     mesh: DeviceMesh | None,
     device: torch.device,
-) -> torch.nn.Module:
-    """Apply, in place and in order: float8 linears, activation checkpointing, per-block
-    `torch.compile`, then FSDP2 over `mesh` (skipped when `mesh` is None: one process, or a
-    backend that shards the model itself). Returns `model`.
+    compile_mode: str | None = None,
+) -> Float8Report:
+    """Apply, in place and in order: float8 linears (`parallel.float8`), activation checkpointing,
+    per-block `torch.compile` (in `compile_mode`, torch.compile's), then FSDP2 over `mesh` (skipped
+    when `mesh` is None: one process, or a backend that shards the model itself). Returns the
+    report of which linears became float8.
 
     `model` may live on the meta device (FSDP2: materialise and initialise afterwards) or hold
-    its weights already (DeepSpeed). Raises ValueError for an unknown activation-checkpointing mode.
+    its weights already (DeepSpeed). Raises ValueError for an unknown activation-checkpointing mode,
+    ConfigError for float8 without torchao or a GPU with float8 matmuls.
     """
-    # 1. float8: `fitscale.parallel.float8.apply_float8(model, config)` converts the linears here.
+    # 1. float8 linears (fitscale/parallel/float8.py).
+    report = apply_float8(model, config, device)
     # 2. activation checkpointing of whole blocks (recomputes the converted linears too).
     apply_ac(model, config.activation_checkpointing, config.ac_every)
     # 3. torch.compile per block (one graph every block reuses). Without a mesh under DeepSpeed, only
     #    each block's forward: ZeRO-3's parameter hooks stay eager (fitscale.parallel.compile).
-    apply_compile(model, config.compile, eager_hooks=mesh is None and config.backend == "deepspeed")
+    eager_hooks = mesh is None and config.backend == "deepspeed"
+    apply_compile(model, config.compile, mode=compile_mode, eager_hooks=eager_hooks)
     # 4. FSDP2: each block, then the root.
     if mesh is not None:
         apply_fsdp(model, mesh, config, device)
-    return model
+    return report

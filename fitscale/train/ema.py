@@ -94,7 +94,12 @@ class EMA:
         self.cfg = cfg
         self.num_updates = 0
         self._params = dict(params)
-        self.shadow = {name: param.detach().to(torch.float32, copy=True) for name, param in params.items()}
+        from fitscale.parallel.float8 import without_float8_wrapper  # plain copies of float8 weights
+
+        self.shadow = {
+            name: without_float8_wrapper(param.detach()).to(torch.float32, copy=True)
+            for name, param in params.items()
+        }
 
     @torch.no_grad()
     def update(self, step: int) -> None:
@@ -144,11 +149,15 @@ class EMA:
             _local(shadow).copy_(_local(value))
 
     def state_dict(self) -> dict[str, Any]:
+        """The fp32 shadows themselves (DCP loads into them in place, resharding DTensors) and the
+        update count.
+        """
         # The shadows themselves: DCP loads into them in place (resharding DTensors as needed).
         return {"params": dict(self.shadow), "num_updates": self.num_updates}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Copy saved shadows into this EMA; ValueError naming missing or unexpected parameter names."""
         params = state_dict["params"]
         missing = sorted(set(self.shadow) - set(params))
         unexpected = sorted(set(params) - set(self.shadow))

@@ -42,6 +42,11 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepStats:
+    """One optimizer step's outcome: the loss summed over ranks (the mean per image), gradient norm
+    before clipping, whether the step was skipped as non-finite, image and token counts (real and
+    with padding), per-timestep-bucket loss sums and counts, and the token count of each image.
+    """
+
     loss: float
     grad_norm: float
     skipped: bool
@@ -117,6 +122,11 @@ class Trainer:
         elif init_from:
             load_official_checkpoint(model, init_from)
         return model.state_dict()
+
+    @property
+    def float8_report(self):
+        """Which linears of the model became float8 (fitscale.parallel.float8.Float8Report)."""
+        return self.backend.float8_report
 
     def _build_model(self) -> torch.nn.Module:
         model = self.backend.build_model(self._full_initial_state)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of the reference package
-
-from reference.official_fitv2 import official_shapes, random_official_state_dict, reference_config  # noqa: E402
-from reference.pairs import build_fitscale, reference_config_of  # noqa: E402
+from reference.official_fitv2 import official_shapes, random_official_state_dict, reference_config
+from reference.pairs import build_fitscale, reference_config_of
 
 
 @pytest.fixture
