@@ -19,19 +19,7 @@ from fitscale.config.train import FlowConfig
 from fitscale.data.batch import PackedBatch
 from fitscale.flow.path import interpolate, velocity_target
 from fitscale.flow.timesteps import sample_timesteps
-
-_MASK64 = (1 << 64) - 1
-
-
-def image_seed(seed: int, step: int, sample_id: int) -> int:
-    """A well-mixed 63-bit seed for one image at one step (splitmix64 of the three values)."""
-    value = 0
-    for part in (seed, step, sample_id):
-        value = (value ^ (part & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
-        value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
-        value = (value ^ (value >> 27)) * 0x94D049BB133111EB & _MASK64
-        value ^= value >> 31
-    return value & ((1 << 63) - 1)
+from fitscale.seeds import image_seed
 
 
 def per_image_noise(

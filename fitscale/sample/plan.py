@@ -16,7 +16,7 @@ from fitscale.data.batch import cu_seqlens_from_lengths, grid_positions
 from fitscale.data.format import unpatchify
 from fitscale.data.vae import PIXELS_PER_TOKEN
 from fitscale.flow.guidance import PackedLayout
-from fitscale.flow.loss import image_seed
+from fitscale.seeds import image_seed
 
 
 @dataclass

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from fitscale.config.data import DataConfig
 from fitscale.config.train import FlowConfig, TrainConfig
 from fitscale.data.batch import PackedBatch
-from fitscale.flow.loss import flow_loss, image_seed
+from fitscale.flow.loss import flow_loss
+from fitscale.seeds import image_seed
 
 # Midpoints of 8 equal bins of [0, 1]: every noise level weighs the same.
 VALIDATION_TIMESTEPS = tuple((k + 0.5) / 8 for k in range(8))
