@@ -39,22 +39,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fitscale.data.batch import grid_positions, padding_lengths  # noqa: E402
+from fitscale.hardware import lookup_peak_flops  # noqa: E402
 from fitscale.models import build_model  # noqa: E402
 from fitscale.models.attention import flash_attn_available, torch_varlen_available  # noqa: E402
 from fitscale.models.flops import training_flops  # noqa: E402
 from fitscale.models.inputs import check_packed_batch  # noqa: E402
 
-# Dense bf16 peak FLOP/s by device-name fragment (the MFU denominator).
-PEAK_BF16 = {
-    "H200": 989e12,
-    "H100 SXM": 989e12,
-    "H100 80GB HBM3": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "4090": 165e12,
-}
 ASPECTS = [((4, 3), 0.45), ((3, 4), 0.12), ((1, 1), 0.13), ((3, 2), 0.15), ((16, 9), 0.08), ((2, 3), 0.07)]
 
 
@@ -314,11 +304,7 @@ def peak_flops(device, override_tflops: float | None) -> float | None:
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for fragment, value in PEAK_BF16.items():
-        if fragment in name:
-            return value
-    return None
+    return lookup_peak_flops(torch.cuda.get_device_name(device))
 
 
 def default_modes(device) -> list[str]:

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fitscale.hardware import H100_BF16_PEAK
+
 MODES = ("grid", "isoflop", "steps")
 METRICS = ("auto", "val_loss_ema", "val_loss", "train_loss", "fid")
-H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of one H100 SXM
 
 
 @dataclass
