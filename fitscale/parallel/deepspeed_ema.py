@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from fitscale.checkpoint.stateful import clean_parameter_name
 from fitscale.config.optim import EMAConfig
+from fitscale.models.official import clean_parameter_name
 from fitscale.train.ema import EMA
 
 CHECKED_VERSION = "0.19.8"

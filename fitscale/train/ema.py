@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from fitscale.checkpoint.stateful import clean_parameter_name
 from fitscale.config.optim import EMAConfig
+from fitscale.models.official import clean_parameter_name
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-from fitscale.checkpoint.stateful import clean_parameter_name
 from fitscale.config.optim import OptimConfig
+from fitscale.models.official import clean_parameter_name
 
 
 def scaled_lr(cfg: OptimConfig, global_batch_size: int | None) -> float:
