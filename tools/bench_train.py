@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fitscale.data.batch import grid_positions, padding_lengths  # noqa: E402
+from fitscale.data.batch import cu_seqlens_from_lengths, grid_positions, padding_lengths  # noqa: E402
 from fitscale.hardware import lookup_peak_flops  # noqa: E402
 from fitscale.models import build_model  # noqa: E402
 from fitscale.models.attention import flash_attn_available, torch_varlen_available  # noqa: E402
@@ -107,8 +107,7 @@ def build_step_inputs(
         labels = torch.cat(
             [torch.randint(0, num_classes, (count,)), torch.full((len(seg) - count,), num_classes)]
         )
-    cu = torch.zeros(len(seg) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(seg).cumsum(0)
+    cu = cu_seqlens_from_lengths(seg)
     total = int(cu[-1])
     return {
         "x1": torch.randn(total, token_dim, device=device) * real_mask[:, None].to(device),

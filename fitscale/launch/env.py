@@ -179,16 +179,18 @@ def apply_nccl_defaults(environ: MutableMapping[str, str] | None = None) -> None
 def init_distributed_from_env(device: str = "auto", timeout_s: float = 1800) -> RankInfo:
     """Join the job's process group however it was started (torchrun, SLURM, `launch_local`, alone).
 
-    Exports the torch.distributed variables (see the module docstring), picks NCCL with sensible
-    defaults on CUDA and gloo on CPU, binds each rank to GPU `LOCAL_RANK`, and initialises the
-    default process group when there is more than one rank. Safe to call twice.
+    Exports the torch.distributed variables (see the module docstring) when started as ranks,
+    picks NCCL with sensible defaults on CUDA and gloo on CPU, binds each rank to GPU
+    `LOCAL_RANK`, and initialises the default process group when there is more than one rank.
+    Safe to call twice. The trainer joins through `fitscale.parallel.mesh.init_distributed`.
     `device`: "auto" (CUDA if available), "cuda" or "cpu".
     """
     import torch
     import torch.distributed as dist
 
     info = rank_info_from_env()
-    export_torch_env(info)
+    if info.source != "single":  # a lone process leaves its environment as it found it
+        export_torch_env(info)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         apply_nccl_defaults()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fitscale.flow.path import shift_time
 from fitscale.models.attention import build_packed_sequence, segment_ids_from_cu_seqlens
 from fitscale.models.config import ModelConfig, build_config
 from fitscale.models.inputs import check_packed_batch
@@ -63,17 +64,11 @@ class FiT(nn.Module):
             cu_seqlens, max_seqlen, total, self.config.attn_backend, h.device, h.dtype, sizes
         )
         cos, sin = rope_cos_sin(self.config, pos, packed.segment_ids, sizes)  # (T, d) each
-        c = self.t_embedder(self.shift_time(t)) + self.y_embedder(y)  # (S, D)
+        c = self.t_embedder(shift_time(t, config.time_shift)) + self.y_embedder(y)  # (S, D)
         global_modulation = self.global_adaLN_modulation(c)  # (S, 6D)
         for block in self.blocks:
             h = block(h, c, global_modulation, packed, cos, sin)  # (T, D)
         return self.final_layer(h, c, packed.segment_ids)  # (T, p*p*C)
-
-    def shift_time(self, t: torch.Tensor) -> torch.Tensor:
-        s = self.config.time_shift
-        if s == 1.0:
-            return t
-        return torch.clamp(s * t / (1 + (s - 1) * t), max=1.0)
 
     @torch.no_grad()
     def init_weights(self) -> None:
