@@ -1,26 +1,31 @@
 """Packed variable-length attention: every token attends only to the tokens of its own image.
 
-Backends, all computing softmax(q k^T / sqrt(d)) v per segment of `cu_seqlens`:
-- `flash`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16), the fastest when installed.
+Each backend computes softmax(q k^T / sqrt(d)) v per segment of `cu_seqlens` (a document mask)
+and is a small class registered by name in `BACKENDS`, saying what it needs from the packed
+batch, whether it is installed (`available()`) and on which inputs it runs:
+- `flash`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16), the fastest when installed;
+  needs cu_seqlens and max_seqlen.
 - `varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16), the same
-  FlashAttention kernels shipped inside PyTorch.
-- `flex`: FlexAttention with a document mask (any device; compiled for speed).
+  FlashAttention kernels shipped inside PyTorch; needs cu_seqlens and max_seqlen.
+- `flex`: FlexAttention (any device; compiled on CUDA); needs a block mask of the documents.
 - `grouped`: exact on any device and dtype: images of equal token count gathered into one batch,
-  one scaled_dot_product_attention call per distinct length (no padding, no mask). The fast
-  exact path on CPU, where per-call overhead and per-image slicing dominated `reference`.
+  one scaled_dot_product_attention call per distinct length (no padding, no mask); needs the
+  length groups (one host read of cu_seqlens). The fast exact path on CPU.
 - `reference`: scaled_dot_product_attention image by image; exact, any device and dtype; the
   simplest statement of the function, kept as the oracle the other backends are tested against.
 - `padded`: the released method, kept as the baseline for benchmarks: every image occupies a
   segment of exactly `max_seqlen` tokens whose first rows*cols are real, and attention runs on
-  the (B, H, N, N) batch with a dense boolean key mask.
-`auto` picks the first of flash, varlen, grouped that supports the inputs.
+  the (B, H, N, N) batch with a dense boolean key mask; needs `sizes`.
+`auto` picks the first of `AUTO_ORDER` that is installed and supports the inputs.
+`select_backend` is the one place that chooses, and names what to install or set when it cannot.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,32 +45,6 @@ def torch_varlen_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that will run for inputs on `device` in `dtype`, or a clear error why not."""
-    cuda_half = device.type == "cuda" and dtype in HALF_DTYPES
-    if requested == "auto":
-        if cuda_half and flash_attn_available():
-            return "flash"
-        if cuda_half and torch_varlen_available():
-            return "varlen"
-        return "grouped"
-    if requested == "flash":
-        if not flash_attn_available():
-            raise RuntimeError(
-                "attn_backend='flash' needs the flash-attn package: pip install 'fitscale[flash]'"
-            )
-        if not cuda_half:
-            raise RuntimeError(f"attn_backend='flash' needs CUDA fp16/bf16 inputs, got {device.type} {dtype}")
-    if requested == "varlen":
-        if not torch_varlen_available():
-            raise RuntimeError("attn_backend='varlen' needs torch.nn.attention.varlen (PyTorch 2.9 or newer)")
-        if not cuda_half:
-            raise RuntimeError(
-                f"attn_backend='varlen' needs CUDA fp16/bf16 inputs, got {device.type} {dtype}"
-            )
-    return requested
 
 
 @dataclass
@@ -109,19 +88,189 @@ def length_groups(cu_seqlens: torch.Tensor) -> LengthGroups:
 
 
 @dataclass
-class PackedSequence:
-    """What attention needs to know about a packed batch, computed once per forward."""
+class DocumentMask:
+    """Which tokens may attend to which in a packed sequence (each to its own segment's), in the
+    form the chosen backend reads; built once per forward by `build_document_mask`."""
 
-    cu_seqlens: torch.Tensor  # (S+1,) int32
-    max_seqlen: int
-    segment_ids: torch.Tensor  # (T,) image index of every token
-    backend: str  # resolved backend name
-    block_mask: object | None = None  # FlexAttention BlockMask when backend == "flex"
-    padded_mask: torch.Tensor | None = None  # (B, 1, N, N) bool when backend == "padded"
-    groups: LengthGroups | None = None  # equal-length batches when backend == "grouped"
+    cu_seqlens: torch.Tensor  # (S+1,) int32 segment boundaries
+    max_seqlen: int  # longest segment
+    segment_ids: torch.Tensor  # (T,) int64 segment index of every token
+    backend: str  # name of the backend in BACKENDS that reads this mask
+    block_mask: object | None = None  # FlexAttention BlockMask (flex)
+    padded_mask: torch.Tensor | None = None  # (B, 1, N, N) bool key mask (padded)
+    groups: LengthGroups | None = None  # equal-length batches (grouped)
 
 
-def build_packed_sequence(
+class AttentionBackend:
+    """One way to compute attention within each segment of a packed sequence.
+
+    A subclass sets `name` and `needs`, implements `attend`, and may override `available`
+    (its library installed; `install` says how to get it), `unsupported` (why these inputs
+    cannot run) and `prepare` (fill in what it reads from the mask, once per forward).
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[str]  # what it reads from the packed batch
+    install: ClassVar[str] = ""  # what to install when `available()` is False
+    cuda_half_only: ClassVar[bool] = False
+
+    @classmethod
+    def available(cls) -> bool:
+        return True
+
+    @classmethod
+    def unsupported(cls, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why inputs on `device` in `dtype` cannot run here, or None when they can."""
+        if cls.cuda_half_only and not (device.type == "cuda" and dtype in HALF_DTYPES):
+            return f"needs CUDA fp16/bf16 inputs, got {device.type} {dtype}"
+        return None
+
+    @classmethod
+    def prepare(cls, mask: DocumentMask, sizes: torch.Tensor | None) -> DocumentMask:
+        return mask
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
+        """q, k, v (T, H, d) -> (T, H, d)."""
+        raise NotImplementedError
+
+
+BACKENDS: dict[str, type[AttentionBackend]] = {}
+AUTO_ORDER = ("flash", "varlen", "grouped")  # what `auto` tries, fastest first
+
+
+def register_backend(backend: type[AttentionBackend]) -> type[AttentionBackend]:
+    """Add `backend` to BACKENDS under its name (a class decorator)."""
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+@register_backend
+class FlashBackend(AttentionBackend):
+    name = "flash"
+    needs = "cu_seqlens and max_seqlen"
+    install = "the flash-attn package: pip install 'fitscale[flash]'"
+    cuda_half_only = True
+
+    @classmethod
+    def available(cls) -> bool:
+        return flash_attn_available()
+
+    @staticmethod
+    def attend(q, k, v, mask):
+        from flash_attn import flash_attn_varlen_func
+
+        cu, n = mask.cu_seqlens, mask.max_seqlen
+        return flash_attn_varlen_func(q, k, v, cu, cu, n, n)
+
+
+@register_backend
+class TorchVarlenBackend(AttentionBackend):
+    name = "varlen"
+    needs = "cu_seqlens and max_seqlen"
+    install = "torch.nn.attention.varlen (PyTorch 2.9 or newer)"
+    cuda_half_only = True
+
+    @classmethod
+    def available(cls) -> bool:
+        return torch_varlen_available()
+
+    @staticmethod
+    def attend(q, k, v, mask):
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu, n = mask.cu_seqlens, mask.max_seqlen
+        return varlen_attn(q, k, v, cu, cu, n, n)
+
+
+@register_backend
+class FlexBackend(AttentionBackend):
+    name = "flex"
+    needs = "a FlexAttention block mask of the documents"
+
+    @classmethod
+    def prepare(cls, mask, sizes):
+        return replace(mask, block_mask=document_block_mask(mask.segment_ids))
+
+    @staticmethod
+    def attend(q, k, v, mask):
+        return flex_varlen_attention(q, k, v, mask.block_mask)
+
+
+@register_backend
+class GroupedBackend(AttentionBackend):
+    name = "grouped"
+    needs = "the segments grouped by length (one host read of cu_seqlens)"
+
+    @classmethod
+    def prepare(cls, mask, sizes):
+        return replace(mask, groups=length_groups(mask.cu_seqlens))
+
+    @staticmethod
+    def attend(q, k, v, mask):
+        return grouped_varlen_attention(q, k, v, mask.groups)
+
+
+@register_backend
+class ReferenceBackend(AttentionBackend):
+    name = "reference"
+    needs = "cu_seqlens (read on the host)"
+
+    @staticmethod
+    def attend(q, k, v, mask):
+        return reference_varlen_attention(q, k, v, mask.cu_seqlens)
+
+
+@register_backend
+class PaddedBackend(AttentionBackend):
+    name = "padded"
+    needs = "sizes, and every image padded to max_seqlen tokens"
+
+    @classmethod
+    def prepare(cls, mask, sizes):
+        n, total = mask.max_seqlen, mask.segment_ids.shape[0]
+        if sizes is None or total % n:
+            raise ValueError("attn_backend='padded' needs sizes and every image padded to max_seqlen tokens")
+        real = sizes[:, 0] * sizes[:, 1]  # (B,)
+        key_valid = torch.arange(n, device=sizes.device)[None, :] < real[:, None]  # (B, N)
+        return replace(mask, padded_mask=key_valid[:, None, None, :].expand(-1, 1, n, -1).contiguous())
+
+    @staticmethod
+    def attend(q, k, v, mask):
+        n = mask.max_seqlen
+        qb, kb, vb = (t.unflatten(0, (-1, n)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.padded_mask)  # (B, H, N, d)
+        return out.transpose(1, 2).flatten(0, 1)  # (T, H, d)
+
+
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> type[AttentionBackend]:
+    """The backend that will run inputs on `device` in `dtype`: `requested` by name, or for `auto`
+    the first of AUTO_ORDER that is installed and supports them.
+
+    Raises ValueError for a name that is not registered, RuntimeError naming what to install or
+    set when the backend is not installed or cannot run these inputs.
+    """
+    if requested == "auto":
+        for name in AUTO_ORDER:
+            backend = BACKENDS[name]
+            if backend.available() and backend.unsupported(device, dtype) is None:
+                return backend
+    backend = BACKENDS.get(requested)
+    if backend is None:
+        raise ValueError(
+            f"attn_backend={requested!r} is not an attention backend; use one of auto, {', '.join(BACKENDS)}"
+        )
+    if not backend.available():
+        raise RuntimeError(f"attn_backend={requested!r} needs {backend.install}")
+    reason = backend.unsupported(device, dtype)
+    if reason is not None:
+        raise RuntimeError(
+            f"attn_backend={requested!r} {reason}; set model.attn_backend=auto to pick one that runs here"
+        )
+    return backend
+
+
+def build_document_mask(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     total: int,
@@ -129,47 +278,18 @@ def build_packed_sequence(
     device: torch.device,
     dtype: torch.dtype,
     sizes: torch.Tensor | None = None,
-) -> PackedSequence:
-    backend = resolve_backend(requested, device, dtype)
+) -> DocumentMask:
+    """The mask of a packed sequence of `total` tokens for the backend `select_backend` picks
+    (errors as there); `sizes` (S, 2) is needed by `padded` only."""
+    backend = select_backend(requested, device, dtype)
     segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, total)
-    block_mask = document_block_mask(segment_ids) if backend == "flex" else None
-    groups = length_groups(cu_seqlens) if backend == "grouped" else None
-    padded_mask = None
-    if backend == "padded":
-        if sizes is None or total % max_seqlen:
-            raise ValueError("attn_backend='padded' needs sizes and every image padded to max_seqlen tokens")
-        real = sizes[:, 0] * sizes[:, 1]  # (B,)
-        key_valid = torch.arange(max_seqlen, device=device)[None, :] < real[:, None]  # (B, N)
-        padded_mask = key_valid[:, None, None, :].expand(-1, 1, max_seqlen, -1).contiguous()  # (B, 1, N, N)
-    return PackedSequence(
-        cu_seqlens.to(torch.int32), max_seqlen, segment_ids, backend, block_mask, padded_mask, groups
-    )
+    mask = DocumentMask(cu_seqlens.to(torch.int32), max_seqlen, segment_ids, backend.name)
+    return backend.prepare(mask, sizes)
 
 
-def varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequence
-) -> torch.Tensor:
-    """q, k, v (T, H, d) -> (T, H, d), attention restricted to each image of the packed sequence."""
-    if packed.backend == "flash":
-        from flash_attn import flash_attn_varlen_func
-
-        cu, n = packed.cu_seqlens, packed.max_seqlen
-        return flash_attn_varlen_func(q, k, v, cu, cu, n, n)
-    if packed.backend == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        cu, n = packed.cu_seqlens, packed.max_seqlen
-        return varlen_attn(q, k, v, cu, cu, n, n)
-    if packed.backend == "flex":
-        return flex_varlen_attention(q, k, v, packed.block_mask)
-    if packed.backend == "grouped":
-        return grouped_varlen_attention(q, k, v, packed.groups)
-    if packed.backend == "padded":
-        n = packed.max_seqlen
-        qb, kb, vb = (t.unflatten(0, (-1, n)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=packed.padded_mask)  # (B, H, N, d)
-        return out.transpose(1, 2).flatten(0, 1)  # (T, H, d)
-    return reference_varlen_attention(q, k, v, packed.cu_seqlens)
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
+    """q, k, v (T, H, d) -> (T, H, d), attention restricted to each segment of the packed sequence."""
+    return BACKENDS[mask.backend].attend(q, k, v, mask)
 
 
 def reference_varlen_attention(

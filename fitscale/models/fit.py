@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fitscale.flow.path import shift_time
-from fitscale.models.attention import build_packed_sequence, segment_ids_from_cu_seqlens
+from fitscale.models.attention import build_document_mask, segment_ids_from_cu_seqlens
 from fitscale.models.config import ModelConfig, build_config
 from fitscale.models.inputs import check_packed_batch
 from fitscale.models.layers import FinalLayer, FiTBlock, LabelEmbedder, PatchEmbed, TimestepEmbedder
@@ -60,15 +60,15 @@ class FiT(nn.Module):
         if sizes is None:
             segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, total)
             sizes = grid_sizes(pos, segment_ids, t.shape[0])  # (S, 2)
-        packed = build_packed_sequence(
+        mask = build_document_mask(
             cu_seqlens, max_seqlen, total, self.config.attn_backend, h.device, h.dtype, sizes
         )
-        cos, sin = rope_cos_sin(self.config, pos, packed.segment_ids, sizes)  # (T, d) each
+        cos, sin = rope_cos_sin(self.config, pos, mask.segment_ids, sizes)  # (T, d) each
         c = self.t_embedder(shift_time(t, config.time_shift)) + self.y_embedder(y)  # (S, D)
         global_modulation = self.global_adaLN_modulation(c)  # (S, 6D)
         for block in self.blocks:
-            h = block(h, c, global_modulation, packed, cos, sin)  # (T, D)
-        return self.final_layer(h, c, packed.segment_ids)  # (T, p*p*C)
+            h = block(h, c, global_modulation, mask, cos, sin)  # (T, D)
+        return self.final_layer(h, c, mask.segment_ids)  # (T, p*p*C)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitscale.models.attention import PackedSequence, varlen_attention
+from fitscale.models.attention import DocumentMask, varlen_attention
 from fitscale.models.rope import apply_rope
 
 TIMESTEP_FEATURES = 256
@@ -113,14 +113,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(
-        self, x: torch.Tensor, packed: PackedSequence, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, mask: DocumentMask, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # (T, 3, H, d)
         q, k, v = qkv.unbind(dim=1)  # each (T, H, d)
         # Under autocast LayerNorm returns fp32: bring q and k back to v's dtype for the kernels.
         q = apply_rope(layer_norm(q, self.norm_eps), cos, sin).to(v.dtype)  # (T, H, d)
         k = apply_rope(layer_norm(k, self.norm_eps), cos, sin).to(v.dtype)  # (T, H, d)
-        out = varlen_attention(q, k, v.contiguous(), packed)  # (T, H, d)
+        out = varlen_attention(q, k, v.contiguous(), mask)  # (T, H, d)
         return self.proj(out.flatten(1))  # (T, D)
 
 
@@ -141,15 +141,15 @@ class FiTBlock(nn.Module):
         x: torch.Tensor,  # (T, D)
         c: torch.Tensor,  # (S, D) conditioning per image
         global_modulation: torch.Tensor,  # (S, 6D)
-        packed: PackedSequence,
+        mask: DocumentMask,
         cos: torch.Tensor,  # (T, d)
         sin: torch.Tensor,  # (T, d)
     ) -> torch.Tensor:
         modulation = self.adaLN_modulation(c) + global_modulation  # (S, 6D)
-        modulation = gather_rows(modulation, packed.segment_ids)  # (T, 6D)
+        modulation = gather_rows(modulation, mask.segment_ids)  # (T, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)  # each (T, D)
         h = modulate(layer_norm(x, self.norm_eps), shift1, scale1)  # (T, D)
-        x = x + gate1 * self.attn(h, packed, cos, sin)  # (T, D)
+        x = x + gate1 * self.attn(h, mask, cos, sin)  # (T, D)
         h = modulate(layer_norm(x, self.norm_eps), shift2, scale2)  # (T, D)
         return x + gate2 * self.mlp(h)  # (T, D)
 
