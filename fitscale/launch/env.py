@@ -17,6 +17,8 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+from fitscale.compat import parse_node_list
+
 # Ports below Linux's ephemeral range (32768+), so a rendezvous port never collides with a client socket.
 PORT_BASE = 20000
 PORT_SPAN = 10000
@@ -89,13 +91,13 @@ def first_hostname(nodelist: str) -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     try:
-        from submitit.slurm.slurm import _parse_node_list
+        import submitit  # noqa: F401
     except ImportError as error:
         raise RuntimeError(
             f"cannot expand SLURM node list {nodelist!r}: scontrol is not on PATH and submitit is not "
             "installed (pip install 'fitscale[slurm]')"
         ) from error
-    return _parse_node_list(nodelist)[0]
+    return parse_node_list(nodelist)[0]
 
 
 def _int(environ: Mapping[str, str], name: str) -> int:
