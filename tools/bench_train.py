@@ -41,7 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fitscale.data.batch import cu_seqlens_from_lengths, grid_positions, padding_lengths  # noqa: E402
 from fitscale.hardware import lookup_peak_flops  # noqa: E402
 from fitscale.models import build_model  # noqa: E402
-from fitscale.models.attention import flash_attn_available, torch_varlen_available  # noqa: E402
+from fitscale.models.attention import (  # noqa: E402
+    flash_attn_available,
+    segment_ids_from_cu_seqlens,
+    torch_varlen_available,
+)
 from fitscale.models.flops import training_flops  # noqa: E402
 from fitscale.models.inputs import check_packed_batch  # noqa: E402
 
@@ -116,7 +120,7 @@ def build_step_inputs(
         "cu_seqlens": cu.to(device),
         "max_seqlen": max(seg),
         "sizes": sizes.to(device),
-        "segment_ids": torch.repeat_interleave(torch.arange(len(seg)), torch.tensor(seg)).to(device),
+        "segment_ids": segment_ids_from_cu_seqlens(cu, total).to(device),
         "real_mask": real_mask.to(device),
         "num_images": count,
         "num_segments": len(seg),

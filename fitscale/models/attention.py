@@ -145,42 +145,53 @@ def register_backend(backend: type[AttentionBackend]) -> type[AttentionBackend]:
     return backend
 
 
-@register_backend
-class FlashBackend(AttentionBackend):
-    name = "flash"
+class CuSeqlensKernelBackend(AttentionBackend):
+    """A FlashAttention varlen kernel `f(q, k, v, cu_q, cu_k, max_q, max_k)` over the whole
+    packed sequence, queries and keys sharing one `cu_seqlens` (CUDA, fp16/bf16)."""
+
     needs = "cu_seqlens and max_seqlen"
-    install = "the flash-attn package: pip install 'fitscale[flash]'"
     cuda_half_only = True
+
+    @staticmethod
+    def kernel():
+        raise NotImplementedError
+
+    @classmethod
+    def attend(cls, q, k, v, mask):
+        cu, n = mask.cu_seqlens, mask.max_seqlen
+        return cls.kernel()(q, k, v, cu, cu, n, n)
+
+
+@register_backend
+class FlashBackend(CuSeqlensKernelBackend):
+    name = "flash"
+    install = "the flash-attn package: pip install 'fitscale[flash]'"
 
     @classmethod
     def available(cls) -> bool:
         return flash_attn_available()
 
     @staticmethod
-    def attend(q, k, v, mask):
+    def kernel():
         from flash_attn import flash_attn_varlen_func
 
-        cu, n = mask.cu_seqlens, mask.max_seqlen
-        return flash_attn_varlen_func(q, k, v, cu, cu, n, n)
+        return flash_attn_varlen_func
 
 
 @register_backend
-class TorchVarlenBackend(AttentionBackend):
+class TorchVarlenBackend(CuSeqlensKernelBackend):
     name = "varlen"
-    needs = "cu_seqlens and max_seqlen"
     install = "torch.nn.attention.varlen (PyTorch 2.9 or newer)"
-    cuda_half_only = True
 
     @classmethod
     def available(cls) -> bool:
         return torch_varlen_available()
 
     @staticmethod
-    def attend(q, k, v, mask):
+    def kernel():
         from torch.nn.attention.varlen import varlen_attn
 
-        cu, n = mask.cu_seqlens, mask.max_seqlen
-        return varlen_attn(q, k, v, cu, cu, n, n)
+        return varlen_attn
 
 
 @register_backend

@@ -76,7 +76,7 @@ def validation_batches(
 
 def validation_noise(batch: PackedBatch, seed: int, grid_index: int) -> torch.Tensor:
     """(T, C) noise for a CPU batch; image i's depends on (seed, grid index, sample id) only."""
-    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    lengths = batch.lengths.tolist()
     noise = torch.zeros(batch.num_tokens, batch.tokens.shape[1])
     generator = torch.Generator()
     start = 0
