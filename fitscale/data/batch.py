@@ -7,6 +7,11 @@ to itself and never counts in the loss. The model treats them as more images (la
 class); the loss reads only the first `num_images` segments. Short padding segments keep the
 tail's attention cost linear in its length: one 7,000-token tail would cost as much attention
 as some fifty 1,024-token images.
+
+`PackedLayout` is where the segments lie and what conditions them (labels, positions,
+boundaries, grid sizes); `PackedBatch` is a layout with its tokens and sample ids. Sampling holds
+a layout while its tokens change every step. The attention mask that the model derives from a
+layout is `fitscale.models.attention.DocumentMask`.
 """
 
 from __future__ import annotations
