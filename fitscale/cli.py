@@ -59,6 +59,9 @@ USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError, Imp
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `fitscale` argument parser with every command's subparser (each registered by its package's
+    cli.py).
+    """
     parser = argparse.ArgumentParser(
         prog="fitscale", description="Train FiTv2 diffusion transformers at scale."
     )
@@ -75,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `fitscale` command with `argv` (default: sys.argv[1:]) and return its exit status.
+
+    A user error (USER_ERRORS: bad input, config errors, missing files or extras) prints one line
+    `fitscale CMD: error: ...` and returns 2; other exceptions propagate (as do user errors with
+    FITSCALE_DEBUG=1). Inside a launched rank the error is recorded for the launcher, which reports
+    the first failing rank once, and the rank exits at once.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     from fitscale.launch.failures import WorkerFailed, in_launched_rank, record_failure

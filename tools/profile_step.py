@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+import bench_train
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_train  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ import json
 
 
 def register(subparsers) -> None:
+    """Add `fitscale convert` with its actions `export` and `official-to-fitscale` to `subparsers`."""
     parser = subparsers.add_parser(
         "convert",
         help="export checkpoint weights to safetensors, or import released FiTv2 weights",
@@ -65,6 +66,9 @@ def _report(result: dict, as_json: bool) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    """`fitscale convert export`: one safetensors file from a run's newest (or a given) checkpoint; exit
+    status 0.
+    """
     from fitscale.checkpoint.export import export_checkpoint
 
     result = export_checkpoint(
@@ -81,6 +85,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_official_to_fitscale(args: argparse.Namespace) -> int:
+    """`fitscale convert official-to-fitscale`: a released FiTv2 file checked against a preset and
+    rewritten as safetensors; exit 0.
+    """
     from fitscale.checkpoint.export import convert_official
 
     result = convert_official(

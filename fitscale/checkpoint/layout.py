@@ -23,10 +23,12 @@ STEP_PATTERN = re.compile(r"^step-(\d+)$")
 
 
 def step_dirname(step: int) -> str:
+    """Folder name of the complete checkpoint of `step`: step-N."""
     return f"step-{step}"
 
 
 def temporary_dirname(step: int) -> str:
+    """Hidden folder name a checkpoint of `step` is written under before it is published (.step-N.tmp)."""
     return f".step-{step}.tmp"
 
 
@@ -96,6 +98,11 @@ def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
+    """The metadata of the checkpoint folder `path` (step, world size, config, format).
+
+    Raises FileNotFoundError when its metadata file is missing (an incomplete checkpoint), ValueError
+    when it is not valid JSON or was written in a newer checkpoint format.
+    """
     metadata_path = path / METADATA_FILE
     try:
         metadata = json.loads(metadata_path.read_text())

@@ -92,6 +92,7 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------- discovery
     def step_path(self, step: int) -> Path:
+        """The folder the complete checkpoint of `step` has (or will have)."""
         return self.folder / layout.step_dirname(step)
 
     def complete_steps(self) -> list[int]:
@@ -99,6 +100,7 @@ class CheckpointManager:
         return self._from_rank0(lambda: layout.complete_steps(self.folder))
 
     def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
         steps = self.complete_steps()
         return steps[-1] if steps else None
 
@@ -319,6 +321,7 @@ class CheckpointManager:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def uninstall_signal_handlers(self) -> None:
+        """Restore the signal handlers that `install_signal_handlers` replaced."""
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()

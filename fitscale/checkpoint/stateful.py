@@ -38,9 +38,11 @@ class ModelState(Stateful):
         self.options = StateDictOptions(strict=strict)
 
     def state_dict(self) -> dict[str, Any]:
+        """The model's state dict through DCP's `get_model_state_dict` (sharded DTensors under FSDP)."""
         return get_model_state_dict(self.model, options=self.options)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict into the model through DCP's `set_model_state_dict`."""
         set_model_state_dict(self.model, state_dict, options=self.options)
 
 
@@ -53,9 +55,11 @@ class OptimizerState(Stateful):
         self.options = StateDictOptions(flatten_optimizer_state_dict=True)
 
     def state_dict(self) -> dict[str, Any]:
+        """The optimizer state keyed by parameter name through DCP's `get_optimizer_state_dict`."""
         return get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load an optimizer state keyed by parameter name through DCP's `set_optimizer_state_dict`."""
         set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
 
 
@@ -68,6 +72,7 @@ class RNGState(Stateful):
     """
 
     def state_dict(self) -> dict[str, Any]:
+        """This process's Python, NumPy, torch CPU and (when initialised) CUDA generator states."""
         name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
         state = {
             "python": random.getstate(),
@@ -85,6 +90,7 @@ class RNGState(Stateful):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the generator states of `state_dict` (CUDA's only where CUDA is available)."""
         random.setstate(state_dict["python"])
         numpy_state = state_dict["numpy"]
         np.random.set_state(
@@ -101,6 +107,10 @@ class RNGState(Stateful):
             torch.cuda.set_rng_state(state_dict["cuda"])
 
     def load_resharded(self, saved: dict[int, dict[str, Any]], rank: int, world_size: int) -> None:
+        """Restore on another world size: a rank that saved its state gets it back; a new rank is seeded
+        from a hash of the lowest saved rank's torch state and its own rank, so it differs from every
+        other rank and is the same on every resume.
+        """
         if rank in saved:
             self.load_state_dict(saved[rank])
             return
@@ -135,6 +145,7 @@ class PerRankState:
 
     @staticmethod
     def deserialize(data: bytes) -> Any:
+        """One rank's saved value from `serialized` bytes, read weights-only (no arbitrary objects)."""
         # weights_only: tensors, numbers, strings and containers; never arbitrary objects.
         return torch.load(io.BytesIO(data), weights_only=True)
 

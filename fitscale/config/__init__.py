@@ -205,6 +205,7 @@ def to_yaml(config: RunConfig) -> str:
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
+    """The whole config as nested plain dicts (dataclasses.asdict), e.g. for JSON or wandb."""
     return dataclasses.asdict(config)
 
 

@@ -7,6 +7,7 @@ import json
 
 
 def register(subparsers) -> None:
+    """Add `fitscale config show` and `fitscale config fields` to `subparsers`."""
     from fitscale.cli import add_set_option
 
     parser = subparsers.add_parser("config", help="show a resolved recipe or list every config field")
@@ -25,6 +26,9 @@ def register(subparsers) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    """`fitscale config show`: print the resolved recipe with overrides, each field described (or plain
+    YAML); exit 0.
+    """
     from fitscale.config import load_config, to_yaml
     from fitscale.config.fields import annotated_yaml
 
@@ -34,6 +38,9 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_fields(args: argparse.Namespace) -> int:
+    """`fitscale config fields`: list every field of a section (or all) with type, default and
+    description; exit 0.
+    """
     from dataclasses import asdict
 
     from fitscale.config.fields import describe_run, format_fields

@@ -120,6 +120,7 @@ class Resources:
 
     @property
     def world_size(self) -> int:
+        """Ranks of the job: nodes * tasks_per_node (one task per GPU)."""
         return self.nodes * self.tasks_per_node
 
 

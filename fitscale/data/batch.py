@@ -47,6 +47,7 @@ class PackedLayout:
 
     @property
     def num_segments(self) -> int:
+        """S: real images plus padding segments."""
         return int(self.cu_seqlens.numel()) - 1
 
     @property
@@ -86,10 +87,25 @@ class PackedLayout:
 
 @dataclass
 class PackedBatch(PackedLayout):
-    """A packed micro-batch: the layout, the clean latent tokens, and which images they are.
+    """Many images of any size back to back in one token sequence, with no padding between them:
+    a `PackedLayout` with its tokens and which images they are.
 
-    The contract between data, model and loss (see the module docstring): S segments, the first
-    `num_images` real images, then padding segments; T tokens in all.
+    The one contract between data, model and loss. T token rows hold S segments: the first
+    `num_images` are real images (each rows*cols tokens of its patch grid, row-major), then, when the
+    loader pads to a static token budget, padding segments of at most `PADDING_SEGMENT_TOKENS` tokens
+    labelled with the null class and sample id -1.
+
+    - `tokens` (T, p*p*C) float: clean latent tokens (16 values each for FiTv2: channel slowest, then
+      row and column in the patch), the VAE latents already scaled (fitscale.data.vae);
+    - `pos` (T, 2) int64: each token's (row, col) in its image's patch grid, from 0;
+    - `cu_seqlens` (S+1,) int32: segment boundaries, 0 to T (FlashAttention varlen's layout);
+    - `max_seqlen` int: the longest segment, computed on the host so that no kernel syncs for it;
+    - `labels`, `sample_ids` (S,) int64 and `sizes` (S, 2) int64 (grid rows, cols) per segment.
+
+    It replaces the release's batches of images each padded to N tokens with a mask
+    (`fit/data/in1k_latent_dataset.py`); the model checks it where it enters
+    (fitscale/models/inputs.py). Built by `pack_images` or the loader's workers
+    (fitscale.data.materialize).
     """
 
     tokens: torch.Tensor  # (T, p*p*C) float: clean latent tokens, row-major per image
@@ -102,6 +118,7 @@ class PackedBatch(PackedLayout):
         return int(self.cu_seqlens[self.num_images])
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
+        """A copy with every tensor field on `device` (asynchronous from pinned memory by default)."""
         moved = {
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
             for f in fields(self)
@@ -110,6 +127,7 @@ class PackedBatch(PackedLayout):
         return replace(self, **moved)
 
     def pin_memory(self) -> PackedBatch:
+        """A copy with every tensor field in page-locked host memory, for asynchronous copies to CUDA."""
         pinned = {
             f.name: getattr(self, f.name).pin_memory()
             for f in fields(self)

@@ -44,6 +44,9 @@ def _finish(args, meta: dict | None) -> int:
 
 
 def run_synth(args) -> int:
+    """`fitscale data synth`: write synthetic latents (ValueError unless --max-tokens is 256 or 1024);
+    exit status.
+    """
     from fitscale.data.sources import build_synth
     from fitscale.data.writer import write_dataset
 
@@ -63,6 +66,10 @@ def run_synth(args) -> int:
 
 
 def run_digits(args) -> int:
+    """`fitscale data digits`: write scikit-learn's handwritten digits as 10-class latents; exit status.
+
+    Raises ValueError unless 1 <= --min-side <= --max-side <= 16 (grid sides in tokens).
+    """
     from fitscale.data.sources import build_digits
     from fitscale.data.writer import write_dataset
 
@@ -100,6 +107,11 @@ def run_digits(args) -> int:
 
 
 def run_from_images(args) -> int:
+    """`fitscale data from-images`: encode an ImageFolder with a local diffusers VAE; exit status.
+
+    Raises ValueError for a --resolution not a multiple of 16 of at least 64, more class folders than
+    --num-classes, or a VAE folder that cannot be used (fitscale.data.vae).
+    """
     from fitscale.data.format import LATENT_CHANNELS
     from fitscale.data.images import build_from_images, list_image_folder
     from fitscale.data.vae import LatentNormalisation, check_vae_folder
@@ -138,6 +150,7 @@ def run_from_images(args) -> int:
 
 
 def run_from_fit_latents(args) -> int:
+    """`fitscale data from-fit-latents`: convert the release's per-image latent files to MDS; exit status."""
     from fitscale.data.fit_latents import build_from_fit_latents, list_fit_latents
     from fitscale.data.writer import write_dataset
 
@@ -157,6 +170,9 @@ def run_from_fit_latents(args) -> int:
 
 
 def run_stats(args) -> int:
+    """`fitscale data stats`: print a dataset's statistics (or JSON); exit status 1 when `--verify`
+    finds problems.
+    """
     from fitscale.data.stats import dataset_stats, format_stats
 
     stats = dataset_stats(args.path, args.token_budget, verify=args.verify)
@@ -165,6 +181,9 @@ def run_stats(args) -> int:
 
 
 def register(subparsers) -> None:
+    """Add `fitscale data` and its subcommands (synth, digits, from-images, from-fit-latents, stats) to
+    `subparsers`.
+    """
     data = subparsers.add_parser("data", help="write and inspect latent datasets")
     commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 

@@ -74,6 +74,10 @@ def read_release_file(path: str) -> tuple[np.ndarray, int, int, int]:
 
 
 def build_from_fit_latents(dtype: str | None):
+    """The part builder of `from-fit-latents`: yields a LatentSample per (file, crop file) input, or a
+    SkipSample for `less_than_16` files and unreadable ones; tokens cast to `dtype` when given.
+    """
+
     def build(inputs: Sequence[tuple[str, str | None]], first: int) -> Iterator[LatentSample | SkipSample]:
         for offset, (path, crop_path) in enumerate(inputs):
             if Path(path).parent.name == SMALL_FOLDER:

@@ -64,6 +64,9 @@ class LatentSample:
     crop_cols: int = 0
 
     def to_mds(self) -> dict:
+        """The sample as one MDS record (the columns of MDS_COLUMNS; an absent crop as a 1-element
+        placeholder).
+        """
         absent = np.zeros((1,), dtype=self.tokens.dtype)  # MDS cannot store an empty array
         return {
             "tokens": np.ascontiguousarray(self.tokens),
@@ -78,6 +81,7 @@ class LatentSample:
         }
 
     def table_row(self) -> list[int]:
+        """Its row of the per-sample table `samples.npy`, in SAMPLE_COLUMNS order."""
         has_flip = int(self.tokens.shape[0] > 1)
         return [self.rows, self.cols, self.crop_rows, self.crop_cols, self.label, has_flip, self.source_id]
 
@@ -142,6 +146,10 @@ def read_sample_table(folder: str | os.PathLike, num_samples: int) -> np.ndarray
 
 
 def read_index(folder: str | os.PathLike) -> dict:
+    """The MDS `index.json` of a dataset folder, parsed.
+
+    Raises FileNotFoundError when it is missing and ValueError when it is not valid JSON.
+    """
     path = Path(folder) / INDEX_FILE
     if not path.exists():
         raise FileNotFoundError(
@@ -191,6 +199,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Save `array` to `path` through a temporary file and a rename, so readers never see a partial file."""
     tmp = path.with_name(path.name + ".tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)

@@ -74,6 +74,12 @@ def centre_crop(image, resolution: int):
 
 
 def build_from_images(vae_path: str, resolution: int, batch_size: int, dtype: str, device: str | None = None):
+    """The part builder of `from-images`: pictures -> latents with the preprocessing above.
+
+    The VAE at `vae_path` is loaded on first use, on `device` (CUDA when present by default), and
+    encodes equal-size pictures `batch_size` at a time; tokens are stored in `dtype`. Unreadable or
+    too small pictures become SkipSamples.
+    """
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

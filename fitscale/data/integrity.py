@@ -53,6 +53,7 @@ def digest(chunks: bytes | memoryview | Iterable[bytes], algo: str = HASH) -> st
 
 
 def file_digest(path: Path, algo: str = HASH, chunk: int = 1 << 24) -> str:
+    """Hex digest (`algo`, xxh64 by default) of a file's bytes, read `chunk` bytes at a time."""
     with open(path, "rb") as handle:
         return digest(iter(lambda: handle.read(chunk), b""), algo)
 
@@ -99,6 +100,9 @@ def shard_hash_problem(path: Path, entry: dict[str, Any], data: Any = None) -> s
 
 
 def recorded_hash(entry: dict[str, Any]) -> tuple[str, str] | None:
+    """(algorithm, hex digest) recorded in an MDS index entry, xxh64 preferred; None when none was
+    recorded.
+    """
     hashes = entry.get("hashes") or {}
     for algo in (HASH, *sorted(hashes)):
         if algo in hashes:

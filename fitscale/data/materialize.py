@@ -72,9 +72,13 @@ class Layout:
 
     @property
     def total(self) -> int:
+        """Tokens of all segments, padding included."""
         return int(self.lengths.sum())
 
     def small_arrays(self) -> dict:
+        """The PackedBatch fields other than tokens and positions: cu_seqlens (int32), max_seqlen,
+        labels, sizes, ids.
+        """
         cu_seqlens = cu_seqlens_from_lengths(self.lengths).numpy()
         return {
             "cu_seqlens": cu_seqlens,
@@ -168,6 +172,7 @@ class MaterializeStep:
         self.null_class = cfg.num_classes
 
     def describe(self, index: int) -> str:
+        """Where sample `index` comes from (source, shard), for error messages."""
         shard, local = (int(v[0]) for v in self.reader.locate(np.asarray([index])))
         try:
             source = repr(self.reader.source(shard, local))
@@ -176,6 +181,9 @@ class MaterializeStep:
         return f"{self.where}: sample {index} (source {source}, shard {self.reader.layouts[shard].basename})"
 
     def layout(self, work: np.ndarray) -> Layout:
+        """The segments of a micro-batch of planned `work` rows (sample, crop, flip), padded to the token
+        budget when `data.pad_to_budget`; ValueError when the images exceed the budget.
+        """
         rows_of = self.table[work[:, 0]]
         crop = work[:, 1].astype(bool)
         rows = np.where(crop, rows_of[:, CROP_ROWS], rows_of[:, ROWS])

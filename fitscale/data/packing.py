@@ -53,6 +53,7 @@ class PlannerState(NamedTuple):
     waiting: tuple[PlannedImage, ...]  # images the token packer holds, oldest first
 
     def as_dict(self) -> dict:
+        """The state as plain JSON-able data for a checkpoint (waiting images as [epoch, index])."""
         return {
             "epoch": self.epoch,
             "cursor": self.cursor,
@@ -104,6 +105,10 @@ class SampleCatalog:
             )
 
     def plan(self, epoch: int, index: int) -> PlannedImage:
+        """PlannedImage of sample `index` in `epoch`: crop and flip drawn from a hash of (seed, epoch,
+        index),
+        so the choice is the same whatever rank or worker plans it.
+        """
         crop = (
             bool(self.crop_lengths[index]) and sample_uniform(self.seed, epoch, index, CROP) < self.crop_prob
         )
@@ -141,6 +146,9 @@ class SampleStream:
         self._block_at = (-1, 0)  # (epoch, cursor) of the first plan in _block
 
     def order(self, epoch: int) -> np.ndarray:
+        """The eligible sample indices in `epoch`'s order (a permutation seeded by (seed, epoch) when
+        shuffling).
+        """
         if self._order_epoch != epoch:
             eligible = self.catalog.eligible
             self._order = (
@@ -150,6 +158,7 @@ class SampleStream:
         return self._order
 
     def next(self) -> PlannedImage:
+        """The next planned image; rolls over to the next epoch as the last image of one is taken."""
         epoch, order = self.epoch, self.order(self.epoch)
         first_epoch, first = self._block_at
         if first_epoch != epoch or not first <= self.cursor < first + len(self._block):
@@ -199,6 +208,10 @@ class TokenPacker:
             self._add(self.stream.next())
 
     def next_bin(self) -> list[PlannedImage]:
+        """The next micro-batch: the oldest waiting image, then the longest waiting images that still
+        fit the
+        token budget, longest first.
+        """
         self._refill()
         oldest = self._waiting[next(iter(self._waiting))]
         chosen = [self._take(oldest.length)]
@@ -213,9 +226,11 @@ class TokenPacker:
             space -= image.length
 
     def waiting(self) -> tuple[PlannedImage, ...]:
+        """The images held back for later bins, oldest first."""
         return tuple(self._waiting.values())
 
     def load_waiting(self, waiting: list[list[int]]) -> None:
+        """Restore the waiting images from their saved [epoch, index] pairs."""
         self._waiting.clear(), self._by_length.clear(), self._lengths.clear()
         for epoch, index in waiting:
             self._add(self.stream.catalog.plan(int(epoch), int(index)))
@@ -233,6 +248,10 @@ def split_over_ranks(images: list[PlannedImage], world_size: int) -> list[list[P
 
 
 def first_fit_decreasing(images: list[PlannedImage], budget: int) -> list[list[PlannedImage]]:
+    """Bins of at most `budget` tokens: images in decreasing length, each into the first bin with room.
+
+    An image longer than `budget` gets a bin of its own (callers have checked lengths beforehand).
+    """
     bins: list[list[PlannedImage]] = []
     space: list[int] = []
     for image in sorted(images, key=lambda image: -image.length):
@@ -290,12 +309,15 @@ class StepPlanner:
         self.packer = TokenPacker(self.stream, token_budget, lookahead)
 
     def state(self) -> dict:
+        """The planner's position as plain data, for a checkpoint."""
         return self.snapshot().as_dict()
 
     def snapshot(self) -> PlannerState:
+        """The planner's position as a PlannerState (cheap; taken after every step)."""
         return PlannerState(self.stream.epoch, self.stream.cursor, self.packer.waiting())
 
     def load_state(self, state: dict) -> None:
+        """Resume from a `state()` dict: the epoch, the cursor and the images the packer held."""
         self.stream.epoch, self.stream.cursor = int(state["epoch"]), int(state["cursor"])
         self.packer.load_waiting(state["waiting"])
 

@@ -58,6 +58,11 @@ class ShardLayout:
 
     @classmethod
     def from_index(cls, shard: dict[str, Any], where: str) -> ShardLayout:
+        """The column layout of one shard from its `index.json` entry.
+
+        Raises ValueError (prefixed with `where`) when the shard lacks the ndarray `tokens`/`crop` or
+        str `source` columns, i.e. is not a fitscale latent dataset.
+        """
         names, encodings, sizes = shard["column_names"], shard["column_encodings"], shard["column_sizes"]
         expected = {"tokens": "ndarray", "crop": "ndarray", "source": "str"}
         for name, encoding in expected.items():
@@ -104,6 +109,10 @@ class ArrayIndex:
 
     @classmethod
     def build(cls, data: np.ndarray, offsets: np.ndarray, layout: ShardLayout, name: str) -> ArrayIndex:
+        """Where the `name` array of every sample of a shard lies in the shard bytes `data` (sample
+        boundaries `offsets`), read from MDS's ndarray encoding without decoding samples; samples whose
+        header does not describe a (V, L, 16) array are marked bad.
+        """
         begins, ends = offsets[:-1], offsets[1:]
         count = layout.num_variable
         heads = begins[:, None] + np.arange(4 * count)

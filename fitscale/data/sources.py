@@ -44,6 +44,10 @@ def grid_for(area: float, aspect: float, max_tokens: int, min_tokens: int = 16) 
 
 
 def synth_sample(index: int, seed: int, max_tokens: int, num_classes: int, dtype: str) -> LatentSample:
+    """One synthetic image, reproducible from (seed, index): an aspect ratio from a realistic mix, half
+    at the token limit, the rest of log-uniform area; standard-normal latents with their flip, and
+    a centre-crop variant for non-square images at the limit.
+    """
     rng = np.random.default_rng([seed, index])
     ratios, weights = zip(*ASPECT_RATIOS)
     aspect = float(rng.choice(ratios, p=np.asarray(weights) / sum(weights)))
@@ -69,6 +73,8 @@ def synth_sample(index: int, seed: int, max_tokens: int, num_classes: int, dtype
 
 
 def build_synth(seed: int, max_tokens: int, num_classes: int, dtype: str):
+    """The part builder of `fitscale data synth`: `synth_sample` for each index."""
+
     def build(indices: Sequence[int], first: int) -> Iterator[LatentSample]:
         for index in indices:
             yield synth_sample(int(index), seed, max_tokens, num_classes, dtype)

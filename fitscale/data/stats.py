@@ -26,6 +26,7 @@ from fitscale.data.packing import SampleCatalog, SampleStream, TokenPacker
 
 
 def token_histogram(lengths: np.ndarray, limit: int) -> list[dict]:
+    """Image counts per token-count bin: [1, 16), then doubling edges up to `limit` inclusive."""
     edges = [1, 16]
     while edges[-1] < limit:
         edges.append(edges[-1] * 2)
@@ -103,6 +104,13 @@ def verify_samples(folder: Path, table: np.ndarray) -> list[str]:
 
 
 def dataset_stats(folder: str | Path, token_budget: int | None = None, verify: bool = False) -> dict:
+    """Statistics of the dataset at `folder`: counts, skips, variants, token histogram, and the packing
+    efficiency at `token_budget` tokens (8x the token limit by default) against padding each image.
+
+    With `verify`, every shard's hash and every sample against `samples.npy` are checked and listed
+    under "problems". Raises ValueError for a budget below the token limit, and the dataset's own
+    errors for missing or damaged side files.
+    """
     folder = Path(folder)
     meta = read_meta(folder)
     num_samples = check_local_shards(folder)
@@ -158,6 +166,7 @@ def dataset_stats(folder: str | Path, token_budget: int | None = None, verify: b
 
 
 def format_stats(stats: dict) -> str:
+    """The human-readable report of a `dataset_stats` dict."""
     lines = [
         f"{stats['path']}: {stats['images']} images ({stats['writer']}, {stats['dtype']}), "
         f"{stats['classes']} classes, {stats['tokens_total']} tokens (mean {stats['tokens_mean']:.1f})",

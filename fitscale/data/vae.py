@@ -104,6 +104,7 @@ class LatentNormalisation:
         )
 
     def as_dict(self) -> dict:
+        """The factors as plain JSON-able data, as recorded in a dataset's fitscale.json."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def _mean_std(self, latents: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
@@ -148,6 +149,7 @@ def load_vae(
 
 
 def describe_factors(factors: dict) -> str:
+    """The set normalisation factors of a dict as 'name=value, ...' (the path left out), for messages."""
     return ", ".join(f"{k}={v}" for k, v in factors.items() if v is not None and k != "path")
 
 

@@ -76,6 +76,7 @@ class WriteSettings:
     options: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """The settings as recorded in the dataset's fitscale.json."""
         return {
             "writer": self.writer,
             "max_image_tokens": self.max_image_tokens,
@@ -150,12 +151,17 @@ def prepare_output(out: Path, settings: WriteSettings, overwrite: bool) -> None:
 
 
 def part_name(index: int) -> str:
+    """Folder name of part `index` (part-00000, ...)."""
     return f"part-{index:05d}"
 
 
 def write_part(
     out: Path, index: int, inputs: Sequence[Any], build: PartBuilder, settings: WriteSettings, progress
 ) -> None:
+    """Write part `index` of a dataset: the samples `build` makes from `inputs` into MDS shards, its
+    sample table and its skip list, in a temporary folder renamed into place when complete (a part is
+    either whole or absent, so an interrupted write resumes part by part).
+    """
     from streaming import MDSWriter
 
     final = out / PARTS_DIR / part_name(index)

@@ -72,6 +72,14 @@ def per_image_label_dropout(
 
 @dataclass
 class FlowLossOutput:
+    """What `flow_loss` returns for one micro-batch.
+
+    `loss` is the scalar to backpropagate: the weighted per-image losses of this micro-batch summed and
+    divided by the step's global image count, so that summing over micro-batches and ranks gives the
+    mean over the step's images. `per_image` and `timesteps` (num_images,) are detached, for logging
+    the loss per timestep bucket.
+    """
+
     loss: torch.Tensor  # scalar: sum_i w_i L_i / N_global over this micro-batch's images (backward this)
     per_image: torch.Tensor  # (num_images,) detached per-image mean squared error (unweighted)
     timesteps: torch.Tensor  # (num_images,) detached timesteps of the real images

@@ -26,6 +26,10 @@ ImagesVelocityFn = Callable[[list[int], list[torch.Tensor], list[torch.Tensor]],
 
 @dataclass
 class PerImageResult:
+    """Each image's final state (t = 1), its own velocity-evaluation count, and the batched model calls
+    made.
+    """
+
     xs: list[torch.Tensor]  # each image's state at t = 1
     evaluations: list[int]  # velocity evaluations of each image
     calls: int  # calls of the batched velocity function (model forwards)

@@ -42,6 +42,10 @@ TOLERANCE_METHODS = (*ADAPTIVE, "implicit_adams")
 
 @dataclass
 class OdeResult:
+    """The state an ODE sampler reached (t = 1, or the last time asked for) and its velocity-evaluation
+    count.
+    """
+
     x: torch.Tensor  # the state at t = 1 (or at the last time asked for)
     evaluations: int  # calls of the velocity function
 
@@ -96,6 +100,9 @@ def heun(velocity: VelocityFn, x: torch.Tensor, steps: int, time_shift: float = 
 
 
 def import_torchdiffeq():
+    """The torchdiffeq module, or ImportError saying how to install it (`fitscale[sample]`) or which
+    samplers need none.
+    """
     try:
         import torchdiffeq
     except ImportError as error:

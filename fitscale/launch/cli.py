@@ -17,6 +17,7 @@ examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `fitscale launch` and its options to `subparsers`."""
     from fitscale.cli import add_set_option
 
     parser = subparsers.add_parser(
@@ -68,6 +69,12 @@ def _print(args: argparse.Namespace, payload: dict, text: str) -> None:
 
 
 def launch_command(args: argparse.Namespace) -> int:
+    """`fitscale launch`: resolve the recipe for a cluster profile and submit it to SLURM, run it here
+    (`scheduler: local`), or with --dry-run print the plan, sbatch script and resolved config.
+
+    Raises ConfigError for a plan that does not fit the cluster's topology (after printing it with
+    --dry-run) or --wait with a local profile; returns the exit status.
+    """
     from fitscale.config.errors import ConfigError
     from fitscale.launch.launcher import plan_launch, render_sbatch, run_local, submit_plan
 

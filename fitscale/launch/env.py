@@ -51,6 +51,7 @@ class RankInfo:
 
     @property
     def is_main(self) -> bool:
+        """Whether this process is global rank 0."""
         return self.rank == 0
 
 
@@ -173,6 +174,7 @@ def export_torch_env(info: RankInfo, environ: MutableMapping[str, str] | None = 
 
 
 def apply_nccl_defaults(environ: MutableMapping[str, str] | None = None) -> None:
+    """Set NCCL_DEFAULTS in `environ` (os.environ by default) where the user has not set them."""
     environ = os.environ if environ is None else environ
     for name, value in NCCL_DEFAULTS.items():
         environ.setdefault(name, value)

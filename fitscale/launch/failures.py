@@ -44,6 +44,7 @@ def error_line(error: BaseException, user_error: bool) -> str:
 
 
 def in_launched_rank() -> bool:
+    """Whether this process is a rank started by fitscale's launcher (it reports errors through a file)."""
     return ERROR_DIR_ENV in os.environ
 
 

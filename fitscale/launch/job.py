@@ -58,6 +58,9 @@ class TrainingJob:
         return f"TrainingJob(run_dir={self.run_dir!r})"
 
     def load_config(self):
+        """The run config parsed from the resolved YAML the job carries (ConfigError when it does not
+        load).
+        """
         from fitscale.config import load_config
 
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:

@@ -35,6 +35,9 @@ class LaunchPlan:
     problems: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
+        """The plan as plain data: cluster, run folder, job name, resources, requeue and signal
+        settings, problems.
+        """
         r = self.resources
         return {
             "cluster": self.profile.name,

@@ -25,6 +25,7 @@ SLURM_FOLDER = "slurm"
 
 
 def slurm_folder(run_dir: str | Path) -> Path:
+    """Where SLURM logs and submitit's files of a run go: `<run_dir>/slurm`."""
     return Path(run_dir) / SLURM_FOLDER
 
 
@@ -38,6 +39,7 @@ def append_launch_record(run_dir: str | Path, record: dict[str, Any]) -> None:
 
 
 def launch_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The launch records of a run folder, oldest first; a line cut short by a crash is skipped."""
     path = Path(run_dir) / LAUNCH_RECORDS
     if not path.is_file():
         return []

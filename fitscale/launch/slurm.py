@@ -41,6 +41,7 @@ DEFAULT_SRUN_ARGS = ("--kill-on-bad-exit=1",)
 
 
 def import_submitit():
+    """The submitit module, or ImportError saying how to install it (`fitscale[slurm]`)."""
     try:
         import submitit
     except ImportError as error:
@@ -197,6 +198,8 @@ def job_state(job_id: str) -> str:
 
 @dataclass
 class JobOutcome:
+    """How a SLURM job ended: its id, final state, the failure reason (empty when none) and its result."""
+
     job_id: str
     state: str
     reason: str = ""
@@ -204,6 +207,7 @@ class JobOutcome:
 
     @property
     def ok(self) -> bool:
+        """Whether the job completed with no failure reason."""
         return self.state == "COMPLETED" and not self.reason
 
 
@@ -235,6 +239,7 @@ def failure_reason(folder: str | Path, job_id: str, max_lines: int = 1) -> str:
 
 
 def read_result(folder: str | Path, job_id: str) -> Any:
+    """Task 0's return value from submitit's result pickle in `folder`, or None when absent or failed."""
     path = Path(folder) / f"{job_id}_0_result.pkl"
     if not path.is_file():
         return None

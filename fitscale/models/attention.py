@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,13 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 @functools.cache
 def flash_attn_available() -> bool:
+    """Whether the flash-attn package is importable (cached; imports nothing)."""
     return importlib.util.find_spec("flash_attn") is not None
 
 
 @functools.cache
 def torch_varlen_available() -> bool:
+    """Whether this PyTorch has `torch.nn.attention.varlen.varlen_attn` (2.9 or newer; cached)."""
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
@@ -101,160 +103,42 @@ class DocumentMask:
     groups: LengthGroups | None = None  # equal-length batches (grouped)
 
 
+@dataclass(frozen=True)
 class AttentionBackend:
-    """One way to compute attention within each segment of a packed sequence.
+    """One way to compute attention within each segment of a packed sequence, registered by name.
 
-    A subclass sets `name` and `needs`, implements `attend`, and may override `available`
-    (its library installed; `install` says how to get it), `unsupported` (why these inputs
-    cannot run) and `prepare` (fill in what it reads from the mask, once per forward).
+    `attend(q, k, v, mask)` maps q, k, v (T, H, d) to (T, H, d); `prepare(mask, sizes)` fills in,
+    once per forward, what `attend` reads beyond cu_seqlens and max_seqlen (`needs` says what, for
+    documentation and errors); `available()` says whether its library is installed (`install`
+    says how to get it); `cuda_half_only` backends run CUDA fp16/bf16 inputs only.
     """
 
-    name: ClassVar[str]
-    needs: ClassVar[str]  # what it reads from the packed batch
-    install: ClassVar[str] = ""  # what to install when `available()` is False
-    cuda_half_only: ClassVar[bool] = False
+    name: str
+    needs: str
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DocumentMask], torch.Tensor]
+    prepare: Callable[[DocumentMask, torch.Tensor | None], DocumentMask] | None = None
+    available: Callable[[], bool] = lambda: True
+    install: str = ""
+    cuda_half_only: bool = False
 
-    @classmethod
-    def available(cls) -> bool:
-        return True
-
-    @classmethod
-    def unsupported(cls, device: torch.device, dtype: torch.dtype) -> str | None:
+    def unsupported(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why inputs on `device` in `dtype` cannot run here, or None when they can."""
-        if cls.cuda_half_only and not (device.type == "cuda" and dtype in HALF_DTYPES):
+        if self.cuda_half_only and not (device.type == "cuda" and dtype in HALF_DTYPES):
             return f"needs CUDA fp16/bf16 inputs, got {device.type} {dtype}"
         return None
 
-    @classmethod
-    def prepare(cls, mask: DocumentMask, sizes: torch.Tensor | None) -> DocumentMask:
-        return mask
 
-    @staticmethod
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
-        """q, k, v (T, H, d) -> (T, H, d)."""
-        raise NotImplementedError
-
-
-BACKENDS: dict[str, type[AttentionBackend]] = {}
+BACKENDS: dict[str, AttentionBackend] = {}
 AUTO_ORDER = ("flash", "varlen", "grouped")  # what `auto` tries, fastest first
 
 
-def register_backend(backend: type[AttentionBackend]) -> type[AttentionBackend]:
-    """Add `backend` to BACKENDS under its name (a class decorator)."""
+def register_backend(backend: AttentionBackend) -> AttentionBackend:
+    """Add `backend` to BACKENDS under its name (a later one of the same name replaces it)."""
     BACKENDS[backend.name] = backend
     return backend
 
 
-class CuSeqlensKernelBackend(AttentionBackend):
-    """A FlashAttention varlen kernel `f(q, k, v, cu_q, cu_k, max_q, max_k)` over the whole
-    packed sequence, queries and keys sharing one `cu_seqlens` (CUDA, fp16/bf16)."""
-
-    needs = "cu_seqlens and max_seqlen"
-    cuda_half_only = True
-
-    @staticmethod
-    def kernel():
-        raise NotImplementedError
-
-    @classmethod
-    def attend(cls, q, k, v, mask):
-        cu, n = mask.cu_seqlens, mask.max_seqlen
-        return cls.kernel()(q, k, v, cu, cu, n, n)
-
-
-@register_backend
-class FlashBackend(CuSeqlensKernelBackend):
-    name = "flash"
-    install = "the flash-attn package: pip install 'fitscale[flash]'"
-
-    @classmethod
-    def available(cls) -> bool:
-        return flash_attn_available()
-
-    @staticmethod
-    def kernel():
-        from flash_attn import flash_attn_varlen_func
-
-        return flash_attn_varlen_func
-
-
-@register_backend
-class TorchVarlenBackend(CuSeqlensKernelBackend):
-    name = "varlen"
-    install = "torch.nn.attention.varlen (PyTorch 2.9 or newer)"
-
-    @classmethod
-    def available(cls) -> bool:
-        return torch_varlen_available()
-
-    @staticmethod
-    def kernel():
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn
-
-
-@register_backend
-class FlexBackend(AttentionBackend):
-    name = "flex"
-    needs = "a FlexAttention block mask of the documents"
-
-    @classmethod
-    def prepare(cls, mask, sizes):
-        return replace(mask, block_mask=document_block_mask(mask.segment_ids))
-
-    @staticmethod
-    def attend(q, k, v, mask):
-        return flex_varlen_attention(q, k, v, mask.block_mask)
-
-
-@register_backend
-class GroupedBackend(AttentionBackend):
-    name = "grouped"
-    needs = "the segments grouped by length (one host read of cu_seqlens)"
-
-    @classmethod
-    def prepare(cls, mask, sizes):
-        return replace(mask, groups=length_groups(mask.cu_seqlens))
-
-    @staticmethod
-    def attend(q, k, v, mask):
-        return grouped_varlen_attention(q, k, v, mask.groups)
-
-
-@register_backend
-class ReferenceBackend(AttentionBackend):
-    name = "reference"
-    needs = "cu_seqlens (read on the host)"
-
-    @staticmethod
-    def attend(q, k, v, mask):
-        return reference_varlen_attention(q, k, v, mask.cu_seqlens)
-
-
-@register_backend
-class PaddedBackend(AttentionBackend):
-    name = "padded"
-    needs = "sizes, and every image padded to max_seqlen tokens"
-
-    @classmethod
-    def prepare(cls, mask, sizes):
-        n, total = mask.max_seqlen, mask.segment_ids.shape[0]
-        if sizes is None or total % n:
-            raise ValueError("attn_backend='padded' needs sizes and every image padded to max_seqlen tokens")
-        real = sizes[:, 0] * sizes[:, 1]  # (B,)
-        key_valid = torch.arange(n, device=sizes.device)[None, :] < real[:, None]  # (B, N)
-        return replace(mask, padded_mask=key_valid[:, None, None, :].expand(-1, 1, n, -1).contiguous())
-
-    @staticmethod
-    def attend(q, k, v, mask):
-        n = mask.max_seqlen
-        qb, kb, vb = (t.unflatten(0, (-1, n)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.padded_mask)  # (B, H, N, d)
-        return out.transpose(1, 2).flatten(0, 1)  # (T, H, d)
-
-
-def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> type[AttentionBackend]:
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
     """The backend that will run inputs on `device` in `dtype`: `requested` by name, or for `auto`
     the first of AUTO_ORDER that is installed and supports them.
 
@@ -290,12 +174,19 @@ def build_document_mask(
     dtype: torch.dtype,
     sizes: torch.Tensor | None = None,
 ) -> DocumentMask:
-    """The mask of a packed sequence of `total` tokens for the backend `select_backend` picks
-    (errors as there); `sizes` (S, 2) is needed by `padded` only."""
+    """What every attention layer of one forward needs, built once: segment ids and what the
+    backend reads (its `prepare`).
+
+    `cu_seqlens` (S+1,) int32 boundaries from 0 to `total` tokens; `max_seqlen` the longest segment;
+    `requested` a backend name or "auto", resolved for `device` and `dtype` by `select_backend`
+    (ValueError or RuntimeError as there); `sizes` (S, 2) grid rows/cols, needed by the release's
+    `padded` layout only. Raises ValueError for `padded` without `sizes` or with segments not all
+    padded to `max_seqlen` tokens.
+    """
     backend = select_backend(requested, device, dtype)
     segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, total)
     mask = DocumentMask(cu_seqlens.to(torch.int32), max_seqlen, segment_ids, backend.name)
-    return backend.prepare(mask, sizes)
+    return mask if backend.prepare is None else backend.prepare(mask, sizes)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
@@ -303,11 +194,33 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Do
     return BACKENDS[mask.backend].attend(q, k, v, mask)
 
 
-def reference_varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor
+def flash_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask
 ) -> torch.Tensor:
-    """Exact path: one SDPA call per segment (reads the boundaries on the host)."""
-    bounds = cu_seqlens.tolist()
+    """flash-attn's `flash_attn_varlen_func` over the packed sequence (CUDA fp16/bf16), queries and
+    keys sharing `mask.cu_seqlens`; (T, H, d) in and out."""
+    from flash_attn import flash_attn_varlen_func
+
+    cu, n = mask.cu_seqlens, mask.max_seqlen
+    return flash_attn_varlen_func(q, k, v, cu, cu, n, n)
+
+
+def torch_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask
+) -> torch.Tensor:
+    """PyTorch's `torch.nn.attention.varlen.varlen_attn` (the same FlashAttention kernels, CUDA
+    fp16/bf16), queries and keys sharing `mask.cu_seqlens`; (T, H, d) in and out."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu, n = mask.cu_seqlens, mask.max_seqlen
+    return varlen_attn(q, k, v, cu, cu, n, n)
+
+
+def reference_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask
+) -> torch.Tensor:
+    """Exact path: one SDPA call per segment (reads the boundaries on the host); (T, H, d) in and out."""
+    bounds = mask.cu_seqlens.tolist()
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
@@ -320,7 +233,7 @@ def reference_varlen_attention(
 
 @torch.compiler.disable  # shapes vary per batch: run eagerly between compiled regions
 def grouped_varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: LengthGroups
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask
 ) -> torch.Tensor:
     """Exact path, one SDPA call per distinct image length over a (images, H, L, d) batch.
 
@@ -328,6 +241,7 @@ def grouped_varlen_attention(
     scatter and one concatenation, where slicing image by image would, in backward, write a
     full-size zero gradient per image.
     """
+    groups = mask.groups
     if groups.order is not None:
         q, k, v = (t.index_select(0, groups.order) for t in (q, k, v))  # (T', H, d) grouped order
     sizes = [count * length for count, length in groups.shapes]
@@ -366,10 +280,80 @@ def document_block_mask(segment_ids: torch.Tensor):
     return create_block_mask(same_image, None, None, total, total, device=segment_ids.device)
 
 
-def flex_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
-    """FlexAttention over the whole packed sequence with a block-sparse document mask."""
+def flex_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask
+) -> torch.Tensor:
+    """FlexAttention over the whole packed sequence with the block-sparse document mask
+    `mask.block_mask`; (T, H, d) in and out."""
     from torch.nn.attention.flex_attention import flex_attention
 
     attend = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
-    out = attend(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask)  # (1, H, T, d)
+    out = attend(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=mask.block_mask)  # (1, H, T, d)
     return out[0].transpose(0, 1)  # (T, H, d)
+
+
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
+    """The release's layout: every image padded to `max_seqlen` = N tokens, attention on the
+    (B, H, N, N) batch with the dense key mask `mask.padded_mask`; (T, H, d) in and out, T = B N."""
+    n = mask.max_seqlen
+    qb, kb, vb = (t.unflatten(0, (-1, n)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.padded_mask)  # (B, H, N, d)
+    return out.transpose(1, 2).flatten(0, 1)  # (T, H, d)
+
+
+def with_block_mask(mask: DocumentMask, sizes: torch.Tensor | None) -> DocumentMask:
+    """`mask` with FlexAttention's block mask of its documents (flex)."""
+    return replace(mask, block_mask=document_block_mask(mask.segment_ids))
+
+
+def with_length_groups(mask: DocumentMask, sizes: torch.Tensor | None) -> DocumentMask:
+    """`mask` with its segments grouped by length (grouped; one host read of cu_seqlens)."""
+    return replace(mask, groups=length_groups(mask.cu_seqlens))
+
+
+def with_padded_mask(mask: DocumentMask, sizes: torch.Tensor | None) -> DocumentMask:
+    """`mask` with the (B, 1, N, N) boolean key mask of images padded to N = max_seqlen tokens, of
+    which the first rows*cols (from `sizes` (B, 2)) are real (padded). ValueError without `sizes` or
+    when the tokens are not B whole segments of N."""
+    n, total = mask.max_seqlen, mask.segment_ids.shape[0]
+    if sizes is None or total % n:
+        raise ValueError("attn_backend='padded' needs sizes and every image padded to max_seqlen tokens")
+    real = sizes[:, 0] * sizes[:, 1]  # (B,)
+    key_valid = torch.arange(n, device=sizes.device)[None, :] < real[:, None]  # (B, N)
+    return replace(mask, padded_mask=key_valid[:, None, None, :].expand(-1, 1, n, -1).contiguous())
+
+
+CUDA_KERNEL_NEEDS = "cu_seqlens and max_seqlen"
+for _backend in (
+    AttentionBackend(
+        "flash",
+        CUDA_KERNEL_NEEDS,
+        flash_varlen_attention,
+        available=flash_attn_available,
+        install="the flash-attn package: pip install 'fitscale[flash]'",
+        cuda_half_only=True,
+    ),
+    AttentionBackend(
+        "varlen",
+        CUDA_KERNEL_NEEDS,
+        torch_varlen_attention,
+        available=torch_varlen_available,
+        install="torch.nn.attention.varlen (PyTorch 2.9 or newer)",
+        cuda_half_only=True,
+    ),
+    AttentionBackend(
+        "flex", "a FlexAttention block mask of the documents", flex_varlen_attention, with_block_mask
+    ),
+    AttentionBackend(
+        "grouped",
+        "the segments grouped by length (one host read of cu_seqlens)",
+        grouped_varlen_attention,
+        with_length_groups,
+    ),
+    AttentionBackend("reference", "cu_seqlens (read on the host)", reference_varlen_attention),
+    AttentionBackend(
+        "padded", "sizes, and every image padded to max_seqlen tokens", padded_attention, with_padded_mask
+    ),
+):
+    register_backend(_backend)
+del _backend

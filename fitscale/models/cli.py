@@ -7,6 +7,7 @@ import json
 
 
 def register(subparsers) -> None:
+    """Add the `fitscale info` subcommand to the top-level parser's `subparsers`."""
     from fitscale.cli import add_set_option
 
     parser = subparsers.add_parser(
@@ -45,6 +46,15 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def model_info(name: str, seq_len: int = 256, trainable: str | None = None, **overrides) -> dict:
+    """Size, compute and memory of preset `name` (with model-field `overrides`), built on the meta device.
+
+    A dict: resolved config, parameter counts (all and `trainable`: "all", "high-res" or a name
+    pattern; "high-res" by default for *-hr presets), FLOPs per token and per image at `seq_len` tokens
+    per image (2 FLOPs per multiply-add, attention included; training = 3x forward), the papers'
+    "GFLOPs" at 256 tokens, and training-state bytes before sharding (fitscale.models.flops).
+    Raises ValueError for a non-positive `seq_len`, an unknown preset or field, or a trainable
+    pattern that matches no parameter.
+    """
     import torch
 
     from fitscale.models import build_model
@@ -76,6 +86,7 @@ def model_info(name: str, seq_len: int = 256, trainable: str | None = None, **ov
 
 
 def format_info(info: dict) -> str:
+    """The human-readable table of a `model_info` dict (GFLOPs in 1e9 FLOPs, memory in GiB)."""
     gib = 1024**3
     mem = info["memory_bytes"]
     lines = [
@@ -95,6 +106,7 @@ def format_info(info: dict) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    """`fitscale info`: print `model_info` as a table or JSON (`--json`); returns exit status 0."""
     info = model_info(args.model, args.seq_len, args.trainable, **parse_overrides(args.overrides))
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0

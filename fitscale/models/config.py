@@ -136,10 +136,14 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """d = hidden_size / num_heads, the per-head width (72 for FiTv2-XL)."""
         return self.hidden_size // self.num_heads
 
     @property
     def mlp_hidden(self) -> int:
+        """SwiGLU hidden width: `mlp_hidden_size`, else floor(2 * 4D / 3) as in the release (3072 for D
+        = 1152).
+        """
         return self.mlp_hidden_size or int(2 * (4 * self.hidden_size) / 3)
 
     @property
@@ -148,6 +152,7 @@ class ModelConfig:
         return self.patch_size * self.patch_size * self.in_channels
 
     def replace(self, **overrides) -> ModelConfig:
+        """A copy with `overrides` applied and validated (ValueError naming unknown fields or bad values)."""
         return build_config_from(self, overrides)
 
 
@@ -171,6 +176,10 @@ def build_config(name: str, **overrides) -> ModelConfig:
 
 
 def build_config_from(base: ModelConfig, overrides: dict) -> ModelConfig:
+    """`base` with `overrides` (field name -> value) applied; `__post_init__` validates the result.
+
+    Raises ValueError naming every unknown field (and listing the valid ones) or the first invalid value.
+    """
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -181,6 +190,7 @@ def build_config_from(base: ModelConfig, overrides: dict) -> ModelConfig:
 
 
 def preset_names() -> list[str]:
+    """Names of the model presets, in definition order (tiny, fitv2-b, fitv2-xl, fitv2-3b, *-hr)."""
     return list(PRESETS)
 
 

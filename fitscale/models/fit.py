@@ -21,6 +21,21 @@ from fitscale.models.rope import rope_cos_sin
 
 
 class FiT(nn.Module):
+    """FiTv2, the flexible vision transformer for diffusion, over packed sequences of images of any size.
+
+    Computes the released FiTv2 function (release: `fit/model/fit_model.py`, `fit/model/modules.py`)
+    image by image, without the release's padding of every image to 256 or 1024 tokens: patch
+    embedding, timestep + label conditioning with the global AdaLN modulation,
+    `depth` blocks of AdaLN-LoRA-modulated, QK-normed, 2-D-RoPE attention restricted to each image
+    and SwiGLU, then the modulated final layer. Parameter names are the release's, so its
+    checkpoints load by name (fitscale.models.official).
+
+    Build it with `build_model(name, **overrides)` (on the meta device for large models, then
+    `to_empty` and `init_weights`). Inputs follow the packed-batch contract of
+    fitscale/models/inputs.py (fitscale.data.batch.PackedBatch carries them); see `forward`.
+    The module holds no distributed code: fitscale.parallel wraps it from outside.
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -45,7 +60,15 @@ class FiT(nn.Module):
         max_seqlen: int | None = None,  # longest image; computed here (a host sync) when absent
         sizes: torch.Tensor | None = None,  # (S, 2) grid rows/cols; derived from pos when absent
     ) -> torch.Tensor:
-        """(T, p*p*C) velocity of every token; a malformed batch is a ValueError (models/inputs.py)."""
+        """The velocity (T, p*p*C) of every token of a packed batch of noisy images at times `t`.
+
+        t = 0 is noise and t = 1 clean data (FiTv2's convention), so the output approximates
+        data - noise of each token (rectified flow, fitscale.flow). Padding segments of a static
+        token budget are images of the null class here; the loss ignores them. Raises ValueError,
+        naming the field and values, for a batch that breaks the contract of fitscale/models/inputs.py
+        (values checked for CPU tensors only), and RuntimeError when the configured attention backend
+        cannot run on x's device and dtype.
+        """
         config = self.config
         check_packed_batch(
             x, t, y, pos, cu_seqlens, max_seqlen, sizes,

@@ -18,6 +18,9 @@ from fitscale.models.layers import TIMESTEP_FEATURES
 
 
 def linear_macs_per_token(config: ModelConfig) -> int:
+    """Multiply-adds per token of the linear layers (qkv, proj, SwiGLU of every block; patch embed and
+    final linear).
+    """
     D, depth = config.hidden_size, config.depth
     per_block = 3 * D * D + D * D + 3 * D * config.mlp_hidden  # qkv, proj, SwiGLU
     return depth * per_block + 2 * config.token_dim * D  # + patch embedding and final linear
@@ -32,6 +35,9 @@ def linear_macs_per_image(config: ModelConfig) -> int:
 
 
 def attention_macs(config: ModelConfig, seqlen: int) -> int:
+    """Multiply-adds of attention's two matmuls (QK^T and AV) for one image of `seqlen` tokens, over all
+    blocks.
+    """
     return config.depth * 2 * seqlen * seqlen * config.hidden_size
 
 
@@ -54,6 +60,9 @@ def paper_gflops(config: ModelConfig, tokens: int = 256) -> float:
 
 
 def count_parameters(config: ModelConfig) -> int:
+    """Parameter count of a FiT with `config`, from shapes alone (equals `sum(p.numel())` of the built
+    model).
+    """
     D, r, depth = config.hidden_size, config.adaln_lora_rank, config.depth
     linear = lambda fan_in, fan_out: fan_in * fan_out + fan_out
     block = linear(D, 3 * D) + linear(D, D) + 2 * linear(D, config.mlp_hidden) + linear(config.mlp_hidden, D)

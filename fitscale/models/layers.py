@@ -48,6 +48,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(token_dim, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, p*p*C) tokens -> (T, D) embeddings."""
         return self.proj(x)  # (T, D)
 
 
@@ -62,6 +63,11 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def sinusoidal_features(t: torch.Tensor) -> torch.Tensor:
+        """(S,) timesteps in [0, 1] -> (S, 256) float32 features [cos(t f_k), sin(t f_k)], f_k =
+        10000^(-k/128).
+
+        Of t itself, not 1000 t; cos first (release: `fit/model/modules.py`, TimestepEmbedder).
+        """
         half = TIMESTEP_FEATURES // 2
         k = torch.arange(half, dtype=torch.float32, device=t.device)
         freqs = torch.exp(-math.log(10000.0) * k / half)  # (128,)
@@ -69,6 +75,7 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (S, 256)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """(S,) timesteps -> (S, D): the sinusoidal features through Linear, SiLU, Linear."""
         features = self.sinusoidal_features(t).to(self.mlp[0].weight.dtype)  # (S, 256)
         return self.mlp(features)  # (S, D)
 
@@ -83,6 +90,11 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """(S,) int64 labels in [0, num_classes] -> (S, D) embeddings; num_classes is the null class.
+
+        In training mode each label becomes the null class with probability `dropout_prob`, drawn from
+        the global RNG (the trainer drops labels per image itself and sets this to 0).
+        """
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob  # (S,)
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
@@ -99,6 +111,7 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(mlp_hidden, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, D) -> (T, D): fc2(SiLU(fc1_g x) * fc1_x x), timm's SwiGLU as `fit/model/modules.py` uses it."""
         return self.fc2(F.silu(self.fc1_g(x)) * self.fc1_x(x))  # (T, D)
 
 
@@ -115,6 +128,12 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: DocumentMask, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
+        """(T, D) -> (T, D): qkv (layout 3, H, d), LayerNorm on q and k, RoPE with `cos`/`sin` (T, d),
+        attention inside each image.
+
+        `packed` says where images begin and which backend runs (fitscale.models.attention);
+        release: `fit/model/modules.py`, Attention.
+        """
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # (T, 3, H, d)
         q, k, v = qkv.unbind(dim=1)  # each (T, H, d)
         # Under autocast LayerNorm returns fp32: bring q and k back to v's dtype for the kernels.
@@ -145,6 +164,11 @@ class FiTBlock(nn.Module):
         cos: torch.Tensor,  # (T, d)
         sin: torch.Tensor,  # (T, d)
     ) -> torch.Tensor:
+        """x (T, D) + gate1 * Attn(mod(LN x)) then + gate2 * MLP(mod(LN x)), modulated per image.
+
+        Modulation (S, 6D) = AdaLN-LoRA(c) + `global_modulation`, gathered to tokens and split as
+        shift1, scale1, gate1, shift2, scale2, gate2 (release: `fit/model/modules.py`, FiTBlock).
+        """
         modulation = self.adaLN_modulation(c) + global_modulation  # (S, 6D)
         modulation = gather_rows(modulation, mask.segment_ids)  # (T, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)  # each (T, D)
@@ -164,5 +188,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        """(T, D) tokens, (S, D) conditioning, (T,) segment ids -> (T, p*p*C) velocity: modulated LN
+        then Linear.
+        """
         shift, scale = gather_rows(self.adaLN_modulation(c), segment_ids).chunk(2, dim=-1)  # each (T, D)
         return self.linear(modulate(layer_norm(x, self.norm_eps), shift, scale))  # (T, p*p*C)

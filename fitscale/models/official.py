@@ -72,7 +72,10 @@ def clean_parameter_name(name: str) -> str:
 
 
 def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state_dict` under clean names (`clean_parameter_name` of every key), same tensors."""
+    """The state dict with the keys that wrappers add removed (`clean_parameter_name` of every key:
+    "module.", "_orig_mod.", FSDP1 and activation-checkpoint segments, at any depth). Tensors are not
+    copied.
+    """
     return {clean_parameter_name(key): value for key, value in state_dict.items()}
 
 
@@ -116,4 +119,10 @@ def export_official_state_dict(model: nn.Module, dtype: torch.dtype | None = Non
 
 
 def load_official_checkpoint(model: nn.Module, path: str | Path, container_key: str | None = None) -> None:
+    """Load a released (or exported) FiTv2 file into `model`, strictly (`read_checkpoint_file`, then
+    `load_official_state_dict`).
+
+    `container_key` picks e.g. "ema" from a training checkpoint. Raises FileNotFoundError for a
+    missing file and ValueError for an unreadable one or one whose keys or shapes do not match.
+    """
     load_official_state_dict(model, read_checkpoint_file(path, container_key))

@@ -29,10 +29,14 @@ def resolve_patterns(patterns: str | tuple[str, ...] | list[str]) -> tuple[str, 
 
 
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether parameter `name` matches any fnmatch pattern of `patterns` (case-sensitive)."""
     return any(fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def trainable_names(model: nn.Module, patterns) -> list[str]:
+    """Names of `model`'s parameters selected by `patterns` (a named set or fnmatch patterns), in model
+    order.
+    """
     patterns = resolve_patterns(patterns)
     return [name for name, _ in model.named_parameters() if matches(name, patterns)]
 

@@ -155,10 +155,12 @@ def build_deepspeed_engine(
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
+    """Where a DeepSpeed run keeps its checkpoints: `<run_dir>/deepspeed`."""
     return Path(run_dir) / SUBFOLDER
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
+    """The DeepSpeed checkpoint folder of `step`: `<run_dir>/deepspeed/step-N`."""
     return checkpoint_dir(run_dir) / f"step-{step}"
 
 
@@ -217,6 +219,7 @@ def check_resumable(run_dir: str | Path, step: int, world_size: int, zero_stage:
 
 
 def universal_step_dir(run_dir: str | Path, step: int) -> Path:
+    """The universal-checkpoint conversion of `step`, for resuming on another world size."""
     return checkpoint_dir(run_dir) / UNIVERSAL / f"step-{step}"
 
 

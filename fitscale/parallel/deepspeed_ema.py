@@ -122,9 +122,13 @@ class DeepSpeedEMA:
 
     @property
     def num_updates(self) -> int:
+        """EMA updates applied so far."""
         return self.average.num_updates
 
     def update(self, step: int) -> None:
+        """Average this rank's fp32 master partitions into the EMA at optimizer step `step` (decay
+        warmup by step).
+        """
         self.average.update(step)
 
     @contextlib.contextmanager
@@ -145,10 +149,14 @@ class DeepSpeedEMA:
                 self.fragments.push_to_weights()
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's EMA partitions, update count and the parameter places they were cut at."""
         places = {name: (p.start, p.numel, p.shape) for name, p in self.fragments.places.items()}
         return {**self.average.state_dict(), "places": places}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore this rank's EMA; ValueError when the saved partitions differ from this run's ZeRO
+        partitions.
+        """
         places = {name: (p.start, p.numel, p.shape) for name, p in self.fragments.places.items()}
         if state.get("places") != places:
             raise ValueError("the saved EMA partitions do not match this run's ZeRO partitions")
@@ -158,10 +166,12 @@ class DeepSpeedEMA:
 
 
 def ema_file(folder: str | Path, rank: int) -> Path:
+    """This rank's EMA file in a DeepSpeed checkpoint folder: ema-rank-R.pt."""
     return Path(folder) / f"ema-rank-{rank}.pt"
 
 
 def save_ema(ema: DeepSpeedEMA, folder: str | Path, rank: int) -> None:
+    """Write this rank's EMA state to `ema_file(folder, rank)`, creating the folder."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     torch.save(ema.state_dict(), ema_file(folder, rank))
 

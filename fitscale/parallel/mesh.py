@@ -14,6 +14,8 @@ from fitscale.config.parallel import ParallelConfig
 
 @dataclass(frozen=True)
 class DistributedEnv:
+    """Where this process sits: global rank and world size, rank and count on this node, and its device."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -22,6 +24,7 @@ class DistributedEnv:
 
     @property
     def is_main(self) -> bool:
+        """Whether this process is global rank 0."""
         return self.rank == 0
 
 
@@ -33,6 +36,9 @@ def _env_int(*names: str, default: int) -> int:
 
 
 def resolve_device(requested: str) -> torch.device:
+    """The device of this rank for train.device auto|cpu|cuda (cuda:LOCAL_RANK); ConfigError for cuda
+    without CUDA.
+    """
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but CUDA is not available here; set train.device=cpu or auto")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):

@@ -7,6 +7,7 @@ import json
 
 
 def register(subparsers) -> None:
+    """Add `fitscale report` and `fitscale status` to `subparsers`."""
     report = subparsers.add_parser(
         "report",
         help="plot and summarise runs from their metrics.jsonl",
@@ -30,6 +31,9 @@ def register(subparsers) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    """`fitscale report`: read every run folder (all checked before anything is written), write the
+    plots, summary.txt and summary.json into --out and print the summaries; exit status 0.
+    """
     from pathlib import Path
 
     from fitscale.report.history import format_summary, read_history, summarize
@@ -54,6 +58,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_status_command(args: argparse.Namespace) -> int:
+    """`fitscale status`: print where a run stands (or JSON); exit status 0."""
     from fitscale.report.status import format_status, run_status
 
     status = run_status(args.run)

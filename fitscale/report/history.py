@@ -30,6 +30,7 @@ class Segment:
 
     @property
     def last_time(self) -> float | None:
+        """Wall-clock time (Unix seconds) of the segment's last record, or of its start when it has none."""
         return self.records[-1]["time"] if self.records else self.start_time
 
 
@@ -44,6 +45,7 @@ class RunHistory:
 
     @property
     def name(self) -> str:
+        """What plots and summaries call the run: `label`, else the folder's name."""
         return self.label or self.path.name
 
     def steps(self) -> dict[int, dict[str, Any]]:
@@ -73,6 +75,7 @@ class RunHistory:
         return out
 
     def last_step(self) -> int | None:
+        """The highest step with a record, or None when the run logged no step."""
         steps = self.steps()
         return max(steps) if steps else None
 
@@ -156,6 +159,7 @@ def summarize(history: RunHistory) -> dict[str, Any]:
 
 
 def format_number(value: Any) -> str:
+    """A metric for a table: '-' for None, 4 significant digits for floats, str otherwise."""
     if value is None:
         return "-"
     if isinstance(value, float):

@@ -64,6 +64,9 @@ def _has_flops(histories: list[RunHistory]) -> bool:
 
 
 def plot_loss(plt, histories: list[RunHistory], path: Path) -> Path:
+    """Training loss (raw and smoothed) and validation loss of the weights and the EMA against steps, and
+    against training FLOPs when logged; restarts marked. Writes the PNG to `path` and returns it.
+    """
     columns = [False, True] if _has_flops(histories) else [False]
     fig, axes = plt.subplots(1, len(columns), figsize=(6 * len(columns), 4.2), squeeze=False)
     for axis, against_flops in zip(axes[0], columns):
@@ -94,6 +97,7 @@ def _bucket_keys(histories: list[RunHistory], pattern: str) -> list[str]:
 
 
 def plot_timesteps(plt, histories: list[RunHistory], path: Path) -> Path:
+    """Training loss per timestep bucket and validation loss per grid timestep, per run; the PNG at `path`."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     train_keys = _bucket_keys(histories, r"loss/t[\d.]+-[\d.]+")
     styles = ["-", "--", "-.", ":"]
@@ -134,6 +138,7 @@ def plot_timesteps(plt, histories: list[RunHistory], path: Path) -> Path:
 
 
 def plot_optim(plt, histories: list[RunHistory], path: Path) -> Path:
+    """Learning rate and gradient norm (before clipping) against steps, restarts marked; the PNG at `path`."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for history, colour in zip(histories, _colours(plt, len(histories))):
         steps, lr = history.series("lr")
@@ -158,6 +163,7 @@ THROUGHPUT_KEYS = (
 
 
 def plot_throughput(plt, histories: list[RunHistory], path: Path) -> Path:
+    """Images/s, real tokens/s and MFU against steps (and training FLOPs when logged); the PNG at `path`."""
     columns = [False, True] if _has_flops(histories) else [False]
     fig, axes = plt.subplots(3, len(columns), figsize=(6 * len(columns), 9), squeeze=False)
     for row, (key, title) in enumerate(THROUGHPUT_KEYS):

@@ -121,6 +121,9 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
 
 
 def format_status(status: dict[str, Any]) -> str:
+    """The human-readable lines of a `run_status` dict: state, progress, checkpoint, last metrics and
+    their age, ETA, restarts.
+    """
     from fitscale.train.loglines import format_duration
 
     holder = status["holder"] or {}

@@ -9,6 +9,9 @@ from fitscale.models.extrapolation import INTERPOLATIONS, release_sampling_overr
 
 
 def register(subparsers) -> None:
+    """Add the `fitscale sample` subcommand and its options (the release's sampling flags among them) to
+    `subparsers`.
+    """
     from fitscale.cli import add_set_option
 
     parser = subparsers.add_parser(
@@ -137,6 +140,9 @@ def register(subparsers) -> None:
 
 
 def parse_sizes(heights: list[int], widths: list[int]) -> list[tuple[int, int]]:
+    """(height, width) pixel pairs from the repeated --height/--width flags; ValueError unless they pair
+    up one to one.
+    """
     if not heights or len(heights) != len(widths):
         raise ValueError(
             f"give one --width per --height (got {len(heights)} heights, {len(widths)} widths), e.g. --height 256 --width 256"
@@ -173,6 +179,9 @@ def rope_overrides(args) -> dict:
 
 
 def parse_labels(text: str | None) -> list[int] | None:
+    """Class labels from --labels '1,207,360'; None for random labels (absent, empty or 'random');
+    ValueError otherwise.
+    """
     if text in (None, "", "random"):
         return None
     try:
@@ -228,6 +237,14 @@ def _relaunch(args) -> int:
 
 
 def run_sample(args) -> int:
+    """`fitscale sample`: sample images at the requested sizes from a checkpoint or weights file, on
+    this process's rank, into --out; exit status 0.
+
+    Everything is checked before a model loads or a file is written: sizes, labels and sampling
+    options (ValueError), an --out already holding samples without --overwrite (FileExistsError),
+    missing Inception weights for --fid-reference (FileNotFoundError), a VAE that does not match the
+    training dataset. With --nproc N it relaunches itself on N local ranks.
+    """
     sizes = parse_sizes(args.height, args.width)
     labels = parse_labels(args.labels)
     options = sampling_options(args)  # checked before anything starts or is written

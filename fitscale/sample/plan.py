@@ -29,6 +29,7 @@ class SampleItem:
 
     @property
     def tokens(self) -> int:
+        """Tokens of the image: rows * cols of its patch grid."""
         return self.rows * self.cols
 
     @property

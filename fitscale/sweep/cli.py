@@ -6,6 +6,7 @@ import json
 
 
 def register(subparsers) -> None:
+    """Add `fitscale sweep` and its subcommands (plan, launch, collect, fit, predict) to `subparsers`."""
     sweep = subparsers.add_parser("sweep", help="scaling-law sweeps: plan, launch, collect, fit")
     commands = sweep.add_subparsers(dest="sweep_command", metavar="SUBCOMMAND", required=True)
 
@@ -81,6 +82,9 @@ def register(subparsers) -> None:
 
 
 def run_plan(args) -> int:
+    """`fitscale sweep plan`: print the table of planned runs (parameters, steps, FLOPs, GPU-hours) or
+    JSON; exit status 0.
+    """
     from fitscale.sweep.spec import format_plan, load_spec, plan_sweep, total_gpu_hours
 
     spec = load_spec(args.spec)
@@ -106,6 +110,9 @@ def run_plan(args) -> int:
 
 
 def run_launch(args) -> int:
+    """`fitscale sweep launch`: start every unfinished run of the spec (SLURM job array or --local);
+    exit status 0.
+    """
     from fitscale.sweep.launch import launch_sweep
     from fitscale.sweep.spec import load_spec
 
@@ -115,6 +122,7 @@ def run_launch(args) -> int:
 
 
 def run_collect(args) -> int:
+    """`fitscale sweep collect`: gather every run's outcome into results.json and print it; exit status 0."""
     from fitscale.sweep.collect import collect_sweep
     from fitscale.sweep.spec import load_spec
 
@@ -141,6 +149,9 @@ def _interval(fit: dict, key: str, digits: int = 3) -> str:
 
 
 def run_fit(args) -> int:
+    """`fitscale sweep fit`: fit the scaling laws to the collected results, write fits.json and the
+    plots, print the fits; exit status 0.
+    """
     from fitscale.sweep.collect import read_results
     from fitscale.sweep.report import analyse, write_report
     from fitscale.sweep.spec import load_spec
@@ -198,6 +209,9 @@ def run_fit(args) -> int:
 
 
 def run_predict(args) -> int:
+    """`fitscale sweep predict`: the loss the joint law L(N, D) predicts for a run that was not trained
+    (preset + overrides at a budget or step count); ValueError for bad --overrides; exit status 0.
+    """
     from fitscale.models.cli import parse_overrides
     from fitscale.sweep.collect import read_results
     from fitscale.sweep.report import fit_law, prepare

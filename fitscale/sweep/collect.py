@@ -133,6 +133,9 @@ def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]
 
 
 def read_results(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The runs of `<out_dir>/results.json`; FileNotFoundError saying to run `fitscale sweep collect`
+    first.
+    """
     path = Path(spec.out_dir) / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `fitscale sweep collect` first")

@@ -56,6 +56,7 @@ class PowerLawFit:
     samples: np.ndarray | None = field(default=None, repr=False)  # bootstrap (a, b, c), one per row
 
     def predict(self, compute: np.ndarray | float) -> np.ndarray:
+        """L(C) = a C^-b + c at training compute `compute` (FLOPs); the same shape as `compute`."""
         return self.a * np.asarray(compute, dtype=np.float64) ** (-self.b) + self.c
 
     def band(self, compute: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -67,6 +68,7 @@ class PowerLawFit:
         return percentile_interval(curves, self.level)
 
     def to_dict(self) -> dict:
+        """The fit as JSON-able data, without the bootstrap samples."""
         out = asdict(self)
         del out["samples"]
         return out
@@ -227,9 +229,13 @@ class OptimalSizeFit:
     samples: np.ndarray | None = field(default=None, repr=False)  # draws of (alpha, ln k)
 
     def predict(self, compute: np.ndarray | float) -> np.ndarray:
+        """N*(C) = k C^alpha: the compute-optimal parameter count at `compute` FLOPs."""
         return self.k * np.asarray(compute, dtype=np.float64) ** self.alpha
 
     def band(self, compute: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Pointwise (lower, upper) interval of N*(C) at `level` from the bootstrap draws, or None
+        without draws.
+        """
         if self.samples is None:
             return None
         log_c = np.log(np.asarray(compute, dtype=np.float64))
@@ -237,6 +243,7 @@ class OptimalSizeFit:
         return percentile_interval(lines, self.level)
 
     def to_dict(self) -> dict:
+        """The fit as JSON-able data, without the bootstrap samples."""
         out = asdict(self)
         del out["samples"]
         return out

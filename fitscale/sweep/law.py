@@ -105,6 +105,7 @@ class LossLawFit:
         return math.exp(centre - half), math.exp(centre + half)
 
     def to_dict(self) -> dict:
+        """The fit as JSON-able data, without the raw parameter vector, samples and centre."""
         out = asdict(self)
         for key in ("theta", "samples", "centre"):
             del out[key]

@@ -61,6 +61,9 @@ def _title(axes, analysis: dict[str, Any], what: str) -> None:
 
 
 def plot_loss_vs_compute(rows: list[dict[str, Any]], analysis: dict[str, Any], path: Path) -> list[Path]:
+    """Loss against training FLOPs per model size with the fitted frontier L(C); writes the PNG, returns
+    its path(s).
+    """
     plt = pyplot()
     metric = analysis["metric"]
     fitted = set(analysis["fitted_runs"])
@@ -146,6 +149,9 @@ def _span(rows: list[dict[str, Any]]) -> np.ndarray:
 
 
 def plot_isoflop(rows: list[dict[str, Any]], analysis: dict[str, Any], path: Path) -> list[Path]:
+    """IsoFLOP curves (loss against parameters per budget) and the optima's N*(C) fit; writes the PNG,
+    returns its path(s).
+    """
     plt = pyplot()
     metric = analysis["metric"]
     fitted = set(analysis["fitted_runs"])

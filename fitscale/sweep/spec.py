@@ -68,6 +68,7 @@ class LRAxis:
         )
 
     def rates(self, width: int) -> list[float]:
+        """The learning rates of a model of hidden size `width`: the rule's centre times each multiplier."""
         return [self.centre(width) * m for m in self.multipliers]
 
 
@@ -212,6 +213,7 @@ class PlannedRun:
 
     @property
     def training_flops(self) -> float:
+        """Training FLOPs of the whole run (fitscale.models.flops convention: 3x forward, real tokens)."""
         return float(self.flops_per_step) * self.steps
 
     @property
@@ -220,9 +222,13 @@ class PlannedRun:
         return self.paper_gflops * 1e9 * self.global_batch_size * self.steps * 3
 
     def gpu_hours(self, mfu: float, peak_flops: float) -> float:
+        """GPU-hours at model FLOPs utilisation `mfu` of a GPU peak of `peak_flops` FLOP/s."""
         return self.training_flops / (mfu * peak_flops) / 3600
 
     def row(self, mfu: float, peak_flops: float) -> dict[str, Any]:
+        """The run's row of `fitscale sweep plan`: name, model, parameters, steps, batch, budget, FLOPs,
+        GPU-hours.
+        """
         return {
             "run": self.name,
             "model": self.model,
@@ -354,6 +360,7 @@ def run_overrides(spec: SweepSpec, run: PlannedRun) -> list[str]:
 
 
 def run_dir(spec: SweepSpec, run: PlannedRun) -> Path:
+    """The run folder of `run` in the sweep: `<out_dir>/<run name>`."""
     return Path(spec.out_dir) / run.name
 
 
@@ -398,4 +405,5 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
 
 
 def total_gpu_hours(runs: list[PlannedRun], spec: SweepSpec) -> float:
+    """GPU-hours of all `runs` at the spec's MFU and peak FLOP/s."""
     return math.fsum(run.gpu_hours(spec.mfu, spec.peak_flops) for run in runs)

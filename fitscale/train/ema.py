@@ -131,11 +131,15 @@ class EMA:
                     _local(param).copy_(backup[name])
 
     def state_dict(self) -> dict[str, Any]:
+        """The fp32 shadows themselves (DCP loads into them in place, resharding DTensors) and the
+        update count.
+        """
         # The shadows themselves: DCP loads into them in place (resharding DTensors as needed).
         return {"params": dict(self.shadow), "num_updates": self.num_updates}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Copy saved shadows into this EMA; ValueError naming missing or unexpected parameter names."""
         params = state_dict["params"]
         missing = sorted(set(self.shadow) - set(params))
         unexpected = sorted(set(params) - set(self.shadow))

@@ -35,6 +35,9 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        """Take the run folder's lock, recording pid, host and time; RunFolderInUseError naming the live
+        holder.
+        """
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
         fd, holder = try_lock(self.path, json.dumps(info))
         if fd is None:
@@ -45,6 +48,7 @@ class RunLock:
         self._fd = fd
 
     def release(self) -> None:
+        """Release the lock if held (also released by the OS when the process dies)."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)

@@ -119,9 +119,13 @@ class StepLine:
         self.started = time.perf_counter()
 
     def due(self, step: int) -> bool:
+        """Whether `step` gets a log line: every `log.every` steps and the last step."""
         return step % self.every == 0 or step == self.total_steps
 
     def eta_seconds(self, step: int) -> float | None:
+        """Seconds to the last step at the mean pace since this start; None before the first step or
+        without a total.
+        """
         done = step - self.start_step
         if self.total_steps is None or done <= 0:
             return None
@@ -144,6 +148,7 @@ class StepLine:
         return out
 
     def maybe_write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Log the `key=value` line of `step` when it is due."""
         if self.due(step):
             logger.info(format_fields(self.fields(step, metrics)))
 

@@ -269,6 +269,7 @@ class MetricsLogger:
             self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
+        """Close the progress bar, finish the wandb run and close metrics.jsonl (idempotent)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -110,6 +110,9 @@ class PeriodicSamples:
                 raise ConfigError(message) from error
 
     def due(self, step: int) -> bool:
+        """Whether sample grids are drawn after `step`: every `train.sample_every` steps and at the last
+        step.
+        """
         return self.every > 0 and (step % self.every == 0 or step == self.last_step)
 
     def run(self, model: torch.nn.Module, ema, step: int) -> tuple[Path | None, float]:

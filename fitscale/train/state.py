@@ -26,9 +26,11 @@ class SchedulerState:
         self.scheduler = scheduler
 
     def state_dict(self) -> dict[str, Any]:
+        """The learning-rate scheduler's state dict."""
         return self.scheduler.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the learning-rate scheduler's state."""
         self.scheduler.load_state_dict(state_dict)
 
 
@@ -51,8 +53,10 @@ class Progress:
     nonfinite_consecutive: int = 0
 
     def state_dict(self) -> dict[str, Any]:
+        """The counters as a dict of ints."""
         return asdict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the counters from `state_dict`."""
         for key, value in state_dict.items():
             setattr(self, key, int(value))

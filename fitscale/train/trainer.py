@@ -50,6 +50,11 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepStats:
+    """One optimizer step's outcome: the loss summed over ranks (the mean per image), gradient norm
+    before clipping, whether the step was skipped as non-finite, image and token counts (real and
+    with padding), per-timestep-bucket loss sums and counts, and the token count of each image.
+    """
+
     loss: float
     grad_norm: float
     skipped: bool
@@ -117,6 +122,7 @@ class Trainer:
 
     @property
     def comm_device(self) -> torch.device:
+        """The device collectives of this rank run on (its compute device)."""
         return self.env.device
 
     def _full_initial_state(self) -> dict[str, torch.Tensor]:
@@ -199,6 +205,7 @@ class Trainer:
         return model.to(self.env.device)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters with requires_grad, in model order."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def _build_optimizer(self):

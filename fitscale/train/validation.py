@@ -184,6 +184,7 @@ class PeriodicValidation:
             self.batches = validation_batches(data, rank, world_size, self.settings.max_images)
 
     def due(self, step: int) -> bool:
+        """Whether validation runs after `step`: every `train.val_every` steps and at the last step."""
         return self.every > 0 and (step % self.every == 0 or step == self.last_step)
 
     def run(

@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
 GRIDS = [(16, 16), (12, 20), (8, 8), (5, 31), (32, 32), (20, 40), (9, 50)]
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import bench_fsdp_prefetch
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-import bench_fsdp_prefetch  # noqa: E402
-
-
+@pytest.mark.slow  # two FSDP ranks
 def test_prefetch_depths_measured_side_by_side_with_identical_losses(tmp_path):
     out = tmp_path / "prefetch.json"
     argv = "--spawn 2 --model tiny --depth 3 --images 4 --steps 1 --warmup 1 --threads 1 --prefetch 0,2"

@@ -3,6 +3,7 @@
 CUDA backends are skipped without a GPU and run when one is present (tools/gpu_check.sh).
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -17,7 +18,6 @@ from fitscale.models.attention import (
     varlen_attention,
 )
 
-CUDA = torch.cuda.is_available()
 LENGTHS = [256, 240, 64, 155, 1, 17, 0, 0]  # 16x16, 12x20, 8x8, 5x31, odd sizes; empty (+static)
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
@@ -38,9 +38,7 @@ def cases():
         for device in ("cpu", "cuda"):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 reason = None
-                if device == "cuda" and not CUDA:
-                    reason = "needs a CUDA GPU"
-                elif backend in ("varlen", "flash") and (device == "cpu" or dtype == torch.float32):
+                if backend in ("varlen", "flash") and (device == "cpu" or dtype == torch.float32):
                     continue  # these kernels exist for CUDA half precision only
                 elif backend == "flash" and not flash_attn_available():
                     reason = "flash-attn is not installed"
@@ -49,6 +47,8 @@ def cases():
                 elif device == "cpu" and dtype == torch.float16:
                     continue
                 marks = [pytest.mark.skip(reason=reason)] if reason else []
+                if device == "cuda":
+                    marks.append(pytest.mark.gpu)
                 yield pytest.param(
                     backend, device, dtype, marks=marks, id=f"{backend}-{device}-{str(dtype)[6:]}"
                 )
@@ -69,7 +69,7 @@ def test_backend_matches_dense_reference(backend, device, dtype):
     assert error < TOLERANCE[dtype], f"{backend} relative error {error:.2e}"
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["flex", "varlen", "flash"])
 def test_cuda_backend_gradients_match_reference(backend):
     if backend == "flash" and not flash_attn_available():
@@ -180,13 +180,13 @@ def test_unknown_or_missing_backend_names_what_to_do(monkeypatch):
         ValueError, match=r"^attn_backend='flsh' is not an attention backend; use one of auto, flash, "
     ):
         select_backend("flsh", cpu, torch.float32)
-    monkeypatch.setattr(BACKENDS["flash"], "available", classmethod(lambda cls: False))
+    monkeypatch.setitem(BACKENDS, "flash", dataclasses.replace(BACKENDS["flash"], available=lambda: False))
     with pytest.raises(
         RuntimeError,
         match=r"^attn_backend='flash' needs the flash-attn package: pip install 'fitscale\[flash\]'$",
     ):
         select_backend("flash", torch.device("cuda"), torch.bfloat16)
-    monkeypatch.setattr(BACKENDS["varlen"], "available", classmethod(lambda cls: True))
+    monkeypatch.setitem(BACKENDS, "varlen", dataclasses.replace(BACKENDS["varlen"], available=lambda: True))
     expected = "attn_backend='varlen' needs CUDA fp16/bf16 inputs, got cpu torch.float32; "
     with pytest.raises(
         RuntimeError, match=rf"^{expected}set model.attn_backend=auto to pick one that runs here$"

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import bench_train
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-
-import bench_train  # noqa: E402
-
-from fitscale.data.batch import PADDING_SEGMENT_TOKENS  # noqa: E402
-from fitscale.models.attention import flash_attn_available, length_groups  # noqa: E402
+from fitscale.data.batch import PADDING_SEGMENT_TOKENS
+from fitscale.models.attention import flash_attn_available, length_groups
 
 
 def test_collator_order_needs_no_gather_and_arrival_order_does():

@@ -69,6 +69,7 @@ def test_a_remote_validation_split_and_train_and_validation_on_one_cache(dataset
         LatentLoader(other, 0, 1, validation=True)
 
 
+@pytest.mark.slow  # a second process holding the cache, ~20 s
 def test_a_cache_in_use_by_a_live_run_is_refused_and_taken_over_after_sigkill(dataset, tmp_path):
     cache = tmp_path / "cache"
     holder = subprocess.Popen(

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
+import extrapolation_study
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-
-import extrapolation_study  # noqa: E402
-
-from fitscale.models import build_model  # noqa: E402
-from fitscale.sample.generate import generate_latents, load_sampling_model  # noqa: E402
-from fitscale.sample.options import SamplingOptions  # noqa: E402
-from fitscale.sample.plan import SampleItem  # noqa: E402
+from fitscale.models import build_model
+from fitscale.sample.generate import generate_latents, load_sampling_model
+from fitscale.sample.options import SamplingOptions
+from fitscale.sample.plan import SampleItem
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of the reference package
-
-from reference.official_fitv2 import (  # noqa: E402
+from reference.official_fitv2 import (
     OfficialFiTv2,
     ReferenceConfig,
     official_shapes,
@@ -21,7 +17,7 @@ from reference.official_fitv2 import (  # noqa: E402
     reference_config,
     unpad,
 )
-from reference.release_rope import RopeSpec, get_1d_rope_freqs, image_cos_sin, magnitude, rotate_pairs  # noqa: E402
+from reference.release_rope import RopeSpec, get_1d_rope_freqs, image_cos_sin, magnitude, rotate_pairs
 
 KEY_TABLE = Path(__file__).resolve().parents[1] / "reference" / "fitv2-xl-official-keys.tsv"
 SMALL = ReferenceConfig(depth=2, hidden_size=96, num_heads=2, lora_rank=16, num_classes=10)

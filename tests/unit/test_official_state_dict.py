@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of the reference package
-
-from reference.official_fitv2 import official_shapes, random_official_state_dict, reference_config  # noqa: E402
-from reference.pairs import build_fitscale, reference_config_of  # noqa: E402
+from reference.official_fitv2 import official_shapes, random_official_state_dict, reference_config
+from reference.pairs import build_fitscale, reference_config_of
 
 
 @pytest.fixture
@@ -127,7 +123,12 @@ def test_wrapped_model_names_come_back_to_the_plain_names():
     names = [name for name, _ in compiled.named_parameters()]
     assert any("._checkpoint_wrapped_module." in n for n in names) and names[0].startswith("_orig_mod.")
     assert [clean_parameter_name(name) for name in names] == plain
-    assert clean_parameter_name("module.module._orig_mod.blocks.0.attn.qkv.weight") == "blocks.0.attn.qkv.weight"
+    assert (
+        clean_parameter_name("module.module._orig_mod.blocks.0.attn.qkv.weight") == "blocks.0.attn.qkv.weight"
+    )
     load_official_state_dict(tiny, {f"module.{k}": v for k, v in compiled.state_dict().items()})
     assert all(torch.equal(a, b) for a, b in zip(tiny.state_dict().values(), wrapped.state_dict().values()))
-    assert not all(torch.equal(a, b) for a, b in zip(build_model("tiny").state_dict().values(), tiny.state_dict().values()))
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(build_model("tiny").state_dict().values(), tiny.state_dict().values())
+    )

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of the reference package
-
-from reference.official_fitv2 import random_official_state_dict  # noqa: E402
-from reference.pairs import build_fitscale, pack, packed_forward, random_images, reference_config_of  # noqa: E402
+from reference.official_fitv2 import random_official_state_dict
+from reference.pairs import build_fitscale, pack, packed_forward, random_images, reference_config_of
 
 # Per-image frequencies with every scaling switched on: each segment must get its own rotation.
 PER_IMAGE_ROPE = dict(rope_method="yarn", rope_decoupled=True, rope_attn_scale=True, rope_per_image=True)

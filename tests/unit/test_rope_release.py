@@ -10,20 +10,15 @@ ramps' bounds clamp, meet or cross.
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from reference.pairs import RELEASE_NAMES
+from reference.release_rope import RELEASE_METHODS, RopeSpec, image_cos_sin
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of the reference package
-
-from reference.pairs import RELEASE_NAMES  # noqa: E402
-from reference.release_rope import RELEASE_METHODS, RopeSpec, image_cos_sin  # noqa: E402
-
-from fitscale.models.config import build_config  # noqa: E402
-from fitscale.models.extrapolation import release_sampling_overrides  # noqa: E402
-from fitscale.models.rope import rope_cos_sin  # noqa: E402
+from fitscale.models.config import build_config
+from fitscale.models.extrapolation import release_sampling_overrides
+from fitscale.models.rope import rope_cos_sin
 
 # at, below, wide, tall, one token wide or tall, 1x1, far above; relative to L0 = 16
 GRIDS = [

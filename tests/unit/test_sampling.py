@@ -292,6 +292,7 @@ def test_bad_sampler_flags_stop_the_command_before_anything_is_written(weights_f
     assert not out.exists()
 
 
+@pytest.mark.slow  # two sampling ranks
 def test_two_ranks_write_the_images_one_rank_writes(weights_file, tmp_path, capsys):
     """`fitscale sample` on 2 gloo ranks (launched as `--nproc 2` launches them): each rank samples
     every other image, in batches of its own; a noise stream tied to the rank or the batch would
