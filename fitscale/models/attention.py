@@ -1,8 +1,9 @@
 """Packed variable-length attention: every token attends only to the tokens of its own image.
 
 Each backend computes softmax(q k^T / sqrt(d)) v per segment of `cu_seqlens` (a document mask)
-and is a small class registered by name in `BACKENDS`, saying what it needs from the packed
-batch, whether it is installed (`available()`) and on which inputs it runs:
+and is an `AttentionBackend` registered by name in `BACKENDS`: its attention function, what it
+needs from the packed batch (prepared once per forward), whether it is installed (`available()`)
+and on which inputs it runs:
 - `flash`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16), the fastest when installed;
   needs cu_seqlens and max_seqlen.
 - `varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16), the same
