@@ -10,8 +10,11 @@ Each mode may add `+compile` (torch.compile per block; `+autotune` with compile:
 max-autotune-no-cudagraphs mode), `+ac` (activation checkpointing),
 `+bf16w` (bf16 weights and optimizer state, no fp32 master copy: the mixed-precision ceiling),
 `+static` (packed steps with one segment count and one `max_seqlen`, zero-length segments
-appended: every step has the same shapes and scalars) and `+cudagraphs` (with compile and
-static: CUDA graphs replay each block, removing the kernel-launch cost from the host).
+appended: every step has the same shapes and scalars), `+cudagraphs` (with compile and
+static: CUDA graphs replay each block, removing the kernel-launch cost from the host) and
+`+fp8` / `+fp8row` (torchao float8 tensorwise / rowwise matmuls in the linears that pass
+torchao's size filter, fitscale.parallel.float8; emulated on CPU; `--float8-all` converts every
+linear with dims multiples of 16, for small CPU models). MFU stays counted in bf16 FLOPs.
 MFU counts real FLOPs only (fitscale.models.flops on the real image lengths): padding does not count.
 
 Image sizes follow the paper's preprocessing applied to ImageNet-like originals: aspect ratios
@@ -131,20 +134,26 @@ def with_static_segments(inputs: dict, num_segments: int, max_seqlen: int, null_
     """The same packed step with `num_segments` segments (zero-length ones appended, null class,
     1x1 grid) and a fixed `max_seqlen` (at least the longest image): identical shapes and scalars
     in every step, as CUDA graphs need; the output for every token is unchanged."""
-    extra = num_segments - inputs["num_segments"]
-    if extra < 0 or max_seqlen < inputs["max_seqlen"]:
+    from fitscale.train.cuda_graphs import StaticShapes, static_model_inputs
+
+    if num_segments < inputs["num_segments"] or max_seqlen < inputs["max_seqlen"]:
         raise ValueError(
             f"a step has {inputs['num_segments']} segments and a longest one of {inputs['max_seqlen']}"
         )
-    cu = inputs["cu_seqlens"]
-    return {
-        **inputs,
-        "cu_seqlens": torch.cat([cu, cu[-1:].expand(extra)]),
-        "labels": torch.cat([inputs["labels"], inputs["labels"].new_full((extra,), null_class)]),
-        "sizes": torch.cat([inputs["sizes"], inputs["sizes"].new_ones((extra, 2))]),
-        "max_seqlen": max_seqlen,
-        "num_segments": num_segments,
-    }
+    x, labels, pos, cu = inputs["x1"], inputs["labels"], inputs["pos"], inputs["cu_seqlens"]
+    t = x.new_ones(inputs["num_segments"])  # drawn again in every step
+    (_, _, labels, _, cu), static = static_model_inputs(
+        StaticShapes(num_segments, max_seqlen),
+        null_class,
+        x,
+        t,
+        labels,
+        pos,
+        cu,
+        inputs["max_seqlen"],
+        inputs["sizes"],
+    )
+    return {**inputs, "cu_seqlens": cu, "labels": labels, **static, "num_segments": num_segments}
 
 
 def train_step(model, optimizer, inputs, dtype, cudagraphs: bool = False) -> torch.Tensor:
@@ -200,6 +209,19 @@ def run_mode(mode: str, args, step_grids, device, dtype, after_warmup=None) -> d
     model.train()
     if "bf16w" in parts:  # pure bf16 weights and optimizer state: the ceiling without fp32 master weights
         model.to(torch.bfloat16)
+    float8 = {"fp8": "tensorwise", "fp8row": "rowwise"}
+    recipes = [float8[part] for part in parts if part in float8]
+    report = None
+    if recipes:
+        from fitscale.config.parallel import ParallelConfig
+        from fitscale.parallel.float8 import apply_float8
+
+        cfg = ParallelConfig(float8=recipes[0], float8_size_filter=not args.float8_all)
+        try:
+            report = apply_float8(model, cfg, device)
+        except Exception as error:  # torchao absent, or no float8 matmuls on this GPU
+            return {"mode": mode, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+        print(f"{mode}: {report.summary()}", flush=True)
     if use_ac:
         apply_ac(model, "full")
     compile_modes = {
@@ -265,6 +287,9 @@ def run_mode(mode: str, args, step_grids, device, dtype, after_warmup=None) -> d
         "real_tflops_per_s": flops / elapsed / 1e12,
         "loss": float(loss),
     }
+    if report is not None:
+        result["float8_converted"] = len(report.converted)
+        result["float8_kept"] = len(report.skipped)
     result["input_check_ms"] = input_check_ms(config, used, padded)
     result["input_check_share"] = result["input_check_ms"] / result["step_ms"]
     peak = peak_flops(device, args.peak_tflops)
@@ -359,6 +384,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default torch's"
+    )
+    parser.add_argument(
+        "--float8-all",
+        action="store_true",
+        help="+fp8 modes: convert every linear with dims multiples of 16 (no torchao size filter)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)

@@ -6,11 +6,10 @@ message that names the field, the value and what to change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-BATCH_MODES = ("images", "tokens")
-WORKER_METHODS = ("process", "thread")
+from fitscale.config.schema import check_choices
 
 
 @dataclass
@@ -40,7 +39,9 @@ class DataConfig:
     # Micro-batches per rank per optimizer step (batch_mode "tokens" only).
     micro_batches_per_step: int = 1
     # Token limit the dataset was written for: 256 (256x256 pretraining) or 1024 (512x512).
-    max_image_tokens: int = 256
+    max_image_tokens: Literal[256, 1024] = field(
+        default=256, metadata={"hint": "256 for 256x256 images, 1024 for 512x512"}
+    )
     # Images with fewer tokens are skipped and counted, as in the release.
     min_image_tokens: int = 16
     # Pad every micro-batch to exactly `token_budget` tokens (static shapes for torch.compile);
@@ -87,20 +88,11 @@ class DataConfig:
                 f"data.val_path: data.val_remote={self.val_remote!r} needs a local cache folder; "
                 "set data.val_path to one"
             )
-        if self.batch_mode not in BATCH_MODES:
-            raise ValueError(f"data.batch_mode={self.batch_mode!r}: use one of {', '.join(BATCH_MODES)}")
-        if self.worker_method not in WORKER_METHODS:
-            raise ValueError(
-                f"data.worker_method={self.worker_method!r}: use one of {', '.join(WORKER_METHODS)}"
-            )
+        check_choices(self, "data.")
         for name in ("global_batch_size", "token_budget", "micro_batches_per_step", "packing_lookahead"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name}={value!r}: must be a positive integer")
-        if self.max_image_tokens not in (256, 1024):
-            raise ValueError(
-                f"data.max_image_tokens={self.max_image_tokens!r}: use 256 (256x256 images) or 1024 (512x512)"
-            )
         if not 1 <= self.min_image_tokens <= self.max_image_tokens:
             raise ValueError(
                 f"data.min_image_tokens={self.min_image_tokens!r}: must lie in [1, max_image_tokens="

@@ -16,6 +16,7 @@ import inspect
 import io
 import textwrap
 import tokenize
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,9 @@ class FieldInfo:
 
 @functools.cache
 def field_descriptions(cls: type) -> dict[str, str]:
-    """{field name: description} of a dataclass from its source ("" where the source says nothing)."""
-    source = textwrap.dedent(inspect.getsource(cls))
+    """{field name: description} of a dataclass from its source ("" where the source says nothing);
+    a class made from another one's fields (`_field_source`, e.g. ModelOverrides) reads that one's."""
+    source = textwrap.dedent(inspect.getsource(getattr(cls, "_field_source", cls)))
     lines = source.splitlines()
     comments: dict[int, str] = {}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -83,16 +85,15 @@ def _is_section(value: Any) -> bool:
 def describe(cls: type, prefix: str = "") -> list[FieldInfo]:
     """The fields of a config dataclass and of the sections nested in it, depth first, in source order.
 
-    `model.overrides` is followed by the fields of fitscale.models.ModelConfig it can set
-    (`model.overrides.<field>`), whose defaults are the preset's."""
+    A choice field's type is its allowed values (`fsdp | deepspeed`). The fields of `model.overrides`
+    are those of fitscale.models.ModelConfig as written there, with the preset's defaults."""
     from typing import get_type_hints
 
-    from fitscale.config import ModelSection
-
-    hints = get_type_hints(cls)
+    source = getattr(cls, "_field_source", cls)
+    hints = get_type_hints(source)
     docs = field_descriptions(cls)
     out: list[FieldInfo] = []
-    for item in dataclasses.fields(cls):
+    for item in dataclasses.fields(source):
         path = f"{prefix}{item.name}"
         kind = hints.get(item.name)
         if _is_section(kind):
@@ -101,16 +102,20 @@ def describe(cls: type, prefix: str = "") -> list[FieldInfo]:
             )
             out.extend(describe(kind, f"{path}."))
             continue
-        out.append(FieldInfo(path, str(item.type), _default(item), docs.get(item.name, "")))
-        if cls is ModelSection and item.name == "overrides":
-            from fitscale.models.config import ModelConfig
-
-            # the defaults come from the preset (`model.name`), not from the dataclass
-            out.extend(
-                dataclasses.replace(info, default=PRESET_DEFAULT)
-                for info in describe(ModelConfig, f"{path}.")
-            )
+        default = PRESET_DEFAULT if source is not cls else _default(item)
+        out.append(FieldInfo(path, _type_text(item, kind), default, docs.get(item.name, "")))
     return out
+
+
+def _type_text(item: dataclasses.Field, kind: Any) -> str:
+    """The type as written, or for a choice field its allowed values, e.g. `auto | cpu | cuda`."""
+    from fitscale.config.schema import choices
+
+    allowed = choices(kind)
+    if allowed is None:
+        return str(item.type)
+    optional = " | None" if type(None) in getattr(kind, "__args__", ()) else ""
+    return " | ".join(str(a) for a in allowed) + optional
 
 
 def _class_doc(cls: type) -> str:
@@ -120,7 +125,7 @@ def _class_doc(cls: type) -> str:
 def describe_run(section: str | None = None) -> list[FieldInfo]:
     """Every field of RunConfig, or of one section (`train`, `optim.ema`, ...). ValueError names
     an unknown section and lists the sections."""
-    from fitscale.config import RunConfig
+    from fitscale.config.run import RunConfig
 
     fields = describe(RunConfig)
     if section is None:
@@ -167,7 +172,10 @@ def annotated_yaml(config: Any, width: int = 100) -> str:
     def emit(obj: Any, indent: int) -> None:
         docs = field_descriptions(type(obj))
         pad = " " * indent
+        shown = set(obj) if isinstance(obj, Mapping) else None  # model.overrides: the fields set
         for item in dataclasses.fields(obj):
+            if shown is not None and item.name not in shown:
+                continue
             value = getattr(obj, item.name)
             section = dataclasses.is_dataclass(value)
             description = (_class_doc(type(value)) if section else "") or docs.get(item.name, "")
@@ -180,7 +188,9 @@ def annotated_yaml(config: Any, width: int = 100) -> str:
                         subsequent_indent=f"{pad}# ",
                     )
                 )
-            if section:
+            if section and isinstance(value, Mapping) and not value:
+                out.append(f"{pad}{item.name}: {{}}")
+            elif section:
                 out.append(f"{pad}{item.name}:")
                 emit(value, indent + 2)
             else:

@@ -10,11 +10,10 @@ Two layers, so that a recipe says what a run needs and a profile says what a clu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fitscale.config.errors import ConfigError
-
-SCHEDULERS = ("slurm", "local")
+from fitscale.config.schema import check_choices
 
 
 @dataclass
@@ -61,7 +60,7 @@ class ClusterProfile:
 
     name: str = "local"
     """Shown in `--dry-run` and in the run folder's launch record."""
-    scheduler: str = "slurm"
+    scheduler: Literal["slurm", "local"] = "slurm"
     """`slurm` submits with submitit; `local` runs the processes on this machine (no SLURM)."""
     partition: str | None = None
     """SLURM partition (`--partition`); None uses the cluster's default."""
@@ -95,17 +94,16 @@ class ClusterProfile:
     """Largest job this cluster allows, checked by `--dry-run`; 0 means no limit."""
 
     def __post_init__(self) -> None:
-        where = f"cluster profile {self.name!r}"
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"{where}: scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        # `load_profile` names the file before each message
+        check_choices(self, "")
         for name in ("gpus_per_node", "max_nodes"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("tasks_per_node", "cpus_per_task", "time_min"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{where}: {name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.mem_gb is not None and self.mem_gb < 0:
-            raise ConfigError(f"{where}: mem_gb must be >= 0 (0 = the whole node), got {self.mem_gb}")
+            raise ConfigError(f"mem_gb: must be >= 0 (0 = the whole node), got {self.mem_gb}")
 
 
 @dataclass(frozen=True)

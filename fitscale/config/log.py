@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fitscale.config.errors import ConfigError
+from fitscale.config.schema import check_choices
 
-WANDB_MODES = ("offline", "online", "disabled")
-PROGRESS_BAR_MODES = ("auto", "on", "off")
+OnOff = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -20,13 +21,13 @@ class LogConfig:
     """Append one JSON line per logged step to `<run_dir>/metrics.jsonl` (kept across resumes)."""
     all_ranks: bool = False
     """Every rank writes its own `metrics.rank<r>.jsonl` (for debugging imbalance); wandb stays on rank 0."""
-    progress_bar: str = "auto"
+    progress_bar: OnOff = "auto"
     """tqdm bar with ETA on rank 0: `auto` (only on a terminal), `on` or `off`."""
-    console: str = "auto"
+    console: OnOff = "auto"
     """One `key=value` log line on stderr every `every` steps (step, loss, grad norm, lr, images/s,
     tokens/s, MFU, peak memory, data wait, ETA) and one per event (checkpoint, resume, validation,
     skipped step, samples): `auto` (when no progress bar is shown, e.g. under SLURM), `on` or `off`."""
-    wandb: str = "offline"
+    wandb: Literal["offline", "online", "disabled"] = "offline"
     """`offline` (files under the run folder, sync later with `wandb sync`), `online` or `disabled`."""
     wandb_project: str = "fitscale"
     """wandb project name."""
@@ -42,16 +43,9 @@ class LogConfig:
     """Also log the loss averaged over this many equal-width timestep buckets; 0 disables it."""
 
     def __post_init__(self) -> None:
+        check_choices(self, "log.")
         if self.every < 1:
             raise ConfigError(f"log.every: must be >= 1, got {self.every}")
-        if self.progress_bar not in PROGRESS_BAR_MODES:
-            raise ConfigError(
-                f"log.progress_bar: {self.progress_bar!r} is not one of {', '.join(PROGRESS_BAR_MODES)}"
-            )
-        if self.console not in PROGRESS_BAR_MODES:
-            raise ConfigError(f"log.console: {self.console!r} is not one of {', '.join(PROGRESS_BAR_MODES)}")
-        if self.wandb not in WANDB_MODES:
-            raise ConfigError(f"log.wandb: {self.wandb!r} is not one of {', '.join(WANDB_MODES)}")
         if self.peak_flops < 0:
             raise ConfigError(
                 f"log.peak_flops: must be >= 0 (0 uses the device table), got {self.peak_flops}"

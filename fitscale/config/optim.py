@@ -10,21 +10,17 @@ the paper recipes set `warmup: none`, the release's constant decay.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fitscale.config.errors import ConfigError
-
-IMPLEMENTATIONS = ("auto", "fused", "foreach", "apex")
-LR_SCALINGS = ("none", "linear", "sqrt")
-SCHEDULES = ("constant", "cosine", "wsd")
-DECAY_SHAPES = ("linear", "cosine", "sqrt")
-EMA_WARMUPS = ("none", "ratio", "power")
+from fitscale.config.schema import check_choices
 
 
 @dataclass
 class ScheduleConfig:
     """Learning-rate factor over steps: linear warmup, then constant, cosine or warmup-stable-decay."""
 
-    name: str = "constant"
+    name: Literal["constant", "cosine", "wsd"] = "constant"
     """`constant` (the paper: warmup then the base rate), `cosine` (to `min_lr_ratio` at the last step)
     or `wsd` (warmup, stable, then decay over the last `decay_fraction` of the run)."""
     warmup_steps: int = 0
@@ -33,12 +29,11 @@ class ScheduleConfig:
     """Final rate as a fraction of the base rate for `cosine` and `wsd`."""
     decay_fraction: float = 0.2
     """`wsd`: fraction of all steps spent decaying at the end of the run."""
-    decay_shape: str = "linear"
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
     """`wsd`: shape of the decay, `linear`, `cosine` or `sqrt` (1 - sqrt of progress)."""
 
     def __post_init__(self) -> None:
-        if self.name not in SCHEDULES:
-            raise ConfigError(f"optim.schedule.name: {self.name!r} is not one of {', '.join(SCHEDULES)}")
+        check_choices(self, "optim.schedule.")
         if self.warmup_steps < 0:
             raise ConfigError(
                 f"optim.schedule.warmup_steps: must be >= 0 (0 disables warmup), got {self.warmup_steps}"
@@ -49,10 +44,6 @@ class ScheduleConfig:
             raise ConfigError(
                 f"optim.schedule.decay_fraction: must be in (0, 1], got {self.decay_fraction}; "
                 "0.2 decays over the last fifth of the run"
-            )
-        if self.decay_shape not in DECAY_SHAPES:
-            raise ConfigError(
-                f"optim.schedule.decay_shape: {self.decay_shape!r} is not one of {', '.join(DECAY_SHAPES)}"
             )
 
 
@@ -69,7 +60,9 @@ class EMAConfig:
     """Update the EMA every k optimizer steps (a cost knob for very large models)."""
     start_step: int = 0
     """Before this step the EMA copies the weights instead of averaging them."""
-    warmup: str = "power"
+    warmup: Literal["none", "ratio", "power"] = field(
+        default="power", metadata={"hint": "`power` for new runs, `none` for the release's constant decay"}
+    )
     """How the decay grows with the step t = step - start_step - 1 (diffusers' `EMAModel.get_decay`;
     the EMA copies the weights while t <= 0, and the decay never exceeds `decay`):
     `power`: 1 - (1 + t / inv_gamma) ** -power (diffusers `use_ema_warmup=True`, timm `ModelEmaV3`);
@@ -83,17 +76,13 @@ class EMAConfig:
     3/4 reaches 0.999 at 10k steps (for shorter runs)."""
 
     def __post_init__(self) -> None:
+        check_choices(self, "optim.ema.")
         if not 0.0 <= self.decay < 1.0:
             raise ConfigError(f"optim.ema.decay: must be in [0, 1), got {self.decay}; the paper uses 0.9999")
         if self.update_every < 1:
             raise ConfigError(f"optim.ema.update_every: must be >= 1, got {self.update_every}")
         if self.start_step < 0:
             raise ConfigError(f"optim.ema.start_step: must be >= 0, got {self.start_step}")
-        if self.warmup not in EMA_WARMUPS:
-            raise ConfigError(
-                f"optim.ema.warmup: {self.warmup!r} is not one of {', '.join(EMA_WARMUPS)}; "
-                "`power` for new runs, `none` for the release's constant decay"
-            )
         if not self.inv_gamma > 0:
             raise ConfigError(f"optim.ema.inv_gamma: must be > 0, got {self.inv_gamma}; diffusers uses 1.0")
         if not self.power > 0:
@@ -116,10 +105,10 @@ class OptimConfig:
     """Decoupled weight decay of the matrices; 1-D parameters and `no_weight_decay` matches get none."""
     no_weight_decay: list[str] = field(default_factory=lambda: ["*.bias", "*embedding_table*"])
     """fnmatch patterns of parameter names that never get weight decay."""
-    implementation: str = "auto"
+    implementation: Literal["auto", "fused", "foreach", "apex"] = "auto"
     """`auto` (torch fused kernels where the device has them, else foreach), `fused`, `foreach`, or
     `apex` (NVIDIA apex FusedAdam; needs a real apex build, which PyPI does not have)."""
-    lr_scaling: str = "none"
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     """Scale the rate with the global batch: `linear` (lr * B / base_batch_size), `sqrt`, or `none`."""
     base_batch_size: int = 256
     """Global batch (images per optimizer step) that `lr` was tuned for."""
@@ -127,6 +116,7 @@ class OptimConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self) -> None:
+        check_choices(self, "optim.")
         if not self.lr > 0:
             raise ConfigError(f"optim.lr: must be > 0, got {self.lr}; the paper uses 1e-4")
         for name in ("beta1", "beta2"):
@@ -137,11 +127,5 @@ class OptimConfig:
             raise ConfigError(f"optim.eps: must be > 0, got {self.eps}")
         if self.weight_decay < 0:
             raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ConfigError(
-                f"optim.implementation: {self.implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}"
-            )
-        if self.lr_scaling not in LR_SCALINGS:
-            raise ConfigError(f"optim.lr_scaling: {self.lr_scaling!r} is not one of {', '.join(LR_SCALINGS)}")
         if self.base_batch_size < 1:
             raise ConfigError(f"optim.base_batch_size: must be >= 1, got {self.base_batch_size}")

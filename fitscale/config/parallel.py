@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from fitscale.config.errors import ConfigError
+from fitscale.config.schema import check_choices
 
-BACKENDS = ("fsdp", "deepspeed")
-SHARDINGS = ("full", "hybrid", "none")
-AC_MODES = ("off", "full", "every")
-DTYPES = ("auto", "bf16", "fp32")
+Dtype = Literal["auto", "bf16", "fp32"]
 
 
 @dataclass
 class ParallelConfig:
     """FSDP2 (the default) or DeepSpeed ZeRO driving the same model, loss and data."""
 
-    backend: str = "fsdp"
+    backend: Literal["fsdp", "deepspeed"] = "fsdp"
     """`fsdp` (torch FSDP2 `fully_shard`) or `deepspeed` (ZeRO stage `zero_stage`)."""
-    sharding: str = "full"
+    sharding: Literal["full", "hybrid", "none"] = "full"
     """FSDP: `full` shards over all ranks; `hybrid` (HSDP) shards within groups of `shard_size`
     ranks and replicates across them; `none` replicates everything (data parallel only)."""
     shard_size: int = 0
@@ -30,32 +29,32 @@ class ParallelConfig:
     backward (the previous ones); 0 keeps FSDP2's own schedule (one block ahead, overlapped on
     a CUDA stream). Each extra block keeps its gathered parameters alive longer; measure with
     tools/bench_fsdp_prefetch.py on the cluster before raising it."""
-    activation_checkpointing: str = "off"
+    activation_checkpointing: Literal["off", "full", "every"] = "off"
     """`off`, `full` (every block recomputes its activations in backward) or `every` (every
     `ac_every`-th block)."""
     ac_every: int = 2
     """With `activation_checkpointing: every`, checkpoint blocks 0, k, 2k, ..."""
     compile: bool = False
     """`torch.compile` each transformer block (static shapes need `data.token_budget`)."""
-    param_dtype: str = "auto"
+    param_dtype: Dtype = "auto"
     """Compute dtype of parameters: `auto` is bf16 on CUDA and fp32 on CPU; master weights stay fp32."""
-    reduce_dtype: str = "fp32"
+    reduce_dtype: Dtype = "fp32"
     """Dtype of gradient reduction across ranks."""
-    zero_stage: int = 3
+    zero_stage: Literal[2, 3] = field(default=3, metadata={"hint": "DeepSpeed stages 2 and 3 are supported"})
     """DeepSpeed ZeRO stage: 2 (optimizer state and gradients sharded) or 3 (parameters too)."""
+    float8: Literal["none", "tensorwise", "rowwise"] = "none"
+    """FSDP: float8 matmuls in the token linears (torchao `Float8LinearConfig` recipe; needs the
+    `float8` extra and a GPU of compute capability 8.9+, emulated on CPU). Weights, checkpoints and
+    exports stay in the master dtype. See fitscale/parallel/float8.py for which linears convert."""
+    float8_fsdp_all_gather: bool = False
+    """With `float8: tensorwise` on several ranks: FSDP2 all-gathers float8 weights (half of bf16's
+    bytes), their scales computed once per step after the optimizer step."""
+    float8_size_filter: bool = True
+    """Skip linears too small to gain from float8 (torchao's H100 thresholds); false converts every
+    linear whose dims are multiples of 16 (small test models)."""
 
     def __post_init__(self) -> None:
-        choices = {
-            "backend": BACKENDS,
-            "sharding": SHARDINGS,
-            "activation_checkpointing": AC_MODES,
-            "param_dtype": DTYPES,
-            "reduce_dtype": DTYPES,
-        }
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ConfigError(f"parallel.{name}: {value!r} is not one of {', '.join(allowed)}")
+        check_choices(self, "parallel.")
         if self.ac_every < 1:
             raise ConfigError(f"parallel.ac_every: must be >= 1, got {self.ac_every}")
         if self.fsdp_prefetch < 0:
@@ -66,7 +65,8 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.shard_size: must be >= 0 (0 = ranks of one node), got {self.shard_size}"
             )
-        if self.zero_stage not in (2, 3):
+        if self.float8_fsdp_all_gather and self.float8 != "tensorwise":
             raise ConfigError(
-                f"parallel.zero_stage: DeepSpeed stages 2 and 3 are supported, got {self.zero_stage}"
+                f"parallel.float8_fsdp_all_gather=true needs parallel.float8=tensorwise (got {self.float8}); "
+                "set parallel.float8=tensorwise or parallel.float8_fsdp_all_gather=false"
             )

@@ -8,18 +8,17 @@ checks the rules that involve other sections.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fitscale.config.errors import ConfigError
-
-TIMESTEP_SAMPLERS = ("logit_normal", "uniform")
-LOSS_WEIGHTINGS = ("uniform", "tokens")
+from fitscale.config.schema import check_choices
 
 
 @dataclass
 class FlowConfig:
     """Rectified flow: x_t = t x_1 + (1 - t) x_0 with t = 1 the clean data, velocity target."""
 
-    timesteps: str = "logit_normal"
+    timesteps: Literal["logit_normal", "uniform"] = "logit_normal"
     """How t is drawn per image: `logit_normal` (t = sigmoid(u), u ~ N(mean, std)) or `uniform`."""
     logit_mean: float = 0.0
     """Mean of u for `logit_normal`."""
@@ -27,26 +26,18 @@ class FlowConfig:
     """Standard deviation of u for `logit_normal`."""
     time_shift: float = 1.0
     """t <- s t / (1 + (s - 1) t) after sampling; 1 is the identity, s < 1 spends more steps near noise."""
-    loss_weighting: str = "uniform"
+    loss_weighting: Literal["uniform", "tokens"] = "uniform"
     """`uniform`: every image weighs the same (the release); `tokens`: weight n_tokens / reference_tokens."""
     reference_tokens: int = 256
     """Token count that gets weight 1 under `loss_weighting: tokens`."""
 
     def __post_init__(self) -> None:
-        if self.timesteps not in TIMESTEP_SAMPLERS:
-            raise ConfigError(
-                f"train.flow.timesteps: unknown sampler {self.timesteps!r}; use one of {', '.join(TIMESTEP_SAMPLERS)}"
-            )
+        check_choices(self, "train.flow.")
         if not self.logit_std > 0:
             raise ConfigError(f"train.flow.logit_std: must be > 0, got {self.logit_std}")
         if not self.time_shift > 0:
             raise ConfigError(
                 f"train.flow.time_shift: must be > 0 (1 disables the shift), got {self.time_shift}"
-            )
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ConfigError(
-                f"train.flow.loss_weighting: unknown weighting {self.loss_weighting!r}; "
-                f"use one of {', '.join(LOSS_WEIGHTINGS)}"
             )
         if self.reference_tokens < 1:
             raise ConfigError(f"train.flow.reference_tokens: must be >= 1, got {self.reference_tokens}")
@@ -75,8 +66,12 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
     max_nonfinite_steps: int = 20
     """Stop the run after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` (CUDA when available, else CPU), `cpu` or `cuda`."""
+    cuda_graphs: bool = False
+    """Replay each compiled block as a CUDA graph (torch.compile "reduce-overhead"): needs one GPU,
+    `parallel.compile` and `data.pad_to_budget`; every forward then gets one segment count and one
+    `max_seqlen` (zero-length segments appended, fitscale/train/cuda_graphs.py)."""
     val_every: int = 0
     """Score the held-out split (`data.val_path`) every this many steps and at the last step, for the
     weights and the EMA (`val_loss`, `val_loss_ema` in metrics.jsonl); 0 turns it off. Every image
@@ -109,6 +104,7 @@ class TrainConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
 
     def __post_init__(self) -> None:
+        check_choices(self, "train.")
         if not self.run_dir:
             raise ConfigError("train.run_dir: must name a folder, e.g. --set train.run_dir=runs/my_run")
         if self.steps < 1:
@@ -144,8 +140,6 @@ class TrainConfig:
                 raise ConfigError(
                     f"train.sample_sampler: {self.sample_sampler!r} is not one of {', '.join(SAMPLERS)}"
                 )
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"train.device: {self.device!r} is not `auto`, `cpu` or `cuda`")
 
 
 def parse_grid(text: str) -> tuple[int, int]:

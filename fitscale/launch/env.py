@@ -193,7 +193,9 @@ def init_distributed_from_env(device: str = "auto", timeout_s: float = 1800) -> 
     import torch.distributed as dist
 
     info = rank_info_from_env()
-    if info.source != "single":  # a lone process leaves its environment as it found it
+    if (
+        info.source != "single"
+    ):  # a lone process (e.g. `fitscale sample` in-process) leaves os.environ as it was
         export_torch_env(info)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:

@@ -2,7 +2,7 @@
 
 `--cluster NAME` looks for `NAME.yaml` in $FITSCALE_CLUSTER_DIR (if set), then `./cluster/`,
 then the `cluster/` folder of this checkout; `--cluster path/to/file.yaml` reads that file.
-Unknown keys and wrongly typed values are errors that name the file and the key.
+Unknown keys and wrongly typed values are errors that name the file and the key (fitscale.config.schema).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fitscale.config.errors import ConfigError
 from fitscale.config.launch import ClusterProfile
+from fitscale.config.schema import load_structured
 
 PROFILE_SUFFIXES = (".yaml", ".yml")
 
@@ -50,31 +50,14 @@ def find_profile(name_or_path: str) -> Path:
 
 
 def load_profile(name_or_path: str) -> ClusterProfile:
-    """Read and check a cluster profile; its `name` defaults to the file's stem."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    """Read and check a cluster profile; its `name` defaults to the file's stem.
 
+    FileNotFoundError names an unknown profile; every other problem is a one-line ConfigError,
+    `cluster profile '<file>': <field>: <problem>` (fitscale.config.schema)."""
     path = find_profile(name_or_path)
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as error:
-        raise ConfigError(f"cluster profile {str(path)!r} is not valid YAML: {error}") from error
-    if not isinstance(raw, dict) and not OmegaConf.is_dict(raw):
-        raise ConfigError(f"cluster profile {str(path)!r} must be a mapping of fields, e.g. `partition: gpu`")
-    if "name" not in raw:
-        raw.name = path.stem
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ClusterProfile), raw)
-        return OmegaConf.to_object(merged)
-    except ConfigError:
-        raise
-    except OmegaConfBaseException as error:
-        cause = error.__cause__
-        if isinstance(cause, ConfigError):
-            raise ConfigError(f"{path}: {cause}") from None
-        key = getattr(error, "full_key", None) or "?"
-        reason = str(getattr(error, "msg", error)).splitlines()[0]
-        raise ConfigError(
-            f"cluster profile {str(path)!r}, key {key!r}: {reason}; the fields are: "
-            f"{', '.join(ClusterProfile.__dataclass_fields__)}"
-        ) from None
+    return load_structured(
+        ClusterProfile,
+        values={"name": path.stem},
+        files=[("cluster profile", path)],
+        source=f"cluster profile {str(path)!r}",
+    )

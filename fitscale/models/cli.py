@@ -33,16 +33,13 @@ def register(subparsers) -> None:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """`--set` items for ModelConfig fields -> {field: YAML-parsed value}; ConfigError names a malformed item."""
-    import yaml
+    """`--set` items for ModelConfig fields -> {field: value} of the fields they set, read and typed by
+    the one config loader (fitscale.config.model.ModelOverrides); ConfigError names a malformed item,
+    an unknown field or a value of the wrong type."""
+    from fitscale.config.model import ModelOverrides
+    from fitscale.config.schema import load_structured
 
-    from fitscale.config import split_override
-
-    overrides = {}
-    for pair in pairs:
-        key, value = split_override(pair, "field=value, e.g. depth=4")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
+    return dict(load_structured(ModelOverrides, overrides=list(pairs), form="field=value, e.g. depth=4"))
 
 
 def model_info(name: str, seq_len: int = 256, trainable: str | None = None, **overrides) -> dict:

@@ -8,9 +8,12 @@ a recipe can override field by field.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-ROPE_METHODS = ("none", "linear", "ntk", "ntk_by_parts", "yarn", "ntk_pro1", "ntk_pro2")
+from fitscale.config.errors import ConfigError
+from fitscale.config.schema import check_choices, choice_message
+
 # The release's `custom_freqs` values (whlzy/FiT fit/model/rope.py), accepted as spellings of ours.
 RELEASE_ROPE_METHODS = {
     "normal": "none",
@@ -21,19 +24,27 @@ RELEASE_ROPE_METHODS = {
     "ntk-aware-pro1": "ntk_pro1",
     "ntk-aware-pro2": "ntk_pro2",
 }
-ATTENTION_BACKENDS = ("auto", "flash", "varlen", "flex", "grouped", "reference", "padded")
+# Ours first, then the release's spellings that differ (stored as ours).
+RopeMethod = Literal[
+    "none", "linear", "ntk", "ntk_by_parts", "yarn", "ntk_pro1", "ntk_pro2",
+    "normal", "ntk-aware", "ntk-by-parts", "ntk-aware-pro1", "ntk-aware-pro2",
+]  # fmt: skip
+ROPE_METHODS = tuple(dict.fromkeys(RELEASE_ROPE_METHODS.values()))  # ours
+RELEASE_SPELLINGS = (
+    f"{', '.join(n for n in RELEASE_ROPE_METHODS if n not in ROPE_METHODS)} are the release's names"
+)
+# The names registered in fitscale.models.attention.BACKENDS, and auto (a test keeps them equal).
+AttentionBackendName = Literal["auto", "flash", "varlen", "flex", "grouped", "reference", "padded"]
+ATTENTION_BACKENDS = get_args(AttentionBackendName)
 
 
 def canonical_rope_method(name: str) -> str:
-    """Our name of a RoPE method given ours or the release's `custom_freqs` (any case), or a ValueError."""
+    """Our name of a RoPE method given ours or the release's `custom_freqs` (any case);
+    ConfigError (a ValueError) listing both spellings otherwise (`model.rope_method: ...`)."""
     lowered = str(name).lower()
-    canonical = RELEASE_ROPE_METHODS.get(lowered, lowered)
-    if canonical not in ROPE_METHODS:
-        release = ", ".join(n for n in RELEASE_ROPE_METHODS if n not in ROPE_METHODS)
-        raise ValueError(
-            f"model.rope_method={name!r} is not one of {', '.join(ROPE_METHODS)} (or the release's {release})"
-        )
-    return canonical
+    if lowered not in get_args(RopeMethod):
+        raise ConfigError(choice_message("model.rope_method", name, get_args(RopeMethod), RELEASE_SPELLINGS))
+    return RELEASE_ROPE_METHODS.get(lowered, lowered)
 
 
 @dataclass(frozen=True)
@@ -55,14 +66,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # rope_method: training-free extrapolation, one of ROPE_METHODS or the release's custom_freqs name
     # (normal, ntk-aware, ntk-by-parts, ntk-aware-pro1, ntk-aware-pro2), stored as ours.
-    rope_method: str = "none"
+    rope_method: RopeMethod = field(default="none", metadata={"hint": RELEASE_SPELLINGS})
     rope_decoupled: bool = False  # scale rows and columns separately (release `decouple`; paper "Vision")
     rope_attn_scale: bool = False  # multiply cos/sin by sqrt(log(2hw)/log(L0^2)) when 2hw > L0^2
     rope_per_image: bool = False  # frequencies from each image's own grid (release `online_rope`)
     rope_base_grid: int = 16  # L0 (release `ori_max_pe_len`): training grid edge, 16 for 256 tokens
     # (rows, cols) of fixed frequencies (release `max_pe_len_h/w`); None: the L0 x L0 grid (no scaling)
     rope_target_grid: tuple[int, int] | None = None
-    attn_backend: str = "auto"  # auto, flash, varlen, flex, grouped, reference, padded (release)
+    attn_backend: AttentionBackendName = "auto"  # `padded` is the release's dense attention
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -98,10 +109,7 @@ class ModelConfig:
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         object.__setattr__(self, "rope_method", canonical_rope_method(self.rope_method))
-        if self.attn_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"model.attn_backend={self.attn_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
-            )
+        check_choices(self, "model.")
         if self.rope_method not in ("none", "linear") and self.head_dim // 2 <= 2:
             raise ValueError(f"model.rope_method={self.rope_method!r} needs a head dim above 4")
         if self.rope_method not in ("none", "linear") and self.rope_theta <= 1:
@@ -169,10 +177,12 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def build_config(name: str, **overrides) -> ModelConfig:
-    """The preset `name` with `overrides` applied and validated."""
+    """The preset `name` with `overrides` applied and validated; an override of None keeps the
+    preset's value (`model.overrides` of a run config holds every field, None where unset).
+    ValueError names an unknown preset or field, or the field whose value is wrong."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
-    return build_config_from(PRESETS[name], overrides)
+    return build_config_from(PRESETS[name], {k: v for k, v in overrides.items() if v is not None})
 
 
 def build_config_from(base: ModelConfig, overrides: dict) -> ModelConfig:

@@ -57,17 +57,11 @@ class DemoOptions:
 
     @classmethod
     def from_config(cls, config) -> DemoOptions:
-        """The options of a RunConfig's `hooks.options`; ValueError names an unknown or bad one."""
-        import dataclasses
+        """The options of a RunConfig's `hooks.options`, read by the one config loader; ConfigError (a
+        ValueError) names an unknown option or a bad value."""
+        from fitscale.config.schema import load_structured
 
-        options = dict(config.hooks.options)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"hooks.options: unknown demo option(s) {unknown}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**options)
+        return load_structured(cls, values=dict(config.hooks.options), source="hooks.options")
 
 
 def prepare_digits(config) -> None:

@@ -21,12 +21,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from fitscale.config.model import ModelOverrides, PresetName
+from fitscale.config.schema import check_choices, load_structured
 from fitscale.hardware import H100_BF16_PEAK
-
-MODES = ("grid", "isoflop", "steps")
-METRICS = ("auto", "val_loss_ema", "val_loss", "train_loss", "fid")
 
 
 @dataclass
@@ -34,9 +33,12 @@ class SweepModel:
     """One model size of the sweep: a preset plus ModelConfig overrides, under a short name."""
 
     name: str
-    preset: str
-    overrides: dict[str, Any] = field(default_factory=dict)
+    preset: PresetName
+    overrides: ModelOverrides = field(default_factory=ModelOverrides)  # or a dict of ModelConfig fields
     lrs: list[float] = field(default_factory=list)  # this model's learning-rate grid (else the spec's rule)
+
+    def __post_init__(self) -> None:
+        check_choices(self, f"model {self.name!r}: ")
 
 
 @dataclass
@@ -77,13 +79,14 @@ class HeldOutRun:
     """A run trained and scored with the sweep but left out of every fit, to test its predictions."""
 
     name: str
-    preset: str
-    overrides: dict[str, Any] = field(default_factory=dict)
+    preset: PresetName
+    overrides: ModelOverrides = field(default_factory=ModelOverrides)  # or a dict of ModelConfig fields
     budget: float | None = None  # training FLOPs (ours); or
     steps: int | None = None
     lr: float | None = None  # default: the spec's rule at this width (multiplier 1), else the recipe's
 
     def __post_init__(self) -> None:
+        check_choices(self, f"held_out {self.name!r}: ")
         if (self.budget is None) == (self.steps is None):
             raise ValueError(f"held_out {self.name!r}: give exactly one of `budget` (FLOPs) or `steps`")
         if (self.budget is not None and not self.budget > 0) or (self.steps is not None and self.steps < 1):
@@ -98,7 +101,7 @@ class SweepSpec:
     recipe: str  # base RunConfig recipe every run starts from
     out_dir: str  # each run trains in <out_dir>/<run name>
     models: list[SweepModel]
-    mode: str = "grid"
+    mode: Literal["grid", "isoflop", "steps"] = "grid"
     budgets: list[float] = field(default_factory=list)  # training FLOPs (ours), modes grid / isoflop
     isoflop: dict[float, list[str]] = field(default_factory=dict)  # budget -> model names (mode isoflop)
     steps: list[int] = field(default_factory=list)  # mode steps
@@ -111,13 +114,12 @@ class SweepSpec:
     fid: dict[str, Any] = field(default_factory=dict)  # reference, inception_weights, vae, num_images, cfg
     lr: LRAxis | None = None  # learning-rate rule / grid; default: the recipe's optim.lr for every run
     held_out: list[HeldOutRun] = field(default_factory=list)  # trained, scored, never fitted
-    metric: str = "auto"  # what `fit` fits: auto, val_loss_ema, val_loss, train_loss or fid
+    metric: Literal["auto", "val_loss_ema", "val_loss", "train_loss", "fid"] = "auto"  # what `fit` fits
     include_extrapolated: bool = False  # let isoFLOP optima outside the sizes tried into N*(C)
 
     def __post_init__(self) -> None:
         where = f"sweep {self.name!r}"
-        if self.mode not in MODES:
-            raise ValueError(f"{where}: mode {self.mode!r} is not one of {', '.join(MODES)}")
+        check_choices(self, f"{where}: ")
         if not self.models:
             raise ValueError(f"{where}: `models` is empty; list at least one {{name, preset}}")
         names = [m.name for m in self.models]
@@ -140,8 +142,6 @@ class SweepSpec:
             raise ValueError(f"{where}: mfu must be in (0, 1], got {self.mfu}")
         if self.tokens_per_image < 1:
             raise ValueError(f"{where}: tokens_per_image must be >= 1")
-        if self.metric not in METRICS:
-            raise ValueError(f"{where}: metric {self.metric!r} is not one of {', '.join(METRICS)}")
         for model in self.models:
             if any(not lr > 0 for lr in model.lrs):
                 raise ValueError(f"{where}: model {model.name!r}: lrs must be > 0, got {model.lrs}")
@@ -151,40 +151,11 @@ class SweepSpec:
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    """A SweepSpec from YAML; relative `recipe` and `out_dir` stay relative to the working directory."""
-    import yaml
+    """A SweepSpec from YAML; relative `recipe` and `out_dir` stay relative to the working directory.
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep spec {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    known = set(SweepSpec.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
-        )
-    missing = [k for k in ("name", "recipe", "out_dir", "models") if k not in raw]
-    if missing:
-        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
-    try:
-        raw["models"] = [SweepModel(**m) for m in raw["models"]]
-    except TypeError as error:
-        raise ValueError(f"{path}: each model is {{name, preset, overrides, lrs}}: {error}") from None
-    try:
-        if raw.get("lr") is not None:
-            raw["lr"] = LRAxis(**raw["lr"])
-        raw["held_out"] = [HeldOutRun(**h) for h in raw.get("held_out") or []]
-    except TypeError as error:
-        raise ValueError(
-            f"{path}: `lr` is {{base, base_width, width_exponent, multipliers}} and each `held_out` run "
-            f"{{name, preset, overrides, budget | steps, lr}}: {error}"
-        ) from None
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
-    raw["budgets"] = [float(b) for b in raw.get("budgets", [])]
-    raw["isoflop"] = {float(b): list(m) for b, m in (raw.get("isoflop") or {}).items()}
-    return SweepSpec(**raw)
+    FileNotFoundError names a missing file; every other problem is a one-line ConfigError (a
+    ValueError), `sweep spec '<file>': <field>: <problem>` (fitscale.config.schema)."""
+    return load_structured(SweepSpec, files=[("sweep spec", path)], source=f"sweep spec {str(path)!r}")
 
 
 @dataclass

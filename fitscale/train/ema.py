@@ -95,7 +95,12 @@ class EMA:
         self.cfg = cfg
         self.num_updates = 0
         self._params = dict(params)
-        self.shadow = {name: param.detach().to(torch.float32, copy=True) for name, param in params.items()}
+        from fitscale.parallel.float8 import without_float8_wrapper  # plain copies of float8 weights
+
+        self.shadow = {
+            name: without_float8_wrapper(param.detach()).to(torch.float32, copy=True)
+            for name, param in params.items()
+        }
 
     @torch.no_grad()
     def update(self, step: int) -> None:

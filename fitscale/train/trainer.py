@@ -37,6 +37,8 @@ from fitscale.parallel import (
     init_distributed,
 )
 from fitscale.parallel.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
+from fitscale.parallel.float8 import apply_float8, maybe_precompute_float8_scales
+from fitscale.train.cuda_graphs import maybe_apply_cuda_graphs
 from fitscale.train.loglines import configure_console, log_event
 from fitscale.train.metrics import Throughput
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
@@ -147,8 +149,13 @@ class Trainer:
             return self._build_deepspeed_model()
         with torch.device("meta"):
             model = build_model(cfg.model.name, **dict(cfg.model.overrides))
+        # float8 and CUDA graphs: fitscale/parallel/float8.py, fitscale/train/cuda_graphs.py
+        self.float8_report = apply_float8(model, cfg.parallel, self.env.device)
+        if self.env.is_main and cfg.parallel.float8 != "none":
+            log.info(self.float8_report.summary())
+        compile_mode = maybe_apply_cuda_graphs(model, cfg, self.env.device, self.env.world_size)
         apply_ac(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
-        apply_compile(model, cfg.parallel.compile)
+        apply_compile(model, cfg.parallel.compile, mode=compile_mode)
         self.mesh = build_mesh(cfg.parallel, self.env)
         if self.mesh is not None:
             apply_fsdp(model, self.mesh, cfg.parallel, self.env.device)
@@ -507,6 +514,7 @@ class Trainer:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            maybe_precompute_float8_scales(self.model, self.config.parallel, self.mesh is not None)
         self.scheduler.step()
 
     def _zero_grad(self) -> None:

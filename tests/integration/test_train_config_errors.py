@@ -17,7 +17,10 @@ CASES = {
     "train.steps=many": ("train.steps", "many"),
     "parallel.backend=zero": ("parallel.backend: 'zero' is not one of fsdp, deepspeed",),
     "data.num_classes=7": ("data.num_classes=7", "set model.overrides.num_classes=7"),
-    "model.overrides.depth_=3": ("unknown model field(s) depth_", "model.overrides"),
+    "model.overrides.depth_=3": (
+        "unknown config key 'model.overrides.depth_'",
+        "the fields of section 'model.overrides': hidden_size, depth,",
+    ),
     "parallel.compile=true": ("parallel.compile=true needs static shapes: set data.pad_to_budget=true",),
     "train.resume=latest": ("train.resume: 'latest' is not `auto`, `never` or a step number",),
     "train.trainable=[blocks.*.atn.*]": (

@@ -115,3 +115,16 @@ def test_profile_step_lists_the_operators_of_a_cpu_step_and_names_a_missing_back
         assert "profile_step: flash: RuntimeError: attn_backend='flash' needs the flash-attn package" in (
             capsys.readouterr().err
         )
+
+
+def test_float8_modes_report_the_converted_linears(tmp_path):
+    pytest.importorskip("torchao.float8", reason="the float8 extra (torchao) is not installed")
+    out = tmp_path / "bench.json"
+    argv = "--model tiny --depth 1 --mix 256 --images 4 --steps 1 --warmup 1 --threads 1"
+    argv += " --modes reference,reference+fp8,reference+fp8row --float8-all --json"
+    assert bench_train.main([*argv.split(), str(out)]) == 0
+    results = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    assert "float8_converted" not in results["reference"]
+    for mode in ("reference+fp8", "reference+fp8row"):  # qkv and proj; the SwiGLU's 170 is no multiple of 16
+        assert "error" not in results[mode]
+        assert (results[mode]["float8_converted"], results[mode]["float8_kept"]) == (2, 11)

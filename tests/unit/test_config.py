@@ -30,7 +30,7 @@ def test_demo_recipe_loads():
             "parallel.fsdp_prefetch=-1",
             "parallel.fsdp_prefetch: must be >= 0 (0 = FSDP2's own schedule), got -1",
         ),
-        ("train.flow.timesteps=cosine", "train.flow.timesteps: unknown sampler 'cosine'"),
+        ("train.flow.timesteps=cosine", "train.flow.timesteps: 'cosine' is not one of logit_normal, uniform"),
         ("model.overrides.num_classes=5", "data.num_classes=10 but the model has num_classes=5"),
         ("parallel.compile=true", "parallel.compile=true needs static shapes: set data.pad_to_budget=true"),
     ],

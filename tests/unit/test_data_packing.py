@@ -194,11 +194,14 @@ def test_padding_tail_is_split_into_short_segments_so_its_attention_stays_linear
 def test_data_config_errors_name_the_field_and_the_fix():
     with pytest.raises(ValueError, match=r"data.path: set it to a dataset folder"):
         DataConfig()
-    with pytest.raises(ValueError, match=r"data.batch_mode='token': use one of images, tokens"):
+    with pytest.raises(ValueError, match=r"^data.batch_mode: 'token' is not one of images, tokens$"):
         DataConfig(path="x", batch_mode="token")
     with pytest.raises(ValueError, match=r"data.token_budget=128: must hold the largest image"):
         DataConfig(path="x", token_budget=128)
-    with pytest.raises(ValueError, match=r"data.max_image_tokens=512: use 256"):
+    with pytest.raises(
+        ValueError,
+        match=r"^data.max_image_tokens: 512 is not one of 256, 1024; 256 for 256x256 images, 1024 for 512x512$",
+    ):
         DataConfig(path="x", max_image_tokens=512, token_budget=4096)
     with pytest.raises(ValueError, match=r"data.flip_prob=1.5: must be a probability"):
         DataConfig(path="x", flip_prob=1.5)

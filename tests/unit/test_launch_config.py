@@ -16,6 +16,7 @@ from fitscale.launch.env import (
     expand_tasks_per_node,
     export_torch_env,
     first_hostname,
+    init_distributed_from_env,
     master_port_for_job,
     rank_info_from_env,
 )
@@ -59,6 +60,23 @@ def test_torchrun_variables_win_over_slurm_and_batch_script_is_one_process():
     assert rank_info_from_env(batch_script).world_size == 1
 
 
+def test_a_lone_process_joins_without_touching_the_environment(monkeypatch):
+    for name in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_PROCID",
+        "SLURM_STEP_ID",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    info = init_distributed_from_env(device="cpu")
+    assert (info.rank, info.world_size, info.source) == (0, 1, "single")
+    assert dict(os.environ) == before  # else a later in-process command takes itself for a launched rank
+
+
 @pytest.mark.parametrize(
     "spec, counts", [("2", [2]), ("2(x3)", [2, 2, 2]), ("4(x2),1", [4, 4, 1]), ("1,3", [1, 3])]
 )
@@ -96,7 +114,7 @@ def test_profile_errors_name_the_file_and_key(tmp_path):
         load_profile("no-such-cluster")
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("scheduler: pbs\n")
-    with pytest.raises(ConfigError, match="scheduler 'pbs' is not one of slurm, local"):
+    with pytest.raises(ConfigError, match="wrong.yaml': scheduler: 'pbs' is not one of slurm, local$"):
         load_profile(str(wrong))
 
 

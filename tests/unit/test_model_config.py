@@ -54,8 +54,9 @@ def test_high_res_presets_use_per_image_decoupled_ntk():
         ({"hidden_size": 72, "num_heads": 12}, "head dim hidden_size/num_heads = 6 must be a multiple of 4"),
         (
             {"rope_method": "ntk2"},
-            "model.rope_method='ntk2' is not one of none, linear, ntk, ntk_by_parts, yarn, ntk_pro1, ntk_pro2 "
-            "(or the release's normal, ntk-aware, ntk-by-parts, ntk-aware-pro1, ntk-aware-pro2)",
+            "model.rope_method: 'ntk2' is not one of none, linear, ntk, ntk_by_parts, yarn, ntk_pro1, ntk_pro2, "
+            "normal, ntk-aware, ntk-by-parts, ntk-aware-pro1, ntk-aware-pro2; normal, ntk-aware, ntk-by-parts, "
+            "ntk-aware-pro1, ntk-aware-pro2 are the release's names",
         ),
         (
             {"rope_method": "ntk-aware-pro2", "rope_attn_scale": True},
@@ -73,7 +74,7 @@ def test_high_res_presets_use_per_image_decoupled_ntk():
         ),
         (
             {"attn_backend": "xformers"},
-            "model.attn_backend='xformers' is not one of auto, flash, varlen, flex, grouped, reference",
+            "model.attn_backend: 'xformers' is not one of auto, flash, varlen, flex, grouped, reference, padded",
         ),
         ({"depth": 0}, "model.depth must be positive, got 0"),
         ({"class_dropout_prob": 1.5}, "model.class_dropout_prob must be in [0, 1), got 1.5"),

@@ -73,8 +73,8 @@ def test_demo_hooks_are_named_by_the_recipe_and_check_their_options():
     with pytest.raises(ValueError) as info:
         DemoOptions.from_config(bad)
     assert str(info.value) == (
-        "hooks.options: unknown demo option(s) ['sample_cfg']; known: digits_max_side, digits_min_side, "
-        "sample_cfg_scale"
+        "hooks.options: unknown config key 'sample_cfg'; top-level fields are: digits_min_side, "
+        "digits_max_side, sample_cfg_scale"
     )
 
 
