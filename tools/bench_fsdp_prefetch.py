@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_train  # noqa: E402
 
 from fitscale.config.parallel import ParallelConfig  # noqa: E402
-from fitscale.launch.env import leave_process_group  # noqa: E402
+from fitscale.launch.env import init_distributed_from_env, leave_process_group  # noqa: E402
+from fitscale.launch.local import launch_local  # noqa: E402
 from fitscale.models import build_model  # noqa: E402
 from fitscale.parallel.fsdp import apply_fsdp  # noqa: E402
 
@@ -70,11 +71,8 @@ def measure(args, depth: int, device: torch.device) -> dict:
 
 
 def worker(args) -> None:
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
-    if device is not None:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device is not None else "gloo")
-    device = device or torch.device("cpu")
+    info = init_distributed_from_env()
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
@@ -101,17 +99,6 @@ def worker(args) -> None:
     leave_process_group()
 
 
-def spawned(rank: int, world_size: int, port: int, args) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    worker(args)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,7 +114,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per rank")
     parser.add_argument("--spawn", type=int, default=0, help="start this many local ranks (no torchrun)")
-    parser.add_argument("--port", type=int, default=29561)
+    parser.add_argument(
+        "--port", type=int, default=None, help="rendezvous port of --spawn (default: a free one)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     try:
@@ -136,10 +125,11 @@ def main(argv=None) -> int:
         parser.error(f"--prefetch takes comma-separated integers, got {args.prefetch!r}")
     if any(v < 0 for v in args.prefetch):
         parser.error(f"--prefetch depths must be >= 0, got {args.prefetch}")
-    if args.spawn:
-        torch.multiprocessing.spawn(spawned, args=(args.spawn, args.port, args), nprocs=args.spawn, join=True)
-    elif "RANK" in os.environ:
+    if "RANK" in os.environ:  # a rank of torchrun's or of --spawn's
         worker(args)
+    elif args.spawn:
+        command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
+        return launch_local(command, args.spawn, master_port=args.port)
     else:
         parser.error("run under torchrun, or pass --spawn N to start N local ranks")
     return 0

@@ -41,23 +41,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fitscale.data.batch import grid_positions, padding_lengths  # noqa: E402
+from fitscale.data.batch import cu_seqlens_from_lengths, grid_positions, padding_lengths  # noqa: E402
+from fitscale.hardware import lookup_peak_flops  # noqa: E402
 from fitscale.models import build_model  # noqa: E402
-from fitscale.models.attention import flash_attn_available, torch_varlen_available  # noqa: E402
+from fitscale.models.attention import (  # noqa: E402
+    flash_attn_available,
+    segment_ids_from_cu_seqlens,
+    torch_varlen_available,
+)
 from fitscale.models.flops import training_flops  # noqa: E402
 from fitscale.models.inputs import check_packed_batch  # noqa: E402
 
-# Dense bf16 peak FLOP/s by device-name fragment (the MFU denominator).
-PEAK_BF16 = {
-    "H200": 989e12,
-    "H100 SXM": 989e12,
-    "H100 80GB HBM3": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "4090": 165e12,
-}
 ASPECTS = [((4, 3), 0.45), ((3, 4), 0.12), ((1, 1), 0.13), ((3, 2), 0.15), ((16, 9), 0.08), ((2, 3), 0.07)]
 
 
@@ -120,8 +114,7 @@ def build_step_inputs(
         labels = torch.cat(
             [torch.randint(0, num_classes, (count,)), torch.full((len(seg) - count,), num_classes)]
         )
-    cu = torch.zeros(len(seg) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(seg).cumsum(0)
+    cu = cu_seqlens_from_lengths(seg)
     total = int(cu[-1])
     return {
         "x1": torch.randn(total, token_dim, device=device) * real_mask[:, None].to(device),
@@ -130,7 +123,7 @@ def build_step_inputs(
         "cu_seqlens": cu.to(device),
         "max_seqlen": max(seg),
         "sizes": sizes.to(device),
-        "segment_ids": torch.repeat_interleave(torch.arange(len(seg)), torch.tensor(seg)).to(device),
+        "segment_ids": segment_ids_from_cu_seqlens(cu, total).to(device),
         "real_mask": real_mask.to(device),
         "num_images": count,
         "num_segments": len(seg),
@@ -339,11 +332,7 @@ def peak_flops(device, override_tflops: float | None) -> float | None:
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for fragment, value in PEAK_BF16.items():
-        if fragment in name:
-            return value
-    return None
+    return lookup_peak_flops(torch.cuda.get_device_name(device))
 
 
 def default_modes(device) -> list[str]:

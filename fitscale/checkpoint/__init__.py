@@ -10,7 +10,6 @@ _EXPORTS = {
     "OptimizerState": "stateful",
     "PerRankState": "stateful",
     "RNGState": "stateful",
-    "clean_parameter_name": "stateful",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = list(_EXPORTS)

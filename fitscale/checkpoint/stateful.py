@@ -29,15 +29,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-# Module-name segments that wrappers (activation checkpointing, torch.compile, FSDP1, DDP) insert
-# into parameter names; saved names never contain them, so a checkpoint does not depend on them.
-WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
-
-
-def clean_parameter_name(name: str) -> str:
-    """`blocks.0._checkpoint_wrapped_module.attn.qkv.weight` -> `blocks.0.attn.qkv.weight`."""
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
-
 
 class ModelState(Stateful):
     """The model's weights, sharded as the model is (FSDP2 DTensors reshard on load)."""

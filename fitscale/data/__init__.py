@@ -6,6 +6,8 @@ from fitscale.lazy import lazy_exports
 _EXPORTS = {
     "LatentLoader": "loader",
     "PackedBatch": "batch",
+    "PackedLayout": "batch",
+    "cu_seqlens_from_lengths": "batch",
     "StepBatch": "loader",
     "build_loader": "loader",
     "build_validation_loader": "loader",

@@ -7,12 +7,19 @@ to itself and never counts in the loss. The model treats them as more images (la
 class); the loss reads only the first `num_images` segments. Short padding segments keep the
 tail's attention cost linear in its length: one 7,000-token tail would cost as much attention
 as some fifty 1,024-token images.
+
+`PackedLayout` is where the segments lie and what conditions them (labels, positions,
+boundaries, grid sizes); `PackedBatch` is a layout with its tokens and sample ids. Sampling holds
+a layout while its tokens change every step. The attention mask that the model derives from a
+layout is `fitscale.models.attention.DocumentMask`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 
 PADDING_SEGMENT_TOKENS = 128  # one FlashAttention tile
@@ -25,8 +32,63 @@ def padding_lengths(pad: int) -> list[int]:
 
 
 @dataclass
-class PackedBatch:
-    """Many images of any size back to back in one token sequence, with no padding between them.
+class PackedLayout:
+    """Where the segments of a packed sequence lie and what conditions them: every input of the
+    model besides the tokens x and the times t (`model(x, t, labels, pos, cu_seqlens, max_seqlen, sizes)`).
+
+    Sampling holds one while x changes every step; a `PackedBatch` is a layout with its tokens.
+    """
+
+    labels: torch.Tensor  # (S,) int64: class labels (padding segments hold the null class)
+    pos: torch.Tensor  # (T, 2) int64: (row, col) of each token in its image's patch grid
+    cu_seqlens: torch.Tensor  # (S+1,) int32: segment boundaries, 0 to T
+    sizes: torch.Tensor  # (S, 2) int64: grid rows and cols of each segment
+    max_seqlen: int  # longest segment, computed on the host (never with `.item()` in a step)
+
+    @property
+    def num_segments(self) -> int:
+        """S: real images plus padding segments."""
+        return int(self.cu_seqlens.numel()) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens computed, padding included."""
+        return int(self.pos.shape[0])
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(S,) tokens of each segment, on cu_seqlens' device."""
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    def select(self, segments: list[int]) -> PackedLayout:
+        """The layout of some of the segments, packed in the order given."""
+        starts, lengths = self.cu_seqlens[:-1].tolist(), self.lengths.tolist()
+        chosen = [lengths[i] for i in segments]
+        index = torch.tensor(segments, dtype=torch.int64, device=self.labels.device)
+        return PackedLayout(
+            labels=self.labels[index],
+            pos=torch.cat([self.pos[starts[i] : starts[i] + lengths[i]] for i in segments]),
+            cu_seqlens=cu_seqlens_from_lengths(chosen).to(self.cu_seqlens.device, self.cu_seqlens.dtype),
+            sizes=self.sizes[index],
+            max_seqlen=max(chosen),
+        )
+
+    def doubled(self, null_class: int) -> PackedLayout:
+        """The layout repeated, the copy's labels replaced by the null class (classifier-free guidance)."""
+        offset = self.cu_seqlens[-1]
+        return PackedLayout(
+            labels=torch.cat([self.labels, torch.full_like(self.labels, null_class)]),
+            pos=torch.cat([self.pos, self.pos]),
+            cu_seqlens=torch.cat([self.cu_seqlens, self.cu_seqlens[1:] + offset]),
+            sizes=torch.cat([self.sizes, self.sizes]),
+            max_seqlen=self.max_seqlen,
+        )
+
+
+@dataclass
+class PackedBatch(PackedLayout):
+    """Many images of any size back to back in one token sequence, with no padding between them:
+    a `PackedLayout` with its tokens and which images they are.
 
     The one contract between data, model and loss. T token rows hold S segments: the first
     `num_images` are real images (each rows*cols tokens of its patch grid, row-major), then, when the
@@ -47,23 +109,8 @@ class PackedBatch:
     """
 
     tokens: torch.Tensor  # (T, p*p*C) float: clean latent tokens, row-major per image
-    pos: torch.Tensor  # (T, 2) int64: (row, col) of each token in its image's patch grid
-    cu_seqlens: torch.Tensor  # (S+1,) int32: segment boundaries; S = num_images + padding segments
-    max_seqlen: int  # longest segment, computed on the host by the collator
-    labels: torch.Tensor  # (S,) int64: class labels (padding segments hold the null class)
-    sizes: torch.Tensor  # (S, 2) int64: grid rows and cols of each segment
     sample_ids: torch.Tensor  # (S,) int64: stable source ids (-1 for padding segments)
     num_images: int  # real images: the first `num_images` segments
-
-    @property
-    def num_segments(self) -> int:
-        """S: real images plus padding segments."""
-        return int(self.cu_seqlens.numel()) - 1
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens computed, padding included."""
-        return int(self.tokens.shape[0])
 
     @property
     def num_real_tokens(self) -> int:
@@ -140,8 +187,9 @@ def pack_images(
     )
 
 
-def cu_seqlens_from_lengths(lengths: list[int]) -> torch.Tensor:
-    """Segment boundaries (S+1,) int32 on the CPU, [0, l0, l0+l1, ...], of S segment lengths."""
+def cu_seqlens_from_lengths(lengths: Sequence[int] | np.ndarray) -> torch.Tensor:
+    """Segment boundaries (S+1,) int32 on the CPU, [0, l0, l0+l1, ...], of S segment lengths
+    (the `cu_seqlens` of FlashAttention's varlen interface)."""
     cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
     return cu_seqlens

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fitscale.compat import registered_locals, shm_registration_path
 from fitscale.locking import try_lock
 
 LOCK_FILE = ".fitscale-cache.lock"
@@ -86,15 +87,14 @@ def remove_stale_registrations(folder: str, misses: int = 64) -> list[str]:
     """Unlink Streaming's shared memory of every registration naming `folder` (call only while
     holding its lock: then no live reader uses them). Returns the names removed."""
     from streaming.base.constant import LOCALS, SHM_TO_CLEAN
-    from streaming.base.shared.prefix import _get_path, _unpack_locals
 
     if not SHM_DIR.is_dir():
         return []
     removed, missing, prefix = [], 0, 0
     while missing < misses:  # prefixes are taken in order; skipped ones leave gaps
-        locals_file = SHM_DIR / _get_path(prefix, LOCALS)
+        locals_file = SHM_DIR / shm_registration_path(prefix, LOCALS)
         try:
-            registered, _ = _unpack_locals(locals_file.read_bytes())
+            registered, _ = registered_locals(locals_file.read_bytes())
         except (FileNotFoundError, PermissionError, ValueError, UnicodeDecodeError):
             missing += 1
             prefix += 1
@@ -102,7 +102,7 @@ def remove_stale_registrations(folder: str, misses: int = 64) -> list[str]:
         missing = 0
         if folder in registered:
             for name in SHM_TO_CLEAN:
-                stale = SHM_DIR / _get_path(prefix, name)
+                stale = SHM_DIR / shm_registration_path(prefix, name)
                 if stale.exists():
                     stale.unlink()
                     removed.append(stale.name)

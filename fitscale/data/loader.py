@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fitscale.compat import shutdown_node_workers
 from fitscale.config.data import DataConfig
 from fitscale.data.batch import PackedBatch
 from fitscale.data.cache import open_streaming_dataset
@@ -242,11 +243,7 @@ class LatentLoader:
     def close(self) -> None:
         """Stop the workers of a running pipeline, consumer side first."""
         for node in reversed(self._nodes):
-            iterator = getattr(node, "_it", None)
-            while iterator is not None:
-                if hasattr(iterator, "_shutdown"):
-                    iterator._shutdown()
-                iterator = getattr(iterator, "_it", None)
+            shutdown_node_workers(node)
         self._nodes = []
         remove_leftovers(getattr(self, "_prefix", None))
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fitscale.config.data import DataConfig
-from fitscale.data.batch import PackedBatch, padding_batch, padding_lengths
+from fitscale.data.batch import PackedBatch, cu_seqlens_from_lengths, padding_batch, padding_lengths
 from fitscale.data.format import COLS, CROP_COLS, CROP_ROWS, LABEL, ROWS, SOURCE_ID, TOKEN_DIM
 from fitscale.data.reader import ShardReader
 
@@ -79,8 +79,7 @@ class Layout:
         """The PackedBatch fields other than tokens and positions: cu_seqlens (int32), max_seqlen,
         labels, sizes, ids.
         """
-        cu_seqlens = np.zeros(self.lengths.size + 1, np.int32)
-        np.cumsum(self.lengths, out=cu_seqlens[1:])
+        cu_seqlens = cu_seqlens_from_lengths(self.lengths).numpy()
         return {
             "cu_seqlens": cu_seqlens,
             "max_seqlen": int(self.lengths.max()),

@@ -27,32 +27,9 @@ from typing import NamedTuple
 import numpy as np
 
 from fitscale.data.format import COLS, CROP_COLS, CROP_ROWS, HAS_FLIP, LABEL, ROWS, SOURCE_ID
+from fitscale.seeds import sample_uniform, sample_uniforms
 
-_MASK64 = (1 << 64) - 1
 FLIP, CROP = 1, 2  # purposes of the per-sample hash
-
-
-def sample_uniform(seed: int, epoch: int, sample: int, purpose: int) -> float:
-    """A uniform [0, 1) draw that is a pure function of its arguments (splitmix64 finaliser)."""
-    x = (
-        seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + sample * 0x94D049BB133111EB + purpose
-    ) & _MASK64
-    for _ in range(2):
-        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
-        x ^= x >> 31
-    return (x >> 11) / float(1 << 53)
-
-
-def sample_uniforms(seed: int, epoch: int, samples: np.ndarray, purpose: int) -> np.ndarray:
-    """`sample_uniform` of many samples at once, bit for bit (uint64 arithmetic wraps mod 2**64)."""
-    base = np.uint64((seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + purpose) & _MASK64)
-    x = samples.astype(np.uint64) * np.uint64(0x94D049BB133111EB) + base
-    for _ in range(2):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 class PlannedImage(NamedTuple):

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from fitscale.compat import shard_state, touch_shard
 from fitscale.data.format import INDEX_FILE, TOKEN_DIM
 from fitscale.data.integrity import shard_hash_problem
 
@@ -165,10 +166,10 @@ class ShardReader:
         """The shard mapped into memory, with its sample offsets; fetched first when cached."""
         opened = self._maps.get(shard)
         if self.cache is not None:
-            if opened is None or self.cache._shard_states[shard] != SHARD_LOCAL:
+            if opened is None or shard_state(self.cache, shard) != SHARD_LOCAL:
                 self.cache.prepare_shard(shard)  # download / decompress; blocks while another does
                 opened = None
-            self.cache._shard_access_times[shard] = time.time_ns()  # what get_item records
+            touch_shard(self.cache, shard, time.time_ns())  # what get_item records
         if opened is not None:
             return opened
         layout = self.layouts[shard]

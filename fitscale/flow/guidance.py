@@ -17,9 +17,10 @@ the data end: s(t) = 1 + (s - 1) (1 - cos(pi (1 - t)^scale_pow)) / 2, full at t 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
+
+from fitscale.data.batch import PackedLayout
 
 
 def guidance_scale(cfg_scale: float, t: torch.Tensor, scale_pow: float = 0.0) -> torch.Tensor:
@@ -49,58 +50,6 @@ def guide(
             f"(patch size {patch_size})"
         )
     return torch.cat([guided[..., :split], v_cond[..., split:]], dim=-1)
-
-
-@dataclass
-class PackedLayout:
-    """Where the images of a packed batch are: everything the model needs besides x and t."""
-
-    labels: torch.Tensor  # (S,) int64
-    pos: torch.Tensor  # (T, 2)
-    cu_seqlens: torch.Tensor  # (S+1,) int32
-    sizes: torch.Tensor  # (S, 2)
-    max_seqlen: int
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """(S,) tokens of each image."""
-        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-
-    def select(self, images: list[int]) -> PackedLayout:
-        """The layout of some of the images, packed in the order given."""
-        starts, lengths = self.cu_seqlens[:-1].tolist(), self.lengths.tolist()
-        chosen = [lengths[i] for i in images]
-        index = torch.tensor(images, dtype=torch.int64, device=self.labels.device)
-        offsets = torch.zeros(len(images) + 1, dtype=self.cu_seqlens.dtype)
-        offsets[1:] = torch.tensor(chosen).cumsum(0)
-        return PackedLayout(
-            labels=self.labels[index],
-            pos=torch.cat([self.pos[starts[i] : starts[i] + lengths[i]] for i in images]),
-            cu_seqlens=offsets.to(self.cu_seqlens.device),
-            sizes=self.sizes[index],
-            max_seqlen=max(chosen),
-        )
-
-    @property
-    def num_images(self) -> int:
-        """S, the number of images (segments) in the layout."""
-        return int(self.labels.shape[0])
-
-    @property
-    def num_tokens(self) -> int:
-        """T, the number of token rows in the layout."""
-        return int(self.pos.shape[0])
-
-    def doubled(self, null_class: int) -> PackedLayout:
-        """The layout repeated, the copy's labels replaced by the null class."""
-        offset = self.cu_seqlens[-1]
-        return PackedLayout(
-            labels=torch.cat([self.labels, torch.full_like(self.labels, null_class)]),
-            pos=torch.cat([self.pos, self.pos]),
-            cu_seqlens=torch.cat([self.cu_seqlens, self.cu_seqlens[1:] + offset]),
-            sizes=torch.cat([self.sizes, self.sizes]),
-            max_seqlen=self.max_seqlen,
-        )
 
 
 class PackedVelocity:
@@ -164,7 +113,7 @@ class PackedVelocity:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._velocity(self.layout, x, t.expand(self.layout.num_images))
+        return self._velocity(self.layout, x, t.expand(self.layout.num_segments))
 
     @torch.no_grad()
     def images(self, images: list[int], xs: list[torch.Tensor], ts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -178,4 +127,4 @@ class PackedVelocity:
         return list(v.split([x.shape[0] for x in xs]))
 
 
-__all__ = ["PackedLayout", "PackedVelocity", "guidance_scale", "guide"]
+__all__ = ["PackedVelocity", "guidance_scale", "guide"]

@@ -19,19 +19,8 @@ from fitscale.config.train import FlowConfig
 from fitscale.data.batch import PackedBatch
 from fitscale.flow.path import interpolate, velocity_target
 from fitscale.flow.timesteps import sample_timesteps
-
-_MASK64 = (1 << 64) - 1
-
-
-def image_seed(seed: int, step: int, sample_id: int) -> int:
-    """A well-mixed 63-bit seed for one image at one step (splitmix64 of the three values)."""
-    value = 0
-    for part in (seed, step, sample_id):
-        value = (value ^ (part & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
-        value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
-        value = (value ^ (value >> 27)) * 0x94D049BB133111EB & _MASK64
-        value ^= value >> 31
-    return value & ((1 << 63) - 1)
+from fitscale.models.attention import segment_ids_from_cu_seqlens
+from fitscale.seeds import image_seed
 
 
 def per_image_noise(
@@ -41,7 +30,7 @@ def per_image_noise(
 
     Segments past `num_images` (the padding tail) get t = 1 and zero noise; the loss ignores them.
     """
-    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    lengths = batch.lengths.tolist()
     sample_ids = batch.sample_ids.tolist()
     channels = batch.tokens.shape[1]
     timesteps = torch.ones(batch.num_segments, dtype=torch.float32)
@@ -135,7 +124,7 @@ def flow_loss(
     tokens = batch.tokens.float()  # (T, C)
     t_tokens = torch.repeat_interleave(
         timesteps,
-        (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(timesteps.device),
+        batch.lengths.to(timesteps.device),
         output_size=batch.num_tokens,
     )  # (T,)
     x_t = interpolate(tokens, noise, t_tokens[:, None])  # (T, C)
@@ -150,12 +139,9 @@ def flow_loss(
         sizes=batch.sizes,
     )  # (T, C)
     token_error = (velocity.float() - target).square().mean(dim=1)  # (T,)
-    segment_lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(token_error.device)  # (S,)
-    segment = torch.repeat_interleave(
-        torch.arange(batch.num_segments, device=token_error.device),
-        segment_lengths,
-        output_size=batch.num_tokens,
-    )  # (T,): the padding segments come last and are dropped below
+    segment_lengths = batch.lengths.to(token_error.device)  # (S,)
+    # (T,) segment of every token: the padding segments come last and are dropped below
+    segment = segment_ids_from_cu_seqlens(batch.cu_seqlens.to(token_error.device), batch.num_tokens)
     segment_sum = token_error.new_zeros(batch.num_segments).index_add(0, segment, token_error)  # (S,)
     lengths = segment_lengths[: batch.num_images].to(token_error.dtype)  # (N,)
     per_image = segment_sum[: batch.num_images] / lengths  # (N,)

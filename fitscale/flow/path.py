@@ -20,11 +20,16 @@ def velocity_target(data: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """t <- s t / (1 + (s - 1) t), clamped to [0, 1]; s = 1 is the identity.
+    """t <- s t / (1 + (s - 1) t), capped at 1; s = 1 is the identity. Maps [0, 1] onto itself.
 
-    The release's formula: s > 1 moves timesteps towards the data end, s < 1 towards noise
-    (useful at high resolution, where more of the signal survives a given noise level).
+    The release's `time_shifting` (fit/model/fit_model.py, `torch.clamp(..., max=1.0)`), the
+    timestep shift of SD3 (Esser et al. 2024, section 5.3.2): s > 1 moves times towards the data
+    end, s < 1 towards noise (useful at high resolution, where more of the signal survives a given
+    noise level). One map, applied where each `time_shift` field says:
+    - `model.time_shift`: to the model's input time before its timestep embedding (the release's);
+    - `train.flow.time_shift`: to the training timesteps after they are drawn;
+    - `fitscale sample --time-shift`: to the sampler's time grid.
     """
     if shift == 1.0:
         return t
-    return (shift * t / (1 + (shift - 1) * t)).clamp(0.0, 1.0)
+    return torch.clamp(shift * t / (1 + (shift - 1) * t), max=1.0)

@@ -17,6 +17,8 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+from fitscale.compat import parse_node_list
+
 # Ports below Linux's ephemeral range (32768+), so a rendezvous port never collides with a client socket.
 PORT_BASE = 20000
 PORT_SPAN = 10000
@@ -90,13 +92,13 @@ def first_hostname(nodelist: str) -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     try:
-        from submitit.slurm.slurm import _parse_node_list
+        import submitit  # noqa: F401
     except ImportError as error:
         raise RuntimeError(
             f"cannot expand SLURM node list {nodelist!r}: scontrol is not on PATH and submitit is not "
             "installed (pip install 'fitscale[slurm]')"
         ) from error
-    return _parse_node_list(nodelist)[0]
+    return parse_node_list(nodelist)[0]
 
 
 def _int(environ: Mapping[str, str], name: str) -> int:
@@ -181,9 +183,10 @@ def apply_nccl_defaults(environ: MutableMapping[str, str] | None = None) -> None
 def init_distributed_from_env(device: str = "auto", timeout_s: float = 1800) -> RankInfo:
     """Join the job's process group however it was started (torchrun, SLURM, `launch_local`, alone).
 
-    Exports the torch.distributed variables (see the module docstring), picks NCCL with sensible
-    defaults on CUDA and gloo on CPU, binds each rank to GPU `LOCAL_RANK`, and initialises the
-    default process group when there is more than one rank. Safe to call twice.
+    Exports the torch.distributed variables (see the module docstring) when started as ranks,
+    picks NCCL with sensible defaults on CUDA and gloo on CPU, binds each rank to GPU
+    `LOCAL_RANK`, and initialises the default process group when there is more than one rank.
+    Safe to call twice. The trainer joins through `fitscale.parallel.mesh.init_distributed`.
     `device`: "auto" (CUDA if available), "cuda" or "cpu".
     """
     import torch

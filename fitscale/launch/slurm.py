@@ -7,7 +7,6 @@ come from `scontrol show job` while the controller remembers the job, then from 
 
 from __future__ import annotations
 
-import inspect
 import pickle
 import shlex
 import shutil
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fitscale.compat import SUBMITIT_TASK_MODULE, sbatch_parameter_names, sbatch_string
 from fitscale.config.launch import ClusterProfile, LaunchConfig, Resources
 from fitscale.launch.job import TrainingJob
 
@@ -55,8 +55,6 @@ def sbatch_parameters(
     profile: ClusterProfile, launch: LaunchConfig, resources: Resources, job_name: str
 ) -> dict:
     """submitit SlurmExecutor parameters: the profile, then the run's launch section on top."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     setup = list(profile.setup)
     setup += [f"export {name}={shlex.quote(str(value))}" for name, value in profile.env.items()]
     params: dict[str, Any] = {
@@ -80,7 +78,7 @@ def sbatch_parameters(
         params["mem"] = "0" if profile.mem_gb == 0 else f"{int(profile.mem_gb * 1024)}M"
     if profile.exclusive:
         params["exclusive"] = True
-    known = set(inspect.signature(_make_sbatch_string).parameters) - {"command", "folder", "map_count"}
+    known = sbatch_parameter_names()
     for extra in (profile.sbatch, launch.sbatch):
         for name, value in extra.items():
             key = name.replace("-", "_")
@@ -102,7 +100,7 @@ def task_python() -> str:
 
 def task_command(folder: str | Path) -> str:
     """The command every task of the job runs: submitit's entry point on the job's pickle folder."""
-    return " ".join([task_python(), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return " ".join([task_python(), f"-u -m {SUBMITIT_TASK_MODULE}", shlex.quote(str(folder))])
 
 
 def require_slurm() -> None:
@@ -128,10 +126,8 @@ def build_executor(folder: str | Path, params: dict, max_timeout_requeues: int):
 
 def sbatch_script(folder: str | Path, params: dict) -> str:
     """The batch script `build_executor(folder, params, ...)` submits (for `--dry-run`; needs no SLURM here)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     folder = Path(folder).expanduser().absolute()  # as submitit's executor holds it
-    return _make_sbatch_string(command=task_command(folder), folder=folder, **params)
+    return sbatch_string(command=task_command(folder), folder=folder, **params)
 
 
 class SubmissionError(RuntimeError):
@@ -182,7 +178,11 @@ def _run(command: list[str]) -> str | None:
 
 
 def job_state(job_id: str) -> str:
-    """SLURM's state of a job (PENDING, RUNNING, COMPLETED, FAILED, ...), or UNKNOWN."""
+    """SLURM's state of a job (PENDING, RUNNING, COMPLETED, FAILED, ...), or UNKNOWN.
+
+    Not submitit's `Job.state`: that reads `sacct` only (submitit 1.5.4), which clusters without
+    SLURM accounting lack; the controller's `scontrol show job` answers while it remembers the job.
+    """
     out = _run(["scontrol", "show", "job", "--oneliner", str(job_id)])
     if out:
         for field in out.split():

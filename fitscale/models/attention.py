@@ -1,26 +1,32 @@
 """Packed variable-length attention: every token attends only to the tokens of its own image.
 
-Backends, all computing softmax(q k^T / sqrt(d)) v per segment of `cu_seqlens`:
-- `flash`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16), the fastest when installed.
+Each backend computes softmax(q k^T / sqrt(d)) v per segment of `cu_seqlens` (a document mask)
+and is an `AttentionBackend` registered by name in `BACKENDS`: its attention function, what it
+needs from the packed batch (prepared once per forward), whether it is installed (`available()`)
+and on which inputs it runs:
+- `flash`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16), the fastest when installed;
+  needs cu_seqlens and max_seqlen.
 - `varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16), the same
-  FlashAttention kernels shipped inside PyTorch.
-- `flex`: FlexAttention with a document mask (any device; compiled for speed).
+  FlashAttention kernels shipped inside PyTorch; needs cu_seqlens and max_seqlen.
+- `flex`: FlexAttention (any device; compiled on CUDA); needs a block mask of the documents.
 - `grouped`: exact on any device and dtype: images of equal token count gathered into one batch,
-  one scaled_dot_product_attention call per distinct length (no padding, no mask). The fast
-  exact path on CPU, where per-call overhead and per-image slicing dominated `reference`.
+  one scaled_dot_product_attention call per distinct length (no padding, no mask); needs the
+  length groups (one host read of cu_seqlens). The fast exact path on CPU.
 - `reference`: scaled_dot_product_attention image by image; exact, any device and dtype; the
   simplest statement of the function, kept as the oracle the other backends are tested against.
 - `padded`: the released method, kept as the baseline for benchmarks: every image occupies a
   segment of exactly `max_seqlen` tokens whose first rows*cols are real, and attention runs on
-  the (B, H, N, N) batch with a dense boolean key mask.
-`auto` picks the first of flash, varlen, grouped that supports the inputs.
+  the (B, H, N, N) batch with a dense boolean key mask; needs `sizes`.
+`auto` picks the first of `AUTO_ORDER` that is installed and supports the inputs.
+`select_backend` is the one place that chooses, and names what to install or set when it cannot.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,32 +48,6 @@ def torch_varlen_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that will run for inputs on `device` in `dtype`, or a clear error why not."""
-    cuda_half = device.type == "cuda" and dtype in HALF_DTYPES
-    if requested == "auto":
-        if cuda_half and flash_attn_available():
-            return "flash"
-        if cuda_half and torch_varlen_available():
-            return "varlen"
-        return "grouped"
-    if requested == "flash":
-        if not flash_attn_available():
-            raise RuntimeError(
-                "attn_backend='flash' needs the flash-attn package: pip install 'fitscale[flash]'"
-            )
-        if not cuda_half:
-            raise RuntimeError(f"attn_backend='flash' needs CUDA fp16/bf16 inputs, got {device.type} {dtype}")
-    if requested == "varlen":
-        if not torch_varlen_available():
-            raise RuntimeError("attn_backend='varlen' needs torch.nn.attention.varlen (PyTorch 2.9 or newer)")
-        if not cuda_half:
-            raise RuntimeError(
-                f"attn_backend='varlen' needs CUDA fp16/bf16 inputs, got {device.type} {dtype}"
-            )
-    return requested
 
 
 @dataclass
@@ -111,19 +91,82 @@ def length_groups(cu_seqlens: torch.Tensor) -> LengthGroups:
 
 
 @dataclass
-class PackedSequence:
-    """What attention needs to know about a packed batch, computed once per forward."""
+class DocumentMask:
+    """Which tokens may attend to which in a packed sequence (each to its own segment's), in the
+    form the chosen backend reads; built once per forward by `build_document_mask`."""
 
-    cu_seqlens: torch.Tensor  # (S+1,) int32
-    max_seqlen: int
-    segment_ids: torch.Tensor  # (T,) image index of every token
-    backend: str  # resolved backend name
-    block_mask: object | None = None  # FlexAttention BlockMask when backend == "flex"
-    padded_mask: torch.Tensor | None = None  # (B, 1, N, N) bool when backend == "padded"
-    groups: LengthGroups | None = None  # equal-length batches when backend == "grouped"
+    cu_seqlens: torch.Tensor  # (S+1,) int32 segment boundaries
+    max_seqlen: int  # longest segment
+    segment_ids: torch.Tensor  # (T,) int64 segment index of every token
+    backend: str  # name of the backend in BACKENDS that reads this mask
+    block_mask: object | None = None  # FlexAttention BlockMask (flex)
+    padded_mask: torch.Tensor | None = None  # (B, 1, N, N) bool key mask (padded)
+    groups: LengthGroups | None = None  # equal-length batches (grouped)
 
 
-def build_packed_sequence(
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One way to compute attention within each segment of a packed sequence, registered by name.
+
+    `attend(q, k, v, mask)` maps q, k, v (T, H, d) to (T, H, d); `prepare(mask, sizes)` fills in,
+    once per forward, what `attend` reads beyond cu_seqlens and max_seqlen (`needs` says what, for
+    documentation and errors); `available()` says whether its library is installed (`install`
+    says how to get it); `cuda_half_only` backends run CUDA fp16/bf16 inputs only.
+    """
+
+    name: str
+    needs: str
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DocumentMask], torch.Tensor]
+    prepare: Callable[[DocumentMask, torch.Tensor | None], DocumentMask] | None = None
+    available: Callable[[], bool] = lambda: True
+    install: str = ""
+    cuda_half_only: bool = False
+
+    def unsupported(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why inputs on `device` in `dtype` cannot run here, or None when they can."""
+        if self.cuda_half_only and not (device.type == "cuda" and dtype in HALF_DTYPES):
+            return f"needs CUDA fp16/bf16 inputs, got {device.type} {dtype}"
+        return None
+
+
+BACKENDS: dict[str, AttentionBackend] = {}
+AUTO_ORDER = ("flash", "varlen", "grouped")  # what `auto` tries, fastest first
+
+
+def register_backend(backend: AttentionBackend) -> AttentionBackend:
+    """Add `backend` to BACKENDS under its name (a later one of the same name replaces it)."""
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """The backend that will run inputs on `device` in `dtype`: `requested` by name, or for `auto`
+    the first of AUTO_ORDER that is installed and supports them.
+
+    Raises ValueError for a name that is not registered, RuntimeError naming what to install or
+    set when the backend is not installed or cannot run these inputs.
+    """
+    if requested == "auto":
+        for name in AUTO_ORDER:
+            backend = BACKENDS[name]
+            if backend.available() and backend.unsupported(device, dtype) is None:
+                return backend
+    backend = BACKENDS.get(requested)
+    if backend is None:
+        raise ValueError(
+            f"attn_backend={requested!r} is not an attention backend; use one of auto, {', '.join(BACKENDS)}"
+        )
+    if not backend.available():
+        raise RuntimeError(f"attn_backend={requested!r} needs {backend.install}")
+    reason = backend.unsupported(device, dtype)
+    if reason is not None:
+        raise RuntimeError(
+            f"attn_backend={requested!r} {reason}; set model.attn_backend=auto to pick one that runs here"
+        )
+    return backend
+
+
+def build_document_mask(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     total: int,
@@ -131,63 +174,54 @@ def build_packed_sequence(
     device: torch.device,
     dtype: torch.dtype,
     sizes: torch.Tensor | None = None,
-) -> PackedSequence:
-    """What every attention layer of one forward needs, built once: segment ids and the backend's mask
-    or groups.
+) -> DocumentMask:
+    """What every attention layer of one forward needs, built once: segment ids and what the
+    backend reads (its `prepare`).
 
     `cu_seqlens` (S+1,) int32 boundaries from 0 to `total` tokens; `max_seqlen` the longest segment;
-    `requested` a backend name or "auto", resolved for `device` and `dtype` by `resolve_backend`
-    (RuntimeError when that backend cannot run there); `sizes` (S, 2) grid rows/cols, needed by the
-    release's `padded` layout only. Raises ValueError for `padded` without `sizes` or with segments
-    not all padded to `max_seqlen` tokens.
+    `requested` a backend name or "auto", resolved for `device` and `dtype` by `select_backend`
+    (ValueError or RuntimeError as there); `sizes` (S, 2) grid rows/cols, needed by the release's
+    `padded` layout only. Raises ValueError for `padded` without `sizes` or with segments not all
+    padded to `max_seqlen` tokens.
     """
-    backend = resolve_backend(requested, device, dtype)
+    backend = select_backend(requested, device, dtype)
     segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, total)
-    block_mask = document_block_mask(segment_ids) if backend == "flex" else None
-    groups = length_groups(cu_seqlens) if backend == "grouped" else None
-    padded_mask = None
-    if backend == "padded":
-        if sizes is None or total % max_seqlen:
-            raise ValueError("attn_backend='padded' needs sizes and every image padded to max_seqlen tokens")
-        real = sizes[:, 0] * sizes[:, 1]  # (B,)
-        key_valid = torch.arange(max_seqlen, device=device)[None, :] < real[:, None]  # (B, N)
-        padded_mask = key_valid[:, None, None, :].expand(-1, 1, max_seqlen, -1).contiguous()  # (B, 1, N, N)
-    return PackedSequence(
-        cu_seqlens.to(torch.int32), max_seqlen, segment_ids, backend, block_mask, padded_mask, groups
-    )
+    mask = DocumentMask(cu_seqlens.to(torch.int32), max_seqlen, segment_ids, backend.name)
+    return mask if backend.prepare is None else backend.prepare(mask, sizes)
 
 
-def varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequence
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
+    """q, k, v (T, H, d) -> (T, H, d), attention restricted to each segment of the packed sequence."""
+    return BACKENDS[mask.backend].attend(q, k, v, mask)
+
+
+def flash_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask
 ) -> torch.Tensor:
-    """q, k, v (T, H, d) -> (T, H, d), attention restricted to each image of the packed sequence."""
-    if packed.backend == "flash":
-        from flash_attn import flash_attn_varlen_func
+    """flash-attn's `flash_attn_varlen_func` over the packed sequence (CUDA fp16/bf16), queries and
+    keys sharing `mask.cu_seqlens`; (T, H, d) in and out."""
+    from flash_attn import flash_attn_varlen_func
 
-        cu, n = packed.cu_seqlens, packed.max_seqlen
-        return flash_attn_varlen_func(q, k, v, cu, cu, n, n)
-    if packed.backend == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
+    cu, n = mask.cu_seqlens, mask.max_seqlen
+    return flash_attn_varlen_func(q, k, v, cu, cu, n, n)
 
-        cu, n = packed.cu_seqlens, packed.max_seqlen
-        return varlen_attn(q, k, v, cu, cu, n, n)
-    if packed.backend == "flex":
-        return flex_varlen_attention(q, k, v, packed.block_mask)
-    if packed.backend == "grouped":
-        return grouped_varlen_attention(q, k, v, packed.groups)
-    if packed.backend == "padded":
-        n = packed.max_seqlen
-        qb, kb, vb = (t.unflatten(0, (-1, n)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=packed.padded_mask)  # (B, H, N, d)
-        return out.transpose(1, 2).flatten(0, 1)  # (T, H, d)
-    return reference_varlen_attention(q, k, v, packed.cu_seqlens)
+
+def torch_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask
+) -> torch.Tensor:
+    """PyTorch's `torch.nn.attention.varlen.varlen_attn` (the same FlashAttention kernels, CUDA
+    fp16/bf16), queries and keys sharing `mask.cu_seqlens`; (T, H, d) in and out."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu, n = mask.cu_seqlens, mask.max_seqlen
+    return varlen_attn(q, k, v, cu, cu, n, n)
 
 
 def reference_varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask
 ) -> torch.Tensor:
-    """Exact path: one SDPA call per segment (reads the boundaries on the host)."""
-    bounds = cu_seqlens.tolist()
+    """Exact path: one SDPA call per segment (reads the boundaries on the host); (T, H, d) in and out."""
+    bounds = mask.cu_seqlens.tolist()
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
@@ -200,7 +234,7 @@ def reference_varlen_attention(
 
 @torch.compiler.disable  # shapes vary per batch: run eagerly between compiled regions
 def grouped_varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: LengthGroups
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask
 ) -> torch.Tensor:
     """Exact path, one SDPA call per distinct image length over a (images, H, L, d) batch.
 
@@ -208,6 +242,7 @@ def grouped_varlen_attention(
     scatter and one concatenation, where slicing image by image would, in backward, write a
     full-size zero gradient per image.
     """
+    groups = mask.groups
     if groups.order is not None:
         q, k, v = (t.index_select(0, groups.order) for t in (q, k, v))  # (T', H, d) grouped order
     sizes = [count * length for count, length in groups.shapes]
@@ -246,10 +281,80 @@ def document_block_mask(segment_ids: torch.Tensor):
     return create_block_mask(same_image, None, None, total, total, device=segment_ids.device)
 
 
-def flex_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
-    """FlexAttention over the whole packed sequence with a block-sparse document mask."""
+def flex_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask
+) -> torch.Tensor:
+    """FlexAttention over the whole packed sequence with the block-sparse document mask
+    `mask.block_mask`; (T, H, d) in and out."""
     from torch.nn.attention.flex_attention import flex_attention
 
     attend = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
-    out = attend(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask)  # (1, H, T, d)
+    out = attend(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=mask.block_mask)  # (1, H, T, d)
     return out[0].transpose(0, 1)  # (T, H, d)
+
+
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
+    """The release's layout: every image padded to `max_seqlen` = N tokens, attention on the
+    (B, H, N, N) batch with the dense key mask `mask.padded_mask`; (T, H, d) in and out, T = B N."""
+    n = mask.max_seqlen
+    qb, kb, vb = (t.unflatten(0, (-1, n)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.padded_mask)  # (B, H, N, d)
+    return out.transpose(1, 2).flatten(0, 1)  # (T, H, d)
+
+
+def with_block_mask(mask: DocumentMask, sizes: torch.Tensor | None) -> DocumentMask:
+    """`mask` with FlexAttention's block mask of its documents (flex)."""
+    return replace(mask, block_mask=document_block_mask(mask.segment_ids))
+
+
+def with_length_groups(mask: DocumentMask, sizes: torch.Tensor | None) -> DocumentMask:
+    """`mask` with its segments grouped by length (grouped; one host read of cu_seqlens)."""
+    return replace(mask, groups=length_groups(mask.cu_seqlens))
+
+
+def with_padded_mask(mask: DocumentMask, sizes: torch.Tensor | None) -> DocumentMask:
+    """`mask` with the (B, 1, N, N) boolean key mask of images padded to N = max_seqlen tokens, of
+    which the first rows*cols (from `sizes` (B, 2)) are real (padded). ValueError without `sizes` or
+    when the tokens are not B whole segments of N."""
+    n, total = mask.max_seqlen, mask.segment_ids.shape[0]
+    if sizes is None or total % n:
+        raise ValueError("attn_backend='padded' needs sizes and every image padded to max_seqlen tokens")
+    real = sizes[:, 0] * sizes[:, 1]  # (B,)
+    key_valid = torch.arange(n, device=sizes.device)[None, :] < real[:, None]  # (B, N)
+    return replace(mask, padded_mask=key_valid[:, None, None, :].expand(-1, 1, n, -1).contiguous())
+
+
+CUDA_KERNEL_NEEDS = "cu_seqlens and max_seqlen"
+for _backend in (
+    AttentionBackend(
+        "flash",
+        CUDA_KERNEL_NEEDS,
+        flash_varlen_attention,
+        available=flash_attn_available,
+        install="the flash-attn package: pip install 'fitscale[flash]'",
+        cuda_half_only=True,
+    ),
+    AttentionBackend(
+        "varlen",
+        CUDA_KERNEL_NEEDS,
+        torch_varlen_attention,
+        available=torch_varlen_available,
+        install="torch.nn.attention.varlen (PyTorch 2.9 or newer)",
+        cuda_half_only=True,
+    ),
+    AttentionBackend(
+        "flex", "a FlexAttention block mask of the documents", flex_varlen_attention, with_block_mask
+    ),
+    AttentionBackend(
+        "grouped",
+        "the segments grouped by length (one host read of cu_seqlens)",
+        grouped_varlen_attention,
+        with_length_groups,
+    ),
+    AttentionBackend("reference", "cu_seqlens (read on the host)", reference_varlen_attention),
+    AttentionBackend(
+        "padded", "sizes, and every image padded to max_seqlen tokens", padded_attention, with_padded_mask
+    ),
+):
+    register_backend(_backend)
+del _backend

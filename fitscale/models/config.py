@@ -33,8 +33,9 @@ ROPE_METHODS = tuple(dict.fromkeys(RELEASE_ROPE_METHODS.values()))  # ours
 RELEASE_SPELLINGS = (
     f"{', '.join(n for n in RELEASE_ROPE_METHODS if n not in ROPE_METHODS)} are the release's names"
 )
-AttentionBackend = Literal["auto", "flash", "varlen", "flex", "grouped", "reference", "padded"]
-ATTENTION_BACKENDS = get_args(AttentionBackend)
+# The names registered in fitscale.models.attention.BACKENDS, and auto (a test keeps them equal).
+AttentionBackendName = Literal["auto", "flash", "varlen", "flex", "grouped", "reference", "padded"]
+ATTENTION_BACKENDS = get_args(AttentionBackendName)
 
 
 def canonical_rope_method(name: str) -> str:
@@ -59,7 +60,7 @@ class ModelConfig:
     in_channels: int = 4  # C: latent channels; a token carries p*p*C values
     num_classes: int = 1000  # label classes; index num_classes is the null class for guidance
     class_dropout_prob: float = 0.1  # labels replaced by the null class in training mode
-    time_shift: float = 1.0  # t <- s t / (1 + (s-1) t) before the timestep embedding; 1 = identity
+    time_shift: float = 1.0  # s of flow.path.shift_time applied before the timestep embedding; 1 = identity
     norm_eps: float = 1e-6  # eps of every LayerNorm (blocks, QK-norm, final layer)
     # RoPE: 2-D, half the head dims for rows and half for columns.
     rope_theta: float = 10000.0
@@ -72,7 +73,7 @@ class ModelConfig:
     rope_base_grid: int = 16  # L0 (release `ori_max_pe_len`): training grid edge, 16 for 256 tokens
     # (rows, cols) of fixed frequencies (release `max_pe_len_h/w`); None: the L0 x L0 grid (no scaling)
     rope_target_grid: tuple[int, int] | None = None
-    attn_backend: AttentionBackend = "auto"  # `padded` is the release's dense attention
+    attn_backend: AttentionBackendName = "auto"  # `padded` is the release's dense attention
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fitscale.models.attention import build_packed_sequence, segment_ids_from_cu_seqlens
+from fitscale.flow.path import shift_time
+from fitscale.models.attention import build_document_mask, segment_ids_from_cu_seqlens
 from fitscale.models.config import ModelConfig, build_config
 from fitscale.models.inputs import check_packed_batch
 from fitscale.models.layers import FinalLayer, FiTBlock, LabelEmbedder, PatchEmbed, TimestepEmbedder
@@ -82,26 +83,15 @@ class FiT(nn.Module):
         if sizes is None:
             segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, total)
             sizes = grid_sizes(pos, segment_ids, t.shape[0])  # (S, 2)
-        packed = build_packed_sequence(
+        mask = build_document_mask(
             cu_seqlens, max_seqlen, total, self.config.attn_backend, h.device, h.dtype, sizes
         )
-        cos, sin = rope_cos_sin(self.config, pos, packed.segment_ids, sizes)  # (T, d) each
-        c = self.t_embedder(self.shift_time(t)) + self.y_embedder(y)  # (S, D)
+        cos, sin = rope_cos_sin(self.config, pos, mask.segment_ids, sizes)  # (T, d) each
+        c = self.t_embedder(shift_time(t, config.time_shift)) + self.y_embedder(y)  # (S, D)
         global_modulation = self.global_adaLN_modulation(c)  # (S, 6D)
         for block in self.blocks:
-            h = block(h, c, global_modulation, packed, cos, sin)  # (T, D)
-        return self.final_layer(h, c, packed.segment_ids)  # (T, p*p*C)
-
-    def shift_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The release's optional timestep shift t -> min(1, s t / (1 + (s - 1) t)) with s =
-        config.time_shift.
-
-        `t` (S,) in [0, 1]; the identity when s = 1 (release: `fit_model.py`, FiT.forward).
-        """
-        s = self.config.time_shift
-        if s == 1.0:
-            return t
-        return torch.clamp(s * t / (1 + (s - 1) * t), max=1.0)
+            h = block(h, c, global_modulation, mask, cos, sin)  # (T, D)
+        return self.final_layer(h, c, mask.segment_ids)  # (T, p*p*C)
 
     @torch.no_grad()
     def init_weights(self) -> None:

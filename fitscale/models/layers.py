@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitscale.models.attention import PackedSequence, varlen_attention
+from fitscale.models.attention import DocumentMask, varlen_attention
 from fitscale.models.rope import apply_rope
 
 TIMESTEP_FEATURES = 256
@@ -126,7 +126,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(
-        self, x: torch.Tensor, packed: PackedSequence, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, mask: DocumentMask, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         """(T, D) -> (T, D): qkv (layout 3, H, d), LayerNorm on q and k, RoPE with `cos`/`sin` (T, d),
         attention inside each image.
@@ -139,7 +139,7 @@ class Attention(nn.Module):
         # Under autocast LayerNorm returns fp32: bring q and k back to v's dtype for the kernels.
         q = apply_rope(layer_norm(q, self.norm_eps), cos, sin).to(v.dtype)  # (T, H, d)
         k = apply_rope(layer_norm(k, self.norm_eps), cos, sin).to(v.dtype)  # (T, H, d)
-        out = varlen_attention(q, k, v.contiguous(), packed)  # (T, H, d)
+        out = varlen_attention(q, k, v.contiguous(), mask)  # (T, H, d)
         return self.proj(out.flatten(1))  # (T, D)
 
 
@@ -160,7 +160,7 @@ class FiTBlock(nn.Module):
         x: torch.Tensor,  # (T, D)
         c: torch.Tensor,  # (S, D) conditioning per image
         global_modulation: torch.Tensor,  # (S, 6D)
-        packed: PackedSequence,
+        mask: DocumentMask,
         cos: torch.Tensor,  # (T, d)
         sin: torch.Tensor,  # (T, d)
     ) -> torch.Tensor:
@@ -170,10 +170,10 @@ class FiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 (release: `fit/model/modules.py`, FiTBlock).
         """
         modulation = self.adaLN_modulation(c) + global_modulation  # (S, 6D)
-        modulation = gather_rows(modulation, packed.segment_ids)  # (T, 6D)
+        modulation = gather_rows(modulation, mask.segment_ids)  # (T, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)  # each (T, D)
         h = modulate(layer_norm(x, self.norm_eps), shift1, scale1)  # (T, D)
-        x = x + gate1 * self.attn(h, packed, cos, sin)  # (T, D)
+        x = x + gate1 * self.attn(h, mask, cos, sin)  # (T, D)
         h = modulate(layer_norm(x, self.norm_eps), shift2, scale2)  # (T, D)
         return x + gate2 * self.mlp(h)  # (T, D)
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Prefixes added by DDP/FSDP1 wrappers, torch.compile and activation-checkpoint wrappers.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Module-name segments that wrappers insert anywhere in parameter names: activation checkpointing,
+# torch.compile (`_orig_mod`) and FSDP1; DDP and DeepSpeed engines add a leading "module.".
+WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
+OUTER_WRAPPER = "module"
 # Top-level keys under which training scripts store the weights inside a checkpoint dict.
 CONTAINER_KEYS = ("ema", "model", "state_dict", "module")
 
@@ -56,21 +58,25 @@ def read_checkpoint_file(path: str | Path, container_key: str | None = None) -> 
     return tensors
 
 
-def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict with the keys that wrappers add removed: "module.", "_orig_mod.", FSDP1 and
-    activation-checkpoint prefixes, at any depth. Tensors are not copied.
+def clean_parameter_name(name: str) -> str:
+    """A parameter's name without what wrappers add, the name fitscale saves and matches patterns on.
+
+    `module._orig_mod.blocks.0._checkpoint_wrapped_module.attn.qkv.weight` -> `blocks.0.attn.qkv.weight`:
+    every segment of `WRAPPER_SEGMENTS`, then every leading `module`, dropped; so a checkpoint or a
+    trainable pattern does not depend on how the model was wrapped.
     """
-    cleaned = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-            key = key.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
-        cleaned[key] = value
-    return cleaned
+    parts = [part for part in name.split(".") if part not in WRAPPER_SEGMENTS]
+    while len(parts) > 1 and parts[0] == OUTER_WRAPPER:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with the keys that wrappers add removed (`clean_parameter_name` of every key:
+    "module.", "_orig_mod.", FSDP1 and activation-checkpoint segments, at any depth). Tensors are not
+    copied.
+    """
+    return {clean_parameter_name(key): value for key, value in state_dict.items()}
 
 
 def load_official_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from fitscale.compat import checkpoint_wrapper
 
 
 def apply_ac(model: torch.nn.Module, mode: str = "off", every: int = 2) -> int:

@@ -34,11 +34,12 @@ from typing import Any
 
 import torch
 
-from fitscale.checkpoint.stateful import clean_parameter_name
+from fitscale.compat import CHECKED_VERSIONS
 from fitscale.config.optim import EMAConfig
+from fitscale.models.official import clean_parameter_name
 from fitscale.train.ema import EMA
 
-CHECKED_VERSION = "0.19.8"
+CHECKED_VERSION = CHECKED_VERSIONS["deepspeed"]  # the version the layout below was checked with
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from fitscale.config.errors import ConfigError
@@ -49,28 +47,18 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def init_distributed(requested_device: str = "auto", timeout_s: float = 1800) -> DistributedEnv:
-    """Join the process group described by the environment; a lone process needs no group.
+    """Join the job's process group (`fitscale.launch.env.init_distributed_from_env`) on the
+    device `train.device` asks for; a lone process needs no group.
 
-    torchrun (and `fitscale train --nproc`) set RANK/WORLD_SIZE/MASTER_ADDR; under SLURM the
-    launcher exports the same variables. gloo on CPU, nccl on CUDA.
+    Raises ConfigError when `train.device=cuda` and CUDA is not available.
     """
-    rank = _env_int("RANK", default=0)
-    world_size = _env_int("WORLD_SIZE", default=1)
-    local_rank = _env_int("LOCAL_RANK", default=rank)
-    local_world_size = _env_int("LOCAL_WORLD_SIZE", default=world_size)
+    from fitscale.launch.env import init_distributed_from_env
+
     device = resolve_device(requested_device)
+    info = init_distributed_from_env(device.type, timeout_s)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
-    return DistributedEnv(rank, world_size, local_rank, local_world_size, device)
+        device = torch.device("cuda", info.local_rank)
+    return DistributedEnv(info.rank, info.world_size, info.local_rank, info.local_world_size, device)
 
 
 def build_mesh(cfg: ParallelConfig, env: DistributedEnv) -> DeviceMesh | None:

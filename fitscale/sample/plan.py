@@ -12,11 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fitscale.data.batch import cu_seqlens_from_lengths, grid_positions
+from fitscale.data.batch import PackedLayout, cu_seqlens_from_lengths, grid_positions
 from fitscale.data.format import unpatchify
 from fitscale.data.vae import PIXELS_PER_TOKEN
-from fitscale.flow.guidance import PackedLayout
-from fitscale.flow.loss import image_seed
+from fitscale.seeds import image_seed
 
 
 @dataclass

@@ -25,8 +25,7 @@ from typing import Any, Literal
 
 from fitscale.config.model import ModelOverrides, PresetName
 from fitscale.config.schema import check_choices, load_structured
-
-H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of one H100 SXM
+from fitscale.hardware import H100_BF16_PEAK
 
 
 @dataclass

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from fitscale.checkpoint.stateful import clean_parameter_name
+from fitscale.compat import foreach_copy_, foreach_lerp_
 from fitscale.config.optim import EMAConfig
+from fitscale.models.official import clean_parameter_name
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -110,9 +111,9 @@ class EMA:
         params = [_local(p).float() for p in self._params.values()]
         decay = ema_decay(self.cfg, step)
         if decay == 0.0:
-            torch._foreach_copy_(shadows, params)
+            foreach_copy_(shadows, params)
         else:
-            torch._foreach_lerp_(shadows, params, 1.0 - decay**self.cfg.update_every)
+            foreach_lerp_(shadows, params, 1.0 - decay**self.cfg.update_every)
         self.num_updates += 1
 
     @torch.no_grad()

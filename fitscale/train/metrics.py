@@ -4,7 +4,7 @@ throughput and MFU, memory.
 Numbers are computed where they are cheap (device-side sums that the trainer all-reduces once
 per log step) and written by rank 0 only unless `log.all_ranks` is set. MFU divides the model's
 own FLOP count (`fitscale.models.flops`, 2 FLOPs per multiply-add, training = 3x forward) by the
-device's dense bf16 peak from the table below or `log.peak_flops`.
+device's dense bf16 peak from `fitscale.hardware` or `log.peak_flops`.
 """
 
 from __future__ import annotations
@@ -22,26 +22,8 @@ from typing import Any
 import torch
 
 from fitscale.config.log import LogConfig
+from fitscale.hardware import lookup_peak_flops
 from fitscale.train.loglines import StepLine, console_wanted, log_event
-
-# Dense (no sparsity) bf16 tensor-core peak per device in FLOP/s, from NVIDIA's data sheets.
-# Matched against torch.cuda.get_device_name in order, so specific names come first.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("GH200", 989e12),
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
-    ("H800", 989e12),
-    ("B200", 2250e12),
-    ("B100", 1750e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("V100", 125e12),  # fp16; V100 has no bf16
-)
 
 SECRET_KEY = re.compile(
     r"(api[_-]?key|token|secret|password|passwd|credential|auth|cookie|private[_-]?key)", re.I
@@ -60,15 +42,6 @@ def peak_flops(device: torch.device | str | None = None, configured: float = 0.0
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return None
     return lookup_peak_flops(torch.cuda.get_device_name(device))
-
-
-def lookup_peak_flops(device_name: str) -> float | None:
-    """Table entry for a CUDA device name such as "NVIDIA H100 80GB HBM3"; None if not listed."""
-    name = device_name.upper()
-    for key, flops in PEAK_BF16_FLOPS:
-        if key.upper() in name:
-            return flops
-    return None
 
 
 def mfu(flops_per_second: float, device: torch.device | str | None = None, peak: float = 0.0) -> float | None:

@@ -14,10 +14,10 @@ import math
 
 import torch
 from torch import nn
-from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-from fitscale.checkpoint.stateful import clean_parameter_name
+from fitscale.compat import fused_optimizer_device_types
 from fitscale.config.optim import OptimConfig
+from fitscale.models.official import clean_parameter_name
 
 
 def scaled_lr(cfg: OptimConfig, global_batch_size: int | None) -> float:
@@ -84,7 +84,7 @@ def build_optimizer(
             )
         return fused_adam(groups, lr=lr, betas=betas, eps=cfg.eps, adam_w_mode=True)
     devices = _device_types(groups)
-    fused_ok = devices <= set(_get_fused_kernels_supported_devices())
+    fused_ok = devices <= fused_optimizer_device_types()
     if cfg.implementation == "fused" and not fused_ok:
         raise ValueError(
             f"optim.implementation=fused: torch has no fused AdamW for device {sorted(devices)}; "

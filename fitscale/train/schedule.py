@@ -15,6 +15,7 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from fitscale.compat import set_last_lr
 from fitscale.config.optim import ScheduleConfig
 
 
@@ -75,4 +76,4 @@ def rebase_lr_scheduler(scheduler: LambdaLR, base_lr: float) -> None:
     for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
         group["initial_lr"] = base_lr
         group["lr"] = base_lr * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    set_last_lr(scheduler, [group["lr"] for group in scheduler.optimizer.param_groups])

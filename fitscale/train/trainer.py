@@ -26,6 +26,7 @@ from fitscale.config import RunConfig, to_yaml
 from fitscale.config.errors import ConfigError
 from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
 from fitscale.models.inputs import check_packed_batch
+from fitscale.models.official import clean_parameter_name
 from fitscale.parallel import DistributedEnv, init_distributed
 from fitscale.parallel.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
 from fitscale.parallel.backend import build_backend
@@ -520,4 +521,4 @@ class _CleanNames:
 
     def named_parameters(self):
         for name, param in self.model.named_parameters():
-            yield name.replace("._checkpoint_wrapped_module", ""), param
+            yield clean_parameter_name(name), param

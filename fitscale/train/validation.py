@@ -30,7 +30,8 @@ import torch.distributed as dist
 from fitscale.config.data import DataConfig
 from fitscale.config.train import FlowConfig, TrainConfig
 from fitscale.data.batch import PackedBatch
-from fitscale.flow.loss import flow_loss, image_seed
+from fitscale.flow.loss import flow_loss
+from fitscale.seeds import image_seed
 
 # Midpoints of 8 equal bins of [0, 1]: every noise level weighs the same.
 VALIDATION_TIMESTEPS = tuple((k + 0.5) / 8 for k in range(8))
@@ -75,7 +76,7 @@ def validation_batches(
 
 def validation_noise(batch: PackedBatch, seed: int, grid_index: int) -> torch.Tensor:
     """(T, C) noise for a CPU batch; image i's depends on (seed, grid index, sample id) only."""
-    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    lengths = batch.lengths.tolist()
     noise = torch.zeros(batch.num_tokens, batch.tokens.shape[1])
     generator = torch.Generator()
     start = 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 
 import pytest
 import torch
@@ -17,28 +16,16 @@ import torch.multiprocessing as mp
 
 from fitscale.config.data import DataConfig
 from fitscale.launch.env import leave_process_group
+from fitscale.launch.local import free_port, rank_environments
 
 pytestmark = pytest.mark.slow
 
 NUM_IMAGES = 96
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rank_main(rank, world_size, port, cfg, steps, state_in, out_file):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    os.environ.update(rank_environments(world_size, 1, 0, "127.0.0.1", port)[rank])
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)  # a group even for one rank
     from fitscale.data import build_loader
 
     loader = build_loader(cfg, rank, world_size)

@@ -3,13 +3,15 @@
 CUDA backends are skipped without a GPU and run when one is present (tools/gpu_check.sh).
 """
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from fitscale.data.batch import cu_seqlens_from_lengths
 from fitscale.models.attention import (
-    build_packed_sequence,
+    build_document_mask,
     flash_attn_available,
     length_groups,
     torch_varlen_available,
@@ -57,10 +59,8 @@ def test_backend_matches_dense_reference(backend, device, dtype):
     torch.manual_seed(0)
     heads, head_dim, total = 4, 72, sum(LENGTHS)
     q, k, v = (torch.randn(total, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
-    cu_seqlens = torch.tensor(
-        [0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32, device=device
-    )
-    packed = build_packed_sequence(cu_seqlens, max(LENGTHS), total, backend, q.device, q.dtype)
+    cu_seqlens = cu_seqlens_from_lengths(LENGTHS).to(device)
+    packed = build_document_mask(cu_seqlens, max(LENGTHS), total, backend, q.device, q.dtype)
     assert packed.backend == backend
     with torch.no_grad():
         out = varlen_attention(q, k, v, packed)
@@ -77,13 +77,11 @@ def test_cuda_backend_gradients_match_reference(backend):
     torch.manual_seed(0)
     total = sum(LENGTHS)
     base = [torch.randn(total, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-    cu_seqlens = torch.tensor(
-        [0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32, device="cuda"
-    )
+    cu_seqlens = cu_seqlens_from_lengths(LENGTHS).to("cuda")
     grads = {}
     for name in (backend, "reference"):
         q, k, v = (t.clone().requires_grad_() for t in base)
-        packed = build_packed_sequence(cu_seqlens, max(LENGTHS), total, name, q.device, q.dtype)
+        packed = build_document_mask(cu_seqlens, max(LENGTHS), total, name, q.device, q.dtype)
         varlen_attention(q, k, v, packed).float().square().sum().backward()
         grads[name] = torch.cat([t.grad.flatten().float() for t in (q, k, v)])
     error = (grads[backend] - grads["reference"]).norm() / grads["reference"].norm()
@@ -99,8 +97,8 @@ def test_grouped_forward_and_gradients_match_dense_reference(dtype):
     torch.manual_seed(0)
     heads, head_dim, total = 4, 16, sum(GROUPED_LENGTHS)
     base = [torch.randn(total, heads, head_dim, dtype=dtype) for _ in range(3)]
-    bounds = torch.tensor([0, *torch.tensor(GROUPED_LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    packed = build_packed_sequence(bounds, max(GROUPED_LENGTHS), total, "grouped", base[0].device, dtype)
+    bounds = cu_seqlens_from_lengths(GROUPED_LENGTHS)
+    packed = build_document_mask(bounds, max(GROUPED_LENGTHS), total, "grouped", base[0].device, dtype)
     q, k, v = (t.clone().requires_grad_() for t in base)
     out = varlen_attention(q, k, v, packed)
     weight = torch.randn(out.shape, dtype=torch.float64)  # a loss that weighs every output differently
@@ -127,13 +125,13 @@ def test_grouped_gathers_only_when_equal_lengths_are_apart():
 
 def test_auto_picks_the_grouped_exact_path_on_cpu():
     cu = torch.tensor([0, 4], dtype=torch.int32)
-    assert build_packed_sequence(cu, 4, 4, "auto", torch.device("cpu"), torch.bfloat16).backend == "grouped"
+    assert build_document_mask(cu, 4, 4, "auto", torch.device("cpu"), torch.bfloat16).backend == "grouped"
 
 
 def test_explicit_cuda_backend_on_cpu_says_why():
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="attn_backend='varlen' needs"):
-        build_packed_sequence(cu, 4, 4, "varlen", torch.device("cpu"), torch.float32)
+        build_document_mask(cu, 4, 4, "varlen", torch.device("cpu"), torch.float32)
 
 
 def test_padded_baseline_computes_the_packed_function():
@@ -163,3 +161,34 @@ def test_padded_baseline_computes_the_packed_function():
         out = model(tokens, t, packed.labels, pos, cu, n, sizes=packed.sizes)
     real = torch.cat([torch.arange(i * n, i * n + r * c) for i, (r, c) in enumerate(grids)])
     torch.testing.assert_close(out[real], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_every_configurable_backend_is_registered_and_says_what_it_needs():
+    from fitscale.models.attention import AUTO_ORDER, BACKENDS
+    from fitscale.models.config import ATTENTION_BACKENDS
+
+    assert set(ATTENTION_BACKENDS) == {"auto", *BACKENDS}
+    assert set(AUTO_ORDER) <= set(BACKENDS)
+    assert all(backend.name == name and backend.needs for name, backend in BACKENDS.items())
+
+
+def test_unknown_or_missing_backend_names_what_to_do(monkeypatch):
+    from fitscale.models.attention import BACKENDS, select_backend
+
+    cpu = torch.device("cpu")
+    with pytest.raises(
+        ValueError, match=r"^attn_backend='flsh' is not an attention backend; use one of auto, flash, "
+    ):
+        select_backend("flsh", cpu, torch.float32)
+    monkeypatch.setitem(BACKENDS, "flash", dataclasses.replace(BACKENDS["flash"], available=lambda: False))
+    with pytest.raises(
+        RuntimeError,
+        match=r"^attn_backend='flash' needs the flash-attn package: pip install 'fitscale\[flash\]'$",
+    ):
+        select_backend("flash", torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setitem(BACKENDS, "varlen", dataclasses.replace(BACKENDS["varlen"], available=lambda: True))
+    expected = "attn_backend='varlen' needs CUDA fp16/bf16 inputs, got cpu torch.float32; "
+    with pytest.raises(
+        RuntimeError, match=rf"^{expected}set model.attn_backend=auto to pick one that runs here$"
+    ):
+        select_backend("varlen", cpu, torch.float32)

@@ -10,7 +10,8 @@ import torch
 
 from fitscale.config.data import DataConfig
 from fitscale.data.batch import pack_images, padding_batch
-from fitscale.data.packing import SampleCatalog, StepPlanner, sample_uniform
+from fitscale.data.packing import SampleCatalog, StepPlanner
+from fitscale.seeds import sample_uniform
 
 
 def size_table(n: int, max_tokens: int = 1024, seed: int = 0) -> np.ndarray:

@@ -185,7 +185,7 @@ def test_state_round_trip_and_mismatch():
 
 
 def test_names_skip_wrapper_segments():
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from fitscale.compat import checkpoint_wrapper
 
     model = nn.Sequential(checkpoint_wrapper(nn.Linear(2, 2)))
     assert sorted(EMA(model, EMAConfig()).shadow) == ["0.bias", "0.weight"]

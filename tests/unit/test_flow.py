@@ -28,6 +28,30 @@ def test_time_shift_identity_and_direction():
     assert (shift_time(t, 3.0) >= t).all() and (shift_time(t, 1 / 3) <= t).all()
 
 
+def test_time_shift_is_undone_by_the_release_inverse_and_is_what_the_model_applies():
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    for s in (0.3, 1.0, 3.0):
+        # fit/model/fit_model.py line 269 maps shifted times back: t / (s + (1 - s) t)
+        back = shift_time(t, s) / (s + (1 - s) * shift_time(t, s))
+        torch.testing.assert_close(back, t)
+    from fitscale.models import build_model
+
+    torch.manual_seed(0)
+    shifted, plain = build_model("tiny", time_shift=3.0).eval(), build_model("tiny").eval()
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    shifted.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 16).repeat(2, 1)  # the same image twice
+    pos = torch.stack([torch.arange(16) % 8 // 4, torch.arange(16) % 4], 1)
+    cu, y = torch.tensor([0, 8, 16], dtype=torch.int32), torch.tensor([1, 1])
+    t = torch.tensor([0.3, 0.3])
+    with torch.no_grad():
+        ours = shifted(x, t, y, pos, cu)
+        by_hand = plain(x, torch.stack([shift_time(t[0], 3.0), t[1]]), y, pos, cu)
+    torch.testing.assert_close(ours[:8], by_hand[:8])  # the model shifts its input time
+    assert not torch.allclose(ours[8:], by_hand[8:], atol=1e-3)  # and the shift matters
+
+
 def test_logit_normal_median_follows_mean():
     g = torch.Generator().manual_seed(0)
     t = sample_timesteps(20000, "logit_normal", logit_mean=1.0, generator=g)

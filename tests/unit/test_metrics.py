@@ -10,10 +10,10 @@ import torch
 
 from fitscale.config.errors import ConfigError
 from fitscale.config.log import LogConfig
+from fitscale.hardware import lookup_peak_flops
 from fitscale.train.metrics import (
     MetricsLogger,
     Throughput,
-    lookup_peak_flops,
     memory_stats,
     mfu,
     peak_flops,
@@ -100,6 +100,7 @@ def test_peak_table_and_mfu():
     assert lookup_peak_flops("NVIDIA H200") == 989e12
     assert lookup_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert lookup_peak_flops("NVIDIA L40S") == 362e12 and lookup_peak_flops("NVIDIA L4") == 121e12
+    assert lookup_peak_flops("NVIDIA GeForce RTX 4090") == 165e12
     assert lookup_peak_flops("Some Future GPU") is None
     assert peak_flops("cpu") is None and mfu(1e12, "cpu") is None
     assert mfu(2.5e14, "cpu", peak=1e15) == 0.25

@@ -106,3 +106,29 @@ def test_bin_files_are_never_unpickled_freely(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - any refusal will do; running the payload will not
         read_checkpoint_file(path)
     assert not marker.exists()
+
+
+def test_wrapped_model_names_come_back_to_the_plain_names():
+    """Activation checkpointing, torch.compile and a DDP-style leading `module.` add name segments;
+    clean names are the plain model's, and a wrapped state dict loads into a plain model."""
+    from fitscale.models import build_model
+    from fitscale.models.official import clean_parameter_name, load_official_state_dict
+    from fitscale.parallel.ac import apply_ac
+
+    tiny = build_model("tiny")
+    plain = [name for name, _ in tiny.named_parameters()]
+    wrapped = build_model("tiny")
+    apply_ac(wrapped, "full")
+    compiled = torch.compile(wrapped)  # compiles on first call only
+    names = [name for name, _ in compiled.named_parameters()]
+    assert any("._checkpoint_wrapped_module." in n for n in names) and names[0].startswith("_orig_mod.")
+    assert [clean_parameter_name(name) for name in names] == plain
+    assert (
+        clean_parameter_name("module.module._orig_mod.blocks.0.attn.qkv.weight") == "blocks.0.attn.qkv.weight"
+    )
+    load_official_state_dict(tiny, {f"module.{k}": v for k, v in compiled.state_dict().items()})
+    assert all(torch.equal(a, b) for a, b in zip(tiny.state_dict().values(), wrapped.state_dict().values()))
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(build_model("tiny").state_dict().values(), tiny.state_dict().values())
+    )
