@@ -3,7 +3,8 @@
 Each entry has no public equivalent in the version named beside it (the versions fitscale's
 tests run with); tests/unit/test_compat.py fails, naming the entry and the installed version,
 when a library no longer has one. DeepSpeed's are kept with the code that needs their layout
-(fitscale.parallel.deepspeed_ema, fitscale.parallel.deepspeed) and checked by the same test.
+(fitscale.parallel.deepspeed_ema, fitscale.parallel.deepspeed, fitscale.checkpoint.deepspeed) and
+checked by the same test.
 Nothing here imports a library until it is called, so importing fitscale stays cheap.
 """
 

@@ -132,8 +132,9 @@ def test_submitit_private_apis():
 
 
 def test_deepspeed_private_attributes_are_where_zero_master_fragments_reads_them():
-    """fitscale.parallel.deepspeed_ema.ZeroMasterFragments and parallel/deepspeed.py read DeepSpeed
-    internals; their source is checked without importing DeepSpeed (seconds)."""
+    """fitscale.parallel.deepspeed_ema.ZeroMasterFragments, parallel/deepspeed.py and
+    checkpoint/deepspeed.py read DeepSpeed internals; their source is checked without importing
+    DeepSpeed (seconds)."""
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed (pip install 'fitscale[deepspeed]')")
     from fitscale.parallel.deepspeed_ema import CHECKED_VERSION
