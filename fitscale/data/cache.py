@@ -83,28 +83,33 @@ def _claim(folder: str, field: str) -> int:
     return fd
 
 
-def remove_stale_registrations(folder: str, misses: int = 64) -> list[str]:
+def remove_stale_registrations(folder: str) -> list[str]:
     """Unlink Streaming's shared memory of every registration naming `folder` (call only while
-    holding its lock: then no live reader uses them). Returns the names removed."""
+    holding its lock: then no live reader uses them). Returns the names removed.
+
+    Every registration in SHM_DIR is read, whatever its prefix: prefixes are taken in order, but
+    other runs' registrations (live, or left by killed jobs) can sit far past any gap, so a walk that
+    stops after a run of free prefixes would miss this folder's."""
     from streaming.base.constant import LOCALS, SHM_TO_CLEAN
 
     if not SHM_DIR.is_dir():
         return []
-    removed, missing, prefix = [], 0, 0
-    while missing < misses:  # prefixes are taken in order; skipped ones leave gaps
-        locals_file = SHM_DIR / shm_registration_path(prefix, LOCALS)
+    prefixes = sorted(
+        int(path.name.split("_", 1)[0])
+        for path in SHM_DIR.iterdir()
+        if path.name.split("_", 1)[0].isdigit()
+        and path.name == shm_registration_path(int(path.name.split("_", 1)[0]), LOCALS)
+    )
+    removed = []
+    for prefix in prefixes:
         try:
-            registered, _ = registered_locals(locals_file.read_bytes())
+            registered, _ = registered_locals((SHM_DIR / shm_registration_path(prefix, LOCALS)).read_bytes())
         except (FileNotFoundError, PermissionError, ValueError, UnicodeDecodeError):
-            missing += 1
-            prefix += 1
             continue
-        missing = 0
         if folder in registered:
             for name in SHM_TO_CLEAN:
                 stale = SHM_DIR / shm_registration_path(prefix, name)
                 if stale.exists():
                     stale.unlink()
                     removed.append(stale.name)
-        prefix += 1
     return removed

@@ -97,3 +97,20 @@ def test_a_cache_in_use_by_a_live_run_is_refused_and_taken_over_after_sigkill(da
     assert stale, "the killed run left no registration: the scenario did not happen"
     # ... and the next run on the folder takes it over instead of Streaming's "Reused local directory".
     assert len(first_ids(LatentLoader(config(path=str(cache), remote=str(dataset)), 0, 1))) == 8
+
+
+def test_stale_registrations_are_found_past_any_gap_of_free_prefixes(tmp_path, monkeypatch):
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared.prefix import _get_path, _pack_locals
+
+    import fitscale.data.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "SHM_DIR", tmp_path)
+    mine, other = "/data/cache-a", "/data/cache-b"
+    for prefix, folder in ((3, other), (900, mine)):  # 896 free prefixes between them
+        for name in SHM_TO_CLEAN:
+            data = _pack_locals([folder], prefix) if name == LOCALS else b"\0"
+            (tmp_path / _get_path(prefix, name)).write_bytes(data)
+    removed = cache_module.remove_stale_registrations(mine)
+    assert sorted(removed) == sorted(_get_path(900, name) for name in SHM_TO_CLEAN)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(_get_path(3, name) for name in SHM_TO_CLEAN)
