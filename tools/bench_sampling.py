@@ -1,10 +1,12 @@
-"""What per-image step control costs: an adaptive sampler over one packed batch of mixed sizes,
-solved three ways, with a random model (weights do not change the cost per forward).
+"""What batch invariance and per-image step control cost: an ODE sampler over one packed batch of
+mixed sizes, solved three ways, with a random model (weights do not change the cost per forward).
 
   shared     one torchdiffeq solve of the whole packed batch (the release's way: one step size,
              so every image depends on its batch)
-  per-image  one solve per image, their velocity calls batched into shared forwards (ours)
-  one-by-one one solve per image, each image its own forwards
+  per-image  one solve per image, their velocity calls batched into shared forwards
+             (`fitscale sample --no-batch-invariant`)
+  one-by-one one solve per image, each image its own forwards: `fitscale sample`'s default
+             (batch-invariant) way; the tool checks it is bit for bit what generate_latents gives
 
 python tools/bench_sampling.py --threads 1                       # CPU, tiny model
 python tools/bench_sampling.py --model fitv2-b --depth 4 --sampler bosh3
@@ -20,9 +22,11 @@ import torch
 
 from fitscale.flow.guidance import PackedVelocity
 from fitscale.flow.per_image import integrate_per_image
-from fitscale.flow.samplers import integrate
+from fitscale.flow.samplers import TOLERANCE_METHODS, integrate
 from fitscale.models import build_model
-from fitscale.sample.plan import initial_noise, pack_layout, plan_items
+from fitscale.sample.generate import generate_latents
+from fitscale.sample.options import SamplingOptions
+from fitscale.sample.plan import initial_noise, pack_layout, plan_items, split_latents
 
 SIZES = [(64, 64), (96, 128), (128, 96), (48, 160)]  # pixels: 16, 48, 48 and 30 tokens
 
@@ -58,7 +62,8 @@ def main(argv=None) -> int:
     items = plan_items(SIZES, args.per_size, model.config.num_classes, seed=0)
     states = [initial_noise(item, model.config.token_dim, 0).to(device) for item in items]
     layout = pack_layout(items, device)
-    tolerances = dict(atol=args.atol, rtol=args.rtol)
+    # Grid samplers take the default 50 steps, the others these tolerances.
+    tolerances = dict(atol=args.atol, rtol=args.rtol) if args.sampler in TOLERANCE_METHODS else {}
 
     def timed(run):
         best = float("inf")
@@ -87,6 +92,10 @@ def main(argv=None) -> int:
         return results
 
     alone, alone_s = timed(one_by_one)
+    options = SamplingOptions(sampler=args.sampler, **tolerances, cfg_scale=args.cfg)  # batch-invariant
+    product = generate_latents(model, items, options)
+    expected = split_latents(torch.cat([r.x for r in alone]), items, model.config.in_channels)
+    assert all(torch.equal(a, b) for a, b in zip(product, expected)), "one-by-one is not generate_latents"
     shared_images = shared.x.split([item.tokens for item in items])
     moved = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(shared_images, per_image.xs))
     report = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -123,7 +124,17 @@ def register(subparsers) -> None:
         "--grid-scale", type=int, default=1, help="upscale grid.png by this factor (small latents)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--token-budget", type=int, default=16384, help="tokens per forward pass")
+    parser.add_argument(
+        "--token-budget", type=int, default=16384, help="tokens per forward pass (with --no-batch-invariant)"
+    )
+    parser.add_argument(
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sample each image alone, so it is the same bit for bit in any batch and on any rank "
+        "(default); --no-batch-invariant packs images into shared forwards: faster on a GPU, an image then "
+        "moves with its batch mates by up to the solver's tolerance (docs/sampling.md)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument(
         "--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="compute dtype (auto: bf16 on CUDA)"
@@ -214,6 +225,7 @@ def sampling_options(args):
         guidance_channels=3 if args.guide_first_3 else None,
         seed=args.seed,
         token_budget=args.token_budget,
+        batch_invariant=args.batch_invariant,
         autocast=args.dtype,
     )
     if options.mode == "ode" and options.sampler not in WRITTEN_OUT:

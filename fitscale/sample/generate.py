@@ -3,8 +3,20 @@ packed batches of items integrated from noise (t = 0) to data (t = 1) with guida
 
 The ODE solvers are fitscale.flow.samplers (adaptive ones one solve per image through
 fitscale.flow.per_image), the SDE fitscale.flow.sde, guidance fitscale.flow.guidance; this module
-only connects them to models, items and batches. Every image's result depends only on the model,
-the options and the image itself (its noise: seed and index), never on its batch.
+only connects them to models, items and batches.
+
+Batch invariance. A packed forward's fp32 arithmetic depends on the pack: a matrix product over
+T rows picks its kernel blocking (and so the order of its sums) from T, and attention and norms
+run over shapes set by the batch mates, so one image's velocity moves by ~1e-7 with the batch.
+A grid sampler carries that to its end; an adaptive solver can flip an accept/reject decision of
+its step controller, after which the image differs by about the solver's tolerance (4e-4
+relative was seen on a trained digits model with dopri5 and guidance). With
+`SamplingOptions.batch_invariant` (the default) every image is therefore sampled alone: its own
+forwards (conditional and unconditional copy together, as alone), its own solve, its own noise.
+Its arithmetic is then the same call sequence whichever batch, rank or rank count draws it, and
+its latents are the same bit for bit on a given machine and thread count. The cost is the loss of
+batching (docs/benchmarks.md, "Batch-invariant sampling"); `batch_invariant=False` packs images
+up to `token_budget` tokens per forward for throughput.
 """
 
 from __future__ import annotations
@@ -59,14 +71,20 @@ def generate_latents(
 ) -> list[torch.Tensor]:
     """Latents (C, h, w) float32 on the CPU, one per item in order; the model stays on its device.
 
-    A float64 model samples in float64 and gives float64 latents."""
+    With `options.batch_invariant` each item is sampled alone (bit-identical whatever its batch
+    mates), else items share packed forwards of up to `options.token_budget` tokens. A float64
+    model samples in float64 and gives float64 latents. Raises ValueError for an item over the
+    token budget."""
     model.eval()
     config = model.config
     device = next(model.parameters()).device
     dtype = autocast_dtype(options.autocast, device)
     precise = next(model.parameters()).dtype == torch.float64  # a float64 model samples in float64
     out: list[torch.Tensor] = []
-    for group in batches_by_budget(items, options.token_budget, options.cfg_scale != 1.0):
+    groups = batches_by_budget(items, options.token_budget, options.cfg_scale != 1.0)
+    if options.batch_invariant:  # one image per forward and per solve (module docstring)
+        groups = [[item] for group in groups for item in group]
+    for group in groups:
         layout = pack_layout(group, device)
         x = torch.cat([initial_noise(item, config.token_dim, options.seed) for item in group])
         x = x.to(device, torch.float64 if precise else torch.float32)

@@ -82,7 +82,12 @@ class SamplingOptions:
     scale_pow: float = 0.0  # the release's guidance schedule over time; 0 = constant scale
     guidance_channels: int | None = None  # 3: the release's first-3-channels guidance
     seed: int = 0
-    token_budget: int = 16384  # tokens per forward (guidance doubles a batch's tokens)
+    token_budget: int = 16384  # tokens per forward (guidance doubles a batch's tokens); packed batches only
+    # True: every image is sampled alone, one forward per image (its guided pair in one forward), so its
+    # arithmetic is the same whatever batch or rank draws it, bit for bit. False: images share packed
+    # forwards up to `token_budget` (faster on accelerators; an image then moves with its batch mates
+    # by ~1e-6 relative on grid samplers and up to the solver's tolerance on adaptive ones).
+    batch_invariant: bool = True
     autocast: str = "auto"  # auto (bf16 on CUDA), bf16 or fp32
 
     def __post_init__(self) -> None:

@@ -64,6 +64,7 @@ def _fid(spec: SweepSpec, model: torch.nn.Module, folder: Path) -> float:
         sampler=fid.get("sampler", "euler"),
         steps=int(fid["steps"]) if "steps" in fid else None,
         cfg_scale=float(fid.get("cfg", 1.0)),
+        batch_invariant=False,  # the same images for every run of the sweep, drawn together: packed
     )
     out = folder / "fid_samples"
     run_sampling(

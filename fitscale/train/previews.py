@@ -93,6 +93,9 @@ class PeriodicSamples:
             cfg_scale=train.sample_cfg_scale,
             seed=train.seed,
             token_budget=max(config.data.token_budget, largest * (2 if guided else 1)),
+            # The same fixed items every time: packed forwards (one FSDP all-gather per block for the
+            # whole grid, not one per image) are reproducible here, and batch invariance buys nothing.
+            batch_invariant=False,
         )
         self.class_names = meta.get("classes")
         self.preview_channel = int(meta.get("preview_channel") or 0)
