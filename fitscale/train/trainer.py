@@ -202,7 +202,22 @@ class Trainer:
         if table is not None:
             identity = {"samples": int(table.shape[0]), "xxh64": digest(table.tobytes())}
             same_on_all_ranks(identity, f"datasets at data.path={data.path}")
+        self._warn_small_dataset(getattr(loader, "num_samples", None))
         return loader
+
+    def _warn_small_dataset(self, num_samples: int | None) -> None:
+        """Rank 0 warns once when a step of `data.global_batch_size` images holds every image of the
+        dataset several times (the planner fills a step across epochs): intended for a smoke test,
+        a surprise otherwise."""
+        data = self.config.data
+        if not self.env.is_main or data.batch_mode != "images" or not num_samples:
+            return
+        if num_samples < data.global_batch_size:
+            log.warning(
+                "data.path=%s holds %d usable images, fewer than data.global_batch_size=%d: every step repeats "
+                "each image about %.1f times; write a larger dataset or lower data.global_batch_size",
+                data.path, num_samples, data.global_batch_size, data.global_batch_size / num_samples,
+            )  # fmt: skip
 
     def _build_validation(self):
         """The held-out split's batches, read once for the run (None when `train.val_every` is 0)."""
