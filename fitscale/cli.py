@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from fitscale.diskspace import OutOfSpaceError
+
 # Modules that contribute subcommands, in the order they appear in `fitscale --help`.
 COMMAND_MODULES = (
     "fitscale.models.cli",  # info
@@ -54,8 +56,9 @@ def set_option_args(overrides: list[str]) -> list[str]:
 
 
 # Printed as one line with exit status 2 (ImportError: an optional dependency that is not installed,
-# whose message says which extra to install); any other exception is a traceback and status 1.
-USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError)
+# whose message says which extra to install; OutOfSpaceError: a full disk or quota, naming the path,
+# the bytes and the fix); any other exception is a traceback and status 1.
+USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError, OutOfSpaceError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         return error.code
     except BrokenPipeError:  # `fitscale info ... | head`
         return 0
-    except Exception as error:
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):  # their own meaning: not a failure to report
+        raise
+    except BaseException as error:  # DCP's CheckpointException is a BaseException
+        from fitscale.diskspace import describe
+
+        error = describe(error) or error  # a full disk, however wrapped: one line naming the path and fix
         user_error = isinstance(error, USER_ERRORS)
         if in_launched_rank():  # the launcher reports the first failing rank's error, once
             record_failure(error, user_error)

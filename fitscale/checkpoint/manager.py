@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -33,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from fitscale.checkpoint import layout
 from fitscale.checkpoint.stateful import PerRankState
 from fitscale.config.checkpoint import CheckpointConfig
+from fitscale.diskspace import is_out_of_space, out_of_space
 from fitscale.parallel.agree import rank0_decides
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,11 @@ class CheckpointMismatchError(ValueError):
 
 @contextlib.contextmanager
 def _single_process_quiet():
-    """DCP warns on every single-process save/load; a one-process run is intended, not a mistake."""
+    """DCP warns on every single-process save/load; a one-process run is intended, not a mistake.
+
+    Every `dcp.save`, `dcp.async_save` and `dcp.load` of the manager runs inside this (the plain
+    save once did not, and every one-process run printed the warning at its first checkpoint).
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized"
@@ -59,6 +65,27 @@ def _first_failure(error: BaseException) -> str:
         cause = error.failures[rank][0]
         return f"{type(cause).__name__}: {cause} (rank {rank})"
     return f"{type(error).__name__}: {error}"
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors (a DTensor's local shard) and byte strings in a nested state dict."""
+    if isinstance(value, torch.Tensor):
+        local = getattr(value, "_local_tensor", value)
+        return local.numel() * local.element_size()
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in value)
+    if hasattr(value, "state_dict"):
+        return _tensor_bytes(value.state_dict())
+    return 0
+
+
+def _folder_bytes(path: Path) -> int:
+    """Bytes of the files under `path`."""
+    return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file())
 
 
 class CheckpointManager:
@@ -145,10 +172,7 @@ class CheckpointManager:
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             if not self._cleaned:
-                removed = layout.remove_leftovers(self.folder)
-                if removed:
-                    logger.warning("removed unfinished checkpoint folders of an earlier run: %s", removed)
-                self._cleaned = True
+                self._remove_leftovers()
             elif temporary.exists():
                 layout.remove_leftovers(self.folder)
         self._barrier()
@@ -170,12 +194,38 @@ class CheckpointManager:
                 time.perf_counter() - started,
             )
         else:
-            dcp.save(
-                dcp_state, checkpoint_id=temporary, process_group=self._group, **self._single_process_flag()
-            )
+            try:
+                with _single_process_quiet():
+                    dcp.save(
+                        dcp_state,
+                        checkpoint_id=temporary,
+                        process_group=self._group,
+                        **self._single_process_flag(),
+                    )
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as error:  # DCP's CheckpointException is a BaseException
+                raise self._failed_save(step, temporary, error, dcp_state) from error
             self._publish(step, temporary, self._metadata_for(step, state))
             logger.info("checkpoint %s written in %.2fs", final, time.perf_counter() - started)
         return final
+
+    def remove_leftovers(self) -> None:
+        """Delete the unfinished folders (`.step-N.tmp`, `.deleting-step-N`) a killed run left
+        (collective). The trainer calls it at start, before anything else is written, so that their
+        space is free for the metrics and the first save; complete checkpoints are never touched.
+        Call it only while holding the run folder (fitscale.train.state.RunLock): a live run's
+        save in progress looks the same."""
+        if self.rank == 0:
+            self._remove_leftovers()
+        self._cleaned = True
+        self._barrier()
+
+    def _remove_leftovers(self) -> None:
+        removed = layout.remove_leftovers(self.folder)
+        if removed:
+            logger.warning("removed unfinished checkpoint folders of an earlier run: %s", removed)
+        self._cleaned = True
 
     def wait(self) -> None:
         """Block until a pending asynchronous save is written and published (collective)."""
@@ -220,12 +270,51 @@ class CheckpointManager:
         self._pending = None
         try:
             future.result()
+        except (KeyboardInterrupt, SystemExit):
+            raise
         except BaseException as error:  # DCP reports failures as CheckpointException (a BaseException)
-            raise RuntimeError(
-                f"asynchronous checkpoint step {step} failed: {_first_failure(error)}; "
-                f"{temporary} is left unpublished and the previous checkpoints are intact"
-            ) from error
+            raise self._failed_save(step, temporary, error, None) from error
         self._publish(step, temporary, metadata)
+
+    def _failed_save(
+        self, step: int, temporary: Path, error: BaseException, dcp_state: dict[str, Any] | None
+    ) -> Exception:
+        """The one-line error for a save that failed on every rank (DCP raises on all of them); rank 0
+        removes the unfinished `.step-N.tmp` (complete checkpoints are never touched).
+
+        A full disk or quota (fitscale.diskspace) becomes an OutOfSpaceError naming the folder, the
+        checkpoint's size (that of the newest complete checkpoint, else this rank's tensors times
+        the world size), the free bytes and the fix; anything else a RuntimeError with the first
+        failing rank's reason.
+        """
+        steps = layout.complete_steps(self.folder)
+        if steps:
+            needed = _folder_bytes(self.step_path(steps[-1]))
+        else:
+            needed = _tensor_bytes(dcp_state) * self.world_size if dcp_state is not None else None
+        full = is_out_of_space(error, self.folder, needed)
+        if self.rank == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+        kept = "the complete checkpoints are untouched"
+        if not full:
+            return RuntimeError(
+                f"checkpoint step {step} could not be written: {_first_failure(error).splitlines()[0]}; "
+                f"its unfinished folder {temporary} was removed and {kept}"
+            )
+        keep = self.cfg.keep_last
+        retention = (
+            f"lower checkpoint.keep_last (now {keep}: a save needs room for the new checkpoint beside the kept ones)"
+            if keep > 0
+            else "set checkpoint.keep_last (now 0: every checkpoint is kept)"
+        )
+        return out_of_space(
+            self.folder,
+            f"checkpoint step {step}",
+            f"its unfinished folder {temporary.name} was removed and {kept}. Free space there, {retention}, "
+            "or point train.run_dir / checkpoint.folder at a larger filesystem; a rerun resumes from the "
+            "newest complete checkpoint",
+            needed,
+        )
 
     def _publish(self, step: int, temporary: Path, metadata: dict[str, Any]) -> None:
         """All ranks finished writing: rank 0 adds fitscale.json, renames, then applies retention."""

@@ -36,7 +36,8 @@ class DataConfig:
     global_batch_size: int = 256
     # Most tokens in one micro-batch: the activation memory of one forward pass.
     token_budget: int = 8192
-    # Micro-batches per rank per optimizer step (batch_mode "tokens" only).
+    # Micro-batches per rank per optimizer step (batch_mode "tokens" only; another value in "images"
+    # mode is refused, as it would be ignored there).
     micro_batches_per_step: int = 1
     # Token limit the dataset was written for: 256 (256x256 pretraining) or 1024 (512x512).
     max_image_tokens: Literal[256, 1024] = field(
@@ -93,6 +94,12 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name}={value!r}: must be a positive integer")
+        if self.batch_mode == "images" and self.micro_batches_per_step != 1:
+            raise ValueError(
+                f"data.micro_batches_per_step={self.micro_batches_per_step} applies to data.batch_mode=tokens only; "
+                "with data.batch_mode=images the micro-batches follow from data.global_batch_size and "
+                "data.token_budget: remove it, or set data.batch_mode=tokens"
+            )
         if not 1 <= self.min_image_tokens <= self.max_image_tokens:
             raise ValueError(
                 f"data.min_image_tokens={self.min_image_tokens!r}: must lie in [1, max_image_tokens="

@@ -46,6 +46,7 @@ from fitscale.data.format import (
     atomic_write_text,
 )
 from fitscale.data.integrity import HASH, side_file_hashes
+from fitscale.diskspace import named_out_of_space
 
 WRITER_FILE = "writer.json"
 PARTS_DIR = "parts"
@@ -162,12 +163,24 @@ def write_part(
     sample table and its skip list, in a temporary folder renamed into place when complete (a part is
     either whole or absent, so an interrupted write resumes part by part).
     """
-    from streaming import MDSWriter
-
     final = out / PARTS_DIR / part_name(index)
     tmp = out / PARTS_DIR / (part_name(index) + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _write_part_files(tmp, inputs, index, build, settings, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # unfinished: its space back at once (resumes from here)
+        raise
+    os.replace(tmp, final)
+
+
+def _write_part_files(
+    tmp: Path, inputs: Sequence[Any], index: int, build: PartBuilder, settings: WriteSettings, progress
+) -> None:
+    """The MDS shards, sample table and skip list of part `index`, into the folder `tmp`."""
+    from streaming import MDSWriter
+
     rows: list[list[int]] = []
     skipped: list[dict[str, str]] = []
     with MDSWriter(
@@ -194,7 +207,6 @@ def write_part(
     table = np.asarray(rows, dtype=np.int64).reshape(-1, len(SAMPLE_COLUMNS))
     np.save(tmp / SAMPLES_FILE, table)
     (tmp / SKIPPED_FILE).write_text("".join(json.dumps(s) + "\n" for s in skipped))
-    os.replace(tmp, final)
 
 
 def first_tokens_dtype(out: Path, shard: dict[str, Any]) -> str:
@@ -283,10 +295,18 @@ def write_dataset(
     mine = [k for k in range(num_parts) if k % world_size == rank]
     todo = [k for k in mine if not (out / PARTS_DIR / part_name(k)).exists()]
     total = sum(len(inputs[k * settings.part_size : (k + 1) * settings.part_size]) for k in todo)
-    with tqdm(total=total, desc=f"{settings.writer} -> {out.name}", unit="img", disable=not progress) as bar:
-        for k in todo:
-            part_inputs = inputs[k * settings.part_size : (k + 1) * settings.part_size]
-            write_part(out, k, part_inputs, build, settings, bar)
-    if all((out / PARTS_DIR / part_name(k)).exists() for k in range(num_parts)):
-        return merge_parts(out, num_parts, settings, extra_meta or {})
+    done = num_parts - len(todo)
+    fix = (
+        "free space there or write the dataset to another folder; rerun the same command to resume "
+        f"after the complete parts ({done} of {num_parts} were complete when this write began)"
+    )
+    with named_out_of_space(out, "the dataset", fix):  # a full disk or quota: one line, not a traceback
+        with tqdm(
+            total=total, desc=f"{settings.writer} -> {out.name}", unit="img", disable=not progress
+        ) as bar:
+            for k in todo:
+                part_inputs = inputs[k * settings.part_size : (k + 1) * settings.part_size]
+                write_part(out, k, part_inputs, build, settings, bar)
+        if all((out / PARTS_DIR / part_name(k)).exists() for k in range(num_parts)):
+            return merge_parts(out, num_parts, settings, extra_meta or {})
     return None

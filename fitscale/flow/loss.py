@@ -20,6 +20,7 @@ from fitscale.data.batch import PackedBatch
 from fitscale.flow.path import interpolate, velocity_target
 from fitscale.flow.timesteps import sample_timesteps
 from fitscale.models.attention import segment_ids_from_cu_seqlens
+from fitscale.models.inputs import check_cu_seqlens
 from fitscale.seeds import image_seed
 
 
@@ -86,7 +87,12 @@ class FlowLossOutput:
 
 
 def check_loss_inputs(batch: PackedBatch, timesteps: torch.Tensor, noise: torch.Tensor) -> None:
-    """Shapes and counts the loss relies on (tensor metadata and host ints only: no device sync)."""
+    """Shapes and counts the loss relies on (tensor metadata and host ints only: no device sync).
+
+    The boundaries first, as the model checks them (fitscale.models.inputs): the loss spreads the
+    timesteps over them before the model runs, where bad ones fail in ATen without naming a field.
+    """
+    check_cu_seqlens(batch.cu_seqlens, int(batch.tokens.shape[0]))
     segments = batch.num_segments
     if not 0 <= batch.num_images <= segments:
         raise ValueError(f"flow loss: num_images={batch.num_images} is not in [0, {segments}] (the segments)")

@@ -6,8 +6,11 @@ get `FITSCALE_ERROR_DIR` in their environment; a rank whose command fails writes
 message, exit status and traceback to `<dir>/rank-R.json` (`record_failure`) and prints
 nothing. The launcher keeps the output of every rank but its node's first in
 `<run_dir>/logs/rank-R.log` (appended to), and once the ranks have stopped it reads the
-reports (`first_failure`): the one written first is the cause (the others are ranks that lost
-their peer in a collective, or were stopped), and it becomes the launcher's own error line and
+reports (`first_failure`): a rank killed by a signal (out of memory, a crash) cannot write one, so
+the launcher writes it (`record_stopped_rank`: `rank 1 was killed by SIGKILL (signal 9)` and a
+hint), and that rank is the cause ahead of its peers' connection errors; otherwise the report
+written first is the cause (the others are ranks that lost their peer in a collective, or were
+stopped), errors that blame a lost peer coming last. It becomes the launcher's own error line and
 exit status (`WorkerFailed`), exactly as the single-process run reports it: status 2 and the
 message for a configuration error, status 1 and `Type: message` for any other exception.
 With `FITSCALE_DEBUG=1` the report carries the rank's traceback, and the launcher prints that.
@@ -68,10 +71,74 @@ def record_failure(error: BaseException, user_error: bool, folder: str | Path | 
     partial.replace(folder / f"rank-{rank}.json")  # whole or absent, never half a report
 
 
+# A rank's error that blames a peer: the consequence of another rank's death, never the cause.
+PEER_LOST = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Connection refused",
+    "ECONNRESET",
+    "EPIPE",
+)
+SIGNAL_HINTS = {
+    "SIGKILL": "out of memory? the kernel's OOM killer sends SIGKILL: check `dmesg` (or `journalctl -k`)",
+    "SIGSEGV": "a crash in native code (torch, a kernel or an extension); check `dmesg` and the log",
+    "SIGBUS": "a crash in native code or a full /dev/shm; check `dmesg` and the log",
+    "SIGABRT": "native code aborted (an assertion in torch or a library); see the log",
+    "SIGTERM": "stopped from outside fitscale (the scheduler, a user or a script)",
+    "SIGINT": "interrupted",
+    "SIGHUP": "its terminal went away",
+}
+
+
+def record_stopped_rank(folder: str | Path, rank: int, code: int, log: str | Path | None) -> None:
+    """The launcher's report for rank `rank`, which stopped with exit `code` (negative: killed by
+    that signal) and wrote no report of its own; its output is in `log` (None: the terminal).
+
+    A rank killed by a signal could not report, so the launcher does: `rank 1 was killed by SIGKILL
+    (signal 9) (out of memory? ... check `dmesg` ...); its output is in RUN/logs/rank-1.log`, exit
+    status 128 + signal, as a shell reports it. A report the rank wrote itself is kept as it is.
+    """
+    from fitscale.launch.local import signal_name
+
+    folder = Path(folder)
+    if (folder / f"rank-{rank}.json").exists():
+        return
+    where = f"its output is in {log}" if log is not None else "its output is above"
+    if code < 0:
+        name = signal_name(-code)
+        hint = SIGNAL_HINTS.get(name.split(" ")[0])
+        message = f"rank {rank} was killed by {name}{f' ({hint})' if hint else ''}; {where}"
+        status, cause = 128 - code, "signal"
+    else:
+        message = f"rank {rank} exited with status {code} without an error report; {where}"
+        status, cause = code, "exit"
+    report = {"rank": rank, "time": time.time(), "code": status, "message": message, "traceback": "",
+              "stopped_by": cause}  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".rank-{rank}.json.tmp"
+    partial.write_text(json.dumps(report))
+    partial.replace(folder / f"rank-{rank}.json")
+
+
+def _blame_order(report: dict) -> tuple[int, float, int]:
+    """Which report names the cause: a rank killed by a signal (its peers then lose their
+    connections), a rank's own error, a rank that exited without a report, and last an error that
+    blames a lost peer; within each, the one written first (ties: the lowest rank)."""
+    stopped_by = report.get("stopped_by")
+    if stopped_by == "signal":
+        kind = 0
+    elif stopped_by == "exit":
+        kind = 2
+    else:
+        kind = 3 if any(marker in report["message"] for marker in PEER_LOST) else 1
+    return kind, report["time"], report["rank"]
+
+
 def first_failure(folder: str | Path) -> dict | None:
-    """The report written first in `folder` (ties: the lowest rank), or None when no rank wrote one."""
+    """The report that names the cause in `folder` (see `_blame_order`), or None when there is none."""
     reports = [json.loads(path.read_text()) for path in Path(folder).glob("rank-*.json")]
-    return min(reports, key=lambda r: (r["time"], r["rank"])) if reports else None
+    return min(reports, key=_blame_order) if reports else None
 
 
 def slurm_error_folder(slurm_folder: str | Path, job_id: str, restart: int | str) -> Path:
@@ -124,6 +191,7 @@ def run_ranks(command: list[str], nproc_per_node: int, run_dir: str | Path, **la
             nproc_per_node,
             env={**env, ERROR_DIR_ENV: folder},
             log_dir=Path(run_dir) / "logs",
+            error_dir=folder,
             **launch,  # type: ignore[arg-type]
         )
         if code != 0:

@@ -72,6 +72,7 @@ def launch_local(
     env: Mapping[str, str] | None = None,
     stop_grace_s: float = 60.0,
     log_dir: str | Path | None = None,
+    error_dir: str | Path | None = None,
 ) -> int:
     """Run `command` in `nproc_per_node` processes of one node of an `nnodes`-node job; return its exit code.
 
@@ -88,6 +89,12 @@ def launch_local(
     `env` adds variables to every rank's environment. With `log_dir`, every rank but this node's
     first writes its output to `log_dir/rank-R.log` (appended to) instead of the terminal, and the
     launcher prints nothing of its own (see fitscale.launch.failures for the error line).
+
+    The failing rank is the first one seen stopped: one killed by a signal before any other (its
+    peers then fail with connection errors), else the lowest. With `error_dir` (the ranks'
+    `FITSCALE_ERROR_DIR`), the launcher writes the report of each stopped rank that could not write
+    its own (killed by a signal, or exited without one), e.g. `rank 1 was killed by SIGKILL
+    (signal 9)` with a hint (fitscale.launch.failures.record_stopped_rank).
     """
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
@@ -125,7 +132,16 @@ def launch_local(
             )
             if output is not None:
                 output.close()  # the rank holds its own copy
-        return _wait_for_ranks(processes, node_rank * nproc_per_node, stop_grace_s, quiet=log_dir is not None)
+        first_rank = node_rank * nproc_per_node
+        failed = _wait_for_ranks(processes, first_rank, stop_grace_s, quiet=log_dir is not None)
+        if error_dir is not None:
+            from fitscale.launch.failures import record_stopped_rank
+
+            for rank, code in failed:
+                is_first = rank == first_rank  # its output went to the terminal, the others' to log_dir
+                log = None if log_dir is None or is_first else Path(log_dir) / f"rank-{rank}.log"
+                record_stopped_rank(error_dir, rank, code, log)
+        return failed[0][1] if failed else 0
     finally:
         _stop(processes, stop_grace_s)
         for signum, handler in previous_handlers.items():
@@ -151,24 +167,36 @@ def _die_with_parent() -> None:
 
 def _wait_for_ranks(
     processes: list[subprocess.Popen], first_rank: int, stop_grace_s: float, quiet: bool = False
-) -> int:
-    """Wait for all ranks; on the first failure stop the rest and return that rank's code."""
+) -> list[tuple[int, int]]:
+    """Wait for all ranks; on the first failure stop the rest. Returns the (rank, exit code) of the
+    ranks seen failed at that moment, the cause first (killed by a signal, then the lowest rank;
+    a negative code is the signal's number), or [] when every rank exited 0."""
     while True:
         codes = [process.poll() for process in processes]
-        failed = [(index, code) for index, code in enumerate(codes) if code not in (None, 0)]
+        failed = [(first_rank + index, code) for index, code in enumerate(codes) if code not in (None, 0)]
         if failed:
-            index, code = failed[0]
+            failed.sort(key=lambda item: (item[1] >= 0, item[0]))  # a rank killed by a signal went first
+            rank, code = failed[0]
             if any(c is None for c in codes) and not quiet:
+                how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with code {code}"
                 print(
-                    f"fitscale launch: rank {first_rank + index} exited with code {code}; stopping the other ranks",
+                    f"fitscale launch: rank {rank} {how}; stopping the other ranks",
                     file=sys.stderr,
                     flush=True,
                 )
             _stop(processes, stop_grace_s)
-            return code
+            return failed
         if all(code == 0 for code in codes):
-            return 0
+            return []
         time.sleep(0.1)
+
+
+def signal_name(signum: int) -> str:
+    """`SIGKILL (signal 9)` for 9; `signal 64` for a number with no name here."""
+    try:
+        return f"{signal.Signals(signum).name} (signal {signum})"
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _stop(processes: list[subprocess.Popen], grace_s: float) -> None:

@@ -118,6 +118,15 @@ def check_packed_batch(
             _fail(f"t[{i}]={float(times[i])} must be a finite time >= 0 (0 = noise, 1 = clean data)")
 
 
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None = None) -> None:
+    """The boundary rules of `check_packed_batch` alone: a CPU `cu_seqlens` (S+1,) must start at 0,
+    never decrease and end at `total` token rows (and no segment exceed `max_seqlen`); ValueError
+    naming the boundary otherwise. Values on other devices are not read (no sync). For code that
+    reads the boundaries before the model does (the flow loss spreads timesteps over them)."""
+    if _on_cpu(cu_seqlens) and cu_seqlens.numel() >= 2:
+        _check_boundaries(_host(cu_seqlens), total, max_seqlen)
+
+
 def _host(tensor: torch.Tensor) -> np.ndarray:
     """A CPU tensor's values as numpy, without a copy: single-threaded, no wake-up of torch's pool."""
     return tensor.detach().numpy()

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fitscale.config.log import LogConfig
+from fitscale.diskspace import CheckedAppendFile
 from fitscale.hardware import lookup_peak_flops
 from fitscale.train.loglines import StepLine, console_wanted, log_event
 
@@ -183,7 +184,8 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.jsonl:
             name = "metrics.jsonl" if rank == 0 and not cfg.all_ranks else f"metrics.rank{rank}.jsonl"
-            self._file = open(self.run_dir / name, "a", buffering=1)
+            fix = "free space there, or point train.run_dir at a larger filesystem"
+            self._file = CheckedAppendFile(self.run_dir / name, "the metrics log", fix)  # names it on ENOSPC
             self.event("start", start_step)
         if rank == 0:
             self._bar = self._make_bar(total_steps, start_step)

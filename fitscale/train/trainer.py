@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from fitscale.config import RunConfig, to_yaml
 from fitscale.config.errors import ConfigError
+from fitscale.diskspace import named_out_of_space
 from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
 from fitscale.models.inputs import check_packed_batch
 from fitscale.models.official import clean_parameter_name
@@ -35,6 +36,7 @@ from fitscale.train.metrics import Throughput
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
 
 log = logging.getLogger("fitscale.train")
+RUN_DIR_FULL = "free space there, or point train.run_dir at a larger filesystem"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -200,7 +202,22 @@ class Trainer:
         if table is not None:
             identity = {"samples": int(table.shape[0]), "xxh64": digest(table.tobytes())}
             same_on_all_ranks(identity, f"datasets at data.path={data.path}")
+        self._warn_small_dataset(getattr(loader, "num_samples", None))
         return loader
+
+    def _warn_small_dataset(self, num_samples: int | None) -> None:
+        """Rank 0 warns once when a step of `data.global_batch_size` images holds every image of the
+        dataset several times (the planner fills a step across epochs): intended for a smoke test,
+        a surprise otherwise."""
+        data = self.config.data
+        if not self.env.is_main or data.batch_mode != "images" or not num_samples:
+            return
+        if num_samples < data.global_batch_size:
+            log.warning(
+                "data.path=%s holds %d usable images, fewer than data.global_batch_size=%d: every step repeats "
+                "each image about %.1f times; write a larger dataset or lower data.global_batch_size",
+                data.path, num_samples, data.global_batch_size, data.global_batch_size / num_samples,
+            )  # fmt: skip
 
     def _build_validation(self):
         """The held-out split's batches, read once for the run (None when `train.val_every` is 0)."""
@@ -233,9 +250,12 @@ class Trainer:
         from fitscale.checkpoint import CheckpointManager
 
         # Each checkpoint records the config it was trained with, for the checks of a later resume.
-        return CheckpointManager(
+        manager = CheckpointManager(
             self.run_dir, self.config.checkpoint, metadata={"config": asdict(self.config)}
         )
+        # A killed run's unfinished save may fill the disk: free it before the first write (we hold the lock).
+        manager.remove_leftovers()
+        return manager
 
     def _build_metrics(self, start_step: int):
         from dataclasses import asdict
@@ -401,7 +421,8 @@ class Trainer:
         try:
             start_step = self.maybe_resume() or 0  # a refused resume leaves the folder as it was
             if self.env.is_main:
-                (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+                with named_out_of_space(self.run_dir / "config.yaml", "the run's config", RUN_DIR_FULL):
+                    (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             self.metrics = self._build_metrics(start_step)
             from fitscale.train.resume import report_changes
 

@@ -67,7 +67,9 @@ def validation_batches(
         raise ValueError(
             f"data.val_path={data.val_path} has {total} usable images, fewer than the {world_size} ranks"
         )
-    one_pass = dataclasses.replace(data, batch_mode="images", global_batch_size=total, num_workers=0)
+    one_pass = dataclasses.replace(
+        data, batch_mode="images", global_batch_size=total, micro_batches_per_step=1, num_workers=0
+    )
     loader = build_validation_loader(one_pass, rank, world_size)
     step = next(iter(loader))
     loader.close()

@@ -41,6 +41,18 @@ def test_errors_name_the_field(override, message):
     assert message in str(info.value)
 
 
+def test_micro_batches_per_step_is_refused_where_it_would_be_ignored():
+    with pytest.raises(ConfigError) as info:
+        load_config("recipes/demo.yaml", ["data.micro_batches_per_step=4"])  # demo: batch_mode=images
+    assert str(info.value) == (
+        "data.micro_batches_per_step=4 applies to data.batch_mode=tokens only; with data.batch_mode=images "
+        "the micro-batches follow from data.global_batch_size and data.token_budget: remove it, or set "
+        "data.batch_mode=tokens"
+    )
+    tokens = load_config("recipes/demo.yaml", ["data.micro_batches_per_step=4", "data.batch_mode=tokens"])
+    assert tokens.data.micro_batches_per_step == 4
+
+
 def test_missing_data_section():
     with pytest.raises(ConfigError, match="set data.path"):
         load_config(None, [])

@@ -190,3 +190,27 @@ def test_the_loss_checks_its_own_inputs(model):
         ValueError, match=re.escape("flow loss: timesteps[2]=1.5 is outside [0, 1] (1 = clean data)")
     ):
         flow_loss(model, batch, torch.tensor([0.5, 0.5, 1.5]), noise, 3, FlowConfig())
+
+
+def test_the_loss_checks_the_boundaries_before_it_reads_them(model):
+    """The loss spreads timesteps over cu_seqlens before the model runs; bad boundaries get the
+    model's one-line ValueError, not ATen's `allocated size does not match required size`."""
+    images = [torch.randn(r * c, 16) for r, c in GRIDS]
+    batch = pack_images(images, GRIDS, [1, 2, 3], [0, 1, 2], null_class=10)
+    timesteps, noise = torch.full((3,), 0.5), torch.randn(37, 16)
+    past_the_rows = batch.cu_seqlens.clone()
+    past_the_rows[-1] = 40
+    with pytest.raises(ValueError) as info:
+        flow_loss(model, replace(batch, cu_seqlens=past_the_rows), timesteps, noise, 3, FlowConfig())
+    assert str(info.value) == (
+        "packed batch: cu_seqlens[-1]=40 but x has 37 token rows; "
+        "the segments must cover exactly the rows of x, no more, no fewer"
+    )
+    decreasing = batch.cu_seqlens.clone()
+    decreasing[1] = decreasing[2] + 1
+    with pytest.raises(ValueError) as info:
+        flow_loss(model, replace(batch, cu_seqlens=decreasing), timesteps, noise, 3, FlowConfig())
+    assert str(info.value) == (
+        f"packed batch: cu_seqlens decreases: cu_seqlens[2]={int(decreasing[2])} after "
+        f"cu_seqlens[1]={int(decreasing[1])}"
+    )
