@@ -137,6 +137,6 @@ def last_attempt(records: list[dict[str, Any]]) -> tuple[int | None, str | None]
     live = live_branch(records)
     starts = [index for index, record in enumerate(live) if is_start(record)]
     ours = live[starts[-1] :] if starts else live
-    steps = [record["step"] for record in live]
+    steps = [record["step"] for record in ours] + [r["step"] for r in live if not is_start(r)]
     checkpoints = [r for r in ours if r.get("event") == "checkpoint" and r.get("path")]
     return (max(steps) if steps else None), (checkpoints[-1]["path"] if checkpoints else None)
