@@ -1,8 +1,9 @@
-"""Ctrl-C on a real 2-rank `fitscale train` of the demo recipe: the launcher forwards SIGINT to
-each rank (each in its own session); the first one finishes the step, saves a checkpoint and stops
-with status 130, a second one stops at once and says how many steps are lost. `fitscale status`
-and `fitscale report` then count only the live branch: after a rerun from scratch, the steps of
-the attempt that saved nothing are no longer the run's."""
+"""Ctrl-C on a real 2-rank `fitscale train` of the demo recipe, and its closing line.
+
+The launcher forwards SIGINT to each rank (each in its own session); the first one finishes the
+step, saves a checkpoint and stops with status 130, a second one stops at once and says how many
+steps are lost. `fitscale status` and `fitscale report` then count only the live branch: after a
+rerun from scratch, the steps of the attempt that saved nothing are no longer the run's."""
 
 from __future__ import annotations
 
@@ -147,3 +148,13 @@ def test_second_ctrl_c_stops_at_once_and_status_and_report_count_only_the_rerun(
     summary = json.loads(report.stdout)[0]
     assert summary["step"] == 3 and summary["restarts"] == 1
     assert summary["final_train_loss"] == pytest.approx(sum(new_losses) / 3)
+
+
+def test_a_two_rank_run_without_checkpoints_names_the_step_it_reached(tmp_path):
+    """Before: `fitscale train: done at step ?; checkpoint: none written` (the parent of the ranks
+    looked only at checkpoints)."""
+    run_dir = tmp_path / "plain"
+    result = train(tmp_path / "digits", run_dir, "train.steps=2", "checkpoint.save_at_end=false")
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"fitscale train: done at step 2; no checkpoint written; metrics: {run_dir / 'metrics.jsonl'}"
+    )

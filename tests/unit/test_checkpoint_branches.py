@@ -14,21 +14,9 @@ from fitscale.checkpoint import CheckpointConflictError, CheckpointManager, layo
 from fitscale.config.checkpoint import CheckpointConfig
 
 
-class Counter:
-    """A Stateful holding a plain int."""
-
-    def __init__(self, value: int = 0):
-        self.value = value
-
-    def state_dict(self):
-        return {"value": self.value}
-
-    def load_state_dict(self, state_dict):
-        self.value = state_dict["value"]
-
-
 def state(step: int) -> dict:
-    return {"progress": Counter(step), "weights": {"w": torch.full((64, 64), float(step))}}
+    """What a run saves, reduced to a weight and a step counter (plain tensors DCP writes as they are)."""
+    return {"weights": {"w": torch.full((64, 64), float(step)), "step": torch.tensor(step)}}
 
 
 def listing(folder) -> dict[str, tuple[int, int]]:
