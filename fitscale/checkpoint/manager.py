@@ -104,6 +104,7 @@ class CheckpointManager:
         self.exit_requested = False
         self.last_signal: str | None = None
         self.interrupted = False  # a SIGINT arrived (a second one stops the process at once)
+        self.stopping = False  # an exit signal's checkpoint is complete: every rank stops now
         self.current_step = 0  # the last step boundary seen (maybe_save) or loaded
         self.last_checkpoint: int | None = None  # the step of the last checkpoint loaded or published
         # Called on every rank as `on_published(step, path)` once a checkpoint is complete on disk.
@@ -149,19 +150,22 @@ class CheckpointManager:
         """Save when `step` is on the interval, a signal asked for it, or `force`; call on every rank.
 
         Also publishes a finished asynchronous save. After a save requested by an exit signal the
-        checkpoint is complete on return, and `exit_requested` tells the loop to stop.
+        checkpoint is complete on return, and `stopping` tells the loop to stop. Only requests
+        agreed at this step boundary count (`_agreed_requests`): a signal that arrives later, on
+        one rank or during the save, is acted on at the next check, never by one rank alone.
         """
         self.current_step = step
         self._finish_pending(block=False)
-        if self.distributed and step % self.cfg.signal_check_every == 0:
-            self._agree_on_signals()
+        save_requested, exit_requested = self._agreed_requests(step)
         on_interval = self.cfg.interval > 0 and step % self.cfg.interval == 0
-        if not (force or self.save_requested or on_interval):
+        if not (force or save_requested or on_interval):
             return False
         self.save(step, state)
-        self.save_requested = False
-        if self.exit_requested:
+        if save_requested:
+            self.save_requested = False
+        if exit_requested:
             self.wait()
+            self.stopping = True
         return True
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
@@ -404,11 +408,19 @@ class CheckpointManager:
         sys.stderr.flush()
         os._exit(INTERRUPT_EXIT_STATUS)
 
-    def _agree_on_signals(self) -> None:
+    def _agreed_requests(self, step: int) -> tuple[bool, bool]:
+        """(save, exit) as every rank acts on them at `step`: one process reads its flags; ranks
+        all-reduce theirs every `signal_check_every` steps and act on nothing in between."""
+        if not self.distributed:
+            return self.save_requested, self.exit_requested
+        if step % self.cfg.signal_check_every != 0:
+            return False, False
         flags = torch.tensor([int(self.save_requested), int(self.exit_requested)], dtype=torch.int32)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-        self.save_requested = bool(flags[0])
-        self.exit_requested = bool(flags[1])
+        save_requested, exit_requested = bool(flags[0]), bool(flags[1])
+        self.save_requested |= save_requested
+        self.exit_requested |= exit_requested
+        return save_requested, exit_requested
 
     # ----------------------------------------------------------------------------- collectives
     def _single_process_flag(self) -> dict[str, bool]:

@@ -456,7 +456,7 @@ class Trainer:
                     )
                 at_end = self.progress.step >= cfg.train.steps and cfg.checkpoint.save_at_end
                 self.maybe_save(force=at_end)  # `event=checkpoint` comes once it is published
-                if self.checkpoints.exit_requested:
+                if self.checkpoints.stopping:  # every rank, once the exit signal's checkpoint is complete
                     self._stop_on_signal()
                     break
             self.checkpoints.wait()

@@ -96,7 +96,22 @@ def test_the_first_sigint_asks_for_a_checkpoint_and_a_stop(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: a flag
         assert manager.interrupted and manager.save_requested and manager.exit_requested
         assert manager.maybe_save(4, state(4)) and manager.complete_steps() == [4]
-        assert manager.last_signal == "SIGINT" and manager.last_checkpoint == 4
+        assert manager.last_signal == "SIGINT" and manager.last_checkpoint == 4 and manager.stopping
     finally:
         manager.close()
     assert signal.getsignal(signal.SIGINT) == previous
+
+
+def test_a_signal_after_the_step_boundary_check_stops_the_run_only_after_its_checkpoint(tmp_path):
+    """The loop stops on `stopping`, set once an exit signal's checkpoint is complete: a SIGTERM that
+    lands between the manager's check and the loop's (before, the loop read `exit_requested` and
+    stopped without a checkpoint, and on several ranks one rank could stop alone) waits a step."""
+    manager = CheckpointManager(tmp_path, CheckpointConfig(interval=0))
+    try:
+        assert not manager.maybe_save(1, state(1))
+        os.kill(os.getpid(), signal.SIGTERM)  # after the check of step 1
+        assert manager.exit_requested and not manager.stopping
+        assert manager.maybe_save(2, state(2)) and manager.stopping
+        assert manager.complete_steps() == [2]
+    finally:
+        manager.close()
