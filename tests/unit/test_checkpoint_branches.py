@@ -115,3 +115,23 @@ def test_a_signal_after_the_step_boundary_check_stops_the_run_only_after_its_che
         assert manager.complete_steps() == [2]
     finally:
         manager.close()
+
+
+def test_deepspeed_parts_of_later_steps_move_with_them(tmp_path):
+    """A DeepSpeed run's `deepspeed/step-N` folders (and their universal conversions) of the
+    abandoned steps go to `deepspeed/superseded/<branch>/`, so the new branch writes its own."""
+    from fitscale.checkpoint.deepspeed import checkpoint_dir, supersede_deepspeed_steps
+
+    folder = checkpoint_dir(tmp_path)
+    for name in ("step-2", "step-4", "step-6", "universal/step-2", "universal/step-6"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "part.pt").write_text(name)
+    moved = supersede_deepspeed_steps(tmp_path, 2, "from-step-2-attempt-2")
+    assert moved == [
+        folder / "superseded" / "from-step-2-attempt-2",
+        folder / "universal" / "superseded" / "from-step-2-attempt-2",
+    ]
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-2"]
+    assert (moved[0] / "step-6" / "part.pt").read_text() == "step-6"
+    assert (moved[1] / "step-6" / "part.pt").read_text() == "universal/step-6"
+    assert (folder / "universal" / "step-2").is_dir()
