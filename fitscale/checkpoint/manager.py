@@ -15,7 +15,9 @@ many steps since the last checkpoint are lost.
 A run resumed from step S while checkpoints of later steps exist starts a new branch: `supersede`
 moves those later checkpoints to `superseded/<branch>/` before training, so that every `step-N`
 this run publishes is its own, and `save` refuses (CheckpointConflictError) a complete `step-N`
-this manager did not write instead of keeping it as if it were new. The manager's own collectives run on private gloo groups, so they never contend with
+this manager did not write instead of keeping it as if it were new.
+
+The manager's own collectives run on private gloo groups, so they never contend with
 NCCL traffic or with the background thread of an asynchronous save.
 """
 
@@ -385,13 +387,19 @@ class CheckpointManager:
                 logger.warning(
                     "interrupted: finishing step %d, then saving a checkpoint and stopping; interrupt again to "
                     "stop at once (%s)",
-                    self.current_step + 1,
+                    self._next_agreement_step(),
                     self._lost_steps(),
                 )
         self.last_signal = name
         self.save_requested = True
         if name in self.cfg.exit_signals:
             self.exit_requested = True
+
+    def _next_agreement_step(self) -> int:
+        """The step after which a signal that arrives now is acted on (every `signal_check_every`
+        steps on several ranks, the next step in one process)."""
+        every = self.cfg.signal_check_every if self.distributed else 1
+        return (self.current_step // every + 1) * every
 
     def _lost_steps(self) -> str:
         """How many steps a stop now would lose: those since the last checkpoint loaded or written."""
