@@ -183,6 +183,12 @@ def supersede(folder: Path, after: int, branch: str) -> tuple[Path | None, list[
     return target, [step for step, _ in later]
 
 
+def superseded_steps(folder: Path) -> dict[str, list[int]]:
+    """The checkpoints kept from abandoned branches (`supersede`): {branch folder name: its steps}."""
+    branches = sorted((folder / SUPERSEDED).iterdir()) if (folder / SUPERSEDED).is_dir() else []
+    return {branch.name: complete_steps(branch) for branch in branches if branch.is_dir()}
+
+
 def remove_leftovers(folder: Path) -> list[str]:
     """Delete temporary folders of saves that never finished and deletions that were interrupted."""
     removed = []

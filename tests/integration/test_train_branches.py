@@ -20,7 +20,7 @@ import torch
 from train_runs import checkpoint_tensors, run
 
 from fitscale.report.history import read_history
-from fitscale.report.status import run_status
+from fitscale.report.status import format_status, run_status
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +121,10 @@ def test_resume_auto_after_a_branch_continues_the_new_weights_exactly(first_run,
     assert history.series("lr")[1] == [2e-3] * 2 + [1e-3] * 6
     status = run_status(run_dir)
     assert (status["step"], status["checkpoint_step"], status["restarts"]) == (8, 8, 2)
+    assert status["superseded"] == {"from-step-2-attempt-2": [4, 6, 8]}
+    assert "superseded (an abandoned branch, kept): from-step-2-attempt-2: steps 4, 6, 8" in format_status(
+        status
+    )
 
 
 def test_a_branch_of_a_branch_keeps_both_abandoned_branches(first_run, branched, tmp_path):
@@ -138,4 +142,6 @@ def test_a_branch_of_a_branch_keeps_both_abandoned_branches(first_run, branched,
     history = read_history(run_dir)
     assert history.series("lr") == (list(range(1, 7)), [2e-3] * 2 + [1e-3] * 2 + [5e-4] * 2)
     assert [s.start_step for s in history.segments] == [0, 2, 4]
-    assert run_status(run_dir)["step"] == 6
+    status = run_status(run_dir)
+    assert status["step"] == 6
+    assert status["superseded"] == {"from-step-2-attempt-2": [4, 6, 8], "from-step-4-attempt-3": [6]}
