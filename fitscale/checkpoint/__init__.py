@@ -5,6 +5,7 @@ from fitscale.lazy import lazy_exports
 # Imported on first use, so that importing the package does not import torch.
 _EXPORTS = {
     "CheckpointManager": "manager",
+    "CheckpointConflictError": "manager",
     "CheckpointMismatchError": "manager",
     "ModelState": "stateful",
     "OptimizerState": "stateful",

@@ -76,6 +76,20 @@ def _prune(run_dir: str | Path, keep: set[int], below: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def supersede_deepspeed_steps(run_dir: str | Path, after: int, branch: str) -> list[Path]:
+    """Move the DeepSpeed folders of steps after `after` (and their universal conversions) to
+    `superseded/<branch>/` beside them, as the CheckpointManager does with their published steps
+    when a run resumes from an earlier step (rank 0; layout.supersede). Returns where they went."""
+    from fitscale.checkpoint import layout
+
+    moved = []
+    for folder in (checkpoint_dir(run_dir), checkpoint_dir(run_dir) / UNIVERSAL):
+        target, _ = layout.supersede(folder, after, branch)
+        if target is not None:
+            moved.append(target)
+    return moved
+
+
 def check_resumable(run_dir: str | Path, step: int, world_size: int, zero_stage: int) -> tuple[Path, int]:
     """The DeepSpeed folder of `step` and the world size that wrote it, after checking this run can
     load it (any world size, the same ZeRO stage); raises a clear error otherwise."""

@@ -20,6 +20,7 @@ METADATA_FILE = "fitscale.json"
 DCP_METADATA_FILE = ".metadata"
 FORMAT_VERSION = 1
 STEP_PATTERN = re.compile(r"^step-(\d+)$")
+SUPERSEDED = "superseded"  # <folder>/superseded/<branch>/step-N: checkpoints of an abandoned branch
 
 
 def step_dirname(step: int) -> str:
@@ -149,6 +150,43 @@ def remove_checkpoint(path: Path) -> None:
     doomed = path.with_name(".deleting-" + path.name)
     os.rename(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def supersede(folder: Path, after: int, branch: str) -> tuple[Path | None, list[int]]:
+    """Move every `step-N` folder of `folder` with N > `after` into `folder/superseded/<branch>/`.
+
+    A run resumed from step `after` starts a new branch; the later checkpoints belong to the
+    abandoned one. They are kept (nothing written is lost) but moved out of the names that
+    `complete_steps`, `train.resume=auto` and retention look at, with one atomic rename each.
+    `branch` names the new branch; when that folder already exists, `-2`, `-3`, ... is added.
+    Returns (the folder they went to, their steps ascending), or (None, []) when none is later.
+    """
+    if not folder.is_dir():
+        return None, []
+    later = sorted(
+        (int(match.group(1)), entry)
+        for entry in folder.iterdir()
+        if (match := STEP_PATTERN.match(entry.name)) and entry.is_dir() and int(match.group(1)) > after
+    )
+    if not later:
+        return None, []
+    target = folder / SUPERSEDED / branch
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = folder / SUPERSEDED / f"{branch}-{suffix}"
+    target.mkdir(parents=True)
+    for _, entry in later:
+        os.rename(entry, target / entry.name)
+    fsync_dir(target)
+    fsync_dir(folder)
+    return target, [step for step, _ in later]
+
+
+def superseded_steps(folder: Path) -> dict[str, list[int]]:
+    """The checkpoints kept from abandoned branches (`supersede`): {branch folder name: its steps}."""
+    branches = sorted((folder / SUPERSEDED).iterdir()) if (folder / SUPERSEDED).is_dir() else []
+    return {branch.name: complete_steps(branch) for branch in branches if branch.is_dir()}
 
 
 def remove_leftovers(folder: Path) -> list[str]:

@@ -7,9 +7,17 @@ writes each rank's shards into `.step-N.tmp/`; once every rank has finished, ran
 new checkpoint complete or the previous ones untouched. Retention then deletes only complete
 checkpoints older than the one just published. Loading never deletes or rewrites anything.
 
-Signals (SIGTERM, SIGUSR1, SIGUSR2 by default) only set flags; ranks agree on them with a tiny
-all-reduce at step boundaries, so a signal that reached one rank still makes all ranks save
-together. The manager's own collectives run on private gloo groups, so they never contend with
+Signals (SIGTERM, SIGINT, SIGUSR1, SIGUSR2 by default) only set flags; ranks agree on them with a
+tiny all-reduce at step boundaries, so a signal that reached one rank still makes all ranks save
+together. A second SIGINT (Ctrl-C twice) stops the process at once with status 130, saying how
+many steps since the last checkpoint are lost.
+
+A run resumed from step S while checkpoints of later steps exist starts a new branch: `supersede`
+moves those later checkpoints to `superseded/<branch>/` before training, so that every `step-N`
+this run publishes is its own, and `save` refuses (CheckpointConflictError) a complete `step-N`
+this manager did not write instead of keeping it as if it were new.
+
+The manager's own collectives run on private gloo groups, so they never contend with
 NCCL traffic or with the background thread of an asynchronous save.
 """
 
@@ -17,11 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -42,6 +53,14 @@ logger = logging.getLogger(__name__)
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint exists but does not fit the state of this run (other model, missing entries)."""
+
+
+class CheckpointConflictError(RuntimeError):
+    """A save found a complete checkpoint of its step that this run did not write (a bug: later
+    checkpoints are moved aside by `CheckpointManager.supersede` before a resumed run trains)."""
+
+
+INTERRUPT_EXIT_STATUS = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
 
 
 @contextlib.contextmanager
@@ -113,6 +132,13 @@ class CheckpointManager:
         self.save_requested = False
         self.exit_requested = False
         self.last_signal: str | None = None
+        self.interrupted = False  # a SIGINT arrived (a second one stops the process at once)
+        self.stopping = False  # an exit signal's checkpoint is complete: every rank stops now
+        self.current_step = 0  # the last step boundary seen (maybe_save) or loaded
+        self.last_checkpoint: int | None = None  # the step of the last checkpoint loaded or published
+        # Called on every rank as `on_published(step, path)` once a checkpoint is complete on disk.
+        self.on_published: Callable[[int, Path], None] | None = None
+        self._written: set[int] = set()  # steps this manager published
         self._previous_handlers: dict[int, Any] = {}
         if handle_signals:
             self.install_signal_handlers()
@@ -142,32 +168,52 @@ class CheckpointManager:
             return None
         return self.load(step, state)
 
+    def supersede(self, after: int, branch: str) -> tuple[Path | None, list[int]]:
+        """Move the checkpoints of steps after `after` to `superseded/<branch>/` (collective; rank 0
+        renames, every rank gets its answer or its error). Returns (their folder, their steps), or
+        (None, []) when there were none (layout.supersede)."""
+        return self._from_rank0(lambda: layout.supersede(self.folder, after, branch))
+
     # ----------------------------------------------------------------------------- saving
     def maybe_save(self, step: int, state: dict[str, Any], force: bool = False) -> bool:
         """Save when `step` is on the interval, a signal asked for it, or `force`; call on every rank.
 
         Also publishes a finished asynchronous save. After a save requested by an exit signal the
-        checkpoint is complete on return, and `exit_requested` tells the loop to stop.
+        checkpoint is complete on return, and `stopping` tells the loop to stop. Only requests
+        agreed at this step boundary count (`_agreed_requests`): a signal that arrives later, on
+        one rank or during the save, is acted on at the next check, never by one rank alone.
         """
+        self.current_step = step
         self._finish_pending(block=False)
-        if self.distributed and step % self.cfg.signal_check_every == 0:
-            self._agree_on_signals()
+        save_requested, exit_requested = self._agreed_requests(step)
         on_interval = self.cfg.interval > 0 and step % self.cfg.interval == 0
-        if not (force or self.save_requested or on_interval):
+        if not (force or save_requested or on_interval):
             return False
         self.save(step, state)
-        self.save_requested = False
-        if self.exit_requested:
+        if save_requested:
+            self.save_requested = False
+        if exit_requested:
             self.wait()
+            self.stopping = True
         return True
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write `state` as checkpoint `step` (collective); an existing complete `step-N` is kept as is."""
+        """Write `state` as checkpoint `step` (collective); returns its folder.
+
+        A complete `step-N` that this manager wrote already is returned as it is; one it did not
+        write raises CheckpointConflictError (nothing is overwritten, and nothing is reported as
+        saved that this run did not save).
+        """
         self.wait()
         final = self.step_path(step)
         if self._from_rank0(lambda: layout.is_complete(final)):
-            logger.info("checkpoint %s already exists; not writing it again", final)
-            return final
+            if step in self._written:
+                return final
+            raise CheckpointConflictError(
+                f"checkpoint {final} already exists and this run did not write it; it is left as it is. "
+                f"A run resumed from an earlier step moves later checkpoints to {self.folder / layout.SUPERSEDED} "
+                "before training, so this is a bug: please report it with the run folder's metrics.jsonl"
+            )
         temporary = self.folder / layout.temporary_dirname(step)
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -324,6 +370,10 @@ class CheckpointManager:
             layout.publish(temporary, self.step_path(step))
             self._apply_retention(step)
         self._barrier()
+        self._written.add(step)
+        self.last_checkpoint = step
+        if self.on_published is not None:
+            self.on_published(step, self.step_path(step))
 
     def _apply_retention(self, newest: int) -> None:
         doomed = layout.steps_to_delete(
@@ -360,7 +410,8 @@ class CheckpointManager:
             saved = {int(name[len("rank") :]): data for name, data in dcp_state[key].items()}
             value.restore(saved, self.rank, self.world_size, saved_world)
         logger.info("loaded checkpoint %s", path)
-        return int(metadata["step"])
+        self.last_checkpoint = self.current_step = int(metadata["step"])
+        return self.last_checkpoint
 
     def _read_complete(self, path: Path) -> dict[str, Any]:
         """The metadata of the complete checkpoint `path` (read by rank 0 only)."""
@@ -417,16 +468,56 @@ class CheckpointManager:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
+        if name == "SIGINT":
+            if self.interrupted:
+                self._stop_now()
+            self.interrupted = True
+            if self.rank == 0:
+                logger.warning(
+                    "interrupted: finishing step %d, then saving a checkpoint and stopping; interrupt again to "
+                    "stop at once (%s)",
+                    self._next_agreement_step(),
+                    self._lost_steps(),
+                )
         self.last_signal = name
         self.save_requested = True
         if name in self.cfg.exit_signals:
             self.exit_requested = True
 
-    def _agree_on_signals(self) -> None:
+    def _next_agreement_step(self) -> int:
+        """The step after which a signal that arrives now is acted on (every `signal_check_every`
+        steps on several ranks, the next step in one process)."""
+        every = self.cfg.signal_check_every if self.distributed else 1
+        return (self.current_step // every + 1) * every
+
+    def _lost_steps(self) -> str:
+        """How many steps a stop now would lose: those since the last checkpoint loaded or written."""
+        lost = self.current_step - (self.last_checkpoint or 0)
+        since = f"checkpoint step-{self.last_checkpoint}" if self.last_checkpoint is not None else "the start"
+        return f"{lost} step(s) since {since} would be lost"
+
+    def _stop_now(self) -> None:
+        """A second SIGINT: leave at once, without saving, with status 130 (no cleanup runs: a pending
+        save stays an unpublished temporary folder that the next run removes; the run-folder lock is
+        an flock, released by the kernel)."""
+        lost = self._lost_steps().replace("would be", "are")
+        sys.stderr.write(f"interrupted again: stopping at once without saving; {lost}\n")
+        sys.stderr.flush()
+        os._exit(INTERRUPT_EXIT_STATUS)
+
+    def _agreed_requests(self, step: int) -> tuple[bool, bool]:
+        """(save, exit) as every rank acts on them at `step`: one process reads its flags; ranks
+        all-reduce theirs every `signal_check_every` steps and act on nothing in between."""
+        if not self.distributed:
+            return self.save_requested, self.exit_requested
+        if step % self.cfg.signal_check_every != 0:
+            return False, False
         flags = torch.tensor([int(self.save_requested), int(self.exit_requested)], dtype=torch.int32)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-        self.save_requested = bool(flags[0])
-        self.exit_requested = bool(flags[1])
+        save_requested, exit_requested = bool(flags[0]), bool(flags[1])
+        self.save_requested |= save_requested
+        self.exit_requested |= exit_requested
+        return save_requested, exit_requested
 
     # ----------------------------------------------------------------------------- collectives
     def _single_process_flag(self) -> dict[str, bool]:

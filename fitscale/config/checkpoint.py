@@ -28,10 +28,12 @@ class CheckpointConfig:
     async_save: bool = False
     """Write with `dcp.async_save`: the step loop continues while a background thread writes the
     staged copy; the checkpoint becomes visible at a later step boundary once all ranks finished."""
-    save_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    save_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
     """Signals that request a checkpoint at the next step boundary."""
-    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM"])
-    """Of those, the signals after which the run exits once the checkpoint is written."""
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT"])
+    """Of those, the signals after which the run exits once the checkpoint is written. SIGINT (Ctrl-C)
+    also exits with status 130, and a second SIGINT stops at once without saving; left out of both
+    lists, SIGINT keeps Python's KeyboardInterrupt."""
     signal_check_every: int = 1
     """Ranks agree on pending signal requests every this many steps (one tiny all-reduce), so a signal
     that reached only some ranks still makes all of them save together."""

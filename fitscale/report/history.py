@@ -2,21 +2,24 @@
 restarts, its events, and the summary numbers `fitscale report` and `fitscale status` print.
 
 `metrics.jsonl` (fitscale.train.metrics.MetricsLogger) is appended to across restarts: each start
-writes `{"event": "start", "step": N}`, then one record per step; a resumed run repeats the steps
-after its checkpoint, and the last record of a step is the one that counts. Lines cut short by a
-crash are skipped.
+(attempt) writes `{"event": "start", "step": N, "attempt": A}`, then one record per step. Only
+the live branch counts (fitscale.train.records.live_branch): a start from step N supersedes what
+earlier attempts logged after N, so a resumed run's repeated steps, the steps of an attempt that
+died before its first checkpoint and an abandoned branch are left out of every number here,
+while each start still counts as a segment and restart. Lines cut short by a crash are skipped
+with a warning naming the line.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
+from fitscale.train.records import METRICS_FILE, is_start, live_branch, read_records
+
 TRAIN_LOSS_WINDOW = 10  # logged steps averaged for the final training loss
 
 
@@ -26,7 +29,8 @@ class Segment:
 
     start_step: int
     start_time: float | None
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)  # its step records on the live branch
+    reached: tuple[int, float] | None = None  # (step, time) of the last step record it wrote at all
 
     @property
     def last_time(self) -> float | None:
@@ -88,23 +92,23 @@ def read_history(run_dir: str | Path) -> RunHistory:
         raise FileNotFoundError(
             f"{path}: no {METRICS_FILE}; pass a run folder (train.run_dir) of a run that has started"
         )
+    records = read_records(metrics)
+    live = {id(record) for record in live_branch(records)}
     segments: list[Segment] = []
     events: list[dict[str, Any]] = []
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # cut short by a crash
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            continue
+    for record in records:
         if "event" in record:
-            events.append(record)
-            if record["event"] == "start":
+            if is_start(record):
                 segments.append(Segment(record["step"], record.get("time")))
+            if id(record) in live:
+                events.append(record)
             continue
         if not segments:  # written without a start event (an older run)
             segments.append(Segment(0, record.get("time")))
-        segments[-1].records.append(record)
+        if "time" in record:
+            segments[-1].reached = (record["step"], record["time"])
+        if id(record) in live:
+            segments[-1].records.append(record)
     return RunHistory(path, segments, events)
 
 
@@ -113,11 +117,11 @@ def time_lost_to_restarts(history: RunHistory) -> float:
     step: the downtime (queueing, start-up, loading) plus the steps done twice."""
     lost = 0.0
     for before, after in zip(history.segments, history.segments[1:]):
-        if not before.records or after.start_time is None:
+        if before.reached is None or after.start_time is None:
             continue
-        reached = before.records[-1]["step"]
+        reached, when = before.reached
         caught_up = next((r["time"] for r in after.records if r["step"] >= reached), after.last_time)
-        lost += max(0.0, caught_up - before.records[-1]["time"])
+        lost += max(0.0, caught_up - when)
     return lost
 
 

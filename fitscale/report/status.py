@@ -1,9 +1,10 @@
 """`fitscale status RUN`: where a run stands, from its folder alone (no torch, answers at once).
 
-Step reached and target, the newest complete checkpoint, whether a live process holds the run
-lock (fitscale.train.lock), the last logged metrics and their age, an ETA at the current
-segment's pace, restarts (requeues and resumes: the start events of metrics.jsonl) and
-submissions (`launch.jsonl`), and the newest sample grid.
+Step reached and target (of the live branch: fitscale.train.records), the newest complete
+checkpoint, the checkpoints kept from abandoned branches (`checkpoints/superseded/`), whether a
+live process holds the run lock (fitscale.train.lock), the last logged metrics and their age, an
+ETA at the current segment's pace, restarts (requeues and resumes: the start events of
+metrics.jsonl) and submissions (`launch.jsonl`), and the newest sample grid.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def eta_seconds(history: RunHistory, target: int | None) -> float | None:
 def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     """Everything `fitscale status` prints, as a JSON-ready dict. FileNotFoundError names a folder
     that is not a run folder."""
-    from fitscale.checkpoint.layout import complete_steps, step_dirname
+    from fitscale.checkpoint.layout import complete_steps, step_dirname, superseded_steps
     from fitscale.launch.rundir import launch_records
     from fitscale.train.lock import RunLock
 
@@ -96,6 +97,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
         "steps": target,
         "checkpoint": str(folder / step_dirname(checkpoints[-1])) if checkpoints else None,
         "checkpoint_step": checkpoints[-1] if checkpoints else None,
+        "superseded": superseded_steps(folder),
         "last_metrics": {k: last[k] for k in SHOWN_METRICS if last is not None and last.get(k) is not None},
         "last_metrics_age_s": (now - last["time"]) if last is not None and "time" in last else None,
         "eta_s": eta_seconds(history, target) if alive is not False else None,
@@ -145,6 +147,10 @@ def format_status(status: dict[str, Any]) -> str:
         f"state: {state}",
         f"step: {progress}",
         f"checkpoint: {status['checkpoint'] or 'none complete'}",
+        *(
+            f"superseded (an abandoned branch, kept): {branch}: steps {', '.join(map(str, steps)) or '-'}"
+            for branch, steps in status.get("superseded", {}).items()
+        ),
         f"last metrics: {metrics or '-'}" + (f" ({format_duration(age)} ago)" if age is not None else ""),
     ]
     if "last_validation" in status:

@@ -24,16 +24,14 @@ TRAIN_LOSS_WINDOW = 10  # logged steps averaged for the final training loss
 
 
 def final_train_loss(folder: Path, window: int = TRAIN_LOSS_WINDOW) -> float | None:
-    """Mean `loss` of the last `window` lines of metrics.jsonl that carry one."""
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
+    """Mean `loss` of the last `window` records of metrics.jsonl's live branch that carry one
+    (fitscale.train.records: steps of abandoned attempts and branches do not count)."""
+    from fitscale.train.records import METRICS_FILE, live_records
+
+    if not (folder / METRICS_FILE).is_file():
         return None
     losses = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
+    for record in live_records(folder):
         loss = record.get("loss")
         if isinstance(loss, (int, float)) and math.isfinite(loss):
             losses.append(float(loss))

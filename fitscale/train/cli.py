@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 PARENT_ENV = "FITSCALE_TRAIN_PARENT"  # set for the ranks this process starts
+INTERRUPTED_STATUS = 130  # Ctrl-C: saved and stopped (fitscale.checkpoint.manager, same value)
 
 
 def register(subparsers) -> None:
@@ -51,9 +52,12 @@ def run_train(args: argparse.Namespace) -> int:
         from fitscale.launch.env import leave_process_group
         from fitscale.train.trainer import Trainer
 
-        step = Trainer(config).train()
+        trainer = Trainer(config)
+        step = trainer.train()
         leave_process_group()
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+        if trainer.stopped_by == "SIGINT":  # saved and stopped early: the status of a Ctrl-C
+            return INTERRUPTED_STATUS
         if rank == 0 and PARENT_ENV not in os.environ:  # else the parent reports, after its closing steps
             print(summary_line(config, step))
         return 0
@@ -65,17 +69,25 @@ def run_train(args: argparse.Namespace) -> int:
         hook(config)
     check_data_before_launch(config)  # after the hooks, which may write the dataset
     if nproc > 1:
-        from fitscale.launch.failures import run_ranks
+        from fitscale.launch.failures import WorkerFailed, run_ranks
         from fitscale.launch.local import python_module_command
 
         command = python_module_command(
             "fitscale.cli", "train", args.recipe, *set_option_args(args.overrides)
         )
-        run_ranks(command, nproc, config.train.run_dir, env={PARENT_ENV: "1"})
+        try:
+            run_ranks(command, nproc, config.train.run_dir, env={PARENT_ENV: "1"})
+        except WorkerFailed as error:
+            if error.code == INTERRUPTED_STATUS:  # Ctrl-C: rank 0 said what was saved (or lost)
+                return INTERRUPTED_STATUS
+            raise
     else:
         from fitscale.train.trainer import Trainer
 
-        Trainer(config).train()
+        trainer = Trainer(config)
+        trainer.train()
+        if trainer.stopped_by == "SIGINT":
+            return INTERRUPTED_STATUS
     for hook in after:
         hook(config)
     print(summary_line(config, None))
@@ -145,16 +157,26 @@ def resolve_hook(where: str, name: str):
 
 
 def summary_line(config, step: int | None) -> str:
-    """One line naming the run's newest checkpoint and its metrics file."""
+    """One line naming the step reached, the checkpoint this run wrote last and the metrics file.
+
+    `step` is the trainer's (None in the parent of local ranks: then the live branch of
+    metrics.jsonl says it). A run that wrote no checkpoint says `no checkpoint written`, also when
+    it resumed from one; without a metrics file the newest complete checkpoint stands in.
+    """
     from fitscale.checkpoint.layout import complete_steps, step_dirname
+    from fitscale.train.records import METRICS_FILE, last_attempt, read_records
 
     run_dir = Path(config.train.run_dir)
-    folder = run_dir / config.checkpoint.folder
-    steps = complete_steps(folder) if folder.is_dir() else []
-    checkpoint = str(folder / step_dirname(steps[-1])) if steps else "none written"
-    reached = f"step {step}" if step is not None else f"step {steps[-1] if steps else '?'}"
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file():
+        logged, written = last_attempt(read_records(metrics))
+    else:
+        folder = run_dir / config.checkpoint.folder
+        steps = complete_steps(folder) if folder.is_dir() else []
+        logged, written = (steps[-1], str(folder / step_dirname(steps[-1]))) if steps else (None, None)
+    reached = step if step is not None else logged
+    checkpoint = f"checkpoint: {written}" if written else "no checkpoint written"
     return (
-        f"fitscale train: done at {reached}; checkpoint: {checkpoint}; "
+        f"fitscale train: done at step {reached if reached is not None else '?'}; {checkpoint}; "
         f"metrics: {metrics if metrics.is_file() else 'none written'}"
     )

@@ -10,8 +10,8 @@ lines take its place (`log.console`). Every line is Python `logging` output of t
     2026-11-30 10:02:12 INFO fitscale.train: event=checkpoint step=400 path=runs/demo/checkpoints/step-400
 
 The step line follows torchtitan's (loss, grad norm, lr, throughput, MFU, memory, ETA); the
-events are the records `MetricsLogger.event` also writes to metrics.jsonl (start, checkpoint,
-nonfinite_step_skipped, samples, config changes, ...) plus validation and stop.
+events are the records `MetricsLogger.event` also writes to metrics.jsonl (start, resume, branch,
+checkpoint, validation, samples, nonfinite_step_skipped, stop, config changes).
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ device's dense bf16 peak from `fitscale.hardware` or `log.peak_flops`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import resource
@@ -22,9 +21,9 @@ from typing import Any
 import torch
 
 from fitscale.config.log import LogConfig
-from fitscale.diskspace import CheckedAppendFile
 from fitscale.hardware import lookup_peak_flops
 from fitscale.train.loglines import StepLine, console_wanted, log_event
+from fitscale.train.records import METRICS_FILE, open_for_append, write_record
 
 SECRET_KEY = re.compile(
     r"(api[_-]?key|token|secret|password|passwd|credential|auth|cookie|private[_-]?key)", re.I
@@ -157,8 +156,10 @@ def _plain(value: Any) -> Any:
 class MetricsLogger:
     """JSONL + wandb + progress bar for one run; a no-op on ranks that do not log.
 
-    `metrics.jsonl` is appended to, never truncated: a resumed run first writes an
-    `{"event": "start", "step": N}` line, and readers keep the last record of each step.
+    `metrics.jsonl` is appended to, never truncated: every start first writes an
+    `{"event": "start", "step": N, "attempt": A}` record (N = 0 for a fresh start, the resumed
+    checkpoint's step otherwise; A counts the starts of the run folder), and readers reduce the
+    file to the live branch (fitscale.train.records.live_branch). Each record is one whole line.
     """
 
     def __init__(
@@ -170,7 +171,9 @@ class MetricsLogger:
         total_steps: int | None = None,
         start_step: int = 0,
         config: dict[str, Any] | None = None,
+        attempt: int | None = None,
     ):
+        """`attempt` is recorded in the start record (default: counted from the file)."""
         self.cfg = cfg
         self.rank = rank
         self.run_dir = Path(run_dir)
@@ -183,10 +186,13 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.jsonl:
-            name = "metrics.jsonl" if rank == 0 and not cfg.all_ranks else f"metrics.rank{rank}.jsonl"
-            fix = "free space there, or point train.run_dir at a larger filesystem"
-            self._file = CheckedAppendFile(self.run_dir / name, "the metrics log", fix)  # names it on ENOSPC
-            self.event("start", start_step)
+            name = METRICS_FILE if rank == 0 and not cfg.all_ranks else f"metrics.rank{rank}.jsonl"
+            if attempt is None:
+                from fitscale.train.records import next_attempt
+
+                attempt = next_attempt(self.run_dir / name)
+            self._file = open_for_append(self.run_dir / name)
+            self.event("start", start_step, attempt=attempt)
         if rank == 0:
             self._bar = self._make_bar(total_steps, start_step)
             if console_wanted(cfg.console, self._bar is not None):
@@ -238,7 +244,7 @@ class MetricsLogger:
                 "time": time.time(),
                 **{k: _plain(v) for k, v in info.items()},
             }
-            self._file.write(json.dumps(record) + "\n")
+            write_record(self._file, record)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Write one record for `step` to every sink of this rank."""
@@ -246,7 +252,7 @@ class MetricsLogger:
             return
         values = {k: _plain(v) for k, v in metrics.items()}
         if self._file is not None:
-            self._file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+            write_record(self._file, {"step": step, "time": time.time(), **values})
         if self._wandb_run is not None:
             self._wandb_run.log({k: v for k, v in values.items() if v is not None}, step=step)
         if self._step_line is not None:

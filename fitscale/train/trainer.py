@@ -4,7 +4,9 @@
 the model and parallelise it through its ParallelBackend (FSDP2 or DeepSpeed), load the newest complete
 checkpoint or initialise, then loop over optimizer steps with gradient accumulation over
 micro-batches, clipping, a skip for non-finite steps, EMA, metrics and log lines, the held-out
-loss (`train.val_every`), sample grids (`train.sample_every`) and checkpoints. The loss is
+loss (`train.val_every`), sample grids (`train.sample_every`) and checkpoints. A run resumed
+from step S while later checkpoints exist starts a new branch: those checkpoints are moved to
+`checkpoints/superseded/from-step-S-attempt-A/` before training (`event=branch`). The loss is
 the rectified-flow loss of fitscale.flow, normalised by the step's global image count so that
 neither the rank count nor the micro-batch split changes a step.
 """
@@ -31,7 +33,7 @@ from fitscale.models.official import clean_parameter_name
 from fitscale.parallel import DistributedEnv, init_distributed
 from fitscale.parallel.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
 from fitscale.parallel.backend import build_backend
-from fitscale.train.loglines import configure_console, log_event
+from fitscale.train.loglines import configure_console
 from fitscale.train.metrics import Throughput
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
 
@@ -99,6 +101,7 @@ class Trainer:
         self.checkpoints = self._build_checkpoint_manager()
         self.metrics = None  # built in train(), once the start step is known
         self.config_changes = []  # fields changed since the checkpoint resumed from (train.resume)
+        self.stopped_by: str | None = None  # the signal that stopped the run early (SIGTERM, SIGINT...)
         self.history: deque[dict[str, Any]] = deque(maxlen=self.HISTORY_STEPS)
 
     # ---- building ---------------------------------------------------------------------------
@@ -255,9 +258,15 @@ class Trainer:
         )
         # A killed run's unfinished save may fill the disk: free it before the first write (we hold the lock).
         manager.remove_leftovers()
+        manager.on_published = self._checkpoint_published
         return manager
 
-    def _build_metrics(self, start_step: int):
+    def _checkpoint_published(self, step: int, path: Path) -> None:
+        """`event=checkpoint` once the checkpoint is complete on disk (an asynchronous save's later)."""
+        if self.metrics is not None:
+            self.metrics.event("checkpoint", step, path=str(path))
+
+    def _build_metrics(self, start_step: int, attempt: int):
         from dataclasses import asdict
 
         from fitscale.train.metrics import MetricsLogger
@@ -269,6 +278,7 @@ class Trainer:
             total_steps=self.config.train.steps,
             start_step=start_step,
             config=asdict(self.config),
+            attempt=attempt,
         )
 
     def state(self) -> dict[str, Any]:
@@ -300,8 +310,19 @@ class Trainer:
         self.backend.load(step, self.ema)
         self.checkpoints.load(step, self.state())
         self._apply_config_to_loaded_optimizer()
-        log_event("resume", step, checkpoint=self.checkpoints.step_path(step))
         return step
+
+    def _start_branch(self, start_step: int, attempt: int) -> dict[str, Any] | None:
+        """Move the checkpoints of steps after `start_step` aside (a resume from an earlier step makes
+        them an abandoned branch); returns the `branch` event's fields, or None when there were none."""
+        branch = f"from-step-{start_step}-attempt-{attempt}"
+        folder, moved = self.checkpoints.supersede(start_step, branch)
+        if folder is None:
+            return None
+        from fitscale.checkpoint.deepspeed import supersede_deepspeed_steps
+
+        rank0_decides(lambda: supersede_deepspeed_steps(self.run_dir, start_step, folder.name))
+        return {"resumed_from": start_step, "superseded": moved, "moved_to": str(folder)}
 
     def maybe_save(self, force: bool = False) -> bool:
         """Checkpoint at the interval, on a signal, or when forced (collective on every rank)."""
@@ -419,11 +440,22 @@ class Trainer:
         """Run to `train.steps` (or until an exit signal); returns the last step reached."""
         cfg = self.config
         try:
-            start_step = self.maybe_resume() or 0  # a refused resume leaves the folder as it was
+            resumed = self.maybe_resume()  # a refused resume leaves the folder as it was
+            start_step = resumed or 0
+            from fitscale.train.records import METRICS_FILE, next_attempt
+
+            attempt = rank0_decides(lambda: next_attempt(self.run_dir / METRICS_FILE))
+            branch = self._start_branch(start_step, attempt)  # before anything of this attempt is written
             if self.env.is_main:
                 with named_out_of_space(self.run_dir / "config.yaml", "the run's config", RUN_DIR_FULL):
                     (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-            self.metrics = self._build_metrics(start_step)
+            self.metrics = self._build_metrics(start_step, attempt)
+            if resumed is not None:
+                self.metrics.event(
+                    "resume", start_step, checkpoint=str(self.checkpoints.step_path(start_step))
+                )
+            if branch is not None:
+                self.metrics.event("branch", start_step, **branch)
             from fitscale.train.resume import report_changes
 
             report_changes(self.config_changes, start_step, self.metrics)
@@ -443,16 +475,23 @@ class Trainer:
                         f"checkpoint in {self.run_dir} is untouched; lower optim.lr or check the data"
                     )
                 at_end = self.progress.step >= cfg.train.steps and cfg.checkpoint.save_at_end
-                if self.maybe_save(force=at_end):
-                    path = self.checkpoints.step_path(self.progress.step)
-                    self.metrics.event("checkpoint", self.progress.step, path=str(path))
-                if self.checkpoints.exit_requested:
-                    log_event("stop", self.progress.step, signal=self.checkpoints.last_signal)
+                self.maybe_save(force=at_end)  # `event=checkpoint` comes once it is published
+                if self.checkpoints.stopping:  # every rank, once the exit signal's checkpoint is complete
+                    self._stop_on_signal()
                     break
             self.checkpoints.wait()
             return self.progress.step
         finally:
             self.close()
+
+    def _stop_on_signal(self) -> None:
+        """The `stop` event of a run an exit signal stopped (its checkpoint is complete by now)."""
+        self.stopped_by = self.checkpoints.last_signal
+        step = self.progress.step
+        path = self.checkpoints.step_path(step)
+        self.metrics.event("stop", step, signal=self.stopped_by, checkpoint=str(path))
+        if self.stopped_by == "SIGINT" and self.env.is_main:
+            log.warning("interrupted: checkpoint %s saved; run again to resume", path.name)
 
     def maybe_validate(self) -> dict[str, float]:
         """The held-out loss of the weights and the EMA when this step is due (collective), else {}.
@@ -464,7 +503,7 @@ class Trainer:
         metrics = self.validation.run(self.backend.forward_module, self.ema, self.env.device)
         self.throughput.exclude(metrics["val_seconds"])
         shown = ("val_loss", "val_loss_ema", "val_seconds")
-        log_event("validation", self.progress.step, **{k: metrics[k] for k in shown if k in metrics})
+        self.metrics.event("validation", self.progress.step, **{k: metrics[k] for k in shown if k in metrics})
         return metrics
 
     def maybe_sample(self) -> None:

@@ -173,6 +173,23 @@ def test_zero3_killed_and_resumed_on_the_same_world_size_continues_bit_identical
         assert torch.equal(tensor, actual[key]), f"{key} differs after resuming"
 
 
+def test_zero3_resumed_from_an_earlier_step_moves_the_later_deepspeed_parts_aside(runs, tmp_path):
+    """`train.resume=2` with a new learning rate: step 4's DCP part and DeepSpeed files are moved
+    whole to `superseded/from-step-2-attempt-2/`, and the new branch writes its own step 4."""
+    run_dir = tmp_path / "branch"
+    shutil.copytree(runs["zero3"], run_dir)
+    run(run_dir, 2, *COMMON, *ZERO3, "train.resume=2", "optim.lr=5e-4")
+    for part in ("checkpoints", "deepspeed"):
+        aside = run_dir / part / "superseded" / "from-step-2-attempt-2" / "step-4"
+        original = runs["zero3"] / part / "step-4"
+        files = sorted(p.relative_to(original) for p in original.rglob("*") if p.is_file())
+        assert files and files == sorted(p.relative_to(aside) for p in aside.rglob("*") if p.is_file())
+        assert all((aside / name).read_bytes() == (original / name).read_bytes() for name in files), part
+    old, new = deepspeed_tensors(runs["zero3"], 4), deepspeed_tensors(run_dir, 4)
+    assert old.keys() == new.keys()
+    assert any(not torch.equal(old[key], new[key]) for key in old), "step 4 was not trained again"
+
+
 def test_zero3_resumes_on_three_ranks_with_its_ema(runs, tmp_path):
     """2 -> 3 ranks, where ZeRO-3 pads the last rank's partitions (2 -> 1: the ZeRO-2 test)."""
     resumed = tmp_path / "resumed"

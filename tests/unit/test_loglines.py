@@ -66,6 +66,6 @@ def test_metrics_events_are_also_log_lines_on_rank_zero(tmp_path, caplog):
             logger.event("nonfinite_step_skipped", 7, loss=float("nan"), grad_norm=3.5)
             logger.close()
     assert [parse_fields(r.getMessage()) for r in caplog.records] == [
-        {"event": "start", "step": "0"},
+        {"event": "start", "step": "0", "attempt": "1"},
         {"event": "nonfinite_step_skipped", "step": "7", "loss": "-", "grad_norm": "3.5"},
     ]
