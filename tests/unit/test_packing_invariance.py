@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from reference.official_fitv2 import random_official_state_dict
-from reference.pairs import build_fitscale, pack, packed_forward, random_images, reference_config_of
+from reference.pairs import (
+    build_fitscale,
+    pack,
+    packed_forward,
+    random_images,
+    reference_config_of,
+    relative_error,
+)
 
 # Per-image frequencies with every scaling switched on: each segment must get its own rotation.
 PER_IMAGE_ROPE = dict(rope_method="yarn", rope_decoupled=True, rope_attn_scale=True, rope_per_image=True)
@@ -29,8 +36,11 @@ def inputs(grids, seed: int = 0):
 
 
 def assert_close(actual, expected, what: str):
-    error = float((actual - expected).norm() / expected.norm())
-    assert error < 1e-5, f"{what}: relative error {error:.2e}"
+    """Relative (norm) error below 3e-5: other batch shapes change fp32 matmul and reduction orders;
+    the three CPU kernel sets give at most 1.0e-6 (gradients), 4e-7 (outputs), so 30x margin, while a
+    leak between images changes attention outputs at first order."""
+    error = relative_error(actual, expected)
+    assert error < 3e-5, f"{what}: relative error {error:.2e}"
 
 
 @torch.no_grad()
@@ -105,8 +115,9 @@ def test_label_dropout_happens_only_in_training():
         torch.manual_seed(0)
         again = torch.stack(packed_forward(model, images, grids, t, labels))
     assert torch.equal(trained, again), "label dropout must follow the global torch RNG"
-    kept = (trained - conditional).flatten(1).abs().amax(1) < 1e-6
-    dropped = (trained - unconditional).flatten(1).abs().amax(1) < 1e-6
+    # the same batch, shapes and kernels, only the label row differs: a kept or dropped label is exact
+    kept = (trained == conditional).flatten(1).all(1)
+    dropped = (trained == unconditional).flatten(1).all(1)
     assert bool((kept ^ dropped).all()), "each label is either kept or replaced by the null class"
     assert 8 < int(dropped.sum()) < 56, f"{int(dropped.sum())} of 64 labels dropped at p = 0.5"
 
