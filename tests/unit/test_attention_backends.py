@@ -58,6 +58,7 @@ def cases():
                 )
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("backend, device, dtype", list(cases()))
 def test_backend_matches_dense_reference(backend, device, dtype):
     torch.manual_seed(0)
@@ -96,6 +97,7 @@ def test_cuda_backend_gradients_match_reference(backend):
 GROUPED_LENGTHS = [64, 1, 17, 64, 0, 256, 1, 17, 17, 64, 3]
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_grouped_forward_and_gradients_match_dense_reference(dtype):
     torch.manual_seed(0)
@@ -138,6 +140,7 @@ def test_explicit_cuda_backend_on_cpu_says_why():
         build_document_mask(cu, 4, 4, "varlen", torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.numeric
 def test_padded_baseline_computes_the_packed_function():
     """The release's layout (each image padded to N tokens, dense key mask) gives the same outputs."""
     from fitscale.data.batch import grid_positions, pack_images

@@ -70,6 +70,7 @@ def test_bad_arguments_are_refused_by_name(capsys):
     torch.set_num_threads(torch.get_num_threads())
 
 
+@pytest.mark.numeric
 def test_static_segments_change_no_output():
     """`+static` appends zero-length segments and fixes max_seqlen: every token's output is unchanged."""
     from fitscale.models import build_model

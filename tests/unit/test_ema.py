@@ -71,6 +71,7 @@ def test_warmup_decay_is_the_closed_form_of_diffusers_ema():
     assert [ema_decay(none, s) for s in (3, 4, 10**6)] == [0.0, 0.99, 0.99]
 
 
+@pytest.mark.numeric
 def test_power_warmup_with_unit_power_is_the_running_mean():
     """inv_gamma = power = 1 gives decay 1 - 1 / step: the EMA is the plain mean of all weights so far."""
     model = make_model()

@@ -28,6 +28,7 @@ def test_time_shift_identity_and_direction():
     assert (shift_time(t, 3.0) >= t).all() and (shift_time(t, 1 / 3) <= t).all()
 
 
+@pytest.mark.numeric
 def test_time_shift_is_undone_by_the_release_inverse_and_is_what_the_model_applies():
     t = torch.linspace(0, 1, 11, dtype=torch.float64)
     for s in (0.3, 1.0, 3.0):
@@ -67,6 +68,7 @@ class Echo(torch.nn.Module):
         return torch.zeros_like(x)
 
 
+@pytest.mark.numeric
 def test_loss_weighs_images_equally_and_ignores_padding():
     images = [torch.randn(4, 16), torch.randn(12, 16)]
     batch = pack_images(images, [(2, 2), (3, 4)], [1, 2], [7, 8], token_budget=20)

@@ -35,6 +35,7 @@ def assert_equivalent(name: str, grids, limit: int, seed: int = 0, **overrides) 
     assert max(errors) < TOLERANCE, f"relative error per image {dict(zip(grids, errors))}"
 
 
+@pytest.mark.numeric
 def test_fitv2_xl_matches_release_on_mixed_grids():
     assert_equivalent("fitv2-xl", GRIDS_256, 256, depth=2)
 

@@ -136,6 +136,7 @@ def _small_model(rope: RopeSpec | None = None) -> OfficialFiTv2:
     return model.eval()
 
 
+@pytest.mark.numeric
 def test_padded_output_ignores_the_limit_and_the_other_images():
     model = _small_model(RopeSpec(custom_freqs="yarn", decouple=True, attn_scale=True, online_rope=True))
     grids = [(12, 20), (5, 31), (8, 8)]
@@ -157,6 +158,7 @@ def _padded(images, grids, t, y, limit):
     return x, t, y, grid, mask, size
 
 
+@pytest.mark.numeric
 def test_explicit_softmax_equals_math_sdpa():
     model = _small_model()
     attention = model.blocks[0].attn

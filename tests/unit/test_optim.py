@@ -71,6 +71,7 @@ def test_implementation_choice_on_cpu():
     assert foreach.defaults["foreach"] is True and not foreach.defaults["fused"]
 
 
+@pytest.mark.numeric
 def test_fused_and_foreach_agree():
     torch.manual_seed(0)
     a, b = Net(), Net()

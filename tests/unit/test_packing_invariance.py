@@ -43,6 +43,7 @@ def assert_close(actual, expected, what: str):
     assert error < 3e-5, f"{what}: relative error {error:.2e}"
 
 
+@pytest.mark.numeric
 @torch.no_grad()
 def test_an_images_output_does_not_depend_on_its_batch():
     model = tiny_model().eval()
@@ -76,6 +77,7 @@ def test_sizes_default_to_the_grid_the_positions_span():
     assert torch.equal(given, derived)
 
 
+@pytest.mark.numeric
 def test_packed_gradients_equal_one_image_at_a_time():
     model = tiny_model(class_dropout_prob=0.0).train()
     images, t, y = inputs(GRIDS)
@@ -98,6 +100,7 @@ def test_packed_gradients_equal_one_image_at_a_time():
         assert_close(packed, single, f"input grad of image {grid}")
 
 
+@pytest.mark.numeric
 def test_label_dropout_happens_only_in_training():
     model = tiny_model(class_dropout_prob=0.5)
     grids = [(2, 2)] * 64
