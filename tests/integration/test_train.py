@@ -82,8 +82,10 @@ def test_activation_checkpointing_and_compile_give_the_losses_of_the_plain_run(r
     common = ["train.steps=3", "checkpoint.interval=0", "checkpoint.save_at_end=false"]
     run(tmp_path / "run", 2, *common, *variant, "data.pad_to_budget=true", **PAD)
     expected = losses(reference)[:3]
-    tolerance = 1e-5 if "parallel.compile=true" in variant else 1e-6  # fused kernels round differently
-    assert losses(tmp_path / "run") == pytest.approx(expected, rel=tolerance)
+    if "parallel.compile=true" not in variant:  # recomputing a forward repeats its arithmetic: exact
+        assert losses(tmp_path / "run") == expected
+    else:  # inductor's fused kernels, vectorised for the CPU at hand, round differently: ~1e-7 a loss
+        assert losses(tmp_path / "run") == pytest.approx(expected, rel=1e-5)
 
 
 def test_explicit_fsdp_prefetch_changes_the_schedule_not_the_numbers(reference, tmp_path):

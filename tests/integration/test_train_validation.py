@@ -74,6 +74,8 @@ def test_logged_val_loss_is_run_validation_of_the_checkpoint(runs, val_split):
             model = build_model("tiny", attn_backend="reference")
             model.load_state_dict(model_weights(tensors, section))
             scored = run_validation(model, batches, settings)["val_loss"]
+            # the same micro-batches, so the same fp32 per-image losses (measured equal under every
+            # ATEN_CPU_CAPABILITY); 1e-6 allows their float64 sum another order and BLAS threading
             assert scored == pytest.approx(logged[key], rel=1e-6), key
     finally:
         torch.set_num_threads(threads)
@@ -84,4 +86,5 @@ def test_one_and_two_ranks_give_the_same_val_loss(runs):
     assert sorted(one) == [2, 3]
     for step in (2, 3):
         for key in ("val_loss", "val_loss_ema", "val_loss_t0.062"):
-            assert one[step][key] == pytest.approx(two[step][key], rel=1e-5), (step, key)
+            # fp32 per-image losses of other batch shapes: ~1e-7 each, their mean no worse (measured 8e-9)
+            assert one[step][key] == pytest.approx(two[step][key], rel=1e-6), (step, key)

@@ -119,4 +119,7 @@ def reference_forward(reference: OfficialFiTv2, images, grids, t, y, limit: int)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+    """||actual - expected|| / ||expected|| in float64 (the Frobenius norm over all elements); an all-zero
+    `expected` divides by 1e-30, so only an exact match passes a bound."""
+    expected = expected.double()
+    return float((actual.double() - expected).norm() / expected.norm().clamp(min=1e-30))

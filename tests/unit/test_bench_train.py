@@ -70,6 +70,7 @@ def test_bad_arguments_are_refused_by_name(capsys):
     torch.set_num_threads(torch.get_num_threads())
 
 
+@pytest.mark.numeric
 def test_static_segments_change_no_output():
     """`+static` appends zero-length segments and fixes max_seqlen: every token's output is unchanged."""
     from fitscale.models import build_model
@@ -94,7 +95,8 @@ def test_static_segments_change_no_output():
             )
             for s in (inputs, static)
         ]
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    # Padding segments of length 0 change no token's arithmetic (the same shapes and kernels): exact.
+    assert torch.equal(outputs[1], outputs[0])
     assert inputs["num_segments"] == 8 and inputs["max_seqlen"] == 247  # 6 images, 2 padding segments
     with pytest.raises(ValueError, match="a step has 8 segments and a longest one of 247"):
         bench_train.with_static_segments(inputs, 7, 256, 10)

@@ -71,6 +71,7 @@ def test_warmup_decay_is_the_closed_form_of_diffusers_ema():
     assert [ema_decay(none, s) for s in (3, 4, 10**6)] == [0.0, 0.99, 0.99]
 
 
+@pytest.mark.numeric
 def test_power_warmup_with_unit_power_is_the_running_mean():
     """inv_gamma = power = 1 gives decay 1 - 1 / step: the EMA is the plain mean of all weights so far."""
     model = make_model()
@@ -80,6 +81,7 @@ def test_power_warmup_with_unit_power_is_the_running_mean():
         shift(model, float(step) ** 0.5)
         seen.append(model[0].weight.detach().clone())
         ema.update(step)
+    # fp32: 8 lerps vs one mean, each a few roundings of |w| <= 8 (measured 4.8e-7, ratio 0.06)
     torch.testing.assert_close(ema.shadow["0.weight"], torch.stack(seen).mean(0), rtol=1e-6, atol=1e-6)
 
 
@@ -125,6 +127,7 @@ def test_weight_left_on_the_initial_weights_matches_an_ema_of_a_unit_step():
             model.weight.fill_(0.0)
         for step in range(1, steps + 1):
             ema.update(step)
+        # fp32 products of the decays vs the float64 closed form: measured 5.1e-7 relative (20x)
         assert ema_initial_weight(cfg, steps) == pytest.approx(
             float(ema.shadow["weight"]), rel=1e-5, abs=1e-9
         )

@@ -1,8 +1,8 @@
 """tools/test.sh, the one test entry point of README and CI: its stages, in order, failing fast.
 
-The script is run with `PYTHON` pointing at a stand-in that records each call and answers with the
-exit status the test chooses, so the order and the fail-fast rules are checked without linting or
-testing anything for real.
+The script is run with `PYTHON` pointing at a stand-in that records each call (with the
+ATEN_CPU_CAPABILITY it ran under) and answers with the exit status the test chooses, so the order and
+the fail-fast rules are checked without linting or testing anything for real.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 FAST = "not slow and not slurm and not gpu"
 REST = "slow or slurm or gpu"
+NUMERIC = f"ATEN_CPU_CAPABILITY=default -m pytest -q -p no:cacheprovider -m numeric and {FAST}"
 
 
 def run_script(tmp_path: Path, *args: str, fail: dict[str, int] | None = None) -> tuple[int, list[str], str]:
@@ -24,9 +25,11 @@ def run_script(tmp_path: Path, *args: str, fail: dict[str, int] | None = None) -
     log.unlink(missing_ok=True)
     rules = "".join(f'  *"{needle}"*) exit {code} ;;\n' for needle, code in (fail or {}).items())
     fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\ncase "$*" in\n{rules}esac\nexit 0\n')
+    record = '"${ATEN_CPU_CAPABILITY:+ATEN_CPU_CAPABILITY=$ATEN_CPU_CAPABILITY }$*"'
+    fake.write_text(f'#!/usr/bin/env bash\necho {record} >> {log}\ncase "$*" in\n{rules}esac\nexit 0\n')
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    env = {**os.environ, "PYTHON": str(fake)}
+    env = {key: value for key, value in os.environ.items() if key != "ATEN_CPU_CAPABILITY"}
+    env["PYTHON"] = str(fake)
     result = subprocess.run(
         ["bash", str(REPO / "tools" / "test.sh"), *args], env=env, capture_output=True, text=True, timeout=60
     )
@@ -34,13 +37,14 @@ def run_script(tmp_path: Path, *args: str, fail: dict[str, int] | None = None) -
     return result.returncode, calls, result.stderr
 
 
-def test_lint_then_the_fast_lane_then_the_rest(tmp_path):
+def test_lint_then_the_fast_lane_then_its_numeric_tests_on_default_kernels_then_the_rest(tmp_path):
     code, calls, _ = run_script(tmp_path, "--", "tests/unit")
     assert code == 0
     assert calls == [
         "-m ruff check .",
         "-m ruff format --check .",
         f"-m pytest -q -p no:cacheprovider -m {FAST} tests/unit",
+        f"{NUMERIC} tests/unit",
         f"-m pytest -q -p no:cacheprovider -m {REST} tests/unit",
     ]
 
@@ -52,6 +56,9 @@ def test_the_first_failure_stops_the_run_with_its_status(tmp_path):
     code, calls, _ = run_script(tmp_path, fail={FAST: 1})
     assert code == 1
     assert not any(REST in call for call in calls)
+    code, calls, _ = run_script(tmp_path, fail={"-m numeric": 1})  # a bound that holds on AVX only
+    assert code == 1
+    assert calls[-1] == NUMERIC and not any(REST in call for call in calls)
 
 
 def test_a_lane_with_no_tests_passes_but_no_tests_at_all_fails(tmp_path):
@@ -65,7 +72,10 @@ def test_fast_and_lowest_deps_options(tmp_path):
     code, calls, _ = run_script(tmp_path, "--fast", "--lowest-deps")
     assert code == 0
     assert calls[2] == "tools/check_lowest_deps.py"
-    assert [call for call in calls if "pytest" in call] == [f"-m pytest -q -p no:cacheprovider -m {FAST}"]
+    assert [call for call in calls if "pytest" in call] == [
+        f"-m pytest -q -p no:cacheprovider -m {FAST}",
+        NUMERIC,
+    ]
     code, _, err = run_script(tmp_path, "--full")
     assert code == 2
     assert (

@@ -110,13 +110,14 @@ def fp32_losses(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, steps", [("tensorwise", 20), ("rowwise", 5)])
 def test_float8_steps_track_the_fp32_loss(tmp_path, fp32_losses, recipe, steps):
-    """Emulated float8 (operands rounded to e4m3/e5m2 with dynamic scales) stays within 1e-4 of the
-    fp32 loss at every step (measured over 20 steps: at most 7e-6 tensorwise, 1e-5 rowwise), and
-    differs from it: the casts are applied."""
+    """Emulated float8 (operands rounded to e4m3/e5m2 with dynamic scales) stays within 2e-4 of the
+    fp32 loss at every step, and differs from it: the casts are applied. Measured: at most 8.6e-6
+    relative with ATen's default kernels, 1.1e-5 with AVX2 and AVX-512, the float8 rounding carried
+    over 20 steps: 2e-4 is 18x that (the former 1e-4 left 9x)."""
     trainer = run_trainer(tmp_path, steps, f"parallel.float8={recipe}", *NO_SAVES)
     assert len(trainer.float8_report.converted) == 10
     losses = [record["loss"] for record in trainer.history]
-    assert losses == pytest.approx(fp32_losses[:steps], rel=1e-4)
+    assert losses == pytest.approx(fp32_losses[:steps], rel=2e-4)
     assert losses != fp32_losses[:steps]
 
 

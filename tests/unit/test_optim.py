@@ -71,6 +71,7 @@ def test_implementation_choice_on_cpu():
     assert foreach.defaults["foreach"] is True and not foreach.defaults["fused"]
 
 
+@pytest.mark.numeric
 def test_fused_and_foreach_agree():
     torch.manual_seed(0)
     a, b = Net(), Net()
@@ -78,6 +79,7 @@ def test_fused_and_foreach_agree():
     train(a, build_optimizer(a, OptimConfig(lr=1e-2, weight_decay=0.1, implementation="fused")), steps=5)
     train(b, build_optimizer(b, OptimConfig(lr=1e-2, weight_decay=0.1, implementation="foreach")), steps=5)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        # 5 fp32 AdamW steps, other kernels (fused vs foreach): measured 3e-8 abs, ratio 0.0075
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from reference.official_fitv2 import random_official_state_dict
-from reference.pairs import build_fitscale, pack, packed_forward, random_images, reference_config_of
+from reference.pairs import (
+    build_fitscale,
+    pack,
+    packed_forward,
+    random_images,
+    reference_config_of,
+    relative_error,
+)
 
 # Per-image frequencies with every scaling switched on: each segment must get its own rotation.
 PER_IMAGE_ROPE = dict(rope_method="yarn", rope_decoupled=True, rope_attn_scale=True, rope_per_image=True)
@@ -29,10 +36,14 @@ def inputs(grids, seed: int = 0):
 
 
 def assert_close(actual, expected, what: str):
-    error = float((actual - expected).norm() / expected.norm())
-    assert error < 1e-5, f"{what}: relative error {error:.2e}"
+    """Relative (norm) error below 3e-5: other batch shapes change fp32 matmul and reduction orders;
+    the three CPU kernel sets give at most 1.0e-6 (gradients), 4e-7 (outputs), so 30x margin, while a
+    leak between images changes attention outputs at first order."""
+    error = relative_error(actual, expected)
+    assert error < 3e-5, f"{what}: relative error {error:.2e}"
 
 
+@pytest.mark.numeric
 @torch.no_grad()
 def test_an_images_output_does_not_depend_on_its_batch():
     model = tiny_model().eval()
@@ -66,6 +77,7 @@ def test_sizes_default_to_the_grid_the_positions_span():
     assert torch.equal(given, derived)
 
 
+@pytest.mark.numeric
 def test_packed_gradients_equal_one_image_at_a_time():
     model = tiny_model(class_dropout_prob=0.0).train()
     images, t, y = inputs(GRIDS)
@@ -88,6 +100,7 @@ def test_packed_gradients_equal_one_image_at_a_time():
         assert_close(packed, single, f"input grad of image {grid}")
 
 
+@pytest.mark.numeric
 def test_label_dropout_happens_only_in_training():
     model = tiny_model(class_dropout_prob=0.5)
     grids = [(2, 2)] * 64
@@ -105,8 +118,9 @@ def test_label_dropout_happens_only_in_training():
         torch.manual_seed(0)
         again = torch.stack(packed_forward(model, images, grids, t, labels))
     assert torch.equal(trained, again), "label dropout must follow the global torch RNG"
-    kept = (trained - conditional).flatten(1).abs().amax(1) < 1e-6
-    dropped = (trained - unconditional).flatten(1).abs().amax(1) < 1e-6
+    # the same batch, shapes and kernels, only the label row differs: a kept or dropped label is exact
+    kept = (trained == conditional).flatten(1).all(1)
+    dropped = (trained == unconditional).flatten(1).all(1)
     assert bool((kept ^ dropped).all()), "each label is either kept or replaced by the null class"
     assert 8 < int(dropped.sum()) < 56, f"{int(dropped.sum())} of 64 labels dropped at p = 0.5"
 

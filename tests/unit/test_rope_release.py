@@ -13,7 +13,7 @@ import itertools
 
 import pytest
 import torch
-from reference.pairs import RELEASE_NAMES
+from reference.pairs import RELEASE_NAMES, relative_error
 from reference.release_rope import RELEASE_METHODS, RopeSpec, image_cos_sin
 
 from fitscale.models.config import build_config
@@ -39,7 +39,7 @@ PROBES = [(9, 13), (1, 5)]  # images read through fixed frequencies of another g
 # (head_dim, L0): XL's, B's and 3B's heads at the released L0 and at 32; small heads with L0 = 8, 2 and 1,
 # where the ramp bounds clamp at 0, meet (split by 0.001) or cross (the ramp is 0 everywhere).
 SETUPS = [(72, 16), (64, 32), (96, 16), (48, 8), (32, 2), (32, 1)]
-TOLERANCE = 1e-6  # our float32 tables vs the float64 reference
+TOLERANCE = 1e-6  # our float32 tables vs the float64 reference: float32 rounding, measured 4.9e-8 (20x)
 
 
 def grid_of(rows: int, cols: int) -> torch.Tensor:
@@ -66,10 +66,6 @@ def our_tables(config, images):
     cos, sin = rope_cos_sin(config, pos, segment_ids, torch.tensor(images))
     bounds = [0, *itertools.accumulate(g.shape[1] for g in grids)]
     return [(cos[a:b], sin[a:b]) for a, b in zip(bounds, bounds[1:])]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected).norm() / expected.norm().clamp(min=1e-30))
 
 
 def assert_tables_match(config, spec: RopeSpec, images) -> None:
