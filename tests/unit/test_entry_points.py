@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 FAST = "not slow and not slurm and not gpu"
 REST = "slow or slurm or gpu"
 NUMERIC = f"ATEN_CPU_CAPABILITY=default -m pytest -q -p no:cacheprovider -m numeric and {FAST}"
+NUMERIC_AVX2 = NUMERIC.replace("=default", "=avx2")
 
 
 def run_script(tmp_path: Path, *args: str, fail: dict[str, int] | None = None) -> tuple[int, list[str], str]:
@@ -37,7 +38,7 @@ def run_script(tmp_path: Path, *args: str, fail: dict[str, int] | None = None) -
     return result.returncode, calls, result.stderr
 
 
-def test_lint_then_the_fast_lane_then_its_numeric_tests_on_default_kernels_then_the_rest(tmp_path):
+def test_lint_then_the_fast_lane_then_its_numeric_tests_on_default_and_avx2_kernels_then_the_rest(tmp_path):
     code, calls, _ = run_script(tmp_path, "--", "tests/unit")
     assert code == 0
     assert calls == [
@@ -45,6 +46,7 @@ def test_lint_then_the_fast_lane_then_its_numeric_tests_on_default_kernels_then_
         "-m ruff format --check .",
         f"-m pytest -q -p no:cacheprovider -m {FAST} tests/unit",
         f"{NUMERIC} tests/unit",
+        f"{NUMERIC_AVX2} tests/unit",
         f"-m pytest -q -p no:cacheprovider -m {REST} tests/unit",
     ]
 
@@ -75,6 +77,7 @@ def test_fast_and_lowest_deps_options(tmp_path):
     assert [call for call in calls if "pytest" in call] == [
         f"-m pytest -q -p no:cacheprovider -m {FAST}",
         NUMERIC,
+        NUMERIC_AVX2,
     ]
     code, _, err = run_script(tmp_path, "--full")
     assert code == 2

@@ -78,6 +78,7 @@ def float64_model():
     return tiny_model().double()
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_each_image_is_bit_identical_alone_and_in_any_batch(name, one_thread):
     """The default (batch-invariant) sampling in fp32: an image drawn alone, beside other sizes, in
@@ -96,11 +97,13 @@ def test_each_image_is_bit_identical_alone_and_in_any_batch(name, one_thread):
             assert torch.equal(latent, reversed_[image]), f"{name} {guidance}: image {image} reversed"
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_packed_sampling_controls_each_images_steps_alone(name, float64_model, one_thread):
     """`batch_invariant=False` packs images into shared forwards; an adaptive solver still controls
     each image's steps alone (fitscale.flow.per_image). In float64 the forward's batch effect is
-    ~1e-16, so only a batch-wide step control could move an image past 1e-9 (it moved ~1e-3)."""
+    ~1e-16 per op (measured up to 1.7e-10 at the end, under default, avx2 and avx512 kernels), so only
+    a batch-wide step control could move an image past 1e-8 (it moved ~1e-3)."""
     items = plan_items([(32, 48), (48, 32), (32, 32)], 1, num_classes=10, seed=3)
     for guidance in (dict(), dict(cfg_scale=2.5, scale_pow=1.0, guidance_channels=3)):
         options = SamplingOptions(**SAMPLERS[name], **guidance, seed=5, batch_invariant=False)
@@ -110,7 +113,7 @@ def test_packed_sampling_controls_each_images_steps_alone(name, float64_model, o
         alone = generate_latents(float64_model, items[::-1], replace(options, token_budget=budget))[::-1]
         for latent, item in zip(together, items):
             assert latent.shape == (4, 2 * item.rows, 2 * item.cols) and torch.isfinite(latent).all()
-        assert_same_images(together, alone, 1e-9, f"{name} {guidance}: together vs alone, reversed")
+        assert_same_images(together, alone, 1e-8, f"{name} {guidance}: together vs alone, reversed")
 
 
 def test_plan_items_checks_sizes_and_labels():
