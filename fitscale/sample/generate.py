@@ -73,17 +73,19 @@ def generate_latents(
 
     With `options.batch_invariant` each item is sampled alone (bit-identical whatever its batch
     mates), else items share packed forwards of up to `options.token_budget` tokens. A float64
-    model samples in float64 and gives float64 latents. Raises ValueError for an item over the
-    token budget."""
+    model samples in float64 and gives float64 latents. Packed (not batch-invariant): raises
+    ValueError for an item over the token budget; alone, an image of any size is one forward, and
+    the budget is not used."""
     model.eval()
     config = model.config
     device = next(model.parameters()).device
     dtype = autocast_dtype(options.autocast, device)
     precise = next(model.parameters()).dtype == torch.float64  # a float64 model samples in float64
     out: list[torch.Tensor] = []
-    groups = batches_by_budget(items, options.token_budget, options.cfg_scale != 1.0)
-    if options.batch_invariant:  # one image per forward and per solve (module docstring)
-        groups = [[item] for group in groups for item in group]
+    if options.batch_invariant:  # one image per forward and per solve (module docstring): no budget
+        groups = [[item] for item in items]
+    else:
+        groups = batches_by_budget(items, options.token_budget, options.cfg_scale != 1.0)
     for group in groups:
         layout = pack_layout(group, device)
         x = torch.cat([initial_noise(item, config.token_dim, options.seed) for item in group])

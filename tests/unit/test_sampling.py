@@ -116,6 +116,20 @@ def test_packed_sampling_controls_each_images_steps_alone(name, float64_model, o
         assert_same_images(together, alone, 1e-8, f"{name} {guidance}: together vs alone, reversed")
 
 
+def test_batch_invariant_sampling_ignores_the_token_budget(one_thread):
+    """Each image is one forward when sampled alone, so `--token-budget` (packed batches only) does
+    not apply: a guided image over the budget is sampled (it was refused with "raise the budget"),
+    bit for bit as with a budget that fits it; packed sampling still refuses it."""
+    model = tiny_model()
+    items = plan_items([(32, 48)], 1, num_classes=10, seed=3)  # 6 tokens, 12 per guided forward
+    options = SamplingOptions(**SAMPLERS["euler"], cfg_scale=2.5, seed=5, token_budget=8)
+    small = generate_latents(model, items, options)
+    large = generate_latents(model, items, replace(options, token_budget=12))
+    assert torch.equal(small[0], large[0])
+    with pytest.raises(ValueError, match="needs 12 tokens per forward, over --token-budget 8"):
+        generate_latents(model, items, replace(options, batch_invariant=False))
+
+
 def test_plan_items_checks_sizes_and_labels():
     items = plan_items([(256, 512)], 3, num_classes=1000, labels=[1, 2])
     assert [(i.index, i.label, i.rows, i.cols) for i in items] == [
