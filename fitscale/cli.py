@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from fitscale.diskspace import OutOfSpaceError
 
@@ -61,6 +62,21 @@ def set_option_args(overrides: list[str]) -> list[str]:
 USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError, OutOfSpaceError)
 
 
+def show_own_warnings_in_one_line(command: str) -> None:
+    """Print fitscale's own warnings (categories defined in fitscale, e.g. TornRecordWarning) as one
+    line `fitscale CMD: warning: MESSAGE` on stderr, instead of Python's two lines naming a source
+    file and line of fitscale; other libraries' warnings keep Python's format."""
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.split(".")[0] == "fitscale":
+            print(f"fitscale {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `fitscale` argument parser with every command's subparser (each registered by its package's
     cli.py).
@@ -93,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from fitscale.launch.failures import WorkerFailed, in_launched_rank, record_failure
 
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command relaunches itself with
+    show_own_warnings_in_one_line(args.command)
     try:
         result = args.func(args)
     except WorkerFailed as error:  # a rank this process launched: its line (or traceback), its status

@@ -2,6 +2,10 @@
 repeated step, time lost to restarts, the summary numbers and `fitscale status`."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +120,29 @@ def test_plots_of_a_resumed_run_with_mfu(resumed_run, tmp_path):
     written = write_plots([read_history(resumed_run), read_history(other)], tmp_path / "plots")
     assert [p.name for p in written] == ["loss.png", "timesteps.png", "optim.png", "throughput.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_status_and_report_name_a_torn_line_in_one_line(tmp_path):
+    """The torn-line warning reaches the user as one line naming the file and line (it was two
+    lines: Python's warning format, then the source line of fitscale that read the file)."""
+    root = Path(__file__).resolve().parents[2]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        '{"event": "start", "step": 0, "time": 1}\n{"step": 1, "loss": 0.5, "time": 2}\n{"step": 2, "lo'
+    )
+    expected = [
+        f"fitscale {{}}: warning: {run / 'metrics.jsonl'}:3: skipped a line that is not a whole metrics record "
+        "(cut short by a crash?)"
+    ]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for command in (["status", str(run)], ["report", str(run), "--out", str(tmp_path / "out")]):
+        result = subprocess.run(
+            [sys.executable, "-m", "fitscale.cli", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.splitlines() == [expected[0].format(command[0])]
