@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,9 @@ NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 LOW_SPACE_BYTES = 1 << 20
 # Messages of write failures that carry no errno (torch.save's zip writer on a short write).
 _ERRNO_LOST = ("inline_container", "PytorchStreamWriter failed writing", "unexpected pos")
+# An errno kept only in the message, as Rust's io::Error prints it (safetensors' SafetensorError:
+# `I/O error: No space left on device (os error 28)`).
+_ERRNO_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
 
 
 class OutOfSpaceError(OSError):
@@ -85,7 +89,8 @@ def is_out_of_space(
 ) -> bool:
     """Whether `error` (or anything it wraps) is a full disk or spent quota.
 
-    ENOSPC/EDQUOT anywhere in the chain decide it. A write failure without errno (torch's zip
+    ENOSPC/EDQUOT anywhere in the chain decide it, also when only its message keeps the number
+    (`(os error 28)`, from libraries written in Rust). A write failure without errno (torch's zip
     writer) counts when `target` is given and its filesystem has less free space than `needed`
     bytes or `LOW_SPACE_BYTES`.
     """
@@ -94,6 +99,8 @@ def is_out_of_space(
         if isinstance(cause, OutOfSpaceError):
             return True
         if isinstance(cause, OSError) and cause.errno in NO_SPACE_ERRNOS:
+            return True
+        if any(int(number) in NO_SPACE_ERRNOS for number in _ERRNO_IN_MESSAGE.findall(str(cause))):
             return True
         lost_errno |= any(marker in str(cause) for marker in _ERRNO_LOST)
     if not lost_errno or target is None:

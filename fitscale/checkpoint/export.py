@@ -19,6 +19,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from fitscale.checkpoint import layout
+from fitscale.diskspace import named_out_of_space
 
 WEIGHT_PREFIXES = {"model": "model.", "ema": "ema.params."}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -119,14 +120,25 @@ def build_cpu_model(name: str, overrides: dict[str, Any] | None = None) -> torch
 def save_safetensors(
     tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str], overwrite: bool
 ) -> None:
-    """Write `out` via a temporary file and a rename: an existing file is replaced only on success."""
+    """Write `out` via a temporary file and a rename: an existing file is replaced only on success.
+    A full disk or quota raises OutOfSpaceError naming `out`, the bytes and the fix; the partial
+    file is removed."""
     from safetensors.torch import save_file
 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
+    needed = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    fix = (
+        "free space there or write the file to another filesystem; an existing file of that name is untouched"
+    )
+    try:
+        with named_out_of_space(out, "the weights file", fix, needed):  # one line, not a Rust traceback
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, out)
 
 

@@ -317,7 +317,12 @@ def run_sample(args) -> int:
         grid_scale=args.grid_scale,
         caption=grid_caption(options, extrapolation_name(model.config)),
     )
-    run_sampling(model, run, info.rank, info.world_size)
+    from fitscale.diskspace import named_out_of_space
+
+    # A full disk or quota while writing images, latents or the grid: one line naming --out.
+    fix = "free space there or pass another --out; a rerun writes every image again"
+    with named_out_of_space(out, "the samples", fix):
+        run_sampling(model, run, info.rank, info.world_size)
     summary = {"out": str(out), "images": len(items), "sizes": [f"{h}x{w}" for h, w in sizes]}
     if args.fid_reference and info.rank == 0:
         import numpy as np

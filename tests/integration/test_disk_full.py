@@ -170,3 +170,50 @@ def test_a_dataset_write_on_a_full_disk_is_one_line_and_resumes(small_fs, capsys
     (small_fs.path / "filler").unlink()
     assert main(args) == 0
     assert json.loads((out / "fitscale.json").read_text())["num_samples"] == 1797
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A tiny model's weights as a safetensors file (689 KiB)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fitscale.models import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file(build_model("tiny", attn_backend="reference").state_dict(), str(path))
+    return path
+
+
+def test_sample_output_on_a_full_disk_is_one_line_naming_out(small_fs, tiny_weights, capsys):
+    """Was `no space left on device ([Errno 28] ...); free space on the filesystem this command writes
+    to`, naming no path (numpy's write error carries none)."""
+    out = small_fs.path / "samples"
+    small_fs.fill(leave=16 * 1024)
+    options = "--model tiny --set attn_backend=reference --height 64 --width 64 --num-per-size 40 --steps 1"
+    argv = ["sample", str(tiny_weights), "--out", str(out), *options.split(), "--preview-channel", "0"]
+    assert main([*argv, "--sampler", "euler", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()], err
+    assert err.startswith(
+        f"fitscale sample: error: no space left on the filesystem of {out} for the samples ("
+    ), err
+    assert err.strip().endswith("free space there or pass another --out; a rerun writes every image again"), (
+        err
+    )
+
+
+def test_a_weights_file_on_a_full_disk_is_one_line_and_leaves_no_partial_file(small_fs, tiny_weights, capsys):
+    """Was a traceback ending in safetensors' `SafetensorError: Error while serializing: I/O error: No
+    space left on device (os error 28)` (a Rust error: the errno only in its message)."""
+    out = small_fs.path / "tiny-copy.safetensors"
+    small_fs.fill(leave=256 * 1024)
+    assert main(["convert", "official-to-fitscale", str(tiny_weights), str(out), "--model", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()], err
+    assert err.startswith(
+        f"fitscale convert: error: no space left on the filesystem of {out} for the weights file (it needs about "
+    ), err
+    assert "free space there or write the file to another filesystem" in err
+    assert sorted(os.listdir(small_fs.path)) == ["filler"]
