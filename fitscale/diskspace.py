@@ -109,10 +109,43 @@ def is_out_of_space(
     return free is not None and free < max(LOW_SPACE_BYTES, needed or 0)
 
 
-def out_of_space(path: str | os.PathLike, what: str, fix: str, needed: int | None = None) -> OutOfSpaceError:
-    """The error for a write of `what` to `path` that ran out of space; `fix` says what to do."""
+def is_quota(error: BaseException | None) -> bool:
+    """Whether `error` (or anything it wraps) is a spent disk quota (EDQUOT), not a full filesystem."""
+    if error is None:
+        return False
+    for cause in _causes(error):
+        if isinstance(cause, OSError) and cause.errno == errno.EDQUOT:
+            return True
+        if str(errno.EDQUOT) in _ERRNO_IN_MESSAGE.findall(str(cause)):
+            return True
+    return False
+
+
+def out_of_space(
+    path: str | os.PathLike,
+    what: str,
+    fix: str,
+    needed: int | None = None,
+    error: BaseException | None = None,
+) -> OutOfSpaceError:
+    """The error for a write of `what` to `path` that ran out of space; `fix` says what to do.
+
+    With the failure `error` a spent quota (EDQUOT) says so: the filesystem's free bytes are then
+    not the user's, and "no space left" with gigabytes free would mislead.
+    """
     free = free_bytes(path)
     sizes = [f"it needs about {human_bytes(needed)}"] if needed else []
+    if is_quota(error):
+        if free is not None:
+            sizes.append(f"the filesystem has {human_bytes(free)} free, but not for you")
+        detail = f" ({', '.join(sizes)})" if sizes else ""
+        return OutOfSpaceError(
+            f"disk quota exceeded on the filesystem of {path} for {what}{detail}; your quota there is spent "
+            f"(see `quota -s`, or `lfs quota -u $USER` on Lustre): free space you own there, ask for a larger "
+            f"quota, or {fix[0].lower()}{fix[1:]}",
+            path,
+            needed,
+        )
     if free is not None:
         sizes.append(f"{human_bytes(free)} free")
     detail = f" ({', '.join(sizes)})" if sizes else ""
@@ -132,7 +165,7 @@ def describe(error: BaseException) -> OutOfSpaceError | None:
     named = [c for c in _causes(error) if isinstance(c, OSError) and c.filename]
     if named:
         return out_of_space(
-            named[0].filename, "this write", "free space there or write to another filesystem"
+            named[0].filename, "this write", "free space there or write to another filesystem", error=error
         )
     return OutOfSpaceError(
         f"no space left on device ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
@@ -151,7 +184,7 @@ def named_out_of_space(path: str | os.PathLike, what: str, fix: str, needed: int
         raise
     except BaseException as error:  # DCP's CheckpointException is a BaseException
         if is_out_of_space(error, path, needed):
-            raise out_of_space(path, what, fix, needed) from error
+            raise out_of_space(path, what, fix, needed, error) from error
         raise
 
 

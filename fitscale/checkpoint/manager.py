@@ -360,6 +360,7 @@ class CheckpointManager:
             "or point train.run_dir / checkpoint.folder at a larger filesystem; a rerun resumes from the "
             "newest complete checkpoint",
             needed,
+            error,
         )
 
     def _publish(self, step: int, temporary: Path, metadata: dict[str, Any]) -> None:
