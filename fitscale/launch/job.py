@@ -140,7 +140,8 @@ class TrainingJob:
         raise SystemExit(0)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
-        """submitit's requeue hook: run the same job again; it resumes from the newest complete checkpoint."""
+        """submitit's requeue hook: run the same job again; it resumes from the newest complete checkpoint
+        (also when the job was started with `train.resume=S`: fitscale.train.resume.resume_on_restart)."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainingJob(self.config_yaml, self.run_dir))

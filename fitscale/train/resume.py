@@ -162,3 +162,42 @@ def report_changes(changes: list[ConfigChange], step: int, metrics) -> None:
     """Each change as a `config_changed` event: a line in `metrics.jsonl` and a log line on rank 0."""
     for change in changes:
         metrics.event("config_changed", step, field=change.field, old=change.old, new=change.new)
+
+
+RESTART_COUNTS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")  # > 0: the same job started again
+
+
+def resume_on_restart(resume: str, folder: Path, environ: dict[str, str]) -> str:
+    """The `train.resume` a start of the run should use: `resume` itself, except on a restart of
+    the same job (SLURM requeue after preemption or a time limit, a torchrun restart: `environ`
+    counts it, RESTART_COUNTS) of a run started with `train.resume=S` whose newest complete
+    checkpoint in `folder` is later than S and was written by a run resumed from S; then `auto`.
+
+    The job's config still says `train.resume=S`, but its first start already branched from S; a
+    restart resuming from S again would move that branch's checkpoints aside and redo its steps,
+    at every preemption. A restart whose branch has no later checkpoint yet resumes from S as
+    asked (S is then the newest step anyway, or the first start died before it branched).
+    """
+    from fitscale.checkpoint.layout import complete_steps, read_metadata, step_dirname
+
+    if not str(resume).isdigit() or not any(
+        environ.get(name, "0") not in ("", "0") for name in RESTART_COUNTS
+    ):
+        return resume
+    steps = complete_steps(folder)
+    if not steps or steps[-1] <= int(resume):
+        return resume
+    newest = folder / step_dirname(steps[-1])
+    try:
+        written_with = read_metadata(newest).get("config", {}).get("train", {}).get("resume")
+    except (FileNotFoundError, ValueError):
+        return resume
+    if str(written_with) != str(resume):
+        return resume
+    log.info(
+        "restart of a job started with train.resume=%s: its branch reached %s, resuming from there "
+        "(train.resume=auto for this start)",
+        resume,
+        newest.name,
+    )
+    return "auto"

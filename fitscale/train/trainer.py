@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -297,8 +298,12 @@ class Trainer:
 
     def maybe_resume(self) -> int | None:
         """Load the checkpoint `train.resume` asks for; returns its step, or None for a fresh start."""
+        from fitscale.train.resume import resume_on_restart
+
+        folder = self.checkpoints.folder
+        resume = rank0_decides(lambda: resume_on_restart(self.config.train.resume, folder, dict(os.environ)))
         try:
-            step = self.checkpoints.resume_step(self.config.train.resume)
+            step = self.checkpoints.resume_step(resume)
         except (FileExistsError, FileNotFoundError, ValueError) as error:
             raise ConfigError(str(error)) from error
         if step is None:

@@ -145,3 +145,27 @@ def test_a_branch_of_a_branch_keeps_both_abandoned_branches(first_run, branched,
     status = run_status(run_dir)
     assert status["step"] == 6
     assert status["superseded"] == {"from-step-2-attempt-2": [4, 6, 8], "from-step-4-attempt-3": [6]}
+
+
+def test_a_requeued_job_started_with_resume_s_continues_its_branch(branched, tmp_path, monkeypatch):
+    """A SLURM requeue (or torchrun restart) runs the job's config again, `train.resume=2` included.
+    Before, each restart resumed from step 2 again and moved its own branch's checkpoints aside
+    (`superseded/from-step-2-attempt-3`), redoing its steps at every preemption."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(branched[0], run_dir)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    result = run(run_dir, 1, *BRANCH, "train.resume=2", "train.steps=8")
+    assert "its branch reached step-6, resuming from there" in result.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "superseded").iterdir()) == [
+        "from-step-2-attempt-2"
+    ]
+    assert live_steps(run_dir) == [2, 4, 6, 8]
+    starts = [(r["step"], r["attempt"]) for r in records(run_dir) if r.get("event") == "start"]
+    assert starts == [(0, 1), (2, 2), (6, 3)]
+    # A user's own second `train.resume=2` (no restart) still starts another branch.
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    run(run_dir, 1, *BRANCH, "train.resume=2", "train.steps=4")
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "superseded").iterdir()) == [
+        "from-step-2-attempt-2",
+        "from-step-2-attempt-4",
+    ]
