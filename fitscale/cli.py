@@ -59,6 +59,9 @@ def set_option_args(overrides: list[str]) -> list[str]:
 # Printed as one line with exit status 2 (ImportError: an optional dependency that is not installed,
 # whose message says which extra to install; OutOfSpaceError: a full disk or quota, naming the path,
 # the bytes and the fix); any other exception is a traceback and status 1.
+INTERRUPTED_STATUS = (
+    130  # Ctrl-C, as a shell reports it (fitscale.train.cli and the checkpoint manager agree)
+)
 USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError, OutOfSpaceError)
 
 
@@ -100,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one `fitscale` command with `argv` (default: sys.argv[1:]) and return its exit status.
 
     A user error (USER_ERRORS: bad input, config errors, missing files or extras) prints one line
-    `fitscale CMD: error: ...` and returns 2; other exceptions propagate (as do user errors with
+    `fitscale CMD: error: ...` and returns 2; a Ctrl-C that reaches the command as KeyboardInterrupt
+    (during start-up, before training's own handler listens) prints `fitscale CMD: interrupted
+    (Ctrl-C); stopped` and returns 130; other exceptions propagate (as do user errors with
     FITSCALE_DEBUG=1). Inside a launched rank the error is recorded for the launcher, which reports
     the first failing rank once, and the rank exits at once.
     """
@@ -118,7 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         return error.code
     except BrokenPipeError:  # `fitscale info ... | head`
         return 0
-    except (KeyboardInterrupt, SystemExit, GeneratorExit):  # their own meaning: not a failure to report
+    except KeyboardInterrupt:  # Ctrl-C where no handler of ours listens (start-up, a command without one)
+        if os.environ.get("FITSCALE_DEBUG"):
+            raise
+        print(f"fitscale {args.command}: interrupted (Ctrl-C); stopped", file=sys.stderr)
+        if in_launched_rank():  # as for an error: no teardown of a half-built process group
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(INTERRUPTED_STATUS)
+        return INTERRUPTED_STATUS
+    except (SystemExit, GeneratorExit):  # their own meaning: not a failure to report
         raise
     except BaseException as error:  # DCP's CheckpointException is a BaseException
         from fitscale.diskspace import describe

@@ -44,3 +44,21 @@ def test_lazy_package_exports_resolve():
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == "module 'fitscale.models' has no attribute 'no_such_name'"
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path):
+    """A real SIGINT while `fitscale train` runs its `hooks.before` (before the trainer's own handler
+    listens: start-up, importing torch, writing the dataset). Was a 20-line KeyboardInterrupt
+    traceback through the import machinery."""
+    (tmp_path / "ctrl_c_hook.py").write_text(
+        "import os, signal\n\ndef press(config):\n    os.kill(os.getpid(), signal.SIGINT)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    env.pop("FITSCALE_DEBUG", None)
+    sets = [f"train.run_dir={tmp_path / 'run'}", "hooks.before=[ctrl_c_hook:press]", "hooks.after=[]"]
+    result = subprocess.run(
+        [sys.executable, "-m", "fitscale.cli", "train", "recipes/demo.yaml", "--set", *sets],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.stderr.splitlines() == ["fitscale train: interrupted (Ctrl-C); stopped"], result.stderr
+    assert result.returncode == 130
