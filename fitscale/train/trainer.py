@@ -452,8 +452,7 @@ class Trainer:
             attempt = rank0_decides(lambda: next_attempt(self.run_dir / METRICS_FILE))
             branch = self._start_branch(start_step, attempt)  # before anything of this attempt is written
             if self.env.is_main:
-                with named_out_of_space(self.run_dir / "config.yaml", "the run's config", RUN_DIR_FULL):
-                    (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+                self._write_config()
             self.metrics = self._build_metrics(start_step, attempt)
             if resumed is not None:
                 self.metrics.event(
@@ -488,6 +487,18 @@ class Trainer:
             return self.progress.step
         finally:
             self.close()
+
+    def _write_config(self) -> None:
+        """`config.yaml` (rank 0) through a temporary file and a rename: a full disk (OutOfSpaceError
+        naming it) or a crash leaves the previous start's file whole, never cut short."""
+        path = self.run_dir / "config.yaml"
+        partial = path.with_name(".config.yaml.partial")
+        try:
+            with named_out_of_space(path, "the run's config", RUN_DIR_FULL):
+                partial.write_text(to_yaml(self.config))
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)  # after a failure (after the rename there is none)
 
     def _stop_on_signal(self) -> None:
         """The `stop` event of a run an exit signal stopped (its checkpoint is complete by now)."""

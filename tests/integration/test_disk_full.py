@@ -217,3 +217,24 @@ def test_a_weights_file_on_a_full_disk_is_one_line_and_leaves_no_partial_file(sm
     ), err
     assert "free space there or write the file to another filesystem" in err
     assert sorted(os.listdir(small_fs.path)) == ["filler"]
+
+
+def test_a_config_that_does_not_fit_leaves_the_runs_config_yaml_whole(small_fs, digits, capsys, monkeypatch):
+    """config.yaml is written through a temporary file and a rename. Before, it was truncated and
+    then written: a full disk left it cut short (the config the resume check falls back to, and
+    the one `fitscale status` reads its target from)."""
+    monkeypatch.chdir(REPO)
+    run_dir = small_fs.path / "run"
+    quick = ["train.steps=2", "checkpoint.interval=0", "checkpoint.save_at_end=false"]
+    assert main(train_args(run_dir, digits, *quick)) == 0, capsys.readouterr().err
+    before = (run_dir / "config.yaml").read_text()
+    small_fs.fill(leave=0)  # the files' own pages are all that is left
+    long_comment = "launch.sbatch.comment=" + "x" * 20000  # a config 5 pages longer
+    assert main(train_args(run_dir, digits, *quick, long_comment)) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == [
+        f"fitscale train: error: no space left on the filesystem of {run_dir / 'config.yaml'} for the run's config "
+        "(0 B free); free space there, or point train.run_dir at a larger filesystem"
+    ], err
+    assert (run_dir / "config.yaml").read_text() == before
+    assert sorted(p for p in os.listdir(run_dir) if "config" in p) == ["config.yaml"]
