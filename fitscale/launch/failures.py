@@ -91,18 +91,25 @@ SIGNAL_HINTS = {
 }
 
 
+INTERRUPTED_STATUS = 130  # a rank stopped by Ctrl-C (fitscale.checkpoint.manager, fitscale.cli)
+
+
 def record_stopped_rank(folder: str | Path, rank: int, code: int, log: str | Path | None) -> None:
     """The launcher's report for rank `rank`, which stopped with exit `code` (negative: killed by
     that signal) and wrote no report of its own; its output is in `log` (None: the terminal).
 
     A rank killed by a signal could not report, so the launcher does: `rank 1 was killed by SIGKILL
     (signal 9) (out of memory? ... check `dmesg` ...); its output is in RUN/logs/rank-1.log`, exit
-    status 128 + signal, as a shell reports it. A report the rank wrote itself is kept as it is.
+    status 128 + signal, as a shell reports it. A report the rank wrote itself is kept as it is;
+    a rank that exited with INTERRUPTED_STATUS (Ctrl-C, after saving or saying what is lost) gets
+    none, so `fitscale status` shows no error for a stop the user asked for.
     """
     from fitscale.launch.local import signal_name
 
     folder = Path(folder)
     if (folder / f"rank-{rank}.json").exists():
+        return
+    if code == INTERRUPTED_STATUS:  # Ctrl-C: the rank said what it saved or lost; no error of the run
         return
     where = f"its output is in {log}" if log is not None else "its output is above"
     if code < 0:

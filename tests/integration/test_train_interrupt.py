@@ -104,6 +104,8 @@ def test_ctrl_c_saves_a_checkpoint_stops_with_130_and_the_rerun_resumes_it(tmp_p
     stop = [r for r in records(run_dir) if r.get("event") == "stop"]
     assert [(r["step"], r["signal"]) for r in stop] == [(saved, "SIGINT")]
     assert "done at" not in out and "Traceback" not in err
+    # A stop the user asked for, with its checkpoint saved, is no error of the run.
+    assert "last_error" not in status(run_dir)
 
     result = train(tmp_path / "digits", run_dir, f"train.steps={saved + 2}")
     assert (
