@@ -69,7 +69,7 @@ def show_own_warnings_in_one_line(command: str) -> None:
     """Print fitscale's own warnings (categories defined in fitscale, e.g. TornRecordWarning) as one
     line `fitscale CMD: warning: MESSAGE` on stderr, instead of Python's two lines naming a source
     file and line of fitscale; other libraries' warnings keep Python's format."""
-    original = warnings.showwarning
+    original = getattr(warnings.showwarning, "python_showwarning", warnings.showwarning)  # once per process
 
     def show(message, category, filename, lineno, file=None, line=None):
         if category.__module__.split(".")[0] == "fitscale":
@@ -77,6 +77,7 @@ def show_own_warnings_in_one_line(command: str) -> None:
         else:
             original(message, category, filename, lineno, file, line)
 
+    show.python_showwarning = original  # a later command of the same process wraps Python's, not ours
     warnings.showwarning = show
 
 
