@@ -20,7 +20,8 @@ class LogConfig:
     jsonl: bool = True
     """Append one JSON line per logged step to `<run_dir>/metrics.jsonl` (kept across resumes)."""
     all_ranks: bool = False
-    """Every rank writes its own `metrics.rank<r>.jsonl` (for debugging imbalance); wandb stays on rank 0."""
+    """Every other rank writes its own `metrics.rank<r>.jsonl` beside rank 0's `metrics.jsonl` (for debugging
+    imbalance); wandb stays on rank 0."""
     progress_bar: OnOff = "auto"
     """tqdm bar with ETA on rank 0: `auto` (only on a terminal), `on` or `off`."""
     console: OnOff = "auto"

@@ -186,7 +186,8 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.jsonl:
-            name = METRICS_FILE if rank == 0 and not cfg.all_ranks else f"metrics.rank{rank}.jsonl"
+            # Rank 0 always keeps the run's metrics.jsonl (status, report, attempts read it); others their own.
+            name = METRICS_FILE if rank == 0 else f"metrics.rank{rank}.jsonl"
             if attempt is None:
                 from fitscale.train.records import next_attempt
 

@@ -51,10 +51,17 @@ def test_jsonl_on_rank0_only_appended_across_resumes(tmp_path):
 
 
 def test_all_ranks_write_their_own_file(tmp_path):
-    logger = MetricsLogger(tmp_path, LogConfig(all_ranks=True, **QUIET), rank=1)
-    logger.log(1, {"loss": 2.0})
-    logger.close()
-    assert records(tmp_path / "metrics.rank1.jsonl")[-1]["loss"] == 2.0
+    """With `log.all_ranks` rank 0 still keeps `metrics.jsonl`, the file status, report and the attempt
+    count read (it wrote `metrics.rank0.jsonl`: every start was attempt 1 and status saw no metrics)."""
+    for rank in (0, 1):
+        for attempt in (1, 2):
+            logger = MetricsLogger(tmp_path, LogConfig(all_ranks=True, **QUIET), rank=rank)
+            logger.log(attempt, {"loss": 2.0 + rank})
+            logger.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "metrics.rank1.jsonl"]
+    for name, loss in (("metrics.jsonl", 2.0), ("metrics.rank1.jsonl", 3.0)):
+        assert records(tmp_path / name)[-1]["loss"] == loss
+        assert [r["attempt"] for r in records(tmp_path / name) if r.get("event") == "start"] == [1, 2]
 
 
 def test_progress_bar_on_rank0(tmp_path, capsys):
