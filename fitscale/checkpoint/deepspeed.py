@@ -20,6 +20,7 @@ export and for `train.init_from` of a DeepSpeed checkpoint folder.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 
 from fitscale.parallel.agree import all_ranks_agree, rank0_decides
+
+log = logging.getLogger(__name__)
 
 SUBFOLDER = "deepspeed"
 UNIVERSAL = "universal"  # <run_dir>/deepspeed/universal/step-N: a step converted for another world size
@@ -55,8 +58,17 @@ def save_deepspeed_state(
 
     `complete_steps` (the published checkpoints) lets rank 0 remove the DeepSpeed folders of
     steps the CheckpointManager has since pruned: only older steps absent from that list go, so
-    a step still being published (asynchronous saving) keeps its part.
+    a step still being published (asynchronous saving) keeps its part. A folder of `step` that is
+    already there belongs to no published checkpoint (a killed save, or a branch abandoned before
+    it published): rank 0 removes it first, so no file of another world size or attempt survives
+    beside the new ones.
     """
+    unpublished = step_dir(run_dir, step)
+    if engine.global_rank == 0 and unpublished.exists():
+        log.warning("removing %s: DeepSpeed files of a save that was never published", unpublished)
+        shutil.rmtree(unpublished)
+    if engine.world_size > 1:
+        torch.distributed.barrier()
     if ema is not None:  # before DeepSpeed's files, whose save ends in a barrier; the metadata comes last
         save_ema(ema, step_dir(run_dir, step), engine.global_rank)
     engine.save_checkpoint(str(checkpoint_dir(run_dir)), tag=f"step-{step}", save_latest=False)

@@ -206,14 +206,8 @@ class CheckpointManager:
         """
         self.wait()
         final = self.step_path(step)
-        if self._from_rank0(lambda: layout.is_complete(final)):
-            if step in self._written:
-                return final
-            raise CheckpointConflictError(
-                f"checkpoint {final} already exists and this run did not write it; it is left as it is. "
-                f"A run resumed from an earlier step moves later checkpoints to {self.folder / layout.SUPERSEDED} "
-                "before training, so this is a bug: please report it with the run folder's metrics.jsonl"
-            )
+        if self.written_already(step):
+            return final
         temporary = self.folder / layout.temporary_dirname(step)
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -255,6 +249,21 @@ class CheckpointManager:
             self._publish(step, temporary, self._metadata_for(step, state))
             logger.info("checkpoint %s written in %.2fs", final, time.perf_counter() - started)
         return final
+
+    def written_already(self, step: int) -> bool:
+        """Whether this run already published checkpoint `step` (collective; rank 0 looks). Raises
+        CheckpointConflictError when a complete `step-N` exists that this run did not write, before
+        anything of the step is written (a backend with files of its own asks first too)."""
+        final = self.step_path(step)
+        if not self._from_rank0(lambda: layout.is_complete(final)):
+            return False
+        if step in self._written:
+            return True
+        raise CheckpointConflictError(
+            f"checkpoint {final} already exists and this run did not write it; it is left as it is. "
+            f"A run resumed from an earlier step moves later checkpoints to {self.folder / layout.SUPERSEDED} "
+            "before training, so this is a bug: please report it with the run folder's metrics.jsonl"
+        )
 
     def remove_leftovers(self) -> None:
         """Delete the unfinished folders (`.step-N.tmp`, `.deleting-step-N`) a killed run left

@@ -271,6 +271,8 @@ class DeepSpeedBackend(ParallelBackend):
         flags = [force, checkpoints.save_requested, interval > 0 and step % interval == 0]
         if self._all_agree(not any(flags)):
             return False
+        if checkpoints.written_already(step):  # raises, before any file, for a step this run did not write
+            return True
         # Written before the manager publishes step-N, so a visible step always has this part.
         save_deepspeed_state(self.engine, self.config.train.run_dir, step, checkpoints.complete_steps(), ema)
         return True

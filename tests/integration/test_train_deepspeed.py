@@ -197,6 +197,21 @@ def test_zero3_resumed_from_an_earlier_step_moves_the_later_deepspeed_parts_asid
     assert any(not torch.equal(old[key], new[key]) for key in old), "step 4 was not trained again"
 
 
+def test_zero3_save_replaces_the_deepspeed_part_of_a_step_that_was_never_published(runs, tmp_path):
+    """A save killed after DeepSpeed's files but before step-4 was published (here: step-4's DCP part
+    gone, a stray partition of a 4-rank attempt beside its files): the resumed run removes that
+    part before writing its own step 4, which then loads on resume=auto."""
+    run_dir = tmp_path / "unpublished"
+    shutil.copytree(runs["zero3"], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step-4")
+    stray = run_dir / "deepspeed" / "step-4" / "zero_pp_rank_3_mp_rank_00_optim_states.pt"
+    stray.write_bytes(b"from another attempt")
+    run(run_dir, 2, *COMMON, *ZERO3)
+    assert not stray.exists()
+    old, new = deepspeed_tensors(runs["zero3"], 4), deepspeed_tensors(run_dir, 4)
+    assert old.keys() == new.keys() and all(torch.equal(old[key], new[key]) for key in old)
+
+
 def test_zero3_resumes_on_three_ranks_with_its_ema(runs, tmp_path):
     """2 -> 3 ranks, where ZeRO-3 pads the last rank's partitions (2 -> 1: the ZeRO-2 test)."""
     resumed = tmp_path / "resumed"
