@@ -59,7 +59,8 @@ def read_weights(
         template = {
             key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in group.items()
         }
-        dcp.load(template, storage_reader=FileSystemReader(checkpoint), no_dist=True)
+        with layout.single_process_quiet():
+            dcp.load(template, storage_reader=FileSystemReader(checkpoint), no_dist=True)
         for key, tensor in template.items():
             weights[key[len(prefix) :]] = tensor.to(dtype) if dtype is not None else tensor
     return weights
@@ -72,7 +73,8 @@ def load_dcp_weights(model: torch.nn.Module, checkpoint: Path, ema: bool = True)
     weights = {name: tensor for name, tensor in model.state_dict().items()}
     state = {"ema": {"params": weights}} if ema else {"model": weights}
     try:
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        with layout.single_process_quiet():
+            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     except Exception as error:  # DCP wraps a missing key in CheckpointException
         which = "EMA weights (key `ema`)" if ema else "weights (key `model`)"
         hint = "; pass --raw to use the raw weights" if ema else ""

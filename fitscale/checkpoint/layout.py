@@ -9,10 +9,12 @@ taken as the newest. Deletion renames to `.deleting-step-N` first for the same r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +224,19 @@ def find_checkpoint(path: str | Path, folder_name: str = "checkpoints") -> Path:
     raise FileNotFoundError(
         f"{path} holds no complete checkpoint: pass a run folder, its `{folder_name}` folder or a step-N folder"
     )
+
+
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP warns `torch.distributed is disabled, unavailable or uninitialized` on every save or load
+    of a lone process; a one-process run or reader is intended, not a mistake.
+
+    Every `dcp.save`, `dcp.async_save` and `dcp.load` of fitscale runs inside this: the manager's,
+    and the one-process readers of fitscale.checkpoint.export (`fitscale sample`, `convert export`,
+    the demo's closing grid), which printed it on every use.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized"
+        )
+        yield

@@ -23,7 +23,6 @@ NCCL traffic or with the background thread of an asynchronous save.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -31,7 +30,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -61,20 +59,6 @@ class CheckpointConflictError(RuntimeError):
 
 
 INTERRUPT_EXIT_STATUS = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
-
-
-@contextlib.contextmanager
-def _single_process_quiet():
-    """DCP warns on every single-process save/load; a one-process run is intended, not a mistake.
-
-    Every `dcp.save`, `dcp.async_save` and `dcp.load` of the manager runs inside this (the plain
-    save once did not, and every one-process run printed the warning at its first checkpoint).
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized"
-        )
-        yield
 
 
 def _first_failure(error: BaseException) -> str:
@@ -219,7 +203,7 @@ class CheckpointManager:
         dcp_state = self._state_for_saving(state)
         started = time.perf_counter()
         if self.cfg.async_save:
-            with _single_process_quiet():
+            with layout.single_process_quiet():
                 response = dcp.async_save(
                     dcp_state,
                     checkpoint_id=temporary,
@@ -235,7 +219,7 @@ class CheckpointManager:
             )
         else:
             try:
-                with _single_process_quiet():
+                with layout.single_process_quiet():
                     dcp.save(
                         dcp_state,
                         checkpoint_id=temporary,
@@ -407,7 +391,7 @@ class CheckpointManager:
         saved_world = int(metadata["world_size"])
         dcp_state, per_rank = self._state_for_loading(state, path, metadata)
         try:
-            with _single_process_quiet():
+            with layout.single_process_quiet():
                 dcp.load(
                     dcp_state, checkpoint_id=path, process_group=self._group, **self._single_process_flag()
                 )

@@ -104,3 +104,22 @@ def test_official_to_fitscale_round_trip(tmp_path):
     model.load_state_dict(converted, strict=True)
     for key, value in export_official_state_dict(model).items():
         assert torch.equal(value, released[key]), key
+
+
+def test_one_process_readers_load_without_dcps_single_process_warning(trained):
+    """`fitscale sample`, `convert export` and the demo's closing grid read a checkpoint in one
+    process; DCP warned `torch.distributed is disabled, unavailable or uninitialized` at every read."""
+    import warnings
+
+    from fitscale.checkpoint.export import load_dcp_weights, read_weights
+    from fitscale.checkpoint.layout import find_checkpoint
+
+    run_dir, model, ema = trained
+    step_dir = find_checkpoint(run_dir)
+    fresh = build_model(MODEL["name"], **MODEL["overrides"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        load_dcp_weights(fresh, step_dir, ema=False)
+        weights = read_weights(step_dir, "ema")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert weights.keys() == dict(model.named_parameters()).keys()
