@@ -59,9 +59,6 @@ def set_option_args(overrides: list[str]) -> list[str]:
 # Printed as one line with exit status 2 (ImportError: an optional dependency that is not installed,
 # whose message says which extra to install; OutOfSpaceError: a full disk or quota, naming the path,
 # the bytes and the fix); any other exception is a traceback and status 1.
-INTERRUPTED_STATUS = (
-    130  # Ctrl-C, as a shell reports it (fitscale.train.cli and the checkpoint manager agree)
-)
 USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError, OutOfSpaceError)
 
 
@@ -127,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C where no handler of ours listens (start-up, a command without one)
         if os.environ.get("FITSCALE_DEBUG"):
             raise
+        from fitscale.config.checkpoint import INTERRUPTED_STATUS
+
         print(f"fitscale {args.command}: interrupted (Ctrl-C); stopped", file=sys.stderr)
         if in_launched_rank():  # as for an error: no teardown of a half-built process group
             sys.stdout.flush()

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from fitscale.checkpoint import layout
 from fitscale.checkpoint.stateful import PerRankState
-from fitscale.config.checkpoint import CheckpointConfig
+from fitscale.config.checkpoint import INTERRUPTED_STATUS, CheckpointConfig
 from fitscale.diskspace import is_out_of_space, out_of_space
 from fitscale.parallel.agree import rank0_decides
 
@@ -56,9 +56,6 @@ class CheckpointMismatchError(ValueError):
 class CheckpointConflictError(RuntimeError):
     """A save found a complete checkpoint of its step that this run did not write (a bug: later
     checkpoints are moved aside by `CheckpointManager.supersede` before a resumed run trains)."""
-
-
-INTERRUPT_EXIT_STATUS = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
 
 
 def _first_failure(error: BaseException) -> str:
@@ -497,7 +494,7 @@ class CheckpointManager:
         lost = self._lost_steps().replace("would be", "are")
         sys.stderr.write(f"interrupted again: stopping at once without saving; {lost}\n")
         sys.stderr.flush()
-        os._exit(INTERRUPT_EXIT_STATUS)
+        os._exit(INTERRUPTED_STATUS)
 
     def _agreed_requests(self, step: int) -> tuple[bool, bool]:
         """(save, exit) as every rank acts on them at `step`: one process reads its flags; ranks

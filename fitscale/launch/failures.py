@@ -91,9 +91,6 @@ SIGNAL_HINTS = {
 }
 
 
-INTERRUPTED_STATUS = 130  # a rank stopped by Ctrl-C (fitscale.checkpoint.manager, fitscale.cli)
-
-
 def record_stopped_rank(folder: str | Path, rank: int, code: int, log: str | Path | None) -> None:
     """The launcher's report for rank `rank`, which stopped with exit `code` (negative: killed by
     that signal) and wrote no report of its own; its output is in `log` (None: the terminal).
@@ -104,6 +101,7 @@ def record_stopped_rank(folder: str | Path, rank: int, code: int, log: str | Pat
     a rank that exited with INTERRUPTED_STATUS (Ctrl-C, after saving or saying what is lost) gets
     none, so `fitscale status` shows no error for a stop the user asked for.
     """
+    from fitscale.config.checkpoint import INTERRUPTED_STATUS
     from fitscale.launch.local import signal_name
 
     folder = Path(folder)

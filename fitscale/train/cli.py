@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 
 PARENT_ENV = "FITSCALE_TRAIN_PARENT"  # set for the ranks this process starts
-INTERRUPTED_STATUS = 130  # Ctrl-C: saved and stopped (fitscale.checkpoint.manager, same value)
 
 
 def register(subparsers) -> None:
@@ -43,6 +42,7 @@ def run_train(args: argparse.Namespace) -> int:
     """
     from fitscale.cli import set_option_args
     from fitscale.config import load_config
+    from fitscale.config.checkpoint import INTERRUPTED_STATUS
 
     config = load_config(args.recipe, args.overrides)  # fail fast, before any process starts
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
