@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    from fitscale.launch.failures import WorkerFailed, in_launched_rank, record_failure
+    from fitscale.runtime.failures import WorkerFailed, in_launched_rank, record_failure
 
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command relaunches itself with
     show_own_warnings_in_one_line(args.command)

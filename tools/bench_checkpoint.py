@@ -120,7 +120,7 @@ def main() -> None:
 
     sync.close()
     background.close()
-    from fitscale.launch.env import leave_process_group
+    from fitscale.runtime.env import leave_process_group
 
     leave_process_group()
     shutil.rmtree(root, ignore_errors=True)

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_train  # noqa: E402
 
 from fitscale.config.parallel import ParallelConfig  # noqa: E402
-from fitscale.launch.env import init_distributed_from_env, leave_process_group  # noqa: E402
-from fitscale.launch.local import launch_local  # noqa: E402
 from fitscale.models import build_model  # noqa: E402
 from fitscale.parallel.fsdp import apply_fsdp  # noqa: E402
+from fitscale.runtime.env import init_distributed_from_env, leave_process_group  # noqa: E402
+from fitscale.runtime.local import launch_local  # noqa: E402
 
 
 def measure(args, depth: int, device: torch.device) -> dict:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fitscale.parallel.agree import all_ranks_agree, rank0_decides
+from fitscale.runtime.agree import all_ranks_agree, rank0_decides
 
 log = logging.getLogger(__name__)
 

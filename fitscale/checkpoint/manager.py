@@ -44,7 +44,7 @@ from fitscale.checkpoint import layout
 from fitscale.checkpoint.stateful import PerRankState
 from fitscale.config.checkpoint import INTERRUPTED_STATUS, CheckpointConfig
 from fitscale.diskspace import is_out_of_space, out_of_space
-from fitscale.parallel.agree import rank0_decides
+from fitscale.runtime.agree import rank0_decides
 
 logger = logging.getLogger(__name__)
 
@@ -521,5 +521,5 @@ class CheckpointManager:
 
     def _from_rank0(self, compute):
         """Rank 0 looks at the file system and tells everyone (its errors too), so ranks never
-        disagree on what exists (fitscale.parallel.agree)."""
+        disagree on what exists (fitscale.runtime.agree)."""
         return rank0_decides(compute, self._group)

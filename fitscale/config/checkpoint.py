@@ -9,11 +9,7 @@ import signal
 from dataclasses import dataclass, field
 
 from fitscale.config.errors import ConfigError
-
-# The exit status of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it): after the checkpoint
-# the first SIGINT asks for, at the second SIGINT, or during start-up. The one definition that the
-# checkpoint manager, the launcher and the command line share.
-INTERRUPTED_STATUS = 128 + signal.SIGINT
+from fitscale.runtime.local import INTERRUPTED_STATUS  # noqa: F401  (re-exported: the checkpoint signals' status)
 
 
 @dataclass

@@ -110,8 +110,8 @@ def launch_command(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace, plan, submit_plan) -> int:
     from fitscale.config.errors import ConfigError
-    from fitscale.launch import rundir
     from fitscale.launch.slurm import SubmissionError, wait_for_job
+    from fitscale.runtime import rundir
 
     try:
         job = submit_plan(plan)

@@ -16,9 +16,9 @@ from typing import Any
 
 from fitscale.config.errors import ConfigError
 from fitscale.config.launch import ClusterProfile, Resources, resolve_resources
-from fitscale.launch import rundir
 from fitscale.launch.job import TrainingJob, make_signals_exit
 from fitscale.launch.profiles import load_profile
+from fitscale.runtime import rundir
 
 
 @dataclass
@@ -164,13 +164,13 @@ def check_plan(plan: LaunchPlan, lock: bool) -> None:
 
 def submit_plan(plan: LaunchPlan):
     """Submit to SLURM; returns the submitit Job. Refuses a run folder whose previous job may still run."""
-    from fitscale.launch.slurm import build_executor, require_slurm, submit
+    from fitscale.launch.slurm import active_job, build_executor, require_slurm, submit
 
     if plan.problems:
         raise ConfigError("; ".join(plan.problems))
     require_slurm()
     check_plan(plan, lock=False)  # the lock is the job's to take, on its node
-    active = rundir.active_job(plan.run_dir)
+    active = active_job(plan.run_dir)
     if active is not None:
         raise ConfigError(
             f"run folder {str(plan.run_dir)!r} already has SLURM job {active[0]} ({active[1]}); wait for it, "
@@ -201,8 +201,8 @@ def run_local(
     master_port: int | None = None,
 ) -> int:
     """Run the plan's ranks on this machine (one node of `resources.nodes`); returns the exit code."""
-    from fitscale.launch.failures import run_ranks
-    from fitscale.launch.local import python_module_command
+    from fitscale.runtime.failures import run_ranks
+    from fitscale.runtime.local import python_module_command
 
     if plan.resources.nodes > 1 and master_port is None:
         raise ValueError("a multi-node launch needs an explicit master_port that every node agrees on")

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fitscale.parallel.agree import all_ranks_agree, rank0_decides
 from fitscale.parallel.mesh import DistributedEnv, build_mesh
 from fitscale.parallel.parallelize import parallelize
+from fitscale.runtime.agree import all_ranks_agree, rank0_decides
 
 InitialState = Callable[[], dict[str, torch.Tensor]]
 log = logging.getLogger("fitscale.train")

@@ -237,7 +237,7 @@ def sampling_options(args):
 
 
 def _relaunch(args) -> int:
-    from fitscale.launch.local import launch_local, python_module_command
+    from fitscale.runtime.local import launch_local, python_module_command
 
     argv = list(args.argv)
     if "--nproc" in argv:
@@ -289,8 +289,8 @@ def run_sample(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from fitscale.launch.env import init_distributed_from_env, leave_process_group
     from fitscale.models.cli import parse_overrides
+    from fitscale.runtime.env import init_distributed_from_env, leave_process_group
     from fitscale.sample.fid import compute_fid, load_reference_images
     from fitscale.sample.generate import load_sampling_model
     from fitscale.sample.plan import plan_items

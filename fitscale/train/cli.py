@@ -4,9 +4,9 @@ Without a launcher around it (no RANK / SLURM_PROCID in the environment) this pr
 parent: it checks the recipe and everything else that needs no process group (the backend's
 package, the world size against the batch, the datasets, the run folder's lock), runs the
 recipe's `hooks.before` steps, starts `--nproc` processes (default: the recipe's
-`launch.tasks_per_node`, else 1) with fitscale.launch.local, and once they finish runs its
+`launch.tasks_per_node`, else 1) with fitscale.runtime.local, and once they finish runs its
 `hooks.after` steps and prints where the results are. A failing run prints one line, the first
-failing rank's error, with the exit status one process would give (fitscale.launch.failures);
+failing rank's error, with the exit status one process would give (fitscale.runtime.failures);
 the other ranks' output is in `<run_dir>/logs/`. Under torchrun or SLURM every rank trains
 with the environment as given."""
 
@@ -49,7 +49,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if launched:
-        from fitscale.launch.env import leave_process_group
+        from fitscale.runtime.env import leave_process_group
         from fitscale.train.trainer import Trainer
 
         trainer = Trainer(config)
@@ -69,8 +69,8 @@ def run_train(args: argparse.Namespace) -> int:
         hook(config)
     check_data_before_launch(config)  # after the hooks, which may write the dataset
     if nproc > 1:
-        from fitscale.launch.failures import WorkerFailed, run_ranks
-        from fitscale.launch.local import python_module_command
+        from fitscale.runtime.failures import WorkerFailed, run_ranks
+        from fitscale.runtime.local import python_module_command
 
         command = python_module_command(
             "fitscale.cli", "train", args.recipe, *set_option_args(args.overrides)

@@ -32,8 +32,8 @@ from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
 from fitscale.models.inputs import check_packed_batch
 from fitscale.models.official import clean_parameter_name
 from fitscale.parallel import DistributedEnv, init_distributed
-from fitscale.parallel.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
 from fitscale.parallel.backend import build_backend
+from fitscale.runtime.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
 from fitscale.train.loglines import configure_console
 from fitscale.train.metrics import Throughput
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank

@@ -29,7 +29,7 @@ from fitscale.checkpoint import (
 from fitscale.checkpoint.export import export_checkpoint
 from fitscale.config.checkpoint import CheckpointConfig
 from fitscale.config.optim import EMAConfig, OptimConfig, ScheduleConfig
-from fitscale.launch.env import leave_process_group
+from fitscale.runtime.env import leave_process_group
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ import torch
 from fitscale.cli import add_set_option
 from fitscale.config import load_config
 from fitscale.data.batch import pack_images
-from fitscale.launch.env import leave_process_group
+from fitscale.runtime.env import leave_process_group
 from fitscale.train.trainer import Trainer
 
 

@@ -26,6 +26,11 @@ from pathlib import Path
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
+# The exit status of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it): after the checkpoint
+# the first SIGINT asks for, at the second SIGINT, or during start-up. The one definition that the
+# checkpoint manager, the launcher and the command line share (fitscale.config.checkpoint re-exports it).
+INTERRUPTED_STATUS = 128 + signal.SIGINT
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (the rendezvous binds it a moment later)."""
@@ -78,7 +83,7 @@ def launch_local(
 
     How `fitscale train --nproc N` uses it: build the argv that makes one rank train, e.g.
     `python_module_command("fitscale.train.cli", "train", recipe, "--set", ...)`, and call
-    `launch_local(argv, N)`. Each rank finds its place with `fitscale.launch.env.init_distributed_from_env()`
+    `launch_local(argv, N)`. Each rank finds its place with `fitscale.runtime.env.init_distributed_from_env()`
     (or any `env://` rendezvous). Multi-node without SLURM: run the same call on every node with
     `nnodes`, that node's `node_rank`, the address of node 0 as `master_addr` and one agreed `master_port`.
 
@@ -88,13 +93,13 @@ def launch_local(
     it returns when the ranks have exited (called from another thread, signals are not forwarded).
     `env` adds variables to every rank's environment. With `log_dir`, every rank but this node's
     first writes its output to `log_dir/rank-R.log` (appended to) instead of the terminal, and the
-    launcher prints nothing of its own (see fitscale.launch.failures for the error line).
+    launcher prints nothing of its own (see fitscale.runtime.failures for the error line).
 
     The failing rank is the first one seen stopped: one killed by a signal before any other (its
     peers then fail with connection errors), else the lowest. With `error_dir` (the ranks'
     `FITSCALE_ERROR_DIR`), the launcher writes the report of each stopped rank that could not write
     its own (killed by a signal, or exited without one), e.g. `rank 1 was killed by SIGKILL
-    (signal 9)` with a hint (fitscale.launch.failures.record_stopped_rank).
+    (signal 9)` with a hint (fitscale.runtime.failures.record_stopped_rank).
     """
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
@@ -135,7 +140,7 @@ def launch_local(
         first_rank = node_rank * nproc_per_node
         failed = _wait_for_ranks(processes, first_rank, stop_grace_s, quiet=log_dir is not None)
         if error_dir is not None:
-            from fitscale.launch.failures import record_stopped_rank
+            from fitscale.runtime.failures import record_stopped_rank
 
             for rank, code in failed:
                 is_first = rank == first_rank  # its output went to the terminal, the others' to log_dir
