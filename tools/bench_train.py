@@ -134,7 +134,7 @@ def with_static_segments(inputs: dict, num_segments: int, max_seqlen: int, null_
     """The same packed step with `num_segments` segments (zero-length ones appended, null class,
     1x1 grid) and a fixed `max_seqlen` (at least the longest image): identical shapes and scalars
     in every step, as CUDA graphs need; the output for every token is unchanged."""
-    from fitscale.train.cuda_graphs import StaticShapes, static_model_inputs
+    from fitscale.parallel.cuda_graphs import StaticShapes, static_model_inputs
 
     if num_segments < inputs["num_segments"] or max_seqlen < inputs["max_seqlen"]:
         raise ValueError(

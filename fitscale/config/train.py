@@ -73,7 +73,7 @@ class TrainConfig:
     cuda_graphs: bool = False
     """Replay each compiled block as a CUDA graph (torch.compile "reduce-overhead"): needs one GPU,
     `parallel.compile` and `data.pad_to_budget`; every forward then gets one segment count and one
-    `max_seqlen` (zero-length segments appended, fitscale/train/cuda_graphs.py)."""
+    `max_seqlen` (zero-length segments appended, fitscale/parallel/cuda_graphs.py)."""
     val_every: int = 0
     """Score the held-out split (`data.val_path`) every this many steps and at the last step, for the
     weights and the EMA (`val_loss`, `val_loss_ema` in metrics.jsonl); 0 turns it off. Every image

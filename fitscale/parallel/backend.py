@@ -115,13 +115,13 @@ class FSDPBackend(ParallelBackend):
         rank 0 are broadcast (so they do not depend on the world size)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from fitscale.train.cuda_graphs import maybe_apply_cuda_graphs
+        from fitscale.parallel.cuda_graphs import maybe_apply_cuda_graphs
 
         cfg = self.config
         with torch.device("meta"):
             model = self._new_model()
         self.mesh = build_mesh(cfg.parallel, self.env)
-        # train.cuda_graphs: static shapes and the compile mode that replays graphs (fitscale/train/cuda_graphs.py)
+        # train.cuda_graphs: static shapes and the compile mode that replays graphs (fitscale/parallel/cuda_graphs.py)
         compile_mode = maybe_apply_cuda_graphs(model, cfg, self.env.device, self.env.world_size)
         self.float8_report = parallelize(
             model, cfg.parallel, self.mesh, self.env.device, compile_mode=compile_mode
@@ -175,7 +175,7 @@ class FSDPBackend(ParallelBackend):
         optimizer.zero_grad(set_to_none=True)
 
     def build_ema(self, cfg):
-        from fitscale.train.ema import EMA
+        from fitscale.parallel.ema import EMA
 
         return EMA(self.model, cfg)
 

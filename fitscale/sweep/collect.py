@@ -111,7 +111,7 @@ def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]
             raw = load_sampling_model(folder, ema=False, device=device)
             row.update(run_validation(raw, batches, settings))
             if config.optim.ema.enabled:
-                from fitscale.train.ema import ema_initial_weight
+                from fitscale.parallel.ema import ema_initial_weight
 
                 row["ema_warmup"] = config.optim.ema.warmup
                 row["ema_initial_weight"] = ema_initial_weight(config.optim.ema, step)

@@ -137,7 +137,7 @@ def run_validation(
     ema=None,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """The validation metrics of the weights, and with `ema` (fitscale.train.ema.EMA) of the average too.
+    """The validation metrics of the weights, and with `ema` (fitscale.parallel.ema.EMA) of the average too.
 
     EMA metrics carry an `_ema` suffix (`val_loss_ema`); the model's own weights are restored after.
     """

@@ -70,7 +70,7 @@ class Training:
         from torch.distributed.fsdp import fully_shard
 
         from fitscale.models import build_model
-        from fitscale.train.ema import EMA
+        from fitscale.parallel.ema import EMA
         from fitscale.train.optim import build_optimizer
         from fitscale.train.schedule import build_lr_scheduler
 

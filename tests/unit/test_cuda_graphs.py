@@ -1,4 +1,4 @@
-"""train.cuda_graphs on CPU: the refusal, the config rules, and the static shapes it gives the model
+"""parallel.cuda_graphs on CPU: the refusal, the config rules, and the static shapes it gives the model
 (one segment count and one max_seqlen in every forward, the loss and gradients of the batch as packed)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fitscale.config import load_config  # noqa: E402
 from fitscale.config.errors import ConfigError  # noqa: E402
 from fitscale.flow import flow_loss, per_image_noise  # noqa: E402
 from fitscale.models import build_model  # noqa: E402
-from fitscale.train.cuda_graphs import (  # noqa: E402
+from fitscale.parallel.cuda_graphs import (  # noqa: E402
     StaticShapes,
     apply_static_shapes,
     maybe_apply_cuda_graphs,

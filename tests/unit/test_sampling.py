@@ -347,7 +347,7 @@ def test_run_checkpoint_gives_ema_or_raw_weights(tmp_path):
     from fitscale.checkpoint import CheckpointManager, ModelState
     from fitscale.config.checkpoint import CheckpointConfig
     from fitscale.config.optim import EMAConfig
-    from fitscale.train.ema import EMA
+    from fitscale.parallel.ema import EMA
 
     model = tiny_model(1)
     ema = EMA(model, EMAConfig(decay=0.5, warmup="none"))
