@@ -60,7 +60,9 @@ class ModelConfig:
     in_channels: int = 4  # C: latent channels; a token carries p*p*C values
     num_classes: int = 1000  # label classes; index num_classes is the null class for guidance
     class_dropout_prob: float = 0.1  # labels replaced by the null class in training mode
-    time_shift: float = 1.0  # s of flow.path.shift_time applied before the timestep embedding; 1 = identity
+    time_shift: float = (
+        1.0  # s of models.layers.shift_time applied before the timestep embedding; 1 = identity
+    )
     norm_eps: float = 1e-6  # eps of every LayerNorm (blocks, QK-norm, final layer)
     # RoPE: 2-D, half the head dims for rows and half for columns.
     rope_theta: float = 10000.0
