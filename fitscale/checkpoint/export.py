@@ -192,7 +192,7 @@ def export_checkpoint(
 
 def infer_preset(state_dict: dict[str, torch.Tensor]) -> str:
     """The released preset whose width and depth match a checkpoint (XL or 3B)."""
-    from fitscale.models.config import PRESETS
+    from fitscale.config.model import PRESETS
 
     width = state_dict["x_embedder.proj.weight"].shape[0] if "x_embedder.proj.weight" in state_dict else None
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})

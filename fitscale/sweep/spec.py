@@ -240,7 +240,7 @@ def plan_run(
     batch: int | None = None,
 ) -> PlannedRun:
     """One run of `model` at `budget` FLOPs (steps = budget / FLOPs per step, >= 1) or `steps`."""
-    from fitscale.models.config import build_config
+    from fitscale.config.model import build_config
     from fitscale.models.flops import count_parameters, paper_gflops, training_flops
 
     batch = batch or _batch_size(spec)

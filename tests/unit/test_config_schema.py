@@ -11,10 +11,10 @@ import torch
 
 from fitscale.cli import main
 from fitscale.config import ConfigError, load_config, to_yaml
+from fitscale.config.model import PRESETS
 from fitscale.config.parallel import ParallelConfig
 from fitscale.launch.profiles import load_profile
 from fitscale.models import build_model
-from fitscale.models.config import PRESETS
 from fitscale.models.fit import FiT
 from fitscale.sweep.spec import load_spec
 

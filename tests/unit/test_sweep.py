@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fitscale.cli import main
-from fitscale.models.config import build_config
+from fitscale.config.model import build_config
 from fitscale.models.flops import paper_gflops, training_flops
 from fitscale.sweep import SweepModel, SweepSpec, fit_optimal_size, fit_power_law, isoflop_optimum, plan_sweep
 from fitscale.sweep.report import analyse
