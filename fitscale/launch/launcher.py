@@ -19,6 +19,7 @@ from fitscale.config.launch import ClusterProfile, Resources, resolve_resources
 from fitscale.launch.job import TrainingJob, make_signals_exit
 from fitscale.launch.profiles import load_profile
 from fitscale.runtime import rundir
+from fitscale.train.preflight import check_before_launch, check_data_before_launch, world_size_problems
 
 
 @dataclass
@@ -72,28 +73,6 @@ def launch_overrides(
         "time_min": time_min,
     }
     return [f"launch.{name}={value}" for name, value in values.items() if value is not None]
-
-
-def world_size_problems(config, world: int, shape: str, tasks_per_node: int | None = None) -> list[str]:
-    """Reasons this run cannot split over `world` ranks (`shape` says how they are laid out)."""
-    from fitscale.parallel.deepspeed import deepspeed_problems
-
-    problems = deepspeed_problems(config)
-    data = config.data
-    if data.batch_mode == "images" and data.global_batch_size % world:
-        problems.append(
-            f"data.global_batch_size={data.global_batch_size} does not divide over {world} ranks "
-            f"({shape}); set it to a multiple of {world}"
-        )
-    parallel = config.parallel
-    if parallel.sharding == "hybrid":
-        shard = parallel.shard_size or tasks_per_node or world
-        if world % shard:
-            problems.append(
-                f"parallel.shard_size={shard} does not divide the {world} ranks; set parallel.shard_size "
-                f"to a divisor of {world} (0 = the ranks of one node)"
-            )
-    return problems
 
 
 def check_topology(config, resources: Resources, profile: ClusterProfile) -> list[str]:
@@ -154,7 +133,6 @@ def check_plan(plan: LaunchPlan, lock: bool) -> None:
     """Everything that needs no process group, before any rank or job exists: the topology, the
     backend, the trainable patterns, the datasets, (with `lock`) the run folder, and a resume that
     changes a field that may not change; ConfigError."""
-    from fitscale.train.cli import check_before_launch, check_data_before_launch
 
     if plan.problems:
         raise ConfigError("; ".join(plan.problems))

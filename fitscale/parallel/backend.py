@@ -39,6 +39,12 @@ class ParallelBackend:
     """Config fields a resume may not change because this backend's checkpoints depend on them,
     each with the reason (fitscale.train.resume adds them to its own list)."""
 
+    @classmethod
+    def launch_problems(cls, config) -> list[str]:
+        """What keeps RunConfig `config` from running on this backend here, each naming the fix ([]:
+        nothing). Asked before any rank starts (fitscale.train.preflight): needs no process group."""
+        return []
+
     def __init__(self, config, env: DistributedEnv):
         self.config = config  # the RunConfig
         self.env = env
@@ -201,6 +207,13 @@ class DeepSpeedBackend(ParallelBackend):
 
     name = "deepspeed"
     fixed_on_resume = {"parallel.zero_stage": "DeepSpeed lays out its checkpoint files per ZeRO stage"}
+
+    @classmethod
+    def launch_problems(cls, config) -> list[str]:
+        """DeepSpeed must be installed (`fitscale.parallel.deepspeed.deepspeed_problems`)."""
+        from fitscale.parallel.deepspeed import deepspeed_problems
+
+        return deepspeed_problems(config)
 
     def __init__(self, config, env: DistributedEnv):
         super().__init__(config, env)

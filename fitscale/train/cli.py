@@ -61,6 +61,8 @@ def run_train(args: argparse.Namespace) -> int:
         if rank == 0 and PARENT_ENV not in os.environ:  # else the parent reports, after its closing steps
             print(summary_line(config, step))
         return 0
+    from fitscale.train.preflight import check_before_launch, check_data_before_launch
+
     nproc = args.nproc or config.launch.tasks_per_node or 1
     check_before_launch(config, nproc)
     before = [resolve_hook("before", name) for name in config.hooks.before]
@@ -92,56 +94,6 @@ def run_train(args: argparse.Namespace) -> int:
         hook(config)
     print(summary_line(config, None))
     return 0
-
-
-def check_before_launch(config, world_size: int, lock: bool = True) -> None:
-    """Catch what would otherwise fail in every rank after start-up, before any process starts:
-    the backend's package, a world size that does not divide the batch, a trainable pattern that
-    matches nothing (checked on a meta-device model), a validation split that is not there, (with
-    `lock`) a run folder held by a live run, and a resume that changes a field that may not change."""
-    import torch
-
-    from fitscale.config.errors import ConfigError
-    from fitscale.data.format import META_FILE
-    from fitscale.launch.launcher import world_size_problems
-    from fitscale.models import build_model
-    from fitscale.train.resume import check_before_start
-    from fitscale.train.state import RunLock
-    from fitscale.train.trainer import apply_trainable_patterns
-
-    problems = world_size_problems(config, world_size, f"{world_size} process(es)")
-    if problems:
-        raise ConfigError("; ".join(problems))
-    with torch.device("meta"):
-        model = build_model(config.model.name, **dict(config.model.overrides))
-    apply_trainable_patterns(model, list(config.train.trainable))
-    data = config.data
-    if (
-        config.train.val_every > 0
-        and data.val_remote is None
-        and not (Path(data.val_path) / META_FILE).is_file()
-    ):
-        raise ConfigError(
-            f"data.val_path={data.val_path} holds no dataset (no {META_FILE}); write the held-out split with "
-            f"`fitscale data ...` or set train.val_every=0"
-        )
-    if lock:
-        with RunLock(config.train.run_dir):  # RunFolderInUseError if a live run holds it
-            pass
-    check_before_start(config)  # a resume that changes a field that may not change
-
-
-def check_data_before_launch(config) -> None:
-    """The training set must be there (unless it streams from `data.remote`): ConfigError otherwise."""
-    from fitscale.config.errors import ConfigError
-    from fitscale.data.format import META_FILE
-
-    data = config.data
-    if data.remote is None and not (Path(data.path) / META_FILE).is_file():
-        raise ConfigError(
-            f"data.path={data.path} holds no dataset (no {META_FILE}); write one with `fitscale data ...` "
-            "or point data.path at a dataset folder"
-        )
 
 
 def resolve_hook(where: str, name: str):
