@@ -18,7 +18,7 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `fitscale launch` and its options to `subparsers`."""
-    from fitscale.cli import add_set_option
+    from fitscale.clitools import add_set_option
 
     parser = subparsers.add_parser(
         "launch",

@@ -107,7 +107,7 @@ class TrainingJob:
     def _report_failure(self, error: Exception) -> None:
         """This rank's one-line report, so `fitscale launch --wait` and `fitscale status` name the
         first rank that failed (the others often fail after it, having lost their peer)."""
-        from fitscale.cli import USER_ERRORS
+        from fitscale.clitools import USER_ERRORS
         from fitscale.runtime.failures import record_failure, slurm_error_folder
         from fitscale.runtime.rundir import slurm_folder
 

@@ -8,7 +8,7 @@ import json
 
 def register(subparsers) -> None:
     """Add the `fitscale info` subcommand to the top-level parser's `subparsers`."""
-    from fitscale.cli import add_set_option
+    from fitscale.clitools import add_set_option
 
     parser = subparsers.add_parser(
         "info",

@@ -13,7 +13,7 @@ def register(subparsers) -> None:
     """Add the `fitscale sample` subcommand and its options (the release's sampling flags among them) to
     `subparsers`.
     """
-    from fitscale.cli import add_set_option
+    from fitscale.clitools import add_set_option
 
     parser = subparsers.add_parser(
         "sample",
@@ -204,7 +204,7 @@ def parse_labels(text: str | None) -> list[int] | None:
 def sampling_options(args):
     """The `SamplingOptions` of the command's flags (ValueError naming a bad flag; CommandError when
     the sampler needs torchdiffeq and it is not installed)."""
-    from fitscale.cli import CommandError
+    from fitscale.clitools import CommandError
     from fitscale.flow.samplers import WRITTEN_OUT, import_torchdiffeq
     from fitscale.sample.options import SamplingOptions
 

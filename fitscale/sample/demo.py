@@ -97,7 +97,9 @@ def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16
                 f"delete {path} to have it rewritten, or point data.path at another folder"
             )
         return
-    from fitscale.cli import build_parser
+    import argparse
+
+    from fitscale.data.cli import register
 
     print(f"fitscale train: writing the digits dataset to {path} (hooks.before)", flush=True)
     command = [
@@ -110,7 +112,9 @@ def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16
         "--max-side",
         str(max_side),
     ]
-    args = build_parser().parse_args(command)
+    parser = argparse.ArgumentParser(prog="fitscale")  # `fitscale data ...` alone: its own defaults
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(command)
     args.func(args)
 
 

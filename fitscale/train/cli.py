@@ -21,7 +21,7 @@ PARENT_ENV = "FITSCALE_TRAIN_PARENT"  # set for the ranks this process starts
 
 def register(subparsers) -> None:
     """Add `fitscale train` and its options to `subparsers`."""
-    from fitscale.cli import add_set_option
+    from fitscale.clitools import add_set_option
 
     parser = subparsers.add_parser("train", help="train a model from a YAML recipe")
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/demo.yaml")
@@ -40,7 +40,7 @@ def run_train(args: argparse.Namespace) -> int:
     steps, start `--nproc` local ranks (or train in this process; as one rank when launched by
     torchrun or SLURM), then the `hooks.after` steps; exit status 0. ValueError for --nproc < 1.
     """
-    from fitscale.cli import set_option_args
+    from fitscale.clitools import set_option_args
     from fitscale.config import load_config
     from fitscale.config.checkpoint import INTERRUPTED_STATUS
 

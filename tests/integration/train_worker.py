@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fitscale.cli import add_set_option
+from fitscale.clitools import add_set_option
 from fitscale.config import load_config
 from fitscale.data.batch import pack_images
 from fitscale.runtime.env import leave_process_group
