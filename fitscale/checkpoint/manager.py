@@ -156,6 +156,11 @@ class CheckpointManager:
         return self._from_rank0(lambda: layout.supersede(self.folder, after, branch))
 
     # ----------------------------------------------------------------------------- saving
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether a save is due at `step`: `force` (a signal's request included), or `step` on the
+        interval (`checkpoint.interval` > 0 divides it). The one definition of the interval rule."""
+        return force or (self.cfg.interval > 0 and step % self.cfg.interval == 0)
+
     def maybe_save(self, step: int, state: dict[str, Any], force: bool = False) -> bool:
         """Save when `step` is on the interval, a signal asked for it, or `force`; call on every rank.
 
@@ -167,8 +172,7 @@ class CheckpointManager:
         self.current_step = step
         self._finish_pending(block=False)
         save_requested, exit_requested = self._agreed_requests(step)
-        on_interval = self.cfg.interval > 0 and step % self.cfg.interval == 0
-        if not (force or save_requested or on_interval):
+        if not self.due(step, force or save_requested):
             return False
         self.save(step, state)
         if save_requested:

@@ -3,7 +3,8 @@
 The Trainer owns the loop (data, loss, schedule, metrics, checkpoints) and calls its backend for
 everything that differs between the two: building and wrapping the model and optimizer, the module
 a forward goes through, gradient synchronisation across micro-batches, backward, clipping, the
-optimizer step, the EMA, and what a checkpoint holds. `build_backend(config, env)` picks the
+optimizer step and the EMA. What a checkpoint holds of each backend is fitscale.checkpoint.parts's
+(the checkpoint layer sits above this one). `build_backend(config, env)` picks the
 implementation by `parallel.backend` (a registry, `BACKENDS`).
 
 Both reduce gradients as an average over ranks while the loss of a micro-batch is already this
@@ -16,10 +17,8 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from fitscale.parallel.mesh import DistributedEnv, build_mesh
 from fitscale.parallel.parallelize import parallelize
@@ -32,7 +31,7 @@ log = logging.getLogger("fitscale.train")
 class ParallelBackend:
     """One run's parallelism. Call order: `build_model`, `wrap_optimizer`, `build_ema`, then per
     step `set_gradient_sync` + `backward` for each micro-batch, `clip_gradients`, and `step` or
-    `zero_grad`; `checkpoint_state`, `save` and `load` around checkpoints."""
+    `zero_grad`. Its checkpoint part is fitscale.checkpoint.parts.backend_part(backend)."""
 
     name = ""
     fixed_on_resume: dict[str, str] = {}
@@ -97,18 +96,6 @@ class ParallelBackend:
     def build_ema(self, cfg):
         """The EMA of the trainable weights (`optim.ema`), with `update`, `swap_into` and state."""
         raise NotImplementedError
-
-    def checkpoint_state(self, optimizer: torch.optim.Optimizer, ema) -> dict[str, Any]:
-        """The Statefuls this backend keeps in the DCP checkpoint (weights, optimizer, EMA)."""
-        return {}
-
-    def save(self, step: int, force: bool, checkpoints, ema) -> bool:
-        """Write what the backend keeps outside the DCP checkpoint when a save is due (collective);
-        True when it wrote, so the CheckpointManager must publish step `step` too."""
-        return False
-
-    def load(self, step: int, ema) -> None:
-        """Load what `save` wrote for step `step` (collective), before the DCP part."""
 
 
 class FSDPBackend(ParallelBackend):
@@ -185,17 +172,6 @@ class FSDPBackend(ParallelBackend):
 
         return EMA(self.model, cfg)
 
-    def checkpoint_state(self, optimizer: torch.optim.Optimizer, ema) -> dict[str, Any]:
-        from fitscale.checkpoint.stateful import ModelState, OptimizerState
-
-        state: dict[str, Any] = {
-            "model": ModelState(self.model),
-            "optimizer": OptimizerState(self.model, optimizer),
-        }
-        if ema is not None:
-            state["ema"] = ema
-        return state
-
 
 class DeepSpeedBackend(ParallelBackend):
     """DeepSpeed ZeRO-2/3 (fitscale.parallel.deepspeed): the engine steps, clips and reduces.
@@ -269,31 +245,6 @@ class DeepSpeedBackend(ParallelBackend):
         from fitscale.parallel.deepspeed_ema import DeepSpeedEMA
 
         return DeepSpeedEMA(self.engine, self.model, cfg)  # ZeRO's fp32 master partitions, averaged in place
-
-    def _all_agree(self, flag: bool) -> bool:
-        if self.env.world_size == 1:
-            return flag
-        value = torch.tensor([0 if flag else 1], dtype=torch.int64, device=self.env.device)
-        dist.all_reduce(value)
-        return int(value) == 0
-
-    def save(self, step: int, force: bool, checkpoints, ema) -> bool:
-        from fitscale.checkpoint.deepspeed import save_deepspeed_state
-
-        interval = self.config.checkpoint.interval
-        flags = [force, checkpoints.save_requested, interval > 0 and step % interval == 0]
-        if self._all_agree(not any(flags)):
-            return False
-        if checkpoints.written_already(step):  # raises, before any file, for a step this run did not write
-            return True
-        # Written before the manager publishes step-N, so a visible step always has this part.
-        save_deepspeed_state(self.engine, self.config.train.run_dir, step, checkpoints.complete_steps(), ema)
-        return True
-
-    def load(self, step: int, ema) -> None:
-        from fitscale.checkpoint.deepspeed import load_deepspeed_state
-
-        load_deepspeed_state(self.engine, self.config.train.run_dir, step, ema)
 
 
 BACKENDS: dict[str, type[ParallelBackend]] = {"fsdp": FSDPBackend, "deepspeed": DeepSpeedBackend}

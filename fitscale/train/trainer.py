@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fitscale.checkpoint.parts import backend_part
 from fitscale.config import RunConfig, to_yaml
 from fitscale.config.errors import ConfigError
 from fitscale.diskspace import named_out_of_space
@@ -93,6 +94,9 @@ class Trainer:
         self.model_config = self.config.model_config()
         self.progress = Progress()
         self.backend = build_backend(self.config, self.env)  # FSDP2 or DeepSpeed (parallel.backend)
+        self.backend_part = backend_part(
+            self.backend, self.config.train.run_dir
+        )  # what checkpoints hold of it
         self.model = self._build_model()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.ema = self._build_ema()
@@ -291,7 +295,7 @@ class Trainer:
             "data": self.loader,
             "rng": PerRankState(RNGState()),
             "progress": self.progress,
-            **self.backend.checkpoint_state(self.optimizer, self.ema),  # DeepSpeed: in its own files
+            **self.backend_part.state(self.optimizer, self.ema),  # DeepSpeed: in its own files
         }
 
     # ---- resuming ---------------------------------------------------------------------------
@@ -312,7 +316,7 @@ class Trainer:
 
         # Before anything is loaded: refuses a change of a field that may not change on resume.
         self.config_changes = resume_changes(self.config, self.checkpoints.step_path(step))
-        self.backend.load(step, self.ema)
+        self.backend_part.load(step, self.ema)
         self.checkpoints.load(step, self.state())
         self._apply_config_to_loaded_optimizer()
         return step
@@ -333,7 +337,7 @@ class Trainer:
         """Checkpoint at the interval, on a signal, or when forced (collective on every rank)."""
         step = self.progress.step
         # A backend with files of its own writes them first: then the manager must publish the step.
-        force = self.backend.save(step, force, self.checkpoints, self.ema) or force
+        force = self.backend_part.save(step, force, self.checkpoints, self.ema) or force
         return self.checkpoints.maybe_save(step, self.state(), force=force)
 
     # ---- one step ---------------------------------------------------------------------------
