@@ -24,6 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
+from fitscale.runtime.local import INTERRUPTED_STATUS, launch_local, signal_name
+
 ERROR_DIR_ENV = "FITSCALE_ERROR_DIR"
 LAST_ERROR = "logs/last-error.json"  # in the run folder: the report a local launch ended with
 
@@ -101,8 +103,6 @@ def record_stopped_rank(folder: str | Path, rank: int, code: int, log: str | Pat
     a rank that exited with INTERRUPTED_STATUS (Ctrl-C, after saving or saying what is lost) gets
     none, so `fitscale status` shows no error for a stop the user asked for.
     """
-    from fitscale.runtime.local import INTERRUPTED_STATUS, signal_name
-
     folder = Path(folder)
     if (folder / f"rank-{rank}.json").exists():
         return
@@ -186,8 +186,6 @@ def run_ranks(command: list[str], nproc_per_node: int, run_dir: str | Path, **la
     goes to `<run_dir>/logs/`."""
     import tempfile
 
-    from fitscale.runtime.local import launch_local
-
     env = dict(launch.pop("env", None) or {})  # type: ignore[call-overload]
     with tempfile.TemporaryDirectory(prefix="fitscale-errors-") as folder:
         code = launch_local(
@@ -195,7 +193,7 @@ def run_ranks(command: list[str], nproc_per_node: int, run_dir: str | Path, **la
             nproc_per_node,
             env={**env, ERROR_DIR_ENV: folder},
             log_dir=Path(run_dir) / "logs",
-            error_dir=folder,
+            on_stopped_rank=lambda rank, code, log: record_stopped_rank(folder, rank, code, log),
             **launch,  # type: ignore[arg-type]
         )
         if code != 0:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -77,7 +77,7 @@ def launch_local(
     env: Mapping[str, str] | None = None,
     stop_grace_s: float = 60.0,
     log_dir: str | Path | None = None,
-    error_dir: str | Path | None = None,
+    on_stopped_rank: Callable[[int, int, Path | None], None] | None = None,
 ) -> int:
     """Run `command` in `nproc_per_node` processes of one node of an `nnodes`-node job; return its exit code.
 
@@ -96,10 +96,10 @@ def launch_local(
     launcher prints nothing of its own (see fitscale.runtime.failures for the error line).
 
     The failing rank is the first one seen stopped: one killed by a signal before any other (its
-    peers then fail with connection errors), else the lowest. With `error_dir` (the ranks'
-    `FITSCALE_ERROR_DIR`), the launcher writes the report of each stopped rank that could not write
-    its own (killed by a signal, or exited without one), e.g. `rank 1 was killed by SIGKILL
-    (signal 9)` with a hint (fitscale.runtime.failures.record_stopped_rank).
+    peers then fail with connection errors), else the lowest. `on_stopped_rank(rank, code, log)` is
+    called for each rank that failed (`log`: its log file, None for the terminal's); run through
+    fitscale.runtime.failures.run_ranks it writes the report of a rank that could not write its own
+    (killed by a signal, or exited without one), e.g. `rank 1 was killed by SIGKILL (signal 9)`.
     """
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
@@ -139,13 +139,11 @@ def launch_local(
                 output.close()  # the rank holds its own copy
         first_rank = node_rank * nproc_per_node
         failed = _wait_for_ranks(processes, first_rank, stop_grace_s, quiet=log_dir is not None)
-        if error_dir is not None:
-            from fitscale.runtime.failures import record_stopped_rank
-
+        if on_stopped_rank is not None:
             for rank, code in failed:
                 is_first = rank == first_rank  # its output went to the terminal, the others' to log_dir
                 log = None if log_dir is None or is_first else Path(log_dir) / f"rank-{rank}.log"
-                record_stopped_rank(error_dir, rank, code, log)
+                on_stopped_rank(rank, code, log)
         return failed[0][1] if failed else 0
     finally:
         _stop(processes, stop_grace_s)
