@@ -11,8 +11,9 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 
-from fitscale.clitools import USER_ERRORS, CommandError, show_own_warnings_in_one_line  # noqa: F401
+from fitscale.clitools import BUG_NOTE, USER_ERRORS, CommandError, show_own_warnings_in_one_line  # noqa: F401
 
 # Modules that contribute subcommands, in the order they appear in `fitscale --help`.
 COMMAND_MODULES = (
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     A user error (USER_ERRORS: bad input, config errors, missing files or extras) prints one line
     `fitscale CMD: error: ...` and returns 2; a Ctrl-C that reaches the command as KeyboardInterrupt
     (during start-up, before training's own handler listens) prints `fitscale CMD: interrupted
-    (Ctrl-C); stopped` and returns 130; other exceptions propagate (as do user errors with
-    FITSCALE_DEBUG=1). Inside a launched rank the error is recorded for the launcher, which reports
+    (Ctrl-C); stopped` and returns 130; any other exception is a bug: its traceback, a line saying how to
+    report it (BUG_NOTE), and status 1. With FITSCALE_DEBUG=1 every exception propagates. Inside a launched rank the error is recorded for the launcher, which reports
     the first failing rank once, and the rank exits at once.
     """
     parser = build_parser()
@@ -96,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2 if user_error else 1)
-        if os.environ.get("FITSCALE_DEBUG") or not user_error:
+        if os.environ.get("FITSCALE_DEBUG"):
             raise
+        if not user_error:  # a bug: its traceback, and how to report it
+            traceback.print_exception(type(error), error, error.__traceback__)
+            print(BUG_NOTE.format(command=args.command), file=sys.stderr)
+            return 1
         print(f"fitscale {args.command}: error: {error}", file=sys.stderr)
         return 2
     return int(result or 0)

@@ -12,9 +12,10 @@ import sys
 import warnings
 
 from fitscale.diskspace import OutOfSpaceError
+from fitscale.errors import UserError
 
 
-class CommandError(Exception):
+class CommandError(UserError):
     """An error with a one-line, user-facing reason; printed without a traceback (FITSCALE_DEBUG=1 shows it)."""
 
 
@@ -41,10 +42,17 @@ def set_option_args(overrides: list[str]) -> list[str]:
     return ["--set", *overrides] if overrides else []
 
 
-# Printed as one line with exit status 2 (ImportError: an optional dependency that is not installed,
-# whose message says which extra to install; OutOfSpaceError: a full disk or quota, naming the path,
-# the bytes and the fix); any other exception is a traceback and status 1.
-USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError, OutOfSpaceError)
+# Printed as one line with exit status 2: UserError (bad input, diagnosed: ConfigError, CommandError and
+# the other fitscale errors that name a file or field), FileNotFoundError / FileExistsError (a path that
+# is missing or already there), ImportError (an optional dependency that is not installed, whose message
+# says which extra to install), OutOfSpaceError (a full disk or quota, naming the path, the bytes and the
+# fix). Any other exception, a plain ValueError included, is a bug: its traceback, a line saying how
+# to report it (BUG_NOTE), and status 1.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, ImportError, OutOfSpaceError)
+BUG_NOTE = (
+    "fitscale {command}: this is a bug in fitscale or a library it uses, not bad input; please report it "
+    "with the traceback above, the command line and its recipe"
+)
 
 
 def show_own_warnings_in_one_line(command: str) -> None:

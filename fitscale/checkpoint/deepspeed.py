@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fitscale.errors import UserError
 from fitscale.runtime.agree import all_ranks_agree, rank0_decides
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ UNIVERSAL = "universal"  # <run_dir>/deepspeed/universal/step-N: a step converte
 METADATA = "fitscale.json"
 
 
-class DeepSpeedResumeError(ValueError):
+class DeepSpeedResumeError(UserError):
     """A DeepSpeed checkpoint cannot be loaded by this run (world size or ZeRO stage differ)."""
 
 
@@ -209,7 +210,7 @@ def read_deepspeed_weights(run_dir: str | Path, step: int, which: str = "model")
     weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=folder.name)
     if which == "ema":
         if not ema_file(folder, 0).is_file():
-            raise ValueError(f"{folder} holds no EMA weights (was the EMA disabled in that run? drop --ema)")
+            raise UserError(f"{folder} holds no EMA weights (was the EMA disabled in that run? drop --ema)")
         world_size = json.loads((folder / METADATA).read_text())["world_size"]
         weights.update(assemble_ema(folder, world_size))
     return weights

@@ -44,12 +44,13 @@ from fitscale.checkpoint import layout
 from fitscale.checkpoint.stateful import PerRankState
 from fitscale.config.checkpoint import INTERRUPTED_STATUS, CheckpointConfig
 from fitscale.diskspace import is_out_of_space, out_of_space
+from fitscale.errors import UserError
 from fitscale.runtime.agree import rank0_decides
 
 logger = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint exists but does not fit the state of this run (other model, missing entries)."""
 
 

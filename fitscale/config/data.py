@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from fitscale.config.schema import check_choices
+from fitscale.errors import UserError
 
 
 @dataclass
@@ -79,13 +80,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.path is None and self.remote is None:
-            raise ValueError("data.path: set it to a dataset folder (or set data.remote and a cache path)")
+            raise UserError("data.path: set it to a dataset folder (or set data.remote and a cache path)")
         if self.remote is not None and self.path is None:
-            raise ValueError(
+            raise UserError(
                 f"data.path: data.remote={self.remote!r} needs a local cache folder; set data.path to one"
             )
         if self.val_remote is not None and self.val_path is None:
-            raise ValueError(
+            raise UserError(
                 f"data.val_path: data.val_remote={self.val_remote!r} needs a local cache folder; "
                 "set data.val_path to one"
             )
@@ -93,40 +94,40 @@ class DataConfig:
         for name in ("global_batch_size", "token_budget", "micro_batches_per_step", "packing_lookahead"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{name}={value!r}: must be a positive integer")
+                raise UserError(f"data.{name}={value!r}: must be a positive integer")
         if self.batch_mode == "images" and self.micro_batches_per_step != 1:
-            raise ValueError(
+            raise UserError(
                 f"data.micro_batches_per_step={self.micro_batches_per_step} applies to data.batch_mode=tokens only; "
                 "with data.batch_mode=images the micro-batches follow from data.global_batch_size and "
                 "data.token_budget: remove it, or set data.batch_mode=tokens"
             )
         if not 1 <= self.min_image_tokens <= self.max_image_tokens:
-            raise ValueError(
+            raise UserError(
                 f"data.min_image_tokens={self.min_image_tokens!r}: must lie in [1, max_image_tokens="
                 f"{self.max_image_tokens}]"
             )
         if self.token_budget < self.max_image_tokens:
-            raise ValueError(
+            raise UserError(
                 f"data.token_budget={self.token_budget}: must hold the largest image "
                 f"(data.max_image_tokens={self.max_image_tokens}); raise the budget"
             )
         for name in ("flip_prob", "crop_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"data.{name}={value!r}: must be a probability in [0, 1]")
+                raise UserError(f"data.{name}={value!r}: must be a probability in [0, 1]")
         if self.num_workers < 0:
-            raise ValueError(f"data.num_workers={self.num_workers!r}: must be 0 or more")
+            raise UserError(f"data.num_workers={self.num_workers!r}: must be 0 or more")
         if self.prefetch < 1:
-            raise ValueError(f"data.prefetch={self.prefetch!r}: must be at least 1")
+            raise UserError(f"data.prefetch={self.prefetch!r}: must be at least 1")
         if self.num_classes < 1:
-            raise ValueError(f"data.num_classes={self.num_classes!r}: must be at least 1")
+            raise UserError(f"data.num_classes={self.num_classes!r}: must be at least 1")
         if self.download_timeout <= 0:
-            raise ValueError(f"data.download_timeout={self.download_timeout!r}: must be positive seconds")
+            raise UserError(f"data.download_timeout={self.download_timeout!r}: must be positive seconds")
 
     def validation(self) -> DataConfig:
         """The config of the held-out split: same packing, no augmentation, a fixed order."""
         if self.val_path is None:
-            raise ValueError("data.val_path: no validation split is configured; set data.val_path")
+            raise UserError("data.val_path: no validation split is configured; set data.val_path")
         return replace(
             self,
             path=self.val_path,

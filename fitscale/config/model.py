@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, get_args
 
 from fitscale.config.errors import ConfigError
 from fitscale.config.schema import check_choices, choice_message
+from fitscale.errors import UserError
 
 # The release's `custom_freqs` values (whlzy/FiT fit/model/rope.py), accepted as spellings of ours.
 RELEASE_ROPE_METHODS = {
@@ -88,7 +89,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
             if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
 
         for name in (
             "hidden_size",
@@ -106,28 +107,28 @@ class ModelConfig:
         if self.mlp_hidden_size is not None:
             positive("mlp_hidden_size")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise UserError(
                 f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}; "
                 f"pick heads from {[h for h in range(1, 65) if self.hidden_size % h == 0]}"
             )
         head_dim = self.hidden_size // self.num_heads
         if head_dim % 4:
-            raise ValueError(
+            raise UserError(
                 f"head dim hidden_size/num_heads = {head_dim} must be a multiple of 4: 2-D RoPE gives half "
                 f"of it to rows and half to columns, and each half (= {head_dim / 2:g}) must be even"
             )
         if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+            raise UserError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         object.__setattr__(self, "rope_method", canonical_rope_method(self.rope_method))
         check_choices(self, "model.")
         if self.rope_method not in ("none", "linear") and self.head_dim // 2 <= 2:
-            raise ValueError(f"model.rope_method={self.rope_method!r} needs a head dim above 4")
+            raise UserError(f"model.rope_method={self.rope_method!r} needs a head dim above 4")
         if self.rope_method not in ("none", "linear") and self.rope_theta <= 1:
-            raise ValueError(
+            raise UserError(
                 f"model.rope_theta={self.rope_theta} must exceed 1 for model.rope_method={self.rope_method!r}"
             )
         if self.rope_attn_scale and self.rope_method in ("ntk_pro1", "ntk_pro2"):
-            raise ValueError(
+            raise UserError(
                 f"model.rope_method={self.rope_method!r} already multiplies cos/sin by its own factor: "
                 "set model.rope_attn_scale=false"
             )
@@ -137,18 +138,18 @@ class ModelConfig:
             scaled = (
                 "model.rope_attn_scale" if self.rope_attn_scale else f"model.rope_method={self.rope_method!r}"
             )
-            raise ValueError(
+            raise UserError(
                 f"{scaled} divides by ln(L0) and model.rope_base_grid=1 makes it 0: use a base grid of 2 or more"
             )
         if self.rope_target_grid is not None:
             grid = tuple(self.rope_target_grid)
             if len(grid) != 2 or min(grid) <= 0:
-                raise ValueError(
+                raise UserError(
                     f"model.rope_target_grid must be (rows, cols) > 0, got {self.rope_target_grid}"
                 )
             object.__setattr__(self, "rope_target_grid", (int(grid[0]), int(grid[1])))
         if self.rope_per_image and self.rope_target_grid is not None:
-            raise ValueError(
+            raise UserError(
                 "model.rope_per_image=true takes each image's grid: leave model.rope_target_grid unset"
             )
 
@@ -191,7 +192,7 @@ def build_config(name: str, **overrides) -> ModelConfig:
     preset's value (`model.overrides` of a run config holds every field, None where unset).
     ValueError names an unknown preset or field, or the field whose value is wrong."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
     return build_config_from(PRESETS[name], {k: v for k, v in overrides.items() if v is not None})
 
 
@@ -203,7 +204,7 @@ def build_config_from(base: ModelConfig, overrides: dict) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"unknown model field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}"
         )
     return dataclasses.replace(base, **overrides)

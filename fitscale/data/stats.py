@@ -23,6 +23,7 @@ from fitscale.data.format import (
 )
 from fitscale.data.integrity import check_side_files, hash_note, recorded_hash, verify_shards
 from fitscale.data.packing import SampleCatalog, SampleStream, TokenPacker
+from fitscale.errors import UserError
 
 
 def token_histogram(lengths: np.ndarray, limit: int) -> list[dict]:
@@ -119,7 +120,7 @@ def dataset_stats(folder: str | Path, token_budget: int | None = None, verify: b
     limit = int(meta["max_image_tokens"])
     budget = token_budget or 8 * limit
     if budget < limit:
-        raise ValueError(f"--token-budget {budget} is smaller than the dataset's token limit {limit}")
+        raise UserError(f"--token-budget {budget} is smaller than the dataset's token limit {limit}")
     catalog = SampleCatalog(
         table,
         seed=0,

@@ -16,6 +16,7 @@ from typing import Any
 
 from fitscale.config.errors import ConfigError
 from fitscale.config.launch import ClusterProfile, Resources, resolve_resources
+from fitscale.errors import UserError
 from fitscale.launch.job import TrainingJob, make_signals_exit
 from fitscale.launch.profiles import load_profile
 from fitscale.runtime import rundir
@@ -183,7 +184,7 @@ def run_local(
     from fitscale.runtime.local import python_module_command
 
     if plan.resources.nodes > 1 and master_port is None:
-        raise ValueError("a multi-node launch needs an explicit master_port that every node agrees on")
+        raise UserError("a multi-node launch needs an explicit master_port that every node agrees on")
     check_plan(plan, lock=True)
     args = ["train", str(recipe), "--set", *overrides, f"train.run_dir={plan.run_dir}"]
     rundir.append_launch_record(

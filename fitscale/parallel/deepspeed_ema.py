@@ -36,6 +36,7 @@ import torch
 
 from fitscale.compat import CHECKED_VERSIONS
 from fitscale.config.optim import EMAConfig
+from fitscale.errors import UserError
 from fitscale.models.official import clean_parameter_name
 from fitscale.parallel.ema import EMA
 
@@ -159,7 +160,7 @@ class DeepSpeedEMA:
         Names in `full` that are not averaged here (frozen parameters) are ignored."""
         missing = sorted(set(self.fragments.places) - set(full))
         if missing:
-            raise ValueError(f"the EMA to start from lacks {', '.join(missing[:5])}")
+            raise UserError(f"the EMA to start from lacks {', '.join(missing[:5])}")
         for name, place in self.fragments.places.items():
             shadow = self.average.shadow[name]
             shadow.zero_()

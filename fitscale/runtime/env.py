@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from fitscale.compat import parse_node_list
+from fitscale.errors import UserError
 
 # Ports below Linux's ephemeral range (32768+), so a rendezvous port never collides with a client socket.
 PORT_BASE = 20000
@@ -67,7 +68,7 @@ def master_port_for_job(job_id: str | int) -> int:
     """A port every task of a SLURM job derives alike; jobs sharing a node get different ones."""
     digits = re.sub(r"\D", "", str(job_id))
     if not digits:
-        raise ValueError(f"SLURM job id {job_id!r} has no digits to derive a port from")
+        raise UserError(f"SLURM job id {job_id!r} has no digits to derive a port from")
     return PORT_BASE + int(digits) % PORT_SPAN
 
 
@@ -77,7 +78,7 @@ def expand_tasks_per_node(spec: str) -> list[int]:
     for part in spec.split(","):
         match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
         if match is None:
-            raise ValueError(f"cannot parse SLURM tasks-per-node {spec!r}")
+            raise UserError(f"cannot parse SLURM tasks-per-node {spec!r}")
         counts += [int(match.group(1))] * int(match.group(2) or 1)
     return counts
 

@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from fitscale.errors import UserError
+
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 # The exit status of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it): after the checkpoint
@@ -102,12 +104,12 @@ def launch_local(
     (killed by a signal, or exited without one), e.g. `rank 1 was killed by SIGKILL (signal 9)`.
     """
     if nproc_per_node < 1:
-        raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+        raise UserError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
     if nnodes < 1 or not 0 <= node_rank < nnodes:
-        raise ValueError(f"node_rank must be in [0, nnodes={nnodes}), got {node_rank}")
+        raise UserError(f"node_rank must be in [0, nnodes={nnodes}), got {node_rank}")
     if master_port is None:
         if nnodes > 1:
-            raise ValueError("a multi-node launch needs an explicit master_port that every node agrees on")
+            raise UserError("a multi-node launch needs an explicit master_port that every node agrees on")
         master_port = free_port(master_addr)
     base_env = {**os.environ, **(env or {})}
     processes: list[subprocess.Popen] = []

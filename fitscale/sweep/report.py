@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fitscale.errors import UserError
 from fitscale.sweep.fit import IsoFlopOptimum, fit_optimal_size, fit_power_law, frontier, isoflop_optimum
 from fitscale.sweep.law import PARAMETERS, LossLawFit, fit_loss_law
 from fitscale.sweep.plots import plot_isoflop, plot_loss_vs_compute
@@ -36,7 +37,7 @@ def choose_metric(rows: list[dict[str, Any]], requested: str = "auto") -> tuple[
     scored = [r for r in rows if r.get("step")]
     if requested != "auto":
         if requested not in METRICS:
-            raise ValueError(f"--metric: {requested!r} is not one of auto, {', '.join(METRICS)}")
+            raise UserError(f"--metric: {requested!r} is not one of auto, {', '.join(METRICS)}")
         reason = "asked for"
         if requested == "val_loss_ema":
             stale = [r for r in scored if (r.get("ema_initial_weight") or 0.0) > EMA_INITIAL_LIMIT]
@@ -133,7 +134,7 @@ def prepare(rows: list[dict[str, Any]], metric: str = "auto") -> tuple[str, str,
     metric, reason = choose_metric(rows, metric)
     usable = usable_rows(rows, metric)
     if not usable:
-        raise ValueError(
+        raise UserError(
             f"no run has a `{metric}` value; run `fitscale sweep collect` (metrics: {', '.join(METRICS)})"
         )
     chosen, choices = select_learning_rates(usable, metric)

@@ -16,6 +16,8 @@ import argparse
 import os
 from pathlib import Path
 
+from fitscale.errors import UserError
+
 PARENT_ENV = "FITSCALE_TRAIN_PARENT"  # set for the ranks this process starts
 
 
@@ -47,7 +49,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = load_config(args.recipe, args.overrides)  # fail fast, before any process starts
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if args.nproc is not None and args.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     if launched:
         from fitscale.runtime.env import leave_process_group
         from fitscale.train.trainer import Trainer
@@ -105,7 +107,7 @@ def resolve_hook(where: str, name: str):
     try:
         return getattr(importlib.import_module(module_name), function)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"hooks.{where}: {name!r} cannot be found ({error})") from error
+        raise UserError(f"hooks.{where}: {name!r} cannot be found ({error})") from error
 
 
 def summary_line(config, step: int | None) -> str:
