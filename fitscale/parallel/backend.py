@@ -81,8 +81,9 @@ class ParallelBackend:
         return loss * self.env.world_size if self.env.world_size > 1 else loss
 
     def clip_gradients(self) -> float:
-        """Clip to `train.grad_clip` and return the global L2 norm before clipping (0.0 when the
-        backend clips inside `step`, which then returns the norm)."""
+        """Clip to `train.grad_clip` (or leave it to `step`, which clips inside) and return the true
+        global L2 norm of the step's gradient before clipping, over every rank: not finite when any
+        gradient is not, so the trainer skips the step before the weights change."""
         raise NotImplementedError
 
     def step(self, optimizer: torch.optim.Optimizer) -> float | None:
@@ -232,14 +233,24 @@ class DeepSpeedBackend(ParallelBackend):
         self.engine.backward(self._scaled(loss), scale_wrt_gas=False)
 
     def clip_gradients(self) -> float:
-        return 0.0  # DeepSpeed clips inside engine.step() (its config carries the limit)
+        """The true global gradient norm (`fitscale.parallel.deepspeed.global_grad_norm`), measured
+        before the step so that a non-finite gradient is skipped; DeepSpeed clips inside its step
+        (its config carries the limit)."""
+        from fitscale.parallel.deepspeed import global_grad_norm
+
+        return global_grad_norm(self.engine)
 
     def step(self, optimizer: torch.optim.Optimizer) -> float | None:
         self.engine.step()
         return float(self.engine.get_global_grad_norm() or 0.0)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Discard the step's gradient everywhere DeepSpeed keeps it (a skipped step): the module's
+        `.grad` (all `engine.zero_grad` clears) and the ZeRO optimizer's accumulated partitions, whose
+        `zero_grad` also restarts ZeRO-3's micro-step count, so the next step copies its first
+        micro-batch's gradient instead of adding it to this one (a NaN would otherwise stay)."""
         self.engine.zero_grad()
+        self.engine.optimizer.zero_grad(set_to_none=True)
 
     def build_ema(self, cfg):
         from fitscale.parallel.deepspeed_ema import DeepSpeedEMA
