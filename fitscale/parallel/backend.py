@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -51,14 +52,16 @@ class ParallelBackend:
         self.model: torch.nn.Module | None = None
         self.float8_report = None  # parallelize's: which linears became float8
 
-    def _new_model(self) -> torch.nn.Module:
+    def _new_model(self, changes: dict[str, Any]) -> torch.nn.Module:
         from fitscale.models import build_model
 
-        return build_model(self.config.model.name, **dict(self.config.model.overrides))
+        return build_model(self.config.model.name, **{**dict(self.config.model.overrides), **changes})
 
-    def build_model(self, initial_state: InitialState) -> torch.nn.Module:
+    def build_model(self, initial_state: InitialState, **changes: Any) -> torch.nn.Module:
         """The parallelised model on `env.device`, holding the full state dict `initial_state()`
-        returns (called on rank 0 only, or on every rank, as the backend needs)."""
+        returns (called on rank 0 only, or on every rank, as the backend needs). `changes` are
+        ModelConfig fields that differ from the run's model section (the trainer's
+        `class_dropout_prob=0.0`: it drops labels per image in the step)."""
         raise NotImplementedError
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -104,7 +107,7 @@ class FSDPBackend(ParallelBackend):
 
     name = "fsdp"
 
-    def build_model(self, initial_state: InitialState) -> torch.nn.Module:
+    def build_model(self, initial_state: InitialState, **changes: Any) -> torch.nn.Module:
         """Built on the meta device, parallelised, materialised, then the initial weights built on
         rank 0 are broadcast (so they do not depend on the world size)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -113,7 +116,7 @@ class FSDPBackend(ParallelBackend):
 
         cfg = self.config
         with torch.device("meta"):
-            model = self._new_model()
+            model = self._new_model(changes)
         self.mesh = build_mesh(cfg.parallel, self.env)
         # train.cuda_graphs: static shapes and the compile mode that replays graphs (fitscale/parallel/cuda_graphs.py)
         compile_mode = maybe_apply_cuda_graphs(model, cfg, self.env.device, self.env.world_size)
@@ -196,13 +199,13 @@ class DeepSpeedBackend(ParallelBackend):
         super().__init__(config, env)
         self.engine = None
 
-    def build_model(self, initial_state: InitialState) -> torch.nn.Module:
+    def build_model(self, initial_state: InitialState, **changes: Any) -> torch.nn.Module:
         """Built in full on every rank (ZeRO partitions it when the engine is made), then parallelised
         without a mesh: activation checkpointing and compile before DeepSpeed wraps the model."""
         torch.manual_seed(self.config.train.seed)
-        model = self._new_model()
+        model = self._new_model(changes)
         model.load_state_dict(all_ranks_agree(initial_state))  # every rank reads train.init_from
-        self.float8_report = parallelize(model, self.config.parallel, None, self.env.device)
+        self.float8_report = parallelize(model, self.config.parallel, None, self.env.device, eager_hooks=True)
         if self.config.parallel.zero_stage == 3:
             from deepspeed.utils import set_z3_leaf_modules
 

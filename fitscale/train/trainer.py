@@ -96,7 +96,7 @@ class Trainer:
         self.backend = build_backend(self.config, self.env)  # FSDP2 or DeepSpeed (parallel.backend)
         self.backend_part = backend_part(
             self.backend, self.config.train.run_dir
-        )  # what checkpoints hold of it
+        )  # what a checkpoint holds of it
         self.model = self._build_model()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.ema = self._build_ema()
@@ -140,17 +140,14 @@ class Trainer:
         return self.backend.float8_report
 
     def _build_model(self) -> torch.nn.Module:
-        model = self.backend.build_model(self._full_initial_state)
+        # Label dropout is drawn per image in the step (per_image_label_dropout), so the model is built
+        # without its own, and the step takes the probability from the run's model config.
+        model = self.backend.build_model(self._full_initial_state, class_dropout_prob=0.0)
+        self.label_dropout = self.model_config.class_dropout_prob
+        self.null_class = self.model_config.num_classes
         self._apply_trainable(model)
-        self._move_label_dropout_to_loss(model)
         seed_rank(self.config.train.seed, self.env.rank)
         return model
-
-    def _move_label_dropout_to_loss(self, model: torch.nn.Module) -> None:
-        """Label dropout is drawn per image in the step (per_image_label_dropout), not by the model."""
-        self.label_dropout = model.config.class_dropout_prob
-        self.null_class = model.config.num_classes
-        model.y_embedder.dropout_prob = 0.0
 
     def _apply_trainable(self, model: torch.nn.Module) -> None:
         count = apply_trainable_patterns(model, list(self.config.train.trainable))
