@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_runs import write_digits_split
+from helpers.train_runs import write_digits_split
 
 from fitscale.runtime.failures import WorkerFailed, run_ranks
 

@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 
 import pytest
-from train_runs import BASE, metric_records, run
-from train_worker import worker_config
+from helpers.train_runs import BASE, metric_records, run
+from helpers.train_worker import worker_config
 
 from fitscale.config import ConfigError, load_config
 from fitscale.train.resume import check_before_start

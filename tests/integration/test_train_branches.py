@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, run
+from helpers.train_runs import checkpoint_tensors, run
 
 from fitscale.report.history import read_history
 from fitscale.report.status import format_status, run_status

@@ -27,7 +27,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, losses, metric_records, model_weights, run, write_digits_split
+from helpers.train_runs import (
+    checkpoint_tensors,
+    losses,
+    metric_records,
+    model_weights,
+    run,
+    write_digits_split,
+)
 
 pytestmark = pytest.mark.slow
 

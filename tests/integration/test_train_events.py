@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from train_runs import run, write_digits_split
+from helpers.train_runs import run, write_digits_split
 
 from fitscale.train.loglines import parse_fields
 

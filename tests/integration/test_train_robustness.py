@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
-from train_runs import BASE, checkpoint_tensors, launch_command, metric_records, model_weights, run
-from train_worker import SeededSteps, worker_config
+from helpers.train_runs import BASE, checkpoint_tensors, launch_command, metric_records, model_weights, run
+from helpers.train_worker import SeededSteps, worker_config
 
 from fitscale.config import load_config
 from fitscale.train.trainer import Trainer
