@@ -14,6 +14,8 @@
 #   5. pytest -m "slow or slurm or gpu"                  the rest: multi-process training, the
 #      one-host SLURM cluster (started by its tests), CUDA checks (skipped without a GPU)
 #
+# Both lanes (steps 3 and 5) list their 15 slowest tests (`--durations=15`), so a test that grows shows.
+#
 #   bash tools/test.sh                      everything
 #   bash tools/test.sh --fast               lint, the fast lane and its numeric rerun only
 #   bash tools/test.sh -- tests/unit -x     extra pytest arguments after `--`, for every pytest step
@@ -61,7 +63,7 @@ fi
 ran=0
 lane() {  # marker expression, then pytest arguments
   local status=0
-  step "$py" -m pytest -q -p no:cacheprovider -m "$@" || status=$?
+  step "$py" -m pytest -q -p no:cacheprovider --durations=15 -m "$@" || status=$?
   if [ "$status" = 0 ]; then
     ran=$((ran + 1))
   elif [ "$status" != 5 ]; then

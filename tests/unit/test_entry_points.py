@@ -46,10 +46,10 @@ def test_lint_then_the_fast_lane_then_its_numeric_tests_on_default_and_avx2_kern
         "-m ruff check .",
         "-m ruff format --check .",
         LINT_IMPORTS,
-        f"-m pytest -q -p no:cacheprovider -m {FAST} tests/unit",
+        f"-m pytest -q -p no:cacheprovider --durations=15 -m {FAST} tests/unit",
         f"{NUMERIC} tests/unit",
         f"{NUMERIC_AVX2} tests/unit",
-        f"-m pytest -q -p no:cacheprovider -m {REST} tests/unit",
+        f"-m pytest -q -p no:cacheprovider --durations=15 -m {REST} tests/unit",
     ]
 
 
@@ -79,7 +79,7 @@ def test_fast_and_lowest_deps_options(tmp_path):
     assert code == 0
     assert calls[3] == "tools/check_lowest_deps.py"
     assert [call for call in calls if "pytest" in call] == [
-        f"-m pytest -q -p no:cacheprovider -m {FAST}",
+        f"-m pytest -q -p no:cacheprovider --durations=15 -m {FAST}",
         NUMERIC,
         NUMERIC_AVX2,
     ]
