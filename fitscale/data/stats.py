@@ -16,6 +16,7 @@ from fitscale.data.format import (
     SAMPLE_COLUMNS,
     SAMPLES_FILE,
     TOKEN_DIM,
+    atomic_write_bytes,
     check_local_shards,
     read_index,
     read_meta,
@@ -53,8 +54,6 @@ def unpack_compressed_shards(folder: Path) -> None:
     """Decompress each compressed shard whose raw form is absent next to it, as the training
     loader's StreamingDataset does on first use (the compressed file is kept)."""
     from streaming.base.compression import decompress
-
-    from fitscale.data.format import atomic_write_bytes
 
     for shard in read_index(folder)["shards"]:
         raw = folder / shard["raw_data"]["basename"]

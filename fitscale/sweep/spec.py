@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fitscale.config.model import ModelOverrides, PresetName
+from fitscale.config.model import ModelOverrides, PresetName, build_config
 from fitscale.config.schema import check_choices, load_structured
 from fitscale.errors import UserError
 from fitscale.hardware import H100_BF16_PEAK
@@ -241,7 +241,6 @@ def plan_run(
     batch: int | None = None,
 ) -> PlannedRun:
     """One run of `model` at `budget` FLOPs (steps = budget / FLOPs per step, >= 1) or `steps`."""
-    from fitscale.config.model import build_config
     from fitscale.models.flops import count_parameters, paper_gflops, training_flops
 
     batch = batch or _batch_size(spec)

@@ -31,12 +31,12 @@ from fitscale.config.errors import ConfigError
 from fitscale.diskspace import named_out_of_space
 from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
 from fitscale.models.inputs import check_packed_batch
-from fitscale.models.official import clean_parameter_name
+from fitscale.models.official import clean_parameter_name, load_official_checkpoint, load_official_state_dict
 from fitscale.parallel import DistributedEnv, init_distributed
 from fitscale.parallel.backend import build_backend
 from fitscale.runtime.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
 from fitscale.train.loglines import configure_console
-from fitscale.train.metrics import Throughput
+from fitscale.train.metrics import MetricsLogger, Throughput, memory_stats, timestep_bucket_metrics
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
 
 log = logging.getLogger("fitscale.train")
@@ -121,7 +121,6 @@ class Trainer:
         Built in full on rank 0 and broadcast, so initial weights do not depend on the world size.
         """
         from fitscale.models import build_model
-        from fitscale.models.official import load_official_checkpoint, load_official_state_dict
 
         torch.manual_seed(self.config.train.seed)
         model = build_model(self.config.model.name, **dict(self.config.model.overrides))
@@ -270,8 +269,6 @@ class Trainer:
 
     def _build_metrics(self, start_step: int, attempt: int):
         from dataclasses import asdict
-
-        from fitscale.train.metrics import MetricsLogger
 
         return MetricsLogger(
             self.run_dir,
@@ -536,7 +533,6 @@ class Trainer:
     def _log_step(self, stats: StepStats, validation: dict[str, float] | None = None) -> None:
         """This step's metrics to the JSONL/wandb/progress-bar sinks (rank 0 unless log.all_ranks)."""
         from fitscale.models.flops import training_flops
-        from fitscale.train.metrics import memory_stats, timestep_bucket_metrics
 
         # FLOPs from this rank's images, scaled to the world: exact for balanced ranks, close otherwise.
         flops = training_flops(self.model_config, stats.seqlens) * self.env.world_size

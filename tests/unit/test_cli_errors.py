@@ -29,8 +29,8 @@ def preset_names() -> list[str]:
 @pytest.mark.parametrize("where", ["torch", "ours"])
 def test_a_value_error_from_a_bug_prints_its_traceback_and_how_to_report_it(where, monkeypatch, capsys):
     def buggy_info(args) -> int:
-        if where == "torch":  # a ValueError raised inside torch: a negative scale reaches a distribution
-            torch.distributions.Normal(torch.tensor(0.0), torch.tensor(-1.0))
+        if where == "torch":  # a ValueError raised inside torch: a call torch's own check refuses
+            torch.nn.functional.interpolate(torch.zeros(1, 1, 2), size=3, scale_factor=2.0)
         raise ValueError("an internal check failed")
 
     monkeypatch.setattr(fitscale.models.cli, "run_info", buggy_info)
@@ -40,7 +40,9 @@ def test_a_value_error_from_a_bug_prints_its_traceback_and_how_to_report_it(wher
     assert lines[0] == "Traceback (most recent call last):"
     assert "in buggy_info" in "\n".join(lines)
     message = (
-        "ValueError: Expected parameter scale" if where == "torch" else "ValueError: an internal check failed"
+        "ValueError: only one of size or scale_factor"
+        if where == "torch"
+        else "ValueError: an internal check failed"
     )
     assert any(line.startswith(message) for line in lines)
     assert lines[-1] == BUG_NOTE.format(command="info")
