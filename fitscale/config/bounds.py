@@ -23,6 +23,9 @@ class Bound:
     high_open: bool = False
     meaning: str = ""  # what a boundary value means, shown in parentheses: "0 disables clipping"
     note: str = ""  # after the value: "the paper uses 1e-4"
+    template: str = (
+        ""  # a section's own wording, e.g. "{path}={value!r}: must be at least 1"; "" the common one
+    )
 
     def holds(self, value: Any) -> bool:
         """Whether `value` lies within the bound (None always does; NaN never)."""
@@ -43,6 +46,8 @@ class Bound:
 
     def message(self, path: str, value: Any) -> str:
         """The one-line error for `value` of the field at dotted `path`."""
+        if self.template:
+            return self.template.format(path=path, value=value)
         meaning = f" ({self.meaning})" if self.meaning else ""
         note = f"; {self.note}" if self.note else ""
         return f"{path}: must be {self.rule()}{meaning}, got {value}{note}"
@@ -60,6 +65,7 @@ def bound(
     high_open: bool = False,
     meaning: str = "",
     note: str = "",
+    template: str = "",
 ) -> dict[str, Bound]:
     """Field metadata declaring the bound: `field(default=1, metadata=bound(1))` for `>= 1`."""
-    return {"bound": Bound(low, high, low_open, high_open, meaning, note)}
+    return {"bound": Bound(low, high, low_open, high_open, meaning, note, template)}
