@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.train_runs import WORKER
 
 from fitscale.runtime.local import free_port, launch_local
 
@@ -100,7 +101,6 @@ def test_multi_node_launch_needs_an_agreed_port():
 # ---------------------------------------------------------------------------------- HSDP training
 # The trainer's own test worker: the real Trainer on seeded in-memory data. (MosaicML Streaming
 # shares memory between the ranks of one host, so two "nodes" on one host cannot both open it.)
-WORKER = Path(__file__).with_name("train_worker.py")
 TRAIN = ["train.steps=3", "checkpoint.interval=0", "parallel.sharding=hybrid", "log.wandb=disabled"]
 
 
