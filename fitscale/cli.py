@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m fitscale.cli`: run the imported module's main, so that commands raising
-    # fitscale.cli.CommandError are caught by the same class.
+    # `python -m fitscale.cli` (how launched ranks run): run the imported module's main, so that one
+    # copy of the dispatcher exists in the process (not `__main__` beside `fitscale.cli`).
     from fitscale.cli import main as entry_point
 
     sys.exit(entry_point())
