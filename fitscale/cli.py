@@ -11,9 +11,9 @@ import argparse
 import importlib
 import os
 import sys
-import warnings
+import traceback
 
-from fitscale.diskspace import OutOfSpaceError
+from fitscale.clitools import BUG_NOTE, USER_ERRORS, CommandError, show_own_warnings_in_one_line  # noqa: F401
 
 # Modules that contribute subcommands, in the order they appear in `fitscale --help`.
 COMMAND_MODULES = (
@@ -27,55 +27,6 @@ COMMAND_MODULES = (
     "fitscale.sample.cli",  # sample
     "fitscale.report.cli",  # report, status
 )
-
-
-class CommandError(Exception):
-    """An error with a one-line, user-facing reason; printed without a traceback (FITSCALE_DEBUG=1 shows it)."""
-
-
-def add_set_option(parser: argparse.ArgumentParser, what: str, example: str) -> None:
-    """`--set KEY=VALUE ...`, the one definition every command uses; the items go to `args.overrides`.
-
-    `--set a=1 --set b=2` and `--set a=1 b=2` are the same: every item of every `--set`, in command-line
-    order (a later item for the same key wins). Items are split by `fitscale.config.split_override`
-    (the value is everything after the first `=`), which names an item that is not KEY=VALUE.
-    """
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override {what}, e.g. --set {example}; takes several items and may be repeated",
-    )
-
-
-def set_option_args(overrides: list[str]) -> list[str]:
-    """`overrides` as command-line arguments for a child command: `--set` and the items, or nothing."""
-    return ["--set", *overrides] if overrides else []
-
-
-# Printed as one line with exit status 2 (ImportError: an optional dependency that is not installed,
-# whose message says which extra to install; OutOfSpaceError: a full disk or quota, naming the path,
-# the bytes and the fix); any other exception is a traceback and status 1.
-USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError, ImportError, OutOfSpaceError)
-
-
-def show_own_warnings_in_one_line(command: str) -> None:
-    """Print fitscale's own warnings (categories defined in fitscale, e.g. TornRecordWarning) as one
-    line `fitscale CMD: warning: MESSAGE` on stderr, instead of Python's two lines naming a source
-    file and line of fitscale; other libraries' warnings keep Python's format."""
-    original = getattr(warnings.showwarning, "python_showwarning", warnings.showwarning)  # once per process
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if category.__module__.split(".")[0] == "fitscale":
-            print(f"fitscale {command}: warning: {message}", file=file or sys.stderr)
-        else:
-            original(message, category, filename, lineno, file, line)
-
-    show.python_showwarning = original  # a later command of the same process wraps Python's, not ours
-    warnings.showwarning = show
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     A user error (USER_ERRORS: bad input, config errors, missing files or extras) prints one line
     `fitscale CMD: error: ...` and returns 2; a Ctrl-C that reaches the command as KeyboardInterrupt
     (during start-up, before training's own handler listens) prints `fitscale CMD: interrupted
-    (Ctrl-C); stopped` and returns 130; other exceptions propagate (as do user errors with
-    FITSCALE_DEBUG=1). Inside a launched rank the error is recorded for the launcher, which reports
+    (Ctrl-C); stopped` and returns 130; any other exception is a bug: its traceback, a line saying how to
+    report it (BUG_NOTE), and status 1. With FITSCALE_DEBUG=1 every exception propagates. Inside a launched rank the error is recorded for the launcher, which reports
     the first failing rank once, and the rank exits at once.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    from fitscale.launch.failures import WorkerFailed, in_launched_rank, record_failure
+    from fitscale.runtime.failures import WorkerFailed, in_launched_rank, record_failure
 
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command relaunches itself with
     show_own_warnings_in_one_line(args.command)
@@ -146,16 +97,20 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2 if user_error else 1)
-        if os.environ.get("FITSCALE_DEBUG") or not user_error:
+        if os.environ.get("FITSCALE_DEBUG"):
             raise
+        if not user_error:  # a bug: its traceback, and how to report it
+            traceback.print_exception(type(error), error, error.__traceback__)
+            print(BUG_NOTE.format(command=args.command), file=sys.stderr)
+            return 1
         print(f"fitscale {args.command}: error: {error}", file=sys.stderr)
         return 2
     return int(result or 0)
 
 
 if __name__ == "__main__":
-    # `python -m fitscale.cli`: run the imported module's main, so that commands raising
-    # fitscale.cli.CommandError are caught by the same class.
+    # `python -m fitscale.cli` (how launched ranks run): run the imported module's main, so that one
+    # copy of the dispatcher exists in the process (not `__main__` beside `fitscale.cli`).
     from fitscale.cli import main as entry_point
 
     sys.exit(entry_point())

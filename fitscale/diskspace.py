@@ -10,7 +10,7 @@ of the target (less than the bytes the write needed, or under `LOW_SPACE_BYTES`)
 `OutOfSpaceError` carries the one line (`str()`), e.g. `no space left on the filesystem of
 RUN/metrics.jsonl for the metrics log (12.0 KiB free); free space there, or point train.run_dir at
 a larger filesystem`. The command line prints it without a traceback (fitscale/cli.py), and a
-launched rank's report carries it to the launcher (fitscale/launch/failures.py).
+launched rank's report carries it to the launcher (fitscale/runtime/failures.py).
 
 This module sits at the bottom of the package (no fitscale imports), so every layer that writes
 (checkpoints, metrics, datasets) can name its own path and fix.

@@ -15,7 +15,8 @@ from collections.abc import Callable
 def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], object], Callable[[], list]]:
     """`(__getattr__, __dir__)` for `package`, exporting each name from its submodule.
 
-    `exports` maps a public name to the submodule (relative to `package`, e.g. "fit") that defines it.
+    `exports` maps a public name to the submodule (relative to `package`, e.g. "fit") that defines it,
+    or to an absolute module name (starting with "fitscale.") for a name defined in a lower layer.
     An unknown name raises AttributeError like a plain module does.
     """
 
@@ -23,7 +24,8 @@ def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str],
         submodule = exports.get(name)
         if submodule is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{package}.{submodule}"), name)
+        module = submodule if submodule.startswith("fitscale.") else f"{package}.{submodule}"
+        value = getattr(importlib.import_module(module), name)
         globals_of_package = importlib.import_module(package).__dict__
         globals_of_package[name] = value  # later lookups skip __getattr__
         return value

@@ -34,7 +34,7 @@ def build_training(model_name: str, device: torch.device):
     from fitscale.checkpoint import ModelState, OptimizerState, PerRankState, RNGState
     from fitscale.config.optim import EMAConfig, OptimConfig
     from fitscale.models import build_model
-    from fitscale.train.ema import EMA
+    from fitscale.parallel.ema import EMA
     from fitscale.train.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -120,7 +120,7 @@ def main() -> None:
 
     sync.close()
     background.close()
-    from fitscale.launch.env import leave_process_group
+    from fitscale.runtime.env import leave_process_group
 
     leave_process_group()
     shutil.rmtree(root, ignore_errors=True)

@@ -18,18 +18,15 @@ import sys
 import time
 from pathlib import Path
 
+import bench_train
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import bench_train  # noqa: E402
-
-from fitscale.config.parallel import ParallelConfig  # noqa: E402
-from fitscale.launch.env import init_distributed_from_env, leave_process_group  # noqa: E402
-from fitscale.launch.local import launch_local  # noqa: E402
-from fitscale.models import build_model  # noqa: E402
-from fitscale.parallel.fsdp import apply_fsdp  # noqa: E402
+from fitscale.config.parallel import ParallelConfig
+from fitscale.models import build_model
+from fitscale.parallel.fsdp import apply_fsdp
+from fitscale.runtime.env import init_distributed_from_env, leave_process_group
+from fitscale.runtime.local import launch_local
 
 
 def measure(args, depth: int, device: torch.device) -> dict:

@@ -39,18 +39,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fitscale.data.batch import cu_seqlens_from_lengths, grid_positions, padding_lengths  # noqa: E402
-from fitscale.hardware import lookup_peak_flops  # noqa: E402
-from fitscale.models import build_model  # noqa: E402
-from fitscale.models.attention import (  # noqa: E402
+from fitscale.data.batch import cu_seqlens_from_lengths, grid_positions, padding_lengths
+from fitscale.hardware import lookup_peak_flops
+from fitscale.models import build_model
+from fitscale.models.attention import (
     flash_attn_available,
     segment_ids_from_cu_seqlens,
     torch_varlen_available,
 )
-from fitscale.models.flops import training_flops  # noqa: E402
-from fitscale.models.inputs import check_packed_batch  # noqa: E402
+from fitscale.models.flops import training_flops
+from fitscale.models.inputs import check_packed_batch
 
 ASPECTS = [((4, 3), 0.45), ((3, 4), 0.12), ((1, 1), 0.13), ((3, 2), 0.15), ((16, 9), 0.08), ((2, 3), 0.07)]
 
@@ -134,7 +132,7 @@ def with_static_segments(inputs: dict, num_segments: int, max_seqlen: int, null_
     """The same packed step with `num_segments` segments (zero-length ones appended, null class,
     1x1 grid) and a fixed `max_seqlen` (at least the longest image): identical shapes and scalars
     in every step, as CUDA graphs need; the output for every token is unchanged."""
-    from fitscale.train.cuda_graphs import StaticShapes, static_model_inputs
+    from fitscale.parallel.cuda_graphs import StaticShapes, static_model_inputs
 
     if num_segments < inputs["num_segments"] or max_seqlen < inputs["max_seqlen"]:
         raise ValueError(

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fitscale.config.model import canonical_rope_method
 from fitscale.flow.samplers import FIXED_GRID
-from fitscale.models.config import canonical_rope_method
 from fitscale.models.rope import segment_rope_tables
 from fitscale.sample.demo import digits_classifier, latent_to_digit
 from fitscale.sample.generate import generate_latents, load_sampling_model

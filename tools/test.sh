@@ -3,6 +3,8 @@
 # first failure:
 #   1. ruff check                     (lint, pyproject.toml [tool.ruff])
 #   2. ruff format --check            (formatting)
+#      lint-imports                   (the layers contract, pyproject.toml [tool.importlinter]: imports
+#                                      only point down, function-level ones included)
 #   3. pytest -m "not slow and not slurm and not gpu"    the fast lane: no training ranks, minutes
 #   4. ATEN_CPU_CAPABILITY=default, then =avx2: pytest -m "numeric and not slow and not slurm and not gpu"
 #      the fast tests that compare float results across kernels, again with ATen's non-vectorised
@@ -11,6 +13,8 @@
 #      on an AVX2-only machine the avx2 rerun repeats step 3's kernels)
 #   5. pytest -m "slow or slurm or gpu"                  the rest: multi-process training, the
 #      one-host SLURM cluster (started by its tests), CUDA checks (skipped without a GPU)
+#
+# Both lanes (steps 3 and 5) list their 15 slowest tests (`--durations=15`), so a test that grows shows.
 #
 #   bash tools/test.sh                      everything
 #   bash tools/test.sh --fast               lint, the fast lane and its numeric rerun only
@@ -50,6 +54,7 @@ step() {
 
 step "$py" -m ruff check .
 step "$py" -m ruff format --check .
+step "$py" -c "from importlinter.cli import lint_imports_command; lint_imports_command()"
 if [ "$lowest_deps" = 1 ]; then
   # The lowest versions pyproject.toml allows of the light direct dependencies (about 30 s).
   step "$py" tools/check_lowest_deps.py
@@ -58,7 +63,7 @@ fi
 ran=0
 lane() {  # marker expression, then pytest arguments
   local status=0
-  step "$py" -m pytest -q -p no:cacheprovider -m "$@" || status=$?
+  step "$py" -m pytest -q -p no:cacheprovider --durations=15 -m "$@" || status=$?
   if [ "$status" = 0 ]; then
     ran=$((ran + 1))
   elif [ "$status" != 5 ]; then

@@ -10,7 +10,7 @@ another world size (same ZeRO stage), rank 0 converts the step once to DeepSpeed
 checkpoint (`ds_to_universal`, into `<run_dir>/deepspeed/universal/step-N`), every rank loads
 its new partitions with `load_universal`, the EMA is cut again from its assembled files, and the
 data position follows the data pipeline's own elastic rule (the DCP part). A ZeRO stage change
-is refused before anything is loaded, naming both stages: `export_deepspeed_weights`
+is refused before anything is loaded, naming both stages: `fitscale convert export`
 consolidates a step's full fp32 weights into one safetensors file, and a new run starts from it
 with `train.init_from=FILE` (weights only: the optimizer state, schedule and data position start
 afresh). `read_deepspeed_weights` assembles a step's full weights or EMA in one process, for
@@ -23,11 +23,11 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from fitscale.parallel.agree import all_ranks_agree, rank0_decides
+from fitscale.errors import UserError
+from fitscale.runtime.agree import all_ranks_agree, rank0_decides
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ UNIVERSAL = "universal"  # <run_dir>/deepspeed/universal/step-N: a step converte
 METADATA = "fitscale.json"
 
 
-class DeepSpeedResumeError(ValueError):
+class DeepSpeedResumeError(UserError):
     """A DeepSpeed checkpoint cannot be loaded by this run (world size or ZeRO stage differ)."""
 
 
@@ -118,8 +118,8 @@ def check_resumable(run_dir: str | Path, step: int, world_size: int, zero_stage:
             f"{folder} holds ZeRO-{saved['zero_stage']} partitions of {saved['world_size']} ranks; this run has "
             f"{world_size} ranks and ZeRO-{zero_stage}. DeepSpeed checkpoints resume with the ZeRO stage that "
             f"wrote them (on any world size): rerun with parallel.zero_stage={saved['zero_stage']}, or "
-            f"consolidate the weights with fitscale.checkpoint.deepspeed.export_deepspeed_weights("
-            f"{str(run_dir)!r}, {step}, OUT) and start a new run with train.init_from=OUT (optimizer state and "
+            f"consolidate the weights with `fitscale convert export {Path(run_dir) / 'checkpoints' / f'step-{step}'} "
+            "--out OUT.safetensors` and start a new run with train.init_from=OUT.safetensors (optimizer state and "
             "data position start afresh)"
         )
     return folder, int(saved["world_size"])
@@ -210,7 +210,7 @@ def read_deepspeed_weights(run_dir: str | Path, step: int, which: str = "model")
     weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=folder.name)
     if which == "ema":
         if not ema_file(folder, 0).is_file():
-            raise ValueError(f"{folder} holds no EMA weights (was the EMA disabled in that run? drop --ema)")
+            raise UserError(f"{folder} holds no EMA weights (was the EMA disabled in that run? drop --ema)")
         world_size = json.loads((folder / METADATA).read_text())["world_size"]
         weights.update(assemble_ema(folder, world_size))
     return weights
@@ -220,20 +220,6 @@ def is_deepspeed_checkpoint(checkpoint: str | Path) -> bool:
     """Whether a published `<run_dir>/checkpoints/step-N` folder has its weights in DeepSpeed's files."""
     checkpoint = Path(checkpoint)
     return (checkpoint.parent.parent / SUBFOLDER / checkpoint.name / METADATA).is_file()
-
-
-def export_deepspeed_weights(run_dir: str | Path, step: int, out: str | Path) -> dict[str, Any]:
-    """One safetensors file of step `step`'s full fp32 weights, from the ZeRO-2/3 partitions.
-
-    Runs in one process without a process group; the file loads with `train.init_from`.
-    """
-    from fitscale.checkpoint.export import save_safetensors
-
-    folder = step_dir(run_dir, step)
-    weights = read_deepspeed_weights(run_dir, step)
-    info = {"source": str(folder), "step": str(step), "weights": "model", "dtype": "fp32"}
-    save_safetensors(weights, Path(out), info, overwrite=False)
-    return {**info, "out": str(out), "tensors": len(weights)}
 
 
 def ema_file(folder: str | Path, rank: int) -> Path:

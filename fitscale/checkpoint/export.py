@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from fitscale.checkpoint import layout
 from fitscale.diskspace import named_out_of_space
+from fitscale.errors import UserError
 
 WEIGHT_PREFIXES = {"model": "model.", "ema": "ema.params."}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -51,7 +52,7 @@ def read_weights(
     if not wanted:
         top = sorted({key.split(".", 1)[0] for key in metadata})
         hint = " (was the EMA disabled in that run? drop --ema)" if which == "ema" else ""
-        raise ValueError(
+        raise UserError(
             f"checkpoint {checkpoint} holds no {which} weights{hint}; its entries: {', '.join(top)}"
         )
     weights: dict[str, torch.Tensor] = {}
@@ -78,7 +79,7 @@ def load_dcp_weights(model: torch.nn.Module, checkpoint: Path, ema: bool = True)
     except Exception as error:  # DCP wraps a missing key in CheckpointException
         which = "EMA weights (key `ema`)" if ema else "weights (key `model`)"
         hint = "; pass --raw to use the raw weights" if ema else ""
-        raise ValueError(
+        raise UserError(
             f"{checkpoint} has no usable {which}: {str(error).splitlines()[0][:300]}{hint}"
         ) from None
 
@@ -156,9 +157,9 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """`fitscale convert export`: one safetensors file from a run, its checkpoint folder or a step-N folder."""
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if names not in ("fitscale", "official"):
-        raise ValueError(f"--names {names!r} is not `fitscale` or `official`")
+        raise UserError(f"--names {names!r} is not `fitscale` or `official`")
     checkpoint = layout.find_checkpoint(source)
     which = "ema" if ema else "model"
     weights = read_run_weights(checkpoint, which, DTYPES[dtype])
@@ -167,7 +168,7 @@ def export_checkpoint(
 
         section = {"name": model, "overrides": {}} if model else model_section(checkpoint)
         if section is None:
-            raise ValueError(
+            raise UserError(
                 f"--names official needs the model preset: {checkpoint} has no run config.yaml beside it; "
                 "pass --model PRESET"
             )
@@ -175,7 +176,7 @@ def export_checkpoint(
         try:
             network.load_state_dict(weights, strict=True)
         except RuntimeError as error:
-            raise ValueError(
+            raise UserError(
                 f"the {which} weights of {checkpoint} do not fit model {section['name']!r}: {str(error).splitlines()[0]}"
             ) from None
         weights = export_official_state_dict(network, DTYPES[dtype])
@@ -192,14 +193,14 @@ def export_checkpoint(
 
 def infer_preset(state_dict: dict[str, torch.Tensor]) -> str:
     """The released preset whose width and depth match a checkpoint (XL or 3B)."""
-    from fitscale.models.config import PRESETS
+    from fitscale.config.model import PRESETS
 
     width = state_dict["x_embedder.proj.weight"].shape[0] if "x_embedder.proj.weight" in state_dict else None
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
     for name, config in PRESETS.items():
         if config.hidden_size == width and config.depth == depth and not name.endswith("-hr"):
             return name
-    raise ValueError(
+    raise UserError(
         f"no preset has hidden size {width} and depth {depth}; pass --model PRESET (and check the file is FiTv2)"
     )
 
@@ -224,7 +225,7 @@ def convert_official(
     )
 
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     released = strip_wrapper_prefixes(read_checkpoint_file(source))
     name = model or infer_preset(released)
     network = build_cpu_model(name)

@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fitscale.errors import UserError
+
 METADATA_FILE = "fitscale.json"
 DCP_METADATA_FILE = ".metadata"
 FORMAT_VERSION = 1
@@ -65,7 +67,7 @@ def resume_step(steps: list[int], resume: str, folder: Path) -> int | None:
             )
         return None
     if not str(resume).isdigit():
-        raise ValueError(f"train.resume={resume!r} is not `auto`, `never` or a step number")
+        raise UserError(f"train.resume={resume!r} is not `auto`, `never` or a step number")
     step = int(resume)
     if step not in steps:
         raise FileNotFoundError(
@@ -114,11 +116,11 @@ def read_metadata(path: Path) -> dict[str, Any]:
             f"{path} is not a complete fitscale checkpoint: {METADATA_FILE} is missing"
         ) from None
     except json.JSONDecodeError as error:
-        raise ValueError(
+        raise UserError(
             f"{metadata_path} is not valid JSON ({error}); the checkpoint folder is damaged"
         ) from None
     if metadata.get("format", 0) > FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"{path} was written by a newer fitscale (checkpoint format {metadata['format']}, this one reads "
             f"{FORMAT_VERSION}); upgrade fitscale to load it"
         )

@@ -44,12 +44,13 @@ from fitscale.checkpoint import layout
 from fitscale.checkpoint.stateful import PerRankState
 from fitscale.config.checkpoint import INTERRUPTED_STATUS, CheckpointConfig
 from fitscale.diskspace import is_out_of_space, out_of_space
-from fitscale.parallel.agree import rank0_decides
+from fitscale.errors import UserError
+from fitscale.runtime.agree import rank0_decides
 
 logger = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint exists but does not fit the state of this run (other model, missing entries)."""
 
 
@@ -156,6 +157,11 @@ class CheckpointManager:
         return self._from_rank0(lambda: layout.supersede(self.folder, after, branch))
 
     # ----------------------------------------------------------------------------- saving
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether a save is due at `step`: `force` (a signal's request included), or `step` on the
+        interval (`checkpoint.interval` > 0 divides it). The one definition of the interval rule."""
+        return force or (self.cfg.interval > 0 and step % self.cfg.interval == 0)
+
     def maybe_save(self, step: int, state: dict[str, Any], force: bool = False) -> bool:
         """Save when `step` is on the interval, a signal asked for it, or `force`; call on every rank.
 
@@ -167,8 +173,7 @@ class CheckpointManager:
         self.current_step = step
         self._finish_pending(block=False)
         save_requested, exit_requested = self._agreed_requests(step)
-        on_interval = self.cfg.interval > 0 and step % self.cfg.interval == 0
-        if not (force or save_requested or on_interval):
+        if not self.due(step, force or save_requested):
             return False
         self.save(step, state)
         if save_requested:
@@ -521,5 +526,5 @@ class CheckpointManager:
 
     def _from_rank0(self, compute):
         """Rank 0 looks at the file system and tells everyone (its errors too), so ranks never
-        disagree on what exists (fitscale.parallel.agree)."""
+        disagree on what exists (fitscale.runtime.agree)."""
         return rank0_decides(compute, self._group)

@@ -8,12 +8,10 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 
+from fitscale.config.bounds import bound
 from fitscale.config.errors import ConfigError
-
-# The exit status of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it): after the checkpoint
-# the first SIGINT asks for, at the second SIGINT, or during start-up. The one definition that the
-# checkpoint manager, the launcher and the command line share.
-INTERRUPTED_STATUS = 128 + signal.SIGINT
+from fitscale.config.schema import check_choices
+from fitscale.runtime.local import INTERRUPTED_STATUS  # noqa: F401  (re-exported: the checkpoint signals' status)
 
 
 @dataclass
@@ -22,13 +20,13 @@ class CheckpointConfig:
 
     folder: str = "checkpoints"
     """Sub-folder of the run folder that holds the `step-N` checkpoints."""
-    interval: int = 1000
+    interval: int = field(default=1000, metadata=bound(0, meaning="0 disables it"))
     """Save every this many optimizer steps; 0 saves only on a signal and at the end."""
     save_at_end: bool = True
     """Save when the run reaches `train.steps`."""
-    keep_last: int = 3
+    keep_last: int = field(default=3, metadata=bound(0, meaning="0 disables it"))
     """Keep the newest K complete checkpoints; 0 keeps every checkpoint."""
-    keep_every: int = 0
+    keep_every: int = field(default=0, metadata=bound(0, meaning="0 disables it"))
     """Also keep every checkpoint whose step is a multiple of M (milestones); 0 keeps none extra."""
     async_save: bool = False
     """Write with `dcp.async_save`: the step loop continues while a background thread writes the
@@ -39,7 +37,7 @@ class CheckpointConfig:
     """Of those, the signals after which the run exits once the checkpoint is written. SIGINT (Ctrl-C)
     also exits with status 130, and a second SIGINT stops at once without saving; left out of both
     lists, SIGINT keeps Python's KeyboardInterrupt."""
-    signal_check_every: int = 1
+    signal_check_every: int = field(default=1, metadata=bound(1))
     """Ranks agree on pending signal requests every this many steps (one tiny all-reduce), so a signal
     that reached only some ranks still makes all of them save together."""
 
@@ -48,13 +46,7 @@ class CheckpointConfig:
             raise ConfigError(
                 f"checkpoint.folder: must be a plain folder name such as `checkpoints`, got {self.folder!r}"
             )
-        for name in ("interval", "keep_last", "keep_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(
-                    f"checkpoint.{name}: must be >= 0 (0 disables it), got {getattr(self, name)}"
-                )
-        if self.signal_check_every < 1:
-            raise ConfigError(f"checkpoint.signal_check_every: must be >= 1, got {self.signal_check_every}")
+        check_choices(self, "checkpoint.")
         for name in ("save_signals", "exit_signals"):
             for signame in getattr(self, name):
                 if not signame.startswith("SIG") or not hasattr(signal, signame):

@@ -8,7 +8,7 @@ import json
 
 def register(subparsers) -> None:
     """Add `fitscale config show` and `fitscale config fields` to `subparsers`."""
-    from fitscale.cli import add_set_option
+    from fitscale.clitools import add_set_option
 
     parser = subparsers.add_parser("config", help="show a resolved recipe or list every config field")
     commands = parser.add_subparsers(dest="config_command", metavar="show|fields", required=True)

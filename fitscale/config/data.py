@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from fitscale.config.bounds import bound
 from fitscale.config.schema import check_choices
+from fitscale.errors import UserError
 
 
 @dataclass
@@ -49,28 +51,34 @@ class DataConfig:
     # the padding is its own final segment, see fitscale/data/batch.py.
     pad_to_budget: bool = False
     # Probability of using the stored horizontally flipped variant (when the sample has one).
-    flip_prob: float = 0.5
+    flip_prob: float = field(
+        default=0.5, metadata=bound(0, 1, template="{path}={value!r}: must be a probability in [0, 1]")
+    )
     # Probability of the centre-crop variant over the resized one (when the sample has one);
     # the paper's mixed resize/crop preprocessing.
-    crop_prob: float = 0.5
+    crop_prob: float = field(
+        default=0.5, metadata=bound(0, 1, template="{path}={value!r}: must be a probability in [0, 1]")
+    )
     # Shuffle the global sample order every epoch (off for evaluation).
     shuffle: bool = True
     # Seed of the sample order and of every flip/crop choice, derived from (seed, epoch, sample).
     seed: int = 0
     # Worker processes (or threads) that read shards and pack micro-batches; 0 reads inline.
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata=bound(0, template="{path}={value!r}: must be 0 or more"))
     # "process" workers sidestep the GIL; "thread" workers start instantly and share one cache.
     worker_method: Literal["process", "thread"] = "process"
     # Work items (whole steps, 256 images or more) each worker keeps ready ahead of the trainer.
-    prefetch: int = 2
+    prefetch: int = field(default=2, metadata=bound(1, template="{path}={value!r}: must be at least 1"))
     # Put micro-batches in pinned memory so the host-to-GPU copy can overlap compute.
     pin_memory: bool = False
     # Number of real classes; labels must lie in [0, num_classes) and num_classes is the null class.
-    num_classes: int = 1000
+    num_classes: int = field(default=1000, metadata=bound(1, template="{path}={value!r}: must be at least 1"))
     # Images the "tokens" packer may look ahead in the sample order to fill a micro-batch exactly.
     packing_lookahead: int = 512
     # Seconds to wait for one shard download from `remote`.
-    download_timeout: float = 120.0
+    download_timeout: float = field(
+        default=120.0, metadata=bound(0, low_open=True, template="{path}={value!r}: must be positive seconds")
+    )
     # Most bytes of shards kept in the local cache of a remote dataset (e.g. "200gb"); None keeps all.
     cache_limit: str | None = None
     # Check each shard against the xxh64 recorded in index.json when a reader first maps it (one
@@ -79,13 +87,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.path is None and self.remote is None:
-            raise ValueError("data.path: set it to a dataset folder (or set data.remote and a cache path)")
+            raise UserError("data.path: set it to a dataset folder (or set data.remote and a cache path)")
         if self.remote is not None and self.path is None:
-            raise ValueError(
+            raise UserError(
                 f"data.path: data.remote={self.remote!r} needs a local cache folder; set data.path to one"
             )
         if self.val_remote is not None and self.val_path is None:
-            raise ValueError(
+            raise UserError(
                 f"data.val_path: data.val_remote={self.val_remote!r} needs a local cache folder; "
                 "set data.val_path to one"
             )
@@ -93,40 +101,28 @@ class DataConfig:
         for name in ("global_batch_size", "token_budget", "micro_batches_per_step", "packing_lookahead"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{name}={value!r}: must be a positive integer")
+                raise UserError(f"data.{name}={value!r}: must be a positive integer")
         if self.batch_mode == "images" and self.micro_batches_per_step != 1:
-            raise ValueError(
+            raise UserError(
                 f"data.micro_batches_per_step={self.micro_batches_per_step} applies to data.batch_mode=tokens only; "
                 "with data.batch_mode=images the micro-batches follow from data.global_batch_size and "
                 "data.token_budget: remove it, or set data.batch_mode=tokens"
             )
         if not 1 <= self.min_image_tokens <= self.max_image_tokens:
-            raise ValueError(
+            raise UserError(
                 f"data.min_image_tokens={self.min_image_tokens!r}: must lie in [1, max_image_tokens="
                 f"{self.max_image_tokens}]"
             )
         if self.token_budget < self.max_image_tokens:
-            raise ValueError(
+            raise UserError(
                 f"data.token_budget={self.token_budget}: must hold the largest image "
                 f"(data.max_image_tokens={self.max_image_tokens}); raise the budget"
             )
-        for name in ("flip_prob", "crop_prob"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"data.{name}={value!r}: must be a probability in [0, 1]")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers={self.num_workers!r}: must be 0 or more")
-        if self.prefetch < 1:
-            raise ValueError(f"data.prefetch={self.prefetch!r}: must be at least 1")
-        if self.num_classes < 1:
-            raise ValueError(f"data.num_classes={self.num_classes!r}: must be at least 1")
-        if self.download_timeout <= 0:
-            raise ValueError(f"data.download_timeout={self.download_timeout!r}: must be positive seconds")
 
     def validation(self) -> DataConfig:
         """The config of the held-out split: same packing, no augmentation, a fixed order."""
         if self.val_path is None:
-            raise ValueError("data.val_path: no validation split is configured; set data.val_path")
+            raise UserError("data.val_path: no validation split is configured; set data.val_path")
         return replace(
             self,
             path=self.val_path,

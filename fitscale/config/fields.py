@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fitscale.errors import UserError
+
 PRESET_DEFAULT = "<the preset's>"
 
 
@@ -133,7 +135,7 @@ def describe_run(section: str | None = None) -> list[FieldInfo]:
     chosen = [f for f in fields if f.path == section or f.path.startswith(f"{section}.")]
     sections = [f.path for f in fields if f.section]
     if not chosen or section not in sections:
-        raise ValueError(f"config fields: unknown section {section!r}; sections are: {', '.join(sections)}")
+        raise UserError(f"config fields: unknown section {section!r}; sections are: {', '.join(sections)}")
     return chosen
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fitscale.config.bounds import bound
 from fitscale.config.errors import ConfigError
 from fitscale.config.schema import check_choices
 
@@ -22,17 +23,17 @@ class LaunchConfig:
 
     cluster: str = "local"
     """Cluster profile: a name in `cluster/` (local, local-slurm, example-cluster) or a path to a YAML file."""
-    nodes: int = 1
+    nodes: int = field(default=1, metadata=bound(1))
     """Nodes of the job; ranks = nodes x tasks per node."""
-    gpus_per_node: int | None = None
+    gpus_per_node: int | None = field(default=None, metadata=bound(0, meaning="or null for the profile's"))
     """GPUs to request per node (one task each); None takes the profile's."""
-    tasks_per_node: int | None = None
+    tasks_per_node: int | None = field(default=None, metadata=bound(1, meaning="or null"))
     """Processes per node; None means one per GPU, or the profile's `tasks_per_node` on CPU-only nodes."""
-    time_min: int | None = None
+    time_min: int | None = field(default=None, metadata=bound(0, meaning="or null for the profile's"))
     """Time limit of one job in minutes (a requeued job gets a fresh one); None takes the profile's."""
-    signal_delay_s: int = 120
+    signal_delay_s: int = field(default=120, metadata=bound(0))
     """SLURM sends SIGUSR2 this many seconds before the time limit, so the run can checkpoint and requeue."""
-    max_timeout_requeues: int = 3
+    max_timeout_requeues: int = field(default=3, metadata=bound(0))
     """Requeues allowed after hitting the time limit; preemptions do not count. 0 ends the run at the limit."""
     job_name: str = ""
     """SLURM job name; empty uses `fitscale-<run folder name>`."""
@@ -40,18 +41,7 @@ class LaunchConfig:
     """Extra or changed sbatch options for this run, e.g. {qos: high, partition: debug}; override the profile."""
 
     def __post_init__(self) -> None:
-        if self.nodes < 1:
-            raise ConfigError(f"launch.nodes: must be >= 1, got {self.nodes}")
-        for name in ("gpus_per_node", "time_min"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"launch.{name}: must be >= 0 (or null for the profile's), got {value}")
-        if self.tasks_per_node is not None and self.tasks_per_node < 1:
-            raise ConfigError(f"launch.tasks_per_node: must be >= 1 (or null), got {self.tasks_per_node}")
-        if self.signal_delay_s < 0:
-            raise ConfigError(f"launch.signal_delay_s: must be >= 0, got {self.signal_delay_s}")
-        if self.max_timeout_requeues < 0:
-            raise ConfigError(f"launch.max_timeout_requeues: must be >= 0, got {self.max_timeout_requeues}")
+        check_choices(self, "launch.")
 
 
 @dataclass
@@ -70,15 +60,15 @@ class ClusterProfile:
     """SLURM quality of service (`--qos`)."""
     constraint: str | None = None
     """SLURM node features (`--constraint`, e.g. `h100`)."""
-    gpus_per_node: int = 0
+    gpus_per_node: int = field(default=0, metadata=bound(0))
     """GPUs per node; one task per GPU. 0 for CPU-only nodes."""
-    tasks_per_node: int = 1
+    tasks_per_node: int = field(default=1, metadata=bound(1))
     """Processes per node on CPU-only nodes (ignored when GPUs are requested)."""
-    cpus_per_task: int = 1
+    cpus_per_task: int = field(default=1, metadata=bound(1))
     """CPU cores per task (data-loader workers run on them)."""
-    mem_gb: float | None = None
+    mem_gb: float | None = field(default=None, metadata=bound(0, meaning="0 = the whole node"))
     """Memory per node in GB; None leaves SLURM's default, 0 asks for the whole node."""
-    time_min: int = 60
+    time_min: int = field(default=60, metadata=bound(1))
     """Default time limit of one job in minutes."""
     exclusive: bool = False
     """Ask for whole nodes (`--exclusive`)."""
@@ -90,20 +80,12 @@ class ClusterProfile:
     """Further sbatch options, spelled as submitit's `slurm_*` names without the prefix."""
     srun_args: list[str] = field(default_factory=list)
     """Extra arguments of the `srun` that starts the tasks (e.g. --cpu-bind=none)."""
-    max_nodes: int = 0
+    max_nodes: int = field(default=0, metadata=bound(0))
     """Largest job this cluster allows, checked by `--dry-run`; 0 means no limit."""
 
     def __post_init__(self) -> None:
         # `load_profile` names the file before each message
         check_choices(self, "")
-        for name in ("gpus_per_node", "max_nodes"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("tasks_per_node", "cpus_per_task", "time_min"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.mem_gb is not None and self.mem_gb < 0:
-            raise ConfigError(f"mem_gb: must be >= 0 (0 = the whole node), got {self.mem_gb}")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fitscale.config.errors import ConfigError
+from fitscale.config.bounds import bound
 from fitscale.config.schema import check_choices
 
 OnOff = Literal["auto", "on", "off"]
@@ -15,7 +15,7 @@ OnOff = Literal["auto", "on", "off"]
 class LogConfig:
     """What a run reports and where; everything is written by rank 0 unless `all_ranks` is set."""
 
-    every: int = 10
+    every: int = field(default=10, metadata=bound(1))
     """Log metrics every this many optimizer steps."""
     jsonl: bool = True
     """Append one JSON line per logged step to `<run_dir>/metrics.jsonl` (kept across resumes)."""
@@ -38,20 +38,10 @@ class LogConfig:
     """wandb run name; None uses the run folder's name."""
     wandb_tags: list[str] = field(default_factory=list)
     """wandb tags."""
-    peak_flops: float = 0.0
+    peak_flops: float = field(default=0.0, metadata=bound(0, meaning="0 uses the device table"))
     """Peak dense bf16 FLOP/s of one device for MFU; 0 looks the device up in the built-in table."""
-    timestep_buckets: int = 4
+    timestep_buckets: int = field(default=4, metadata=bound(0, meaning="0 disables it"))
     """Also log the loss averaged over this many equal-width timestep buckets; 0 disables it."""
 
     def __post_init__(self) -> None:
         check_choices(self, "log.")
-        if self.every < 1:
-            raise ConfigError(f"log.every: must be >= 1, got {self.every}")
-        if self.peak_flops < 0:
-            raise ConfigError(
-                f"log.peak_flops: must be >= 0 (0 uses the device table), got {self.peak_flops}"
-            )
-        if self.timestep_buckets < 0:
-            raise ConfigError(
-                f"log.timestep_buckets: must be >= 0 (0 disables it), got {self.timestep_buckets}"
-            )

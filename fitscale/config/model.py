@@ -1,9 +1,15 @@
-"""The model section of a run: a preset of fitscale.models plus typed overrides of its fields.
+"""The model section of a run, and ModelConfig with the named presets of the FiTv2 family.
 
-`model.overrides` has one field per `ModelConfig` field, of the same type (a tuple becomes a
-list, as YAML writes it), so a recipe or `--set model.overrides.depth=abc` is checked like every
-other section. An override left at null keeps the preset's value. The fields, their types and
-descriptions are read from ModelConfig itself (fitscale/models/config.py), the one definition.
+A preset is a complete ModelConfig; `build_config(name, **overrides)` copies it with overrides
+and validates the result, so every model in a run is described by one flat, typed record that
+a recipe can override field by field. ModelConfig lives here, with the other sections, below the
+network that `fitscale.models` builds from it.
+
+The run's `model` section is a preset name plus typed overrides: `model.overrides` has one field
+per `ModelConfig` field, of the same type (a tuple becomes a list, as YAML writes it), so a recipe
+or `--set model.overrides.depth=abc` is checked like every other section. An override left at null
+keeps the preset's value. The fields, their types and descriptions are read from ModelConfig
+itself, the one definition.
 """
 
 from __future__ import annotations
@@ -13,13 +19,214 @@ import types
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 from fitscale.config.errors import ConfigError
-from fitscale.config.schema import check_choices
-from fitscale.models.config import PRESETS, ModelConfig, build_config
+from fitscale.config.schema import check_choices, choice_message
+from fitscale.errors import UserError
 
-PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]  # the names of fitscale.models PRESETS
+# The release's `custom_freqs` values (whlzy/FiT fit/model/rope.py), accepted as spellings of ours.
+RELEASE_ROPE_METHODS = {
+    "normal": "none",
+    "linear": "linear",
+    "ntk-aware": "ntk",
+    "ntk-by-parts": "ntk_by_parts",
+    "yarn": "yarn",
+    "ntk-aware-pro1": "ntk_pro1",
+    "ntk-aware-pro2": "ntk_pro2",
+}
+# Ours first, then the release's spellings that differ (stored as ours).
+RopeMethod = Literal[
+    "none", "linear", "ntk", "ntk_by_parts", "yarn", "ntk_pro1", "ntk_pro2",
+    "normal", "ntk-aware", "ntk-by-parts", "ntk-aware-pro1", "ntk-aware-pro2",
+]  # fmt: skip
+ROPE_METHODS = tuple(dict.fromkeys(RELEASE_ROPE_METHODS.values()))  # ours
+RELEASE_SPELLINGS = (
+    f"{', '.join(n for n in RELEASE_ROPE_METHODS if n not in ROPE_METHODS)} are the release's names"
+)
+# The names registered in fitscale.models.attention.BACKENDS, and auto (a test keeps them equal).
+AttentionBackendName = Literal["auto", "flash", "varlen", "flex", "grouped", "reference", "padded"]
+ATTENTION_BACKENDS = get_args(AttentionBackendName)
+
+
+def canonical_rope_method(name: str) -> str:
+    """Our name of a RoPE method given ours or the release's `custom_freqs` (any case);
+    ConfigError (a ValueError) listing both spellings otherwise (`model.rope_method: ...`)."""
+    lowered = str(name).lower()
+    if lowered not in get_args(RopeMethod):
+        raise ConfigError(choice_message("model.rope_method", name, get_args(RopeMethod), RELEASE_SPELLINGS))
+    return RELEASE_ROPE_METHODS.get(lowered, lowered)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of one FiTv2 network."""
+
+    hidden_size: int = 1152  # D: width of every token
+    depth: int = 36  # number of transformer blocks
+    num_heads: int = 16  # H; head dim d = D / H
+    adaln_lora_rank: int = 288  # r of the per-block AdaLN-LoRA (D -> r -> 6D)
+    mlp_hidden_size: int | None = None  # SwiGLU hidden width; None: floor(2 * 4D / 3) as released
+    patch_size: int = 2  # p: a token covers p x p latent pixels
+    in_channels: int = 4  # C: latent channels; a token carries p*p*C values
+    num_classes: int = 1000  # label classes; index num_classes is the null class for guidance
+    class_dropout_prob: float = 0.1  # labels replaced by the null class in training mode
+    time_shift: float = 1.0  # s of models.layers.shift_time before the timestep embedding; 1 = identity
+    norm_eps: float = 1e-6  # eps of every LayerNorm (blocks, QK-norm, final layer)
+    # RoPE: 2-D, half the head dims for rows and half for columns.
+    rope_theta: float = 10000.0
+    # rope_method: training-free extrapolation, one of ROPE_METHODS or the release's custom_freqs name
+    # (normal, ntk-aware, ntk-by-parts, ntk-aware-pro1, ntk-aware-pro2), stored as ours.
+    rope_method: RopeMethod = field(default="none", metadata={"hint": RELEASE_SPELLINGS})
+    rope_decoupled: bool = False  # scale rows and columns separately (release `decouple`; paper "Vision")
+    rope_attn_scale: bool = False  # multiply cos/sin by sqrt(log(2hw)/log(L0^2)) when 2hw > L0^2
+    rope_per_image: bool = False  # frequencies from each image's own grid (release `online_rope`)
+    rope_base_grid: int = 16  # L0 (release `ori_max_pe_len`): training grid edge, 16 for 256 tokens
+    # (rows, cols) of fixed frequencies (release `max_pe_len_h/w`); None: the L0 x L0 grid (no scaling)
+    rope_target_grid: tuple[int, int] | None = None
+    attn_backend: AttentionBackendName = "auto"  # `padded` is the release's dense attention
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+        for name in (
+            "hidden_size",
+            "depth",
+            "num_heads",
+            "adaln_lora_rank",
+            "patch_size",
+            "in_channels",
+            "num_classes",
+            "rope_theta",
+            "rope_base_grid",
+            "time_shift",
+        ):
+            positive(name)
+        if self.mlp_hidden_size is not None:
+            positive("mlp_hidden_size")
+        if self.hidden_size % self.num_heads:
+            raise UserError(
+                f"model.num_heads={self.num_heads} must divide model.hidden_size={self.hidden_size}; "
+                f"pick heads from {[h for h in range(1, 65) if self.hidden_size % h == 0]}"
+            )
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim % 4:
+            raise UserError(
+                f"head dim hidden_size/num_heads = {head_dim} must be a multiple of 4: 2-D RoPE gives half "
+                f"of it to rows and half to columns, and each half (= {head_dim / 2:g}) must be even"
+            )
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise UserError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        object.__setattr__(self, "rope_method", canonical_rope_method(self.rope_method))
+        check_choices(self, "model.")
+        if self.rope_method not in ("none", "linear") and self.head_dim // 2 <= 2:
+            raise UserError(f"model.rope_method={self.rope_method!r} needs a head dim above 4")
+        if self.rope_method not in ("none", "linear") and self.rope_theta <= 1:
+            raise UserError(
+                f"model.rope_theta={self.rope_theta} must exceed 1 for model.rope_method={self.rope_method!r}"
+            )
+        if self.rope_attn_scale and self.rope_method in ("ntk_pro1", "ntk_pro2"):
+            raise UserError(
+                f"model.rope_method={self.rope_method!r} already multiplies cos/sin by its own factor: "
+                "set model.rope_attn_scale=false"
+            )
+        if self.rope_base_grid == 1 and (
+            self.rope_attn_scale or self.rope_method in ("ntk_pro1", "ntk_pro2")
+        ):
+            scaled = (
+                "model.rope_attn_scale" if self.rope_attn_scale else f"model.rope_method={self.rope_method!r}"
+            )
+            raise UserError(
+                f"{scaled} divides by ln(L0) and model.rope_base_grid=1 makes it 0: use a base grid of 2 or more"
+            )
+        if self.rope_target_grid is not None:
+            grid = tuple(self.rope_target_grid)
+            if len(grid) != 2 or min(grid) <= 0:
+                raise UserError(
+                    f"model.rope_target_grid must be (rows, cols) > 0, got {self.rope_target_grid}"
+                )
+            object.__setattr__(self, "rope_target_grid", (int(grid[0]), int(grid[1])))
+        if self.rope_per_image and self.rope_target_grid is not None:
+            raise UserError(
+                "model.rope_per_image=true takes each image's grid: leave model.rope_target_grid unset"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """d = hidden_size / num_heads, the per-head width (72 for FiTv2-XL)."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """SwiGLU hidden width: `mlp_hidden_size`, else floor(2 * 4D / 3) as in the release (3072 for D
+        = 1152).
+        """
+        return self.mlp_hidden_size or int(2 * (4 * self.hidden_size) / 3)
+
+    @property
+    def token_dim(self) -> int:
+        """Values per token: p * p * C (16 for the released models)."""
+        return self.patch_size * self.patch_size * self.in_channels
+
+    def replace(self, **overrides) -> ModelConfig:
+        """A copy with `overrides` applied and validated (ValueError naming unknown fields or bad values)."""
+        return build_config_from(self, overrides)
+
+
+_HIGH_RES = dict(rope_method="ntk", rope_decoupled=True, rope_per_image=True, rope_base_grid=16)
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(hidden_size=64, depth=2, num_heads=4, adaln_lora_rank=16, num_classes=10),
+    "fitv2-b": ModelConfig(hidden_size=768, depth=15, num_heads=12, adaln_lora_rank=192),
+    "fitv2-xl": ModelConfig(hidden_size=1152, depth=36, num_heads=16, adaln_lora_rank=288),
+    "fitv2-3b": ModelConfig(hidden_size=2304, depth=40, num_heads=24, adaln_lora_rank=576),
+    "fitv2-xl-hr": ModelConfig(hidden_size=1152, depth=36, num_heads=16, adaln_lora_rank=288, **_HIGH_RES),
+    "fitv2-3b-hr": ModelConfig(hidden_size=2304, depth=40, num_heads=24, adaln_lora_rank=576, **_HIGH_RES),
+}
+
+
+def build_config(name: str, **overrides) -> ModelConfig:
+    """The preset `name` with `overrides` applied and validated; an override of None keeps the
+    preset's value (`model.overrides` of a run config holds every field, None where unset).
+    ValueError names an unknown preset or field, or the field whose value is wrong."""
+    if name not in PRESETS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+    return build_config_from(PRESETS[name], {k: v for k, v in overrides.items() if v is not None})
+
+
+def build_config_from(base: ModelConfig, overrides: dict) -> ModelConfig:
+    """`base` with `overrides` (field name -> value) applied; `__post_init__` validates the result.
+
+    Raises ValueError naming every unknown field (and listing the valid ones) or the first invalid value.
+    """
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(
+            f"unknown model field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}"
+        )
+    return dataclasses.replace(base, **overrides)
+
+
+def preset_names() -> list[str]:
+    """Names of the model presets, in definition order (tiny, fitv2-b, fitv2-xl, fitv2-3b, *-hr)."""
+    return list(PRESETS)
+
+
+__all__ = [
+    "ModelConfig",
+    "PRESETS",
+    "RELEASE_ROPE_METHODS",
+    "ROPE_METHODS",
+    "build_config",
+    "canonical_rope_method",
+    "preset_names",
+]
+
+
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]  # the names of PRESETS
 
 
 def _override_type(kind: Any) -> Any:
@@ -81,7 +288,7 @@ class ModelSection:
     """Which network: a preset of `fitscale.models` plus overrides of its ModelConfig fields."""
 
     name: PresetName = "tiny"
-    """Preset of fitscale/models/config.py `PRESETS` that the overrides change."""
+    """Preset of `PRESETS` (above) that the overrides change."""
     overrides: ModelOverrides = field(default_factory=ModelOverrides)
     """ModelConfig fields to change, e.g. {class_dropout_prob: 0.0, attn_backend: reference}."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fitscale.config.errors import ConfigError
+from fitscale.config.bounds import bound
 from fitscale.config.schema import check_choices
 
 
@@ -23,28 +23,19 @@ class ScheduleConfig:
     name: Literal["constant", "cosine", "wsd"] = "constant"
     """`constant` (the paper: warmup then the base rate), `cosine` (to `min_lr_ratio` at the last step)
     or `wsd` (warmup, stable, then decay over the last `decay_fraction` of the run)."""
-    warmup_steps: int = 0
+    warmup_steps: int = field(default=0, metadata=bound(0, meaning="0 disables warmup"))
     """Steps of linear warmup; step i runs at (i + 1) / warmup_steps of the base rate."""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = field(default=0.0, metadata=bound(0, 1))
     """Final rate as a fraction of the base rate for `cosine` and `wsd`."""
-    decay_fraction: float = 0.2
+    decay_fraction: float = field(
+        default=0.2, metadata=bound(0, 1, low_open=True, note="0.2 decays over the last fifth of the run")
+    )
     """`wsd`: fraction of all steps spent decaying at the end of the run."""
     decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
     """`wsd`: shape of the decay, `linear`, `cosine` or `sqrt` (1 - sqrt of progress)."""
 
     def __post_init__(self) -> None:
         check_choices(self, "optim.schedule.")
-        if self.warmup_steps < 0:
-            raise ConfigError(
-                f"optim.schedule.warmup_steps: must be >= 0 (0 disables warmup), got {self.warmup_steps}"
-            )
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"optim.schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise ConfigError(
-                f"optim.schedule.decay_fraction: must be in (0, 1], got {self.decay_fraction}; "
-                "0.2 decays over the last fifth of the run"
-            )
 
 
 @dataclass
@@ -53,12 +44,12 @@ class EMAConfig:
 
     enabled: bool = True
     """Keep an EMA (saved in every checkpoint, exported with `fitscale convert export --ema`)."""
-    decay: float = 0.9999
+    decay: float = field(default=0.9999, metadata=bound(0, 1, high_open=True, note="the paper uses 0.9999"))
     """Decay per optimizer step; with `update_every: k` each update uses decay**k, so the averaging
     horizon in steps does not depend on the interval."""
-    update_every: int = 1
+    update_every: int = field(default=1, metadata=bound(1))
     """Update the EMA every k optimizer steps (a cost knob for very large models)."""
-    start_step: int = 0
+    start_step: int = field(default=0, metadata=bound(0))
     """Before this step the EMA copies the weights instead of averaging them."""
     warmup: Literal["none", "ratio", "power"] = field(
         default="power", metadata={"hint": "`power` for new runs, `none` for the release's constant decay"}
@@ -69,39 +60,29 @@ class EMAConfig:
     `ratio`: (1 + t) / (10 + t) (diffusers' default, TensorFlow's `ExponentialMovingAverage(num_updates)`);
     `none`: `decay` from the first step (the FiTv2 release, whose EMA starts at the initial weights).
     Without warmup the EMA of a run shorter than a few 1 / (1 - decay) steps is mostly its initial weights."""
-    inv_gamma: float = 1.0
+    inv_gamma: float = field(default=1.0, metadata=bound(0, low_open=True, note="diffusers uses 1.0"))
     """`power` warmup: steps are divided by this before the power (larger: slower warmup)."""
-    power: float = 2 / 3
+    power: float = field(default=2 / 3, metadata=bound(0, low_open=True, note="diffusers uses 2/3"))
     """`power` warmup: the exponent; 2/3 reaches decay 0.999 at 31.6k steps and 0.9999 at 1M steps,
     3/4 reaches 0.999 at 10k steps (for shorter runs)."""
 
     def __post_init__(self) -> None:
         check_choices(self, "optim.ema.")
-        if not 0.0 <= self.decay < 1.0:
-            raise ConfigError(f"optim.ema.decay: must be in [0, 1), got {self.decay}; the paper uses 0.9999")
-        if self.update_every < 1:
-            raise ConfigError(f"optim.ema.update_every: must be >= 1, got {self.update_every}")
-        if self.start_step < 0:
-            raise ConfigError(f"optim.ema.start_step: must be >= 0, got {self.start_step}")
-        if not self.inv_gamma > 0:
-            raise ConfigError(f"optim.ema.inv_gamma: must be > 0, got {self.inv_gamma}; diffusers uses 1.0")
-        if not self.power > 0:
-            raise ConfigError(f"optim.ema.power: must be > 0, got {self.power}; diffusers uses 2/3")
 
 
 @dataclass
 class OptimConfig:
     """AdamW and how its learning rate is set."""
 
-    lr: float = 1e-4
+    lr: float = field(default=1e-4, metadata=bound(0, low_open=True, note="the paper uses 1e-4"))
     """Base learning rate, for a global batch of `base_batch_size` images when `lr_scaling` is on."""
-    beta1: float = 0.9
+    beta1: float = field(default=0.9, metadata=bound(0, 1, high_open=True))
     """AdamW first-moment decay."""
-    beta2: float = 0.999
+    beta2: float = field(default=0.999, metadata=bound(0, 1, high_open=True))
     """AdamW second-moment decay."""
-    eps: float = 1e-8
+    eps: float = field(default=1e-8, metadata=bound(0, low_open=True))
     """AdamW denominator epsilon."""
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata=bound(0))
     """Decoupled weight decay of the matrices; 1-D parameters and `no_weight_decay` matches get none."""
     no_weight_decay: list[str] = field(default_factory=lambda: ["*.bias", "*embedding_table*"])
     """fnmatch patterns of parameter names that never get weight decay."""
@@ -110,22 +91,10 @@ class OptimConfig:
     `apex` (NVIDIA apex FusedAdam; needs a real apex build, which PyPI does not have)."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     """Scale the rate with the global batch: `linear` (lr * B / base_batch_size), `sqrt`, or `none`."""
-    base_batch_size: int = 256
+    base_batch_size: int = field(default=256, metadata=bound(1))
     """Global batch (images per optimizer step) that `lr` was tuned for."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self) -> None:
         check_choices(self, "optim.")
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}; the paper uses 1e-4")
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"optim.{name}: must be in [0, 1), got {value}")
-        if not self.eps > 0:
-            raise ConfigError(f"optim.eps: must be > 0, got {self.eps}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
-        if self.base_batch_size < 1:
-            raise ConfigError(f"optim.base_batch_size: must be >= 1, got {self.base_batch_size}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fitscale.config.bounds import bound
 from fitscale.config.errors import ConfigError
 from fitscale.config.schema import check_choices
 
@@ -22,11 +23,11 @@ class ParallelConfig:
     ranks and replicates across them; `none` replicates everything (data parallel only).
     DeepSpeed (ZeRO-3 only): `hybrid` is ZeRO++'s hpZ, a secondary copy of the weights partitioned
     within groups of `shard_size` ranks, so backward's all-gathers stay inside a node."""
-    shard_size: int = 0
+    shard_size: int = field(default=0, metadata=bound(0, meaning="0 = ranks of one node"))
     """Ranks per shard group for `hybrid`; 0 means the ranks of one node (LOCAL_WORLD_SIZE)."""
     reshard_after_forward: bool = True
     """FSDP: free gathered parameters after forward (less memory, one more all-gather in backward)."""
-    fsdp_prefetch: int = 0
+    fsdp_prefetch: int = field(default=0, metadata=bound(0, meaning="0 = FSDP2's own schedule"))
     """FSDP: blocks whose all-gather each block issues ahead, in forward (the next ones) and in
     backward (the previous ones); 0 keeps FSDP2's own schedule (one block ahead, overlapped on
     a CUDA stream). Each extra block keeps its gathered parameters alive longer; measure with
@@ -34,7 +35,7 @@ class ParallelConfig:
     activation_checkpointing: Literal["off", "full", "every"] = "off"
     """`off`, `full` (every block recomputes its activations in backward) or `every` (every
     `ac_every`-th block)."""
-    ac_every: int = 2
+    ac_every: int = field(default=2, metadata=bound(1))
     """With `activation_checkpointing: every`, checkpoint blocks 0, k, 2k, ..."""
     compile: bool = False
     """`torch.compile` each transformer block (static shapes need `data.token_budget`)."""
@@ -57,16 +58,6 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, "parallel.")
-        if self.ac_every < 1:
-            raise ConfigError(f"parallel.ac_every: must be >= 1, got {self.ac_every}")
-        if self.fsdp_prefetch < 0:
-            raise ConfigError(
-                f"parallel.fsdp_prefetch: must be >= 0 (0 = FSDP2's own schedule), got {self.fsdp_prefetch}"
-            )
-        if self.shard_size < 0:
-            raise ConfigError(
-                f"parallel.shard_size: must be >= 0 (0 = ranks of one node), got {self.shard_size}"
-            )
         if self.float8_fsdp_all_gather and self.float8 != "tensorwise":
             raise ConfigError(
                 f"parallel.float8_fsdp_all_gather=true needs parallel.float8=tensorwise (got {self.float8}); "

@@ -57,14 +57,19 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def check_choices(obj: Any, prefix: str) -> None:
-    """ConfigError for the first `Literal` field of dataclass `obj` whose value is not allowed.
+    """ConfigError for the first field of dataclass `obj` whose value is not allowed: a `Literal`
+    field's value that is not one of its choices, or a value outside the field's declared bound
+    (`metadata=bound(...)`, fitscale.config.bounds). The one place both are checked.
 
-    `prefix` is the section's dotted path with its dot (`parallel.`); a field's `metadata["hint"]`
-    is appended to the message. None passes for an `Optional[Literal]` field."""
+    `prefix` is the section's dotted path with its dot (`parallel.`); a choice field's
+    `metadata["hint"]` is appended to the message. None passes for an `Optional` field."""
     hints = _hints(type(obj))
     for item in dataclasses.fields(obj):
         allowed = choices(hints[item.name])
         value = getattr(obj, item.name)
+        declared = item.metadata.get("bound")
+        if declared is not None and not declared.holds(value):
+            raise ConfigError(declared.message(f"{prefix}{item.name}", value))
         if allowed is None or value in allowed or (value is None and type(None) in _union(hints[item.name])):
             continue
         raise ConfigError(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fitscale.compat import registered_locals, shm_registration_path
+from fitscale.errors import UserError
 from fitscale.locking import try_lock
 
 LOCK_FILE = ".fitscale-cache.lock"
@@ -36,13 +37,13 @@ def open_streaming_dataset(path: str | Path, remote: str | None, cfg, field: str
     `field` names the recipe field of `path` in errors (data.path or data.val_path). Collective
     when torch.distributed is initialised (every rank of the job calls it for the same folder).
     """
-    from fitscale.parallel.agree import all_ranks_agree
+    from fitscale.runtime.agree import all_ranks_agree
 
     folder = os.path.abspath(path)
     if folder in _open:
         held_remote, dataset, _ = _open[folder]
         if held_remote != remote:
-            raise ValueError(
+            raise UserError(
                 f"{field}={path} is already the cache folder of remote {held_remote!r} in this run, "
                 f"here asked to hold {remote!r}: Streaming keeps one dataset per cache folder; give "
                 f"{field} a folder of its own"
@@ -74,7 +75,7 @@ def _claim(folder: str, field: str) -> int:
     registrations of it; ValueError naming `field` when another live process holds it."""
     fd, holder = try_lock(Path(folder) / LOCK_FILE, str(os.getpid()))
     if fd is None:
-        raise ValueError(
+        raise UserError(
             f"{field}={folder}: this cache folder is in use by another run on this machine "
             f"(pid {holder or 'unknown'}); Streaming allows one reader per cache folder: give this run its "
             f"own {field}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from fitscale.errors import UserError
+
 
 def _add_write_options(parser: argparse.ArgumentParser, dtype_default: str | None = "float16") -> None:
     parser.add_argument("out", help="dataset folder to write (resumed if an unfinished write is there)")
@@ -21,7 +23,7 @@ def _settings(args, writer: str, max_tokens: int, **options):
     from fitscale.data.writer import WriteSettings
 
     if args.part_size < 1:
-        raise ValueError(f"--part-size {args.part_size}: must be at least 1")
+        raise UserError(f"--part-size {args.part_size}: must be at least 1")
     return WriteSettings(
         writer=writer,
         max_image_tokens=max_tokens,
@@ -51,7 +53,7 @@ def run_synth(args) -> int:
     from fitscale.data.writer import write_dataset
 
     if args.max_tokens not in (256, 1024):
-        raise ValueError(f"--max-tokens {args.max_tokens}: use 256 or 1024")
+        raise UserError(f"--max-tokens {args.max_tokens}: use 256 or 1024")
     settings = _settings(args, "synth", args.max_tokens, seed=args.seed, num_images=args.num_images)
     build = build_synth(args.seed, args.max_tokens, args.num_classes, args.dtype)
     meta = write_dataset(
@@ -75,7 +77,7 @@ def run_digits(args) -> int:
 
     args.num_classes = 10
     if not 1 <= args.min_side <= args.max_side <= 16:
-        raise ValueError(
+        raise UserError(
             f"--min-side {args.min_side} --max-side {args.max_side}: grid sides in tokens must satisfy "
             "1 <= min-side <= max-side <= 16 (the 256-token limit)"
         )
@@ -118,10 +120,10 @@ def run_from_images(args) -> int:
     from fitscale.data.writer import write_dataset
 
     if args.resolution % 16 or args.resolution < 64:
-        raise ValueError(f"--resolution {args.resolution}: use a multiple of 16 of at least 64 (256 or 512)")
+        raise UserError(f"--resolution {args.resolution}: use a multiple of 16 of at least 64 (256 or 512)")
     inputs, classes = list_image_folder(args.images)
     if len(classes) > args.num_classes:
-        raise ValueError(f"{args.images}: {len(classes)} class folders but --num-classes {args.num_classes}")
+        raise UserError(f"{args.images}: {len(classes)} class folders but --num-classes {args.num_classes}")
     max_tokens = (args.resolution // 16) ** 2
     latents = LatentNormalisation.from_config(
         check_vae_folder(args.vae, LATENT_CHANNELS), f"--vae {args.vae}"

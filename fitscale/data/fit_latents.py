@@ -18,6 +18,7 @@ import numpy as np
 
 from fitscale.data.format import LatentSample
 from fitscale.data.writer import SkipSample
+from fitscale.errors import UserError
 
 SMALL_FOLDER = "less_than_16"
 
@@ -32,7 +33,7 @@ def list_fit_latents(root: str | Path) -> tuple[list[tuple[str, str | None]], in
         int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"greater_than_(\d+)_resize", p.name))
     }
     if len(limits) != 1:
-        raise ValueError(
+        raise UserError(
             f"{root}: expected the release layout (from_16_to_L, greater_than_L_resize, greater_than_L_crop, "
             f"less_than_16) for one token limit L, found limits {sorted(limits) or 'none'}"
         )

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fitscale.errors import UserError
+
 FORMAT_NAME = "fitscale-latents"
 FORMAT_VERSION = 1
 PATCH_SIZE = 2
@@ -90,7 +92,7 @@ def patchify(latent: np.ndarray, patch_size: int = PATCH_SIZE) -> np.ndarray:
     """(C, H, W) latent -> (H/p * W/p, C*p*p) tokens, row-major, values (channel, row, col)."""
     channels, height, width = latent.shape
     if height % patch_size or width % patch_size:
-        raise ValueError(f"latent of {height}x{width} is not a multiple of the patch size {patch_size}")
+        raise UserError(f"latent of {height}x{width} is not a multiple of the patch size {patch_size}")
     rows, cols = height // patch_size, width // patch_size
     grid = latent.reshape(channels, rows, patch_size, cols, patch_size)
     return grid.transpose(1, 3, 0, 2, 4).reshape(rows * cols, channels * patch_size * patch_size)
@@ -124,7 +126,7 @@ def read_meta(folder: str | os.PathLike) -> dict:
         )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
             f"expected {FORMAT_NAME!r} version {FORMAT_VERSION}"
         )
@@ -138,7 +140,7 @@ def read_sample_table(folder: str | os.PathLike, num_samples: int) -> np.ndarray
         raise FileNotFoundError(f"{path}: missing sample table; rewrite the dataset")
     table = np.load(path, allow_pickle=False)
     if table.ndim != 2 or table.shape[1] != len(SAMPLE_COLUMNS) or table.shape[0] != num_samples:
-        raise ValueError(
+        raise UserError(
             f"{path}: table of shape {tuple(table.shape)} does not match the {num_samples} samples of "
             f"{INDEX_FILE} (expected ({num_samples}, {len(SAMPLE_COLUMNS)})); rewrite the dataset"
         )
@@ -158,7 +160,7 @@ def read_index(folder: str | os.PathLike) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: corrupt MDS index ({error}); rewrite the dataset") from error
+        raise UserError(f"{path}: corrupt MDS index ({error}); rewrite the dataset") from error
 
 
 def shard_files(index: dict) -> list[tuple[str, int]]:
@@ -184,7 +186,7 @@ def check_local_shards(folder: str | os.PathLike) -> int:
             raise FileNotFoundError(f"shard {path} named by {folder / INDEX_FILE} is missing")
         size = path.stat().st_size
         if size != expected:
-            raise ValueError(
+            raise UserError(
                 f"shard {path} is truncated or corrupt: {size} bytes, the index records {expected}; "
                 "rewrite the dataset (or restore the shard)"
             )

@@ -22,6 +22,7 @@ import numpy as np
 from fitscale.data.format import LATENT_CHANNELS, LatentSample, patchify
 from fitscale.data.vae import PIXELS_PER_TOKEN, encode_pixels, load_vae
 from fitscale.data.writer import SkipSample
+from fitscale.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -33,7 +34,7 @@ def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str
         raise FileNotFoundError(f"{root}: image folder not found")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{root}: no class subfolders; use the ImageFolder layout ROOT/CLASS/IMAGE")
+        raise UserError(f"{root}: no class subfolders; use the ImageFolder layout ROOT/CLASS/IMAGE")
     inputs = [
         (str(path), label)
         for label, name in enumerate(classes)
@@ -41,7 +42,7 @@ def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str
         if path.suffix.lower() in IMAGE_SUFFIXES
     ]
     if not inputs:
-        raise ValueError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under its class folders")
+        raise UserError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under its class folders")
     return inputs, classes
 
 

@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 
 from fitscale.data.format import INDEX_FILE, META_FILE, SAMPLES_FILE
+from fitscale.errors import UserError
 
 HASH = "xxh64"  # what the writer records (MDSWriter's and ours)
 SIDE_FILES = (INDEX_FILE, SAMPLES_FILE)
 
 
-class DatasetIntegrityError(ValueError):
+class DatasetIntegrityError(UserError):
     """A dataset file does not match the hash recorded for it when the dataset was written."""
 
 

@@ -45,6 +45,7 @@ from fitscale.data.integrity import check_side_files
 from fitscale.data.materialize import MaterializeStep, remove_leftovers, shared_prefix
 from fitscale.data.packing import PlannedImage, PlannerState, SampleCatalog, StepPlanner
 from fitscale.data.reader import ShardReader
+from fitscale.errors import UserError
 
 STATE_VERSION = 1
 ITEM_IMAGES = 256  # a worker's item of work holds whole steps with at least this many images
@@ -280,11 +281,11 @@ class LatentLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`, saved on any world size (see the module docstring)."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+            raise UserError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         for key in ("num_samples", "seed", "shuffle"):
             current = self.num_samples if key == "num_samples" else getattr(self.cfg, key)
             if state[key] != current:
-                raise ValueError(
+                raise UserError(
                     f"loader state was saved with {key}={state[key]!r} but this run has {current!r}; "
                     f"resume with the same dataset and data.{key}"
                     if key != "num_samples"

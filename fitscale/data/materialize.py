@@ -33,6 +33,7 @@ from fitscale.config.data import DataConfig
 from fitscale.data.batch import PackedBatch, cu_seqlens_from_lengths, padding_batch, padding_lengths
 from fitscale.data.format import COLS, CROP_COLS, CROP_ROWS, LABEL, ROWS, SOURCE_ID, TOKEN_DIM
 from fitscale.data.reader import ShardReader
+from fitscale.errors import UserError
 
 SHM_DIR = Path("/dev/shm")
 TOKEN_BYTES = TOKEN_DIM * 4 + 2 * 8  # float32 values and int64 (row, col) of one token
@@ -240,13 +241,13 @@ class MaterializeStep:
         try:
             variants = self.reader.variants(shard, local, bool(crop))
         except Exception as error:
-            raise ValueError(
+            raise UserError(
                 f"{self.where}: sample {index} in shard {self.reader.layouts[shard].basename} cannot "
                 f"be read ({type(error).__name__}: {error}); the shard is corrupt, rewrite the dataset"
             ) from error
         shape = variants.shape
         if len(shape) != 3 or shape[2] != TOKEN_DIM or shape[1] != length or shape[0] <= flip:
-            raise ValueError(
+            raise UserError(
                 f"{self.describe(index)}: tokens of shape {shape}, expected "
                 f"(V, {length}, {TOKEN_DIM}) for its grid and p*p*C; rewrite the dataset"
             )
@@ -259,7 +260,7 @@ class MaterializeStep:
         if not np.isfinite(tokens[:real]).all():
             ends = np.cumsum(layout.lengths)
             bad = int(np.searchsorted(ends, np.flatnonzero(~np.isfinite(tokens[:real]).all(1))[0], "right"))
-            raise ValueError(
+            raise UserError(
                 f"{self.describe(int(layout.work[bad, 0]))}: latents hold NaN or inf; rewrite the dataset"
             )
         tokens[real:] = 0.0

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fitscale.data.format import COLS, CROP_COLS, CROP_ROWS, HAS_FLIP, LABEL, ROWS, SOURCE_ID
+from fitscale.errors import UserError
 from fitscale.seeds import sample_uniform, sample_uniforms
 
 FLIP, CROP = 1, 2  # purposes of the per-sample hash
@@ -88,7 +89,7 @@ class SampleCatalog:
         bad = np.flatnonzero(eligible & ((labels < 0) | (labels >= num_classes)))
         if bad.size:
             i = int(bad[0])
-            raise ValueError(
+            raise UserError(
                 f"{where}: sample {i} (source id {int(table[i, SOURCE_ID])}) has label {int(labels[i])} "
                 f"outside [0, {num_classes}) ({bad.size} such samples); set data.num_classes to the "
                 "dataset's class count"
@@ -98,7 +99,7 @@ class SampleCatalog:
         big = np.flatnonzero(eligible & (longest > limit))
         if big.size:
             i = int(big[0])
-            raise ValueError(
+            raise UserError(
                 f"{where}: sample {i} (source id {int(table[i, SOURCE_ID])}) has {int(longest[i])} tokens, "
                 f"more than data.max_image_tokens={max_tokens} / data.token_budget={token_budget} "
                 f"({big.size} such samples); raise those limits or rewrite the dataset at this limit"
@@ -138,7 +139,7 @@ class SampleStream:
 
     def __init__(self, catalog: SampleCatalog, seed: int, shuffle: bool):
         if catalog.eligible.size == 0:
-            raise ValueError("the dataset has no sample with enough tokens to train on")
+            raise UserError("the dataset has no sample with enough tokens to train on")
         self.catalog, self.seed, self.shuffle = catalog, seed, shuffle
         self.epoch, self.cursor = 0, 0
         self._order_epoch, self._order = -1, catalog.eligible

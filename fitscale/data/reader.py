@@ -35,6 +35,7 @@ import numpy as np
 from fitscale.compat import shard_state, touch_shard
 from fitscale.data.format import INDEX_FILE, TOKEN_DIM
 from fitscale.data.integrity import shard_hash_problem
+from fitscale.errors import UserError
 
 # MDS ndarray dtype codes (streaming.base.format.mds.encodings.NDArray) of the latent dtypes.
 VALUE_DTYPES = {18: np.dtype("<f2"), 34: np.dtype("<f4"), 66: np.dtype("<f8")}
@@ -43,7 +44,7 @@ ARRAY_COLUMNS = ("tokens", "crop")
 SHARD_LOCAL = 3  # streaming's _ShardState.LOCAL
 
 
-class ShardReadError(ValueError):
+class ShardReadError(UserError):
     """A sample whose bytes do not decode: the shard is corrupt."""
 
 
@@ -67,7 +68,7 @@ class ShardLayout:
         expected = {"tokens": "ndarray", "crop": "ndarray", "source": "str"}
         for name, encoding in expected.items():
             if name not in names or encodings[names.index(name)] != encoding:
-                raise ValueError(
+                raise UserError(
                     f"{where}: shard {shard['raw_data']['basename']} has no {encoding} column {name!r}; "
                     "not a fitscale latent dataset, rewrite it with `fitscale data ...`"
                 )

@@ -16,6 +16,7 @@ from fitscale.data.format import (
     SAMPLE_COLUMNS,
     SAMPLES_FILE,
     TOKEN_DIM,
+    atomic_write_bytes,
     check_local_shards,
     read_index,
     read_meta,
@@ -23,6 +24,7 @@ from fitscale.data.format import (
 )
 from fitscale.data.integrity import check_side_files, hash_note, recorded_hash, verify_shards
 from fitscale.data.packing import SampleCatalog, SampleStream, TokenPacker
+from fitscale.errors import UserError
 
 
 def token_histogram(lengths: np.ndarray, limit: int) -> list[dict]:
@@ -52,8 +54,6 @@ def unpack_compressed_shards(folder: Path) -> None:
     """Decompress each compressed shard whose raw form is absent next to it, as the training
     loader's StreamingDataset does on first use (the compressed file is kept)."""
     from streaming.base.compression import decompress
-
-    from fitscale.data.format import atomic_write_bytes
 
     for shard in read_index(folder)["shards"]:
         raw = folder / shard["raw_data"]["basename"]
@@ -119,7 +119,7 @@ def dataset_stats(folder: str | Path, token_budget: int | None = None, verify: b
     limit = int(meta["max_image_tokens"])
     budget = token_budget or 8 * limit
     if budget < limit:
-        raise ValueError(f"--token-budget {budget} is smaller than the dataset's token limit {limit}")
+        raise UserError(f"--token-budget {budget} is smaller than the dataset's token limit {limit}")
     catalog = SampleCatalog(
         table,
         seed=0,

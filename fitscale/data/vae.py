@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fitscale.errors import UserError
+
 PIXELS_PER_TOKEN = 16  # 8x VAE downsampling times patch size 2
 VAE_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -36,26 +38,26 @@ def check_vae_folder(path: str | Path, latent_channels: int | None = None) -> di
     config_file = folder / "config.json"
     if not config_file.is_file():
         inside = " (a diffusers pipeline: pass its vae/ subfolder)" if (folder / "vae").is_dir() else ""
-        raise ValueError(f"--vae {path}: no config.json in the folder{inside}; {hint}")
+        raise UserError(f"--vae {path}: no config.json in the folder{inside}; {hint}")
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"--vae {path}: config.json is not valid JSON ({error}); {hint}") from None
+        raise UserError(f"--vae {path}: config.json is not valid JSON ({error}); {hint}") from None
     kind = config.get("_class_name") if isinstance(config, dict) else None
     if kind != "AutoencoderKL":
-        raise ValueError(
+        raise UserError(
             f"--vae {path}: config.json describes {kind or 'no diffusers model'}, not an AutoencoderKL"
         )
     if not any((folder / name).is_file() for name in VAE_WEIGHT_FILES):
-        raise ValueError(f"--vae {path}: no weights file ({' or '.join(VAE_WEIGHT_FILES)}); {hint}")
+        raise UserError(f"--vae {path}: no weights file ({' or '.join(VAE_WEIGHT_FILES)}); {hint}")
     channels = config.get("latent_channels", 4)
     if latent_channels is not None and channels != latent_channels:
-        raise ValueError(
+        raise UserError(
             f"--vae {path}: it decodes {channels}-channel latents but the model makes {latent_channels}-channel ones"
         )
     blocks = config.get("block_out_channels")
     if blocks is not None and len(blocks) != 4:
-        raise ValueError(f"--vae {path}: downsamples by 2^{len(blocks) - 1}, fitscale needs 8")
+        raise UserError(f"--vae {path}: downsamples by 2^{len(blocks) - 1}, fitscale needs 8")
     LatentNormalisation.from_config(config, f"--vae {path}")  # refuses factors it cannot apply
     return config
 
@@ -81,21 +83,21 @@ class LatentNormalisation:
         mean, std = config.get("latents_mean"), config.get("latents_std")
         channels = config.get("latent_channels", 4)
         if not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
-            raise ValueError(f"{where}: scaling_factor={scaling!r}, expected a positive number")
+            raise UserError(f"{where}: scaling_factor={scaling!r}, expected a positive number")
         if shift is not None and (mean is not None or std is not None):
-            raise ValueError(
+            raise UserError(
                 f"{where}: sets both shift_factor={shift} and latents_mean/latents_std; "
                 "fitscale applies one or the other, not both (set the unused one to null in config.json)"
             )
         if (mean is None) != (std is None):
-            raise ValueError(f"{where}: latents_mean and latents_std must be set together, got only one")
+            raise UserError(f"{where}: latents_mean and latents_std must be set together, got only one")
         for name, values in (("latents_mean", mean), ("latents_std", std)):
             if values is not None and (not isinstance(values, (list, tuple)) or len(values) != channels):
-                raise ValueError(
+                raise UserError(
                     f"{where}: {name} must list {channels} values (latent_channels), got {values!r}"
                 )
         if std is not None and min(std) <= 0:
-            raise ValueError(f"{where}: latents_std must be positive, got {std}")
+            raise UserError(f"{where}: latents_std must be positive, got {std}")
         return cls(
             float(scaling),
             None if shift is None else float(shift),
@@ -144,7 +146,7 @@ def load_vae(
         vae = AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=find_spec("accelerate") is not None)
     except (OSError, ValueError, RuntimeError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"--vae {path}: cannot be loaded as an AutoencoderKL ({reason})") from error
+        raise UserError(f"--vae {path}: cannot be loaded as an AutoencoderKL ({reason})") from error
     return vae.to(device).eval()
 
 
@@ -169,7 +171,7 @@ def check_vae_matches_dataset(vae_path: str | Path, dataset: str | Path) -> None
     given = LatentNormalisation.from_config(check_vae_folder(vae_path), where).as_dict()
     trained = {key: recorded.get(key) for key in given}
     if given != trained:
-        raise ValueError(
+        raise UserError(
             f"{where} normalises latents with {describe_factors(given)}, but the model was trained on "
             f"{dataset}, encoded by {recorded.get('path')} with {describe_factors(trained)}; "
             "decode with that VAE (or one with the same factors)"

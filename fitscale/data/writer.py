@@ -47,6 +47,7 @@ from fitscale.data.format import (
 )
 from fitscale.data.integrity import HASH, side_file_hashes
 from fitscale.diskspace import named_out_of_space
+from fitscale.errors import UserError
 
 WRITER_FILE = "writer.json"
 PARTS_DIR = "parts"
@@ -121,7 +122,7 @@ def check_sample(sample: LatentSample, settings: WriteSettings) -> None:
             "under token minimum", source, f"{sample.rows * sample.cols} < {settings.min_image_tokens} tokens"
         )
     if not 0 <= sample.label < settings.num_classes:
-        raise ValueError(
+        raise UserError(
             f"{source}: label {sample.label} is outside [0, {settings.num_classes}); "
             "fix the class list or pass the right --num-classes"
         )
@@ -142,7 +143,7 @@ def prepare_output(out: Path, settings: WriteSettings, overwrite: bool) -> None:
             started = json.loads((out / WRITER_FILE).read_text())
             if started != wanted:
                 changed = sorted(k for k in wanted if started.get(k) != wanted[k])
-                raise ValueError(
+                raise UserError(
                     f"{out} holds an unfinished write with other settings ({', '.join(changed)} differ); "
                     "rerun with the same arguments to resume, or pass --overwrite to start over"
                 )
@@ -288,7 +289,7 @@ def write_dataset(
     from tqdm import tqdm
 
     if not 0 <= rank < world_size:
-        raise ValueError(f"--rank {rank} must lie in [0, --world-size {world_size})")
+        raise UserError(f"--rank {rank} must lie in [0, --world-size {world_size})")
     out = Path(out)
     prepare_output(out, settings, overwrite)
     num_parts = max(1, -(-len(inputs) // settings.part_size))

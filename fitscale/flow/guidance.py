@@ -21,6 +21,7 @@ import math
 import torch
 
 from fitscale.data.batch import PackedLayout
+from fitscale.errors import UserError
 
 
 def guidance_scale(cfg_scale: float, t: torch.Tensor, scale_pow: float = 0.0) -> torch.Tensor:
@@ -45,7 +46,7 @@ def guide(
         return guided
     split = guidance_channels * patch_size * patch_size
     if not 0 < split <= v_cond.shape[-1]:
-        raise ValueError(
+        raise UserError(
             f"guidance_channels={guidance_channels} does not fit tokens of {v_cond.shape[-1]} values "
             f"(patch size {patch_size})"
         )

@@ -1,12 +1,15 @@
 """The straight path from noise (t = 0) to data (t = 1) and its velocity.
 
 FiTv2 counts time the other way round from many diffusion codebases: t = 1 is the clean
-image. Keeping these three formulas in one place keeps training and sampling in agreement.
+image. Keeping these formulas in one place keeps training and sampling in agreement; the time shift
+(`shift_time`) is the model's own map, defined beside its timestep embedder in `fitscale.models.layers`.
 """
 
 from __future__ import annotations
 
 import torch
+
+from fitscale.models.layers import shift_time  # noqa: F401  (the model's time map, re-exported for the flow)
 
 
 def interpolate(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -17,19 +20,3 @@ def interpolate(data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tor
 def velocity_target(data: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """d x_t / dt along the straight path: x_1 - x_0."""
     return data - noise
-
-
-def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """t <- s t / (1 + (s - 1) t), capped at 1; s = 1 is the identity. Maps [0, 1] onto itself.
-
-    The release's `time_shifting` (fit/model/fit_model.py, `torch.clamp(..., max=1.0)`), the
-    timestep shift of SD3 (Esser et al. 2024, section 5.3.2): s > 1 moves times towards the data
-    end, s < 1 towards noise (useful at high resolution, where more of the signal survives a given
-    noise level). One map, applied where each `time_shift` field says:
-    - `model.time_shift`: to the model's input time before its timestep embedding (the release's);
-    - `train.flow.time_shift`: to the training timesteps after they are drawn;
-    - `fitscale sample --time-shift`: to the sampler's time grid.
-    """
-    if shift == 1.0:
-        return t
-    return torch.clamp(shift * t / (1 + (shift - 1) * t), max=1.0)

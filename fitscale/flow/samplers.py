@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fitscale.flow.path import shift_time
+from fitscale.models.layers import shift_time
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 WRITTEN_OUT = ("euler", "heun")  # ours, elementwise; every other sampler is torchdiffeq's

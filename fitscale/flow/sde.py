@@ -33,8 +33,8 @@ from collections.abc import Callable
 
 import torch
 
-from fitscale.flow.path import shift_time
 from fitscale.flow.samplers import CountedVelocity, OdeResult, VelocityFn
+from fitscale.models.layers import shift_time
 
 SDE_SAMPLERS = ("euler", "heun")
 DIFFUSION_FORMS = ("constant", "sbdm", "sigma", "linear", "decreasing", "increasing-decreasing")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fitscale.flow.path import shift_time
+from fitscale.models.layers import shift_time
 
 
 def sample_timesteps(

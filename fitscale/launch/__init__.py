@@ -1,8 +1,10 @@
-"""Launching runs: SLURM via submitit (with preemption and requeue), local and multi-node ranks.
+"""Launching runs: SLURM via submitit (with preemption and requeue), above the trainer.
 
-- `fitscale.launch.env.init_distributed_from_env()`: join the job's process group however it started.
-- `fitscale.launch.local.launch_local(argv, nproc, ...)`: N ranks here; one node of a job without SLURM.
 - `fitscale.launch.launcher.plan_launch / submit_plan / submit_sweep`: what `fitscale launch` and
   `fitscale sweep launch` call.
-- `fitscale.launch.rundir`: the run-folder layout.
+- `fitscale.launch.slurm`: submitit executors, job states, `active_job` of a run folder.
+- `fitscale.launch.job.TrainingJob`: what each SLURM task runs (preemption, requeue, resume).
+
+The process pieces these build on (rank environment, local ranks, failure reports, the run folder)
+live in `fitscale.runtime`.
 """

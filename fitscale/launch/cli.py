@@ -18,7 +18,7 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `fitscale launch` and its options to `subparsers`."""
-    from fitscale.cli import add_set_option
+    from fitscale.clitools import add_set_option
 
     parser = subparsers.add_parser(
         "launch",
@@ -110,8 +110,8 @@ def launch_command(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace, plan, submit_plan) -> int:
     from fitscale.config.errors import ConfigError
-    from fitscale.launch import rundir
     from fitscale.launch.slurm import SubmissionError, wait_for_job
+    from fitscale.runtime import rundir
 
     try:
         job = submit_plan(plan)

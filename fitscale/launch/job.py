@@ -25,7 +25,7 @@ import sys
 import tempfile
 from typing import Any
 
-from fitscale.launch.env import export_torch_env, slurm_rank_info
+from fitscale.runtime.env import export_torch_env, slurm_rank_info
 
 log = logging.getLogger("fitscale.launch")
 
@@ -107,9 +107,9 @@ class TrainingJob:
     def _report_failure(self, error: Exception) -> None:
         """This rank's one-line report, so `fitscale launch --wait` and `fitscale status` name the
         first rank that failed (the others often fail after it, having lost their peer)."""
-        from fitscale.cli import USER_ERRORS
-        from fitscale.launch.failures import record_failure, slurm_error_folder
-        from fitscale.launch.rundir import slurm_folder
+        from fitscale.clitools import USER_ERRORS
+        from fitscale.runtime.failures import record_failure, slurm_error_folder
+        from fitscale.runtime.rundir import slurm_folder
 
         try:
             import submitit

@@ -16,9 +16,11 @@ from typing import Any
 
 from fitscale.config.errors import ConfigError
 from fitscale.config.launch import ClusterProfile, Resources, resolve_resources
-from fitscale.launch import rundir
+from fitscale.errors import UserError
 from fitscale.launch.job import TrainingJob, make_signals_exit
 from fitscale.launch.profiles import load_profile
+from fitscale.runtime import rundir
+from fitscale.train.preflight import check_before_launch, check_data_before_launch, world_size_problems
 
 
 @dataclass
@@ -72,28 +74,6 @@ def launch_overrides(
         "time_min": time_min,
     }
     return [f"launch.{name}={value}" for name, value in values.items() if value is not None]
-
-
-def world_size_problems(config, world: int, shape: str, tasks_per_node: int | None = None) -> list[str]:
-    """Reasons this run cannot split over `world` ranks (`shape` says how they are laid out)."""
-    from fitscale.parallel.deepspeed import deepspeed_problems
-
-    problems = deepspeed_problems(config)
-    data = config.data
-    if data.batch_mode == "images" and data.global_batch_size % world:
-        problems.append(
-            f"data.global_batch_size={data.global_batch_size} does not divide over {world} ranks "
-            f"({shape}); set it to a multiple of {world}"
-        )
-    parallel = config.parallel
-    if parallel.sharding == "hybrid":
-        shard = parallel.shard_size or tasks_per_node or world
-        if world % shard:
-            problems.append(
-                f"parallel.shard_size={shard} does not divide the {world} ranks; set parallel.shard_size "
-                f"to a divisor of {world} (0 = the ranks of one node)"
-            )
-    return problems
 
 
 def check_topology(config, resources: Resources, profile: ClusterProfile) -> list[str]:
@@ -154,7 +134,6 @@ def check_plan(plan: LaunchPlan, lock: bool) -> None:
     """Everything that needs no process group, before any rank or job exists: the topology, the
     backend, the trainable patterns, the datasets, (with `lock`) the run folder, and a resume that
     changes a field that may not change; ConfigError."""
-    from fitscale.train.cli import check_before_launch, check_data_before_launch
 
     if plan.problems:
         raise ConfigError("; ".join(plan.problems))
@@ -164,13 +143,13 @@ def check_plan(plan: LaunchPlan, lock: bool) -> None:
 
 def submit_plan(plan: LaunchPlan):
     """Submit to SLURM; returns the submitit Job. Refuses a run folder whose previous job may still run."""
-    from fitscale.launch.slurm import build_executor, require_slurm, submit
+    from fitscale.launch.slurm import active_job, build_executor, require_slurm, submit
 
     if plan.problems:
         raise ConfigError("; ".join(plan.problems))
     require_slurm()
     check_plan(plan, lock=False)  # the lock is the job's to take, on its node
-    active = rundir.active_job(plan.run_dir)
+    active = active_job(plan.run_dir)
     if active is not None:
         raise ConfigError(
             f"run folder {str(plan.run_dir)!r} already has SLURM job {active[0]} ({active[1]}); wait for it, "
@@ -201,11 +180,11 @@ def run_local(
     master_port: int | None = None,
 ) -> int:
     """Run the plan's ranks on this machine (one node of `resources.nodes`); returns the exit code."""
-    from fitscale.launch.failures import run_ranks
-    from fitscale.launch.local import python_module_command
+    from fitscale.runtime.failures import run_ranks
+    from fitscale.runtime.local import python_module_command
 
     if plan.resources.nodes > 1 and master_port is None:
-        raise ValueError("a multi-node launch needs an explicit master_port that every node agrees on")
+        raise UserError("a multi-node launch needs an explicit master_port that every node agrees on")
     check_plan(plan, lock=True)
     args = ["train", str(recipe), "--set", *overrides, f"train.run_dir={plan.run_dir}"]
     rundir.append_launch_record(

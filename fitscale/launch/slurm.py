@@ -1,6 +1,6 @@
 """Submitting runs to SLURM with submitit, following them, and explaining how they ended.
 
-One submitit folder per run (`<run_dir>/slurm/`, see `fitscale.launch.rundir`); job arrays put
+One submitit folder per run (`<run_dir>/slurm/`, see `fitscale.runtime.rundir`); job arrays put
 many runs of a sweep in one submission. SLURM's accounting (`sacct`) is optional: job states
 come from `scontrol show job` while the controller remembers the job, then from `sacct`.
 """
@@ -21,6 +21,7 @@ from typing import Any
 from fitscale.compat import SUBMITIT_TASK_MODULE, sbatch_parameter_names, sbatch_string
 from fitscale.config.launch import ClusterProfile, LaunchConfig, Resources
 from fitscale.launch.job import TrainingJob
+from fitscale.runtime import rundir
 
 # States after which SLURM will not run the job again (a requeued job goes back to PENDING).
 TERMINAL_STATES = {
@@ -212,9 +213,9 @@ class JobOutcome:
 
 
 def failure_reason(folder: str | Path, job_id: str, max_lines: int = 1) -> str:
-    """Why a job failed: the first failing rank's line (fitscale.launch.failures), else from its
+    """Why a job failed: the first failing rank's line (fitscale.runtime.failures), else from its
     tasks' result pickles (submitit stores the traceback) or their logs."""
-    from fitscale.launch.failures import slurm_first_failure
+    from fitscale.runtime.failures import slurm_first_failure
 
     folder = Path(folder)
     report = slurm_first_failure(folder, job_id)
@@ -268,3 +269,16 @@ def wait_for_job(
     if state == "COMPLETED" and result is None:
         reason = failure_reason(folder, job_id) or "the job completed without a result"
     return JobOutcome(job_id, state, reason, result)
+
+
+def active_job(run_dir: str | Path) -> tuple[str, str] | None:
+    """(job id, state) of a SLURM job launched on this run folder that SLURM may still run, else None."""
+    for record in reversed(rundir.launch_records(run_dir)):
+        job_id = record.get("job_id")
+        if record.get("scheduler") != "slurm" or not job_id:
+            continue
+        state = job_state(str(job_id))
+        if state not in TERMINAL_STATES and state != "UNKNOWN":
+            return str(job_id), state
+        return None
+    return None

@@ -31,6 +31,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from fitscale.errors import UserError
+
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -153,7 +155,7 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
                 return backend
     backend = BACKENDS.get(requested)
     if backend is None:
-        raise ValueError(
+        raise UserError(
             f"attn_backend={requested!r} is not an attention backend; use one of auto, {', '.join(BACKENDS)}"
         )
     if not backend.available():

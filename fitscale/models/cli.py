@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from fitscale.errors import UserError
+
 
 def register(subparsers) -> None:
     """Add the `fitscale info` subcommand to the top-level parser's `subparsers`."""
-    from fitscale.cli import add_set_option
+    from fitscale.clitools import add_set_option
 
     parser = subparsers.add_parser(
         "info",
@@ -59,7 +61,7 @@ def model_info(name: str, seq_len: int = 256, trainable: str | None = None, **ov
     from fitscale.models.partial import apply_trainable
 
     if seq_len <= 0:
-        raise ValueError(f"--seq-len must be positive, got {seq_len}")
+        raise UserError(f"--seq-len must be positive, got {seq_len}")
     with torch.device("meta"):
         model = build_model(name, **overrides)
     config = model.config

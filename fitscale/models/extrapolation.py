@@ -13,6 +13,8 @@ packed batch is sampled as the release's script samples it alone, and one run ca
 
 from __future__ import annotations
 
+from fitscale.errors import UserError
+
 # --interpolation value -> ModelConfig.rope_method (the release maps it to custom_freqs the same way).
 INTERPOLATIONS = {
     "no": "none",
@@ -35,7 +37,7 @@ def release_sampling_overrides(
     ntkpro1/ntkpro2 (whose factor divides by ln L0).
     """
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"--interpolation {interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
+        raise UserError(f"--interpolation {interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
     method = INTERPOLATIONS[interpolation]
     overrides = {
         "rope_method": method,
@@ -46,12 +48,12 @@ def release_sampling_overrides(
     }
     if ori_max_pe_len is not None:
         if isinstance(ori_max_pe_len, bool) or not isinstance(ori_max_pe_len, int) or ori_max_pe_len < 1:
-            raise ValueError(
+            raise UserError(
                 f"--ori-max-pe-len {ori_max_pe_len!r}: give the training grid edge in tokens, "
                 "an integer of 1 or more (16 for the 256-token models)"
             )
         if ori_max_pe_len == 1 and method in ("ntk_pro1", "ntk_pro2"):
-            raise ValueError(
+            raise UserError(
                 f"--ori-max-pe-len 1 with --interpolation {interpolation} divides by ln(1) = 0: use 2 or more"
             )
         overrides["rope_base_grid"] = ori_max_pe_len

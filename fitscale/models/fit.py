@@ -12,11 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fitscale.flow.path import shift_time
+from fitscale.config.model import ModelConfig, build_config
 from fitscale.models.attention import build_document_mask, segment_ids_from_cu_seqlens
-from fitscale.models.config import ModelConfig, build_config
 from fitscale.models.inputs import check_packed_batch
-from fitscale.models.layers import FinalLayer, FiTBlock, LabelEmbedder, PatchEmbed, TimestepEmbedder
+from fitscale.models.layers import (
+    FinalLayer,
+    FiTBlock,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    shift_time,
+)
 from fitscale.models.rope import rope_cos_sin
 
 

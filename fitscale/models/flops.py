@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fitscale.models.config import ModelConfig
+from fitscale.config.model import ModelConfig
 from fitscale.models.layers import TIMESTEP_FEATURES
 
 

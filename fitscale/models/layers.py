@@ -52,6 +52,22 @@ class PatchEmbed(nn.Module):
         return self.proj(x)  # (T, D)
 
 
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """t <- s t / (1 + (s - 1) t), capped at 1; s = 1 is the identity. Maps [0, 1] onto itself.
+
+    The release's `time_shifting` (fit/model/fit_model.py, `torch.clamp(..., max=1.0)`), the
+    timestep shift of SD3 (Esser et al. 2024, section 5.3.2): s > 1 moves times towards the data
+    end, s < 1 towards noise (useful at high resolution, where more of the signal survives a given
+    noise level). One map, applied where each `time_shift` field says:
+    - `model.time_shift`: to the model's input time before its timestep embedding (the release's);
+    - `train.flow.time_shift`: to the training timesteps after they are drawn;
+    - `fitscale sample --time-shift`: to the sampler's time grid.
+    """
+    if shift == 1.0:
+        return t
+    return torch.clamp(shift * t / (1 + (shift - 1) * t), max=1.0)
+
+
 class TimestepEmbedder(nn.Module):
     """256 sinusoidal features of t in [0, 1] (cos first, of t itself), then an MLP."""
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fitscale.errors import UserError
+
 # Module-name segments that wrappers insert anywhere in parameter names: activation checkpointing,
 # torch.compile (`_orig_mod`) and FSDP1; DDP and DeepSpeed engines add a leading "module.".
 WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
@@ -38,12 +40,12 @@ def read_checkpoint_file(path: str | Path, container_key: str | None = None) -> 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # the unpickler refuses anything but tensors and plain containers
-        raise ValueError(
+        raise UserError(
             f"{path} could not be read as a weights-only checkpoint ({type(error).__name__}: {error}); "
             "convert it to .safetensors or re-save it with torch.save(state_dict)"
         ) from error
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
+        raise UserError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
     keys = (container_key,) if container_key else CONTAINER_KEYS
     for key in keys:
         if isinstance(obj.get(key), dict):
@@ -54,7 +56,7 @@ def read_checkpoint_file(path: str | Path, container_key: str | None = None) -> 
             raise KeyError(f"{path} has no {container_key!r} entry; top-level keys: {sorted(obj)[:10]}")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ValueError(f"{path} holds no tensors at its top level; top-level keys: {sorted(obj)[:10]}")
+        raise UserError(f"{path} holds no tensors at its top level; top-level keys: {sorted(obj)[:10]}")
     return tensors
 
 
@@ -100,7 +102,7 @@ def load_official_state_dict(model: nn.Module, state_dict: dict[str, torch.Tenso
     if misshaped:
         problems.append(f"shape mismatches: {'; '.join(misshaped[:8])}")
     if problems:
-        raise ValueError(
+        raise UserError(
             "checkpoint does not match the model (check the preset, depth and num_classes): "
             + " | ".join(problems)
         )

@@ -6,6 +6,8 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from fitscale.errors import UserError
+
 # The released high-resolution post-training trains these and freezes the rest
 # (95.0 M of FiTv2-XL's 671 M parameters).
 HIGH_RES_TRAINABLE = (
@@ -48,7 +50,7 @@ def apply_trainable(model: nn.Module, patterns) -> int:
     names = [name for name, _ in model.named_parameters()]
     for pattern in patterns:
         if not any(fnmatchcase(name, pattern) for name in names):
-            raise ValueError(
+            raise UserError(
                 f"trainable pattern {pattern!r} matches no parameter; names look like {names[:3]}"
             )
     count = 0

@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from fitscale.models.config import ModelConfig
+from fitscale.config.model import ModelConfig
 
 # Turns over L0 tokens that bound the correction ramps (the release's constants, from YaRN).
 YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0  # yarn: original above 32 turns, linear below 1

@@ -3,7 +3,8 @@
 The Trainer owns the loop (data, loss, schedule, metrics, checkpoints) and calls its backend for
 everything that differs between the two: building and wrapping the model and optimizer, the module
 a forward goes through, gradient synchronisation across micro-batches, backward, clipping, the
-optimizer step, the EMA, and what a checkpoint holds. `build_backend(config, env)` picks the
+optimizer step and the EMA. What a checkpoint holds of each backend is fitscale.checkpoint.parts's
+(the checkpoint layer sits above this one). `build_backend(config, env)` picks the
 implementation by `parallel.backend` (a registry, `BACKENDS`).
 
 Both reduce gradients as an average over ranks while the loss of a micro-batch is already this
@@ -19,11 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from fitscale.parallel.agree import all_ranks_agree, rank0_decides
 from fitscale.parallel.mesh import DistributedEnv, build_mesh
 from fitscale.parallel.parallelize import parallelize
+from fitscale.runtime.agree import all_ranks_agree, rank0_decides
 
 InitialState = Callable[[], dict[str, torch.Tensor]]
 log = logging.getLogger("fitscale.train")
@@ -32,12 +32,18 @@ log = logging.getLogger("fitscale.train")
 class ParallelBackend:
     """One run's parallelism. Call order: `build_model`, `wrap_optimizer`, `build_ema`, then per
     step `set_gradient_sync` + `backward` for each micro-batch, `clip_gradients`, and `step` or
-    `zero_grad`; `checkpoint_state`, `save` and `load` around checkpoints."""
+    `zero_grad`. Its checkpoint part is fitscale.checkpoint.parts.backend_part(backend)."""
 
     name = ""
     fixed_on_resume: dict[str, str] = {}
     """Config fields a resume may not change because this backend's checkpoints depend on them,
     each with the reason (fitscale.train.resume adds them to its own list)."""
+
+    @classmethod
+    def launch_problems(cls, config) -> list[str]:
+        """What keeps RunConfig `config` from running on this backend here, each naming the fix ([]:
+        nothing). Asked before any rank starts (fitscale.train.preflight): needs no process group."""
+        return []
 
     def __init__(self, config, env: DistributedEnv):
         self.config = config  # the RunConfig
@@ -46,14 +52,16 @@ class ParallelBackend:
         self.model: torch.nn.Module | None = None
         self.float8_report = None  # parallelize's: which linears became float8
 
-    def _new_model(self) -> torch.nn.Module:
+    def _new_model(self, changes: dict[str, Any]) -> torch.nn.Module:
         from fitscale.models import build_model
 
-        return build_model(self.config.model.name, **dict(self.config.model.overrides))
+        return build_model(self.config.model.name, **{**dict(self.config.model.overrides), **changes})
 
-    def build_model(self, initial_state: InitialState) -> torch.nn.Module:
+    def build_model(self, initial_state: InitialState, **changes: Any) -> torch.nn.Module:
         """The parallelised model on `env.device`, holding the full state dict `initial_state()`
-        returns (called on rank 0 only, or on every rank, as the backend needs)."""
+        returns (called on rank 0 only, or on every rank, as the backend needs). `changes` are
+        ModelConfig fields that differ from the run's model section (the trainer's
+        `class_dropout_prob=0.0`: it drops labels per image in the step)."""
         raise NotImplementedError
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -76,8 +84,9 @@ class ParallelBackend:
         return loss * self.env.world_size if self.env.world_size > 1 else loss
 
     def clip_gradients(self) -> float:
-        """Clip to `train.grad_clip` and return the global L2 norm before clipping (0.0 when the
-        backend clips inside `step`, which then returns the norm)."""
+        """Clip to `train.grad_clip` (or leave it to `step`, which clips inside) and return the true
+        global L2 norm of the step's gradient before clipping, over every rank: not finite when any
+        gradient is not, so the trainer skips the step before the weights change."""
         raise NotImplementedError
 
     def step(self, optimizer: torch.optim.Optimizer) -> float | None:
@@ -92,36 +101,24 @@ class ParallelBackend:
         """The EMA of the trainable weights (`optim.ema`), with `update`, `swap_into` and state."""
         raise NotImplementedError
 
-    def checkpoint_state(self, optimizer: torch.optim.Optimizer, ema) -> dict[str, Any]:
-        """The Statefuls this backend keeps in the DCP checkpoint (weights, optimizer, EMA)."""
-        return {}
-
-    def save(self, step: int, force: bool, checkpoints, ema) -> bool:
-        """Write what the backend keeps outside the DCP checkpoint when a save is due (collective);
-        True when it wrote, so the CheckpointManager must publish step `step` too."""
-        return False
-
-    def load(self, step: int, ema) -> None:
-        """Load what `save` wrote for step `step` (collective), before the DCP part."""
-
 
 class FSDPBackend(ParallelBackend):
     """torch FSDP2 (`fully_shard`) over the mesh of `parallel.sharding`; plain module on one process."""
 
     name = "fsdp"
 
-    def build_model(self, initial_state: InitialState) -> torch.nn.Module:
+    def build_model(self, initial_state: InitialState, **changes: Any) -> torch.nn.Module:
         """Built on the meta device, parallelised, materialised, then the initial weights built on
         rank 0 are broadcast (so they do not depend on the world size)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from fitscale.train.cuda_graphs import maybe_apply_cuda_graphs
+        from fitscale.parallel.cuda_graphs import maybe_apply_cuda_graphs
 
         cfg = self.config
         with torch.device("meta"):
-            model = self._new_model()
+            model = self._new_model(changes)
         self.mesh = build_mesh(cfg.parallel, self.env)
-        # train.cuda_graphs: static shapes and the compile mode that replays graphs (fitscale/train/cuda_graphs.py)
+        # train.cuda_graphs: static shapes and the compile mode that replays graphs (fitscale/parallel/cuda_graphs.py)
         compile_mode = maybe_apply_cuda_graphs(model, cfg, self.env.device, self.env.world_size)
         self.float8_report = parallelize(
             model, cfg.parallel, self.mesh, self.env.device, compile_mode=compile_mode
@@ -175,20 +172,9 @@ class FSDPBackend(ParallelBackend):
         optimizer.zero_grad(set_to_none=True)
 
     def build_ema(self, cfg):
-        from fitscale.train.ema import EMA
+        from fitscale.parallel.ema import EMA
 
         return EMA(self.model, cfg)
-
-    def checkpoint_state(self, optimizer: torch.optim.Optimizer, ema) -> dict[str, Any]:
-        from fitscale.checkpoint.stateful import ModelState, OptimizerState
-
-        state: dict[str, Any] = {
-            "model": ModelState(self.model),
-            "optimizer": OptimizerState(self.model, optimizer),
-        }
-        if ema is not None:
-            state["ema"] = ema
-        return state
 
 
 class DeepSpeedBackend(ParallelBackend):
@@ -202,17 +188,24 @@ class DeepSpeedBackend(ParallelBackend):
     name = "deepspeed"
     fixed_on_resume = {"parallel.zero_stage": "DeepSpeed lays out its checkpoint files per ZeRO stage"}
 
+    @classmethod
+    def launch_problems(cls, config) -> list[str]:
+        """DeepSpeed must be installed (`fitscale.parallel.deepspeed.deepspeed_problems`)."""
+        from fitscale.parallel.deepspeed import deepspeed_problems
+
+        return deepspeed_problems(config)
+
     def __init__(self, config, env: DistributedEnv):
         super().__init__(config, env)
         self.engine = None
 
-    def build_model(self, initial_state: InitialState) -> torch.nn.Module:
+    def build_model(self, initial_state: InitialState, **changes: Any) -> torch.nn.Module:
         """Built in full on every rank (ZeRO partitions it when the engine is made), then parallelised
         without a mesh: activation checkpointing and compile before DeepSpeed wraps the model."""
         torch.manual_seed(self.config.train.seed)
-        model = self._new_model()
+        model = self._new_model(changes)
         model.load_state_dict(all_ranks_agree(initial_state))  # every rank reads train.init_from
-        self.float8_report = parallelize(model, self.config.parallel, None, self.env.device)
+        self.float8_report = parallelize(model, self.config.parallel, None, self.env.device, eager_hooks=True)
         if self.config.parallel.zero_stage == 3:
             from deepspeed.utils import set_z3_leaf_modules
 
@@ -243,44 +236,29 @@ class DeepSpeedBackend(ParallelBackend):
         self.engine.backward(self._scaled(loss), scale_wrt_gas=False)
 
     def clip_gradients(self) -> float:
-        return 0.0  # DeepSpeed clips inside engine.step() (its config carries the limit)
+        """The true global gradient norm (`fitscale.parallel.deepspeed.global_grad_norm`), measured
+        before the step so that a non-finite gradient is skipped; DeepSpeed clips inside its step
+        (its config carries the limit)."""
+        from fitscale.parallel.deepspeed import global_grad_norm
+
+        return global_grad_norm(self.engine)
 
     def step(self, optimizer: torch.optim.Optimizer) -> float | None:
         self.engine.step()
         return float(self.engine.get_global_grad_norm() or 0.0)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Discard the step's gradient everywhere DeepSpeed keeps it (a skipped step): the module's
+        `.grad` (all `engine.zero_grad` clears) and the ZeRO optimizer's accumulated partitions, whose
+        `zero_grad` also restarts ZeRO-3's micro-step count, so the next step copies its first
+        micro-batch's gradient instead of adding it to this one (a NaN would otherwise stay)."""
         self.engine.zero_grad()
+        self.engine.optimizer.zero_grad(set_to_none=True)
 
     def build_ema(self, cfg):
         from fitscale.parallel.deepspeed_ema import DeepSpeedEMA
 
         return DeepSpeedEMA(self.engine, self.model, cfg)  # ZeRO's fp32 master partitions, averaged in place
-
-    def _all_agree(self, flag: bool) -> bool:
-        if self.env.world_size == 1:
-            return flag
-        value = torch.tensor([0 if flag else 1], dtype=torch.int64, device=self.env.device)
-        dist.all_reduce(value)
-        return int(value) == 0
-
-    def save(self, step: int, force: bool, checkpoints, ema) -> bool:
-        from fitscale.checkpoint.deepspeed import save_deepspeed_state
-
-        interval = self.config.checkpoint.interval
-        flags = [force, checkpoints.save_requested, interval > 0 and step % interval == 0]
-        if self._all_agree(not any(flags)):
-            return False
-        if checkpoints.written_already(step):  # raises, before any file, for a step this run did not write
-            return True
-        # Written before the manager publishes step-N, so a visible step always has this part.
-        save_deepspeed_state(self.engine, self.config.train.run_dir, step, checkpoints.complete_steps(), ema)
-        return True
-
-    def load(self, step: int, ema) -> None:
-        from fitscale.checkpoint.deepspeed import load_deepspeed_state
-
-        load_deepspeed_state(self.engine, self.config.train.run_dir, step, ema)
 
 
 BACKENDS: dict[str, type[ParallelBackend]] = {"fsdp": FSDPBackend, "deepspeed": DeepSpeedBackend}

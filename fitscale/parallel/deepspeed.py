@@ -146,3 +146,26 @@ def build_deepspeed_engine(
         dist_init_required=False,
     )
     return engine
+
+
+def global_grad_norm(engine) -> float:
+    """The L2 norm of this step's whole gradient over every rank, before the engine's step (collective).
+
+    Measured as ZeRO's own step measures it (its per-group `get_grad_norm_direct` over this rank's
+    reduced gradient partitions, all-reduced over the data-parallel group), so the trainer can skip a
+    step whose gradient is not finite before DeepSpeed applies it. ZeRO reports a non-finite group as
+    -1; any such group makes the result inf. Call after the last micro-batch's backward (the
+    accumulation boundary), when the partitions hold the step's reduced gradient.
+    """
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "bit16_groups"):  # ZeRO-1/2: partitions of each group's flat buffer
+        groups = [
+            optimizer.get_grad_norm_direct(optimizer.averaged_gradients[i], optimizer.params_in_partition[i])
+            for i in range(len(optimizer.bit16_groups))
+        ]
+    else:  # ZeRO-3: sub-groups of partitioned parameters
+        groups = optimizer._get_norm_groups()
+    norms = torch.stack([torch.as_tensor(norm, dtype=torch.float64).reshape(()).cpu() for norm in groups])
+    if bool((norms < 0).any()) or not bool(torch.isfinite(norms).all()):
+        return float("inf")
+    return float(norms.square().sum().sqrt()) / float(getattr(optimizer, "loss_scale", 1.0) or 1.0)

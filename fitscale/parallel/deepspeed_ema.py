@@ -6,7 +6,7 @@ into the weights the model computes with. The EMA here shadows exactly this rank
 for every trainable parameter, the fragment of it that lies in this rank's partition (a view
 into the flat master), so an update is one fused lerp over local tensors with no communication,
 and memory is 4 bytes per parameter divided by the rank count, as with FSDP2's sharded EMA. The
-update rule is fitscale.train.ema.EMA's, applied to these views (`EMA.of_tensors`).
+update rule is fitscale.parallel.ema.EMA's, applied to these views (`EMA.of_tensors`).
 
 Each fragment is recorded with its place in the full parameter (offset into the flattened
 parameter, element count, full shape), so the per-rank files a checkpoint holds
@@ -36,8 +36,9 @@ import torch
 
 from fitscale.compat import CHECKED_VERSIONS
 from fitscale.config.optim import EMAConfig
+from fitscale.errors import UserError
 from fitscale.models.official import clean_parameter_name
-from fitscale.train.ema import EMA
+from fitscale.parallel.ema import EMA
 
 CHECKED_VERSION = CHECKED_VERSIONS["deepspeed"]  # the version the layout below was checked with
 
@@ -113,7 +114,7 @@ class ZeroMasterFragments:
 
 
 class DeepSpeedEMA:
-    """`fitscale.train.ema.EMA`'s interface (update, swap_into, state) over ZeRO's fp32 partitions."""
+    """`fitscale.parallel.ema.EMA`'s interface (update, swap_into, state) over ZeRO's fp32 partitions."""
 
     def __init__(self, engine, model: torch.nn.Module, cfg: EMAConfig):
         self.fragments = ZeroMasterFragments(engine, model)
@@ -159,7 +160,7 @@ class DeepSpeedEMA:
         Names in `full` that are not averaged here (frozen parameters) are ignored."""
         missing = sorted(set(self.fragments.places) - set(full))
         if missing:
-            raise ValueError(f"the EMA to start from lacks {', '.join(missing[:5])}")
+            raise UserError(f"the EMA to start from lacks {', '.join(missing[:5])}")
         for name, place in self.fragments.places.items():
             shadow = self.average.shadow[name]
             shadow.zero_()

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from fitscale.config.errors import ConfigError
 from fitscale.config.parallel import ParallelConfig
-
-
-@dataclass(frozen=True)
-class DistributedEnv:
-    """Where this process sits: global rank and world size, rank and count on this node, and its device."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process is global rank 0."""
-        return self.rank == 0
+from fitscale.runtime.env import DistributedEnv, init_distributed_from_env
 
 
 def _env_int(*names: str, default: int) -> int:
@@ -47,18 +32,16 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def init_distributed(requested_device: str = "auto", timeout_s: float = 1800) -> DistributedEnv:
-    """Join the job's process group (`fitscale.launch.env.init_distributed_from_env`) on the
+    """Join the job's process group (`fitscale.runtime.env.init_distributed_from_env`) on the
     device `train.device` asks for; a lone process needs no group.
 
     Raises ConfigError when `train.device=cuda` and CUDA is not available.
     """
-    from fitscale.launch.env import init_distributed_from_env
-
     device = resolve_device(requested_device)
     info = init_distributed_from_env(device.type, timeout_s)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
-    return DistributedEnv(info.rank, info.world_size, info.local_rank, info.local_world_size, device)
+    return dataclasses.replace(info, device=device)
 
 
 def build_mesh(cfg: ParallelConfig, env: DistributedEnv) -> DeviceMesh | None:

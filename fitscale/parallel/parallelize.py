@@ -26,11 +26,13 @@ def parallelize(
     mesh: DeviceMesh | None,
     device: torch.device,
     compile_mode: str | None = None,
+    eager_hooks: bool = False,
 ) -> Float8Report:
     """Apply, in place and in order: float8 linears (`parallel.float8`), activation checkpointing,
     per-block `torch.compile` (in `compile_mode`, torch.compile's), then FSDP2 over `mesh` (skipped
     when `mesh` is None: one process, or a backend that shards the model itself). Returns the
-    report of which linears became float8.
+    report of which linears became float8. `eager_hooks`: compile only each block's forward, so the
+    parameter hooks of a backend that shards the model itself (ZeRO-3) stay eager.
 
     `model` may live on the meta device (FSDP2: materialise and initialise afterwards) or hold
     its weights already (DeepSpeed). Raises ValueError for an unknown activation-checkpointing mode,
@@ -40,9 +42,8 @@ def parallelize(
     report = apply_float8(model, config, device)
     # 2. activation checkpointing of whole blocks (recomputes the converted linears too).
     apply_ac(model, config.activation_checkpointing, config.ac_every)
-    # 3. torch.compile per block (one graph every block reuses). Without a mesh under DeepSpeed, only
+    # 3. torch.compile per block (one graph every block reuses). With `eager_hooks` (DeepSpeed), only
     #    each block's forward: ZeRO-3's parameter hooks stay eager (fitscale.parallel.compile).
-    eager_hooks = mesh is None and config.backend == "deepspeed"
     apply_compile(model, config.compile, mode=compile_mode, eager_hooks=eager_hooks)
     # 4. FSDP2: each block, then the root.
     if mesh is not None:

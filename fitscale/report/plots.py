@@ -186,7 +186,7 @@ def plot_throughput(plt, histories: list[RunHistory], path: Path) -> Path:
 
 def write_plots(histories: list[RunHistory], out_dir: Path) -> list[Path]:
     """All report PNGs into `out_dir`; returns their paths."""
-    from fitscale.sweep.report import pyplot
+    from fitscale.plotting import pyplot
 
     plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)

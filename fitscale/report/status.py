@@ -66,7 +66,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     """Everything `fitscale status` prints, as a JSON-ready dict. FileNotFoundError names a folder
     that is not a run folder."""
     from fitscale.checkpoint.layout import complete_steps, step_dirname, superseded_steps
-    from fitscale.launch.rundir import launch_records
+    from fitscale.runtime.rundir import launch_records
     from fitscale.train.lock import RunLock
 
     run_dir = Path(run_dir)
@@ -106,7 +106,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
         "samples": str(grids[-1]) if grids else None,
     }
     if alive is False:
-        from fitscale.launch.failures import last_failure
+        from fitscale.runtime.failures import last_failure
 
         failure = last_failure(run_dir)
         since = last["time"] if last is not None and "time" in last else 0.0

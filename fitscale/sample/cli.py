@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fitscale.errors import UserError
 from fitscale.models.extrapolation import INTERPOLATIONS, release_sampling_overrides
 
 
@@ -13,7 +14,7 @@ def register(subparsers) -> None:
     """Add the `fitscale sample` subcommand and its options (the release's sampling flags among them) to
     `subparsers`.
     """
-    from fitscale.cli import add_set_option
+    from fitscale.clitools import add_set_option
 
     parser = subparsers.add_parser(
         "sample",
@@ -155,7 +156,7 @@ def parse_sizes(heights: list[int], widths: list[int]) -> list[tuple[int, int]]:
     up one to one.
     """
     if not heights or len(heights) != len(widths):
-        raise ValueError(
+        raise UserError(
             f"give one --width per --height (got {len(heights)} heights, {len(widths)} widths), e.g. --height 256 --width 256"
         )
     return list(zip(heights, widths))
@@ -169,19 +170,19 @@ def rope_overrides(args) -> dict:
     if args.interpolation is None:
         if args.decouple or args.ori_max_pe_len is not None:
             flag = "--decouple" if args.decouple else "--ori-max-pe-len"
-            raise ValueError(
+            raise UserError(
                 f"{flag} goes with --interpolation (the release's flags); e.g. --interpolation dynntk"
             )
         return extrapolation_overrides(args.extrapolation, args.attn_scale)
     if args.extrapolation is not None:
-        raise ValueError(
+        raise UserError(
             f"--extrapolation {args.extrapolation} and --interpolation {args.interpolation} both choose the "
             "RoPE extrapolation: give one"
         )
     overrides = release_sampling_overrides(args.interpolation, args.decouple, args.ori_max_pe_len)
     if args.attn_scale:
         if args.interpolation in ("ntkpro1", "ntkpro2"):
-            raise ValueError(
+            raise UserError(
                 f"--attn-scale with --interpolation {args.interpolation}: that method scales attention "
                 "already; drop --attn-scale"
             )
@@ -198,13 +199,13 @@ def parse_labels(text: str | None) -> list[int] | None:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--labels {text!r}: expected comma-separated integers such as 1,207,360") from None
+        raise UserError(f"--labels {text!r}: expected comma-separated integers such as 1,207,360") from None
 
 
 def sampling_options(args):
     """The `SamplingOptions` of the command's flags (ValueError naming a bad flag; CommandError when
     the sampler needs torchdiffeq and it is not installed)."""
-    from fitscale.cli import CommandError
+    from fitscale.clitools import CommandError
     from fitscale.flow.samplers import WRITTEN_OUT, import_torchdiffeq
     from fitscale.sample.options import SamplingOptions
 
@@ -237,7 +238,7 @@ def sampling_options(args):
 
 
 def _relaunch(args) -> int:
-    from fitscale.launch.local import launch_local, python_module_command
+    from fitscale.runtime.local import launch_local, python_module_command
 
     argv = list(args.argv)
     if "--nproc" in argv:
@@ -289,8 +290,8 @@ def run_sample(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from fitscale.launch.env import init_distributed_from_env, leave_process_group
     from fitscale.models.cli import parse_overrides
+    from fitscale.runtime.env import init_distributed_from_env, leave_process_group
     from fitscale.sample.fid import compute_fid, load_reference_images
     from fitscale.sample.generate import load_sampling_model
     from fitscale.sample.plan import plan_items
@@ -331,7 +332,7 @@ def run_sample(args) -> int:
             picture for path in sorted(out.glob("samples_*.npz")) for picture in np.load(path)["arr_0"]
         ]
         if not generated:
-            raise ValueError("FID needs pictures: pass --vae (or --preview-channel) so images are written")
+            raise UserError("FID needs pictures: pass --vae (or --preview-channel) so images are written")
         reference = load_reference_images(args.fid_reference)
         summary["fid"] = compute_fid(generated, reference, args.inception_weights)
         (out / "fid.json").write_text(json.dumps(summary, indent=1))

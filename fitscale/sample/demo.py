@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fitscale.errors import UserError
 from fitscale.flow.samplers import FIXED_GRID
 from fitscale.sample.generate import generate_latents, load_sampling_model
 from fitscale.sample.options import SamplingOptions
@@ -48,12 +49,12 @@ class DemoOptions:
 
     def __post_init__(self) -> None:
         if not 1 <= self.digits_min_side <= self.digits_max_side <= 16:
-            raise ValueError(
+            raise UserError(
                 f"hooks.options.digits_min_side={self.digits_min_side}, hooks.options.digits_max_side="
                 f"{self.digits_max_side}: need 1 <= digits_min_side <= digits_max_side <= 16"
             )
         if self.sample_cfg_scale < 0:
-            raise ValueError(f"hooks.options.sample_cfg_scale={self.sample_cfg_scale}: must be >= 0")
+            raise UserError(f"hooks.options.sample_cfg_scale={self.sample_cfg_scale}: must be >= 0")
 
     @classmethod
     def from_config(cls, config) -> DemoOptions:
@@ -86,18 +87,20 @@ def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16
     from fitscale.data.format import META_FILE, read_meta
 
     if not path:
-        raise ValueError("the demo needs data.path: set data.path=data/digits")
+        raise UserError("the demo needs data.path: set data.path=data/digits")
     if (Path(path) / META_FILE).is_file():
         meta = read_meta(path)
         sides = list(meta.get("grid_sides", [4, 16])) if meta.get("writer", "digits") == "digits" else None
         if sides is not None and sides != [min_side, max_side]:
-            raise ValueError(
+            raise UserError(
                 f"{path}: this digits dataset has grid sides {sides[0]}..{sides[1]} tokens but the recipe asks "
                 f"for hooks.options.digits_min_side={min_side}, hooks.options.digits_max_side={max_side}; "
                 f"delete {path} to have it rewritten, or point data.path at another folder"
             )
         return
-    from fitscale.cli import build_parser
+    import argparse
+
+    from fitscale.data.cli import register
 
     print(f"fitscale train: writing the digits dataset to {path} (hooks.before)", flush=True)
     command = [
@@ -110,7 +113,9 @@ def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16
         "--max-side",
         str(max_side),
     ]
-    args = build_parser().parse_args(command)
+    parser = argparse.ArgumentParser(prog="fitscale")  # `fitscale data ...` alone: its own defaults
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(command)
     args.func(args)
 
 

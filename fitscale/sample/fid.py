@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fitscale.errors import UserError
+
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception
 
 
@@ -23,14 +25,14 @@ def load_reference_images(path: str | Path) -> np.ndarray:
     if path.suffix == ".npz":
         with np.load(path) as data:
             if "arr_0" not in data:
-                raise ValueError(f"{path}: no `arr_0` array; an ADM reference batch holds the images there")
+                raise UserError(f"{path}: no `arr_0` array; an ADM reference batch holds the images there")
             return data["arr_0"]
     if path.is_dir():
         from PIL import Image
 
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         if not files:
-            raise ValueError(f"{path}: no .png/.jpg images")
+            raise UserError(f"{path}: no .png/.jpg images")
         return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
     raise FileNotFoundError(f"FID reference {path} is neither an .npz file nor a folder of images")
 

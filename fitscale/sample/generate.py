@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fitscale.errors import UserError
 from fitscale.flow.guidance import PackedVelocity
 from fitscale.flow.per_image import integrate_per_image
 from fitscale.flow.samplers import TOLERANCE_METHODS, integrate
@@ -136,7 +137,7 @@ def load_sampling_model(
     overrides = dict(overrides or {})
     if path.is_file():
         if model_name is None:
-            raise ValueError(f"{path} is a weights file: name its model with --model (e.g. fitv2-xl)")
+            raise UserError(f"{path} is a weights file: name its model with --model (e.g. fitv2-xl)")
         with torch.device("meta"):
             model = build_model(model_name, **overrides)
         model.to_empty(device="cpu")

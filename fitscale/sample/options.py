@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fitscale.errors import UserError
 from fitscale.flow.samplers import ADAPTIVE, FIXED_GRID, SAMPLERS, TOLERANCE_METHODS
 from fitscale.flow.sde import DIFFUSION_FORMS, LAST_STEPS, SBDM_START, SDE_SAMPLERS
 
@@ -28,7 +29,7 @@ def extrapolation_overrides(method: str | None, attn_scale: bool = False) -> dic
     if method is None:
         return {"rope_attn_scale": True} if attn_scale else {}
     if method not in EXTRAPOLATIONS:
-        raise ValueError(f"--extrapolation {method!r}: choose one of {', '.join(EXTRAPOLATIONS)}")
+        raise UserError(f"--extrapolation {method!r}: choose one of {', '.join(EXTRAPOLATIONS)}")
     return {
         **EXTRAPOLATIONS[method],
         "rope_attn_scale": attn_scale,
@@ -52,7 +53,7 @@ def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> str:
     """`value` as one of `allowed` (matched ignoring case, as the release writes SBDM, Mean, Euler)."""
     lowered = str(value).lower()
     if lowered not in allowed:
-        raise ValueError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+        raise UserError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
     return lowered
 
 
@@ -97,24 +98,22 @@ class SamplingOptions:
         else:
             self._check_sde()
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"--steps {self.steps}: must be >= 1")
+            raise UserError(f"--steps {self.steps}: must be >= 1")
         if self.time_shift <= 0:
-            raise ValueError(f"--time-shift {self.time_shift}: must be > 0")
+            raise UserError(f"--time-shift {self.time_shift}: must be > 0")
         if self.cfg_scale < 0:
-            raise ValueError(f"--cfg {self.cfg_scale}: the guidance scale must be >= 0")
+            raise UserError(f"--cfg {self.cfg_scale}: the guidance scale must be >= 0")
         if self.scale_pow < 0:
-            raise ValueError(f"--scale-pow {self.scale_pow}: must be >= 0 (0 = a constant guidance scale)")
+            raise UserError(f"--scale-pow {self.scale_pow}: must be >= 0 (0 = a constant guidance scale)")
         if self.guidance_channels is not None and self.guidance_channels < 1:
-            raise ValueError(
-                f"guidance_channels {self.guidance_channels}: must be >= 1 (None = all channels)"
-            )
+            raise UserError(f"guidance_channels {self.guidance_channels}: must be >= 1 (None = all channels)")
         if self.autocast not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"--dtype {self.autocast!r}: choose auto, bf16 or fp32")
+            raise UserError(f"--dtype {self.autocast!r}: choose auto, bf16 or fp32")
 
     def _refuse(self, fields: dict[str, str], mode: str) -> None:
         for name, flag in fields.items():
             if getattr(self, name) is not None:
-                raise ValueError(
+                raise UserError(
                     f"{flag} applies to --mode {mode} only; drop it or add --mode {mode} (this run is --mode {self.mode})"
                 )
 
@@ -123,7 +122,7 @@ class SamplingOptions:
         self.sampler = _choice("--sampler", self.sampler or "euler", SAMPLERS)
         if self.sampler in ADAPTIVE:
             if self.steps is not None:
-                raise ValueError(
+                raise UserError(
                     f"--steps applies to grid samplers ({', '.join(FIXED_GRID)}); --sampler {self.sampler} "
                     "picks its own steps from --atol / --rtol"
                 )
@@ -134,10 +133,10 @@ class SamplingOptions:
             self.rtol = 1e-3 if self.rtol is None else self.rtol
             for flag, value in (("--atol", self.atol), ("--rtol", self.rtol)):
                 if not value > 0:
-                    raise ValueError(f"{flag} {value}: a tolerance must be > 0")
+                    raise UserError(f"{flag} {value}: a tolerance must be > 0")
         elif self.atol is not None or self.rtol is not None:
             flag = "--atol" if self.atol is not None else "--rtol"
-            raise ValueError(
+            raise UserError(
                 f"{flag} applies to samplers with an error control ({', '.join(TOLERANCE_METHODS)}); "
                 f"--sampler {self.sampler} takes --steps"
             )
@@ -150,21 +149,21 @@ class SamplingOptions:
         self.steps = 50 if self.steps is None else self.steps
         self.diffusion_norm = 1.0 if self.diffusion_norm is None else float(self.diffusion_norm)
         if self.diffusion_norm < 0:
-            raise ValueError(f"--diffusion-norm {self.diffusion_norm}: must be >= 0")
+            raise UserError(f"--diffusion-norm {self.diffusion_norm}: must be >= 0")
         if self.last_step == "none":
             if self.sde_sampler == "heun":
-                raise ValueError(
+                raise UserError(
                     "--last-step none with --sde-sampler heun evaluates the score at t = 1, where it is "
                     "infinite (the release returns NaN); choose --last-step mean, tweedie or euler"
                 )
             if self.last_step_size not in (None, 0.0):
-                raise ValueError("--last-step-size applies to --last-step mean, tweedie or euler; drop it")
+                raise UserError("--last-step-size applies to --last-step mean, tweedie or euler; drop it")
             self.last_step_size = 0.0
             return
         self.last_step_size = 0.04 if self.last_step_size is None else float(self.last_step_size)
         start = SBDM_START if self.diffusion_form == "sbdm" else 0.0
         if not 0 < self.last_step_size < 1 - start:
-            raise ValueError(
+            raise UserError(
                 f"--last-step-size {self.last_step_size}: must be in (0, {1 - start:g}) "
                 "(or --last-step none to run the SDE to t = 1)"
             )

@@ -15,6 +15,7 @@ import torch
 from fitscale.data.batch import PackedLayout, cu_seqlens_from_lengths, grid_positions
 from fitscale.data.format import unpatchify
 from fitscale.data.vae import PIXELS_PER_TOKEN
+from fitscale.errors import UserError
 from fitscale.seeds import image_seed
 
 
@@ -55,15 +56,15 @@ def plan_items(
     Raises ValueError naming the flag of a bad size, count or label.
     """
     if num_per_size < 1:
-        raise ValueError(f"--num-per-size {num_per_size}: must be >= 1")
+        raise UserError(f"--num-per-size {num_per_size}: must be >= 1")
     for height, width in sizes:
         if height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN or min(height, width) <= 0:
-            raise ValueError(
+            raise UserError(
                 f"size {height}x{width}: height and width must be positive multiples of {PIXELS_PER_TOKEN} pixels"
             )
     for label in labels or []:
         if not 0 <= label < num_classes:
-            raise ValueError(f"--labels: class {label} is outside [0, {num_classes}) for this model")
+            raise UserError(f"--labels: class {label} is outside [0, {num_classes}) for this model")
     rng = np.random.default_rng([seed, 7])
     items = []
     for height, width in sizes:
@@ -83,7 +84,7 @@ def batches_by_budget(items: list[SampleItem], token_budget: int, guided: bool) 
     for item in items:
         need = item.tokens * factor
         if need > token_budget:
-            raise ValueError(
+            raise UserError(
                 f"a {item.height}x{item.width} image needs {need} tokens per forward, over --token-budget "
                 f"{token_budget}; raise the budget"
             )

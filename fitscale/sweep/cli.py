@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from fitscale.errors import UserError
+
 
 def register(subparsers) -> None:
     """Add `fitscale sweep` and its subcommands (plan, launch, collect, fit, predict) to `subparsers`."""
@@ -221,13 +223,13 @@ def run_predict(args) -> int:
     try:
         overrides = parse_overrides(args.overrides)
     except ValueError as error:
-        raise ValueError(f"--overrides: {error}".replace("--set ", "")) from None
+        raise UserError(f"--overrides: {error}".replace("--set ", "")) from None
     model = SweepModel("predicted", args.preset, overrides)
     run = plan_run(spec, model, args.budget, args.steps)
     metric, reason, rows, _ = prepare(read_results(spec), args.metric or spec.metric)
     law = fit_law(rows, metric, args.bootstrap)
     if isinstance(law, str):
-        raise ValueError(f"{spec.name}: cannot predict: {law}")
+        raise UserError(f"{spec.name}: cannot predict: {law}")
     predicted = float(law.predict(run.parameters, run.tokens))
     interval = law.interval(run.parameters, run.tokens)
     out = {

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fitscale.errors import UserError
 from fitscale.sweep.launch import resolved_configs, run_status
 from fitscale.sweep.spec import SweepSpec, plan_sweep, run_dir
 
@@ -43,7 +44,7 @@ def _validation_data(spec: SweepSpec, config):
 
     val_path = spec.validation.get("val_path") or config.data.val_path
     if not val_path:
-        raise ValueError(
+        raise UserError(
             f"sweep {spec.name!r}: no held-out split; set data.val_path in {spec.recipe} or validation.val_path in the spec"
         )
     return dataclasses.replace(config.data, val_path=val_path, val_remote=config.data.val_remote)
@@ -111,7 +112,7 @@ def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]
             raw = load_sampling_model(folder, ema=False, device=device)
             row.update(run_validation(raw, batches, settings))
             if config.optim.ema.enabled:
-                from fitscale.train.ema import ema_initial_weight
+                from fitscale.parallel.ema import ema_initial_weight
 
                 row["ema_warmup"] = config.optim.ema.warmup
                 row["ema_initial_weight"] = ema_initial_weight(config.optim.ema, step)

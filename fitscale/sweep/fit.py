@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from fitscale.errors import UserError
+
 Interval = tuple[float, float] | None
 
 
@@ -99,9 +101,9 @@ def fit_power_law(
     compute = np.asarray(compute, dtype=np.float64)
     loss = np.asarray(loss, dtype=np.float64)
     if compute.shape != loss.shape or compute.size < 3:
-        raise ValueError(f"a power law with offset needs >= 3 (compute, loss) points, got {compute.size}")
+        raise UserError(f"a power law with offset needs >= 3 (compute, loss) points, got {compute.size}")
     if (compute <= 0).any():
-        raise ValueError("compute values must be positive")
+        raise UserError("compute values must be positive")
     centre = float(np.log(compute).mean())
     x = np.log(compute) - centre
     log_a, b, c = _curve_fit_power_law(x, loss)
@@ -183,7 +185,7 @@ def isoflop_optimum(
     log_n = np.log(np.asarray(parameters, dtype=np.float64))
     loss_arr = np.asarray(loss, dtype=np.float64)
     if log_n.size < 3:
-        raise ValueError(f"an isoFLOP parabola needs >= 3 model sizes at budget {budget:g}, got {log_n.size}")
+        raise UserError(f"an isoFLOP parabola needs >= 3 model sizes at budget {budget:g}, got {log_n.size}")
     vertex = _parabola_vertex(log_n, loss_arr)
     if vertex is None:
         return None
@@ -257,7 +259,7 @@ def fit_optimal_size(optima: list[IsoFlopOptimum], level: float = 0.95, seed: in
     (t distribution); with 2 optima there is none.
     """
     if len(optima) < 2:
-        raise ValueError(f"fitting N*(C) needs isoFLOP optima at >= 2 budgets, got {len(optima)}")
+        raise UserError(f"fitting N*(C) needs isoFLOP optima at >= 2 budgets, got {len(optima)}")
     log_c = np.log([o.budget for o in optima])
     log_n = np.log([o.n_opt for o in optima])
     alpha, log_k = np.polyfit(log_c, log_n, 1)

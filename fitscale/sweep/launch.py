@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from fitscale.errors import UserError
 from fitscale.sweep.spec import PlannedRun, SweepSpec, plan_sweep, run_dir, run_overrides
 
 log = logging.getLogger("fitscale.sweep")
@@ -33,7 +34,7 @@ def resolved_configs(spec: SweepSpec, runs: list[PlannedRun]) -> list:
         try:
             configs.append(load_config(spec.recipe, run_overrides(spec, run)))
         except ValueError as error:
-            raise ValueError(f"sweep run {run.name}: {error}") from None
+            raise UserError(f"sweep run {run.name}: {error}") from None
     return configs
 
 
@@ -49,7 +50,7 @@ def launch_sweep(
     if only:
         unknown = sorted(set(only) - {r.name for r in runs})
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"--only: no run named {', '.join(unknown)}; runs: {', '.join(r.name for r in runs)}"
             )
         runs = [r for r in runs if r.name in only]

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from fitscale.errors import UserError
 from fitscale.sweep.fit import Interval, no_interval_note, percentile_interval
 
 PARAMETERS = 5  # E, A, alpha, B, beta
@@ -125,11 +126,11 @@ def fit_loss_law(
     d = np.asarray(tokens, dtype=np.float64)
     loss = np.asarray(loss, dtype=np.float64)
     if not n.shape == d.shape == loss.shape or n.size < PARAMETERS:
-        raise ValueError(f"L(N, D) has {PARAMETERS} parameters and needs >= {PARAMETERS} runs, got {n.size}")
+        raise UserError(f"L(N, D) has {PARAMETERS} parameters and needs >= {PARAMETERS} runs, got {n.size}")
     if len(set(n.tolist())) < 2:
-        raise ValueError("L(N, D) needs runs of at least 2 model sizes")
+        raise UserError("L(N, D) needs runs of at least 2 model sizes")
     if (n <= 0).any() or (d <= 0).any() or (loss <= 0).any():
-        raise ValueError("parameters, tokens and losses must be positive")
+        raise UserError("parameters, tokens and losses must be positive")
     centre = (float(np.log(n).mean()), float(np.log(d).mean()))
     log_n, log_d, log_l = np.log(n) - centre[0], np.log(d) - centre[1], np.log(loss)
     floor = float(loss.min())

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from fitscale.sweep.report import _compute, _has, pyplot
+from fitscale.plotting import pyplot
+from fitscale.sweep.rows import has_metric, training_compute
 
 
 def compact(value: float) -> str:
@@ -67,7 +68,7 @@ def plot_loss_vs_compute(rows: list[dict[str, Any]], analysis: dict[str, Any], p
     plt = pyplot()
     metric = analysis["metric"]
     fitted = set(analysis["fitted_runs"])
-    scored = [r for r in rows if _has(r, metric)]
+    scored = [r for r in rows if has_metric(r, metric)]
     figure, axes = plt.subplots(figsize=(8, 5.5))
     models = sorted(
         {r["model"] for r in scored if not r.get("held_out")},
@@ -79,11 +80,19 @@ def plot_loss_vs_compute(rows: list[dict[str, Any]], analysis: dict[str, Any], p
         best = [r for r in mine if r["run"] in fitted]
         others = [r for r in mine if r["run"] not in fitted]
         axes.scatter(
-            [_compute(r) for r in best], [r[metric] for r in best], color=colour, label=model, zorder=3
+            [training_compute(r) for r in best],
+            [r[metric] for r in best],
+            color=colour,
+            label=model,
+            zorder=3,
         )
         if others:
             axes.scatter(
-                [_compute(r) for r in others], [r[metric] for r in others], color=colour, alpha=0.3, s=12
+                [training_compute(r) for r in others],
+                [r[metric] for r in others],
+                color=colour,
+                alpha=0.3,
+                s=12,
             )
         fit = analysis["per_model"].get(model)
         if fit:
@@ -130,7 +139,7 @@ def plot_loss_vs_compute(rows: list[dict[str, Any]], analysis: dict[str, Any], p
             )
     axes.set_xscale("log")
     axes.set_yscale("log")
-    budgets = [r.get("budget") or _compute(r) for r in scored]
+    budgets = [r.get("budget") or training_compute(r) for r in scored]
     readable_log_axis(axes.xaxis, budgets)
     readable_log_axis(axes.yaxis, _loss_ticks([r[metric] for r in scored]))
     axes.set_xlabel("training compute (FLOPs, 2 per multiply-add)")
@@ -145,7 +154,7 @@ def plot_loss_vs_compute(rows: list[dict[str, Any]], analysis: dict[str, Any], p
 
 
 def _span(rows: list[dict[str, Any]]) -> np.ndarray:
-    return np.geomspace(min(_compute(r) for r in rows), max(_compute(r) for r in rows), 40)
+    return np.geomspace(min(training_compute(r) for r in rows), max(training_compute(r) for r in rows), 40)
 
 
 def plot_isoflop(rows: list[dict[str, Any]], analysis: dict[str, Any], path: Path) -> list[Path]:

@@ -20,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from fitscale.errors import UserError
 from fitscale.sweep.fit import IsoFlopOptimum, fit_optimal_size, fit_power_law, frontier, isoflop_optimum
 from fitscale.sweep.law import PARAMETERS, LossLawFit, fit_loss_law
+from fitscale.sweep.plots import plot_isoflop, plot_loss_vs_compute
+from fitscale.sweep.rows import has_metric, training_compute, training_tokens, usable_rows
 
 METRICS = ("val_loss_ema", "val_loss", "train_loss", "fid")
 VALIDATION_METRICS = ("val_loss_ema", "val_loss", "fid")
@@ -29,30 +32,12 @@ EMA_INITIAL_LIMIT = 0.01  # an EMA still giving its initial weights more than th
 BAND_POINTS = 40
 
 
-def _has(row: dict[str, Any], metric: str) -> bool:
-    return isinstance(row.get(metric), (int, float)) and bool(row.get("step"))
-
-
-def _usable(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Runs with a value of `metric`, held-out runs left out."""
-    return [r for r in rows if _has(r, metric) and not r.get("held_out")]
-
-
-def _compute(row: dict[str, Any]) -> float:
-    return float(row.get("training_flops_done") or row["training_flops"])
-
-
-def _tokens(row: dict[str, Any]) -> float:
-    """Training tokens done: steps x images per step x tokens per image."""
-    return float(row["step"]) * row["global_batch_size"] * row["tokens_per_image"]
-
-
 def choose_metric(rows: list[dict[str, Any]], requested: str = "auto") -> tuple[str, str]:
     """(metric, why): `auto` takes `val_loss_ema` only where every run's EMA has forgotten its init."""
     scored = [r for r in rows if r.get("step")]
     if requested != "auto":
         if requested not in METRICS:
-            raise ValueError(f"--metric: {requested!r} is not one of auto, {', '.join(METRICS)}")
+            raise UserError(f"--metric: {requested!r} is not one of auto, {', '.join(METRICS)}")
         reason = "asked for"
         if requested == "val_loss_ema":
             stale = [r for r in scored if (r.get("ema_initial_weight") or 0.0) > EMA_INITIAL_LIMIT]
@@ -63,11 +48,11 @@ def choose_metric(rows: list[dict[str, Any]], requested: str = "auto") -> tuple[
                     f"(up to {worst['ema_initial_weight']:.0%}, {worst['run']}), train with optim.ema.warmup"
                 )
         return requested, reason
-    if not any(_has(r, "val_loss") or _has(r, "val_loss_ema") for r in scored):
+    if not any(has_metric(r, "val_loss") or has_metric(r, "val_loss_ema") for r in scored):
         return "train_loss", "auto: no validation loss collected, so the mean training loss of the last steps"
-    if not any(_has(r, "val_loss") for r in scored):
+    if not any(has_metric(r, "val_loss") for r in scored):
         return "val_loss_ema", "auto: the only validation loss collected (the EMA's)"
-    known = [r.get("ema_initial_weight") for r in scored if _has(r, "val_loss_ema")]
+    known = [r.get("ema_initial_weight") for r in scored if has_metric(r, "val_loss_ema")]
     if known and len(known) == len(scored) and all(w is not None and w <= EMA_INITIAL_LIMIT for w in known):
         warmups = sorted({str(r.get("ema_warmup")) for r in scored})
         return "val_loss_ema", (
@@ -77,7 +62,9 @@ def choose_metric(rows: list[dict[str, Any]], requested: str = "auto") -> tuple[
     if not known or None in known:
         why = "some runs have no EMA, or were collected before `ema_initial_weight` was recorded"
     else:
-        worst = max((r for r in scored if _has(r, "val_loss_ema")), key=lambda r: r["ema_initial_weight"])
+        worst = max(
+            (r for r in scored if has_metric(r, "val_loss_ema")), key=lambda r: r["ema_initial_weight"]
+        )
         why = (
             f"the EMA of {worst['run']} still gives its initial weights {worst['ema_initial_weight']:.0%} "
             f"weight (EMA warmup {worst.get('ema_warmup')}, {worst['step']} steps)"
@@ -103,7 +90,7 @@ def select_learning_rates(
         groups[_group_key(row)].append(row)
     chosen, choices = [], []
     for (model, budget, steps), group in groups.items():
-        judged = [r for r in group if _has(r, judge)] or group
+        judged = [r for r in group if has_metric(r, judge)] or group
         best = min(judged, key=lambda r: r.get(judge, r[metric]))
         chosen.append(best)
         rates = sorted({r["lr"] for r in judged if r.get("lr") is not None})
@@ -135,16 +122,19 @@ def fit_law(rows: list[dict[str, Any]], metric: str, bootstrap: int = 200) -> Lo
     if len(rows) < PARAMETERS or len({r["parameters"] for r in rows}) < 2:
         return f"L(N, D): needs >= {PARAMETERS} runs of >= 2 sizes, got {len(rows)}"
     return fit_loss_law(
-        [r["parameters"] for r in rows], [_tokens(r) for r in rows], [r[metric] for r in rows], bootstrap
+        [r["parameters"] for r in rows],
+        [training_tokens(r) for r in rows],
+        [r[metric] for r in rows],
+        bootstrap,
     )
 
 
 def prepare(rows: list[dict[str, Any]], metric: str = "auto") -> tuple[str, str, list, list]:
     """(metric, why, the fitted runs: best lr of each size and budget, the lr choices)."""
     metric, reason = choose_metric(rows, metric)
-    usable = _usable(rows, metric)
+    usable = usable_rows(rows, metric)
     if not usable:
-        raise ValueError(
+        raise UserError(
             f"no run has a `{metric}` value; run `fitscale sweep collect` (metrics: {', '.join(METRICS)})"
         )
     chosen, choices = select_learning_rates(usable, metric)
@@ -168,21 +158,25 @@ def analyse(
         "include_extrapolated": include_extrapolated,
         "fitted_runs": [r["run"] for r in usable],
     }
-    span = np.geomspace(min(_compute(r) for r in usable), max(_compute(r) for r in usable), BAND_POINTS)
+    span = np.geomspace(
+        min(training_compute(r) for r in usable), max(training_compute(r) for r in usable), BAND_POINTS
+    )
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in usable:
         by_model[row["model"]].append(row)
     for model, model_rows in by_model.items():
-        if len({_compute(r) for r in model_rows}) < 3:
+        if len({training_compute(r) for r in model_rows}) < 3:
             result["skipped"].append(f"L(C) of {model}: needs runs at >= 3 compute values")
             continue
-        fit = fit_power_law([_compute(r) for r in model_rows], [r[metric] for r in model_rows], bootstrap)
+        fit = fit_power_law(
+            [training_compute(r) for r in model_rows], [r[metric] for r in model_rows], bootstrap
+        )
         result["per_model"][model] = {
             **fit.to_dict(),
             "parameters": model_rows[0]["parameters"],
             "band": _band(fit, span),
         }
-    front = frontier([(_compute(r), r[metric]) for r in usable])
+    front = frontier([(training_compute(r), r[metric]) for r in usable])
     result["frontier_points"] = front
     if len(front) >= 3:
         fit = fit_power_law(*zip(*front), bootstrap=bootstrap)
@@ -247,10 +241,10 @@ def compare_held_out(rows: list[dict[str, Any]], metric: str, law: LossLawFit | 
         if not row.get("held_out"):
             continue
         entry: dict[str, Any] = {"run": row["run"], "parameters": row["parameters"]}
-        if not _has(row, metric):
+        if not has_metric(row, metric):
             out.append({**entry, "note": f"not trained or no `{metric}` yet"})
             continue
-        entry.update(tokens=_tokens(row), compute=_compute(row), measured=row[metric])
+        entry.update(tokens=training_tokens(row), compute=training_compute(row), measured=row[metric])
         if law is None:
             out.append({**entry, "note": "no L(N, D) fit to predict it"})
             continue
@@ -274,8 +268,6 @@ def write_report(
     analysis: dict[str, Any] | None = None,
 ) -> list[Path]:
     """`fits.json` and the PNG plots in `out_dir`; returns the files written."""
-    from fitscale.sweep.plots import plot_isoflop, plot_loss_vs_compute
-
     out_dir = Path(out_dir)
     analysis = analysis or analyse(rows, metric, include_extrapolated=include_extrapolated)
     written = [out_dir / "fits.json"]
@@ -284,15 +276,3 @@ def write_report(
     if analysis["isoflop"]:
         written += plot_isoflop(rows, analysis, out_dir / "isoflop.png")
     return written
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (files only); ImportError says which extra installs it."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError("plots need matplotlib: pip install 'fitscale[sweep]'") from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fitscale.config.model import ModelOverrides, PresetName
+from fitscale.config.model import ModelOverrides, PresetName, build_config
 from fitscale.config.schema import check_choices, load_structured
+from fitscale.errors import UserError
 from fitscale.hardware import H100_BF16_PEAK
 
 
@@ -55,11 +56,11 @@ class LRAxis:
 
     def __post_init__(self) -> None:
         if not self.base > 0 or any(not m > 0 for m in self.multipliers) or not self.multipliers:
-            raise ValueError(
+            raise UserError(
                 f"lr: base and multipliers must be > 0, got base {self.base}, multipliers {self.multipliers}"
             )
         if self.width_exponent and self.base_width < 1:
-            raise ValueError(
+            raise UserError(
                 f"lr: width_exponent {self.width_exponent} needs base_width (the hidden size `base` is tuned for)"
             )
 
@@ -88,9 +89,9 @@ class HeldOutRun:
     def __post_init__(self) -> None:
         check_choices(self, f"held_out {self.name!r}: ")
         if (self.budget is None) == (self.steps is None):
-            raise ValueError(f"held_out {self.name!r}: give exactly one of `budget` (FLOPs) or `steps`")
+            raise UserError(f"held_out {self.name!r}: give exactly one of `budget` (FLOPs) or `steps`")
         if (self.budget is not None and not self.budget > 0) or (self.steps is not None and self.steps < 1):
-            raise ValueError(f"held_out {self.name!r}: budget must be > 0 and steps >= 1")
+            raise UserError(f"held_out {self.name!r}: budget must be > 0 and steps >= 1")
 
 
 @dataclass
@@ -121,33 +122,33 @@ class SweepSpec:
         where = f"sweep {self.name!r}"
         check_choices(self, f"{where}: ")
         if not self.models:
-            raise ValueError(f"{where}: `models` is empty; list at least one {{name, preset}}")
+            raise UserError(f"{where}: `models` is empty; list at least one {{name, preset}}")
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
-            raise ValueError(f"{where}: model names must be unique, got {names}")
+            raise UserError(f"{where}: model names must be unique, got {names}")
         if self.mode == "grid" and not self.budgets:
-            raise ValueError(f"{where}: mode grid needs `budgets` (training FLOPs), e.g. [1e18, 3e18]")
+            raise UserError(f"{where}: mode grid needs `budgets` (training FLOPs), e.g. [1e18, 3e18]")
         if self.mode == "steps" and not self.steps:
-            raise ValueError(f"{where}: mode steps needs `steps`, e.g. [1000, 2000]")
+            raise UserError(f"{where}: mode steps needs `steps`, e.g. [1000, 2000]")
         if self.mode == "isoflop":
             if not self.isoflop:
-                raise ValueError(f"{where}: mode isoflop needs `isoflop`: {{budget: [model names]}}")
+                raise UserError(f"{where}: mode isoflop needs `isoflop`: {{budget: [model names]}}")
             for budget, chosen in self.isoflop.items():
                 unknown = sorted(set(chosen) - set(names))
                 if unknown:
-                    raise ValueError(f"{where}: isoflop budget {budget:g} names unknown models {unknown}")
+                    raise UserError(f"{where}: isoflop budget {budget:g} names unknown models {unknown}")
         if any(b <= 0 for b in [*self.budgets, *self.isoflop]) or any(s < 1 for s in self.steps):
-            raise ValueError(f"{where}: budgets must be > 0 and steps >= 1")
+            raise UserError(f"{where}: budgets must be > 0 and steps >= 1")
         if not 0 < self.mfu <= 1:
-            raise ValueError(f"{where}: mfu must be in (0, 1], got {self.mfu}")
+            raise UserError(f"{where}: mfu must be in (0, 1], got {self.mfu}")
         if self.tokens_per_image < 1:
-            raise ValueError(f"{where}: tokens_per_image must be >= 1")
+            raise UserError(f"{where}: tokens_per_image must be >= 1")
         for model in self.models:
             if any(not lr > 0 for lr in model.lrs):
-                raise ValueError(f"{where}: model {model.name!r}: lrs must be > 0, got {model.lrs}")
+                raise UserError(f"{where}: model {model.name!r}: lrs must be > 0, got {model.lrs}")
         clashes = sorted({h.name for h in self.held_out} & set(names))
         if clashes:
-            raise ValueError(f"{where}: held_out names {clashes} are also in `models`; name them apart")
+            raise UserError(f"{where}: held_out names {clashes} are also in `models`; name them apart")
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -240,14 +241,13 @@ def plan_run(
     batch: int | None = None,
 ) -> PlannedRun:
     """One run of `model` at `budget` FLOPs (steps = budget / FLOPs per step, >= 1) or `steps`."""
-    from fitscale.models.config import build_config
     from fitscale.models.flops import count_parameters, paper_gflops, training_flops
 
     batch = batch or _batch_size(spec)
     try:
         config = build_config(model.preset, **model.overrides)
     except ValueError as error:
-        raise ValueError(f"sweep {spec.name!r}, model {model.name!r}: {error}") from None
+        raise UserError(f"sweep {spec.name!r}, model {model.name!r}: {error}") from None
     per_step = training_flops(config, [spec.tokens_per_image] * batch)
     if steps is None:
         steps = max(1, round(budget / per_step))
@@ -313,7 +313,7 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
         seen[run.name] = seen.get(run.name, 0) + 1
     clashes = sorted(name for name, count in seen.items() if count > 1)
     if clashes:
-        raise ValueError(
+        raise UserError(
             f"sweep {spec.name!r}: runs {clashes} share a folder name (budgets equal to one significant "
             "digit, or learning rates to three); make them differ"
         )

@@ -23,7 +23,7 @@ import torch
 from fitscale.config.log import LogConfig
 from fitscale.hardware import lookup_peak_flops
 from fitscale.train.loglines import StepLine, console_wanted, log_event
-from fitscale.train.records import METRICS_FILE, open_for_append, write_record
+from fitscale.train.records import METRICS_FILE, next_attempt, open_for_append, write_record
 
 SECRET_KEY = re.compile(
     r"(api[_-]?key|token|secret|password|passwd|credential|auth|cookie|private[_-]?key)", re.I
@@ -189,8 +189,6 @@ class MetricsLogger:
             # Rank 0 always keeps the run's metrics.jsonl (status, report, attempts read it); others their own.
             name = METRICS_FILE if rank == 0 else f"metrics.rank{rank}.jsonl"
             if attempt is None:
-                from fitscale.train.records import next_attempt
-
                 attempt = next_attempt(self.run_dir / name)
             self._file = open_for_append(self.run_dir / name)
             self.event("start", start_step, attempt=attempt)

@@ -17,6 +17,7 @@ from torch import nn
 
 from fitscale.compat import fused_optimizer_device_types
 from fitscale.config.optim import OptimConfig
+from fitscale.errors import UserError
 from fitscale.models.official import clean_parameter_name
 
 
@@ -25,7 +26,7 @@ def scaled_lr(cfg: OptimConfig, global_batch_size: int | None) -> float:
     if cfg.lr_scaling == "none":
         return cfg.lr
     if global_batch_size is None or global_batch_size < 1:
-        raise ValueError(
+        raise UserError(
             f"optim.lr_scaling={cfg.lr_scaling!r} needs the global batch size (images per optimizer step), "
             f"got {global_batch_size}; pass global_batch_size or set optim.lr_scaling=none"
         )
@@ -43,7 +44,7 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         exempt = param.ndim < 2 or any(fnmatch.fnmatchcase(clean, p) for p in cfg.no_weight_decay)
         (no_decay if exempt else decay).append(param)
     if not decay and not no_decay:
-        raise ValueError(
+        raise UserError(
             "the model has no trainable parameters: check train.trainable (every pattern matched nothing?)"
         )
     groups = []
@@ -86,7 +87,7 @@ def build_optimizer(
     devices = _device_types(groups)
     fused_ok = devices <= fused_optimizer_device_types()
     if cfg.implementation == "fused" and not fused_ok:
-        raise ValueError(
+        raise UserError(
             f"optim.implementation=fused: torch has no fused AdamW for device {sorted(devices)}; "
             "set optim.implementation=auto or foreach"
         )

@@ -78,7 +78,7 @@ def fixed_reason(field: str, config: dict[str, Any]) -> str | None:
 
 def comparable(config: RunConfig | dict[str, Any]) -> dict[str, Any]:
     """A config as {dotted field: JSON value}, with `model` resolved to its ModelConfig fields."""
-    from fitscale.models.config import build_config
+    from fitscale.config.model import build_config
 
     tree = dataclasses.asdict(config) if isinstance(config, RunConfig) else config
     tree = json.loads(json.dumps(tree))  # tuples -> lists, as a checkpoint's JSON holds them

@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from fitscale.compat import set_last_lr
 from fitscale.config.optim import ScheduleConfig
+from fitscale.errors import UserError
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -56,9 +57,9 @@ def lr_factor(step: int, cfg: ScheduleConfig, total_steps: int) -> float:
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> LambdaLR:
     """A Stateful scheduler; call `.step()` once after every optimizer step."""
     if total_steps < 1:
-        raise ValueError(f"train.steps must be >= 1 to build a learning-rate schedule, got {total_steps}")
+        raise UserError(f"train.steps must be >= 1 to build a learning-rate schedule, got {total_steps}")
     if cfg.warmup_steps >= total_steps and cfg.name != "constant":
-        raise ValueError(
+        raise UserError(
             f"optim.schedule.warmup_steps={cfg.warmup_steps} leaves no steps to decay in a run of {total_steps}; "
             "lower optim.schedule.warmup_steps or raise train.steps"
         )

@@ -25,17 +25,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fitscale.checkpoint.parts import backend_part
 from fitscale.config import RunConfig, to_yaml
 from fitscale.config.errors import ConfigError
 from fitscale.diskspace import named_out_of_space
 from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
 from fitscale.models.inputs import check_packed_batch
-from fitscale.models.official import clean_parameter_name
+from fitscale.models.official import clean_parameter_name, load_official_checkpoint, load_official_state_dict
 from fitscale.parallel import DistributedEnv, init_distributed
-from fitscale.parallel.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
 from fitscale.parallel.backend import build_backend
+from fitscale.runtime.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
 from fitscale.train.loglines import configure_console
-from fitscale.train.metrics import Throughput
+from fitscale.train.metrics import MetricsLogger, Throughput, memory_stats, timestep_bucket_metrics
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
 
 log = logging.getLogger("fitscale.train")
@@ -93,6 +94,9 @@ class Trainer:
         self.model_config = self.config.model_config()
         self.progress = Progress()
         self.backend = build_backend(self.config, self.env)  # FSDP2 or DeepSpeed (parallel.backend)
+        self.backend_part = backend_part(
+            self.backend, self.config.train.run_dir
+        )  # what a checkpoint holds of it
         self.model = self._build_model()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.ema = self._build_ema()
@@ -117,7 +121,6 @@ class Trainer:
         Built in full on rank 0 and broadcast, so initial weights do not depend on the world size.
         """
         from fitscale.models import build_model
-        from fitscale.models.official import load_official_checkpoint, load_official_state_dict
 
         torch.manual_seed(self.config.train.seed)
         model = build_model(self.config.model.name, **dict(self.config.model.overrides))
@@ -136,17 +139,14 @@ class Trainer:
         return self.backend.float8_report
 
     def _build_model(self) -> torch.nn.Module:
-        model = self.backend.build_model(self._full_initial_state)
+        # Label dropout is drawn per image in the step (per_image_label_dropout), so the model is built
+        # without its own, and the step takes the probability from the run's model config.
+        model = self.backend.build_model(self._full_initial_state, class_dropout_prob=0.0)
+        self.label_dropout = self.model_config.class_dropout_prob
+        self.null_class = self.model_config.num_classes
         self._apply_trainable(model)
-        self._move_label_dropout_to_loss(model)
         seed_rank(self.config.train.seed, self.env.rank)
         return model
-
-    def _move_label_dropout_to_loss(self, model: torch.nn.Module) -> None:
-        """Label dropout is drawn per image in the step (per_image_label_dropout), not by the model."""
-        self.label_dropout = model.config.class_dropout_prob
-        self.null_class = model.config.num_classes
-        model.y_embedder.dropout_prob = 0.0
 
     def _apply_trainable(self, model: torch.nn.Module) -> None:
         count = apply_trainable_patterns(model, list(self.config.train.trainable))
@@ -270,8 +270,6 @@ class Trainer:
     def _build_metrics(self, start_step: int, attempt: int):
         from dataclasses import asdict
 
-        from fitscale.train.metrics import MetricsLogger
-
         return MetricsLogger(
             self.run_dir,
             self.config.log,
@@ -291,7 +289,7 @@ class Trainer:
             "data": self.loader,
             "rng": PerRankState(RNGState()),
             "progress": self.progress,
-            **self.backend.checkpoint_state(self.optimizer, self.ema),  # DeepSpeed: in its own files
+            **self.backend_part.state(self.optimizer, self.ema),  # DeepSpeed: in its own files
         }
 
     # ---- resuming ---------------------------------------------------------------------------
@@ -312,7 +310,7 @@ class Trainer:
 
         # Before anything is loaded: refuses a change of a field that may not change on resume.
         self.config_changes = resume_changes(self.config, self.checkpoints.step_path(step))
-        self.backend.load(step, self.ema)
+        self.backend_part.load(step, self.ema)
         self.checkpoints.load(step, self.state())
         self._apply_config_to_loaded_optimizer()
         return step
@@ -333,7 +331,7 @@ class Trainer:
         """Checkpoint at the interval, on a signal, or when forced (collective on every rank)."""
         step = self.progress.step
         # A backend with files of its own writes them first: then the manager must publish the step.
-        force = self.backend.save(step, force, self.checkpoints, self.ema) or force
+        force = self.backend_part.save(step, force, self.checkpoints, self.ema) or force
         return self.checkpoints.maybe_save(step, self.state(), force=force)
 
     # ---- one step ---------------------------------------------------------------------------
@@ -535,7 +533,6 @@ class Trainer:
     def _log_step(self, stats: StepStats, validation: dict[str, float] | None = None) -> None:
         """This step's metrics to the JSONL/wandb/progress-bar sinks (rank 0 unless log.all_ranks)."""
         from fitscale.models.flops import training_flops
-        from fitscale.train.metrics import memory_stats, timestep_bucket_metrics
 
         # FLOPs from this rank's images, scaled to the world: exact for balanced ranks, close otherwise.
         flops = training_flops(self.model_config, stats.seqlens) * self.env.world_size

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from fitscale.config.data import DataConfig
 from fitscale.config.train import FlowConfig, TrainConfig
 from fitscale.data.batch import PackedBatch
+from fitscale.errors import UserError
 from fitscale.flow.loss import flow_loss
 from fitscale.seeds import image_seed
 
@@ -64,7 +65,7 @@ def validation_batches(
     total = probe.num_samples if max_images is None else min(max_images, probe.num_samples)
     probe.close()
     if total < world_size:
-        raise ValueError(
+        raise UserError(
             f"data.val_path={data.val_path} has {total} usable images, fewer than the {world_size} ranks"
         )
     one_pass = dataclasses.replace(
@@ -123,7 +124,7 @@ def evaluate_validation_loss(
         dist.all_reduce(sums)
     images = int(sums[-1])
     if images == 0:
-        raise ValueError("the validation split gave no images to score")
+        raise UserError("the validation split gave no images to score")
     per_t = (sums[:-1] / images).tolist()
     metrics = {"val_loss": sum(per_t) / len(per_t), "val_images": float(images)}
     metrics.update({f"val_loss_t{t:.3f}": value for t, value in zip(grid, per_t)})
@@ -137,7 +138,7 @@ def run_validation(
     ema=None,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """The validation metrics of the weights, and with `ema` (fitscale.train.ema.EMA) of the average too.
+    """The validation metrics of the weights, and with `ema` (fitscale.parallel.ema.EMA) of the average too.
 
     EMA metrics carry an `_ema` suffix (`val_loss_ema`); the model's own weights are restored after.
     """

@@ -31,7 +31,7 @@ def test_async_save_of_fsdp_cuda_state_restores_it_exactly(nccl_group, tmp_path)
     from fitscale.config.optim import EMAConfig, OptimConfig
     from fitscale.data.batch import pack_images
     from fitscale.models import build_model
-    from fitscale.train.ema import EMA
+    from fitscale.parallel.ema import EMA
     from fitscale.train.optim import build_optimizer
 
     def training():

@@ -4,15 +4,10 @@ next to the same compiled steps without them."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 
 def float8_gpu() -> bool:
@@ -77,7 +72,7 @@ def test_float8_forward_and_backward_track_bf16(recipe):
 def test_cuda_graph_steps_match_compiled_steps(tmp_path):
     """Three steps of the tiny model with `train.cuda_graphs` (static shapes, reduce-overhead) give
     the losses of the same compiled steps without graphs."""
-    from train_worker import SeededSteps, worker_config
+    from helpers.train_worker import SeededSteps, worker_config
 
     from fitscale.config import load_config
     from fitscale.train.trainer import Trainer

@@ -29,7 +29,7 @@ from fitscale.checkpoint import (
 from fitscale.checkpoint.export import export_checkpoint
 from fitscale.config.checkpoint import CheckpointConfig
 from fitscale.config.optim import EMAConfig, OptimConfig, ScheduleConfig
-from fitscale.launch.env import leave_process_group
+from fitscale.runtime.env import leave_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ class Training:
         from torch.distributed.fsdp import fully_shard
 
         from fitscale.models import build_model
-        from fitscale.train.ema import EMA
+        from fitscale.parallel.ema import EMA
         from fitscale.train.optim import build_optimizer
         from fitscale.train.schedule import build_lr_scheduler
 

@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fitscale.config.data import DataConfig
-from fitscale.launch.env import leave_process_group
-from fitscale.launch.local import free_port, rank_environments
+from fitscale.runtime.env import leave_process_group
+from fitscale.runtime.local import free_port, rank_environments
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_runs import write_digits_split
+from helpers.train_runs import write_digits_split
 
 from fitscale.cli import main
-from fitscale.launch.failures import ERROR_DIR_ENV, launch_failure, record_failure
 from fitscale.report.status import run_status
+from fitscale.runtime.failures import ERROR_DIR_ENV, launch_failure, record_failure
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,7 +78,7 @@ def clock(monkeypatch) -> None:
     """Reports written one second apart, so which came first never rests on the clock's resolution."""
     from types import SimpleNamespace
 
-    from fitscale.launch import failures
+    from fitscale.runtime import failures
 
     ticks = iter(range(1000, 2000))
     monkeypatch.setattr(failures, "time", SimpleNamespace(time=lambda: float(next(ticks))))
@@ -105,8 +105,8 @@ def test_the_launcher_reports_the_first_failure_with_the_single_process_exit_sta
 def test_a_slurm_job_reports_its_first_failing_rank(tmp_path, monkeypatch):
     import pickle
 
-    from fitscale.launch.failures import slurm_error_folder
     from fitscale.launch.slurm import failure_reason
+    from fitscale.runtime.failures import slurm_error_folder
 
     clock(monkeypatch)
     # submitit's pickle of task 0 holds the consequence (its peer was gone), not the cause.

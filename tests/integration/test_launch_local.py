@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.train_runs import WORKER
 
-from fitscale.launch.local import free_port, launch_local
+from fitscale.runtime.local import free_port, launch_local
 
 REPO = Path(__file__).resolve().parents[2]
 
 ALLREDUCE = """
 import json, sys
-from fitscale.launch.env import allreduce_check
+from fitscale.runtime.env import allreduce_check
 result = allreduce_check()
 open(f"{sys.argv[1]}/rank{result['rank']}.json", "w").write(json.dumps(result))
 """
@@ -51,7 +52,7 @@ def test_two_nodes_of_two_ranks_rendezvous_on_loopback(tmp_path):
             [
                 sys.executable,
                 "-c",
-                "import sys; from fitscale.launch.local import launch_local; "
+                "import sys; from fitscale.runtime.local import launch_local; "
                 f"sys.exit(launch_local([sys.executable, '-c', {ALLREDUCE!r}, {str(tmp_path)!r}], 2, "
                 f"nnodes=2, node_rank={node}, master_port={port}))",
             ],
@@ -67,7 +68,7 @@ def test_two_nodes_of_two_ranks_rendezvous_on_loopback(tmp_path):
 def test_signals_reach_every_rank_and_the_launcher_waits_for_them(tmp_path):
     launcher = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from fitscale.launch.local import launch_local; "
+         "import sys; from fitscale.runtime.local import launch_local; "
          f"sys.exit(launch_local([sys.executable, '-c', {SIGNALS!r}, {str(tmp_path)!r}], 2))"],
     )  # fmt: skip
     deadline = time.monotonic() + 120
@@ -100,14 +101,13 @@ def test_multi_node_launch_needs_an_agreed_port():
 # ---------------------------------------------------------------------------------- HSDP training
 # The trainer's own test worker: the real Trainer on seeded in-memory data. (MosaicML Streaming
 # shares memory between the ranks of one host, so two "nodes" on one host cannot both open it.)
-WORKER = Path(__file__).with_name("train_worker.py")
 TRAIN = ["train.steps=3", "checkpoint.interval=0", "parallel.sharding=hybrid", "log.wandb=disabled"]
 
 
 def start_node(run_dir: Path, nproc: int, nnodes: int, node_rank: int, port: int, *overrides: str):
     worker = [sys.executable, str(WORKER), str(run_dir), "--global-batch", "8", "--set", *TRAIN, *overrides]
     code = (
-        "import sys; from fitscale.launch.local import launch_local; "
+        "import sys; from fitscale.runtime.local import launch_local; "
         f"sys.exit(launch_local({worker!r}, {nproc}, nnodes={nnodes}, node_rank={node_rank}, master_port={port}))"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

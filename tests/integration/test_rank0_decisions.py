@@ -34,7 +34,7 @@ def _outcome(fn) -> str:
 def _ranks(rank: int, world_size: int, store: str, run_dir: str, out: str) -> None:
     from fitscale.checkpoint import CheckpointManager, deepspeed, layout
     from fitscale.config.checkpoint import CheckpointConfig
-    from fitscale.parallel.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
+    from fitscale.runtime.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
 
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=30)
@@ -95,7 +95,7 @@ def _ranks(rank: int, world_size: int, store: str, run_dir: str, out: str) -> No
         results["after"] = "in step"
     finally:
         Path(out, f"rank{rank}.json").write_text(json.dumps(results))
-        from fitscale.launch.env import leave_process_group
+        from fitscale.runtime.env import leave_process_group
 
         leave_process_group()
 

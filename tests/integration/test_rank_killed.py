@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from train_runs import write_digits_split
+from helpers.train_runs import write_digits_split
 
-from fitscale.launch.failures import WorkerFailed, run_ranks
+from fitscale.runtime.failures import WorkerFailed, run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 # reports the connection error it then meets, as fitscale's CLI does in a launched rank.
 PEERS = r"""
 import os, signal, sys, torch, torch.distributed as dist
-from fitscale.launch.failures import record_failure
+from fitscale.runtime.failures import record_failure
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 try:

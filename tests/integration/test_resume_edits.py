@@ -1,7 +1,7 @@
 """Resuming with an edited config: allowed edits take effect from the first resumed step and are
 reported; an edit of a field that may not change is refused before anything is loaded.
 
-One process, the tiny model, 6 steps with a checkpoint at 3 (`train_worker.py`), then resumes.
+One process, the tiny model, 6 steps with a checkpoint at 3 (`tests/helpers/train_worker.py`), then resumes.
 The expected learning rates are the closed form of warmup + cosine decay, computed here.
 """
 
@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 
 import pytest
-from train_runs import BASE, metric_records, run
-from train_worker import worker_config
+from helpers.train_runs import BASE, metric_records, run
+from helpers.train_worker import worker_config
 
 from fitscale.config import ConfigError, load_config
 from fitscale.train.resume import check_before_start

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, losses, model_weights, run, write_digits_split
+from helpers.train_runs import checkpoint_tensors, losses, model_weights, run, write_digits_split
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 whole (never rewritten, never kept as if new), `train.resume=auto` and retention see only the
 live branch, and reports read only its records.
 
-One process, the tiny model (`train_worker.py`): 8 steps at lr 2e-3 with a checkpoint every 2
+One process, the tiny model (`tests/helpers/train_worker.py`): 8 steps at lr 2e-3 with a checkpoint every 2
 (steps 2, 4, 6, 8), then resumes from step 2 at lr 1e-3. Before, `checkpoints/step-4` and
 `step-6` of the first run stayed in place (`already exists; not writing it again`) while steps
 3-6 were trained again, and `resume=auto` went on from the old weights.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, run
+from helpers.train_runs import checkpoint_tensors, run
 
 from fitscale.report.history import read_history
 from fitscale.report.status import format_status, run_status

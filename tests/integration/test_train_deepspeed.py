@@ -27,7 +27,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, losses, metric_records, model_weights, run, write_digits_split
+from helpers.train_runs import (
+    checkpoint_tensors,
+    losses,
+    metric_records,
+    model_weights,
+    run,
+    write_digits_split,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -120,10 +127,10 @@ def test_zero2_gives_the_losses_and_ema_of_the_other_backends_also_resumed_on_on
 def test_zero3_weights_exported_from_its_partitions_match_fsdp(runs, tmp_path):
     from safetensors.torch import load_file
 
-    from fitscale.checkpoint.deepspeed import export_deepspeed_weights
+    from fitscale.checkpoint.export import export_checkpoint
 
     out = tmp_path / "zero3-step4.safetensors"
-    info = export_deepspeed_weights(runs["zero3"], 4, out)
+    info = export_checkpoint(runs["zero3"] / "checkpoints" / "step-4", out)
     exported = load_file(out)
     expected = model_weights(checkpoint_tensors(runs["fsdp"], 4))
     assert info["tensors"] == len(expected) and exported.keys() == expected.keys()
@@ -229,8 +236,8 @@ def test_zero3_checkpoint_with_another_zero_stage_is_refused_before_loading(runs
     message = (
         f"{folder} holds ZeRO-3 partitions of 2 ranks; this run has 2 ranks and ZeRO-2. DeepSpeed checkpoints "
         "resume with the ZeRO stage that wrote them (on any world size): rerun with parallel.zero_stage=3, or "
-        f"consolidate the weights with fitscale.checkpoint.deepspeed.export_deepspeed_weights("
-        f"{str(runs['zero3'])!r}, 2, OUT) and start a new run with train.init_from=OUT (optimizer state and "
+        f"consolidate the weights with `fitscale convert export {runs['zero3'] / 'checkpoints' / 'step-2'} "
+        "--out OUT.safetensors` and start a new run with train.init_from=OUT.safetensors (optimizer state and "
         "data position start afresh)"
     )
     with pytest.raises(DeepSpeedResumeError) as error:

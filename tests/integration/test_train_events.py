@@ -2,7 +2,7 @@
 `nonfinite_step_skipped`, `stop`) is a record of metrics.jsonl, not only a log line, and
 `event=checkpoint` of an asynchronous save comes once the checkpoint is complete on disk.
 
-One process, the tiny model (`train_worker.py`): 6 steps with a NaN image in step 2, validation
+One process, the tiny model (`tests/helpers/train_worker.py`): 6 steps with a NaN image in step 2, validation
 and a sample grid every 2 steps, asynchronous checkpoints every 2, a SIGTERM during step 4's
 validation (the run saves and stops there); then a resume to step 6.
 """
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from train_runs import run, write_digits_split
+from helpers.train_runs import run, write_digits_split
 
 from fitscale.train.loglines import parse_fields
 

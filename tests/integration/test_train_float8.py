@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, metric_records, model_weights, run
+from helpers.train_runs import checkpoint_tensors, metric_records, model_weights, run
 
 from fitscale.models import build_model
 

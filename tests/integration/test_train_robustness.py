@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
-from train_runs import BASE, checkpoint_tensors, launch_command, metric_records, model_weights, run
-from train_worker import SeededSteps, worker_config
+from helpers.train_runs import BASE, checkpoint_tensors, launch_command, metric_records, model_weights, run
+from helpers.train_worker import SeededSteps, worker_config
 
 from fitscale.config import load_config
 from fitscale.train.trainer import Trainer
@@ -58,6 +58,48 @@ def test_nonfinite_steps_are_skipped_and_a_run_of_them_stops_the_job(tmp_path):
     weights_4, weights_5 = model_weights(after), model_weights(last)
     assert any(not torch.equal(weights_4[k], v) for k, v in model_weights(skipped).items()), "no step after 3"
     assert all(torch.equal(weights_5[k], v) for k, v in weights_4.items()), "skipped step 5 changed weights"
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero2", "zero3"])
+def test_a_nan_gradient_with_a_finite_loss_is_skipped_under_both_backends(tmp_path, backend):
+    """Rank 0's backward turns NaN at optimizer step 2 (0-based): the loss stays finite, the global
+    gradient norm does not, and the step changes neither weights nor optimizer state nor EMA."""
+    from fitscale.checkpoint.deepspeed import read_deepspeed_weights
+
+    run_dir = tmp_path / backend
+    zero = {"zero2": ["parallel.zero_stage=2"], "zero3": ["parallel.zero_stage=3"]}
+    chosen = ["parallel.backend=deepspeed", *zero[backend]] if backend in zero else []
+    run(
+        run_dir,
+        2,
+        "train.steps=4",
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=0",
+        *chosen,
+        nan_grad_steps="2",
+    )
+    records = metric_records(run_dir)
+    assert [step for step, record in sorted(records.items()) if record["skipped"]] == [3]
+    assert records[3]["nonfinite_total"] == 1 and records[4]["nonfinite_total"] == 1
+    assert (
+        records[3]["loss"] is not None and records[3]["loss"] > 0
+    )  # a finite loss: only the gradient was NaN
+    if backend in zero:  # weights and EMA are in DeepSpeed's own files
+        states = [
+            {**read_deepspeed_weights(run_dir, step), **read_deepspeed_weights(run_dir, step, "ema")}
+            for step in (2, 3, 4)
+        ]
+    else:
+        kept = ("model.", "optimizer.", "ema.")
+        states = [
+            {k: v for k, v in checkpoint_tensors(run_dir, step).items() if k.startswith(kept)}
+            for step in (2, 3, 4)
+        ]
+    before, skipped, after = states
+    assert before.keys() == skipped.keys() and before
+    for key, tensor in before.items():
+        assert torch.equal(tensor, skipped[key]), f"{key} changed in the skipped step"
+    assert any(not torch.equal(after[k], v) for k, v in skipped.items()), "no step after the skipped one"
 
 
 def test_a_live_run_folder_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):

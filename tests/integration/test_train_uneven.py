@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, losses, run, write_digits_split
+from helpers.train_runs import checkpoint_tensors, losses, run, write_digits_split
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """Held-out loss during training (`train.val_every`): real processes (torchrun, gloo), the tiny model.
 
-Two 3-step runs on the seeded training stream of `train_worker.py`, on 2 ranks and on 1, scoring
+Two 3-step runs on the seeded training stream of `tests/helpers/train_worker.py`, on 2 ranks and on 1, scoring
 a 12-image digits split every 2 steps and at the end. The logged numbers must be what
 `run_validation` gives for the checkpoint's raw and EMA weights and must not depend on the number
 of ranks. That validation leaves training bit-identical is checked by the kill/resume test of
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, metric_records, model_weights, run, write_digits_split
+from helpers.train_runs import checkpoint_tensors, metric_records, model_weights, run, write_digits_split
 
 pytestmark = pytest.mark.slow
 

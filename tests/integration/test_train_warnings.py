@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_runs import write_digits_split
+from helpers.train_runs import write_digits_split
 
 from fitscale.cli import main
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import checkpoint_tensors, metric_records, write_digits_split
+from helpers.train_runs import checkpoint_tensors, metric_records, write_digits_split
 
 from fitscale.train.loglines import parse_fields
 

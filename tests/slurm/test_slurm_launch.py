@@ -26,9 +26,9 @@ from slurm_runs import (
 )
 
 from fitscale.config.launch import LaunchConfig, resolve_resources
-from fitscale.launch.env import allreduce_check, master_port_for_job
 from fitscale.launch.profiles import load_profile
 from fitscale.launch.slurm import build_executor, sbatch_parameters, submit_array, wait_for_job
+from fitscale.runtime.env import allreduce_check, master_port_for_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

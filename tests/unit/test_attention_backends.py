@@ -172,8 +172,8 @@ def test_padded_baseline_computes_the_packed_function():
 
 
 def test_every_configurable_backend_is_registered_and_says_what_it_needs():
+    from fitscale.config.model import ATTENTION_BACKENDS
     from fitscale.models.attention import AUTO_ORDER, BACKENDS
-    from fitscale.models.config import ATTENTION_BACKENDS
 
     assert set(ATTENTION_BACKENDS) == {"auto", *BACKENDS}
     assert set(AUTO_ORDER) <= set(BACKENDS)

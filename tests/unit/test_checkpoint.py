@@ -21,7 +21,7 @@ from fitscale.config.checkpoint import CheckpointConfig
 from fitscale.config.optim import EMAConfig, OptimConfig, ScheduleConfig
 from fitscale.data.batch import pack_images
 from fitscale.models import build_model
-from fitscale.train.ema import EMA
+from fitscale.parallel.ema import EMA
 from fitscale.train.optim import build_optimizer
 from fitscale.train.schedule import build_lr_scheduler
 

@@ -13,7 +13,7 @@ from fitscale.config.optim import EMAConfig, OptimConfig
 from fitscale.data.batch import pack_images
 from fitscale.models import build_model
 from fitscale.models.official import export_official_state_dict
-from fitscale.train.ema import EMA
+from fitscale.parallel.ema import EMA
 from fitscale.train.optim import build_optimizer
 
 MODEL = {"name": "tiny", "overrides": {"attn_backend": "reference"}}

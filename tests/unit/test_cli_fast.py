@@ -35,7 +35,7 @@ def test_lazy_package_exports_resolve():
         "fitscale.parallel, fitscale.sweep\n"
         "assert 'torch' not in sys.modules\n"
         "from fitscale.models import build_config, ModelConfig\n"
-        "from fitscale.models.config import build_config as direct\n"
+        "from fitscale.config.model import build_config as direct\n"
         "assert build_config is direct and 'build_model' in dir(fitscale.models)\n"
         "assert 'torch' not in sys.modules\n"
         "try:\n    fitscale.models.no_such_name\nexcept AttributeError as e:\n    print(e)\n"

@@ -54,12 +54,12 @@ def test_config_show_applies_repeated_and_grouped_sets(capsys):
 
 def test_sample_nproc_relaunches_with_the_arguments_it_was_given(monkeypatch, tmp_path):
     """`main([...])` from Python relaunches with its own arguments, not the interpreter's sys.argv."""
-    import fitscale.launch.local
+    import fitscale.runtime.local
 
     launched = {}
     monkeypatch.setattr(sys, "argv", ["pytest", "-q"])
     monkeypatch.setattr(
-        fitscale.launch.local,
+        fitscale.runtime.local,
         "launch_local",
         lambda command, nproc: launched.update(command=command, nproc=nproc) or 0,
     )

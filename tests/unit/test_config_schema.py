@@ -11,10 +11,10 @@ import torch
 
 from fitscale.cli import main
 from fitscale.config import ConfigError, load_config, to_yaml
+from fitscale.config.model import PRESETS
 from fitscale.config.parallel import ParallelConfig
 from fitscale.launch.profiles import load_profile
 from fitscale.models import build_model
-from fitscale.models.config import PRESETS
 from fitscale.models.fit import FiT
 from fitscale.sweep.spec import load_spec
 
@@ -114,3 +114,24 @@ def test_the_saved_config_keeps_only_the_overrides_that_are_set(tmp_path):
     saved.write_text(text)
     again = load_config(saved)
     assert again == config and again.model_config().rope_target_grid == (8, 12)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("optim.lr=nan", "optim.lr: must be > 0, got nan; the paper uses 1e-4"),
+        ("optim.beta2=1.0", "optim.beta2: must be in [0, 1), got 1.0"),
+        ("checkpoint.interval=-1", "checkpoint.interval: must be >= 0 (0 disables it), got -1"),
+        ("launch.time_min=-5", "launch.time_min: must be >= 0 (or null for the profile's), got -5"),
+    ],
+)
+def test_a_declared_bound_is_checked_where_the_choices_are_with_one_message(item, message):
+    """Bounds are field metadata (fitscale.config.bounds), checked by check_choices with the Literals."""
+    with pytest.raises(ConfigError) as error:
+        load_config("recipes/demo.yaml", [item])
+    assert str(error.value) == message
+    assert load_config(
+        "recipes/demo.yaml", ["launch.time_min=null", "train.val_max_images=null"]
+    )  # None passes
+    bounded = [f.name for f in dataclasses.fields(ParallelConfig) if "bound" in f.metadata]
+    assert sorted(bounded) == ["ac_every", "fsdp_prefetch", "shard_size"]

@@ -1,23 +1,17 @@
-"""train.cuda_graphs on CPU: the refusal, the config rules, and the static shapes it gives the model
+"""parallel.cuda_graphs on CPU: the refusal, the config rules, and the static shapes it gives the model
 (one segment count and one max_seqlen in every forward, the loss and gradients of the batch as packed)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers.train_worker import SeededSteps, worker_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-
-from train_worker import SeededSteps, worker_config  # noqa: E402
-
-from fitscale.config import load_config  # noqa: E402
-from fitscale.config.errors import ConfigError  # noqa: E402
-from fitscale.flow import flow_loss, per_image_noise  # noqa: E402
-from fitscale.models import build_model  # noqa: E402
-from fitscale.train.cuda_graphs import (  # noqa: E402
+from fitscale.config import load_config
+from fitscale.config.errors import ConfigError
+from fitscale.flow import flow_loss, per_image_noise
+from fitscale.models import build_model
+from fitscale.parallel.cuda_graphs import (
     StaticShapes,
     apply_static_shapes,
     maybe_apply_cuda_graphs,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fitscale.config.optim import EMAConfig
-from fitscale.train.ema import EMA, ema_decay, ema_initial_weight
+from fitscale.parallel.ema import EMA, ema_decay, ema_initial_weight
 
 
 def make_model(dtype=torch.float32) -> nn.Module:

@@ -23,7 +23,7 @@ def run_dir(tmp_path_factory):
     from fitscale.checkpoint import CheckpointManager, ModelState
     from fitscale.config.checkpoint import CheckpointConfig
     from fitscale.config.optim import EMAConfig
-    from fitscale.train.ema import EMA
+    from fitscale.parallel.ema import EMA
 
     torch.manual_seed(0)
     model = build_model("tiny", attn_backend="reference")

@@ -11,17 +11,16 @@ import torch
 
 pytest.importorskip("torchao.float8", reason="the float8 extra (torchao) is not installed")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from torchao.float8.float8_linear import Float8Linear  # noqa: E402
-from train_worker import SeededSteps, worker_config  # noqa: E402
+from helpers.train_worker import SeededSteps, worker_config
+from torchao.float8.float8_linear import Float8Linear
 
-from fitscale.config import load_config  # noqa: E402
-from fitscale.config.errors import ConfigError  # noqa: E402
-from fitscale.config.parallel import ParallelConfig  # noqa: E402
-from fitscale.models import build_model  # noqa: E402
-from fitscale.parallel.float8 import apply_float8  # noqa: E402
-from fitscale.train.trainer import Trainer  # noqa: E402
+from fitscale.config import load_config
+from fitscale.config.errors import ConfigError
+from fitscale.config.parallel import ParallelConfig
+from fitscale.models import build_model
+from fitscale.parallel.float8 import apply_float8
+from fitscale.train.trainer import Trainer
 
 TOKEN_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1_g", "mlp.fc1_x", "mlp.fc2")
 

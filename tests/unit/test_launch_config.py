@@ -12,7 +12,8 @@ import pytest
 
 from fitscale.config.errors import ConfigError
 from fitscale.config.launch import ClusterProfile, LaunchConfig, resolve_resources
-from fitscale.launch.env import (
+from fitscale.launch.profiles import load_profile
+from fitscale.runtime.env import (
     expand_tasks_per_node,
     export_torch_env,
     first_hostname,
@@ -20,7 +21,6 @@ from fitscale.launch.env import (
     master_port_for_job,
     rank_info_from_env,
 )
-from fitscale.launch.profiles import load_profile
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ import torch
 from reference.pairs import RELEASE_NAMES, relative_error
 from reference.release_rope import RELEASE_METHODS, RopeSpec, image_cos_sin
 
-from fitscale.models.config import build_config
+from fitscale.config.model import build_config
 from fitscale.models.extrapolation import release_sampling_overrides
 from fitscale.models.rope import rope_cos_sin
 

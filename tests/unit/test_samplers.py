@@ -300,3 +300,13 @@ def test_scheduled_guidance_of_images_at_their_own_times():
         scale = 1 + 2.0 * (1 - math.cos(math.pi * (1 - t.item()))) / 2
         expected = torch.cat([(uncond + scale * (cond - uncond))[:, :12], cond[:, 12:]], dim=1)
         assert torch.allclose(v, expected, atol=1e-5), f"image {image}"
+
+
+def test_the_config_choice_of_sampler_is_the_sampler_registry():
+    """`train.sample_sampler` is a Literal in config/ (below flow/); it must list exactly the samplers."""
+    from typing import get_args
+
+    from fitscale.config.train import SamplerName
+    from fitscale.flow.samplers import SAMPLERS
+
+    assert get_args(SamplerName) == SAMPLERS

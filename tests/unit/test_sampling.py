@@ -322,7 +322,7 @@ def test_two_ranks_write_the_images_one_rank_writes(weights_file, tmp_path, caps
     """`fitscale sample` on 2 gloo ranks (launched as `--nproc 2` launches them): each rank samples
     every other image, each alone (batch-invariant), so every latent is the one a single process
     writes, bit for bit; a noise stream tied to the rank or the batch would move an image by O(1)."""
-    from fitscale.launch.local import launch_local, python_module_command
+    from fitscale.runtime.local import launch_local, python_module_command
 
     flags = (
         "--model tiny --set attn_backend=reference --height 32 --width 48 --height 48 --width 32 --num-per-size 2 "
@@ -347,7 +347,7 @@ def test_run_checkpoint_gives_ema_or_raw_weights(tmp_path):
     from fitscale.checkpoint import CheckpointManager, ModelState
     from fitscale.config.checkpoint import CheckpointConfig
     from fitscale.config.optim import EMAConfig
-    from fitscale.train.ema import EMA
+    from fitscale.parallel.ema import EMA
 
     model = tiny_model(1)
     ema = EMA(model, EMAConfig(decay=0.5, warmup="none"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fitscale.cli import main
-from fitscale.models.config import build_config
+from fitscale.config.model import build_config
 from fitscale.models.flops import paper_gflops, training_flops
 from fitscale.sweep import SweepModel, SweepSpec, fit_optimal_size, fit_power_law, isoflop_optimum, plan_sweep
 from fitscale.sweep.report import analyse
@@ -311,8 +311,8 @@ def test_predict_recovers_a_synthetic_law_within_its_interval_and_fit_checks_the
 
 def test_log_axis_ticks_are_the_values_tried_without_overlapping_labels():
     """Runs' compute differs from the budget by a step's rounding: one tick per budget, short labels."""
+    from fitscale.plotting import pyplot
     from fitscale.sweep.plots import compact, readable_log_axis
-    from fitscale.sweep.report import pyplot
 
     plt = pyplot()
     figure, axes = plt.subplots()

@@ -60,7 +60,7 @@ def test_validation_is_a_fixed_function_of_weights_and_split(digits_split):
 
 def test_ema_weights_are_scored_and_restored(digits_split):
     from fitscale.config.optim import EMAConfig
-    from fitscale.train.ema import EMA
+    from fitscale.parallel.ema import EMA
 
     net = model()
     ema = EMA(net, EMAConfig(decay=0.0))

@@ -21,6 +21,7 @@ from torch import nn
 from fitscale.config import RunConfig
 from fitscale.config.errors import ConfigError
 from fitscale.data.batch import PADDING_SEGMENT_TOKENS
+from fitscale.errors import UserError
 
 CUDA_GRAPHS_COMPILE_MODE = "reduce-overhead"
 
@@ -63,7 +64,7 @@ def static_model_inputs(
     segments = int(cu_seqlens.numel()) - 1
     extra = shapes.num_segments - segments
     if extra < 0 or (max_seqlen is not None and max_seqlen > shapes.max_seqlen):
-        raise ValueError(
+        raise UserError(
             f"train.cuda_graphs: a micro-batch of {segments} segments (longest {max_seqlen}) exceeds the "
             f"static shapes ({shapes.num_segments} segments, longest {shapes.max_seqlen}); "
             "check data.token_budget, data.min_image_tokens and data.max_image_tokens"

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fitscale.compat import foreach_copy_, foreach_lerp_
 from fitscale.config.optim import EMAConfig
+from fitscale.errors import UserError
 from fitscale.models.official import clean_parameter_name
 
 
@@ -142,7 +143,7 @@ class EMA:
         ValueError naming parameters that `full` lacks."""
         missing = sorted(set(self.shadow) - set(full))
         if missing:
-            raise ValueError(f"the EMA to start from lacks {', '.join(missing[:5])}")
+            raise UserError(f"the EMA to start from lacks {', '.join(missing[:5])}")
         for name, shadow in self.shadow.items():
             value = full[name].to(torch.float32)
             if isinstance(shadow, DTensor):
@@ -163,7 +164,7 @@ class EMA:
         missing = sorted(set(self.shadow) - set(params))
         unexpected = sorted(set(params) - set(self.shadow))
         if missing or unexpected:
-            raise ValueError(
+            raise UserError(
                 f"EMA state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         for name, shadow in self.shadow.items():

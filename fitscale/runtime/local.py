@@ -21,10 +21,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from fitscale.errors import UserError
+
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+# The exit status of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it): after the checkpoint
+# the first SIGINT asks for, at the second SIGINT, or during start-up. The one definition that the
+# checkpoint manager, the launcher and the command line share (fitscale.config.checkpoint re-exports it).
+INTERRUPTED_STATUS = 128 + signal.SIGINT
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -72,13 +79,13 @@ def launch_local(
     env: Mapping[str, str] | None = None,
     stop_grace_s: float = 60.0,
     log_dir: str | Path | None = None,
-    error_dir: str | Path | None = None,
+    on_stopped_rank: Callable[[int, int, Path | None], None] | None = None,
 ) -> int:
     """Run `command` in `nproc_per_node` processes of one node of an `nnodes`-node job; return its exit code.
 
     How `fitscale train --nproc N` uses it: build the argv that makes one rank train, e.g.
     `python_module_command("fitscale.train.cli", "train", recipe, "--set", ...)`, and call
-    `launch_local(argv, N)`. Each rank finds its place with `fitscale.launch.env.init_distributed_from_env()`
+    `launch_local(argv, N)`. Each rank finds its place with `fitscale.runtime.env.init_distributed_from_env()`
     (or any `env://` rendezvous). Multi-node without SLURM: run the same call on every node with
     `nnodes`, that node's `node_rank`, the address of node 0 as `master_addr` and one agreed `master_port`.
 
@@ -88,21 +95,21 @@ def launch_local(
     it returns when the ranks have exited (called from another thread, signals are not forwarded).
     `env` adds variables to every rank's environment. With `log_dir`, every rank but this node's
     first writes its output to `log_dir/rank-R.log` (appended to) instead of the terminal, and the
-    launcher prints nothing of its own (see fitscale.launch.failures for the error line).
+    launcher prints nothing of its own (see fitscale.runtime.failures for the error line).
 
     The failing rank is the first one seen stopped: one killed by a signal before any other (its
-    peers then fail with connection errors), else the lowest. With `error_dir` (the ranks'
-    `FITSCALE_ERROR_DIR`), the launcher writes the report of each stopped rank that could not write
-    its own (killed by a signal, or exited without one), e.g. `rank 1 was killed by SIGKILL
-    (signal 9)` with a hint (fitscale.launch.failures.record_stopped_rank).
+    peers then fail with connection errors), else the lowest. `on_stopped_rank(rank, code, log)` is
+    called for each rank that failed (`log`: its log file, None for the terminal's); run through
+    fitscale.runtime.failures.run_ranks it writes the report of a rank that could not write its own
+    (killed by a signal, or exited without one), e.g. `rank 1 was killed by SIGKILL (signal 9)`.
     """
     if nproc_per_node < 1:
-        raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+        raise UserError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
     if nnodes < 1 or not 0 <= node_rank < nnodes:
-        raise ValueError(f"node_rank must be in [0, nnodes={nnodes}), got {node_rank}")
+        raise UserError(f"node_rank must be in [0, nnodes={nnodes}), got {node_rank}")
     if master_port is None:
         if nnodes > 1:
-            raise ValueError("a multi-node launch needs an explicit master_port that every node agrees on")
+            raise UserError("a multi-node launch needs an explicit master_port that every node agrees on")
         master_port = free_port(master_addr)
     base_env = {**os.environ, **(env or {})}
     processes: list[subprocess.Popen] = []
@@ -134,13 +141,11 @@ def launch_local(
                 output.close()  # the rank holds its own copy
         first_rank = node_rank * nproc_per_node
         failed = _wait_for_ranks(processes, first_rank, stop_grace_s, quiet=log_dir is not None)
-        if error_dir is not None:
-            from fitscale.launch.failures import record_stopped_rank
-
+        if on_stopped_rank is not None:
             for rank, code in failed:
                 is_first = rank == first_rank  # its output went to the terminal, the others' to log_dir
                 log = None if log_dir is None or is_first else Path(log_dir) / f"rank-{rank}.log"
-                record_stopped_rank(error_dir, rank, code, log)
+                on_stopped_rank(rank, code, log)
         return failed[0][1] if failed else 0
     finally:
         _stop(processes, stop_grace_s)

@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from fitscale.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -91,7 +93,7 @@ def same_on_all_ranks(value: Any, what: str, group=None) -> None:
     dist.all_gather_object(values, value, group=group)
     differ = [rank for rank, other in enumerate(values) if other != values[0]]
     if differ:
-        raise ValueError(
+        raise UserError(
             f"ranks see different {what}: rank 0 {values[0]!r}, rank {differ[0]} {values[differ[0]]!r} "
             "(a shared file system that has not caught up, or a file rewritten during start-up); "
             "make the files identical for every node and restart"

@@ -50,18 +50,3 @@ def launch_records(run_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut short by a crash; the others still count
     return records
-
-
-def active_job(run_dir: str | Path) -> tuple[str, str] | None:
-    """(job id, state) of a SLURM job launched on this run folder that SLURM may still run, else None."""
-    from fitscale.launch.slurm import TERMINAL_STATES, job_state
-
-    for record in reversed(launch_records(run_dir)):
-        job_id = record.get("job_id")
-        if record.get("scheduler") != "slurm" or not job_id:
-            continue
-        state = job_state(str(job_id))
-        if state not in TERMINAL_STATES and state != "UNKNOWN":
-            return str(job_id), state
-        return None
-    return None

@@ -24,6 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
+from fitscale.runtime.local import INTERRUPTED_STATUS, launch_local, signal_name
+
 ERROR_DIR_ENV = "FITSCALE_ERROR_DIR"
 LAST_ERROR = "logs/last-error.json"  # in the run folder: the report a local launch ended with
 
@@ -101,9 +103,6 @@ def record_stopped_rank(folder: str | Path, rank: int, code: int, log: str | Pat
     a rank that exited with INTERRUPTED_STATUS (Ctrl-C, after saving or saying what is lost) gets
     none, so `fitscale status` shows no error for a stop the user asked for.
     """
-    from fitscale.config.checkpoint import INTERRUPTED_STATUS
-    from fitscale.launch.local import signal_name
-
     folder = Path(folder)
     if (folder / f"rank-{rank}.json").exists():
         return
@@ -160,7 +159,7 @@ def slurm_first_failure(slurm_folder: str | Path, job_id: str) -> dict | None:
 
 def last_failure(run_dir: str | Path) -> dict | None:
     """The newest failure report of a run (its last local launch's, or a SLURM attempt's), or None."""
-    from fitscale.launch.rundir import slurm_folder
+    from fitscale.runtime.rundir import slurm_folder
 
     run_dir = Path(run_dir)
     reports = [first_failure(folder) for folder in (slurm_folder(run_dir) / "errors").glob("*-*")]
@@ -187,8 +186,6 @@ def run_ranks(command: list[str], nproc_per_node: int, run_dir: str | Path, **la
     goes to `<run_dir>/logs/`."""
     import tempfile
 
-    from fitscale.launch.local import launch_local
-
     env = dict(launch.pop("env", None) or {})  # type: ignore[call-overload]
     with tempfile.TemporaryDirectory(prefix="fitscale-errors-") as folder:
         code = launch_local(
@@ -196,7 +193,7 @@ def run_ranks(command: list[str], nproc_per_node: int, run_dir: str | Path, **la
             nproc_per_node,
             env={**env, ERROR_DIR_ENV: folder},
             log_dir=Path(run_dir) / "logs",
-            error_dir=folder,
+            on_stopped_rank=lambda rank, code, log: record_stopped_rank(folder, rank, code, log),
             **launch,  # type: ignore[arg-type]
         )
         if code != 0:

@@ -16,8 +16,10 @@ import subprocess
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from fitscale.compat import parse_node_list
+from fitscale.errors import UserError
 
 # Ports below Linux's ephemeral range (32768+), so a rendezvous port never collides with a client socket.
 PORT_BASE = 20000
@@ -36,18 +38,25 @@ NCCL_DEFAULTS = {
 
 
 @dataclass(frozen=True)
-class RankInfo:
-    """This process's place in the job, and who hosts the rendezvous."""
+class DistributedEnv:
+    """This process's place in the job (the one rank record): global rank and world size, rank and count
+    on this node, its device, and who hosts the rendezvous.
+
+    `device` is a `torch.device` once the trainer has joined on the device it asked for
+    (`fitscale.parallel.mesh.init_distributed`); the records read from the environment before that
+    (`rank_info_from_env`) carry None. `source` is "torchrun", "slurm" or "single".
+    """
 
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
-    node_rank: int
-    num_nodes: int
-    master_addr: str
-    master_port: int
-    source: str  # "torchrun", "slurm" or "single"
+    device: Any = None  # torch.device; typed loosely so that reading the environment needs no torch
+    node_rank: int = 0
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: str = "single"
 
     @property
     def is_main(self) -> bool:
@@ -59,7 +68,7 @@ def master_port_for_job(job_id: str | int) -> int:
     """A port every task of a SLURM job derives alike; jobs sharing a node get different ones."""
     digits = re.sub(r"\D", "", str(job_id))
     if not digits:
-        raise ValueError(f"SLURM job id {job_id!r} has no digits to derive a port from")
+        raise UserError(f"SLURM job id {job_id!r} has no digits to derive a port from")
     return PORT_BASE + int(digits) % PORT_SPAN
 
 
@@ -69,7 +78,7 @@ def expand_tasks_per_node(spec: str) -> list[int]:
     for part in spec.split(","):
         match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
         if match is None:
-            raise ValueError(f"cannot parse SLURM tasks-per-node {spec!r}")
+            raise UserError(f"cannot parse SLURM tasks-per-node {spec!r}")
         counts += [int(match.group(1))] * int(match.group(2) or 1)
     return counts
 
@@ -105,11 +114,11 @@ def _int(environ: Mapping[str, str], name: str) -> int:
     return int(environ[name])
 
 
-def torchrun_rank_info(environ: Mapping[str, str]) -> RankInfo:
+def torchrun_rank_info(environ: Mapping[str, str]) -> DistributedEnv:
     """From the variables torchrun and `launch_local` set (RANK, WORLD_SIZE, LOCAL_RANK, ...)."""
     world = _int(environ, "WORLD_SIZE")
     local_world = int(environ.get("LOCAL_WORLD_SIZE", world))
-    return RankInfo(
+    return DistributedEnv(
         rank=_int(environ, "RANK"),
         world_size=world,
         local_rank=int(environ.get("LOCAL_RANK", environ["RANK"])),
@@ -122,13 +131,13 @@ def torchrun_rank_info(environ: Mapping[str, str]) -> RankInfo:
     )
 
 
-def slurm_rank_info(environ: Mapping[str, str]) -> RankInfo:
+def slurm_rank_info(environ: Mapping[str, str]) -> DistributedEnv:
     """From a SLURM job step (`srun`, as submitit starts tasks): one task is one rank."""
     node_rank = int(environ.get("SLURM_NODEID", 0))
     per_node_spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "1")
     per_node = expand_tasks_per_node(per_node_spec)
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"]
-    return RankInfo(
+    return DistributedEnv(
         rank=_int(environ, "SLURM_PROCID"),
         world_size=int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS", 1)),
         local_rank=int(environ.get("SLURM_LOCALID", 0)),
@@ -141,7 +150,7 @@ def slurm_rank_info(environ: Mapping[str, str]) -> RankInfo:
     )
 
 
-def rank_info_from_env(environ: Mapping[str, str] | None = None) -> RankInfo:
+def rank_info_from_env(environ: Mapping[str, str] | None = None) -> DistributedEnv:
     """torchrun's variables if present, else a SLURM job step's, else a lone process.
 
     torchrun wins when both are present (torchrun inside an allocation manages its own ranks).
@@ -153,10 +162,10 @@ def rank_info_from_env(environ: Mapping[str, str] | None = None) -> RankInfo:
         return torchrun_rank_info(environ)
     if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
         return slurm_rank_info(environ)
-    return RankInfo(0, 1, 0, 1, 0, 1, "127.0.0.1", 29500, "single")
+    return DistributedEnv(0, 1, 0, 1)
 
 
-def export_torch_env(info: RankInfo, environ: MutableMapping[str, str] | None = None) -> None:
+def export_torch_env(info: DistributedEnv, environ: MutableMapping[str, str] | None = None) -> None:
     """Write the standard torch.distributed variables, so `env://` and the trainer see this rank."""
     environ = os.environ if environ is None else environ
     environ.update(
@@ -180,7 +189,7 @@ def apply_nccl_defaults(environ: MutableMapping[str, str] | None = None) -> None
         environ.setdefault(name, value)
 
 
-def init_distributed_from_env(device: str = "auto", timeout_s: float = 1800) -> RankInfo:
+def init_distributed_from_env(device: str = "auto", timeout_s: float = 1800) -> DistributedEnv:
     """Join the job's process group however it was started (torchrun, SLURM, `launch_local`, alone).
 
     Exports the torch.distributed variables (see the module docstring) when started as ranks,

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from fitscale.cli import add_set_option
+from fitscale.clitools import add_set_option
 from fitscale.config import load_config
 from fitscale.data.batch import pack_images
-from fitscale.launch.env import leave_process_group
+from fitscale.runtime.env import leave_process_group
 from fitscale.train.trainer import Trainer
 
 
@@ -134,6 +134,17 @@ class KillingTrainer(Trainer):
         return saved
 
 
+def poison_gradients(trainer: Trainer, steps: set[int]) -> None:
+    """At the (0-based) optimizer steps `steps`, this rank's backward through the final layer turns
+    NaN: every upstream gradient is NaN, the loss (a forward value) stays finite."""
+
+    def hook(module, inputs, output):
+        if trainer.progress.step in steps and output.requires_grad:
+            output.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+
+    trainer.backend.model.final_layer.register_forward_hook(hook)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
@@ -145,6 +156,9 @@ def main() -> None:
     parser.add_argument("--die-at", type=int, default=None)
     parser.add_argument("--history", default="history.json")
     parser.add_argument("--nan-steps", default="", help="comma-separated 0-based steps with a NaN image")
+    parser.add_argument(
+        "--nan-grad-steps", default="", help="comma-separated 0-based steps whose gradient rank 0 turns NaN"
+    )
     parser.add_argument("--pad-to", type=int, default=None, help="pad every micro-batch to this many tokens")
     parser.add_argument("--signal-at", type=int, default=None, help="step whose validation gets the signal")
     parser.add_argument("--signal-rank", type=int, default=0, help="the one rank that is signalled")
@@ -170,6 +184,9 @@ def main() -> None:
     KillingTrainer.signal_at, KillingTrainer.signal_rank = args.signal_at, args.signal_rank
     KillingTrainer.signal_name = args.send_signal
     trainer = KillingTrainer(config, loader=loader)
+    nan_grad_steps = {int(s) for s in args.nan_grad_steps.split(",") if s}
+    if nan_grad_steps and rank == 0:
+        poison_gradients(trainer, nan_grad_steps)
     if args.save_initial:
         trainer.maybe_save(force=True)
         trainer.checkpoints.wait()
