@@ -90,11 +90,11 @@ def _write_summary(run: SampleRun, have_pictures: bool) -> list[Path]:
     written.append(out / "samples.json")
     if have_pictures:
         files = {int(p.name[:6]): p for p in (out / "images").glob("*.png")}
-        pictures = [np.asarray(Image.open(files[i.index]).convert("RGB")) for i in run.items]
-        shown = slice(0, run.grid_size)
+        shown = run.items[: run.grid_size]  # only the grid's pictures are held in memory
+        pictures = [np.asarray(Image.open(files[i.index]).convert("RGB")) for i in shown]
         grid = class_size_grid(
-            run.items[shown],
-            pictures[shown],
+            shown,
+            pictures,
             run.class_names,
             run.caption,
             size_unit="pixels" if run.vae is not None else "tokens",
@@ -102,5 +102,5 @@ def _write_summary(run: SampleRun, have_pictures: bool) -> list[Path]:
         )
         save_png(grid, out / "grid.png")
         written.append(out / "grid.png")
-        written += write_npz_by_size(out, run.items, pictures)
+        written += write_npz_by_size(out, run.items, [files[i.index] for i in run.items])
     return written

@@ -12,7 +12,6 @@ import torch
 
 from fitscale.cli import main
 from fitscale.models import build_model
-from fitscale.sample.fid import compute_fid
 from fitscale.sample.generate import generate_latents, load_sampling_model
 from fitscale.sample.options import SamplingOptions, extrapolation_overrides
 from fitscale.sample.plan import plan_items
@@ -194,9 +193,8 @@ def test_bad_sample_arguments_are_one_line_errors(weights_file, tmp_path, capsys
     assert "give one --width per --height" in capsys.readouterr().err
     assert main([*base, "--height", "64", "--width", "64"]) == 2
     assert "is a weights file: name its model with --model" in capsys.readouterr().err
-    fid = f"--height 64 --width 64 --model tiny --fid-reference x.npz --inception-weights {tmp_path}/none.pth"
-    assert main([*base, *fid.split()]) == 2
-    assert "needs local Inception weights" in capsys.readouterr().err
+    assert main([*base, *"--height 64 --width 64 --model tiny --fid-reference x.npz".split()]) == 2
+    assert "sampling no longer evaluates; sample, then run `fitscale eval" in capsys.readouterr().err
 
 
 def test_sampling_options_take_each_modes_defaults_and_the_releases_names():
@@ -365,23 +363,3 @@ def test_run_checkpoint_gives_ema_or_raw_weights(tmp_path):
         assert torch.equal(raw.state_dict()[name], param)
         assert torch.allclose(averaged.state_dict()[name], ema.shadow[name])
     assert not torch.equal(averaged.state_dict()["x_embedder.proj.weight"], model.x_embedder.proj.weight)
-
-
-def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
-    features = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()
-    )
-
-    class Extractor(torch.nn.Module):
-        num_features = 32
-
-        def forward(self, images):
-            return features(images.float() / 255)
-
-    rng = np.random.default_rng(0)
-    real = rng.integers(0, 200, size=(64, 32, 32, 3), dtype=np.uint8)
-    shifted = (real + 50).astype(np.uint8)
-    assert abs(compute_fid(real, real, feature_extractor=Extractor())) < 1e-3
-    assert compute_fid(shifted, real, feature_extractor=Extractor()) > 1e-3
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        compute_fid(real, real, inception_weights="/nonexistent/inception.pth")
