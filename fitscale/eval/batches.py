@@ -7,6 +7,7 @@ every picture, at least one picture. Errors are ValueError / FileNotFoundError n
 
 from __future__ import annotations
 
+import json
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,11 +72,21 @@ class FolderBatch:
         from PIL import Image
 
         folder = Path(path)
-        if (folder / "samples.json").is_file() and (folder / "images").is_dir():
-            folder = folder / "images"  # a `fitscale sample` output folder
         if not folder.is_dir():
             raise FileNotFoundError(f"batch {path} is neither an .npz file nor a folder of images")
-        self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if (folder / "samples.json").is_file():  # a `fitscale sample` folder: the images its index names
+            index = json.loads((folder / "samples.json").read_text())["images"]
+            folder = folder / "images"
+            self.files = [
+                folder / f"{i['index']:06d}_class{i['label']}_{i['height']}x{i['width']}.png" for i in index
+            ]
+            for file in self.files:
+                if not file.is_file():
+                    raise FileNotFoundError(
+                        f"{file} is missing: samples.json names it; sample again into that folder"
+                    )
+        else:
+            self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise ValueError(f"{folder}: no .png/.jpg pictures")
         self.source = str(folder)

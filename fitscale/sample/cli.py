@@ -310,6 +310,7 @@ def run_sample(args) -> int:
         vae=args.vae,
         preview_channel=args.preview_channel,
         grid_scale=args.grid_scale,
+        resume=not args.overwrite,
         caption=grid_caption(options, extrapolation_name(model.config)),
     )
     from fitscale.diskspace import named_out_of_space

@@ -29,7 +29,7 @@ def save_png(picture: np.ndarray, path: Path, scale: int = 1) -> None:
     image = Image.fromarray(picture)
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    image.save(path)
+    image.save(path, format="PNG")  # by name: the path may be a temporary one
 
 
 def write_npz_by_size(out_dir: Path, items: list[SampleItem], files: list[Path]) -> list[Path]:
