@@ -248,6 +248,20 @@ def relaunch(args) -> int:
     return launch_local(python_module_command("fitscale.cli", *argv), args.nproc)
 
 
+def weights_identity(checkpoint: str, ema: bool) -> str:
+    """Which weights a run samples: the resolved checkpoint (a weights file with its size and mtime),
+    EMA or raw; recorded so that resuming into a folder sampled from other weights is refused."""
+    from fitscale.checkpoint.layout import find_checkpoint
+
+    path = Path(checkpoint)
+    if path.is_file():
+        stat = path.stat()
+        where = f"{path.resolve()} ({stat.st_size} bytes, mtime {stat.st_mtime_ns})"
+    else:
+        where = str(find_checkpoint(path).resolve())
+    return f"{where} {'ema' if ema else 'raw'}"
+
+
 def run_sample(args) -> int:
     """`fitscale sample`: sample images at the requested sizes from a checkpoint or weights file, on
     this process's rank, into --out; exit status 0.
@@ -311,6 +325,7 @@ def run_sample(args) -> int:
         preview_channel=args.preview_channel,
         grid_scale=args.grid_scale,
         resume=not args.overwrite,
+        weights=weights_identity(args.checkpoint, ema=not args.raw),
         caption=grid_caption(options, extrapolation_name(model.config)),
     )
     from fitscale.diskspace import named_out_of_space

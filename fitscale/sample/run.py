@@ -32,6 +32,7 @@ class SampleRun:
     class_names: list[str] | None = None  # row labels of grid.png; None labels rows by class index
     chunk_size: int = 256  # images sampled, decoded and written at a time per rank (memory bound)
     resume: bool = True  # keep the pictures of an interrupted run of the same settings (--overwrite: False)
+    weights: str = ""  # which weights sample (checkpoint, EMA or raw): a resume with others is refused
 
 
 def run_sampling(model: torch.nn.Module, run: SampleRun, rank: int = 0, world_size: int = 1) -> list[Path]:
@@ -96,6 +97,7 @@ def _check_settings(run: SampleRun, rank: int, world_size: int) -> None:
 
     settings = {
         "options": vars(run.options),
+        "weights": run.weights,
         "vae": run.vae,
         "preview_channel": run.preview_channel,
         "items": [[i.index, i.label, i.rows, i.cols] for i in run.items],

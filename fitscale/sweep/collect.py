@@ -69,9 +69,11 @@ def _fid(spec: SweepSpec, model: torch.nn.Module, folder: Path) -> dict[str, Any
         batch_invariant=False,  # the same images for every run of the sweep, drawn together: packed
     )
     out = folder / "fid_samples"
-    run_sampling(
-        model, SampleRun(out, items, options, vae=fid.get("vae"), preview_channel=fid.get("preview_channel"))
+    # resume=False: the images of an earlier collect came from an earlier checkpoint
+    run = SampleRun(
+        out, items, options, vae=fid.get("vae"), preview_channel=fid.get("preview_channel"), resume=False
     )
+    run_sampling(model, run)
     settings = EvalSettings(
         inception_weights=fid.get("inception_weights"),
         inception_sha256=fid.get("inception_sha256", WEIGHTS_SHA256_PREFIX),

@@ -3,6 +3,7 @@ line before anything is computed or written."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -160,3 +161,29 @@ def test_bad_inputs_are_one_line_before_anything_is_computed(batches, capsys, mo
     assert (d / "features.npz").read_bytes() == b"kept"
     for line in err, *(m for m in [err]):
         assert "\n" not in line
+
+
+def test_paper_tables_name_their_reference_and_refuse_a_missing_one(tmp_path, capsys):
+    from fitscale.eval.paper import reference_for, sample_args, write_tables
+
+    code = main(["eval-paper", "ckpt", "--vae", "vae", "--refs", str(tmp_path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no reference batch for 256x256" in err and "VIRTUAL_imagenet256_labeled.npz" in err
+    assert not (tmp_path / "o").exists()  # nothing sampled or written
+    (tmp_path / "VIRTUAL_imagenet512.npz").write_bytes(b"")
+    (tmp_path / "ref_320x640.npz").write_bytes(b"")
+    assert reference_for(tmp_path, "512", "320x640").name == "ref_320x640.npz"  # built for that size
+    assert (
+        reference_for(tmp_path, "512", "256x768").name == "VIRTUAL_imagenet512.npz"
+    )  # the table's ADM batch
+    assert sample_args("256", "256x256") == "--cfg 1.5 --sampler dopri5"
+    assert sample_args("256", "160x480").endswith("--interpolation dynntk --decouple")
+    row = {"size": "224x448", "fid": 5.544, "sfid": 1, "inception_score": 2, "precision": 0.5, "recall": 0.25,
+           "images": 50000, "reference": "/r/VIRTUAL_imagenet256_labeled.npz", "comparable": True,
+           "sample_args": "--cfg 1.5"}  # fmt: skip
+    write_tables(tmp_path, [row])
+    assert (
+        "| 224x448 | 5.54 | 1.00 | 2.00 | 0.50 | 0.25 | 50000 | VIRTUAL_imagenet256_labeled.npz |"
+        in (tmp_path / "table.md").read_text()
+    )
+    assert json.loads((tmp_path / "table.json").read_text()) == [row]

@@ -211,6 +211,8 @@ def test_an_interrupted_sampling_run_resumes_with_its_finished_images(weights_fi
     capsys.readouterr()
     assert main([*argv, "--cfg", "2"]) == 2
     assert "holds pictures of another sampling run (options differs)" in capsys.readouterr().err
+    assert main([*argv, "--raw"]) == 2  # other weights
+    assert "(weights differs)" in capsys.readouterr().err
     assert main([*argv, "--cfg", "2", "--overwrite"]) == 0  # every image sampled again
 
 
