@@ -231,7 +231,7 @@ def run_eval_ref(args) -> int:
     with tempfile.TemporaryDirectory(prefix="fitscale-eval-ref-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         try:
-            reduced = batch_features(source, work, settings, sha256, rank, world_size)
+            reduced = batch_features(source, work, settings, sha256, rank, world_size, gather=False)
         finally:
             from fitscale.launch.env import leave_process_group
 

@@ -51,9 +51,11 @@ def check_weights_file(settings: EvalSettings) -> str:
     return check_weights(weights_path(settings.inception_weights), settings.inception_sha256)
 
 
-def batch_features(batch, work: Path, settings: EvalSettings, sha256: str, rank: int, world_size: int):
+def batch_features(
+    batch, work: Path, settings: EvalSettings, sha256: str, rank: int, world_size: int, gather: bool = True
+):
     """Compute `batch`'s missing parts into `work` on every rank; rank 0 gets them reduced
-    (fitscale.eval.features.Reduced), the others None."""
+    (fitscale.eval.features.Reduced; `gather=False`: statistics only), the others None."""
     manifest = {
         "source": batch.source,
         "count": batch.count,
@@ -65,7 +67,7 @@ def batch_features(batch, work: Path, settings: EvalSettings, sha256: str, rank:
     }
     check_manifest(work, manifest, rank, world_size)
     extract_parts(batch, settings.network, work, rank, world_size, settings.part_size, settings.batch_size)
-    return reduce_parts(work, batch.count, settings.part_size) if rank == 0 else None
+    return reduce_parts(work, batch.count, settings.part_size, gather) if rank == 0 else None
 
 
 def evaluate(

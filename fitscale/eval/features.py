@@ -119,20 +119,23 @@ class Reduced:
     softmax: np.ndarray
 
 
-def reduce_parts(work: Path, count: int, part_size: int = PART_SIZE) -> Reduced:
-    """Read the parts in index order and reduce them (see the module docstring)."""
+def reduce_parts(work: Path, count: int, part_size: int = PART_SIZE, gather: bool = True) -> Reduced:
+    """Read the parts in index order and reduce them (see the module docstring). `gather=False`
+    keeps only the statistics (a reference set of a million pictures: pool and softmax empty)."""
     sums = {name: np.zeros(FEATURE_WIDTHS[name]) for name in ("pool", "spatial")}
     outer = {name: np.zeros((FEATURE_WIDTHS[name],) * 2) for name in ("pool", "spatial")}
-    pool = np.empty((count, FEATURE_WIDTHS["pool"]), dtype=np.float32)
-    softmax = np.empty((count, FEATURE_WIDTHS["softmax"]), dtype=np.float32)
+    kept = count if gather else 0
+    pool = np.empty((kept, FEATURE_WIDTHS["pool"]), dtype=np.float32)
+    softmax = np.empty((kept, FEATURE_WIDTHS["softmax"]), dtype=np.float32)
     start = 0
     for part in _parts(work, count, part_size):
         for name in ("pool", "spatial"):
             x = part[name].astype(np.float64)
             sums[name] += x.sum(0)
             outer[name] += x.T @ x
-        pool[start : start + len(part["pool"])] = part["pool"]
-        softmax[start : start + len(part["pool"])] = part["softmax"]
+        if gather:
+            pool[start : start + len(part["pool"])] = part["pool"]
+            softmax[start : start + len(part["pool"])] = part["softmax"]
         start += len(part["pool"])
     return Reduced(
         count,
