@@ -73,13 +73,13 @@ def test_metrics_equal_adm_formulas_on_random_features():
     sb = adm.statistics_from_sums(len(b), b.sum(0), b.T @ b)  # the sums fitscale reduces over ranks
     expected = adm_frechet(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert adm.frechet_distance(sb, sa) == pytest.approx(expected, rel=1e-9)
-    logits = rng.standard_normal((12000, 50)).astype(np.float32) * 3
+    logits = rng.standard_normal((11000, 20)).astype(np.float32) * 3  # 3 splits, the last partial
     softmax = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
     assert adm.inception_score(softmax) == pytest.approx(adm_inception_score(softmax), rel=1e-6)
-    assert adm.inception_score(softmax) != pytest.approx(adm_inception_score(softmax, 12000), rel=1e-3)
+    assert adm.inception_score(softmax) != pytest.approx(adm_inception_score(softmax, 11000), rel=1e-3)
     mixing = rng.standard_normal((8, 2048)) * 0.1  # features on an 8-dimensional manifold, as Inception's are
-    pool_ref = (rng.standard_normal((400, 8)) @ mixing).astype(np.float32)
-    pool_sample = (rng.normal(0.3, 1.2, (350, 8)) @ mixing).astype(np.float32)
+    pool_ref = (rng.standard_normal((300, 8)) @ mixing).astype(np.float32)
+    pool_sample = (rng.normal(0.3, 1.2, (250, 8)) @ mixing).astype(np.float32)
     got = adm.precision_recall(pool_ref, pool_sample)
     assert got == pytest.approx(adm_precision_recall(pool_ref, pool_sample), rel=1e-6)
     assert 0 < got[0] < 1 and 0 < got[1] < 1  # not a degenerate case
@@ -119,7 +119,7 @@ def batches(tmp_path):
     rng = np.random.default_rng(3)
     np.savez(tmp_path / "sample.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     np.savez(tmp_path / "bare.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
-    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(2023), "sigma_s": np.eye(2023)}
+    stats = {"mu": np.zeros(1), "sigma": np.eye(1), "mu_s": np.zeros(1), "sigma_s": np.eye(1)}  # present
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), **stats)
     (tmp_path / "weights.pth").write_bytes(b"not the inception weights")
     return tmp_path
@@ -128,6 +128,7 @@ def batches(tmp_path):
 def run_cli(capsys, *argv) -> tuple[int, str]:
     code = main(["eval", *map(str, argv)])
     err = capsys.readouterr().err.strip()
+    assert "\n" not in err  # one line, no traceback
     return code, err
 
 
@@ -159,8 +160,6 @@ def test_bad_inputs_are_one_line_before_anything_is_computed(batches, capsys, mo
     )
     assert code == 2 and "features.npz exists" in err and "--overwrite" in err
     assert (d / "features.npz").read_bytes() == b"kept"
-    for line in err, *(m for m in [err]):
-        assert "\n" not in line
 
 
 def test_paper_tables_name_their_reference_and_refuse_a_missing_one(tmp_path, capsys):
