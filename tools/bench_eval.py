@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 
-def one_run(count: int, size: int, device: str, weights: str, sha256: str, folder: Path) -> dict:
-    """Evaluate `count` pictures in this process; its peak RSS and the times."""
-    from fitscale.eval.evaluate import EvalSettings, evaluate
+def write_batches(count: int, size: int, folder: Path) -> None:
+    """A sample and a reference batch of `count` random pictures (written by the parent process, so
+    that the child's peak memory is the evaluation's alone)."""
     from fitscale.eval.inception import FEATURE_WIDTHS
 
     rng = np.random.default_rng(count)
@@ -37,7 +37,13 @@ def one_run(count: int, size: int, device: str, weights: str, sha256: str, folde
         "sigma_s": np.eye(FEATURE_WIDTHS["spatial"]),
     }
     np.savez(folder / "ref.npz", arr_0=rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8), **stats)
-    settings = EvalSettings(weights, sha256, device)
+
+
+def one_run(count: int, device: str, weights: str, sha256: str, batch_size: int, folder: Path) -> dict:
+    """Evaluate the batches of `folder` in this process; its peak RSS and the times."""
+    from fitscale.eval.evaluate import EvalSettings, evaluate
+
+    settings = EvalSettings(weights, sha256, device, batch_size=batch_size)
     start = time.perf_counter()
     evaluate(folder / "sample.npz", folder / "ref.npz", settings, folder / "work", metrics=False)
     features_s = time.perf_counter() - start
@@ -59,6 +65,13 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs=2, default=[32, 96])
     parser.add_argument("--size", type=int, default=256, help="picture side in pixels")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="Inception batch (ADM: 64); below both counts, so the "
+        "network's activations are the same at both and the difference is the per-image memory",
+    )
     parser.add_argument("--weights", default=None)
     parser.add_argument("--sha256", default=None)
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child process
@@ -67,7 +80,7 @@ def main() -> None:
     if args.one is not None:
         print(
             json.dumps(
-                one_run(args.one, args.size, args.device, args.weights, args.sha256, Path(args.folder))
+                one_run(args.one, args.device, args.weights, args.sha256, args.batch_size, Path(args.folder))
             )
         )
         return
@@ -81,14 +94,21 @@ def main() -> None:
         for count in args.counts:
             folder = Path(tmp) / str(count)
             folder.mkdir()
-            child = [sys.executable, __file__, "--one", str(count), "--folder", str(folder), "--size", str(args.size),
-                     "--device", args.device, "--weights", args.weights]  # fmt: skip
+            write_batches(count, args.size, folder)
+            child = [sys.executable, __file__, "--one", str(count), "--folder", str(folder), "--device", args.device,
+                     "--weights", args.weights, "--batch-size", str(args.batch_size)]  # fmt: skip
             child += ["--sha256", args.sha256] if args.sha256 else []
             out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
     (a, b) = runs
     per_image = (b["peak_rss_mib"] - a["peak_rss_mib"]) * 1024 / (2 * (b["count"] - a["count"]))
-    print(json.dumps({"runs": runs, "peak_rss_kib_per_image": per_image, "size": args.size}, indent=1))
+    summary = {
+        "runs": runs,
+        "peak_rss_kib_per_image": per_image,
+        "size": args.size,
+        "batch_size": args.batch_size,
+    }
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

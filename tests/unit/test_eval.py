@@ -186,3 +186,25 @@ def test_paper_tables_name_their_reference_and_refuse_a_missing_one(tmp_path, ca
         in (tmp_path / "table.md").read_text()
     )
     assert json.loads((tmp_path / "table.json").read_text()) == [row]
+
+
+def test_the_result_prints_adms_five_numbers_and_says_when_not_comparable(capsys):
+    from fitscale.eval.cli import print_result
+
+    result = {"fid": 2.2612345, "sfid": 4.53, "inception_score": 260.95, "precision": 0.81, "recall": 0.59,
+              "images": 50000, "size": "256x256", "reference": "VIRTUAL_imagenet256_labeled.npz",
+              "reference_statistics": "stored (whole set)", "comparable": True}  # fmt: skip
+    print_result(result, as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:5] == [
+        "FID: 2.26123",
+        "sFID: 4.53",
+        "Inception Score: 260.95",
+        "Precision: 0.81",
+        "Recall: 0.59",
+    ]
+    assert len(lines) == 6
+    print_result({**result, "comparable": False}, as_json=False)
+    assert "NOT comparable" in capsys.readouterr().out
+    print_result(result, as_json=True)
+    assert json.loads(capsys.readouterr().out) == result
