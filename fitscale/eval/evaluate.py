@@ -135,6 +135,8 @@ def evaluate(
     ref_reduced = batch_features(ref_batch, work / "reference", settings, sha256, rank, world_size)
     if rank != 0:
         return None
+    # ADM's read_statistics uses statistics stored in the sample batch too, when it has them.
+    sample_stored = stored_statistics(Path(sample)) if str(sample).endswith(".npz") else None
     result = {}
     if save_features is not None:
         write_features(work / "sample", batch.count, Path(save_features), settings.part_size)
@@ -149,10 +151,11 @@ def evaluate(
     else:
         ref_pool, ref_spatial = stored
     precision, recall = adm.precision_recall(ref_reduced.pool, sample_reduced.pool)
+    sample_pool, sample_spatial = sample_stored or (sample_reduced.pool_stats, sample_reduced.spatial_stats)
     result = {
         **result,
-        "fid": adm.frechet_distance(sample_reduced.pool_stats, ref_pool),
-        "sfid": adm.frechet_distance(sample_reduced.spatial_stats, ref_spatial),
+        "fid": adm.frechet_distance(sample_pool, ref_pool),
+        "sfid": adm.frechet_distance(sample_spatial, ref_spatial),
         "inception_score": adm.inception_score(sample_reduced.softmax),
         "precision": precision,
         "recall": recall,
@@ -163,6 +166,9 @@ def evaluate(
         "reference": str(reference),
         "reference_images": ref_batch.count,
         "reference_statistics": "stored (whole set)" if stored is not None else NOT_COMPARABLE_STATS,
+        "sample_statistics": "stored in the sample batch (used, as ADM does)"
+        if sample_stored
+        else "computed",
         "inception_sha256": sha256,
         "comparable": stored is not None and sha256.startswith(WEIGHTS_SHA256_PREFIX),
         **settings.extra,

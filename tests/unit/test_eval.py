@@ -208,3 +208,14 @@ def test_the_result_prints_adms_five_numbers_and_says_when_not_comparable(capsys
     assert "NOT comparable" in capsys.readouterr().out
     print_result(result, as_json=True)
     assert json.loads(capsys.readouterr().out) == result
+
+
+def test_a_work_folder_of_another_evaluation_is_refused(tmp_path):
+    from fitscale.eval.features import check_manifest
+
+    check_manifest(tmp_path / "w", {"source": "a.npz", "count": 10}, rank=0, world_size=1)
+    check_manifest(
+        tmp_path / "w", {"source": "a.npz", "count": 10}, rank=0, world_size=1
+    )  # the same: resumes
+    with pytest.raises(ValueError, match=r"w holds features of another evaluation \(count: 10, now 12\)"):
+        check_manifest(tmp_path / "w", {"source": "a.npz", "count": 12}, rank=0, world_size=1)
