@@ -137,7 +137,7 @@ def evaluate(
         return None
     # ADM's read_statistics uses statistics stored in the sample batch too, when it has them.
     sample_stored = stored_statistics(Path(sample)) if str(sample).endswith(".npz") else None
-    result = {}
+    result = {"images": batch.count, "size": f"{batch.size[0]}x{batch.size[1]}", "sample": batch.source}
     if save_features is not None:
         write_features(work / "sample", batch.count, Path(save_features), settings.part_size)
         result["features"] = str(save_features)
@@ -159,10 +159,7 @@ def evaluate(
         "inception_score": adm.inception_score(sample_reduced.softmax),
         "precision": precision,
         "recall": recall,
-        "images": batch.count,
-        "size": f"{batch.size[0]}x{batch.size[1]}",
         "is_splits": -(-batch.count // adm.IS_SPLIT_SIZE),
-        "sample": batch.source,
         "reference": str(reference),
         "reference_images": ref_batch.count,
         "reference_statistics": "stored (whole set)" if stored is not None else NOT_COMPARABLE_STATS,
