@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "fitscale.launch.cli",  # launch
     "fitscale.sweep.cli",  # sweep
     "fitscale.sample.cli",  # sample
+    "fitscale.eval.cli",  # eval, eval-ref, eval-paper
     "fitscale.report.cli",  # report, status
 )
 

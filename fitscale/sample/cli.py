@@ -142,10 +142,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--nproc", type=int, default=1, help="spread over N local processes")
     parser.add_argument(
-        "--fid-reference", default=None, help="ADM reference .npz or image folder: also compute FID"
-    )
-    parser.add_argument(
-        "--inception-weights", default=None, help="local torch-fidelity Inception weights for FID"
+        "--fid-reference",
+        default=None,
+        help=argparse.SUPPRESS,  # removed: `fitscale eval OUT --ref REF.npz` evaluates a sample folder
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(func=run_sample)
@@ -237,7 +236,8 @@ def sampling_options(args):
     return options
 
 
-def _relaunch(args) -> int:
+def relaunch(args) -> int:
+    """Run this very command (`args.argv` without --nproc) on --nproc local ranks."""
     from fitscale.runtime.local import launch_local, python_module_command
 
     argv = list(args.argv)
@@ -249,13 +249,27 @@ def _relaunch(args) -> int:
     return launch_local(python_module_command("fitscale.cli", *argv), args.nproc)
 
 
+def weights_identity(checkpoint: str, ema: bool) -> str:
+    """Which weights a run samples: the resolved checkpoint (a weights file with its size and mtime),
+    EMA or raw; recorded so that resuming into a folder sampled from other weights is refused."""
+    from fitscale.checkpoint.layout import find_checkpoint
+
+    path = Path(checkpoint)
+    if path.is_file():
+        stat = path.stat()
+        where = f"{path.resolve()} ({stat.st_size} bytes, mtime {stat.st_mtime_ns})"
+    else:
+        where = str(find_checkpoint(path).resolve())
+    return f"{where} {'ema' if ema else 'raw'}"
+
+
 def run_sample(args) -> int:
     """`fitscale sample`: sample images at the requested sizes from a checkpoint or weights file, on
     this process's rank, into --out; exit status 0.
 
     Everything is checked before a model loads or a file is written: sizes, labels and sampling
     options (ValueError), an --out already holding samples without --overwrite (FileExistsError),
-    missing Inception weights for --fid-reference (FileNotFoundError), a VAE that does not match the
+    the removed --fid-reference (UserError naming `fitscale eval`), a VAE that does not match the
     training dataset. With --nproc N it relaunches itself on N local ranks.
     """
     sizes = parse_sizes(args.height, args.width)
@@ -268,14 +282,10 @@ def run_sample(args) -> int:
             f"{out} already holds samples (samples.json); pick another --out or pass --overwrite"
         )
     if args.fid_reference:
-        from fitscale.sample.fid import default_inception_weights
-
-        weights = Path(args.inception_weights) if args.inception_weights else default_inception_weights()
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"--fid-reference needs local Inception weights and {weights} does not exist; "
-                "pass --inception-weights PATH (torch-fidelity's FID Inception file; nothing is downloaded)"
-            )
+        raise UserError(
+            f"--fid-reference: sampling no longer evaluates; sample, then run `fitscale eval {out} --ref "
+            f"{args.fid_reference}` (ADM's FID, sFID, IS, precision and recall; docs/evaluation.md)"
+        )
     if args.vae is not None:
         from fitscale.data.vae import check_vae_folder, check_vae_matches_dataset
         from fitscale.sample.generate import training_dataset
@@ -285,14 +295,13 @@ def run_sample(args) -> int:
         if dataset is not None:
             check_vae_matches_dataset(args.vae, dataset)
     if args.nproc > 1:
-        return _relaunch(args)
+        return relaunch(args)
 
     import torch
     import torch.distributed as dist
 
     from fitscale.models.cli import parse_overrides
     from fitscale.runtime.env import init_distributed_from_env, leave_process_group
-    from fitscale.sample.fid import compute_fid, load_reference_images
     from fitscale.sample.generate import load_sampling_model
     from fitscale.sample.plan import plan_items
     from fitscale.sample.run import SampleRun, run_sampling
@@ -316,6 +325,8 @@ def run_sample(args) -> int:
         vae=args.vae,
         preview_channel=args.preview_channel,
         grid_scale=args.grid_scale,
+        resume=not args.overwrite,
+        weights=weights_identity(args.checkpoint, ema=not args.raw),
         caption=grid_caption(options, extrapolation_name(model.config)),
     )
     from fitscale.diskspace import named_out_of_space
@@ -325,17 +336,6 @@ def run_sample(args) -> int:
     with named_out_of_space(out, "the samples", fix):
         run_sampling(model, run, info.rank, info.world_size)
     summary = {"out": str(out), "images": len(items), "sizes": [f"{h}x{w}" for h, w in sizes]}
-    if args.fid_reference and info.rank == 0:
-        import numpy as np
-
-        generated = [
-            picture for path in sorted(out.glob("samples_*.npz")) for picture in np.load(path)["arr_0"]
-        ]
-        if not generated:
-            raise UserError("FID needs pictures: pass --vae (or --preview-channel) so images are written")
-        reference = load_reference_images(args.fid_reference)
-        summary["fid"] = compute_fid(generated, reference, args.inception_weights)
-        (out / "fid.json").write_text(json.dumps(summary, indent=1))
     if info.world_size > 1:
         dist.barrier()
         leave_process_group()

@@ -29,20 +29,36 @@ def save_png(picture: np.ndarray, path: Path, scale: int = 1) -> None:
     image = Image.fromarray(picture)
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    image.save(path)
+    image.save(path, format="PNG")  # by name: the path may be a temporary one
 
 
-def write_npz_by_size(out_dir: Path, items: list[SampleItem], pictures: list[np.ndarray]) -> list[Path]:
-    """ADM evaluation-suite batches: one `samples_HxW.npz` per size, `arr_0` uint8 NHWC, `arr_1` labels."""
+def write_npz_by_size(out_dir: Path, items: list[SampleItem], files: list[Path]) -> list[Path]:
+    """ADM evaluation-suite batches: one `samples_HxW.npz` per size, `arr_0` uint8 NHWC, `arr_1` labels,
+    from the PNG `files` of `items` (in order), streamed one picture at a time: a 50,000-image run
+    never holds its pictures in memory (written through a temporary file and a rename)."""
+    import zipfile
+
+    from PIL import Image
+
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, file in enumerate(files):
+        with Image.open(file) as image:  # the header only
+            by_size.setdefault((image.height, image.width), []).append(i)
     written = []
-    for size in sorted({(p.shape[0], p.shape[1]) for p in pictures}):
-        chosen = [i for i, p in enumerate(pictures) if p.shape[:2] == size]
+    for size in sorted(by_size):
+        chosen = by_size[size]
         path = out_dir / f"samples_{size[0]}x{size[1]}.npz"
-        np.savez(
-            path,
-            arr_0=np.stack([pictures[i] for i in chosen]),
-            arr_1=np.array([items[i].label for i in chosen], dtype=np.int64),
-        )
+        tmp = path.with_name(path.name + ".tmp")
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+                header = {"descr": "|u1", "fortran_order": False, "shape": (len(chosen), *size, 3)}
+                np.lib.format.write_array_header_2_0(member, header)
+                for i in chosen:
+                    with Image.open(files[i]) as image:
+                        member.write(np.asarray(image.convert("RGB"), dtype=np.uint8).tobytes())
+            with archive.open("arr_1.npy", "w") as member:
+                np.lib.format.write_array(member, np.array([items[i].label for i in chosen], dtype=np.int64))
+        tmp.replace(path)
         written.append(path)
     return written
 

@@ -4,7 +4,8 @@ For each run with a checkpoint: its newest step, the mean training loss of its l
 and the held-out validation loss (fitscale.train.validation: fixed timestep grid, fixed noise) of
 its raw and EMA weights, measured here on one process so every run is scored identically, with
 the EMA's warmup and the weight it still gives the initial weights (`ema_initial_weight`).
-With `fid:` in the spec, also the FID of EMA samples against a reference batch.
+With `fid:` in the spec, also ADM's FID (and sFID, IS, precision, recall; fitscale.eval) of EMA
+samples against a reference batch.
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ def _validation_data(spec: SweepSpec, config):
     return dataclasses.replace(config.data, val_path=val_path, val_remote=config.data.val_remote)
 
 
-def _fid(spec: SweepSpec, model: torch.nn.Module, folder: Path) -> float:
-    from fitscale.sample.fid import compute_fid, load_reference_images
+def _fid(spec: SweepSpec, model: torch.nn.Module, folder: Path) -> dict[str, Any]:
+    """ADM's metrics (fitscale.eval) of EMA samples against the spec's reference batch: `fid` and
+    the rest under `fid_*` names (sfid, inception_score, precision, recall, comparable)."""
+    from fitscale.eval.evaluate import EvalSettings, evaluate
+    from fitscale.eval.inception import WEIGHTS_SHA256_PREFIX
     from fitscale.sample.options import SamplingOptions
     from fitscale.sample.plan import plan_items
     from fitscale.sample.run import SampleRun, run_sampling
@@ -66,18 +70,20 @@ def _fid(spec: SweepSpec, model: torch.nn.Module, folder: Path) -> float:
         batch_invariant=False,  # the same images for every run of the sweep, drawn together: packed
     )
     out = folder / "fid_samples"
-    run_sampling(
-        model, SampleRun(out, items, options, vae=fid.get("vae"), preview_channel=fid.get("preview_channel"))
+    # resume=False: the images of an earlier collect came from an earlier checkpoint
+    run = SampleRun(
+        out, items, options, vae=fid.get("vae"), preview_channel=fid.get("preview_channel"), resume=False
     )
-    generated = [p for path in sorted(out.glob("samples_*.npz")) for p in _load_pictures(path)]
-    return compute_fid(generated, load_reference_images(fid["reference"]), fid.get("inception_weights"))
-
-
-def _load_pictures(path: Path):
-    import numpy as np
-
-    with np.load(path) as data:
-        return list(data["arr_0"])
+    run_sampling(model, run)
+    settings = EvalSettings(
+        inception_weights=fid.get("inception_weights"),
+        inception_sha256=fid.get("inception_sha256", WEIGHTS_SHA256_PREFIX),
+        device=str(next(model.parameters()).device),
+        ref_stats_from_arr0=bool(fid.get("ref_stats_from_arr0", False)),
+    )
+    result = evaluate(out, fid["reference"], settings)
+    names = ("sfid", "inception_score", "precision", "recall", "comparable")
+    return {"fid": result["fid"], **{f"fid_{name}": result[name] for name in names}}
 
 
 def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]:
@@ -120,7 +126,7 @@ def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]
                 averaged = run_validation(ema_model, batches, settings)
                 row.update({f"{k}_ema": v for k, v in averaged.items() if k != "val_images"})
                 if spec.fid:
-                    row["fid"] = _fid(spec, ema_model, folder)
+                    row.update(_fid(spec, ema_model, folder))
             # Compute actually spent: the planned step count may not be reached yet.
             row["training_flops_done"] = float(run.flops_per_step) * step
         rows.append(row)

@@ -112,7 +112,9 @@ class SweepSpec:
     mfu: float = 0.4  # for the GPU-hour estimate
     peak_flops: float = H100_BF16_PEAK  # FLOP/s of one GPU
     validation: dict[str, Any] = field(default_factory=dict)  # ValidationSettings fields + val_path
-    fid: dict[str, Any] = field(default_factory=dict)  # reference, inception_weights, vae, num_images, cfg
+    fid: dict[str, Any] = field(
+        default_factory=dict
+    )  # reference (ADM .npz), inception_weights, vae, num_images, cfg
     lr: LRAxis | None = None  # learning-rate rule / grid; default: the recipe's optim.lr for every run
     held_out: list[HeldOutRun] = field(default_factory=list)  # trained, scored, never fitted
     metric: Literal["auto", "val_loss_ema", "val_loss", "train_loss", "fid"] = "auto"  # what `fit` fits

@@ -12,7 +12,6 @@ import torch
 
 from fitscale.cli import main
 from fitscale.models import build_model
-from fitscale.sample.fid import compute_fid
 from fitscale.sample.generate import generate_latents, load_sampling_model
 from fitscale.sample.options import SamplingOptions, extrapolation_overrides
 from fitscale.sample.plan import plan_items
@@ -188,15 +187,41 @@ def test_sample_command_writes_pngs_grid_npz_and_latents(weights_file, tmp_path,
     assert "already holds samples" in capsys.readouterr().err
 
 
+def test_an_interrupted_sampling_run_resumes_with_its_finished_images(weights_file, tmp_path, capsys):
+    """A run stopped before its end (no samples.json) keeps its written pictures: a rerun samples only
+    the missing ones (bit-identical to an uninterrupted run); other settings into that folder are refused."""
+    out = tmp_path / "samples"
+    options = (
+        "--model tiny --set attn_backend=reference --height 32 --width 32 --num-per-size 3 --steps 2 "
+        "--sampler heun --preview-channel 0 --device cpu"
+    ).split()
+    argv = ["sample", str(weights_file), "--out", str(out), *options]
+    assert main(argv) == 0
+    whole = {p.name: p.read_bytes() for p in sorted((out / "images").iterdir())}
+    second = sorted((out / "images").iterdir())[1]
+    (out / "samples.json").unlink()  # as if stopped before the end, without its second picture
+    second.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished pictures were not sampled again
+    assert {p.name: p.read_bytes() for p in sorted((out / "images").iterdir())} == whole
+    (out / "samples.json").unlink()
+    capsys.readouterr()
+    assert main([*argv, "--cfg", "2"]) == 2
+    assert "holds pictures of another sampling run (options differs)" in capsys.readouterr().err
+    assert main([*argv, "--raw"]) == 2  # other weights
+    assert "(weights differs)" in capsys.readouterr().err
+    assert main([*argv, "--cfg", "2", "--overwrite"]) == 0  # every image sampled again
+
+
 def test_bad_sample_arguments_are_one_line_errors(weights_file, tmp_path, capsys):
     base = ["sample", str(weights_file), "--out", str(tmp_path / "o")]
     assert main([*base, "--height", "64"]) == 2
     assert "give one --width per --height" in capsys.readouterr().err
     assert main([*base, "--height", "64", "--width", "64"]) == 2
     assert "is a weights file: name its model with --model" in capsys.readouterr().err
-    fid = f"--height 64 --width 64 --model tiny --fid-reference x.npz --inception-weights {tmp_path}/none.pth"
-    assert main([*base, *fid.split()]) == 2
-    assert "needs local Inception weights" in capsys.readouterr().err
+    assert main([*base, *"--height 64 --width 64 --model tiny --fid-reference x.npz".split()]) == 2
+    assert "sampling no longer evaluates; sample, then run `fitscale eval" in capsys.readouterr().err
 
 
 def test_sampling_options_take_each_modes_defaults_and_the_releases_names():
@@ -365,23 +390,3 @@ def test_run_checkpoint_gives_ema_or_raw_weights(tmp_path):
         assert torch.equal(raw.state_dict()[name], param)
         assert torch.allclose(averaged.state_dict()[name], ema.shadow[name])
     assert not torch.equal(averaged.state_dict()["x_embedder.proj.weight"], model.x_embedder.proj.weight)
-
-
-def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
-    features = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()
-    )
-
-    class Extractor(torch.nn.Module):
-        num_features = 32
-
-        def forward(self, images):
-            return features(images.float() / 255)
-
-    rng = np.random.default_rng(0)
-    real = rng.integers(0, 200, size=(64, 32, 32, 3), dtype=np.uint8)
-    shifted = (real + 50).astype(np.uint8)
-    assert abs(compute_fid(real, real, feature_extractor=Extractor())) < 1e-3
-    assert compute_fid(shifted, real, feature_extractor=Extractor()) > 1e-3
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        compute_fid(real, real, inception_weights="/nonexistent/inception.pth")

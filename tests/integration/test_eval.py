@@ -1,0 +1,146 @@
+"""`fitscale eval` / `eval-ref` end to end on CPU with an Inception network of random weights saved to a
+file: every metric recomputed here from the saved features with ADM's formulas written out; the same
+features on 1, 2 and 3 ranks (real gloo processes); an interrupted evaluation resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import linalg
+
+pytestmark = pytest.mark.slow
+
+
+def frechet(mu1, sigma1, mu2, sigma2):  # ADM's FIDStatistics.frechet_distance, written out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+def distances(u, v):  # DistanceBlock: float16 with float32 accumulation, float32 when not finite
+    u16, v16 = u.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        nu = (u16**2).sum(1).astype(np.float16)[:, None]
+        nv = (v16**2).sum(1).astype(np.float16)[None, :]
+        d = np.maximum(nu - np.float16(2) * (u16 @ v16.T).astype(np.float16) + nv, np.float16(0))
+    if np.isfinite(d).all():
+        return d.astype(np.float32)
+    return np.maximum((u**2).sum(1)[:, None] - 2 * (u @ v.T) + (v**2).sum(1)[None, :], 0).astype(np.float32)
+
+
+def smooth_pictures(rng, count, size):
+    """Pictures with structure (upsampled noise, varied brightness), not white noise."""
+    coarse = rng.integers(0, 256, (count, 3, 8, 8)).astype(np.float32)
+    coarse *= rng.uniform(0.3, 1.0, (count, 1, 1, 1))
+    pictures = [
+        np.asarray(Image.fromarray(c.transpose(1, 2, 0).astype(np.uint8)).resize((size, size), Image.BICUBIC))
+        for c in coarse
+    ]
+    return np.stack(pictures)
+
+
+def fitscale(*argv, env=None):
+    result = subprocess.run(
+        [sys.executable, "-m", "fitscale.cli", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from fitscale.eval.inception import save_random_weights
+
+    d = tmp_path_factory.mktemp("eval")
+    sha = save_random_weights(d / "inception.pth")
+    rng = np.random.default_rng(0)
+    np.savez(d / "sample.npz", arr_0=smooth_pictures(rng, 7, 32))
+    (d / "train" / "a").mkdir(parents=True)
+    for i, (h, w) in enumerate([(40, 60), (64, 48), (32, 32), (50, 50), (70, 40), (33, 90)]):
+        picture = smooth_pictures(rng, 1, max(h, w))[0][:h, :w]
+        Image.fromarray(picture).save(d / "train" / ("a" if i % 2 else "") / f"{i}.png")
+    env = {"FITSCALE_INCEPTION_WEIGHTS": str(d / "inception.pth")}
+    return d, sha, env
+
+
+def test_every_metric_equals_adms_formulas_on_the_saved_features(setup):
+    d, sha, env = setup
+    summary = fitscale("eval-ref", d / "train", "--size", "32x32", "--out", d / "ref.npz",
+                       "--inception-sha256", sha, "--json", env=env)  # fmt: skip
+    assert json.loads(summary)["pictures"] == 6
+    with np.load(d / "ref.npz") as ref:
+        assert ref["arr_0"].shape == (6, 32, 32, 3) and ref["arr_0"].dtype == np.uint8
+        mu, sigma, mu_s, sigma_s = (ref[k] for k in ("mu", "sigma", "mu_s", "sigma_s"))
+    out = fitscale("eval", d / "sample.npz", "--ref", d / "ref.npz", "--save-features", d / "f.npz",
+                   "--save-ref-features", d / "rf.npz", "--inception-sha256", sha, "--json",
+                   "--part-size", "4", "--batch-size", "3", env=env)  # fmt: skip
+    got = json.loads(out)
+    with np.load(d / "f.npz") as f, np.load(d / "rf.npz") as rf:
+        pool, spatial, softmax, ref_pool = f["pool"], f["spatial"], f["softmax"], rf["pool"]
+    assert pool.shape == (7, 2048) and spatial.shape == (7, 2023) and softmax.shape == (7, 1008)
+    # the stored statistics are the whole set's, computed as ADM's compute_statistics would
+    assert ref_pool.shape == (6, 2048)  # arr_0 holds the whole (small) set here
+    np.testing.assert_allclose(mu, ref_pool.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(sigma, np.cov(ref_pool, rowvar=False), rtol=1e-6, atol=1e-10)
+    expected = {
+        "fid": frechet(pool.mean(0), np.cov(pool, rowvar=False), mu, sigma),
+        "sfid": frechet(spatial.mean(0), np.cov(spatial, rowvar=False), mu_s, sigma_s),
+    }
+    kl = softmax * (np.log(softmax) - np.log(softmax.mean(0, keepdims=True)))
+    expected["inception_score"] = float(np.exp(np.mean(np.sum(kl, 1))))  # one split: N < 5000
+    r_ref = np.partition(distances(ref_pool, ref_pool), 3, axis=1)[:, 3]
+    r_sample = np.partition(distances(pool, pool), 3, axis=1)[:, 3]
+    cross = distances(ref_pool, pool)
+    expected["precision"] = np.mean(np.any(cross <= r_ref[:, None], axis=0))
+    expected["recall"] = np.mean(np.any(cross <= r_sample[None, :], axis=1))
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
+    assert got["fid"] > 0.1 and got["comparable"] is False  # random weights: labelled
+
+
+def test_one_two_and_three_ranks_give_the_same_features_and_resume(setup):
+    """1 and 2 ranks from scratch; 3 ranks resume the 1-rank folder with 3 of its 4 sample parts
+    removed (as if stopped): only those are computed, on 3 ranks, and the features are equal bit
+    for bit each time (so is every number computed from them)."""
+    d, sha, env = setup
+    np.savez(d / "ref_small.npz", arr_0=smooth_pictures(np.random.default_rng(1), 4, 32))
+
+    def features(nproc, work, out, *extra):
+        fitscale("eval", d / "sample.npz", "--ref", d / "ref_small.npz", "--ref-stats-from-arr0", "--features-only",
+                 "--save-features", out, "--work", work, "--nproc", nproc, "--part-size", "2", "--batch-size", "1",
+                 "--inception-sha256", sha, "--device", "cpu", *extra, env=env)  # fmt: skip
+        with np.load(out) as f:
+            return {k: f[k] for k in f}
+
+    one = features(1, d / "work1", d / "f1.npz")
+    two = features(2, d / "work2", d / "f2.npz")
+    shutil.copytree(d / "work1", d / "work3")
+    parts = sorted((d / "work3" / "sample").glob("part-*.npz"))
+    assert len(parts) == 4
+    for part in parts[1:]:  # parts 1, 2, 3: ranks 1, 2, 0 of 3 compute them
+        part.unlink()
+    kept = parts[0].stat().st_mtime_ns
+    three = features(3, d / "work3", d / "f3.npz")
+    assert parts[0].stat().st_mtime_ns == kept  # a finished part is not computed again
+    for other in (two, three):
+        for key in ("pool", "spatial", "softmax"):
+            np.testing.assert_array_equal(other[key], one[key])
