@@ -17,12 +17,13 @@ def _add_write_options(parser: argparse.ArgumentParser, dtype_default: str | Non
     parser.add_argument("--json", action="store_true", help="print the dataset metadata as JSON")
 
 
-def _settings(args, writer: str, max_tokens: int, **options):
+def _settings(args, writer: str, max_tokens: int, shape: dict | None = None, **options):
     from fitscale.data.writer import WriteSettings
 
     if args.part_size < 1:
         raise ValueError(f"--part-size {args.part_size}: must be at least 1")
     return WriteSettings(
+        **(shape or {}),
         writer=writer,
         max_image_tokens=max_tokens,
         num_classes=args.num_classes,
@@ -107,34 +108,44 @@ def run_digits(args) -> int:
 
 
 def run_from_images(args) -> int:
-    """`fitscale data from-images`: encode an ImageFolder with a local diffusers VAE; exit status.
+    """`fitscale data from-images`: encode an ImageFolder with a local diffusers autoencoder; exit status.
 
-    Raises ValueError for a --resolution not a multiple of 16 of at least 64, more class folders than
-    --num-classes, or a VAE folder that cannot be used (fitscale.data.vae).
+    Raises ValueError for a --resolution not a multiple of the pixels per token (downsampling x
+    patch size) of at least 4 tokens a side, more class folders than --num-classes, or an
+    autoencoder folder that cannot be used (fitscale.data.vae).
     """
-    from fitscale.data.format import LATENT_CHANNELS
     from fitscale.data.images import build_from_images, list_image_folder
-    from fitscale.data.vae import LatentNormalisation, check_vae_folder
+    from fitscale.data.vae import check_vae_folder, vae_downsample, vae_patch_size, vae_record
     from fitscale.data.writer import write_dataset
 
-    if args.resolution % 16 or args.resolution < 64:
-        raise ValueError(f"--resolution {args.resolution}: use a multiple of 16 of at least 64 (256 or 512)")
+    if args.patch_size is not None and args.patch_size < 1:
+        raise ValueError(f"--patch-size {args.patch_size}: must be at least 1")
+    config = check_vae_folder(args.vae)
+    downsample = vae_downsample(config)
+    patch_size = args.patch_size or vae_patch_size(config)
+    step = downsample * patch_size
+    if args.resolution % step or args.resolution < 4 * step:
+        raise ValueError(
+            f"--resolution {args.resolution}: use a multiple of {step} (pixels per token: {downsample}x "
+            f"downsampling, patch size {patch_size}) of at least {4 * step}"
+        )
     inputs, classes = list_image_folder(args.images)
     if len(classes) > args.num_classes:
         raise ValueError(f"{args.images}: {len(classes)} class folders but --num-classes {args.num_classes}")
-    max_tokens = (args.resolution // 16) ** 2
-    latents = LatentNormalisation.from_config(
-        check_vae_folder(args.vae, LATENT_CHANNELS), f"--vae {args.vae}"
-    )
+    max_tokens = (args.resolution // step) ** 2
+    record = vae_record(args.vae, config)
     settings = _settings(
         args,
         "from-images",
         max_tokens,
+        {"latent_channels": record["latent_channels"], "patch_size": patch_size},
         resolution=args.resolution,
         vae=str(args.vae),
-        vae_latents=latents.as_dict(),
+        vae_latents={k: v for k, v in record.items() if k not in ("path", "class", "latent_channels", "downsample")},
     )
-    build = build_from_images(args.vae, args.resolution, args.batch_size, args.dtype, args.device)
+    build = build_from_images(
+        args.vae, args.resolution, args.batch_size, args.dtype, args.device, patch_size, downsample
+    )
     meta = write_dataset(
         args.out,
         inputs,
@@ -143,7 +154,7 @@ def run_from_images(args) -> int:
         overwrite=args.overwrite,
         rank=args.rank,
         world_size=args.world_size,
-        extra_meta={"classes": classes, "vae": {"path": str(args.vae), **latents.as_dict()}},
+        extra_meta={"classes": classes, "vae": record},
         progress=not args.no_progress,
     )
     return _finish(args, meta)
@@ -204,10 +215,15 @@ def register(subparsers) -> None:
     digits.add_argument("--max-side", type=int, default=16, help="largest grid side in tokens")
     digits.set_defaults(func=run_digits)
 
-    images = commands.add_parser("from-images", help="encode an ImageFolder with a diffusers AutoencoderKL")
+    images = commands.add_parser("from-images", help="encode an ImageFolder with a diffusers autoencoder")
     images.add_argument("images", help="ImageFolder root: one subfolder per class")
     _add_write_options(images)
-    images.add_argument("--vae", required=True, help="local folder of an AutoencoderKL (save_pretrained)")
+    images.add_argument(
+        "--vae", required=True, help="local folder of an AutoencoderKL / AutoencoderDC (save_pretrained)"
+    )
+    images.add_argument(
+        "--patch-size", type=int, default=None, help="latent pixels per token a side (default: 2 for 8x, 1 for 16x+)"
+    )
     images.add_argument("--resolution", type=int, default=256, help="S: at most S*S pixels per image")
     images.add_argument("--batch-size", type=int, default=32)
     images.add_argument("--device", default=None, help="default: cuda when present, else cpu")

@@ -132,7 +132,8 @@ def check_before_launch(config, world_size: int, lock: bool = True) -> None:
 
 
 def check_data_before_launch(config) -> None:
-    """The training set must be there (unless it streams from `data.remote`): ConfigError otherwise."""
+    """The training set must be there (unless it streams from `data.remote`) and hold latents of the
+    recipe's shape (fitscale.train.dataset_shape): ConfigError otherwise."""
     from fitscale.config.errors import ConfigError
     from fitscale.data.format import META_FILE
 
@@ -142,6 +143,9 @@ def check_data_before_launch(config) -> None:
             f"data.path={data.path} holds no dataset (no {META_FILE}); write one with `fitscale data ...` "
             "or point data.path at a dataset folder"
         )
+    from fitscale.train.dataset_shape import follow_training_dataset
+
+    follow_training_dataset(config)  # a recipe whose latent shape is not the dataset's: refused here
 
 
 def resolve_hook(where: str, name: str):
