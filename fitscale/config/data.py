@@ -71,6 +71,9 @@ class DataConfig:
     packing_lookahead: int = 512
     # Seconds to wait for one shard download from `remote`.
     download_timeout: float = 120.0
+    # Further attempts at a failed shard download (Streaming's backoff doubles from 1 s each time,
+    # on top of boto3's own retries): a server restart or a network blip of up to ~30 s is ridden out.
+    download_retry: int = 5
     # Most bytes of shards kept in the local cache of a remote dataset (e.g. "200gb"); None keeps all.
     cache_limit: str | None = None
     # Check each shard against the xxh64 recorded in index.json when a reader first maps it (one
@@ -120,6 +123,8 @@ class DataConfig:
             raise ValueError(f"data.prefetch={self.prefetch!r}: must be at least 1")
         if self.num_classes < 1:
             raise ValueError(f"data.num_classes={self.num_classes!r}: must be at least 1")
+        if not isinstance(self.download_retry, int) or self.download_retry < 0:
+            raise ValueError(f"data.download_retry={self.download_retry!r}: must be 0 or more")
         if self.download_timeout <= 0:
             raise ValueError(f"data.download_timeout={self.download_timeout!r}: must be positive seconds")
 

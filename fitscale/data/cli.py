@@ -1,4 +1,4 @@
-"""`fitscale data synth|digits|from-images|from-fit-latents|stats`."""
+"""`fitscale data synth|digits|from-images|from-fit-latents|upload|stats`."""
 
 from __future__ import annotations
 
@@ -141,7 +141,9 @@ def run_from_images(args) -> int:
         {"latent_channels": record["latent_channels"], "patch_size": patch_size},
         resolution=args.resolution,
         vae=str(args.vae),
-        vae_latents={k: v for k, v in record.items() if k not in ("path", "class", "latent_channels", "downsample")},
+        vae_latents={
+            k: v for k, v in record.items() if k not in ("path", "class", "latent_channels", "downsample")
+        },
     )
     build = build_from_images(
         args.vae, args.resolution, args.batch_size, args.dtype, args.device, patch_size, downsample
@@ -178,6 +180,16 @@ def run_from_fit_latents(args) -> int:
         progress=not args.no_progress,
     )
     return _finish(args, meta)
+
+
+def run_upload(args) -> int:
+    """`fitscale data upload DATASET s3://BUCKET/PREFIX`: copy a finished dataset to object storage
+    (fitscale.data.remote); exit status. Endpoint and credentials come from the environment."""
+    from fitscale.data.remote import upload_dataset
+
+    sent = upload_dataset(args.dataset, args.remote, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"{args.dataset} -> {args.remote}: {sent} files uploaded; train with data.remote={args.remote}")
+    return 0
 
 
 def run_stats(args) -> int:
@@ -222,7 +234,10 @@ def register(subparsers) -> None:
         "--vae", required=True, help="local folder of an AutoencoderKL / AutoencoderDC (save_pretrained)"
     )
     images.add_argument(
-        "--patch-size", type=int, default=None, help="latent pixels per token a side (default: 2 for 8x, 1 for 16x+)"
+        "--patch-size",
+        type=int,
+        default=None,
+        help="latent pixels per token a side (default: 2 for 8x, 1 for 16x+)",
     )
     images.add_argument("--resolution", type=int, default=256, help="S: at most S*S pixels per image")
     images.add_argument("--batch-size", type=int, default=32)
@@ -237,6 +252,15 @@ def register(subparsers) -> None:
     release.add_argument("--rank", type=int, default=0)
     release.add_argument("--world-size", type=int, default=1)
     release.set_defaults(func=run_from_fit_latents)
+
+    upload = commands.add_parser(
+        "upload", help="copy a dataset to s3://BUCKET/PREFIX (S3_ENDPOINT_URL, AWS_*)"
+    )
+    upload.add_argument("dataset", help="a finished dataset folder")
+    upload.add_argument("remote", help="s3://BUCKET/PREFIX to train from with data.remote")
+    upload.add_argument("--overwrite", action="store_true", help="replace another dataset at the prefix")
+    upload.add_argument("--no-progress", action="store_true", help="no progress bar")
+    upload.set_defaults(func=run_upload)
 
     stats = commands.add_parser("stats", help="image count, token histogram, packing efficiency")
     stats.add_argument("path", help="dataset folder")

@@ -150,7 +150,9 @@ def build_from_images(
                 yield item
                 continue
             sample = LatentSample(
-                tokens=np.stack([patchify(latents[i, "tokens", f], patch_size) for f in (0, 1)]).astype(dtype),
+                tokens=np.stack([patchify(latents[i, "tokens", f], patch_size) for f in (0, 1)]).astype(
+                    dtype
+                ),
                 rows=item["tokens"].height // step,
                 cols=item["tokens"].width // step,
                 label=label,
@@ -158,7 +160,9 @@ def build_from_images(
                 source=path,
             )
             if item["crop"] is not None:
-                sample.crop = np.stack([patchify(latents[i, "crop", f], patch_size) for f in (0, 1)]).astype(dtype)
+                sample.crop = np.stack([patchify(latents[i, "crop", f], patch_size) for f in (0, 1)]).astype(
+                    dtype
+                )
                 sample.crop_rows = sample.crop_cols = resolution // step
             yield sample
 

@@ -77,15 +77,17 @@ class StepPlan:
         ]
 
 
-def fetch_remote_file(remote: str, local: Path, timeout: float) -> None:
-    """Download `remote` to `local` unless present; a per-process temporary name avoids races."""
+def fetch_remote_file(remote: str, local: Path, timeout: float, retries: int = 5) -> None:
+    """Download `remote` to `local` unless present; a per-process temporary name avoids races.
+    Retried `retries` times with Streaming's backoff (1, 2, 4 ... s), as shard downloads are."""
     if local.exists():
         return
     from streaming.base.storage.download import CloudDownloader
+    from streaming.base.util import retry
 
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f"{local.name}.{os.getpid()}.part")
-    CloudDownloader.direct_download(remote, str(tmp), timeout)
+    retry(num_attempts=retries + 1)(CloudDownloader.direct_download)(remote, str(tmp), timeout)
     os.replace(tmp, local)
 
 
@@ -94,7 +96,8 @@ def dataset_meta(cfg: DataConfig) -> dict:
     dataset, as the loader does); read_meta's errors for a folder that is not a finished dataset."""
     path = Path(cfg.path)
     if cfg.remote is not None:
-        fetch_remote_file(f"{cfg.remote.rstrip('/')}/{META_FILE}", path / META_FILE, cfg.download_timeout)
+        remote = f"{cfg.remote.rstrip('/')}/{META_FILE}"
+        fetch_remote_file(remote, path / META_FILE, cfg.download_timeout, cfg.download_retry)
     return read_meta(path)
 
 
@@ -180,7 +183,7 @@ class LatentLoader:
         if cfg.remote is not None:
             remote = cfg.remote.rstrip("/")
             for name in (META_FILE, SAMPLES_FILE):
-                fetch_remote_file(f"{remote}/{name}", path / name, cfg.download_timeout)
+                fetch_remote_file(f"{remote}/{name}", path / name, cfg.download_timeout, cfg.download_retry)
         self.meta = read_meta(path)
         field = "data.val_path" if validation else "data.path"
         self.reader = open_shard_reader(path, cfg, field, token_dim_of(self.meta))

@@ -40,6 +40,8 @@ SHM_DIR = Path("/dev/shm")
 def token_bytes(token_dim: int) -> int:
     """Bytes of one packed token: float32 values and int64 (row, col)."""
     return token_dim * 4 + 2 * 8
+
+
 _STEP_NUMBERS = itertools.count()
 WIDEN_CHUNK = 2000  # tokens per float16 -> float32 copy: 32,000 values, under torch's grain of 32,768
 
@@ -129,9 +131,7 @@ def batches_from(buffer: np.ndarray, entries: list[dict], kind: type = PackedBat
     return batches
 
 
-def token_views(
-    buffer: np.ndarray, offset: int, count: int, token_dim: int
-) -> tuple[np.ndarray, np.ndarray]:
+def token_views(buffer: np.ndarray, offset: int, count: int, token_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(count, token_dim) float32 tokens then (count, 2) int64 positions, from `offset` on."""
     split = offset + count * token_dim * 4
     tokens = buffer[offset:split].view(np.float32).reshape(count, token_dim)
@@ -281,7 +281,9 @@ class MaterializeStep:
     def __call__(self, work: list[np.ndarray]) -> list[PackedBatch] | SharedStep:
         """The packed micro-batches of one step (`StepPlan.work`), in one buffer."""
         layouts = [self.layout(images) if len(images) else None for images in work]
-        offsets = np.cumsum([0] + [layout.total * token_bytes(self.token_dim) if layout else 0 for layout in layouts])
+        offsets = np.cumsum(
+            [0] + [layout.total * token_bytes(self.token_dim) if layout else 0 for layout in layouts]
+        )
         nbytes = int(offsets[-1])
         shared = create_shared(self.prefix, nbytes) if self.prefix is not None and nbytes else None
         buffer = np.frombuffer(shared[1], np.uint8) if shared else np.empty(nbytes, np.uint8)
@@ -297,7 +299,12 @@ class MaterializeStep:
                 tokens, pos = token_views(buffer, offset, layout.total, self.token_dim)
                 self.fill(layout, tokens, pos)
                 entries.append(
-                    {"offset": offset, "tokens": layout.total, "token_dim": self.token_dim, **layout.small_arrays()}
+                    {
+                        "offset": offset,
+                        "tokens": layout.total,
+                        "token_dim": self.token_dim,
+                        **layout.small_arrays(),
+                    }
                 )
         except BaseException:
             if shared:

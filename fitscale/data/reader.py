@@ -200,7 +200,9 @@ class ShardReader:
         offsets = data[4:head].view("<u4").astype(np.int64)
         if offsets[-1] > data.size or np.any(np.diff(offsets) < 0):
             raise ShardReadError(f"shard {path}: sample offsets run past its {data.size} bytes")
-        indexes = tuple(ArrayIndex.build(data, offsets, layout, name, self.token_dim) for name in ARRAY_COLUMNS)
+        indexes = tuple(
+            ArrayIndex.build(data, offsets, layout, name, self.token_dim) for name in ARRAY_COLUMNS
+        )
         opened = (mapped, data, offsets.tolist(), indexes)
         self._maps[shard] = opened
         return opened

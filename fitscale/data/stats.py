@@ -19,8 +19,8 @@ from fitscale.data.format import (
     check_local_shards,
     read_index,
     read_meta,
-    token_dim_of,
     read_sample_table,
+    token_dim_of,
 )
 from fitscale.data.integrity import check_side_files, hash_note, recorded_hash, verify_shards
 from fitscale.data.packing import SampleCatalog, SampleStream, TokenPacker

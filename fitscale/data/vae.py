@@ -166,7 +166,9 @@ def load_vae(
         vae = model_class.from_pretrained(str(path), low_cpu_mem_usage=find_spec("accelerate") is not None)
     except (OSError, ValueError, RuntimeError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"--vae {path}: cannot be loaded as an {config['_class_name']} ({reason})") from error
+        raise ValueError(
+            f"--vae {path}: cannot be loaded as an {config['_class_name']} ({reason})"
+        ) from error
     return vae.to(device).eval()
 
 

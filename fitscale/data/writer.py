@@ -88,7 +88,8 @@ class WriteSettings:
         shape = {}
         if (self.latent_channels, self.patch_size) != (LATENT_CHANNELS, PATCH_SIZE):
             shape = {"latent_channels": self.latent_channels, "patch_size": self.patch_size}
-        return {**shape,
+        return {
+            **shape,
             "writer": self.writer,
             "max_image_tokens": self.max_image_tokens,
             "min_image_tokens": self.min_image_tokens,

@@ -309,7 +309,9 @@ def run_sample(args) -> int:
     pixels_per_token = PIXELS_PER_TOKEN
     if args.vae is not None:  # a token covers the autoencoder's downsampling times the patch size
         pixels_per_token = vae_downsample(check_vae_folder(args.vae)) * model.config.patch_size
-    items = plan_items(sizes, args.num_per_size, model.config.num_classes, labels, args.seed, pixels_per_token)
+    items = plan_items(
+        sizes, args.num_per_size, model.config.num_classes, labels, args.seed, pixels_per_token
+    )
     from fitscale.sample.pictures import extrapolation_name, grid_caption
 
     run = SampleRun(

@@ -28,7 +28,6 @@ class SampleItem:
     cols: int
     pixels_per_token: int = PIXELS_PER_TOKEN  # autoencoder downsampling x patch size
 
-
     @property
     def tokens(self) -> int:
         """Tokens of the image: rows * cols of its patch grid."""
@@ -63,7 +62,9 @@ def plan_items(
         raise ValueError(f"--num-per-size {num_per_size}: must be >= 1")
     for height, width in sizes:
         if height % step or width % step or min(height, width) <= 0:
-            raise ValueError(f"size {height}x{width}: height and width must be positive multiples of {step} pixels")
+            raise ValueError(
+                f"size {height}x{width}: height and width must be positive multiples of {step} pixels"
+            )
     for label in labels or []:
         if not 0 <= label < num_classes:
             raise ValueError(f"--labels: class {label} is outside [0, {num_classes}) for this model")

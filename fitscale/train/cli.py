@@ -143,8 +143,15 @@ def check_data_before_launch(config) -> None:
             f"data.path={data.path} holds no dataset (no {META_FILE}); write one with `fitscale data ...` "
             "or point data.path at a dataset folder"
         )
+    from fitscale.data.remote import check_remote
     from fitscale.train.dataset_shape import follow_training_dataset
 
+    for field, remote in (("data.remote", data.remote), ("data.val_remote", data.val_remote)):
+        if remote is not None:
+            try:
+                check_remote(remote, field)  # endpoint, bucket, credentials: before any rank starts
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
     follow_training_dataset(config)  # a recipe whose latent shape is not the dataset's: refused here
 
 

@@ -98,11 +98,17 @@ def test_a_dataset_of_each_autoencoder_trains_and_samples_back_through_it(images
     vae, data = encode(images, tmp_path, kind)
     channels, patch, step = KINDS[kind]
     meta = json.loads((data / "fitscale.json").read_text())
-    assert (meta["latent_channels"], meta["patch_size"], meta["token_dim"]) == (channels, patch, patch**2 * channels)
+    assert (meta["latent_channels"], meta["patch_size"], meta["token_dim"]) == (
+        channels,
+        patch,
+        patch**2 * channels,
+    )
     assert meta["vae"]["class"] == ("AutoencoderDC" if kind == "dcae" else "AutoencoderKL")
     assert meta["num_samples"] == 4
     rows = np.load(data / "samples.npy")[:, :2]
-    assert sorted(map(tuple, rows.tolist())) == sorted([(160 // step, 192 // step), (192 // step, 128 // step)] * 2)
+    assert sorted(map(tuple, rows.tolist())) == sorted(
+        [(160 // step, 192 // step), (192 // step, 128 // step)] * 2
+    )
     run = tmp_path / "run"
     hooks = ["hooks.before=[]", "hooks.after=[]"]
     assert main(train_args(data, run, *hooks)) == 0
