@@ -107,6 +107,37 @@ def run_digits(args) -> int:
     return _finish(args, meta)
 
 
+def launched_rank(args) -> tuple[int, int]:
+    """(rank, world size) of a split write: --rank / --world-size when given, else what torchrun
+    (RANK, WORLD_SIZE) or SLURM (SLURM_PROCID, SLURM_NTASKS) set, else (0, 1)."""
+    import os
+
+    env = os.environ
+    rank = args.rank if args.rank is not None else int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    world = args.world_size
+    if world is None:
+        world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    return rank, world
+
+
+def relaunch_ranks(argv: list[str], nproc: int) -> int:
+    """Run this `fitscale data ...` command as `nproc` local processes (--rank r --world-size nproc,
+    --nproc removed); each writes its parts, the last to finish merges. Exit status: the first
+    non-zero one, else 0."""
+    import subprocess
+    import sys
+
+    if "--nproc" in argv:
+        at = argv.index("--nproc")
+        argv = argv[:at] + argv[at + 2 :]
+    else:
+        argv = [a for a in argv if not a.startswith("--nproc=")]
+    command = [sys.executable, "-m", "fitscale.cli", *argv, "--world-size", str(nproc)]
+    ranks = [subprocess.Popen([*command, "--rank", str(rank)]) for rank in range(nproc)]
+    codes = [rank.wait() for rank in ranks]
+    return next((code for code in codes if code), 0)
+
+
 def run_from_images(args) -> int:
     """`fitscale data from-images`: encode an ImageFolder with a local diffusers autoencoder; exit status.
 
@@ -118,6 +149,8 @@ def run_from_images(args) -> int:
     from fitscale.data.vae import check_vae_folder, vae_downsample, vae_patch_size, vae_record
     from fitscale.data.writer import write_dataset
 
+    if args.nproc < 1 or args.workers < 0:
+        raise ValueError(f"--nproc {args.nproc} --workers {args.workers}: need --nproc >= 1, --workers >= 0")
     if args.patch_size is not None and args.patch_size < 1:
         raise ValueError(f"--patch-size {args.patch_size}: must be at least 1")
     config = check_vae_folder(args.vae)
@@ -132,6 +165,9 @@ def run_from_images(args) -> int:
     inputs, classes = list_image_folder(args.images)
     if len(classes) > args.num_classes:
         raise ValueError(f"{args.images}: {len(classes)} class folders but --num-classes {args.num_classes}")
+    if args.nproc > 1:  # everything above is checked once, before any process starts
+        return relaunch_ranks(args.argv, args.nproc)
+    rank, world_size = launched_rank(args)
     max_tokens = (args.resolution // step) ** 2
     record = vae_record(args.vae, config)
     settings = _settings(
@@ -146,7 +182,14 @@ def run_from_images(args) -> int:
         },
     )
     build = build_from_images(
-        args.vae, args.resolution, args.batch_size, args.dtype, args.device, patch_size, downsample
+        args.vae,
+        args.resolution,
+        args.batch_size,
+        args.dtype,
+        args.device,
+        patch_size,
+        downsample,
+        args.workers,
     )
     meta = write_dataset(
         args.out,
@@ -154,8 +197,8 @@ def run_from_images(args) -> int:
         build,
         settings,
         overwrite=args.overwrite,
-        rank=args.rank,
-        world_size=args.world_size,
+        rank=rank,
+        world_size=world_size,
         extra_meta={"classes": classes, "vae": record},
         progress=not args.no_progress,
     )
@@ -242,8 +285,19 @@ def register(subparsers) -> None:
     images.add_argument("--resolution", type=int, default=256, help="S: at most S*S pixels per image")
     images.add_argument("--batch-size", type=int, default=32)
     images.add_argument("--device", default=None, help="default: cuda when present, else cpu")
-    images.add_argument("--rank", type=int, default=0, help="this process's share of a split write")
-    images.add_argument("--world-size", type=int, default=1)
+    images.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="this process's share of a split write (default: RANK / SLURM_PROCID)",
+    )
+    images.add_argument(
+        "--world-size", type=int, default=None, help="default: WORLD_SIZE / SLURM_NTASKS, else 1"
+    )
+    images.add_argument("--nproc", type=int, default=1, help="encode with this many local processes")
+    images.add_argument(
+        "--workers", type=int, default=2, help="processes per rank that decode and resize images (0: inline)"
+    )
     images.set_defaults(func=run_from_images)
 
     release = commands.add_parser("from-fit-latents", help="convert the release's latent folders")

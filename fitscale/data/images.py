@@ -75,6 +75,24 @@ def centre_crop(image, resolution: int):
     return scaled.crop((left, top, left + resolution, top + resolution))
 
 
+def prepare_image(job: tuple[str, int, int]):
+    """Decode and resize one image (`job`: path, resolution, pixels per token): {"tokens": resized,
+    "crop": centre crop or None} as PIL images, or a SkipSample. Runs in a decode worker."""
+    from PIL import Image
+
+    path, resolution, step = job
+    try:
+        with Image.open(path) as raw:
+            image = raw.convert("RGB")
+    except Exception as error:
+        return SkipSample("unreadable image", path, f"{type(error).__name__}: {error}")
+    resized = resize_to_area(image, resolution, step)
+    if resized is None:
+        return SkipSample("under token minimum", path, f"{image.width}x{image.height} pixels")
+    crop = centre_crop(image, resolution) if min(image.size) > resolution else None
+    return {"tokens": resized, "crop": crop}
+
+
 def build_from_images(
     vae_path: str,
     resolution: int,
@@ -83,13 +101,15 @@ def build_from_images(
     device: str | None = None,
     patch_size: int = 2,
     downsample: int = 8,
+    workers: int = 0,
 ):
     """The part builder of `from-images`: pictures -> latents with the preprocessing above.
 
     The autoencoder at `vae_path` (downsampling by `downsample`) is loaded on first use, on
     `device` (CUDA when present by default; bfloat16 there, float32 on the CPU), and encodes
     equal-size pictures `batch_size` at a time; latents are cut into `patch_size` x `patch_size`
-    patches and stored in `dtype`. Unreadable or too small pictures become SkipSamples.
+    patches and stored in `dtype`. Unreadable or too small pictures become SkipSamples. Decoding
+    and resizing run in a pool of `workers` processes (inline for 0); the result is the same.
     """
     import torch
 
@@ -113,24 +133,18 @@ def build_from_images(
         return out
 
     def build(inputs: Sequence[tuple[str, int]], first: int) -> Iterator[LatentSample | SkipSample]:
-        from PIL import Image, ImageOps
+        from PIL import ImageOps
 
-        prepared: list = []  # per input: SkipSample or {"tokens": picture, "crop": picture|None}
-        for path, _ in inputs:
-            try:
-                with Image.open(path) as raw:
-                    image = raw.convert("RGB")
-            except Exception as error:
-                prepared.append(SkipSample("unreadable image", path, f"{type(error).__name__}: {error}"))
-                continue
-            resized = resize_to_area(image, resolution, step)
-            if resized is None:
-                prepared.append(
-                    SkipSample("under token minimum", path, f"{image.width}x{image.height} pixels")
-                )
-                continue
-            crop = centre_crop(image, resolution) if min(image.size) > resolution else None
-            prepared.append({"tokens": resized, "crop": crop})
+        jobs = [(path, resolution, step) for path, _ in inputs]
+        if workers > 0:
+            if "pool" not in state:
+                import multiprocessing
+
+                # forked before the autoencoder loads (it loads with the first batch to encode)
+                state["pool"] = multiprocessing.get_context("fork").Pool(workers)
+            prepared = state["pool"].map(prepare_image, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
+        else:
+            prepared = [prepare_image(job) for job in jobs]
         groups: dict[tuple[int, int], list[tuple[int, str, int]]] = defaultdict(list)
         for i, item in enumerate(prepared):
             if isinstance(item, dict):

@@ -61,6 +61,9 @@ class SkipSample(Exception):
         self.source = source
         self.detail = detail
 
+    def __reduce__(self):
+        return SkipSample, (self.reason, self.source, self.detail)  # crosses from decode workers
+
 
 @dataclass
 class WriteSettings:
