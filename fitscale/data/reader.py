@@ -177,7 +177,17 @@ class ShardReader:
         opened = self._maps.get(shard)
         if self.cache is not None:
             if opened is None or shard_state(self.cache, shard) != SHARD_LOCAL:
-                self.cache.prepare_shard(shard)  # download / decompress; blocks while another does
+                try:
+                    self.cache.prepare_shard(shard)  # download / decompress; blocks while another does
+                except ValueError:
+                    raise
+                except Exception as error:  # the download failed after every retry
+                    reason = (str(error).strip().splitlines() or [""])[0]
+                    raise ShardReadError(
+                        f"shard {self.layouts[shard].basename} could not be fetched into {self.folder} "
+                        f"({type(error).__name__}: {reason}); check data.remote, S3_ENDPOINT_URL and the "
+                        "server, or raise data.download_retry"
+                    ) from error
                 opened = None
             touch_shard(self.cache, shard, time.time_ns())  # what get_item records
         if opened is not None:

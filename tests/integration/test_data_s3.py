@@ -157,7 +157,7 @@ def test_a_server_restart_while_shards_download_is_ridden_out_bit_identically(
         tmp_path, "restart", loader_config(tmp_path / "cache-b"), steps=8, wait_for=str(go)
     )
     while not all(Path(f"{f}.ready").exists() for f in files):
-        time.sleep(0.05)
+        context.join(timeout=0.05)  # raises a rank's error rather than waiting for it forever
     server.stop()  # connections are refused from here on
     go.touch()
     time.sleep(3.0)  # the ranks' first shard downloads fail and back off meanwhile
@@ -181,6 +181,19 @@ def test_a_shard_changed_in_the_bucket_is_named_when_read(server, dataset, tmp_p
         next(iter(loader))
     (line,) = str(error.value).splitlines()
     assert name.rsplit("/", 1)[-1] in line and "xxh64" in line
+
+
+def test_a_server_gone_for_longer_than_the_retries_is_named_in_one_line(server, tmp_path):
+    from fitscale.data import build_loader
+
+    cfg = loader_config(tmp_path / "cache", num_workers=0, download_retry=0)
+    loader = build_loader(cfg, 0, 1)  # the metadata is here; no shard yet
+    server.stop()
+    with pytest.raises(ValueError) as error:
+        next(iter(loader))
+    (line,) = str(error.value).splitlines()
+    assert "could not be fetched into" in line and "EndpointConnectionError" in line
+    assert "check data.remote, S3_ENDPOINT_URL and the server, or raise data.download_retry" in line
 
 
 def train_command(tmp_path, remote: str, *extra: str) -> list[str]:
