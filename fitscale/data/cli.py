@@ -120,10 +120,26 @@ def launched_rank(args) -> tuple[int, int]:
     return rank, world
 
 
+def encode_device(device: str | None) -> str | None:
+    """--device, else this rank's GPU when there are GPUs: LOCAL_RANK (or SLURM_LOCALID) modulo
+    their count, so the ranks of a node spread over its GPUs; None (the CPU) without one."""
+    import os
+
+    if device is not None:
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return f"cuda:{local % torch.cuda.device_count()}"
+
+
 def relaunch_ranks(argv: list[str], nproc: int) -> int:
     """Run this `fitscale data ...` command as `nproc` local processes (--rank r --world-size nproc,
     --nproc removed); each writes its parts, the last to finish merges. Exit status: the first
     non-zero one, else 0."""
+    import os
     import subprocess
     import sys
 
@@ -133,7 +149,10 @@ def relaunch_ranks(argv: list[str], nproc: int) -> int:
     else:
         argv = [a for a in argv if not a.startswith("--nproc=")]
     command = [sys.executable, "-m", "fitscale.cli", *argv, "--world-size", str(nproc)]
-    ranks = [subprocess.Popen([*command, "--rank", str(rank)]) for rank in range(nproc)]
+    ranks = [
+        subprocess.Popen([*command, "--rank", str(rank)], env={**os.environ, "LOCAL_RANK": str(rank)})
+        for rank in range(nproc)
+    ]
     codes = [rank.wait() for rank in ranks]
     return next((code for code in codes if code), 0)
 
