@@ -179,3 +179,16 @@ def test_dcae_encodes_256_pixels_into_64_tokens(dcae):
 
     config = check_vae_folder(dcae[0])
     assert vae_downsample(config) * vae_patch_size(config) == 32 and (256 // 32) ** 2 == 64
+
+
+def test_training_previews_of_a_dcae_dataset_use_its_grid_and_pixels(dcae, tmp_path):
+    """The grids drawn during training stay near the 6x5-token images the model saw (not SD's 16
+    tokens a side), and a token is 32 pixels of the decoded picture."""
+    from fitscale.config import load_config
+    from fitscale.train.previews import PeriodicSamples
+
+    _, data = dcae
+    config = load_config("recipes/demo.yaml", [f"data.path={data}", "train.sample_every=10"])
+    items = PeriodicSamples(config).items
+    assert max(max(item.rows, item.cols) for item in items) <= 2 * 6  # default grids: up to 2x beyond
+    assert {item.pixels_per_token for item in items} == {32}
