@@ -14,6 +14,15 @@ first batch) is reported apart from the steady state: images and real (unpadded)
 second over a fixed window that begins after `--warmup` seconds of batches.
 
     python tools/bench_data.py --num-images 30000 --workers 2 --out /tmp/bench_data
+
+`--remote`: the same MDS dataset uploaded to a local S3 server (moto's, `python -m moto.server`,
+over HTTP on localhost) with `fitscale data upload`, then fitscale's loader with
+`data.remote=s3://...` from a cold cache (a fresh `data.path` each round): images/s and real
+tokens/s over the whole first epoch, construction included. Beside it, each stage alone over the
+same shards: download (boto3, one stream, as a Streaming worker fetches), xxh64 hashing, and the
+warm-cache loader (reading and packing), so the slowest names the limit.
+
+    python tools/bench_data.py --remote --num-images 10000 --workers 2 --out /tmp/bench_remote
 """
 
 from __future__ import annotations
@@ -112,12 +121,14 @@ def per_file_batches(args: argparse.Namespace, files: list[list[Path]]) -> Itera
             yield int(batch["mask"].shape[0]), int(batch["mask"].sum())
 
 
-def fitscale_batches(args: argparse.Namespace) -> Iterator[tuple[int, int]]:
+def fitscale_batches(args: argparse.Namespace, remote: str | None = None) -> Iterator[tuple[int, int]]:
+    """fitscale's loader over the local dataset, or over `remote` into the cold cache `--cache`."""
     from fitscale.config.data import DataConfig
     from fitscale.data import build_loader
 
     cfg = DataConfig(
-        path=str(Path(args.out) / "mds"),
+        path=args.cache if remote else str(Path(args.out) / "mds"),
+        remote=remote,
         global_batch_size=args.batch,
         token_budget=args.token_budget,
         num_workers=args.workers,
@@ -174,7 +185,7 @@ def measure(batches: Iterator[tuple[int, int]], start: float, warmup: float, win
     }
 
 
-def prepare(args: argparse.Namespace) -> None:
+def prepare(args: argparse.Namespace, per_file: bool = True) -> None:
     from fitscale.data.sources import build_synth
     from fitscale.data.writer import WriteSettings, write_dataset
 
@@ -187,10 +198,149 @@ def prepare(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"{dataset} holds {meta['num_samples']} images, not {args.num_images}; use another --out"
         )
-    write_per_file(Path(args.out) / "files", dataset)
+    if per_file:
+        write_per_file(Path(args.out) / "files", dataset)
+
+
+def measure_first_epoch(batches: Iterator[tuple[int, int]], start: float, num_images: int) -> dict:
+    """Images and real tokens per second from construction until one epoch of images is out, the
+    start-up (construction to first batch) and the rate after the first batch."""
+    images = tokens = 0
+    first_at = first_images = first_tokens = None
+    for count, real in batches:
+        images, tokens = images + count, tokens + real
+        if first_at is None:
+            first_at, first_images, first_tokens = time.perf_counter(), images, tokens
+        if images >= num_images:
+            break
+    end = time.perf_counter()
+    batches.close()
+    after = end - first_at
+    return {
+        "images_per_s": images / (end - start),
+        "real_tokens_per_s": tokens / (end - start),
+        "seconds": end - start,
+        "startup_s": first_at - start,
+        "images_per_s_after_first_batch": (images - first_images) / after if after > 0 else None,
+        "real_tokens_per_s_after_first_batch": (tokens - first_tokens) / after if after > 0 else None,
+    }
+
+
+def start_s3_server(port: int) -> subprocess.Popen:
+    """moto's S3 server on 127.0.0.1:`port`, in a process of its own, once it accepts connections."""
+    import socket
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"moto server on port {port} did not start")
+
+
+def stage_rates(dataset: Path, uri: str) -> dict:
+    """Each stage alone over every shard: download (boto3, one stream) and xxh64 hashing, in MB/s."""
+    import tempfile
+
+    import xxhash
+
+    from fitscale.data.format import read_index, shard_files
+    from fitscale.data.remote import s3_client, split_s3
+
+    bucket, prefix = split_s3(uri, "--remote")
+    client, names = s3_client(), [name for name, _ in shard_files(read_index(dataset))]
+    total = sum((dataset / name).stat().st_size for name in names)
+    with tempfile.TemporaryDirectory() as folder:
+        began = time.perf_counter()
+        for i, name in enumerate(names):
+            client.download_file(bucket, f"{prefix}/{name}", f"{folder}/{i}")
+        download = time.perf_counter() - began
+        began = time.perf_counter()
+        for i in range(len(names)):
+            xxhash.xxh64(Path(f"{folder}/{i}").read_bytes()).hexdigest()
+        hashing = time.perf_counter() - began
+    return {
+        "shard_mb": total / 1e6,
+        "download_mb_per_s": total / 1e6 / download,
+        "hash_mb_per_s": total / 1e6 / hashing,
+    }
+
+
+def remote_main(args: argparse.Namespace) -> None:
+    """The --remote benchmark (see the module docstring); prints JSON."""
+    import shutil
+
+    from fitscale.data.remote import upload_dataset
+    from fitscale.runtime.local import free_port
+
+    prepare(args, per_file=False)
+    dataset = Path(args.out) / "mds"
+    port = free_port()
+    server = start_s3_server(port)
+    os.environ.update(
+        S3_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    uri = "s3://bench/synth"
+    try:
+        from fitscale.data.remote import s3_client
+
+        s3_client().create_bucket(Bucket="bench")
+        began = time.perf_counter()
+        upload_dataset(dataset, uri, progress=False)
+        upload_s = time.perf_counter() - began
+        stages = stage_rates(dataset, uri)
+        cold, warm = [], []
+        for round_ in range(args.rounds):
+            cache = Path(args.out) / f"cache-{round_}"
+            shutil.rmtree(cache, ignore_errors=True)
+            command = [sys.executable, __file__, *sys.argv[1:], "--only", "remote", "--remote-uri", uri]
+            output = subprocess.run(
+                [*command, "--cache", str(cache)], check=True, capture_output=True, text=True
+            )
+            cold.append(json.loads(output.stdout.strip().splitlines()[-1]))
+            command = [sys.executable, __file__, *sys.argv[1:], "--only", "fitscale"]
+            output = subprocess.run(command, check=True, capture_output=True, text=True)
+            warm.append(json.loads(output.stdout.strip().splitlines()[-1]))
+    finally:
+        server.terminate()
+        server.wait()
+    per_image_mb = stages["shard_mb"] / args.num_images
+    rates = {
+        "download": stages["download_mb_per_s"] / per_image_mb,
+        "hashing": stages["hash_mb_per_s"] / per_image_mb,
+        "decode and packing (warm cache)": statistics.median(r["images_per_s"] for r in warm),
+    }
+    print(
+        json.dumps(
+            {
+                "images": args.num_images,
+                "workers": args.workers,
+                "upload_s": upload_s,
+                "stages_mb_per_s": stages,
+                "stage_images_per_s": rates,
+                "cold_first_epoch": cold,
+                "warm": warm,
+                "limit": min(rates, key=rates.get),
+                "node_demand_images_per_s": 3200,
+            },
+            indent=1,
+        )
+    )
 
 
 def run_one(args: argparse.Namespace) -> dict:
+    if args.only == "remote":
+        start = time.perf_counter()
+        return measure_first_epoch(fitscale_batches(args, args.remote_uri), start, args.num_images)
     if args.only == "fitscale":
         start = time.perf_counter()
         batches = fitscale_batches(args)
@@ -217,10 +367,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of batches before measuring")
     parser.add_argument("--window", type=float, default=20.0, help="seconds measured per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each loader, alternating")
-    parser.add_argument("--only", choices=("fitscale", "per_file"), help=argparse.SUPPRESS)
+    parser.add_argument("--remote", action="store_true", help="from a local S3 server with a cold cache")
+    parser.add_argument("--only", choices=("fitscale", "per_file", "remote"), help=argparse.SUPPRESS)
+    parser.add_argument("--remote-uri", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
         print(json.dumps(run_one(args)))
+        return
+    if args.remote:
+        remote_main(args)
         return
     prepare(args)
     runs: dict[str, list[dict]] = {"fitscale": [], "per_file": []}

@@ -79,6 +79,9 @@ class DataConfig:
     download_timeout: float = field(
         default=120.0, metadata=bound(0, low_open=True, template="{path}={value!r}: must be positive seconds")
     )
+    # Further attempts at a failed shard download (Streaming's backoff doubles from 1 s each time,
+    # on top of boto3's own retries): a server restart or a network blip of up to ~30 s is ridden out.
+    download_retry: int = field(default=5, metadata=bound(0, template="{path}={value!r}: must be 0 or more"))
     # Most bytes of shards kept in the local cache of a remote dataset (e.g. "200gb"); None keeps all.
     cache_limit: str | None = None
     # Check each shard against the xxh64 recorded in index.json when a reader first maps it (one

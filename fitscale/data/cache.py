@@ -59,6 +59,7 @@ def open_streaming_dataset(path: str | Path, remote: str | None, cfg, field: str
         remote=remote,
         shuffle=False,
         download_timeout=cfg.download_timeout,
+        download_retry=cfg.download_retry + 1,  # Streaming counts attempts, the first included
         cache_limit=cfg.cache_limit,
         batch_size=1,
     )

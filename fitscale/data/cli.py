@@ -1,4 +1,4 @@
-"""`fitscale data synth|digits|from-images|from-fit-latents|stats`."""
+"""`fitscale data synth|digits|from-images|from-fit-latents|upload|stats`."""
 
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ def _add_write_options(parser: argparse.ArgumentParser, dtype_default: str | Non
     parser.add_argument("--json", action="store_true", help="print the dataset metadata as JSON")
 
 
-def _settings(args, writer: str, max_tokens: int, **options):
+def _settings(args, writer: str, max_tokens: int, shape: dict | None = None, **options):
     from fitscale.data.writer import WriteSettings
 
     if args.part_size < 1:
         raise UserError(f"--part-size {args.part_size}: must be at least 1")
     return WriteSettings(
+        **(shape or {}),
         writer=writer,
         max_image_tokens=max_tokens,
         num_classes=args.num_classes,
@@ -108,44 +109,118 @@ def run_digits(args) -> int:
     return _finish(args, meta)
 
 
-def run_from_images(args) -> int:
-    """`fitscale data from-images`: encode an ImageFolder with a local diffusers VAE; exit status.
+def launched_rank(args) -> tuple[int, int]:
+    """(rank, world size) of a split write: --rank / --world-size when given, else what torchrun
+    (RANK, WORLD_SIZE) or SLURM (SLURM_PROCID, SLURM_NTASKS) set, else (0, 1)."""
+    import os
 
-    Raises ValueError for a --resolution not a multiple of 16 of at least 64, more class folders than
-    --num-classes, or a VAE folder that cannot be used (fitscale.data.vae).
+    env = os.environ
+    rank = args.rank if args.rank is not None else int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    world = args.world_size
+    if world is None:
+        world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    return rank, world
+
+
+def encode_device(device: str | None) -> str | None:
+    """--device, else this rank's GPU when there are GPUs: LOCAL_RANK (or SLURM_LOCALID) modulo
+    their count, so the ranks of a node spread over its GPUs; None (the CPU) without one."""
+    import os
+
+    if device is not None:
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return f"cuda:{local % torch.cuda.device_count()}"
+
+
+def relaunch_ranks(argv: list[str], nproc: int) -> int:
+    """Run this `fitscale data ...` command as `nproc` local processes (--rank r --world-size nproc,
+    --nproc removed); each writes its parts, the last to finish merges. Exit status: the first
+    non-zero one, else 0."""
+    import os
+    import subprocess
+    import sys
+
+    if "--nproc" in argv:
+        at = argv.index("--nproc")
+        argv = argv[:at] + argv[at + 2 :]
+    else:
+        argv = [a for a in argv if not a.startswith("--nproc=")]
+    command = [sys.executable, "-m", "fitscale.cli", *argv, "--world-size", str(nproc)]
+    ranks = [
+        subprocess.Popen([*command, "--rank", str(rank)], env={**os.environ, "LOCAL_RANK": str(rank)})
+        for rank in range(nproc)
+    ]
+    codes = [rank.wait() for rank in ranks]
+    return next((code for code in codes if code), 0)
+
+
+def run_from_images(args) -> int:
+    """`fitscale data from-images`: encode an ImageFolder with a local diffusers autoencoder; exit status.
+
+    Raises ValueError for a --resolution not a multiple of the pixels per token (downsampling x
+    patch size) of at least 4 tokens a side, more class folders than --num-classes, or an
+    autoencoder folder that cannot be used (fitscale.data.vae).
     """
-    from fitscale.data.format import LATENT_CHANNELS
     from fitscale.data.images import build_from_images, list_image_folder
-    from fitscale.data.vae import LatentNormalisation, check_vae_folder
+    from fitscale.data.vae import check_vae_folder, vae_downsample, vae_patch_size, vae_record
     from fitscale.data.writer import write_dataset
 
-    if args.resolution % 16 or args.resolution < 64:
-        raise UserError(f"--resolution {args.resolution}: use a multiple of 16 of at least 64 (256 or 512)")
+    if args.nproc < 1 or args.workers < 0:
+        raise UserError(f"--nproc {args.nproc} --workers {args.workers}: need --nproc >= 1, --workers >= 0")
+    if args.patch_size is not None and args.patch_size < 1:
+        raise UserError(f"--patch-size {args.patch_size}: must be at least 1")
+    config = check_vae_folder(args.vae)
+    downsample = vae_downsample(config)
+    patch_size = args.patch_size or vae_patch_size(config)
+    step = downsample * patch_size
+    if args.resolution % step or args.resolution < 4 * step:
+        raise UserError(
+            f"--resolution {args.resolution}: use a multiple of {step} (pixels per token: {downsample}x "
+            f"downsampling, patch size {patch_size}) of at least {4 * step}"
+        )
     inputs, classes = list_image_folder(args.images)
     if len(classes) > args.num_classes:
         raise UserError(f"{args.images}: {len(classes)} class folders but --num-classes {args.num_classes}")
-    max_tokens = (args.resolution // 16) ** 2
-    latents = LatentNormalisation.from_config(
-        check_vae_folder(args.vae, LATENT_CHANNELS), f"--vae {args.vae}"
-    )
+    if args.nproc > 1:  # everything above is checked once, before any process starts
+        return relaunch_ranks(args.argv, args.nproc)
+    rank, world_size = launched_rank(args)
+    max_tokens = (args.resolution // step) ** 2
+    record = vae_record(args.vae, config)
     settings = _settings(
         args,
         "from-images",
         max_tokens,
+        {"latent_channels": record["latent_channels"], "patch_size": patch_size},
         resolution=args.resolution,
         vae=str(args.vae),
-        vae_latents=latents.as_dict(),
+        vae_latents={
+            k: v for k, v in record.items() if k not in ("path", "class", "latent_channels", "downsample")
+        },
     )
-    build = build_from_images(args.vae, args.resolution, args.batch_size, args.dtype, args.device)
+    build = build_from_images(
+        args.vae,
+        args.resolution,
+        args.batch_size,
+        args.dtype,
+        args.device,
+        patch_size,
+        downsample,
+        args.workers,
+    )
     meta = write_dataset(
         args.out,
         inputs,
         build,
         settings,
         overwrite=args.overwrite,
-        rank=args.rank,
-        world_size=args.world_size,
-        extra_meta={"classes": classes, "vae": {"path": str(args.vae), **latents.as_dict()}},
+        rank=rank,
+        world_size=world_size,
+        extra_meta={"classes": classes, "vae": record},
         progress=not args.no_progress,
     )
     return _finish(args, meta)
@@ -169,6 +244,16 @@ def run_from_fit_latents(args) -> int:
         progress=not args.no_progress,
     )
     return _finish(args, meta)
+
+
+def run_upload(args) -> int:
+    """`fitscale data upload DATASET s3://BUCKET/PREFIX`: copy a finished dataset to object storage
+    (fitscale.data.remote); exit status. Endpoint and credentials come from the environment."""
+    from fitscale.data.remote import upload_dataset
+
+    sent = upload_dataset(args.dataset, args.remote, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"{args.dataset} -> {args.remote}: {sent} files uploaded; train with data.remote={args.remote}")
+    return 0
 
 
 def run_stats(args) -> int:
@@ -206,15 +291,34 @@ def register(subparsers) -> None:
     digits.add_argument("--max-side", type=int, default=16, help="largest grid side in tokens")
     digits.set_defaults(func=run_digits)
 
-    images = commands.add_parser("from-images", help="encode an ImageFolder with a diffusers AutoencoderKL")
+    images = commands.add_parser("from-images", help="encode an ImageFolder with a diffusers autoencoder")
     images.add_argument("images", help="ImageFolder root: one subfolder per class")
     _add_write_options(images)
-    images.add_argument("--vae", required=True, help="local folder of an AutoencoderKL (save_pretrained)")
+    images.add_argument(
+        "--vae", required=True, help="local folder of an AutoencoderKL / AutoencoderDC (save_pretrained)"
+    )
+    images.add_argument(
+        "--patch-size",
+        type=int,
+        default=None,
+        help="latent pixels per token a side (default: 2 for 8x, 1 for 16x+)",
+    )
     images.add_argument("--resolution", type=int, default=256, help="S: at most S*S pixels per image")
     images.add_argument("--batch-size", type=int, default=32)
     images.add_argument("--device", default=None, help="default: cuda when present, else cpu")
-    images.add_argument("--rank", type=int, default=0, help="this process's share of a split write")
-    images.add_argument("--world-size", type=int, default=1)
+    images.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="this process's share of a split write (default: RANK / SLURM_PROCID)",
+    )
+    images.add_argument(
+        "--world-size", type=int, default=None, help="default: WORLD_SIZE / SLURM_NTASKS, else 1"
+    )
+    images.add_argument("--nproc", type=int, default=1, help="encode with this many local processes")
+    images.add_argument(
+        "--workers", type=int, default=2, help="processes per rank that decode and resize images (0: inline)"
+    )
     images.set_defaults(func=run_from_images)
 
     release = commands.add_parser("from-fit-latents", help="convert the release's latent folders")
@@ -223,6 +327,15 @@ def register(subparsers) -> None:
     release.add_argument("--rank", type=int, default=0)
     release.add_argument("--world-size", type=int, default=1)
     release.set_defaults(func=run_from_fit_latents)
+
+    upload = commands.add_parser(
+        "upload", help="copy a dataset to s3://BUCKET/PREFIX (S3_ENDPOINT_URL, AWS_*)"
+    )
+    upload.add_argument("dataset", help="a finished dataset folder")
+    upload.add_argument("remote", help="s3://BUCKET/PREFIX to train from with data.remote")
+    upload.add_argument("--overwrite", action="store_true", help="replace another dataset at the prefix")
+    upload.add_argument("--no-progress", action="store_true", help="no progress bar")
+    upload.set_defaults(func=run_upload)
 
     stats = commands.add_parser("stats", help="image count, token histogram, packing efficiency")
     stats.add_argument("path", help="dataset folder")

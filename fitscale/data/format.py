@@ -88,6 +88,11 @@ class LatentSample:
         return [self.rows, self.cols, self.crop_rows, self.crop_cols, self.label, has_flip, self.source_id]
 
 
+def token_dim_of(meta: dict) -> int:
+    """Values per token of a dataset (its fitscale.json): p * p * C, 16 for SD-VAE latents."""
+    return int(meta.get("token_dim", TOKEN_DIM))
+
+
 def patchify(latent: np.ndarray, patch_size: int = PATCH_SIZE) -> np.ndarray:
     """(C, H, W) latent -> (H/p * W/p, C*p*p) tokens, row-major, values (channel, row, col)."""
     channels, height, width = latent.shape

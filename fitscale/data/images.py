@@ -1,10 +1,12 @@
 """`from-images`: a folder of images -> VAE latents with the paper's preprocessing.
 
 Preprocessing (per image, resolution S): downscale keeping the aspect ratio to at most S*S
-pixels of area (never upscale), floor both sides to multiples of 16 (8x VAE downsampling times
-patch size 2), and, when both sides exceed S, also a centre-crop variant (short side resized to
-S, centre S x S). Each variant is encoded with its horizontal flip. The encoder is a diffusers
-`AutoencoderKL` loaded from a local folder; latents are the posterior mean normalised by its
+pixels of area (never upscale), floor both sides to multiples of the pixels per token (16 for an
+8x VAE and patch size 2, 32 for DC-AE f32 and patch size 1), and, when both sides exceed S, also a
+centre-crop variant (short side resized to S, centre S x S). Each variant is encoded with its
+horizontal flip. The encoder is a diffusers autoencoder (fitscale/data/autoencoders.py) loaded from
+a local folder, in bfloat16 on a GPU and float32 on the CPU; latents are its deterministic encoding
+normalised by its
 `scaling_factor` and `shift_factor` or `latents_mean`/`latents_std` (fitscale/data/vae.py, recorded
 in the dataset's fitscale.json), so a rewrite gives identical data. Images of one part are encoded in batches
 of equal size, on the GPU when one is present.
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fitscale.data.format import LATENT_CHANNELS, LatentSample, patchify
+from fitscale.data.format import LatentSample, patchify
 from fitscale.data.vae import PIXELS_PER_TOKEN, encode_pixels, load_vae
 from fitscale.data.writer import SkipSample
 from fitscale.errors import UserError
@@ -46,13 +48,13 @@ def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str
     return inputs, classes
 
 
-def resize_to_area(image, resolution: int):
-    """Downscale to at most resolution^2 pixels, aspect kept, sides floored to multiples of 16."""
+def resize_to_area(image, resolution: int, step: int = PIXELS_PER_TOKEN):
+    """Downscale to at most resolution^2 pixels, aspect kept, sides floored to multiples of `step`
+    (pixels per token); None when a side would be under one token."""
     from PIL import Image
 
     width, height = image.size
     scale = min(1.0, math.sqrt(resolution * resolution / (width * height)))
-    step = PIXELS_PER_TOKEN
     new_w, new_h = int(width * scale) // step * step, int(height * scale) // step * step
     if new_w < step or new_h < step:
         return None
@@ -74,22 +76,54 @@ def centre_crop(image, resolution: int):
     return scaled.crop((left, top, left + resolution, top + resolution))
 
 
-def build_from_images(vae_path: str, resolution: int, batch_size: int, dtype: str, device: str | None = None):
+def prepare_image(job: tuple[str, int, int]):
+    """Decode and resize one image (`job`: path, resolution, pixels per token): {"tokens": resized,
+    "crop": centre crop or None} as PIL images, or a SkipSample. Runs in a decode worker."""
+    from PIL import Image
+
+    path, resolution, step = job
+    try:
+        with Image.open(path) as raw:
+            image = raw.convert("RGB")
+    except Exception as error:
+        return SkipSample("unreadable image", path, f"{type(error).__name__}: {error}")
+    resized = resize_to_area(image, resolution, step)
+    if resized is None:
+        return SkipSample("under token minimum", path, f"{image.width}x{image.height} pixels")
+    crop = centre_crop(image, resolution) if min(image.size) > resolution else None
+    return {"tokens": resized, "crop": crop}
+
+
+def build_from_images(
+    vae_path: str,
+    resolution: int,
+    batch_size: int,
+    dtype: str,
+    device: str | None = None,
+    patch_size: int = 2,
+    downsample: int = 8,
+    workers: int = 0,
+):
     """The part builder of `from-images`: pictures -> latents with the preprocessing above.
 
-    The VAE at `vae_path` is loaded on first use, on `device` (CUDA when present by default), and
-    encodes equal-size pictures `batch_size` at a time; tokens are stored in `dtype`. Unreadable or
-    too small pictures become SkipSamples.
+    The autoencoder at `vae_path` (downsampling by `downsample`) is loaded on first use, on
+    `device` (CUDA when present by default; bfloat16 there, float32 on the CPU), and encodes
+    equal-size pictures `batch_size` at a time; latents are cut into `patch_size` x `patch_size`
+    patches and stored in `dtype`. Unreadable or too small pictures become SkipSamples. Decoding
+    and resizing run in a pool of `workers` processes (inline for 0); the result is the same.
     """
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    step = downsample * patch_size  # pixels per token a side
     state: dict = {}
 
     def encode(pictures: list) -> list[np.ndarray]:
         """Equal-size PIL images -> (C, h, w) latents, batched."""
         if "vae" not in state:
-            state["vae"] = load_vae(vae_path, device, LATENT_CHANNELS, purpose="from-images")
+            state["vae"] = load_vae(vae_path, device, purpose="from-images")
+            if torch.device(device).type == "cuda":
+                state["vae"] = state["vae"].to(torch.bfloat16)
         vae = state["vae"]
         out = []
         for start in range(0, len(pictures), batch_size):
@@ -100,24 +134,18 @@ def build_from_images(vae_path: str, resolution: int, batch_size: int, dtype: st
         return out
 
     def build(inputs: Sequence[tuple[str, int]], first: int) -> Iterator[LatentSample | SkipSample]:
-        from PIL import Image, ImageOps
+        from PIL import ImageOps
 
-        prepared: list = []  # per input: SkipSample or {"tokens": picture, "crop": picture|None}
-        for path, _ in inputs:
-            try:
-                with Image.open(path) as raw:
-                    image = raw.convert("RGB")
-            except Exception as error:
-                prepared.append(SkipSample("unreadable image", path, f"{type(error).__name__}: {error}"))
-                continue
-            resized = resize_to_area(image, resolution)
-            if resized is None:
-                prepared.append(
-                    SkipSample("under token minimum", path, f"{image.width}x{image.height} pixels")
-                )
-                continue
-            crop = centre_crop(image, resolution) if min(image.size) > resolution else None
-            prepared.append({"tokens": resized, "crop": crop})
+        jobs = [(path, resolution, step) for path, _ in inputs]
+        if workers > 0:
+            if "pool" not in state:
+                import multiprocessing
+
+                # forked before the autoencoder loads (it loads with the first batch to encode)
+                state["pool"] = multiprocessing.get_context("fork").Pool(workers)
+            prepared = state["pool"].map(prepare_image, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
+        else:
+            prepared = [prepare_image(job) for job in jobs]
         groups: dict[tuple[int, int], list[tuple[int, str, int]]] = defaultdict(list)
         for i, item in enumerate(prepared):
             if isinstance(item, dict):
@@ -137,16 +165,20 @@ def build_from_images(vae_path: str, resolution: int, batch_size: int, dtype: st
                 yield item
                 continue
             sample = LatentSample(
-                tokens=np.stack([patchify(latents[i, "tokens", f]) for f in (0, 1)]).astype(dtype),
-                rows=item["tokens"].height // PIXELS_PER_TOKEN,
-                cols=item["tokens"].width // PIXELS_PER_TOKEN,
+                tokens=np.stack([patchify(latents[i, "tokens", f], patch_size) for f in (0, 1)]).astype(
+                    dtype
+                ),
+                rows=item["tokens"].height // step,
+                cols=item["tokens"].width // step,
                 label=label,
                 source_id=first + i,
                 source=path,
             )
             if item["crop"] is not None:
-                sample.crop = np.stack([patchify(latents[i, "crop", f]) for f in (0, 1)]).astype(dtype)
-                sample.crop_rows = sample.crop_cols = resolution // PIXELS_PER_TOKEN
+                sample.crop = np.stack([patchify(latents[i, "crop", f], patch_size) for f in (0, 1)]).astype(
+                    dtype
+                )
+                sample.crop_rows = sample.crop_cols = resolution // step
             yield sample
 
     return build

@@ -36,10 +36,12 @@ from fitscale.data.cache import open_streaming_dataset
 from fitscale.data.format import (
     META_FILE,
     SAMPLES_FILE,
+    TOKEN_DIM,
     check_local_shards,
     read_index,
     read_meta,
     read_sample_table,
+    token_dim_of,
 )
 from fitscale.data.integrity import check_side_files
 from fitscale.data.materialize import MaterializeStep, remove_leftovers, shared_prefix
@@ -76,27 +78,42 @@ class StepPlan:
         ]
 
 
-def fetch_remote_file(remote: str, local: Path, timeout: float) -> None:
-    """Download `remote` to `local` unless present; a per-process temporary name avoids races."""
+def fetch_remote_file(remote: str, local: Path, timeout: float, retries: int = 5) -> None:
+    """Download `remote` to `local` unless present; a per-process temporary name avoids races.
+    Retried `retries` times with Streaming's backoff (1, 2, 4 ... s), as shard downloads are."""
     if local.exists():
         return
     from streaming.base.storage.download import CloudDownloader
+    from streaming.base.util import retry
 
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f"{local.name}.{os.getpid()}.part")
-    CloudDownloader.direct_download(remote, str(tmp), timeout)
+    retry(num_attempts=retries + 1)(CloudDownloader.direct_download)(remote, str(tmp), timeout)
     os.replace(tmp, local)
 
 
-def open_shard_reader(path: Path, cfg: DataConfig, field: str = "data.path") -> ShardReader:
-    """Direct reads of the shards in `path`, which a StreamingDataset fills when it is a cache.
+def dataset_meta(cfg: DataConfig) -> dict:
+    """The training dataset's fitscale.json (fetched into the cache `data.path` first for a remote
+    dataset, as the loader does); read_meta's errors for a folder that is not a finished dataset."""
+    path = Path(cfg.path)
+    if cfg.remote is not None:
+        remote = f"{cfg.remote.rstrip('/')}/{META_FILE}"
+        fetch_remote_file(remote, path / META_FILE, cfg.download_timeout, cfg.download_retry)
+    return read_meta(path)
+
+
+def open_shard_reader(
+    path: Path, cfg: DataConfig, field: str = "data.path", token_dim: int = TOKEN_DIM
+) -> ShardReader:
+    """Direct reads of the shards in `path` (tokens `token_dim` wide), which a StreamingDataset fills
+    when it is a cache.
 
     A local dataset of uncompressed shards needs no StreamingDataset at all (importing Streaming
     alone takes seconds); a remote one, or compressed shards not yet unpacked, does.
     """
     if cfg.remote is not None:
         cache = open_streaming_dataset(path, cfg.remote, cfg, field)
-        return ShardReader(path, read_index(path), cache, cfg.verify_shards)
+        return ShardReader(path, read_index(path), cache, cfg.verify_shards, token_dim)
     check_local_shards(path)  # names a missing or truncated shard before training starts
     index = read_index(path)
     packed = any(
@@ -104,7 +121,7 @@ def open_shard_reader(path: Path, cfg: DataConfig, field: str = "data.path") -> 
         for shard in index["shards"]
     )
     cache = open_streaming_dataset(path, None, cfg, field) if packed else None
-    return ShardReader(path, index, cache, cfg.verify_shards)
+    return ShardReader(path, index, cache, cfg.verify_shards, token_dim)
 
 
 def _plan_source_class():
@@ -167,9 +184,10 @@ class LatentLoader:
         if cfg.remote is not None:
             remote = cfg.remote.rstrip("/")
             for name in (META_FILE, SAMPLES_FILE):
-                fetch_remote_file(f"{remote}/{name}", path / name, cfg.download_timeout)
+                fetch_remote_file(f"{remote}/{name}", path / name, cfg.download_timeout, cfg.download_retry)
         self.meta = read_meta(path)
-        self.reader = open_shard_reader(path, cfg, "data.val_path" if validation else "data.path")
+        field = "data.val_path" if validation else "data.path"
+        self.reader = open_shard_reader(path, cfg, field, token_dim_of(self.meta))
         check_side_files(path, self.meta)  # index.json and samples.npy are this dataset's
         table = read_sample_table(path, int(self.reader.starts[-1]))
         self.table = table

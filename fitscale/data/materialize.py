@@ -31,12 +31,18 @@ import torch
 
 from fitscale.config.data import DataConfig
 from fitscale.data.batch import PackedBatch, cu_seqlens_from_lengths, padding_batch, padding_lengths
-from fitscale.data.format import COLS, CROP_COLS, CROP_ROWS, LABEL, ROWS, SOURCE_ID, TOKEN_DIM
+from fitscale.data.format import COLS, CROP_COLS, CROP_ROWS, LABEL, ROWS, SOURCE_ID
 from fitscale.data.reader import ShardReader
 from fitscale.errors import UserError
 
 SHM_DIR = Path("/dev/shm")
-TOKEN_BYTES = TOKEN_DIM * 4 + 2 * 8  # float32 values and int64 (row, col) of one token
+
+
+def token_bytes(token_dim: int) -> int:
+    """Bytes of one packed token: float32 values and int64 (row, col)."""
+    return token_dim * 4 + 2 * 8
+
+
 _STEP_NUMBERS = itertools.count()
 WIDEN_CHUNK = 2000  # tokens per float16 -> float32 copy: 32,000 values, under torch's grain of 32,768
 
@@ -120,16 +126,16 @@ def batches_from(buffer: np.ndarray, entries: list[dict], kind: type = PackedBat
             batches.append(entry["batch"])
             continue
         values = dict(entry)
-        tokens, pos = token_views(buffer, values.pop("offset"), values.pop("tokens"))
+        tokens, pos = token_views(buffer, values.pop("offset"), values.pop("tokens"), values.pop("token_dim"))
         small = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in values.items()}
         batches.append(kind(tokens=torch.from_numpy(tokens), pos=torch.from_numpy(pos), **small))
     return batches
 
 
-def token_views(buffer: np.ndarray, offset: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(count, TOKEN_DIM) float32 tokens then (count, 2) int64 positions, from `offset` on."""
-    split = offset + count * TOKEN_DIM * 4
-    tokens = buffer[offset:split].view(np.float32).reshape(count, TOKEN_DIM)
+def token_views(buffer: np.ndarray, offset: int, count: int, token_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(count, token_dim) float32 tokens then (count, 2) int64 positions, from `offset` on."""
+    split = offset + count * token_dim * 4
+    tokens = buffer[offset:split].view(np.float32).reshape(count, token_dim)
     pos = buffer[split : split + count * 16].view(np.int64).reshape(count, 2)
     return tokens, pos
 
@@ -171,6 +177,7 @@ class MaterializeStep:
         self.reader, self.table, self.where, self.prefix = reader, table, where, prefix
         self.pad_to = cfg.token_budget if cfg.pad_to_budget else None
         self.null_class = cfg.num_classes
+        self.token_dim = reader.token_dim
 
     def describe(self, index: int) -> str:
         """Where sample `index` comes from (source, shard), for error messages."""
@@ -211,7 +218,7 @@ class MaterializeStep:
         with workers on every core, costs far more than the copy).
         """
         shards, locals_ = self.reader.locate(layout.work[:, 0])
-        half = np.empty((layout.real, TOKEN_DIM), np.float16)
+        half = np.empty((layout.real, self.token_dim), np.float16)
         halves: list[tuple[int, int]] = []  # token ranges gathered in `half`
         start = 0
         for (index, crop, flip), shard, local, length in zip(
@@ -246,10 +253,10 @@ class MaterializeStep:
                 f"be read ({type(error).__name__}: {error}); the shard is corrupt, rewrite the dataset"
             ) from error
         shape = variants.shape
-        if len(shape) != 3 or shape[2] != TOKEN_DIM or shape[1] != length or shape[0] <= flip:
+        if len(shape) != 3 or shape[2] != self.token_dim or shape[1] != length or shape[0] <= flip:
             raise UserError(
                 f"{self.describe(index)}: tokens of shape {shape}, expected "
-                f"(V, {length}, {TOKEN_DIM}) for its grid and p*p*C; rewrite the dataset"
+                f"(V, {length}, {self.token_dim}) for its grid and p*p*C; rewrite the dataset"
             )
         return variants[flip]
 
@@ -275,7 +282,9 @@ class MaterializeStep:
     def __call__(self, work: list[np.ndarray]) -> list[PackedBatch] | SharedStep:
         """The packed micro-batches of one step (`StepPlan.work`), in one buffer."""
         layouts = [self.layout(images) if len(images) else None for images in work]
-        offsets = np.cumsum([0] + [layout.total * TOKEN_BYTES if layout else 0 for layout in layouts])
+        offsets = np.cumsum(
+            [0] + [layout.total * token_bytes(self.token_dim) if layout else 0 for layout in layouts]
+        )
         nbytes = int(offsets[-1])
         shared = create_shared(self.prefix, nbytes) if self.prefix is not None and nbytes else None
         buffer = np.frombuffer(shared[1], np.uint8) if shared else np.empty(nbytes, np.uint8)
@@ -283,14 +292,21 @@ class MaterializeStep:
         try:
             for layout, offset in zip(layouts, offsets.tolist()):
                 if layout is None:
-                    padding = padding_batch(self.pad_to or 1, TOKEN_DIM, self.null_class)
+                    padding = padding_batch(self.pad_to or 1, self.token_dim, self.null_class)
                     entries.append(
                         {"batch": PipedBatch(**{f.name: getattr(padding, f.name) for f in fields(padding)})}
                     )
                     continue
-                tokens, pos = token_views(buffer, offset, layout.total)
+                tokens, pos = token_views(buffer, offset, layout.total, self.token_dim)
                 self.fill(layout, tokens, pos)
-                entries.append({"offset": offset, "tokens": layout.total, **layout.small_arrays()})
+                entries.append(
+                    {
+                        "offset": offset,
+                        "tokens": layout.total,
+                        "token_dim": self.token_dim,
+                        **layout.small_arrays(),
+                    }
+                )
         except BaseException:
             if shared:
                 os.unlink(shared[0])

@@ -99,7 +99,7 @@ def little_endian(data: np.ndarray, at: np.ndarray, width: np.ndarray) -> np.nda
 class ArrayIndex:
     """Where the values of one ndarray column lie in every sample of a shard, found at once.
 
-    `values[i]` is -1 where sample i does not hold a well-formed (V, T, TOKEN_DIM) array; the
+    `values[i]` is -1 where sample i does not hold a well-formed (V, T, token_dim) array; the
     per-sample decoder (`ShardReader.variants`) then says what is wrong with it.
     """
 
@@ -109,10 +109,12 @@ class ArrayIndex:
     tokens: list[int]  # T
 
     @classmethod
-    def build(cls, data: np.ndarray, offsets: np.ndarray, layout: ShardLayout, name: str) -> ArrayIndex:
+    def build(
+        cls, data: np.ndarray, offsets: np.ndarray, layout: ShardLayout, name: str, token_dim: int = TOKEN_DIM
+    ) -> ArrayIndex:
         """Where the `name` array of every sample of a shard lies in the shard bytes `data` (sample
         boundaries `offsets`), read from MDS's ndarray encoding without decoding samples; samples whose
-        header does not describe a (V, L, 16) array are marked bad.
+        header does not describe a (V, L, token_dim) array are marked bad.
         """
         begins, ends = offsets[:-1], offsets[1:]
         count = layout.num_variable
@@ -133,8 +135,8 @@ class ArrayIndex:
             & (size >= 2)
             & (itemsize > 0)
             & (packed >> 2 == 3)
-            & (shape[2] == TOKEN_DIM)
-            & (values + shape[0] * shape[1] * TOKEN_DIM * itemsize == start + size)
+            & (shape[2] == token_dim)
+            & (values + shape[0] * shape[1] * token_dim * itemsize == start + size)
         )
         values = np.where(good, values, -1)
         return cls(values.tolist(), code.tolist(), shape[0].tolist(), shape[1].tolist())
@@ -143,9 +145,17 @@ class ArrayIndex:
 class ShardReader:
     """Random access to the stored token arrays of a dataset, by global sample index."""
 
-    def __init__(self, folder: str | Path, index: dict[str, Any], cache: Any = None, verify: bool = False):
-        """`verify`: check each shard against its hash in the index when first mapped (ShardReadError)."""
-        self.folder, self.cache, self.verify = Path(folder), cache, verify
+    def __init__(
+        self,
+        folder: str | Path,
+        index: dict[str, Any],
+        cache: Any = None,
+        verify: bool = False,
+        token_dim: int = TOKEN_DIM,
+    ):
+        """`verify`: check each shard against its hash in the index when first mapped (ShardReadError).
+        `token_dim`: p * p * C of the dataset (its fitscale.json)."""
+        self.folder, self.cache, self.verify, self.token_dim = Path(folder), cache, verify, token_dim
         self.raw_entries = [shard["raw_data"] for shard in index["shards"]]
         where = str(self.folder / INDEX_FILE)
         self.layouts = [ShardLayout.from_index(shard, where) for shard in index["shards"]]
@@ -168,7 +178,17 @@ class ShardReader:
         opened = self._maps.get(shard)
         if self.cache is not None:
             if opened is None or shard_state(self.cache, shard) != SHARD_LOCAL:
-                self.cache.prepare_shard(shard)  # download / decompress; blocks while another does
+                try:
+                    self.cache.prepare_shard(shard)  # download / decompress; blocks while another does
+                except ValueError:
+                    raise
+                except Exception as error:  # the download failed after every retry
+                    reason = (str(error).strip().splitlines() or [""])[0]
+                    raise ShardReadError(
+                        f"shard {self.layouts[shard].basename} could not be fetched into {self.folder} "
+                        f"({type(error).__name__}: {reason}); check data.remote, S3_ENDPOINT_URL and the "
+                        "server, or raise data.download_retry"
+                    ) from error
                 opened = None
             touch_shard(self.cache, shard, time.time_ns())  # what get_item records
         if opened is not None:
@@ -191,7 +211,9 @@ class ShardReader:
         offsets = data[4:head].view("<u4").astype(np.int64)
         if offsets[-1] > data.size or np.any(np.diff(offsets) < 0):
             raise ShardReadError(f"shard {path}: sample offsets run past its {data.size} bytes")
-        indexes = tuple(ArrayIndex.build(data, offsets, layout, name) for name in ARRAY_COLUMNS)
+        indexes = tuple(
+            ArrayIndex.build(data, offsets, layout, name, self.token_dim) for name in ARRAY_COLUMNS
+        )
         opened = (mapped, data, offsets.tolist(), indexes)
         self._maps[shard] = opened
         return opened
@@ -210,7 +232,7 @@ class ShardReader:
         return mapped, data, start, size
 
     def variant(self, shard: int, local: int, crop: bool, flip: bool, length: int) -> np.ndarray | None:
-        """The (length, TOKEN_DIM) values of one stored variant, viewed in place; None when the
+        """The (length, token_dim) values of one stored variant, viewed in place; None when the
         sample holds no such variant (ask `variants` why). The loader's per-image hot path."""
         _, data, _, indexes = self._open(shard)
         index = indexes[crop]
@@ -218,9 +240,9 @@ class ShardReader:
         if start < 0 or index.tokens[local] != length or index.variants[local] <= flip:
             return None
         dtype = VALUE_DTYPES[index.codes[local]]
-        nbytes = length * TOKEN_DIM * dtype.itemsize
+        nbytes = length * self.token_dim * dtype.itemsize
         start += flip * nbytes
-        return data[start : start + nbytes].view(dtype).reshape(length, TOKEN_DIM)
+        return data[start : start + nbytes].view(dtype).reshape(length, self.token_dim)
 
     def variants(self, shard: int, local: int, crop: bool) -> np.ndarray:
         """The stored (V, tokens, width) array of the resized (or crop) image, viewed in place."""

@@ -21,6 +21,7 @@ from fitscale.data.format import (
     read_index,
     read_meta,
     read_sample_table,
+    token_dim_of,
 )
 from fitscale.data.integrity import check_side_files, hash_note, recorded_hash, verify_shards
 from fitscale.data.packing import SampleCatalog, SampleStream, TokenPacker
@@ -62,8 +63,9 @@ def unpack_compressed_shards(folder: Path) -> None:
             atomic_write_bytes(raw, decompress(shard["compression"], packed))
 
 
-def verify_samples(folder: Path, table: np.ndarray) -> list[str]:
-    """Decode every sample and compare it with its row of samples.npy; problems name shard and sample."""
+def verify_samples(folder: Path, table: np.ndarray, token_dim: int = TOKEN_DIM) -> list[str]:
+    """Decode every sample and compare it with its row of samples.npy (tokens `token_dim` wide);
+    problems name shard and sample."""
     from streaming.base.local import LocalDataset
 
     unpack_compressed_shards(folder)
@@ -78,9 +80,9 @@ def verify_samples(folder: Path, table: np.ndarray) -> list[str]:
             problems.append(f"{where}: cannot be read ({type(error).__name__}: {error})")
             continue
         tokens = sample["tokens"]
-        if tokens.ndim != 3 or tokens.shape[2] != TOKEN_DIM:
+        if tokens.ndim != 3 or tokens.shape[2] != token_dim:
             problems.append(
-                f"{where} ({sample['source']}): token shape {tuple(tokens.shape)}, width must be {TOKEN_DIM}"
+                f"{where} ({sample['source']}): token shape {tuple(tokens.shape)}, width must be {token_dim}"
             )
         elif not np.isfinite(tokens).all():
             problems.append(f"{where} ({sample['source']}): NaN or inf latents")
@@ -161,7 +163,7 @@ def dataset_stats(folder: str | Path, token_budget: int | None = None, verify: b
     if note:
         stats["note"] = note
     if verify:
-        stats["problems"] = hash_problems + verify_samples(folder, table)
+        stats["problems"] = hash_problems + verify_samples(folder, table, token_dim_of(meta))
     return stats
 
 

@@ -1,14 +1,15 @@
 """The VAE between pictures and latents: one place that finds, checks and loads a local
-diffusers `AutoencoderKL`, and that turns its outputs into the latents fitscale trains on and back.
+diffusers autoencoder (`AutoencoderKL`, `AutoencoderDC` or one registered in
+fitscale/data/autoencoders.py), and that turns its outputs into the latents fitscale trains on and back.
 
-Latents are the VAE's posterior mean x, normalised as its config says (`LatentNormalisation`):
+Latents are the autoencoder's deterministic encoding x (the posterior mean of an AutoencoderKL), normalised as its config says (`LatentNormalisation`):
 z = (x - mean) * scaling_factor / std, with mean = `shift_factor` (SD3, FLUX) or the per-channel
 `latents_mean` and std = `latents_std` (both as diffusers' pipelines undo them), or just
 x * scaling_factor (the release's sd-vae-ft-ema: 0.18215). `encode_pixels` then `decode_latents`
 is the VAE's own round trip. A dataset written from images records its VAE's factors in
 `fitscale.json` (`vae`), and `fitscale sample --vae` compares them with the VAE it is given.
-A token covers `PIXELS_PER_TOKEN` pixels a side: the VAE downsamples by 8 and a patch is 2 x 2
-latent pixels.
+A token covers downsample x patch_size pixels a side: `PIXELS_PER_TOKEN` (16) for an 8x VAE and
+2 x 2 patches, 32 for DC-AE f32 with 1 x 1 patches (`pixels_per_token`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fitscale.data.autoencoders import autoencoder_kind, default_patch_size
 from fitscale.errors import UserError
 
 PIXELS_PER_TOKEN = 16  # 8x VAE downsampling times patch size 2
@@ -29,10 +31,12 @@ VAE_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_mo
 
 
 def check_vae_folder(path: str | Path, latent_channels: int | None = None) -> dict:
-    """The config of a local AutoencoderKL folder (what `save_pretrained` writes), checked before
-    any work starts. Raises FileNotFoundError / ValueError naming the path and what is wrong."""
+    """The config of a local autoencoder folder (what `save_pretrained` writes), checked before
+    any work starts. Raises FileNotFoundError / ValueError naming the path and what is wrong: no
+    folder, no config.json, a class fitscale does not know, no weights, another channel count than
+    `latent_channels`, normalisation factors it cannot apply."""
     folder = Path(path)
-    hint = "expected an AutoencoderKL saved with save_pretrained (config.json and its weights)"
+    hint = "expected a diffusers autoencoder saved with save_pretrained (config.json and its weights)"
     if not folder.is_dir():
         raise FileNotFoundError(f"--vae {path}: no such folder; {hint}")
     config_file = folder / "config.json"
@@ -43,11 +47,7 @@ def check_vae_folder(path: str | Path, latent_channels: int | None = None) -> di
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"--vae {path}: config.json is not valid JSON ({error}); {hint}") from None
-    kind = config.get("_class_name") if isinstance(config, dict) else None
-    if kind != "AutoencoderKL":
-        raise UserError(
-            f"--vae {path}: config.json describes {kind or 'no diffusers model'}, not an AutoencoderKL"
-        )
+    autoencoder_kind(config.get("_class_name") if isinstance(config, dict) else None, f"--vae {path}")
     if not any((folder / name).is_file() for name in VAE_WEIGHT_FILES):
         raise UserError(f"--vae {path}: no weights file ({' or '.join(VAE_WEIGHT_FILES)}); {hint}")
     channels = config.get("latent_channels", 4)
@@ -55,11 +55,31 @@ def check_vae_folder(path: str | Path, latent_channels: int | None = None) -> di
         raise UserError(
             f"--vae {path}: it decodes {channels}-channel latents but the model makes {latent_channels}-channel ones"
         )
-    blocks = config.get("block_out_channels")
-    if blocks is not None and len(blocks) != 4:
-        raise UserError(f"--vae {path}: downsamples by 2^{len(blocks) - 1}, fitscale needs 8")
     LatentNormalisation.from_config(config, f"--vae {path}")  # refuses factors it cannot apply
     return config
+
+
+def vae_downsample(config: dict) -> int:
+    """Pixels per latent pixel a side of a checked autoencoder config (8 for SD / FLUX, 32 for DC-AE f32)."""
+    return autoencoder_kind(config.get("_class_name"), "the autoencoder").downsample(config)
+
+
+def vae_patch_size(config: dict) -> int:
+    """The default patch side for latents of this autoencoder (autoencoders.default_patch_size)."""
+    return default_patch_size(vae_downsample(config))
+
+
+def vae_record(path: str | Path, config: dict) -> dict:
+    """What a dataset records of the autoencoder that encoded it (fitscale.json `vae`): its folder,
+    class, latent channels, downsampling factor and latent normalisation."""
+    normalisation = LatentNormalisation.from_config(config, f"--vae {path}")
+    return {
+        "path": str(path),
+        "class": config.get("_class_name"),
+        "latent_channels": int(config.get("latent_channels", 4)),
+        "downsample": vae_downsample(config),
+        **normalisation.as_dict(),
+    }
 
 
 @dataclass(frozen=True)
@@ -77,8 +97,9 @@ class LatentNormalisation:
 
     @classmethod
     def from_config(cls, config: dict, where: str) -> LatentNormalisation:
-        """From an AutoencoderKL config (a dict); ValueError naming `where` for factors that do not fit."""
-        scaling = config.get("scaling_factor", 0.18215)  # diffusers' default
+        """From an autoencoder config (a dict); ValueError naming `where` for factors that do not fit."""
+        kind = autoencoder_kind(config.get("_class_name") or "AutoencoderKL", where)
+        scaling = config.get("scaling_factor", kind.default_scaling)  # the class's own default
         shift = config.get("shift_factor")
         mean, std = config.get("latents_mean"), config.get("latents_std")
         channels = config.get("latent_channels", 4)
@@ -135,18 +156,18 @@ def load_vae(
     latent_channels: int | None = None,
     purpose: str = "decoding",
 ):
-    """A checked local AutoencoderKL in eval mode on `device` (nothing is downloaded)."""
+    """A checked local autoencoder in eval mode on `device` (nothing is downloaded)."""
+    config = check_vae_folder(path, latent_channels)
     try:
-        from diffusers import AutoencoderKL
+        model_class = autoencoder_kind(config["_class_name"], f"--vae {path}").model_class()
     except ImportError as error:
         raise ImportError(f"{purpose} needs diffusers: pip install 'fitscale[images]'") from error
-    check_vae_folder(path, latent_channels)
     try:
         # low_cpu_mem_usage needs accelerate; without it diffusers would warn, then load fully anyway.
-        vae = AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=find_spec("accelerate") is not None)
+        vae = model_class.from_pretrained(str(path), low_cpu_mem_usage=find_spec("accelerate") is not None)
     except (OSError, ValueError, RuntimeError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(f"--vae {path}: cannot be loaded as an AutoencoderKL ({reason})") from error
+        raise UserError(f"--vae {path}: cannot be loaded as an {config['_class_name']} ({reason})") from error
     return vae.to(device).eval()
 
 
@@ -155,20 +176,37 @@ def describe_factors(factors: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in factors.items() if v is not None and k != "path")
 
 
-def check_vae_matches_dataset(vae_path: str | Path, dataset: str | Path) -> None:
-    """The VAE at `vae_path` normalises latents as the one that encoded `dataset` did.
-
-    Checked only where the dataset records its VAE (`fitscale data from-images` writes `vae` in
-    fitscale.json); ValueError naming both VAEs and their factors otherwise.
-    """
+def recorded_vae(dataset: str | Path) -> dict | None:
+    """The `vae` record of a dataset's fitscale.json (None when it has none: not written from images)."""
     meta_file = Path(dataset) / "fitscale.json"
     if not meta_file.is_file():
-        return
+        return None
     recorded = json.loads(meta_file.read_text()).get("vae")
-    if not isinstance(recorded, dict):
+    return recorded if isinstance(recorded, dict) else None
+
+
+def check_vae_matches_dataset(vae_path: str | Path, dataset: str | Path) -> None:
+    """The autoencoder at `vae_path` is of the class, channels and downsampling of the one that
+    encoded `dataset`, and normalises latents as it did.
+
+    Checked only where the dataset records its VAE (`fitscale data from-images` writes `vae` in
+    fitscale.json); ValueError naming both autoencoders and what differs otherwise.
+    """
+    recorded = recorded_vae(dataset)
+    if recorded is None:
         return
     where = f"--vae {vae_path}"
-    given = LatentNormalisation.from_config(check_vae_folder(vae_path), where).as_dict()
+    config = check_vae_folder(vae_path)
+    mine = vae_record(vae_path, config)
+    for key in ("class", "latent_channels", "downsample"):  # recorded since these were added
+        if key in recorded and recorded[key] != mine[key]:
+            raise UserError(
+                f"{where} is an {mine['class']} with {mine['latent_channels']} channels at "
+                f"{mine['downsample']}x, but the model was trained on {dataset}, encoded by "
+                f"{recorded.get('path')}, an {recorded['class']} with {recorded.get('latent_channels')} "
+                f"channels at {recorded.get('downsample')}x; decode with that autoencoder"
+            )
+    given = LatentNormalisation.from_config(config, where).as_dict()
     trained = {key: recorded.get(key) for key in given}
     if given != trained:
         raise UserError(
@@ -180,20 +218,25 @@ def check_vae_matches_dataset(vae_path: str | Path, dataset: str | Path) -> None
 
 @torch.no_grad()
 def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels (N, 3, H, W) in [-1, 1] -> latents (N, C, H/8, W/8): the posterior mean, normalised."""
-    normalisation = LatentNormalisation.from_config(dict(vae.config), "the VAE")
-    return normalisation.normalise(vae.encode(pixels).latent_dist.mean)
+    """Pixels (N, 3, H, W) in [-1, 1] -> latents (N, C, H/f, W/f): the deterministic encoding (an
+    AutoencoderKL's posterior mean), normalised; computed in the autoencoder's dtype."""
+    config = dict(vae.config)
+    normalisation = LatentNormalisation.from_config(config, "the VAE")
+    kind = autoencoder_kind(config.get("_class_name", type(vae).__name__), "the VAE")
+    return normalisation.normalise(kind.encode(vae, pixels.to(vae.dtype)).float())
 
 
 @torch.no_grad()
 def decode_latents(vae, latents: list[torch.Tensor]) -> list[np.ndarray]:
-    """Latents (C, h, w), scaled as in training -> uint8 (8h, 8w, 3) pictures, one by one."""
+    """Latents (C, h, w), scaled as in training -> uint8 (f*h, f*w, 3) pictures, one by one."""
     device = next(vae.parameters()).device
-    normalisation = LatentNormalisation.from_config(dict(vae.config), "the VAE")
+    config = dict(vae.config)
+    normalisation = LatentNormalisation.from_config(config, "the VAE")
+    kind = autoencoder_kind(config.get("_class_name", type(vae).__name__), "the VAE")
     pictures = []
     for latent in latents:
         raw = normalisation.denormalise(latent[None].to(device, torch.float32)).to(vae.dtype)
-        pixels = vae.decode(raw).sample[0]
+        pixels = kind.decode(vae, raw)[0]
         pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         pictures.append(pixels.permute(1, 2, 0).cpu().numpy())
     return pictures

@@ -40,7 +40,6 @@ from fitscale.data.format import (
     PATCH_SIZE,
     SAMPLE_COLUMNS,
     SAMPLES_FILE,
-    TOKEN_DIM,
     LatentSample,
     atomic_save_npy,
     atomic_write_text,
@@ -63,6 +62,9 @@ class SkipSample(Exception):
         self.source = source
         self.detail = detail
 
+    def __reduce__(self):
+        return SkipSample, (self.reason, self.source, self.detail)  # crosses from decode workers
+
 
 @dataclass
 class WriteSettings:
@@ -76,10 +78,22 @@ class WriteSettings:
     shard_size_limit: int = 1 << 26
     compression: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    latent_channels: int = LATENT_CHANNELS  # C of the autoencoder's latents
+    patch_size: int = PATCH_SIZE  # p: a token holds p x p latent pixels
+
+    @property
+    def token_dim(self) -> int:
+        """Values per token: p * p * C."""
+        return self.patch_size * self.patch_size * self.latent_channels
 
     def as_dict(self) -> dict[str, Any]:
-        """The settings as recorded in the dataset's fitscale.json."""
+        """The settings as recorded in writer.json (compared when a write resumes); the latent shape
+        only when it is not the SD default, so unfinished writes of earlier versions still resume."""
+        shape = {}
+        if (self.latent_channels, self.patch_size) != (LATENT_CHANNELS, PATCH_SIZE):
+            shape = {"latent_channels": self.latent_channels, "patch_size": self.patch_size}
         return {
+            **shape,
             "writer": self.writer,
             "max_image_tokens": self.max_image_tokens,
             "min_image_tokens": self.min_image_tokens,
@@ -102,12 +116,12 @@ def check_sample(sample: LatentSample, settings: WriteSettings) -> None:
     if sample.crop is not None:
         variants.append(("crop", sample.crop, sample.crop_rows, sample.crop_cols))
     for name, tokens, rows, cols in variants:
-        if tokens.ndim != 3 or tokens.shape[2] != TOKEN_DIM:
+        if tokens.ndim != 3 or tokens.shape[2] != settings.token_dim:
             raise SkipSample(
                 "bad token width",
                 source,
-                f"{name} has shape {tuple(tokens.shape)}, expected (V, rows*cols, {TOKEN_DIM}) "
-                f"(p*p*C = {PATCH_SIZE}*{PATCH_SIZE}*{LATENT_CHANNELS})",
+                f"{name} has shape {tuple(tokens.shape)}, expected (V, rows*cols, {settings.token_dim}) "
+                f"(p*p*C = {settings.patch_size}*{settings.patch_size}*{settings.latent_channels})",
             )
         if tokens.shape[1] != rows * cols:
             raise SkipSample("bad grid", source, f"{name} has {tokens.shape[1]} tokens, grid {rows}x{cols}")
@@ -253,9 +267,9 @@ def merge_parts(out: Path, num_parts: int, settings: WriteSettings, extra_meta: 
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "writer": settings.writer,
-        "patch_size": PATCH_SIZE,
-        "latent_channels": LATENT_CHANNELS,
-        "token_dim": TOKEN_DIM,
+        "patch_size": settings.patch_size,
+        "latent_channels": settings.latent_channels,
+        "token_dim": settings.token_dim,
         "dtype": dtype,
         "max_image_tokens": settings.max_image_tokens,
         "min_image_tokens": settings.min_image_tokens,

@@ -8,6 +8,7 @@ the ranks on this machine (`scheduler: local`, also one node of a multi-node job
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -138,7 +139,17 @@ def check_plan(plan: LaunchPlan, lock: bool) -> None:
     if plan.problems:
         raise ConfigError("; ".join(plan.problems))
     check_before_launch(plan.config, plan.resources.world_size, lock=lock)
-    check_data_before_launch(plan.config)
+    # the job reads an s3:// endpoint and credentials from the profile's env: the check does too
+    saved = {key: os.environ.get(key) for key in plan.profile.env}
+    os.environ.update({key: str(value) for key, value in plan.profile.env.items()})
+    try:
+        check_data_before_launch(plan.config)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def submit_plan(plan: LaunchPlan):

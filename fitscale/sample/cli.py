@@ -300,6 +300,7 @@ def run_sample(args) -> int:
     import torch
     import torch.distributed as dist
 
+    from fitscale.data.vae import PIXELS_PER_TOKEN, check_vae_folder, vae_downsample
     from fitscale.models.cli import parse_overrides
     from fitscale.runtime.env import init_distributed_from_env, leave_process_group
     from fitscale.sample.generate import load_sampling_model
@@ -315,7 +316,12 @@ def run_sample(args) -> int:
         torch.device("cuda", info.local_rank) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     )
     model = load_sampling_model(args.checkpoint, args.model, overrides, ema=not args.raw, device=device)
-    items = plan_items(sizes, args.num_per_size, model.config.num_classes, labels, args.seed)
+    pixels_per_token = PIXELS_PER_TOKEN
+    if args.vae is not None:  # a token covers the autoencoder's downsampling times the patch size
+        pixels_per_token = vae_downsample(check_vae_folder(args.vae)) * model.config.patch_size
+    items = plan_items(
+        sizes, args.num_per_size, model.config.num_classes, labels, args.seed, pixels_per_token
+    )
     from fitscale.sample.pictures import extrapolation_name, grid_caption
 
     run = SampleRun(

@@ -27,6 +27,7 @@ class SampleItem:
     label: int
     rows: int
     cols: int
+    pixels_per_token: int = PIXELS_PER_TOKEN  # autoencoder downsampling x patch size
 
     @property
     def tokens(self) -> int:
@@ -36,12 +37,12 @@ class SampleItem:
     @property
     def height(self) -> int:
         """Height in pixels after VAE decoding."""
-        return self.rows * PIXELS_PER_TOKEN
+        return self.rows * self.pixels_per_token
 
     @property
     def width(self) -> int:
         """Width in pixels after VAE decoding."""
-        return self.cols * PIXELS_PER_TOKEN
+        return self.cols * self.pixels_per_token
 
 
 def plan_items(
@@ -50,17 +51,20 @@ def plan_items(
     num_classes: int,
     labels: list[int] | None = None,
     seed: int = 0,
+    pixels_per_token: int = PIXELS_PER_TOKEN,
 ) -> list[SampleItem]:
-    """The images of a run: `num_per_size` of each (height, width) in pixels, labels cycled or random.
+    """The images of a run: `num_per_size` of each (height, width) in pixels, labels cycled or random;
+    a token covers `pixels_per_token` pixels a side (16 for SD-VAE latents, 32 for DC-AE f32).
 
     Raises ValueError naming the flag of a bad size, count or label.
     """
+    step = pixels_per_token
     if num_per_size < 1:
         raise UserError(f"--num-per-size {num_per_size}: must be >= 1")
     for height, width in sizes:
-        if height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN or min(height, width) <= 0:
+        if height % step or width % step or min(height, width) <= 0:
             raise UserError(
-                f"size {height}x{width}: height and width must be positive multiples of {PIXELS_PER_TOKEN} pixels"
+                f"size {height}x{width}: height and width must be positive multiples of {step} pixels"
             )
     for label in labels or []:
         if not 0 <= label < num_classes:
@@ -71,7 +75,7 @@ def plan_items(
         for _ in range(num_per_size):
             index = len(items)
             label = labels[index % len(labels)] if labels else int(rng.integers(num_classes))
-            items.append(SampleItem(index, label, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN))
+            items.append(SampleItem(index, label, height // step, width // step, step))
     return items
 
 

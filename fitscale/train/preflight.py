@@ -73,7 +73,8 @@ def check_before_launch(config, world_size: int, lock: bool = True) -> None:
 
 
 def check_data_before_launch(config) -> None:
-    """The training set must be there (unless it streams from `data.remote`): ConfigError otherwise."""
+    """The training set must be there (unless it streams from `data.remote`) and hold latents of the
+    recipe's shape (fitscale.train.dataset_shape): ConfigError otherwise."""
 
     data = config.data
     if data.remote is None and not (Path(data.path) / META_FILE).is_file():
@@ -81,3 +82,13 @@ def check_data_before_launch(config) -> None:
             f"data.path={data.path} holds no dataset (no {META_FILE}); write one with `fitscale data ...` "
             "or point data.path at a dataset folder"
         )
+    from fitscale.data.remote import check_remote
+    from fitscale.train.dataset_shape import follow_training_dataset
+
+    for field, remote in (("data.remote", data.remote), ("data.val_remote", data.val_remote)):
+        if remote is not None:
+            try:
+                check_remote(remote, field)  # endpoint, bucket, credentials: before any rank starts
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+    follow_training_dataset(config)  # a recipe whose latent shape is not the dataset's: refused here

@@ -78,11 +78,16 @@ class PeriodicSamples:
         self.out_dir = Path(train.run_dir) / "samples"
         meta = dataset_meta(config.data.path)
         labels = list(train.sample_labels) or default_labels(config.data.num_classes)
-        grids = [parse_grid(g) for g in train.sample_grids] or default_grids(
-            trained_side(meta, config.data.max_image_tokens)
+        # a dataset written with fewer tokens per image than data.max_image_tokens (DC-AE f32: 64 at
+        # 256x256) bounds the grids the model saw
+        limit = min(
+            config.data.max_image_tokens, int(meta.get("max_image_tokens") or config.data.max_image_tokens)
         )
+        grids = [parse_grid(g) for g in train.sample_grids] or default_grids(trained_side(meta, limit))
+        vae = meta.get("vae") or {}
+        pixels_per_token = int(vae.get("downsample", 8)) * int(meta.get("patch_size", 2))
         self.items = [
-            SampleItem(index, label, rows, cols)
+            SampleItem(index, label, rows, cols, pixels_per_token)
             for index, (label, (rows, cols)) in enumerate((label, grid) for label in labels for grid in grids)
         ]
         largest = max(item.tokens for item in self.items)

@@ -91,6 +91,10 @@ class Trainer:
             raise
 
     def _build(self, loader: Any) -> None:
+        if loader is None:  # the model's in_channels / patch_size follow the dataset's latents
+            from fitscale.train.dataset_shape import follow_training_dataset
+
+            follow_training_dataset(self.config)
         self.model_config = self.config.model_config()
         self.progress = Progress()
         self.backend = build_backend(self.config, self.env)  # FSDP2 or DeepSpeed (parallel.backend)

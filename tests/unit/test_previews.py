@@ -17,7 +17,7 @@ def test_a_missing_sample_vae_is_refused_at_start_up(tmp_path):
     with pytest.raises(ConfigError) as info:
         PeriodicSamples(config)
     assert str(info.value) == (
-        f"train.sample_vae={tmp_path / 'vae'}: no such folder; expected an AutoencoderKL saved with "
+        f"train.sample_vae={tmp_path / 'vae'}: no such folder; expected a diffusers autoencoder saved with "
         "save_pretrained (config.json and its weights)"
     )
 

@@ -112,7 +112,10 @@ BAD_FOLDERS = {
     "missing": (lambda root, tmp: tmp / "bad", "no such folder"),
     "empty": (lambda root, tmp: tmp, "no config.json in the folder"),
     "pipeline": (pipeline_root, "a diffusers pipeline: pass its vae/ subfolder"),
-    "unet": (unet_folder, "config.json describes UNet2DModel, not an AutoencoderKL"),
+    "unet": (
+        unet_folder,
+        "config.json describes UNet2DModel, not an autoencoder fitscale knows (AutoencoderDC, AutoencoderKL)",
+    ),
     "no-weights": (config_without_weights, "no weights file (diffusion_pytorch_model.safetensors"),
     "channels": (
         lambda root, tmp: root / "vae8",

@@ -103,6 +103,9 @@ def test_the_dataset_records_its_vaes_factors(trained):
     meta = json.loads((trained / "data" / "fitscale.json").read_text())
     assert meta["vae"] == {
         "path": str(trained / "vae_sd3"),
+        "class": "AutoencoderKL",
+        "latent_channels": 4,
+        "downsample": 8,
         "scaling_factor": 1.5305,
         "shift_factor": 0.0609,
         "latents_mean": None,
