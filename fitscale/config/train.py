@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fitscale.config.errors import ConfigError
+from fitscale.config.repa import RepaConfig
 from fitscale.config.schema import check_choices
 
 
@@ -104,6 +105,7 @@ class TrainConfig:
     """Local AutoencoderKL folder to decode the grid with (rank 0); None shows a latent channel in grey
     (the dataset's `preview_channel`, else 0)."""
     flow: FlowConfig = field(default_factory=FlowConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
     def __post_init__(self) -> None:
         check_choices(self, "train.")

@@ -103,7 +103,21 @@ def run_digits(args) -> int:
             "grid_sides": [args.min_side, args.max_side],
         },
     )
+    from fitscale.data.pixels import write_digit_pixels
+
+    write_digit_pixels(args.out, overwrite=True)  # beside the latents just written (the REPA encoder's input)
     return _finish(args, meta)
+
+
+def run_pixels(args) -> int:
+    """`fitscale data pixels DIR`: add the pixel side files (fitscale.data.pixels) to a digits dataset."""
+    from fitscale.data.pixels import write_digit_pixels
+
+    meta = write_digit_pixels(args.path, args.pixels_per_token, overwrite=args.overwrite)
+    print(
+        f"{args.path}: pixels of {meta['images']} images written ({meta['bytes'] / max(meta['images'], 1):.0f} bytes each)"
+    )
+    return 0
 
 
 def run_from_images(args) -> int:
@@ -181,7 +195,7 @@ def run_stats(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add `fitscale data` and its subcommands (synth, digits, from-images, from-fit-latents, stats) to
+    """Add `fitscale data` and its subcommands (synth, digits, from-images, from-fit-latents, pixels, stats) to
     `subparsers`.
     """
     data = subparsers.add_parser("data", help="write and inspect latent datasets")
@@ -221,6 +235,12 @@ def register(subparsers) -> None:
     release.add_argument("--rank", type=int, default=0)
     release.add_argument("--world-size", type=int, default=1)
     release.set_defaults(func=run_from_fit_latents)
+
+    pixels = commands.add_parser("pixels", help="add the pixels an alignment encoder reads (digits datasets)")
+    pixels.add_argument("path", help="dataset folder")
+    pixels.add_argument("--pixels-per-token", type=int, default=8, help="pixels of a latent token's side")
+    pixels.add_argument("--overwrite", action="store_true", help="replace pixels already there")
+    pixels.set_defaults(func=run_pixels)
 
     stats = commands.add_parser("stats", help="image count, token histogram, packing efficiency")
     stats.add_argument("path", help="dataset folder")

@@ -33,7 +33,7 @@ from fitscale.models.inputs import check_packed_batch
 from fitscale.models.official import clean_parameter_name
 from fitscale.parallel import DistributedEnv, init_distributed
 from fitscale.parallel.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
-from fitscale.parallel.backend import build_backend
+from fitscale.parallel.backend import attach_training_heads, build_backend
 from fitscale.train.loglines import configure_console
 from fitscale.train.metrics import Throughput
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
@@ -62,6 +62,7 @@ class StepStats:
     bucket_sums: torch.Tensor
     bucket_counts: torch.Tensor
     seqlens: list[int]
+    repa_loss: float | None = None  # the step's mean alignment loss (train.repa), None when off
 
 
 class Trainer:
@@ -94,6 +95,7 @@ class Trainer:
         self.progress = Progress()
         self.backend = build_backend(self.config, self.env)  # FSDP2 or DeepSpeed (parallel.backend)
         self.model = self._build_model()
+        self.repa = self._build_repa()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.ema = self._build_ema()
         self.loader = loader if loader is not None else self._build_loader()
@@ -128,6 +130,7 @@ class Trainer:
             load_official_state_dict(model, read_run_start(init_from))
         elif init_from:
             load_official_checkpoint(model, init_from)
+        attach_training_heads(model, self.config)  # REPA's projector, seeded after the network
         return model.state_dict()
 
     @property
@@ -141,6 +144,14 @@ class Trainer:
         self._move_label_dropout_to_loss(model)
         seed_rank(self.config.train.seed, self.env.rank)
         return model
+
+    def _build_repa(self):
+        """The alignment term of `train.repa` (fitscale.train.repa), or None when it is off."""
+        if not self.config.train.repa.enabled:
+            return None
+        from fitscale.train.repa import RepaTerm
+
+        return all_ranks_agree(lambda: RepaTerm(self.config, self.env.device))
 
     def _move_label_dropout_to_loss(self, model: torch.nn.Module) -> None:
         """Label dropout is drawn per image in the step (per_image_label_dropout), not by the model."""
@@ -351,6 +362,8 @@ class Trainer:
         bucket_sum = torch.zeros(buckets, dtype=torch.float64, device=self.env.device)
         bucket_count = torch.zeros(buckets, dtype=torch.float64, device=self.env.device)
         seqlens: list[int] = []
+        repa_weight = self.repa.weight(step) if self.repa is not None else 0.0
+        local_repa = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             timesteps, noise = per_image_noise(micro, cfg.train.seed, step, cfg.train.flow)
@@ -364,15 +377,27 @@ class Trainer:
             timesteps = timesteps.to(self.env.device, non_blocking=True)
             noise = noise.to(self.env.device, non_blocking=True)
             self.backend.set_gradient_sync(last)
+            hidden_after = self.repa.block if repa_weight else None
             out = flow_loss(
-                self.backend.forward_module, batch, timesteps, noise, global_images, cfg.train.flow
+                self.backend.forward_module,
+                batch,
+                timesteps,
+                noise,
+                global_images,
+                cfg.train.flow,
+                hidden_after,
             )
-            self.backend.backward(out.loss)
+            loss = out.loss
+            if repa_weight:
+                align = self.repa.loss(micro, batch, out.hidden, global_images)
+                loss = loss + repa_weight * align
+                local_repa += align.detach().double()
+            self.backend.backward(loss)
             local_loss += out.loss.detach().double()
             bucket = (out.timesteps * buckets).long().clamp(0, buckets - 1)
             bucket_sum.index_add_(0, bucket, out.per_image.double())
             bucket_count.index_add_(0, bucket, torch.ones_like(out.per_image, dtype=torch.float64))
-        summary = torch.cat([local_loss[None], bucket_sum, bucket_count])
+        summary = torch.cat([local_loss[None], bucket_sum, bucket_count, local_repa[None]])
         if self.env.world_size > 1:
             dist.all_reduce(summary)
         loss = float(summary[0])
@@ -400,8 +425,9 @@ class Trainer:
             real_tokens=int(counts[1]),
             tokens=int(counts[2]),
             bucket_sums=summary[1 : 1 + buckets].cpu(),
-            bucket_counts=summary[1 + buckets :].cpu(),
+            bucket_counts=summary[1 + buckets : 1 + 2 * buckets].cpu(),
             seqlens=seqlens,
+            repa_loss=float(summary[-1]) if repa_weight else None,
         )
 
     def _check_host_batch(self, micro, timesteps: torch.Tensor) -> None:
@@ -549,6 +575,7 @@ class Trainer:
             "images": stats.images,
             "flops": flops,  # this step's training FLOPs, all ranks (fitscale report sums them)
             **timestep_bucket_metrics(stats.bucket_sums, stats.bucket_counts),
+            **self._repa_metrics(stats),
             **(validation or {}),
         }
         step = self.progress.step
@@ -559,6 +586,13 @@ class Trainer:
         if stats.skipped:
             self.metrics.event("nonfinite_step_skipped", step, loss=stats.loss, grad_norm=stats.grad_norm)
         self.metrics.log(step, metrics)
+
+    def _repa_metrics(self, stats: StepStats) -> dict[str, float]:
+        """`repa_loss` (unweighted, the step's mean) and `encoder_s` (this rank's encoder seconds)."""
+        if self.repa is None:
+            return {}
+        seconds = self.repa.take_seconds()
+        return {} if stats.repa_loss is None else {"repa_loss": stats.repa_loss, "encoder_s": seconds}
 
     def close(self) -> None:
         """Finish pending saves, close the metrics sinks and release the run folder (also after a failure)."""

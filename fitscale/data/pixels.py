@@ -1,0 +1,178 @@
+"""Pixels beside the latents, for an alignment loss whose frozen encoder sees each image (REPA).
+
+The encoder needs each training image's pixels in the same crop and flip variant as the latent
+that the step uses. A dataset folder holds them as three side files, written after the latents:
+- `pixels.bin`: every image compressed (PNG, lossless), back to back;
+- `pixels.npy`: int64 (num_source_ids, 2), (offset, length) in `pixels.bin` of source id i
+  (length 0: no pixels);
+- `pixels.json`: format, codec and `pixels_per_token`, the pixels of one latent token's side
+  (16 for an 8x VAE with 2x2 patches; 8 for the digits). Written last: without it there are no
+  pixels.
+A stored image is the full (uncropped, unflipped) latent's picture, rows*ppt x cols*ppt; the
+centre-crop variant is its centre rows'*ppt x cols'*ppt (the crop of fitscale.data.sources), the
+flipped variant its mirror image, so one image serves every variant.
+
+Why pixels and not precomputed features (docs/repa.md has the measurements): DINOv2-B's features
+of a 256x256 image are 256 tokens x 768 x 2 bytes (fp16) = 393,216 bytes per variant and tie the
+dataset to one encoder, while the image itself compressed at 224x224 is some 10-100 kB for
+every variant and every encoder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+PIXELS_META = "pixels.json"
+PIXELS_BIN = "pixels.bin"
+PIXELS_INDEX = "pixels.npy"
+PIXELS_FORMAT = "fitscale-pixels"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> PNG bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def write_pixels(
+    path: str | Path, images: Iterable[tuple[int, np.ndarray]], pixels_per_token: int, overwrite: bool = False
+) -> dict:
+    """Write the pixel side files of dataset `path` from (source id, uint8 image) pairs; returns the meta.
+
+    Raises FileExistsError when the dataset has pixels already (unless `overwrite`): written pixels are
+    never replaced silently.
+    """
+    from fitscale.data.format import atomic_save_npy, atomic_write_text
+
+    path = Path(path)
+    meta_path = path / PIXELS_META
+    if meta_path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path}: has pixels already ({PIXELS_META}); pass --overwrite to write them again"
+        )
+    meta_path.unlink(missing_ok=True)  # without it the other files count as absent while they are rewritten
+    entries: dict[int, tuple[int, int]] = {}
+    offset = 0
+    with open(path / PIXELS_BIN, "wb") as out:
+        for source_id, image in images:
+            data = encode_png(np.ascontiguousarray(image, dtype=np.uint8))
+            out.write(data)
+            entries[int(source_id)] = (offset, len(data))
+            offset += len(data)
+    index = np.zeros((max(entries, default=-1) + 1, 2), dtype=np.int64)
+    for source_id, entry in entries.items():
+        index[source_id] = entry
+    atomic_save_npy(path / PIXELS_INDEX, index)
+    meta = {
+        "format": PIXELS_FORMAT,
+        "version": 1,
+        "codec": "png",
+        "pixels_per_token": int(pixels_per_token),
+        "images": len(entries),
+        "bytes": offset,
+    }
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    return meta
+
+
+def missing_pixels_message(path: str | Path, field: str = "train.repa.encoder") -> str:
+    """The one line refusing a dataset without pixels, with what to run."""
+    return (
+        f"data.path={path} has no pixels ({PIXELS_META}) for the alignment loss of {field}: run "
+        f"`fitscale data pixels {path}` (digits datasets), or write the dataset again with pixels"
+    )
+
+
+class PixelStore:
+    """Read access to a dataset's pixels: `image(source_id, rows, cols, flip)` decodes one variant.
+
+    Raises FileNotFoundError (the `missing_pixels_message` line) for a dataset without pixels.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / PIXELS_META
+        if not meta_path.is_file():
+            raise FileNotFoundError(missing_pixels_message(self.path))
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != PIXELS_FORMAT:
+            raise ValueError(f"{meta_path}: not a fitscale pixels file; write the pixels again")
+        self.pixels_per_token = int(self.meta["pixels_per_token"])
+        self.index = np.load(self.path / PIXELS_INDEX)
+        self.data = (
+            np.memmap(self.path / PIXELS_BIN, dtype=np.uint8, mode="r") if self.meta["bytes"] else None
+        )
+
+    def image(self, source_id: int, rows: int, cols: int, flip: bool = False) -> np.ndarray:
+        """uint8 (rows*ppt, cols*ppt, 3) pixels of the variant of `source_id` on a rows x cols token
+        grid: the stored picture, centre-cropped when the grid is smaller than its own, mirrored when
+        `flip`. ValueError names the sample when it has no pixels or a grid larger than its own."""
+        from PIL import Image
+
+        offset, length = self.index[source_id] if 0 <= source_id < len(self.index) else (0, 0)
+        if not length:
+            raise ValueError(f"{self.path}: sample {source_id} has no pixels; write the pixels again")
+        picture = Image.open(io.BytesIO(self.data[offset : offset + length].tobytes())).convert("RGB")
+        pixels = np.asarray(picture)
+        ppt = self.pixels_per_token
+        full_rows, full_cols = pixels.shape[0] // ppt, pixels.shape[1] // ppt
+        if rows > full_rows or cols > full_cols:
+            raise ValueError(
+                f"{self.path}: sample {source_id} has pixels for a {full_rows}x{full_cols} grid, not "
+                f"{rows}x{cols}; write the pixels again"
+            )
+        top, left = (full_rows - rows) // 2 * ppt, (full_cols - cols) // 2 * ppt
+        pixels = pixels[top : top + rows * ppt, left : left + cols * ppt]
+        return np.array(pixels[:, ::-1] if flip else pixels)  # a writable copy
+
+
+def digit_picture(image: np.ndarray, rows: int, cols: int, pixels_per_token: int) -> np.ndarray:
+    """An 8x8 digit (0..16) drawn as fitscale.data.sources.render_digit draws latent channel 0, at
+    `pixels_per_token` px per token: uint8 (rows*ppt, cols*ppt), ink white on black, centred."""
+    from fitscale.data.sources import digit_canvas
+
+    canvas = digit_canvas(image, rows * pixels_per_token, cols * pixels_per_token)
+    return (canvas * 255.0 + 0.5).astype(np.uint8)
+
+
+DIGITS_PIXELS_PER_TOKEN = 8
+
+
+def write_digit_pixels(
+    path: str | Path, pixels_per_token: int = DIGITS_PIXELS_PER_TOKEN, overwrite=False
+) -> dict:
+    """The pixels of a digits dataset (`fitscale data digits`), drawn again from scikit-learn's digits:
+    its source id s is digit s mod 1797 (the writer lists variant by variant), its grid from samples.npy.
+    ValueError for a dataset another writer wrote."""
+    from sklearn.datasets import load_digits
+
+    from fitscale.data.format import COLS, ROWS, SOURCE_ID, read_meta, read_sample_table
+
+    meta = read_meta(path)
+    if meta.get("writer") != "digits":
+        raise ValueError(
+            f"{path}: written by `fitscale data {meta.get('writer')}`; pixels can be drawn again only for "
+            "digits datasets: write this one again with pixels"
+        )
+    digits = load_digits().images
+    table = read_sample_table(path, int(meta["num_samples"]))
+
+    def pictures():
+        for row in table:
+            source_id = int(row[SOURCE_ID])
+            yield (
+                source_id,
+                digit_picture(
+                    digits[source_id % len(digits)], int(row[ROWS]), int(row[COLS]), pixels_per_token
+                ),
+            )
+
+    return write_pixels(path, pictures(), pixels_per_token, overwrite=overwrite)
