@@ -113,7 +113,7 @@ def run_pixels(args) -> int:
     """`fitscale data pixels DIR`: add the pixel side files (fitscale.data.pixels) to a digits dataset."""
     from fitscale.data.pixels import write_digit_pixels
 
-    meta = write_digit_pixels(args.path, args.pixels_per_token, overwrite=args.overwrite)
+    meta = write_digit_pixels(args.path, args.pixels_per_token, overwrite=args.overwrite, codec=args.codec)
     print(
         f"{args.path}: pixels of {meta['images']} images written ({meta['bytes'] / max(meta['images'], 1):.0f} bytes each)"
     )
@@ -239,6 +239,7 @@ def register(subparsers) -> None:
     pixels = commands.add_parser("pixels", help="add the pixels an alignment encoder reads (digits datasets)")
     pixels.add_argument("path", help="dataset folder")
     pixels.add_argument("--pixels-per-token", type=int, default=8, help="pixels of a latent token's side")
+    pixels.add_argument("--codec", choices=("png", "jpeg", "webp"), default="png", help="png is lossless")
     pixels.add_argument("--overwrite", action="store_true", help="replace pixels already there")
     pixels.set_defaults(func=run_pixels)
 

@@ -2,7 +2,7 @@
 
 The encoder needs each training image's pixels in the same crop and flip variant as the latent
 that the step uses. A dataset folder holds them as three side files, written after the latents:
-- `pixels.bin`: every image compressed (PNG, lossless), back to back;
+- `pixels.bin`: every image compressed (PNG, lossless, by default; or JPEG q95 / WebP q90), back to back;
 - `pixels.npy`: int64 (num_source_ids, 2), (offset, length) in `pixels.bin` of source id i
   (length 0: no pixels);
 - `pixels.json`: format, codec and `pixels_per_token`, the pixels of one latent token's side
@@ -12,10 +12,10 @@ A stored image is the full (uncropped, unflipped) latent's picture, rows*ppt x c
 centre-crop variant is its centre rows'*ppt x cols'*ppt (the crop of fitscale.data.sources), the
 flipped variant its mirror image, so one image serves every variant.
 
-Why pixels and not precomputed features (docs/repa.md has the measurements): DINOv2-B's features
-of a 256x256 image are 256 tokens x 768 x 2 bytes (fp16) = 393,216 bytes per variant and tie the
-dataset to one encoder, while the image itself compressed at 224x224 is some 10-100 kB for
-every variant and every encoder.
+Why pixels and not precomputed features (docs/repa.md, measured by tools/repa_bytes.py): DINOv2-B's
+features of a 16x16-token image are 256 x 768 x 2 bytes (fp16) = 393,216 bytes per variant (786,432
+with the flip) and tie the dataset to one encoder, while the photograph at 224x224 is a median
+85 kB as PNG and 23 kB as JPEG q95 for every variant and every encoder.
 """
 
 from __future__ import annotations
@@ -33,19 +33,31 @@ PIXELS_INDEX = "pixels.npy"
 PIXELS_FORMAT = "fitscale-pixels"
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 (H, W) or (H, W, 3) -> PNG bytes."""
+CODECS = {
+    "png": {"format": "PNG"},
+    "jpeg": {"format": "JPEG", "quality": 95},
+    "webp": {"format": "WEBP", "quality": 90},
+}
+
+
+def encode_image(image: np.ndarray, codec: str = "png") -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> bytes in `codec` (png lossless; jpeg q95, webp q90 lossy)."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", optimize=False)
+    Image.fromarray(image).save(buffer, **CODECS[codec])
     return buffer.getvalue()
 
 
 def write_pixels(
-    path: str | Path, images: Iterable[tuple[int, np.ndarray]], pixels_per_token: int, overwrite: bool = False
+    path: str | Path,
+    images: Iterable[tuple[int, np.ndarray]],
+    pixels_per_token: int,
+    overwrite: bool = False,
+    codec: str = "png",
 ) -> dict:
-    """Write the pixel side files of dataset `path` from (source id, uint8 image) pairs; returns the meta.
+    """Write the pixel side files of dataset `path` from (source id, uint8 image) pairs, each
+    compressed with `codec` (one of CODECS); returns the meta.
 
     Raises FileExistsError when the dataset has pixels already (unless `overwrite`): written pixels are
     never replaced silently.
@@ -63,7 +75,7 @@ def write_pixels(
     offset = 0
     with open(path / PIXELS_BIN, "wb") as out:
         for source_id, image in images:
-            data = encode_png(np.ascontiguousarray(image, dtype=np.uint8))
+            data = encode_image(np.ascontiguousarray(image, dtype=np.uint8), codec)
             out.write(data)
             entries[int(source_id)] = (offset, len(data))
             offset += len(data)
@@ -74,7 +86,7 @@ def write_pixels(
     meta = {
         "format": PIXELS_FORMAT,
         "version": 1,
-        "codec": "png",
+        "codec": codec,
         "pixels_per_token": int(pixels_per_token),
         "images": len(entries),
         "bytes": offset,
@@ -147,7 +159,10 @@ DIGITS_PIXELS_PER_TOKEN = 8
 
 
 def write_digit_pixels(
-    path: str | Path, pixels_per_token: int = DIGITS_PIXELS_PER_TOKEN, overwrite=False
+    path: str | Path,
+    pixels_per_token: int = DIGITS_PIXELS_PER_TOKEN,
+    overwrite: bool = False,
+    codec: str = "png",
 ) -> dict:
     """The pixels of a digits dataset (`fitscale data digits`), drawn again from scikit-learn's digits:
     its source id s is digit s mod 1797 (the writer lists variant by variant), its grid from samples.npy.
@@ -175,4 +190,4 @@ def write_digit_pixels(
                 ),
             )
 
-    return write_pixels(path, pictures(), pixels_per_token, overwrite=overwrite)
+    return write_pixels(path, pictures(), pixels_per_token, overwrite=overwrite, codec=codec)
