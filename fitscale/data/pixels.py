@@ -8,9 +8,12 @@ that the step uses. A dataset folder holds them as three side files, written aft
 - `pixels.json`: format, codec and `pixels_per_token`, the pixels of one latent token's side
   (16 for an 8x VAE with 2x2 patches; 8 for the digits). Written last: without it there are no
   pixels.
-A stored image is the full (uncropped, unflipped) latent's picture, rows*ppt x cols*ppt; the
-centre-crop variant is its centre rows'*ppt x cols'*ppt (the crop of fitscale.data.sources), the
-flipped variant its mirror image, so one image serves every variant.
+A stored image is the full (uncropped, unflipped) latent's picture, rows*ppt x cols*ppt; a
+centre-crop variant on a smaller grid is read as its centre rows'*ppt x cols'*ppt (the crop of
+fitscale.data.sources.synth_sample), the flipped variant as its mirror image, so one image serves
+every variant of the digits. Only `fitscale data digits` (and `fitscale data pixels` for a digits
+dataset) writes pixels so far: `from-images` crops its centre-crop variant from a separate resize,
+so it would store that picture too (a second entry per source id), which is not built yet.
 
 Why pixels and not precomputed features (docs/repa.md, measured by tools/repa_bytes.py): DINOv2-B's
 features of a 16x16-token image are 256 x 768 x 2 bytes (fp16) = 393,216 bytes per variant (786,432
@@ -99,7 +102,7 @@ def missing_pixels_message(path: str | Path, field: str = "train.repa.encoder") 
     """The one line refusing a dataset without pixels, with what to run."""
     return (
         f"data.path={path} has no pixels ({PIXELS_META}) for the alignment loss of {field}: run "
-        f"`fitscale data pixels {path}` (digits datasets), or write the dataset again with pixels"
+        f"`fitscale data pixels {path}` (digits datasets; other writers do not write pixels yet)"
     )
 
 

@@ -144,10 +144,10 @@ class FrozenEncoder:
                 ("of another shape", shapes),
             ):
                 if names:
-                    parts.append(f"{len(names)} {label} (e.g. {names[0]})")
+                    parts.append(f"{len(names)} tensors {label} (e.g. {names[0]})")
             raise ConfigError(
                 f"train.repa.encoder_weights: {repa.encoder_weights} does not match encoder {repa.encoder!r}: "
-                f"{', '.join(parts)} tensors; pass that encoder's state dict (without its classifier head)"
+                f"{', '.join(parts)}; pass that encoder's state dict (without its classifier head)"
             )
 
     def take_seconds(self) -> float:

@@ -213,3 +213,12 @@ def test_weight_schedule_turns_the_loss_off_after_until_step():
     repa = RepaConfig(encoder="x", encoder_weights="x", weight=0.5, until_step=100)
     assert [repa.weight_at(s) for s in (0, 99, 100, 5000)] == [0.5, 0.5, 0.0, 0.0]
     assert RepaConfig(encoder="x", encoder_weights="x").weight_at(10**6) == 0.5
+
+
+def test_resume_refuses_a_change_of_the_projectors_shape_and_takes_a_new_weight_or_schedule():
+    from fitscale.train.resume import fixed_reason
+
+    for field in ("train.repa.encoder", "train.repa.projector_width", "train.repa.encoder_args.embed_dim"):
+        assert "projector" in fixed_reason(field, {})
+    for field in ("train.repa.weight", "train.repa.until_step", "train.repa.block", "train.repa.encoder_weights"):
+        assert fixed_reason(field, {}) is None
