@@ -40,13 +40,13 @@ def val_losses(run_dir: Path) -> dict[int, float]:
     return losses
 
 
-def encoder_seconds(run_dir: Path) -> float | None:
-    """Median encoder seconds per step (rank 0) of a REPA run, None for a plain one."""
-    values = [
-        json.loads(line).get("encoder_s") for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
+def step_seconds(run_dir: Path) -> tuple[float, float | None]:
+    """Median seconds per step (from the logged images/s) and median encoder seconds per step
+    (rank 0; None for a plain run)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["images"] / r["perf/images_per_s"] for r in records if r.get("perf/images_per_s")]
+    encoder = [r["encoder_s"] for r in records if r.get("encoder_s") is not None]
+    return statistics.median(steps), (statistics.median(encoder) if encoder else None)
 
 
 def collect(run_dir: Path, cache: dict) -> dict:
@@ -57,7 +57,8 @@ def collect(run_dir: Path, cache: dict) -> dict:
         if key not in cache:
             cache[key] = recognition(step_dir)
         scores[int(step_dir.name[5:])] = cache[key]
-    return {"recognition": scores, "val_loss": val_losses(run_dir), "encoder_s": encoder_seconds(run_dir)}
+    step, encoder = step_seconds(run_dir)
+    return {"recognition": scores, "val_loss": val_losses(run_dir), "step_s": step, "encoder_s": encoder}
 
 
 def main() -> None:
@@ -84,20 +85,23 @@ def medians(results: list[dict], key: str) -> dict[int, float]:
 
 
 def write_table(groups: dict[str, list[dict]], path: Path) -> None:
-    """Median over seeds (and each seed's value) of recognition and validation loss at every step."""
+    """Median over seeds (and each seed's value) of recognition and validation loss at every step,
+    then the cost per step."""
     lines = [
-        "| run | step | recognised (median) | recognised per seed | val loss (median) | encoder s/step |",
-        "|---|---|---|---|---|---|",
+        "| run | step | recognised (median) | recognised per seed | val loss (median) |",
+        "|---|---|---|---|---|",
     ]
+    costs = ["| run | seconds per step (median) | of which encoder (median) |", "|---|---|---|"]
     for name, results in groups.items():
         recog, val = medians(results, "recognition"), medians(results, "val_loss")
-        encoder = [r["encoder_s"] for r in results if r["encoder_s"] is not None]
         for step in recog:
             seeds = ", ".join(f"{r['recognition'][step]:.1%}" for r in results)
             loss = f"{val[step]:.4f}" if step in val else "-"
-            enc = f"{statistics.median(encoder):.4f}" if encoder else "-"
-            lines.append(f"| {name} | {step} | {recog[step]:.1%} | {seeds} | {loss} | {enc} |")
-    path.write_text("\n".join(lines) + "\n")
+            lines.append(f"| {name} | {step} | {recog[step]:.1%} | {seeds} | {loss} |")
+        encoder = [r["encoder_s"] for r in results if r["encoder_s"] is not None]
+        enc = f"{statistics.median(encoder):.4f}" if encoder else "-"
+        costs.append(f"| {name} | {statistics.median(r['step_s'] for r in results):.4f} | {enc} |")
+    path.write_text("\n".join(lines) + "\n\n" + "\n".join(costs) + "\n")
 
 
 def plot(groups: dict[str, list[dict]], path: Path) -> None:
