@@ -220,5 +220,10 @@ def test_resume_refuses_a_change_of_the_projectors_shape_and_takes_a_new_weight_
 
     for field in ("train.repa.encoder", "train.repa.projector_width", "train.repa.encoder_args.embed_dim"):
         assert "projector" in fixed_reason(field, {})
-    for field in ("train.repa.weight", "train.repa.until_step", "train.repa.block", "train.repa.encoder_weights"):
+    for field in (
+        "train.repa.weight",
+        "train.repa.until_step",
+        "train.repa.block",
+        "train.repa.encoder_weights",
+    ):
         assert fixed_reason(field, {}) is None
