@@ -227,3 +227,14 @@ def test_resume_refuses_a_change_of_the_projectors_shape_and_takes_a_new_weight_
         "train.repa.encoder_weights",
     ):
         assert fixed_reason(field, {}) is None
+
+
+def test_demo_repa_recipe_is_the_demo_with_alignment():
+    from fitscale.config import load_config
+
+    demo, repa = load_config("recipes/demo.yaml"), load_config("recipes/demo_repa.yaml")
+    assert repa.train.repa.enabled and not demo.train.repa.enabled
+    assert repa.train.repa.block <= repa.model_config().depth and repa.train.repa.weight == 0.5
+    for section in ("model", "data", "optim", "parallel"):
+        assert getattr(repa, section) == getattr(demo, section), section
+    assert (repa.train.steps, repa.train.seed) == (demo.train.steps, demo.train.seed)
