@@ -157,9 +157,11 @@ class FrozenEncoder:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-        """uint8 (B, H, W, 3) pixels of images on a rows x cols grid -> (B, rows*cols, E) float32 features."""
+        """uint8 (B, H, W, 3) pixels of images on a rows x cols grid -> (B, rows*cols, E) float32 features
+        (computed in bf16 autocast on CUDA, as REPA runs DINOv2; fp32 on CPU)."""
         images = encoder_input(pixels, rows, cols, self.patch, self.mean, self.std).to(self.device)
-        tokens = self.model.forward_features(images)  # (B, prefix + rows*cols, E)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            tokens = self.model.forward_features(images)  # (B, prefix + rows*cols, E)
         return tokens[:, self.model.num_prefix_tokens :].float()
 
     def features(self, batch: PackedBatch, store) -> torch.Tensor:
