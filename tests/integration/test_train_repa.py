@@ -85,10 +85,11 @@ def test_one_and_two_ranks_give_the_same_losses_and_the_projector_is_checkpointe
     root, repa = setup
     single, double = tmp_path / "single", tmp_path / "double"
     run(single, 1, *repa, "train.steps=3", "checkpoint.interval=0", "checkpoint.save_at_end=false")
-    run(double, 2, *repa, "train.steps=3", "checkpoint.keep_last=0")
+    # two ranks with activation checkpointing of every block: recomputation leaves the numbers alone
+    run(double, 2, *repa, "train.steps=3", "checkpoint.keep_last=0", "parallel.activation_checkpointing=full")
     for one, two in zip(history(single), history(double), strict=True):
         assert two == pytest.approx(one, rel=1e-5)
-    assert all(-1.0 <= r <= 0.0 + 1.0 for _, r, _ in history(single))
+    assert all(-1.0 <= r <= 1.0 for _, r, _ in history(single))
     records = metric_records(double)
     assert records[3]["repa_loss"] == history(double)[2][1] and records[3]["encoder_s"] > 0
     tensors = checkpoint_tensors(double, 3)
