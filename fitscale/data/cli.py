@@ -110,10 +110,16 @@ def run_digits(args) -> int:
 
 
 def run_pixels(args) -> int:
-    """`fitscale data pixels DIR`: add the pixel side files (fitscale.data.pixels) to a digits dataset."""
-    from fitscale.data.pixels import write_digit_pixels
+    """`fitscale data pixels DIR [--images ROOT --resolution S]`: add the pixel side files
+    (fitscale.data.pixels) to a digits dataset, or to a from-images dataset from its image folder."""
+    from fitscale.data.pixels import write_digit_pixels, write_image_pixels
 
-    meta = write_digit_pixels(args.path, args.pixels_per_token, overwrite=args.overwrite, codec=args.codec)
+    if args.images is not None:
+        meta = write_image_pixels(args.path, args.images, args.resolution, args.overwrite, args.codec)
+    else:
+        meta = write_digit_pixels(
+            args.path, args.pixels_per_token, overwrite=args.overwrite, codec=args.codec
+        )
     print(
         f"{args.path}: pixels of {meta['images']} images written ({meta['bytes'] / max(meta['images'], 1):.0f} bytes each)"
     )
@@ -236,9 +242,17 @@ def register(subparsers) -> None:
     release.add_argument("--world-size", type=int, default=1)
     release.set_defaults(func=run_from_fit_latents)
 
-    pixels = commands.add_parser("pixels", help="add the pixels an alignment encoder reads (digits datasets)")
-    pixels.add_argument("path", help="dataset folder")
-    pixels.add_argument("--pixels-per-token", type=int, default=8, help="pixels of a latent token's side")
+    pixels = commands.add_parser("pixels", help="add the pixels an alignment encoder (train.repa) reads")
+    pixels.add_argument("path", help="dataset folder (digits or from-images)")
+    pixels.add_argument(
+        "--images", default=None, help="from-images datasets: the image folder they were written from"
+    )
+    pixels.add_argument(
+        "--resolution", type=int, default=256, help="from-images: the --resolution written with"
+    )
+    pixels.add_argument(
+        "--pixels-per-token", type=int, default=8, help="digits: pixels of a latent token's side"
+    )
     pixels.add_argument("--codec", choices=("png", "jpeg", "webp"), default="png", help="png is lossless")
     pixels.add_argument("--overwrite", action="store_true", help="replace pixels already there")
     pixels.set_defaults(func=run_pixels)

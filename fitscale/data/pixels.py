@@ -3,17 +3,17 @@
 The encoder needs each training image's pixels in the same crop and flip variant as the latent
 that the step uses. A dataset folder holds them as three side files, written after the latents:
 - `pixels.bin`: every image compressed (PNG, lossless, by default; or JPEG q95 / WebP q90), back to back;
-- `pixels.npy`: int64 (num_source_ids, 2), (offset, length) in `pixels.bin` of source id i
-  (length 0: no pixels);
+- `pixels.npy`: int64 (num_source_ids, 2, 2): (offset, length) in `pixels.bin` of source id i's
+  picture [i, 0] and of its centre-crop variant's own picture [i, 1] (length 0: none);
 - `pixels.json`: format, codec and `pixels_per_token`, the pixels of one latent token's side
   (16 for an 8x VAE with 2x2 patches; 8 for the digits). Written last: without it there are no
   pixels.
-A stored image is the full (uncropped, unflipped) latent's picture, rows*ppt x cols*ppt; a
-centre-crop variant on a smaller grid is read as its centre rows'*ppt x cols'*ppt (the crop of
-fitscale.data.sources.synth_sample), the flipped variant as its mirror image, so one image serves
-every variant of the digits. Only `fitscale data digits` (and `fitscale data pixels` for a digits
-dataset) writes pixels so far: `from-images` crops its centre-crop variant from a separate resize,
-so it would store that picture too (a second entry per source id), which is not built yet.
+A stored picture is the full (uncropped, unflipped) latent's picture, rows*ppt x cols*ppt. The
+variant a batch uses is found from its grid: the picture whose grid it is (the full one, else the
+crop variant's own picture, which `from-images` makes by a separate resize), else the centre
+rows'*ppt x cols'*ppt of the full picture (the crop of fitscale.data.sources.synth_sample); the
+flipped variant is read mirrored. `fitscale data digits` writes pixels with its latents, and
+`fitscale data pixels DIR [--images ROOT]` adds them to a digits or `from-images` dataset.
 
 Why pixels and not precomputed features (docs/repa.md, measured by tools/repa_bytes.py): DINOv2-B's
 features of a 16x16-token image are 256 x 768 x 2 bytes (fp16) = 393,216 bytes per variant (786,432
@@ -54,13 +54,13 @@ def encode_image(image: np.ndarray, codec: str = "png") -> bytes:
 
 def write_pixels(
     path: str | Path,
-    images: Iterable[tuple[int, np.ndarray]],
+    images: Iterable[tuple[int, np.ndarray, np.ndarray | None]],
     pixels_per_token: int,
     overwrite: bool = False,
     codec: str = "png",
 ) -> dict:
-    """Write the pixel side files of dataset `path` from (source id, uint8 image) pairs, each
-    compressed with `codec` (one of CODECS); returns the meta.
+    """Write the pixel side files of dataset `path` from (source id, uint8 picture, uint8 picture of
+    the centre-crop variant or None) items, each compressed with `codec` (one of CODECS); returns the meta.
 
     Raises FileExistsError when the dataset has pixels already (unless `overwrite`): written pixels are
     never replaced silently.
@@ -74,24 +74,27 @@ def write_pixels(
             f"{path}: has pixels already ({PIXELS_META}); pass --overwrite to write them again"
         )
     meta_path.unlink(missing_ok=True)  # without it the other files count as absent while they are rewritten
-    entries: dict[int, tuple[int, int]] = {}
+    entries: dict[tuple[int, int], tuple[int, int]] = {}  # (source id, variant) -> (offset, length)
     offset = 0
     with open(path / PIXELS_BIN, "wb") as out:
-        for source_id, image in images:
-            data = encode_image(np.ascontiguousarray(image, dtype=np.uint8), codec)
-            out.write(data)
-            entries[int(source_id)] = (offset, len(data))
-            offset += len(data)
-    index = np.zeros((max(entries, default=-1) + 1, 2), dtype=np.int64)
-    for source_id, entry in entries.items():
-        index[source_id] = entry
+        for source_id, *pictures in images:
+            for variant, image in enumerate(pictures):
+                if image is None:
+                    continue
+                data = encode_image(np.ascontiguousarray(image, dtype=np.uint8), codec)
+                out.write(data)
+                entries[int(source_id), variant] = (offset, len(data))
+                offset += len(data)
+    index = np.zeros((max((k[0] for k in entries), default=-1) + 1, 2, 2), dtype=np.int64)
+    for (source_id, variant), entry in entries.items():
+        index[source_id, variant] = entry
     atomic_save_npy(path / PIXELS_INDEX, index)
     meta = {
         "format": PIXELS_FORMAT,
         "version": 1,
         "codec": codec,
         "pixels_per_token": int(pixels_per_token),
-        "images": len(entries),
+        "images": len({source_id for source_id, _ in entries}),
         "bytes": offset,
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
@@ -102,7 +105,7 @@ def missing_pixels_message(path: str | Path, field: str = "train.repa.encoder") 
     """The one line refusing a dataset without pixels, with what to run."""
     return (
         f"data.path={path} has no pixels ({PIXELS_META}) for the alignment loss of {field}: run "
-        f"`fitscale data pixels {path}` (digits datasets; other writers do not write pixels yet)"
+        f"`fitscale data pixels {path}` (digits), or add `--images ROOT --resolution S` (from-images)"
     )
 
 
@@ -126,19 +129,29 @@ class PixelStore:
             np.memmap(self.path / PIXELS_BIN, dtype=np.uint8, mode="r") if self.meta["bytes"] else None
         )
 
-    def image(self, source_id: int, rows: int, cols: int, flip: bool = False) -> np.ndarray:
-        """uint8 (rows*ppt, cols*ppt, 3) pixels of the variant of `source_id` on a rows x cols token
-        grid: the stored picture, centre-cropped when the grid is smaller than its own, mirrored when
-        `flip`. ValueError names the sample when it has no pixels or a grid larger than its own."""
+    def _picture(self, source_id: int, variant: int) -> np.ndarray | None:
+        offset, length = self.index[source_id, variant] if 0 <= source_id < len(self.index) else (0, 0)
+        if not length:
+            return None
         from PIL import Image
 
-        offset, length = self.index[source_id] if 0 <= source_id < len(self.index) else (0, 0)
-        if not length:
-            raise ValueError(f"{self.path}: sample {source_id} has no pixels; write the pixels again")
         picture = Image.open(io.BytesIO(self.data[offset : offset + length].tobytes())).convert("RGB")
-        pixels = np.asarray(picture)
+        return np.asarray(picture)
+
+    def image(self, source_id: int, rows: int, cols: int, flip: bool = False) -> np.ndarray:
+        """uint8 (rows*ppt, cols*ppt, 3) pixels of the variant of `source_id` on a rows x cols token
+        grid: the stored picture of that grid (full or crop variant), else the full picture's centre,
+        mirrored when `flip`. ValueError names the sample when it has no pixels or only pictures
+        smaller than the grid."""
         ppt = self.pixels_per_token
+        pixels = self._picture(source_id, 0)
+        if pixels is None:
+            raise ValueError(f"{self.path}: sample {source_id} has no pixels; write the pixels again")
         full_rows, full_cols = pixels.shape[0] // ppt, pixels.shape[1] // ppt
+        if (rows, cols) != (full_rows, full_cols):
+            crop = self._picture(source_id, 1)
+            if crop is not None and (crop.shape[0] // ppt, crop.shape[1] // ppt) == (rows, cols):
+                pixels, full_rows, full_cols = crop, rows, cols
         if rows > full_rows or cols > full_cols:
             raise ValueError(
                 f"{self.path}: sample {source_id} has pixels for a {full_rows}x{full_cols} grid, not "
@@ -177,8 +190,8 @@ def write_digit_pixels(
     meta = read_meta(path)
     if meta.get("writer") != "digits":
         raise ValueError(
-            f"{path}: written by `fitscale data {meta.get('writer')}`; pixels can be drawn again only for "
-            "digits datasets: write this one again with pixels"
+            f"{path}: written by `fitscale data {meta.get('writer')}`, not digits; for a from-images dataset "
+            "pass its image folder: fitscale data pixels DIR --images ROOT --resolution S"
         )
     digits = load_digits().images
     table = read_sample_table(path, int(meta["num_samples"]))
@@ -191,6 +204,54 @@ def write_digit_pixels(
                 digit_picture(
                     digits[source_id % len(digits)], int(row[ROWS]), int(row[COLS]), pixels_per_token
                 ),
+                None,  # the digits have no crop variant
             )
 
     return write_pixels(path, pictures(), pixels_per_token, overwrite=overwrite, codec=codec)
+
+
+def write_image_pixels(
+    path: str | Path, images: str | Path, resolution: int, overwrite: bool = False, codec: str = "png"
+) -> dict:
+    """The pixels of a `from-images` dataset, prepared again from its image folder `images` exactly as
+    the latents were (fitscale.data.images: the area resize, and the centre crop when both sides
+    exceed `resolution`), 16 px per token. Source id s is the s-th image of the folder's listing.
+    ValueError when a picture's grid is not its sample's (another folder or --resolution)."""
+    from PIL import Image
+
+    from fitscale.data.format import COLS, CROP_COLS, CROP_ROWS, ROWS, SOURCE_ID, read_meta, read_sample_table
+    from fitscale.data.images import centre_crop, list_image_folder, resize_to_area
+    from fitscale.data.vae import PIXELS_PER_TOKEN
+
+    meta = read_meta(path)
+    if meta.get("writer") != "from-images":
+        raise ValueError(
+            f"{path}: written by `fitscale data {meta.get('writer')}`, not from-images; drop --images"
+        )
+    inputs, _ = list_image_folder(images)
+    table = read_sample_table(path, int(meta["num_samples"]))
+
+    def pictures():
+        for row in table:
+            source_id = int(row[SOURCE_ID])
+            if source_id >= len(inputs):
+                raise ValueError(
+                    f"{images}: has {len(inputs)} images, fewer than {path} (source id {source_id})"
+                )
+            with Image.open(inputs[source_id][0]) as raw:
+                image = raw.convert("RGB")
+            full = resize_to_area(image, resolution)
+            crop = centre_crop(image, resolution) if int(row[CROP_ROWS]) else None
+            grids = [(full.height, full.width, int(row[ROWS]), int(row[COLS]))]
+            if crop is not None:
+                grids.append((crop.height, crop.width, int(row[CROP_ROWS]), int(row[CROP_COLS])))
+            for height, width, rows, cols in grids:
+                if (height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN) != (rows, cols):
+                    raise ValueError(
+                        f"{inputs[source_id][0]}: prepared at --resolution {resolution} it is a "
+                        f"{height // PIXELS_PER_TOKEN}x{width // PIXELS_PER_TOKEN} grid but sample {source_id} of "
+                        f"{path} is {rows}x{cols}; pass the image folder and --resolution the dataset was written with"
+                    )
+            yield source_id, np.asarray(full), None if crop is None else np.asarray(crop)
+
+    return write_pixels(path, pictures(), PIXELS_PER_TOKEN, overwrite=overwrite, codec=codec)

@@ -38,6 +38,7 @@ def write_worker_pixels(out: Path, images: int, pixels_per_token: int = 8) -> Pa
             (
                 sample_id,
                 rng.integers(0, 256, (rows * pixels_per_token, cols * pixels_per_token, 3), dtype=np.uint8),
+                None,
             )
         )
     out.mkdir(parents=True, exist_ok=True)

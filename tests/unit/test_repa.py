@@ -122,7 +122,7 @@ def test_default_forward_is_unchanged_and_hidden_after_checks_the_block():
 def test_pixel_variants_are_the_centre_crop_and_the_mirror_of_the_stored_image(tmp_path):
     image = np.arange(4 * 8 * 6 * 8 * 3, dtype=np.int64).reshape(4 * 8, 6 * 8, 3) % 251
     image = image.astype(np.uint8)
-    write_pixels(tmp_path, [(3, image)], pixels_per_token=8)
+    write_pixels(tmp_path, [(3, image, None)], pixels_per_token=8)
     store = PixelStore(tmp_path)
     np.testing.assert_array_equal(store.image(3, 4, 6), image)
     np.testing.assert_array_equal(store.image(3, 4, 6, flip=True), image[:, ::-1])
@@ -130,7 +130,7 @@ def test_pixel_variants_are_the_centre_crop_and_the_mirror_of_the_stored_image(t
     with pytest.raises(ValueError, match="sample 0 has no pixels"):
         store.image(0, 2, 2)
     with pytest.raises(FileExistsError, match="has pixels already"):
-        write_pixels(tmp_path, [(3, image)], pixels_per_token=8)
+        write_pixels(tmp_path, [(3, image, None)], pixels_per_token=8)
 
 
 def test_encoder_features_follow_each_images_grid_and_flip(tmp_path):
@@ -140,7 +140,7 @@ def test_encoder_features_follow_each_images_grid_and_flip(tmp_path):
     rng = np.random.default_rng(0)
     pictures = {i: rng.integers(0, 256, (r * 8, c * 8, 3), dtype=np.uint8) for i, (r, c) in enumerate(GRIDS)}
     (tmp_path / "data").mkdir()
-    write_pixels(tmp_path / "data", list(pictures.items()), 8)
+    write_pixels(tmp_path / "data", [(i, picture, None) for i, picture in pictures.items()], 8)
     store = PixelStore(tmp_path / "data")
     encoder = FrozenEncoder(repa, torch.device("cpu"), store.pixels_per_token)
     batch, _ = packed([0, 1, 2, 3])
