@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_runs import checkpoint_tensors, metric_records, run
+from train_runs import checkpoint_tensors, metric_records, run, write_digits_split
 
 pytestmark = pytest.mark.slow
 
@@ -132,14 +132,19 @@ def test_repa_run_killed_and_resumed_is_bit_identical(setup, tmp_path):
 def test_dinov2_b_from_a_local_file_trains_a_step_under_fsdp_and_zero3_alike(setup, tmp_path):
     """DINOv2-B (86.6 M parameters, random weights in a local file) on each image's own grid, 14-pixel
     patches from 16 stored pixels per token: one 2-rank step under FSDP2 and under DeepSpeed ZeRO-3
-    gives the same flow and alignment losses and gradient norm."""
+    gives the same flow and alignment losses and gradient norm, and the same held-out losses of the
+    weights and the EMA (validation runs the network without the projector)."""
     root, _ = setup
     weights = encoder_file(root / "dinov2_b.safetensors", "vit_base_patch14_dinov2")
     data = write_worker_pixels(root / "data16", images=8, pixels_per_token=16)
     repa = repa_overrides(data, weights, "vit_base_patch14_dinov2", args={})
-    once = ["train.steps=1", "checkpoint.interval=0", "checkpoint.save_at_end=false"]
+    validation = [f"data.val_path={write_digits_split(root / 'val')}", "train.val_every=1"]  # weights and EMA
+    once = ["train.steps=1", "checkpoint.interval=0", "checkpoint.save_at_end=false", *validation]
     run(tmp_path / "fsdp", 2, *repa, *once)
     run(tmp_path / "zero3", 2, *repa, *once, "parallel.backend=deepspeed", "parallel.zero_stage=3")
     ((loss, alignment, norm),) = history(tmp_path / "fsdp")
     assert np.isfinite(loss) and -1.0 <= alignment <= 1.0 and norm > 0
     assert history(tmp_path / "zero3")[0] == pytest.approx((loss, alignment, norm), rel=1e-5)
+    scores = [metric_records(tmp_path / name)[1] for name in ("fsdp", "zero3")]
+    for key in ("val_loss", "val_loss_ema"):
+        assert scores[1][key] == pytest.approx(scores[0][key], rel=1e-5), key
