@@ -7,7 +7,7 @@ real digits, each drawn at a random grid of the demo's sizes exactly as the data
 (fitscale.data.pixels.digit_picture). A classifier, not self-supervision: with ten classes and
 1,797 images, supervision is the fastest way to patch features that tell the digits apart, which
 is what class-conditional generation needs; DINO-style self-supervision would need augmentations
-and far more steps for the same separation. It recognises about 92% of held-out digits.
+and far more steps for the same separation. It recognises 91-93% of held-out digits.
 
 `prepare_repa_demo` (hooks.before) writes the digits dataset with its pixels and trains the
 encoder into `train.repa.encoder_weights` unless the file is there.
