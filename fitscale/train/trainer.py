@@ -202,8 +202,19 @@ class Trainer:
 
             start = all_ranks_agree(lambda: read_run_start(init_from, "ema"))
             if start is not None:
-                ema.load_full(start)
+                ema.load_full({**self._training_heads_start(), **start})
         return ema
+
+    def _training_heads_start(self) -> dict[str, torch.Tensor]:
+        """The initial weights of the heads a run's start leaves out (REPA's projector: another run's
+        EMA holds none), for its EMA to start from; {} without such heads. The global RNG is kept."""
+        if not self.config.train.repa.enabled:
+            return {}
+        from fitscale.checkpoint.export import TRAINING_ONLY_PREFIXES
+
+        with torch.random.fork_rng(devices=[]):
+            initial = self._full_initial_state()
+        return {name: value for name, value in initial.items() if name.startswith(TRAINING_ONLY_PREFIXES)}
 
     def _build_loader(self):
         """This rank's loader; every rank reads the dataset's files itself, so the ranks then check

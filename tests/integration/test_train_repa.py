@@ -107,6 +107,21 @@ def test_one_and_two_ranks_give_the_same_losses_and_the_projector_is_checkpointe
     assert exported and not any(key.startswith("hidden_head.") for key in exported)
 
 
+def test_a_repa_run_starts_from_a_plain_runs_checkpoint_with_its_ema(setup, tmp_path):
+    """`train.init_from` a plain run (weights and EMA, no projector): the network's weights and EMA
+    come from it, the projector and its EMA start from their initialisation."""
+    _, repa = setup
+    plain, aligned = tmp_path / "plain", tmp_path / "aligned"
+    run(plain, 1, "train.steps=2", "model.overrides.class_dropout_prob=0.0")
+    run(aligned, 2, *repa, f"train.init_from={plain}", "train.steps=1", "checkpoint.keep_last=0")
+    start, after = checkpoint_tensors(plain, 2), checkpoint_tensors(aligned, 1)
+    assert any(key.startswith("ema.params.hidden_head.") for key in after)
+    moved = [k for k in start if k.startswith("ema.params.") and not torch.equal(start[k], after[k])]
+    assert moved, "the EMA did not start from the plain run's"  # one step with decay < 1 moves it a little
+    for key in (k for k in start if k.startswith("ema.params.")):
+        torch.testing.assert_close(after[key], start[key], rtol=0, atol=0.05)
+
+
 def test_repa_run_killed_and_resumed_is_bit_identical(setup, tmp_path):
     root, repa = setup
     # Alignment off from step 3 on (train.repa.until_step): the resumed run turns it off as the reference did.
