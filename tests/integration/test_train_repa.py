@@ -163,3 +163,19 @@ def test_dinov2_b_from_a_local_file_trains_a_step_under_fsdp_and_zero3_alike(set
     scores = [metric_records(tmp_path / name)[1] for name in ("fsdp", "zero3")]
     for key in ("val_loss", "val_loss_ema"):
         assert scores[1][key] == pytest.approx(scores[0][key], rel=1e-5), key
+
+
+def test_compiled_blocks_on_two_ranks_give_the_losses_of_one_eager_rank(setup, tmp_path):
+    """`parallel.compile` (per block, static padded shapes) with the hidden state taken after block 1."""
+    _, repa = setup
+    common = [
+        *repa,
+        "train.steps=2",
+        "checkpoint.interval=0",
+        "checkpoint.save_at_end=false",
+        "data.pad_to_budget=true",
+    ]
+    run(tmp_path / "eager", 1, *common, pad_to=128)
+    run(tmp_path / "compiled", 2, *common, "parallel.compile=true", pad_to=128)
+    for eager, compiled in zip(history(tmp_path / "eager"), history(tmp_path / "compiled"), strict=True):
+        assert compiled == pytest.approx(eager, rel=1e-5)
