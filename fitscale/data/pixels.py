@@ -125,6 +125,11 @@ class PixelStore:
             raise ValueError(f"{meta_path}: not a fitscale pixels file; write the pixels again")
         self.pixels_per_token = int(self.meta["pixels_per_token"])
         self.index = np.load(self.path / PIXELS_INDEX)
+        if self.index.ndim != 3 or self.index.shape[1:] != (2, 2):
+            raise ValueError(
+                f"{self.path / PIXELS_INDEX}: index of shape {self.index.shape}, not (N, 2, 2); write the pixels "
+                f"again: fitscale data pixels {self.path} --overwrite"
+            )
         self.data = (
             np.memmap(self.path / PIXELS_BIN, dtype=np.uint8, mode="r") if self.meta["bytes"] else None
         )
