@@ -8,7 +8,8 @@
 #     +static+cudagraphs, +fp8, +fp8row, and the attention backends present (flex+compile,
 #     flash+compile: a missing one is reported, not fatal);
 #   FiTv2-3B 256 mix with AC: bf16, +fp8 (tensorwise), +fp8row;
-#   FiTv2-XL 1024 mix: padded, varlen+compile, +static+cudagraphs.
+#   FiTv2-XL 1024 mix: padded, varlen+compile, +static+cudagraphs;
+#   REPA: FiTv2-XL 256 mix with and without DINOv2-B alignment (tools/bench_repa.py).
 # Parts run in that order, the GPU tests between the 3B and the 1024 runs; a part the budget cannot
 # hold is skipped and says so, and a benchmark stopped at its limit keeps the modes it finished.
 # Needs only the repository and a Python with torch. Wheels in wheels/ (tools/gpu_wheels.sh: torchao
@@ -105,6 +106,20 @@ else
 fi
 
 bench bench_xl_1024 120 --model fitv2-xl --mix 1024 --modes "$hi" --steps 4
+
+# REPA (recipes/fitv2_xl_256_repa.yaml against fitv2_xl_256.yaml): step time with the DINOv2-B encoder
+# and the projector after block 10, eager, on the same 256-token mix; needs timm (extra `repa`).
+repa_limit=$(( $(left) )); [ "$repa_limit" -gt 90 ] && repa_limit=90
+if [ "$repa_limit" -lt 30 ]; then
+  echo "== bench_repa_xl: skipped, $(left) s of the ${budget} s budget left"
+else
+  repa_args="--model fitv2-xl --block 10 --images 32 --steps 4"
+  [ "$dry" = 1 ] && repa_args="--model tiny --block 1 --encoder vit_tiny_patch16_224 --images 4 --steps 1 --warmup 1"
+  echo "== bench_repa_xl (limit ${repa_limit} s)"
+  timeout "$repa_limit" $py tools/bench_repa.py $repa_args --json "$out_dir/repa_xl.json" > "$out_dir/repa_xl.txt" 2>&1 \
+    || echo "bench_repa_xl: exit $? (see repa_xl.txt)"
+  tail -n 3 "$out_dir/repa_xl.txt"
+fi
 
 echo "== summary ($(( $(date +%s) - start )) s)"
 $py - "$out_dir" <<'PY'

@@ -27,15 +27,24 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GROUP_BYTES = 1 << 30
 
 
+TRAINING_ONLY_PREFIXES = ("hidden_head.",)  # REPA's projector (fitscale.flow.repa): trains, never exported
+
+
 def read_run_weights(checkpoint: Path, which: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """`read_weights`, or for a DeepSpeed run the weights (and EMA) of its ZeRO partitions."""
+    """`read_weights`, or for a DeepSpeed run the weights (and EMA) of its ZeRO partitions; the
+    training-only heads (`TRAINING_ONLY_PREFIXES`) are left out: they are no part of the network."""
     from fitscale.checkpoint.deepspeed import is_deepspeed_checkpoint, read_deepspeed_weights
 
     if not is_deepspeed_checkpoint(checkpoint):
-        return read_weights(checkpoint, which, dtype)
-    step = layout.read_metadata(checkpoint)["step"]
-    weights = read_deepspeed_weights(checkpoint.parent.parent, step, which)
-    return {name: tensor.to(dtype) for name, tensor in weights.items()}
+        weights = read_weights(checkpoint, which, dtype)
+    else:
+        step = layout.read_metadata(checkpoint)["step"]
+        weights = read_deepspeed_weights(checkpoint.parent.parent, step, which)
+    return {
+        name: tensor.to(dtype)
+        for name, tensor in weights.items()
+        if not name.startswith(TRAINING_ONLY_PREFIXES)
+    }
 
 
 def read_weights(

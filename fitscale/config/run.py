@@ -106,6 +106,12 @@ class RunConfig:
                 f"train.sample_labels: {wrong} outside [0, {self.data.num_classes}) (data.num_classes); "
                 "list class indices of the dataset"
             )
+        repa = self.train.repa
+        if repa.enabled and not 1 <= repa.block <= model.depth:
+            raise ConfigError(
+                f"train.repa.block={repa.block} is outside the model's blocks 1..{model.depth}; "
+                f"set train.repa.block to one of them"
+            )
         if self.data.num_classes != model.num_classes:
             raise ConfigError(
                 f"data.num_classes={self.data.num_classes} but the model has num_classes={model.num_classes}; "

@@ -12,6 +12,7 @@ from typing import Literal
 
 from fitscale.config.bounds import bound
 from fitscale.config.errors import ConfigError
+from fitscale.config.repa import RepaConfig
 from fitscale.config.schema import check_choices
 
 # The ODE samplers of fitscale.flow.samplers.SAMPLERS, fixed-grid then adaptive (a test keeps them equal).
@@ -103,6 +104,7 @@ class TrainConfig:
     """Local AutoencoderKL folder to decode the grid with (rank 0); None shows a latent channel in grey
     (the dataset's `preview_channel`, else 0)."""
     flow: FlowConfig = field(default_factory=FlowConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
     def __post_init__(self) -> None:
         check_choices(self, "train.")

@@ -111,6 +111,9 @@ class PackedBatch(PackedLayout):
     tokens: torch.Tensor  # (T, p*p*C) float: clean latent tokens, row-major per image
     sample_ids: torch.Tensor  # (S,) int64: stable source ids (-1 for padding segments)
     num_images: int  # real images: the first `num_images` segments
+    flips: torch.Tensor | None = (
+        None  # (S,) int64: 1 for a horizontally flipped variant (-1 padding); None: none
+    )
 
     @property
     def num_real_tokens(self) -> int:

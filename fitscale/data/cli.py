@@ -106,7 +106,27 @@ def run_digits(args) -> int:
             "grid_sides": [args.min_side, args.max_side],
         },
     )
+    from fitscale.data.pixels import write_digit_pixels
+
+    write_digit_pixels(args.out, overwrite=True)  # beside the latents just written (the REPA encoder's input)
     return _finish(args, meta)
+
+
+def run_pixels(args) -> int:
+    """`fitscale data pixels DIR [--images ROOT --resolution S]`: add the pixel side files
+    (fitscale.data.pixels) to a digits dataset, or to a from-images dataset from its image folder."""
+    from fitscale.data.pixels import write_digit_pixels, write_image_pixels
+
+    if args.images is not None:
+        meta = write_image_pixels(args.path, args.images, args.resolution, args.overwrite, args.codec)
+    else:
+        meta = write_digit_pixels(
+            args.path, args.pixels_per_token, overwrite=args.overwrite, codec=args.codec
+        )
+    print(
+        f"{args.path}: pixels of {meta['images']} images written ({meta['bytes'] / max(meta['images'], 1):.0f} bytes each)"
+    )
+    return 0
 
 
 def launched_rank(args) -> tuple[int, int]:
@@ -268,7 +288,7 @@ def run_stats(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add `fitscale data` and its subcommands (synth, digits, from-images, from-fit-latents, stats) to
+    """Add `fitscale data` and its subcommands (synth, digits, from-images, from-fit-latents, pixels, stats) to
     `subparsers`.
     """
     data = subparsers.add_parser("data", help="write and inspect latent datasets")
@@ -336,6 +356,20 @@ def register(subparsers) -> None:
     upload.add_argument("--overwrite", action="store_true", help="replace another dataset at the prefix")
     upload.add_argument("--no-progress", action="store_true", help="no progress bar")
     upload.set_defaults(func=run_upload)
+    pixels = commands.add_parser("pixels", help="add the pixels an alignment encoder (train.repa) reads")
+    pixels.add_argument("path", help="dataset folder (digits or from-images)")
+    pixels.add_argument(
+        "--images", default=None, help="from-images datasets: the image folder they were written from"
+    )
+    pixels.add_argument(
+        "--resolution", type=int, default=256, help="from-images: the --resolution written with"
+    )
+    pixels.add_argument(
+        "--pixels-per-token", type=int, default=8, help="digits: pixels of a latent token's side"
+    )
+    pixels.add_argument("--codec", choices=("png", "jpeg", "webp"), default="png", help="png is lossless")
+    pixels.add_argument("--overwrite", action="store_true", help="replace pixels already there")
+    pixels.set_defaults(func=run_pixels)
 
     stats = commands.add_parser("stats", help="image count, token histogram, packing efficiency")
     stats.add_argument("path", help="dataset folder")

@@ -84,7 +84,7 @@ class Layout:
 
     def small_arrays(self) -> dict:
         """The PackedBatch fields other than tokens and positions: cu_seqlens (int32), max_seqlen,
-        labels, sizes, ids.
+        labels, sizes, ids, flips.
         """
         cu_seqlens = cu_seqlens_from_lengths(self.lengths).numpy()
         return {
@@ -94,6 +94,7 @@ class Layout:
             "sizes": np.stack([self.rows, self.cols], axis=1).astype(np.int64),
             "sample_ids": self.ids.astype(np.int64),
             "num_images": len(self.work),
+            "flips": np.concatenate([self.work[:, 2], np.full(len(self.lengths) - len(self.work), -1)]),
         }
 
 

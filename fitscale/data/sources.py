@@ -82,6 +82,19 @@ def build_synth(seed: int, max_tokens: int, num_classes: int, dtype: str):
     return build
 
 
+def digit_canvas(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An 8x8 digit (values 0..16) as float32 ink in [0, 1] on a (height, width) canvas: scaled
+    (bilinear) to the canvas's shorter side, centred, aspect kept."""
+    from PIL import Image
+
+    side = min(height, width)
+    ink = Image.fromarray((image / 16.0).astype(np.float32)).resize((side, side), Image.BILINEAR)
+    canvas = np.zeros((height, width), np.float32)
+    top, left = (height - side) // 2, (width - side) // 2
+    canvas[top : top + side, left : left + side] = np.clip(np.asarray(ink), 0.0, 1.0)
+    return canvas
+
+
 def render_digit(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """An 8x8 digit (values 0..16) -> (4, 2*rows, 2*cols) latent, the digit centred, aspect kept.
 
@@ -89,15 +102,9 @@ def render_digit(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
     viewable image; the other channels are a blurred copy and two signed variants, giving the
     model a little structure across channels to learn.
     """
-    from PIL import Image
     from scipy.ndimage import gaussian_filter
 
-    height, width = rows * PATCH_SIZE, cols * PATCH_SIZE
-    side = min(height, width)
-    ink = Image.fromarray((image / 16.0).astype(np.float32)).resize((side, side), Image.BILINEAR)
-    canvas = np.zeros((height, width), np.float32)
-    top, left = (height - side) // 2, (width - side) // 2
-    canvas[top : top + side, left : left + side] = np.clip(np.asarray(ink), 0.0, 1.0)
+    canvas = digit_canvas(image, rows * PATCH_SIZE, cols * PATCH_SIZE)
     blurred = gaussian_filter(canvas, sigma=1.0)
     picture = 2.0 * canvas - 1.0
     return np.stack([picture, 2.0 * blurred - 1.0, 0.5 * picture, -0.5 * picture]).astype(np.float32)

@@ -84,6 +84,7 @@ class FlowLossOutput:
     loss: torch.Tensor  # scalar: sum_i w_i L_i / N_global over this micro-batch's images (backward this)
     per_image: torch.Tensor  # (num_images,) detached per-image mean squared error (unweighted)
     timesteps: torch.Tensor  # (num_images,) detached timesteps of the real images
+    hidden: torch.Tensor | None = None  # (T, D') the model's hidden_after output (with grad), or None
 
 
 def check_loss_inputs(batch: PackedBatch, timesteps: torch.Tensor, noise: torch.Tensor) -> None:
@@ -120,8 +121,12 @@ def flow_loss(
     noise: torch.Tensor,
     global_num_images: int,
     flow: FlowConfig,
+    hidden_after: int | None = None,
 ) -> FlowLossOutput:
     """Forward the model on x_t of a packed batch (already on the model's device) and score it.
+
+    With `hidden_after=k` the model also returns its (projected) hidden states after block k, kept
+    in the output's `hidden` (T, D') for an alignment loss (fitscale.flow.repa).
 
     timesteps (S,) and noise (T, C) as per_image_noise makes them; the model checks the batch
     itself (fitscale.models.inputs), this checks what only the loss reads. Errors: ValueError.
@@ -143,19 +148,31 @@ def flow_loss(
         batch.cu_seqlens,
         max_seqlen=batch.max_seqlen,
         sizes=batch.sizes,
-    )  # (T, C)
+        **({} if hidden_after is None else {"hidden_after": hidden_after}),
+    )  # (T, C), or ((T, C), (T, D')) with hidden_after
+    hidden = None
+    if hidden_after is not None:
+        velocity, hidden = velocity
     token_error = (velocity.float() - target).square().mean(dim=1)  # (T,)
-    segment_lengths = batch.lengths.to(token_error.device)  # (S,)
-    # (T,) segment of every token: the padding segments come last and are dropped below
-    segment = segment_ids_from_cu_seqlens(batch.cu_seqlens.to(token_error.device), batch.num_tokens)
-    segment_sum = token_error.new_zeros(batch.num_segments).index_add(0, segment, token_error)  # (S,)
-    lengths = segment_lengths[: batch.num_images].to(token_error.dtype)  # (N,)
-    per_image = segment_sum[: batch.num_images] / lengths  # (N,)
+    per_image, lengths = per_image_mean(token_error, batch)  # (N,) each
     if flow.loss_weighting == "tokens":
         weights = lengths / flow.reference_tokens
     else:
         weights = torch.ones_like(per_image)
     loss = (weights * per_image).sum() / global_num_images
     return FlowLossOutput(
-        loss=loss, per_image=per_image.detach(), timesteps=timesteps[: batch.num_images].detach()
+        loss=loss,
+        per_image=per_image.detach(),
+        timesteps=timesteps[: batch.num_images].detach(),
+        hidden=hidden,
     )
+
+
+def per_image_mean(values: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of per-token `values` (T,) over each real image's own tokens, (N,), and the token
+    counts (N,) in values' dtype. The padding segments come last and are left out."""
+    segment_lengths = batch.lengths.to(values.device)  # (S,)
+    segment = segment_ids_from_cu_seqlens(batch.cu_seqlens.to(values.device), batch.num_tokens)  # (T,)
+    segment_sum = values.new_zeros(batch.num_segments).index_add(0, segment, values)  # (S,)
+    lengths = segment_lengths[: batch.num_images].to(values.dtype)  # (N,)
+    return segment_sum[: batch.num_images] / lengths, lengths

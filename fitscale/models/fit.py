@@ -55,6 +55,7 @@ class FiT(nn.Module):
             for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(D, config.token_dim, config.norm_eps)
+        self.hidden_head: nn.Module | None = None  # see attach_hidden_head: none by default
 
     def forward(
         self,
@@ -65,7 +66,8 @@ class FiT(nn.Module):
         cu_seqlens: torch.Tensor,  # (S+1,) int32 image boundaries, 0 to T
         max_seqlen: int | None = None,  # longest image; computed here (a host sync) when absent
         sizes: torch.Tensor | None = None,  # (S, 2) grid rows/cols; derived from pos when absent
-    ) -> torch.Tensor:
+        hidden_after: int | None = None,  # also return the hidden states after this block (1-based)
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The velocity (T, p*p*C) of every token of a packed batch of noisy images at times `t`.
 
         t = 0 is noise and t = 1 clean data (FiTv2's convention), so the output approximates
@@ -74,6 +76,12 @@ class FiT(nn.Module):
         naming the field and values, for a batch that breaks the contract of fitscale/models/inputs.py
         (values checked for CPU tensors only), and RuntimeError when the configured attention backend
         cannot run on x's device and dtype.
+
+        With `hidden_after=k` (1 <= k <= depth) it returns (velocity, hidden): hidden (T, D') is the
+        output of block k passed through `hidden_head` when one is attached (an auxiliary head that
+        trains with the model, such as REPA's projector, fitscale.flow.repa), else (T, D) as is. The
+        head runs inside this forward so that FSDP2 and DeepSpeed gather and reduce its parameters
+        with the root's; the default call (`hidden_after=None`) is unchanged and never runs it.
         """
         config = self.config
         check_packed_batch(
@@ -95,9 +103,20 @@ class FiT(nn.Module):
         cos, sin = rope_cos_sin(self.config, pos, mask.segment_ids, sizes)  # (T, d) each
         c = self.t_embedder(shift_time(t, config.time_shift)) + self.y_embedder(y)  # (S, D)
         global_modulation = self.global_adaLN_modulation(c)  # (S, 6D)
-        for block in self.blocks:
+        if hidden_after is not None and not 1 <= hidden_after <= len(self.blocks):
+            raise ValueError(f"hidden_after={hidden_after}: the model has blocks 1..{len(self.blocks)}")
+        hidden = None
+        for index, block in enumerate(self.blocks):
             h = block(h, c, global_modulation, mask, cos, sin)  # (T, D)
-        return self.final_layer(h, c, mask.segment_ids)  # (T, p*p*C)
+            if index + 1 == hidden_after:
+                hidden = h if self.hidden_head is None else self.hidden_head(h)
+        out = self.final_layer(h, c, mask.segment_ids)  # (T, p*p*C)
+        return out if hidden_after is None else (out, hidden)
+
+    def attach_hidden_head(self, head: nn.Module) -> None:
+        """Register `head` (T, D) -> (T, D') as `hidden_head`, applied to the hidden states that
+        `forward(..., hidden_after=k)` returns; its parameters are named `hidden_head.*`."""
+        self.hidden_head = head
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -55,7 +55,9 @@ class ParallelBackend:
     def _new_model(self, changes: dict[str, Any]) -> torch.nn.Module:
         from fitscale.models import build_model
 
-        return build_model(self.config.model.name, **{**dict(self.config.model.overrides), **changes})
+        model = build_model(self.config.model.name, **{**dict(self.config.model.overrides), **changes})
+        attach_training_heads(model, self.config)
+        return model
 
     def build_model(self, initial_state: InitialState, **changes: Any) -> torch.nn.Module:
         """The parallelised model on `env.device`, holding the full state dict `initial_state()`
@@ -259,6 +261,18 @@ class DeepSpeedBackend(ParallelBackend):
         from fitscale.parallel.deepspeed_ema import DeepSpeedEMA
 
         return DeepSpeedEMA(self.engine, self.model, cfg)  # ZeRO's fp32 master partitions, averaged in place
+
+
+def attach_training_heads(model: torch.nn.Module, config) -> None:
+    """The heads that train with the model but are no part of the network: REPA's projector
+    (`train.repa`, fitscale.flow.repa), attached before parallelisation so that it is sharded,
+    optimised and checkpointed with the model."""
+    repa = config.train.repa
+    if repa.enabled:
+        from fitscale.flow.repa import attach_projector
+        from fitscale.flow.repa_encoder import encoder_dim
+
+        attach_projector(model, repa, encoder_dim(repa))
 
 
 BACKENDS: dict[str, type[ParallelBackend]] = {"fsdp": FSDPBackend, "deepspeed": DeepSpeedBackend}

@@ -34,6 +34,7 @@ logger = logging.getLogger(LOGGER_NAME)
 # metrics.jsonl key -> step-line key, in the order the line shows them (those present are shown).
 STEP_FIELDS = (
     ("loss", "loss"),
+    ("repa_loss", "repa_loss"),
     ("grad_norm", "grad_norm"),
     ("lr", "lr"),
     ("perf/images_per_s", "images_per_s"),
@@ -42,6 +43,7 @@ STEP_FIELDS = (
     ("mem/max_allocated_gib", "peak_mem_gib"),
     ("mem/max_rss_gib", "peak_mem_gib"),
     ("perf/data_wait_s", "data_wait_s"),
+    ("encoder_s", "encoder_s"),
 )
 
 

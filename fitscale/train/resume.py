@@ -43,6 +43,10 @@ FIXED: dict[str, str] = {
     "optim.no_weight_decay": "the optimizer state is grouped by it",
     "optim.ema.enabled": "the checkpoint holds an EMA only when it was on",
     "parallel.backend": "FSDP and DeepSpeed write different checkpoints",
+    "train.repa.encoder": "the checkpoint's REPA projector maps to that encoder's width",
+    "train.repa.encoder_args": "the checkpoint's REPA projector maps to that encoder's width",
+    "train.repa.projector_width": "the checkpoint's REPA projector has that shape",
+    "train.repa.projector_depth": "the checkpoint's REPA projector has that shape",
 }  # and the fields of the run's backend (ParallelBackend.fixed_on_resume)
 # Model fields that change how the same function is computed or trained, not the network.
 MODEL_MAY_CHANGE = ("model.attn_backend", "model.class_dropout_prob")

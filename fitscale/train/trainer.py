@@ -33,7 +33,7 @@ from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
 from fitscale.models.inputs import check_packed_batch
 from fitscale.models.official import clean_parameter_name, load_official_checkpoint, load_official_state_dict
 from fitscale.parallel import DistributedEnv, init_distributed
-from fitscale.parallel.backend import build_backend
+from fitscale.parallel.backend import attach_training_heads, build_backend
 from fitscale.runtime.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
 from fitscale.train.loglines import configure_console
 from fitscale.train.metrics import MetricsLogger, Throughput, memory_stats, timestep_bucket_metrics
@@ -63,6 +63,7 @@ class StepStats:
     bucket_sums: torch.Tensor
     bucket_counts: torch.Tensor
     seqlens: list[int]
+    repa_loss: float | None = None  # the step's mean alignment loss (train.repa), None when off
 
 
 class Trainer:
@@ -102,6 +103,7 @@ class Trainer:
             self.backend, self.config.train.run_dir
         )  # what a checkpoint holds of it
         self.model = self._build_model()
+        self.repa = self._build_repa()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.ema = self._build_ema()
         self.loader = loader if loader is not None else self._build_loader()
@@ -135,6 +137,7 @@ class Trainer:
             load_official_state_dict(model, read_run_start(init_from))
         elif init_from:
             load_official_checkpoint(model, init_from)
+        attach_training_heads(model, self.config)  # REPA's projector, seeded after the network
         return model.state_dict()
 
     @property
@@ -151,6 +154,14 @@ class Trainer:
         self._apply_trainable(model)
         seed_rank(self.config.train.seed, self.env.rank)
         return model
+
+    def _build_repa(self):
+        """The alignment term of `train.repa` (fitscale.train.repa), or None when it is off."""
+        if not self.config.train.repa.enabled:
+            return None
+        from fitscale.train.repa import RepaTerm
+
+        return all_ranks_agree(lambda: RepaTerm(self.config, self.env.device))
 
     def _apply_trainable(self, model: torch.nn.Module) -> None:
         count = apply_trainable_patterns(model, list(self.config.train.trainable))
@@ -195,8 +206,19 @@ class Trainer:
 
             start = all_ranks_agree(lambda: read_run_start(init_from, "ema"))
             if start is not None:
-                ema.load_full(start)
+                ema.load_full({**self._training_heads_start(), **start})
         return ema
+
+    def _training_heads_start(self) -> dict[str, torch.Tensor]:
+        """The initial weights of the heads a run's start leaves out (REPA's projector: another run's
+        EMA holds none), for its EMA to start from; {} without such heads. The global RNG is kept."""
+        if not self.config.train.repa.enabled:
+            return {}
+        from fitscale.checkpoint.export import TRAINING_ONLY_PREFIXES
+
+        with torch.random.fork_rng(devices=[]):
+            initial = self._full_initial_state()
+        return {name: value for name, value in initial.items() if name.startswith(TRAINING_ONLY_PREFIXES)}
 
     def _build_loader(self):
         """This rank's loader; every rank reads the dataset's files itself, so the ranks then check
@@ -353,6 +375,8 @@ class Trainer:
         bucket_sum = torch.zeros(buckets, dtype=torch.float64, device=self.env.device)
         bucket_count = torch.zeros(buckets, dtype=torch.float64, device=self.env.device)
         seqlens: list[int] = []
+        repa_weight = self.repa.weight(step) if self.repa is not None else 0.0
+        local_repa = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             timesteps, noise = per_image_noise(micro, cfg.train.seed, step, cfg.train.flow)
@@ -366,15 +390,27 @@ class Trainer:
             timesteps = timesteps.to(self.env.device, non_blocking=True)
             noise = noise.to(self.env.device, non_blocking=True)
             self.backend.set_gradient_sync(last)
+            hidden_after = self.repa.block if repa_weight else None
             out = flow_loss(
-                self.backend.forward_module, batch, timesteps, noise, global_images, cfg.train.flow
+                self.backend.forward_module,
+                batch,
+                timesteps,
+                noise,
+                global_images,
+                cfg.train.flow,
+                hidden_after,
             )
-            self.backend.backward(out.loss)
+            loss = out.loss
+            if repa_weight:
+                align = self.repa.loss(micro, batch, out.hidden, global_images)
+                loss = loss + repa_weight * align
+                local_repa += align.detach().double()
+            self.backend.backward(loss)
             local_loss += out.loss.detach().double()
             bucket = (out.timesteps * buckets).long().clamp(0, buckets - 1)
             bucket_sum.index_add_(0, bucket, out.per_image.double())
             bucket_count.index_add_(0, bucket, torch.ones_like(out.per_image, dtype=torch.float64))
-        summary = torch.cat([local_loss[None], bucket_sum, bucket_count])
+        summary = torch.cat([local_loss[None], bucket_sum, bucket_count, local_repa[None]])
         if self.env.world_size > 1:
             dist.all_reduce(summary)
         loss = float(summary[0])
@@ -402,8 +438,9 @@ class Trainer:
             real_tokens=int(counts[1]),
             tokens=int(counts[2]),
             bucket_sums=summary[1 : 1 + buckets].cpu(),
-            bucket_counts=summary[1 + buckets :].cpu(),
+            bucket_counts=summary[1 + buckets : 1 + 2 * buckets].cpu(),
             seqlens=seqlens,
+            repa_loss=float(summary[-1]) if repa_weight else None,
         )
 
     def _check_host_batch(self, micro, timesteps: torch.Tensor) -> None:
@@ -550,6 +587,7 @@ class Trainer:
             "images": stats.images,
             "flops": flops,  # this step's training FLOPs, all ranks (fitscale report sums them)
             **timestep_bucket_metrics(stats.bucket_sums, stats.bucket_counts),
+            **self._repa_metrics(stats),
             **(validation or {}),
         }
         step = self.progress.step
@@ -560,6 +598,13 @@ class Trainer:
         if stats.skipped:
             self.metrics.event("nonfinite_step_skipped", step, loss=stats.loss, grad_norm=stats.grad_norm)
         self.metrics.log(step, metrics)
+
+    def _repa_metrics(self, stats: StepStats) -> dict[str, float]:
+        """`repa_loss` (unweighted, the step's mean) and `encoder_s` (this rank's encoder seconds)."""
+        if self.repa is None:
+            return {}
+        seconds = self.repa.take_seconds()
+        return {} if stats.repa_loss is None else {"repa_loss": stats.repa_loss, "encoder_s": seconds}
 
     def close(self) -> None:
         """Finish pending saves, close the metrics sinks and release the run folder (also after a failure)."""

@@ -234,6 +234,18 @@ def test_from_images_encodes_photos_with_a_local_vae(tmp_path):
     assert meta["classes"] == ["animals", "things"] and meta["max_image_tokens"] == 64
     table = np.load(out / "samples.npy")
     assert (table[:, 0] * table[:, 1] <= 64).all() and (table[:, 2] == 8).all()  # all photos exceed 128 px
+    # The pixels of REPA (fitscale.data.pixels), prepared again from the folder: each variant on its grid.
+    from fitscale.data.pixels import PixelStore
+
+    assert cli("data", "pixels", out, "--images", tmp_path / "images", "--resolution", 96) == 2
+    assert cli("data", "pixels", out, "--images", tmp_path / "images", "--resolution", 128) == 0
+    store = PixelStore(out)
+    for rows, cols, crop_rows, crop_cols, _, _, source_id in table.tolist():
+        full, crop = store.image(source_id, rows, cols), store.image(source_id, crop_rows, crop_cols)
+        assert full.shape == (rows * 16, cols * 16, 3) and crop.shape == (128, 128, 3)
+        if (rows, cols) != (crop_rows, crop_cols):  # a non-square photo: the crop is its own resize
+            assert np.array_equal(crop, store._picture(source_id, 1))
+            assert np.array_equal(store.image(source_id, rows, cols, flip=True), full[:, ::-1])
 
 
 def test_digits_grid_sides_are_chosen_recorded_and_checked(tmp_path, capsys):

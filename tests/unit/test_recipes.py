@@ -15,7 +15,14 @@ from fitscale.models import build_model
 from fitscale.models.flops import training_flops
 from fitscale.models.partial import apply_trainable
 
-RECIPES = ["fitv2_b_256", "fitv2_xl_256", "fitv2_3b_256", "fitv2_xl_hr512", "fitv2_3b_hr512"]
+RECIPES = [
+    "fitv2_b_256",
+    "fitv2_xl_256",
+    "fitv2_3b_256",
+    "fitv2_xl_hr512",
+    "fitv2_3b_hr512",
+    "fitv2_xl_256_repa",
+]
 H100_PEAK = 989e12
 
 
@@ -42,6 +49,7 @@ def test_recipe_loads_and_states_its_cost(name):
         "fitv2_3b_256": 1_000_000,
         "fitv2_xl_hr512": 400_000,
         "fitv2_3b_hr512": 200_000,
+        "fitv2_xl_256_repa": 1_000_000,
     }[name]
     assert config.train.steps == expected_steps
     # The header's FLOPs and H100-hours are the model's own count at the stated MFU.
@@ -173,3 +181,17 @@ def test_high_res_post_training_changes_only_the_trainable_set(tmp_path):
     changed = {name for name, value in start.state_dict().items() if not torch.equal(after[name], value)}
     expected = {name for name, _ in start.named_parameters() if matches(name, patterns)}
     assert changed == expected
+
+
+def test_repa_recipe_is_the_xl_recipe_with_repas_published_dinov2_b_settings():
+    repa, plain = load_config("recipes/fitv2_xl_256_repa.yaml"), load_config("recipes/fitv2_xl_256.yaml")
+    settings = repa.train.repa
+    assert (settings.encoder, settings.weight, settings.projector_width, settings.projector_depth) == (
+        "vit_base_patch14_dinov2",
+        0.5,
+        2048,
+        3,
+    )
+    assert settings.block == round(8 / 28 * repa.model_config().depth) == 10  # REPA's 8 of 28, of 36
+    for section in ("model", "data", "optim", "parallel"):
+        assert getattr(repa, section) == getattr(plain, section), section
