@@ -9,7 +9,6 @@ other reduction orders move losses by fp32 rounding (about 1e-7 relative), far b
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,7 @@ TINY_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_h
 
 def write_worker_pixels(out: Path, images: int, pixels_per_token: int = 8) -> Path:
     """Random pixels on the grid of each of the worker's first `images` sample ids."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_worker import SeededSteps
+    from helpers.train_worker import SeededSteps
 
     from fitscale.data.pixels import write_pixels
 
