@@ -32,11 +32,11 @@ def frechet(mu1, sigma1, mu2, sigma2):  # ADM's FIDStatistics.frechet_distance, 
     return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
 
 
-def distances(u, v):  # DistanceBlock: float16 with float32 accumulation, float32 when not finite
+def distances(u, v):  # DistanceBlock: float16 squares, float32 accumulation, float32 when not finite
     u16, v16 = u.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
-        nu = (u16**2).sum(1).astype(np.float16)[:, None]
-        nv = (v16**2).sum(1).astype(np.float16)[None, :]
+        nu = np.square(u.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16)[:, None]
+        nv = np.square(v.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16)[None, :]
         d = np.maximum(nu - np.float16(2) * (u16 @ v16.T).astype(np.float16) + nv, np.float16(0))
     if np.isfinite(d).all():
         return d.astype(np.float32)

@@ -42,11 +42,11 @@ def adm_inception_score(preds, split_size=5000):
 
 
 def adm_distances(u, v):
-    """DistanceBlock: float16 (float32 accumulation), float32 when not finite."""
+    """DistanceBlock: float16 squares (tf.square), float32 accumulation, float32 when not finite."""
     u16, v16 = u.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
-    nu = (u16**2).sum(1).astype(np.float16)[:, None]
-    nv = (v16**2).sum(1).astype(np.float16)[None, :]
     with np.errstate(over="ignore", invalid="ignore"):
+        nu = np.square(u.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16)[:, None]
+        nv = np.square(v.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16)[None, :]
         d = np.maximum(nu - np.float16(2) * (u16 @ v16.T).astype(np.float16) + nv, np.float16(0))
     if np.isfinite(d).all():
         return d.astype(np.float32)
@@ -96,6 +96,21 @@ def test_distances_fall_back_to_float32_when_float16_overflows():
     small = adm.pairwise_distances(u / 1000, v / 1000)  # float16: 3 decimal digits
     np.testing.assert_array_equal(small, adm_distances(u / 1000, v / 1000))
     assert np.abs(small - exact / 1e6).max() / (exact / 1e6).max() < 1e-2
+
+
+def test_distances_square_each_feature_in_float16_as_adms_graph_does():
+    """ADM's DistanceBlock runs tf.square on float16 features: every square is rounded to float16
+    before the sum. On pool-like features (non-negative, a few units) the distances equal that
+    written out bit for bit, and squaring in float32 instead gives other float16 norms."""
+    rng = np.random.default_rng(2)
+    u = rng.gamma(0.5, 0.8, (40, 2048)).astype(np.float32)
+    v = rng.gamma(0.5, 0.8, (30, 2048)).astype(np.float32)
+    got = adm.pairwise_distances(u, v)
+    np.testing.assert_array_equal(got, adm_distances(u, v))
+    u16 = u.astype(np.float16)
+    squared_in_float32 = np.square(u16.astype(np.float32)).sum(1).astype(np.float16)
+    squared_in_float16 = np.square(u16).astype(np.float32).sum(1).astype(np.float16)
+    assert (squared_in_float32 != squared_in_float16).any()  # the two roundings differ on these rows
 
 
 def test_center_crop_is_adms_and_nonsquare_recipes_keep_or_fill():
