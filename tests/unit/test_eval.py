@@ -85,6 +85,28 @@ def test_metrics_equal_adm_formulas_on_random_features():
     assert 0 < got[0] < 1 and 0 < got[1] < 1  # not a degenerate case
 
 
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning", "ignore:invalid value:RuntimeWarning")
+def test_frechet_distance_offsets_the_diagonal_when_the_square_root_is_not_finite():
+    """ADM's branch for a product without a square root: scipy's sqrtm of sigma1 @ sigma2 =
+    [[0, 1], [0, 0]] (a Jordan block at 0, exactly triangular, so no machine's Schur form differs) is
+    not finite, and the distance then uses sqrtm((sigma1 + eps I)(sigma2 + eps I)), eps = 1e-6.
+    Checked against that trace written out for 2 x 2: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) when
+    M's eigenvalues are positive (they are: sigma1[0, 0] > 1/eps)."""
+    sigma1 = np.array([[4e6, 1.0], [1.0, 0.0]])
+    sigma2 = np.array([[0.0, 0.0], [0.0, 1.0]])
+    mu1, mu2 = np.array([0.5, -1.0]), np.array([0.0, 2.0])
+    np.testing.assert_array_equal(sigma1 @ sigma2, [[0.0, 1.0], [0.0, 0.0]])
+    offset = np.eye(2) * 1e-6
+    product = (sigma1 + offset) @ (sigma2 + offset)
+    trace_sqrt = np.sqrt(np.trace(product) + 2 * np.sqrt(np.linalg.det(product)))
+    diff = mu1 - mu2
+    expected = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
+    with pytest.warns(UserWarning, match="singular product; adding 1e-06 to diagonal"):
+        got = adm.frechet_distance(adm.FIDStatistics(mu1, sigma1), adm.FIDStatistics(mu2, sigma2))
+    assert np.isfinite(got) and got == pytest.approx(expected, rel=1e-9)
+    assert got == pytest.approx(adm_frechet(mu1, sigma1, mu2, sigma2), rel=1e-12)
+
+
 def test_distances_fall_back_to_float32_when_float16_overflows():
     rng = np.random.default_rng(1)
     u = rng.standard_normal((20, 64)).astype(np.float32) * 100  # |u|^2 ~ 640000 > float16's 65504
