@@ -5,14 +5,12 @@ features on 1, 2 and 3 ranks (real gloo processes); an interrupted evaluation re
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
+from helpers.eval_batches import fitscale, smooth_pictures
 from PIL import Image
 from scipy import linalg
 
@@ -41,29 +39,6 @@ def distances(u, v):  # DistanceBlock: float16 squares, float32 accumulation, fl
     if np.isfinite(d).all():
         return d.astype(np.float32)
     return np.maximum((u**2).sum(1)[:, None] - 2 * (u @ v.T) + (v**2).sum(1)[None, :], 0).astype(np.float32)
-
-
-def smooth_pictures(rng, count, size):
-    """Pictures with structure (upsampled noise, varied brightness), not white noise."""
-    coarse = rng.integers(0, 256, (count, 3, 8, 8)).astype(np.float32)
-    coarse *= rng.uniform(0.3, 1.0, (count, 1, 1, 1))
-    pictures = [
-        np.asarray(Image.fromarray(c.transpose(1, 2, 0).astype(np.uint8)).resize((size, size), Image.BICUBIC))
-        for c in coarse
-    ]
-    return np.stack(pictures)
-
-
-def fitscale(*argv, env=None):
-    result = subprocess.run(
-        [sys.executable, "-m", "fitscale.cli", *map(str, argv)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
