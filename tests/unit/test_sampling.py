@@ -9,21 +9,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_models import tiny_model
 
 from fitscale.cli import main
 from fitscale.models import build_model
 from fitscale.sample.generate import generate_latents, load_sampling_model
 from fitscale.sample.options import SamplingOptions, extrapolation_overrides
 from fitscale.sample.plan import plan_items
-
-
-def tiny_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model("tiny", attn_backend="reference")
-    with torch.no_grad():
-        for param in model.parameters():  # the released init zeroes the output layer
-            param.add_(torch.randn_like(param) * 0.05)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
