@@ -57,18 +57,32 @@ def setup(tmp_path_factory):
     return d, sha, env
 
 
-def test_every_metric_equals_adms_formulas_on_the_saved_features(setup):
+# Every run cuts both batches the same way: parts of 2 images (4 sample parts, 3 reference parts),
+# Inception batches of 2; the ranks' runs must give the one-rank run's features bit for bit.
+PARTS = ("--part-size", "2", "--batch-size", "2")
+
+
+@pytest.fixture(scope="module")
+def one_rank(setup):
+    """The one-rank evaluation both tests read (computed once: its two 2048 x 2048 square roots and
+    the network's start-up dominate): `eval-ref` of the training folder, then `fitscale eval` of the
+    sample with both batches' features saved and its feature parts kept in `work1`."""
     d, sha, env = setup
     summary = fitscale("eval-ref", d / "train", "--size", "32x32", "--out", d / "ref.npz",
                        "--inception-sha256", sha, "--json", env=env)  # fmt: skip
-    assert json.loads(summary)["pictures"] == 6
+    out = fitscale("eval", d / "sample.npz", "--ref", d / "ref.npz", "--save-features", d / "f.npz",
+                   "--save-ref-features", d / "rf.npz", "--inception-sha256", sha, "--json", "--work", d / "work1",
+                   "--device", "cpu", *PARTS, env=env)  # fmt: skip
+    return json.loads(summary), json.loads(out)
+
+
+def test_every_metric_equals_adms_formulas_on_the_saved_features(setup, one_rank):
+    d, sha, env = setup
+    summary, got = one_rank
+    assert summary["pictures"] == 6
     with np.load(d / "ref.npz") as ref:
         assert ref["arr_0"].shape == (6, 32, 32, 3) and ref["arr_0"].dtype == np.uint8
         mu, sigma, mu_s, sigma_s = (ref[k] for k in ("mu", "sigma", "mu_s", "sigma_s"))
-    out = fitscale("eval", d / "sample.npz", "--ref", d / "ref.npz", "--save-features", d / "f.npz",
-                   "--save-ref-features", d / "rf.npz", "--inception-sha256", sha, "--json",
-                   "--part-size", "4", "--batch-size", "3", env=env)  # fmt: skip
-    got = json.loads(out)
     with np.load(d / "f.npz") as f, np.load(d / "rf.npz") as rf:
         pool, spatial, softmax, ref_pool = f["pool"], f["spatial"], f["softmax"], rf["pool"]
     assert pool.shape == (7, 2048) and spatial.shape == (7, 2023) and softmax.shape == (7, 1008)
@@ -92,21 +106,21 @@ def test_every_metric_equals_adms_formulas_on_the_saved_features(setup):
     assert got["fid"] > 0.1 and got["comparable"] is False  # random weights: labelled
 
 
-def test_one_two_and_three_ranks_give_the_same_features_and_resume(setup):
-    """1 and 2 ranks from scratch; 3 ranks resume the 1-rank folder with 3 of its 4 sample parts
-    removed (as if stopped): only those are computed, on 3 ranks, and the features are equal bit
+def test_one_two_and_three_ranks_give_the_same_features_and_resume(setup, one_rank):
+    """2 ranks from scratch; 3 ranks resume the 1-rank folder with 3 of its 4 sample parts removed
+    (as if stopped): only those are computed, on 3 ranks, and the features are the 1-rank run's bit
     for bit each time (so is every number computed from them)."""
     d, sha, env = setup
-    np.savez(d / "ref_small.npz", arr_0=smooth_pictures(np.random.default_rng(1), 4, 32))
 
-    def features(nproc, work, out, *extra):
-        fitscale("eval", d / "sample.npz", "--ref", d / "ref_small.npz", "--ref-stats-from-arr0", "--features-only",
-                 "--save-features", out, "--work", work, "--nproc", nproc, "--part-size", "2", "--batch-size", "1",
-                 "--inception-sha256", sha, "--device", "cpu", *extra, env=env)  # fmt: skip
+    def features(nproc, work, out):
+        fitscale("eval", d / "sample.npz", "--ref", d / "ref.npz", "--features-only", "--save-features", out,
+                 "--work", work, "--nproc", nproc, "--inception-sha256", sha, "--device", "cpu", *PARTS,
+                 env=env)  # fmt: skip
         with np.load(out) as f:
             return {k: f[k] for k in f}
 
-    one = features(1, d / "work1", d / "f1.npz")
+    with np.load(d / "f.npz") as f:
+        one = {k: f[k] for k in f}
     two = features(2, d / "work2", d / "f2.npz")
     shutil.copytree(d / "work1", d / "work3")
     parts = sorted((d / "work3" / "sample").glob("part-*.npz"))
@@ -116,6 +130,7 @@ def test_one_two_and_three_ranks_give_the_same_features_and_resume(setup):
     kept = parts[0].stat().st_mtime_ns
     three = features(3, d / "work3", d / "f3.npz")
     assert parts[0].stat().st_mtime_ns == kept  # a finished part is not computed again
+    assert sorted(p.name for p in (d / "work3" / "sample").glob("part-*.npz")) == [p.name for p in parts]
     for other in (two, three):
         for key in ("pool", "spatial", "softmax"):
             np.testing.assert_array_equal(other[key], one[key])
