@@ -3,8 +3,8 @@
 An image is a `SampleItem`: its global index (its file names), its index among the images of its
 size, class and grid in tokens. Its label and noise are functions of (seed, size, index within the
 size) only, so an image of size S is the same whether S is sampled alone or after other sizes, and
-on any number of ranks. Items are packed into batches up to a token budget exactly like training batches
-(fitscale.data.batch), so any mix of sizes and aspect ratios shares one forward pass.
+on any number of ranks. Items are packed into batches up to a token budget exactly like training
+batches (fitscale.data.batch), so any mix of sizes and aspect ratios shares one forward pass.
 """
 
 from __future__ import annotations
