@@ -10,10 +10,12 @@ the 1e-3 tolerance on the imaginary diagonal), `compute_statistics` (mean and `n
 `DistanceBlock`'s pairwise squared distances in float16 and a float32 fallback for a block that is
 not finite.
 
-The one choice ADM leaves to its TensorFlow kernels is how float16 products are accumulated: here
-each squared norm and each inner product is accumulated in float32 and rounded to float16 (what a
-GPU's float16 GEMM does under TensorFlow's defaults), then `max(|u|^2 - 2 u.v + |v|^2, 0)` is
-evaluated in float16, each operation rounded, as in the graph.
+The one choice ADM leaves to its TensorFlow kernels is how float16 sums are accumulated. The graph
+squares the float16 features elementwise (`tf.square`, each square rounded to float16, overflowing
+to inf past 255.9), then sums them; here each squared norm and each inner product is accumulated in
+float32 and rounded to float16 (what a GPU's float16 reduction and GEMM do under TensorFlow's
+defaults), then `max(|u|^2 - 2 u.v + |v|^2, 0)` is evaluated in float16, each operation rounded, as
+in the graph.
 """
 
 from __future__ import annotations
@@ -103,13 +105,18 @@ def inception_score(softmax: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> flo
     return float(np.mean(scores))
 
 
+def _squared_norms_fp16(x16: np.ndarray) -> np.ndarray:
+    """(N,) float16 squared norms of (N, D) float16 rows: each square rounded to float16 (the graph's
+    tf.square on float16), summed in float32, the sum rounded to float16."""
+    return np.sum(np.square(x16).astype(np.float32), 1).astype(np.float16)
+
+
 def _pairwise_fp16(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     u16, v16 = u.astype(np.float16), v.astype(np.float16)
-    u32, v32 = u16.astype(np.float32), v16.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite block is computed again in float32
-        norm_u = np.sum(np.square(u32), 1).astype(np.float16).reshape(-1, 1)
-        norm_v = np.sum(np.square(v32), 1).astype(np.float16).reshape(1, -1)
-        product = (u32 @ v32.T).astype(np.float16)
+        norm_u = _squared_norms_fp16(u16).reshape(-1, 1)
+        norm_v = _squared_norms_fp16(v16).reshape(1, -1)
+        product = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
         return np.maximum(norm_u - np.float16(2) * product + norm_v, np.float16(0))
 
 

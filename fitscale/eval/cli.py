@@ -155,8 +155,13 @@ def print_result(result: dict, as_json: bool) -> None:
 
 
 def _refuse_existing(path: str | None, overwrite: bool, flag: str) -> None:
-    if path is not None and Path(path).exists() and not overwrite:
+    """Before any work: refuse an output file that exists (unless --overwrite) and make its folder,
+    so that a finished evaluation is never lost to a missing folder at its end."""
+    if path is None:
+        return
+    if Path(path).exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pick another {flag} or pass --overwrite")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
 def run_eval(args) -> int:

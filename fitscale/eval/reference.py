@@ -111,6 +111,7 @@ def write_reference(
     picture at a time through a temporary file and a rename. Returns the pictures in arr_0."""
     count = min(REFERENCE_IMAGES, source.count)
     chosen = np.sort(np.random.default_rng(seed).choice(source.count, count, replace=False))
+    out.parent.mkdir(parents=True, exist_ok=True)  # a new folder of references (was: a missing .tmp error)
     tmp = out.with_name(out.name + ".tmp")
     height, width = source.size
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:

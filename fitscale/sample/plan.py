@@ -1,8 +1,10 @@
 """Which images a sampling run makes, how they share forward passes, and their starting noise.
 
-An image is a `SampleItem`: its global index (which seeds its noise), class and grid in tokens.
-Items are packed into batches up to a token budget exactly like training batches
-(fitscale.data.batch), so any mix of sizes and aspect ratios shares one forward pass.
+An image is a `SampleItem`: its global index (its file names), its index among the images of its
+size, class and grid in tokens. Its label and noise are functions of (seed, size, index within the
+size) only, so an image of size S is the same whether S is sampled alone or after other sizes, and
+on any number of ranks. Items are packed into batches up to a token budget exactly like training
+batches (fitscale.data.batch), so any mix of sizes and aspect ratios shares one forward pass.
 """
 
 from __future__ import annotations
@@ -21,13 +23,20 @@ from fitscale.seeds import image_seed
 
 @dataclass
 class SampleItem:
-    """One image to generate: its global index (seeds its noise), class and grid in tokens."""
+    """One image to generate: its global index (names its files), class, grid in tokens, and its
+    index among the images of its size (with the seed and size, it keys its noise; defaults to
+    `index`)."""
 
     index: int
     label: int
     rows: int
     cols: int
     pixels_per_token: int = PIXELS_PER_TOKEN  # autoencoder downsampling x patch size
+    index_in_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.index_in_size is None:
+            self.index_in_size = self.index
 
     @property
     def tokens(self) -> int:
@@ -53,10 +62,13 @@ def plan_items(
     seed: int = 0,
     pixels_per_token: int = PIXELS_PER_TOKEN,
 ) -> list[SampleItem]:
-    """The images of a run: `num_per_size` of each (height, width) in pixels, labels cycled or random;
+    """The images of a run: `num_per_size` of each (height, width) in pixels, in the order given;
     a token covers `pixels_per_token` pixels a side (16 for SD-VAE latents, 32 for DC-AE f32).
 
-    Raises ValueError naming the flag of a bad size, count or label.
+    Labels are `labels` cycled by the index within the size, or drawn from a generator keyed by
+    (seed, height, width) in that index order: an image's label does not depend on the sizes
+    listed before it (a size listed twice continues its count). Raises UserError naming the flag of
+    a bad size, count or label.
     """
     step = pixels_per_token
     if num_per_size < 1:
@@ -69,13 +81,18 @@ def plan_items(
     for label in labels or []:
         if not 0 <= label < num_classes:
             raise UserError(f"--labels: class {label} is outside [0, {num_classes}) for this model")
-    rng = np.random.default_rng([seed, 7])
+    rngs: dict[tuple[int, int], np.random.Generator] = {}
+    counts: dict[tuple[int, int], int] = {}
     items = []
     for height, width in sizes:
+        rng = rngs.setdefault((height, width), np.random.default_rng([seed, 7, height, width]))
         for _ in range(num_per_size):
-            index = len(items)
-            label = labels[index % len(labels)] if labels else int(rng.integers(num_classes))
-            items.append(SampleItem(index, label, height // step, width // step, step))
+            within = counts.get((height, width), 0)
+            counts[(height, width)] = within + 1
+            label = labels[within % len(labels)] if labels else int(rng.integers(num_classes))
+            items.append(
+                SampleItem(len(items), label, height // step, width // step, step, index_in_size=within)
+            )
     return items
 
 
@@ -100,18 +117,26 @@ def batches_by_budget(items: list[SampleItem], token_budget: int, guided: bool) 
     return groups
 
 
+def noise_seed(item: SampleItem, seed: int, stream: int) -> int:
+    """The torch.Generator seed of `item`'s noise stream `stream` (0: initial noise, k: SDE step
+    k - 1): a function of (seed, height, width, index within the size, stream) only."""
+    size_seed = image_seed(seed, item.rows, item.cols)
+    return image_seed(size_seed, stream, item.index_in_size)
+
+
 def initial_noise(item: SampleItem, token_dim: int, seed: int) -> torch.Tensor:
-    """(rows*cols, p*p*C) standard normal noise that depends only on (seed, item index)."""
-    generator = torch.Generator().manual_seed(image_seed(seed, 0, item.index))
+    """(rows*cols, p*p*C) standard normal noise that depends only on (seed, size, index within size)."""
+    generator = torch.Generator().manual_seed(noise_seed(item, seed, 0))
     return torch.randn(item.tokens, token_dim, generator=generator)
 
 
 def step_noise(items: list[SampleItem], token_dim: int, seed: int, step: int) -> torch.Tensor:
     """(T, p*p*C) standard normal noise of SDE step `step` (0, 1, ...) for packed `items`, each
-    image's drawn from (seed, step + 1, its index) on the CPU: independent of batch, rank and device."""
+    image's drawn from (seed, size, index within size, step + 1) on the CPU: independent of batch,
+    rank, device and the other sizes of the run."""
     chunks = []
     for item in items:
-        generator = torch.Generator().manual_seed(image_seed(seed, step + 1, item.index))
+        generator = torch.Generator().manual_seed(noise_seed(item, seed, step + 1))
         chunks.append(torch.randn(item.tokens, token_dim, generator=generator))
     return torch.cat(chunks)
 

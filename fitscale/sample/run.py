@@ -102,6 +102,9 @@ def _check_settings(run: SampleRun, rank: int, world_size: int) -> None:
         "vae": run.vae,
         "preview_channel": run.preview_channel,
         "items": [[i.index, i.label, i.rows, i.cols] for i in run.items],
+        # How noise is keyed (fitscale.sample.plan.noise_seed): a folder sampled with the older
+        # global-index keying lacks this and is refused rather than resumed with other noise.
+        "noise": "seed,size,index_in_size",
     }
     settings = json.loads(json.dumps(settings))  # as read back (tuples become lists)
     path = run.out_dir / "sampling.json"

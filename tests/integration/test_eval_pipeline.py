@@ -5,14 +5,12 @@ features on 1, 2 and 3 ranks (real gloo processes); an interrupted evaluation re
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
+from helpers.eval_batches import fitscale, smooth_pictures
 from PIL import Image
 from scipy import linalg
 
@@ -32,38 +30,15 @@ def frechet(mu1, sigma1, mu2, sigma2):  # ADM's FIDStatistics.frechet_distance, 
     return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
 
 
-def distances(u, v):  # DistanceBlock: float16 with float32 accumulation, float32 when not finite
+def distances(u, v):  # DistanceBlock: float16 squares, float32 accumulation, float32 when not finite
     u16, v16 = u.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
-        nu = (u16**2).sum(1).astype(np.float16)[:, None]
-        nv = (v16**2).sum(1).astype(np.float16)[None, :]
+        nu = np.square(u.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16)[:, None]
+        nv = np.square(v.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16)[None, :]
         d = np.maximum(nu - np.float16(2) * (u16 @ v16.T).astype(np.float16) + nv, np.float16(0))
     if np.isfinite(d).all():
         return d.astype(np.float32)
     return np.maximum((u**2).sum(1)[:, None] - 2 * (u @ v.T) + (v**2).sum(1)[None, :], 0).astype(np.float32)
-
-
-def smooth_pictures(rng, count, size):
-    """Pictures with structure (upsampled noise, varied brightness), not white noise."""
-    coarse = rng.integers(0, 256, (count, 3, 8, 8)).astype(np.float32)
-    coarse *= rng.uniform(0.3, 1.0, (count, 1, 1, 1))
-    pictures = [
-        np.asarray(Image.fromarray(c.transpose(1, 2, 0).astype(np.uint8)).resize((size, size), Image.BICUBIC))
-        for c in coarse
-    ]
-    return np.stack(pictures)
-
-
-def fitscale(*argv, env=None):
-    result = subprocess.run(
-        [sys.executable, "-m", "fitscale.cli", *map(str, argv)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -82,19 +57,36 @@ def setup(tmp_path_factory):
     return d, sha, env
 
 
-def test_every_metric_equals_adms_formulas_on_the_saved_features(setup):
+# Every run cuts both batches the same way: parts of 2 images (4 sample parts, 3 reference parts),
+# Inception batches of 2; the ranks' runs must give the one-rank run's features bit for bit.
+PARTS = ("--part-size", "2", "--batch-size", "2")
+
+
+@pytest.fixture(scope="module")
+def one_rank(setup):
+    """The one-rank evaluation both tests read (computed once: its two 2048 x 2048 square roots and
+    the network's start-up dominate): `eval-ref` of the training folder, then `fitscale eval` of the
+    sample with both batches' features saved and its feature parts kept in `work1`."""
     d, sha, env = setup
     summary = fitscale("eval-ref", d / "train", "--size", "32x32", "--out", d / "ref.npz",
                        "--inception-sha256", sha, "--json", env=env)  # fmt: skip
-    assert json.loads(summary)["pictures"] == 6
+    out = fitscale("eval", d / "sample.npz", "--ref", d / "ref.npz", "--save-features", d / "results" / "f.npz",
+                   "--save-ref-features", d / "results" / "rf.npz", "--out", d / "results" / "eval.json",
+                   "--inception-sha256", sha, "--json", "--work", d / "work1",
+                   "--device", "cpu", *PARTS, env=env)  # fmt: skip
+    # Every output went to a folder that did not exist: made before the work, not lost at its end.
+    assert json.loads((d / "results" / "eval.json").read_text()) == json.loads(out)
+    return json.loads(summary), json.loads(out)
+
+
+def test_every_metric_equals_adms_formulas_on_the_saved_features(setup, one_rank):
+    d, sha, env = setup
+    summary, got = one_rank
+    assert summary["pictures"] == 6
     with np.load(d / "ref.npz") as ref:
         assert ref["arr_0"].shape == (6, 32, 32, 3) and ref["arr_0"].dtype == np.uint8
         mu, sigma, mu_s, sigma_s = (ref[k] for k in ("mu", "sigma", "mu_s", "sigma_s"))
-    out = fitscale("eval", d / "sample.npz", "--ref", d / "ref.npz", "--save-features", d / "f.npz",
-                   "--save-ref-features", d / "rf.npz", "--inception-sha256", sha, "--json",
-                   "--part-size", "4", "--batch-size", "3", env=env)  # fmt: skip
-    got = json.loads(out)
-    with np.load(d / "f.npz") as f, np.load(d / "rf.npz") as rf:
+    with np.load(d / "results" / "f.npz") as f, np.load(d / "results" / "rf.npz") as rf:
         pool, spatial, softmax, ref_pool = f["pool"], f["spatial"], f["softmax"], rf["pool"]
     assert pool.shape == (7, 2048) and spatial.shape == (7, 2023) and softmax.shape == (7, 1008)
     # the stored statistics are the whole set's, computed as ADM's compute_statistics would
@@ -117,21 +109,21 @@ def test_every_metric_equals_adms_formulas_on_the_saved_features(setup):
     assert got["fid"] > 0.1 and got["comparable"] is False  # random weights: labelled
 
 
-def test_one_two_and_three_ranks_give_the_same_features_and_resume(setup):
-    """1 and 2 ranks from scratch; 3 ranks resume the 1-rank folder with 3 of its 4 sample parts
-    removed (as if stopped): only those are computed, on 3 ranks, and the features are equal bit
+def test_one_two_and_three_ranks_give_the_same_features_and_resume(setup, one_rank):
+    """2 ranks from scratch; 3 ranks resume the 1-rank folder with 3 of its 4 sample parts removed
+    (as if stopped): only those are computed, on 3 ranks, and the features are the 1-rank run's bit
     for bit each time (so is every number computed from them)."""
     d, sha, env = setup
-    np.savez(d / "ref_small.npz", arr_0=smooth_pictures(np.random.default_rng(1), 4, 32))
 
-    def features(nproc, work, out, *extra):
-        fitscale("eval", d / "sample.npz", "--ref", d / "ref_small.npz", "--ref-stats-from-arr0", "--features-only",
-                 "--save-features", out, "--work", work, "--nproc", nproc, "--part-size", "2", "--batch-size", "1",
-                 "--inception-sha256", sha, "--device", "cpu", *extra, env=env)  # fmt: skip
+    def features(nproc, work, out):
+        fitscale("eval", d / "sample.npz", "--ref", d / "ref.npz", "--features-only", "--save-features", out,
+                 "--work", work, "--nproc", nproc, "--inception-sha256", sha, "--device", "cpu", *PARTS,
+                 env=env)  # fmt: skip
         with np.load(out) as f:
             return {k: f[k] for k in f}
 
-    one = features(1, d / "work1", d / "f1.npz")
+    with np.load(d / "results" / "f.npz") as f:
+        one = {k: f[k] for k in f}
     two = features(2, d / "work2", d / "f2.npz")
     shutil.copytree(d / "work1", d / "work3")
     parts = sorted((d / "work3" / "sample").glob("part-*.npz"))
@@ -141,6 +133,7 @@ def test_one_two_and_three_ranks_give_the_same_features_and_resume(setup):
     kept = parts[0].stat().st_mtime_ns
     three = features(3, d / "work3", d / "f3.npz")
     assert parts[0].stat().st_mtime_ns == kept  # a finished part is not computed again
+    assert sorted(p.name for p in (d / "work3" / "sample").glob("part-*.npz")) == [p.name for p in parts]
     for other in (two, three):
         for key in ("pool", "spatial", "softmax"):
             np.testing.assert_array_equal(other[key], one[key])

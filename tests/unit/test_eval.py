@@ -42,11 +42,11 @@ def adm_inception_score(preds, split_size=5000):
 
 
 def adm_distances(u, v):
-    """DistanceBlock: float16 (float32 accumulation), float32 when not finite."""
+    """DistanceBlock: float16 squares (tf.square), float32 accumulation, float32 when not finite."""
     u16, v16 = u.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
-    nu = (u16**2).sum(1).astype(np.float16)[:, None]
-    nv = (v16**2).sum(1).astype(np.float16)[None, :]
     with np.errstate(over="ignore", invalid="ignore"):
+        nu = np.square(u.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16)[:, None]
+        nv = np.square(v.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16)[None, :]
         d = np.maximum(nu - np.float16(2) * (u16 @ v16.T).astype(np.float16) + nv, np.float16(0))
     if np.isfinite(d).all():
         return d.astype(np.float32)
@@ -85,6 +85,28 @@ def test_metrics_equal_adm_formulas_on_random_features():
     assert 0 < got[0] < 1 and 0 < got[1] < 1  # not a degenerate case
 
 
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning", "ignore:invalid value:RuntimeWarning")
+def test_frechet_distance_offsets_the_diagonal_when_the_square_root_is_not_finite():
+    """ADM's branch for a product without a square root: scipy's sqrtm of sigma1 @ sigma2 =
+    [[0, 1], [0, 0]] (a Jordan block at 0, exactly triangular, so no machine's Schur form differs) is
+    not finite, and the distance then uses sqrtm((sigma1 + eps I)(sigma2 + eps I)), eps = 1e-6.
+    Checked against that trace written out for 2 x 2: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) when
+    M's eigenvalues are positive (they are: sigma1[0, 0] > 1/eps)."""
+    sigma1 = np.array([[4e6, 1.0], [1.0, 0.0]])
+    sigma2 = np.array([[0.0, 0.0], [0.0, 1.0]])
+    mu1, mu2 = np.array([0.5, -1.0]), np.array([0.0, 2.0])
+    np.testing.assert_array_equal(sigma1 @ sigma2, [[0.0, 1.0], [0.0, 0.0]])
+    offset = np.eye(2) * 1e-6
+    product = (sigma1 + offset) @ (sigma2 + offset)
+    trace_sqrt = np.sqrt(np.trace(product) + 2 * np.sqrt(np.linalg.det(product)))
+    diff = mu1 - mu2
+    expected = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
+    with pytest.warns(UserWarning, match="singular product; adding 1e-06 to diagonal"):
+        got = adm.frechet_distance(adm.FIDStatistics(mu1, sigma1), adm.FIDStatistics(mu2, sigma2))
+    assert np.isfinite(got) and got == pytest.approx(expected, rel=1e-9)
+    assert got == pytest.approx(adm_frechet(mu1, sigma1, mu2, sigma2), rel=1e-12)
+
+
 def test_distances_fall_back_to_float32_when_float16_overflows():
     rng = np.random.default_rng(1)
     u = rng.standard_normal((20, 64)).astype(np.float32) * 100  # |u|^2 ~ 640000 > float16's 65504
@@ -96,6 +118,21 @@ def test_distances_fall_back_to_float32_when_float16_overflows():
     small = adm.pairwise_distances(u / 1000, v / 1000)  # float16: 3 decimal digits
     np.testing.assert_array_equal(small, adm_distances(u / 1000, v / 1000))
     assert np.abs(small - exact / 1e6).max() / (exact / 1e6).max() < 1e-2
+
+
+def test_distances_square_each_feature_in_float16_as_adms_graph_does():
+    """ADM's DistanceBlock runs tf.square on float16 features: every square is rounded to float16
+    before the sum. On pool-like features (non-negative, a few units) the distances equal that
+    written out bit for bit, and squaring in float32 instead gives other float16 norms."""
+    rng = np.random.default_rng(2)
+    u = rng.gamma(0.5, 0.8, (40, 2048)).astype(np.float32)
+    v = rng.gamma(0.5, 0.8, (30, 2048)).astype(np.float32)
+    got = adm.pairwise_distances(u, v)
+    np.testing.assert_array_equal(got, adm_distances(u, v))
+    u16 = u.astype(np.float16)
+    squared_in_float32 = np.square(u16.astype(np.float32)).sum(1).astype(np.float16)
+    squared_in_float16 = np.square(u16).astype(np.float32).sum(1).astype(np.float16)
+    assert (squared_in_float32 != squared_in_float16).any()  # the two roundings differ on these rows
 
 
 def test_center_crop_is_adms_and_nonsquare_recipes_keep_or_fill():

@@ -9,21 +9,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_models import tiny_model
 
 from fitscale.cli import main
 from fitscale.models import build_model
 from fitscale.sample.generate import generate_latents, load_sampling_model
 from fitscale.sample.options import SamplingOptions, extrapolation_overrides
 from fitscale.sample.plan import plan_items
-
-
-def tiny_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model("tiny", attn_backend="reference")
-    with torch.no_grad():
-        for param in model.parameters():  # the released init zeroes the output layer
-            param.add_(torch.randn_like(param) * 0.05)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -366,6 +358,33 @@ def test_two_ranks_write_the_images_one_rank_writes(weights_file, tmp_path, caps
         one = np.load(tmp_path / "one" / "latents" / f"{image:06d}.npy")
         two = np.load(tmp_path / "two" / "latents" / f"{image:06d}.npy")
         assert np.array_equal(one, two), f"image {image}: {np.abs(one - two).max():.1e} apart"
+
+
+def test_an_images_noise_and_label_depend_only_on_seed_size_and_index_within_size(
+    weights_file, tmp_path, capsys
+):
+    """The 32x48 images of a run (random labels, SDE steps so every noise stream is used) are the same
+    bit for bit, with the same labels, whether 32x48 is sampled alone, listed first, or listed after
+    another size: their noise and labels are keyed by (seed, size, index within the size), not by
+    the global index (which shifted them by the images listed before)."""
+    flags = "--model tiny --set attn_backend=reference --num-per-size 2 --mode sde --steps 2 --seed 4 --device cpu"
+    s, o = "--height 32 --width 48".split(), "--height 48 --width 32".split()
+    runs = {"alone": s, "first": [*s, *o], "after": [*o, *s]}
+    found = {}
+    for name, sizes in runs.items():
+        assert main(["sample", str(weights_file), "--out", str(tmp_path / name), *flags.split(), *sizes]) == 0
+        images = json.loads((tmp_path / name / "samples.json").read_text())["images"]
+        found[name] = [
+            (image["label"], np.load(tmp_path / name / "latents" / f"{image['index']:06d}.npy"))
+            for image in images
+            if (image["height"], image["width"]) == (32, 48)
+        ]
+    capsys.readouterr()
+    assert len(found["alone"]) == 2
+    for name in ("first", "after"):
+        for (label, latent), (want_label, want) in zip(found[name], found["alone"]):
+            assert label == want_label and np.array_equal(latent, want), f"32x48 {name} vs alone"
+    assert not np.array_equal(found["alone"][0][1], found["alone"][1][1])
 
 
 def test_run_checkpoint_gives_ema_or_raw_weights(tmp_path):

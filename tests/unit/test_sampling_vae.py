@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_models import tiny_vae
 from PIL import Image
 
 from fitscale.cli import main
@@ -21,22 +22,6 @@ from fitscale.sample.options import SamplingOptions
 from fitscale.sample.plan import plan_items
 
 SIZES = [(32, 32), (48, 80)]  # pixels: 4x4 and 6x10 latents, 2x2 and 3x5 tokens
-
-
-def tiny_vae(latent_channels: int = 4, **factors):
-    """`factors`: the latent normalisation (scaling_factor, shift_factor, latents_mean, latents_std)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        layers_per_block=1,
-        **factors,
-    )
 
 
 @pytest.fixture(scope="module")
