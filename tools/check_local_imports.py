@@ -6,7 +6,8 @@ only notices a cycle through it when a name is missing at call time. So a functi
 
 - in a module that `fitscale --help` loads: the dispatcher (fitscale/cli.py), each package's cli.py,
   fitscale/lazy.py and whatever they import at top level. The set is computed, not listed: this
-  tool imports fitscale.cli, builds the parser with every subcommand's help, and reads sys.modules.
+  tool imports fitscale.cli in a fresh interpreter, builds the parser with every subcommand's help,
+  and reads sys.modules.
   Those modules defer the work of each command to the command's function, so `--help` imports no
   torch (tests/unit/test_cli_fast.py);
 - or where the import statement carries a reason comment from this fixed vocabulary (REASONS):
@@ -19,8 +20,8 @@ only notices a cycle through it when a name is missing at call time. So a functi
     python tools/check_local_imports.py          exit 1 and one line per disallowed import
     python tools/check_local_imports.py --list   every function-level fitscale import with its verdict
 
-Run from the repository root with the repository on PYTHONPATH (tools/test.sh does), so the
-fitscale that is imported is the one being checked.
+Run from the repository root (tools/test.sh does): the fitscale checked, read and imported, is the
+one under the current directory.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from __future__ import annotations
 import argparse
 import ast
 import io
+import os
 import re
+import subprocess
 import sys
 import tokenize
 from dataclasses import dataclass
@@ -109,16 +112,28 @@ def function_level_imports(root: Path, package: str = "fitscale") -> list[LocalI
     return found
 
 
-def dispatcher_modules() -> set[str]:
-    """The fitscale modules that `fitscale --help` (and every subcommand's `--help`) loads."""
-    from fitscale.cli import build_parser
+_PROBE = """
+import sys
+from fitscale.cli import build_parser
+parser = build_parser()
+parser.format_help()
+for action in parser._subparsers._group_actions:
+    for sub in action.choices.values():
+        sub.format_help()
+print(" ".join(name for name in sys.modules if name == "fitscale" or name.startswith("fitscale.")))
+"""
 
-    parser = build_parser()
-    parser.format_help()
-    for action in parser._subparsers._group_actions:
-        for sub in action.choices.values():
-            sub.format_help()
-    return {name for name in sys.modules if name == "fitscale" or name.startswith("fitscale.")}
+
+def dispatcher_modules(root: Path) -> set[str]:
+    """The fitscale modules that `fitscale --help` (and every subcommand's `--help`) loads, with the
+    fitscale under `root`. Asked of a fresh interpreter, so what the caller imported does not count.
+    Raises subprocess.CalledProcessError when fitscale.cli fails to import.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
+    return set(result.stdout.split())
 
 
 def verdict(found: LocalImport, allowed: set[str]) -> str | None:
@@ -147,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     found = function_level_imports(Path.cwd())
-    allowed = dispatcher_modules()
+    allowed = dispatcher_modules(Path.cwd())
     problems = []
     for item in found:
         problem = verdict(item, allowed)
