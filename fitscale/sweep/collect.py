@@ -18,8 +18,6 @@ from typing import Any
 import torch
 
 from fitscale.errors import UserError
-from fitscale.eval.evaluate import EvalSettings, evaluate
-from fitscale.eval.inception import WEIGHTS_SHA256_PREFIX
 from fitscale.parallel.ema import ema_initial_weight
 from fitscale.sample.generate import load_sampling_model
 from fitscale.sample.options import SamplingOptions
@@ -62,6 +60,8 @@ def _validation_data(spec: SweepSpec, config):
 def _fid(spec: SweepSpec, model: torch.nn.Module, folder: Path) -> dict[str, Any]:
     """ADM's metrics (fitscale.eval) of EMA samples against the spec's reference batch: `fid` and
     the rest under `fid_*` names (sfid, inception_score, precision, recall, comparable)."""
+    from fitscale.eval.evaluate import EvalSettings, evaluate  # lazy: optional extra
+    from fitscale.eval.inception import WEIGHTS_SHA256_PREFIX  # lazy: optional extra
 
     fid = spec.fid
     height, width = fid.get("size", [256, 256])
