@@ -5,6 +5,8 @@
 #   2. ruff format --check            (formatting)
 #      lint-imports                   (the layers contract, pyproject.toml [tool.importlinter]: imports
 #                                      only point down, function-level ones included)
+#      tools/check_local_imports.py  (function-level imports of fitscale modules only in modules that
+#                                      `fitscale --help` loads, or with a `# lazy:` reason)
 #   3. pytest -m "not slow and not slurm and not gpu"    the fast lane: no training ranks, minutes
 #   4. ATEN_CPU_CAPABILITY=default, then =avx2: pytest -m "numeric and not slow and not slurm and not gpu"
 #      the fast tests that compare float results across kernels, again with ATen's non-vectorised
@@ -55,6 +57,7 @@ step() {
 step "$py" -m ruff check .
 step "$py" -m ruff format --check .
 step "$py" -c "from importlinter.cli import lint_imports_command; lint_imports_command()"
+step "$py" tools/check_local_imports.py
 if [ "$lowest_deps" = 1 ]; then
   # The lowest versions pyproject.toml allows of the light direct dependencies (about 30 s).
   step "$py" tools/check_lowest_deps.py

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fitscale.checkpoint import layout
 from fitscale.errors import UserError
 from fitscale.runtime.agree import all_ranks_agree, rank0_decides
 
@@ -92,7 +93,6 @@ def supersede_deepspeed_steps(run_dir: str | Path, after: int, branch: str) -> l
     """Move the DeepSpeed folders of steps after `after` (and their universal conversions) to
     `superseded/<branch>/` beside them, as the CheckpointManager does with their published steps
     when a run resumes from an earlier step (rank 0; layout.supersede). Returns where they went."""
-    from fitscale.checkpoint import layout
 
     moved = []
     for folder in (checkpoint_dir(run_dir), checkpoint_dir(run_dir) / UNIVERSAL):

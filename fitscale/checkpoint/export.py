@@ -19,8 +19,17 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from fitscale.checkpoint import layout
+from fitscale.checkpoint.deepspeed import is_deepspeed_checkpoint, read_deepspeed_weights
+from fitscale.config.model import PRESETS
 from fitscale.diskspace import named_out_of_space
 from fitscale.errors import UserError
+from fitscale.models import build_model
+from fitscale.models.official import (
+    export_official_state_dict,
+    load_official_state_dict,
+    read_checkpoint_file,
+    strip_wrapper_prefixes,
+)
 
 WEIGHT_PREFIXES = {"model": "model.", "ema": "ema.params."}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -33,7 +42,6 @@ TRAINING_ONLY_PREFIXES = ("hidden_head.",)  # REPA's projector (fitscale.flow.re
 def read_run_weights(checkpoint: Path, which: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """`read_weights`, or for a DeepSpeed run the weights (and EMA) of its ZeRO partitions; the
     training-only heads (`TRAINING_ONLY_PREFIXES`) are left out: they are no part of the network."""
-    from fitscale.checkpoint.deepspeed import is_deepspeed_checkpoint, read_deepspeed_weights
 
     if not is_deepspeed_checkpoint(checkpoint):
         weights = read_weights(checkpoint, which, dtype)
@@ -122,7 +130,6 @@ def model_section(checkpoint: Path) -> dict[str, Any] | None:
 
 def build_cpu_model(name: str, overrides: dict[str, Any] | None = None) -> torch.nn.Module:
     """A model of preset `name` with uninitialised CPU weights (about to be overwritten)."""
-    from fitscale.models import build_model
 
     with torch.device("meta"):
         model = build_model(name, **dict(overrides or {}))
@@ -173,8 +180,6 @@ def export_checkpoint(
     which = "ema" if ema else "model"
     weights = read_run_weights(checkpoint, which, DTYPES[dtype])
     if names == "official":
-        from fitscale.models.official import export_official_state_dict
-
         section = {"name": model, "overrides": {}} if model else model_section(checkpoint)
         if section is None:
             raise UserError(
@@ -202,7 +207,6 @@ def export_checkpoint(
 
 def infer_preset(state_dict: dict[str, torch.Tensor]) -> str:
     """The released preset whose width and depth match a checkpoint (XL or 3B)."""
-    from fitscale.config.model import PRESETS
 
     width = state_dict["x_embedder.proj.weight"].shape[0] if "x_embedder.proj.weight" in state_dict else None
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
@@ -227,11 +231,6 @@ def convert_official(
     The weights pass through a real model (strict loading), so a wrong preset or a damaged file is
     caught here rather than at the start of a training run.
     """
-    from fitscale.models.official import (
-        load_official_state_dict,
-        read_checkpoint_file,
-        strip_wrapper_prefixes,
-    )
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fitscale.checkpoint.deepspeed import load_deepspeed_state, save_deepspeed_state
+from fitscale.checkpoint.stateful import ModelState, OptimizerState
+
 
 class BackendPart:
     """The checkpoint part of a backend that keeps everything in the DCP checkpoint (nothing of its own)."""
@@ -40,7 +43,6 @@ class DCPPart(BackendPart):
 
     def state(self, optimizer: torch.optim.Optimizer, ema) -> dict[str, Any]:
         """`model`, `optimizer` and (when enabled) `ema` Statefuls of the backend's model."""
-        from fitscale.checkpoint.stateful import ModelState, OptimizerState
 
         model = self.backend.model
         state: dict[str, Any] = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)}
@@ -64,7 +66,6 @@ class DeepSpeedPart(BackendPart):
     def save(self, step: int, force: bool, checkpoints, ema) -> bool:
         """Write step `step`'s DeepSpeed files when any rank is due to save (forced, a signal asked, or on
         the interval: `checkpoints.due`); True when the step must be published."""
-        from fitscale.checkpoint.deepspeed import save_deepspeed_state
 
         if self._all_agree(not checkpoints.due(step, force or checkpoints.save_requested)):
             return False
@@ -76,7 +77,6 @@ class DeepSpeedPart(BackendPart):
 
     def load(self, step: int, ema) -> None:
         """Load step `step`'s DeepSpeed files into the engine and the EMA (any world size, same ZeRO stage)."""
-        from fitscale.checkpoint.deepspeed import load_deepspeed_state
 
         load_deepspeed_state(self.backend.engine, self.run_dir, step, ema)
 

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fitscale.config.run import RunConfig
+from fitscale.config.schema import choices
 from fitscale.errors import UserError
 
 PRESET_DEFAULT = "<the preset's>"
@@ -111,7 +113,6 @@ def describe(cls: type, prefix: str = "") -> list[FieldInfo]:
 
 def _type_text(item: dataclasses.Field, kind: Any) -> str:
     """The type as written, or for a choice field its allowed values, e.g. `auto | cpu | cuda`."""
-    from fitscale.config.schema import choices
 
     allowed = choices(kind)
     if allowed is None:
@@ -127,7 +128,6 @@ def _class_doc(cls: type) -> str:
 def describe_run(section: str | None = None) -> list[FieldInfo]:
     """Every field of RunConfig, or of one section (`train`, `optim.ema`, ...). ValueError names
     an unknown section and lists the sections."""
-    from fitscale.config.run import RunConfig
 
     fields = describe(RunConfig)
     if section is None:

@@ -37,7 +37,7 @@ def open_streaming_dataset(path: str | Path, remote: str | None, cfg, field: str
     `field` names the recipe field of `path` in errors (data.path or data.val_path). Collective
     when torch.distributed is initialised (every rank of the job calls it for the same folder).
     """
-    from fitscale.runtime.agree import all_ranks_agree
+    from fitscale.runtime.agree import all_ranks_agree  # lazy: heavy
 
     folder = os.path.abspath(path)
     if folder in _open:

@@ -30,6 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
+from fitscale.data.format import (
+    COLS,
+    CROP_COLS,
+    CROP_ROWS,
+    ROWS,
+    SOURCE_ID,
+    atomic_save_npy,
+    atomic_write_text,
+    read_meta,
+    read_sample_table,
+)
+from fitscale.data.sources import digit_canvas
 from fitscale.errors import UserError
 
 PIXELS_META = "pixels.json"
@@ -67,7 +79,6 @@ def write_pixels(
     Raises FileExistsError when the dataset has pixels already (unless `overwrite`): written pixels are
     never replaced silently.
     """
-    from fitscale.data.format import atomic_save_npy, atomic_write_text
 
     path = Path(path)
     meta_path = path / PIXELS_META
@@ -172,7 +183,6 @@ class PixelStore:
 def digit_picture(image: np.ndarray, rows: int, cols: int, pixels_per_token: int) -> np.ndarray:
     """An 8x8 digit (0..16) drawn as fitscale.data.sources.render_digit draws latent channel 0, at
     `pixels_per_token` px per token: uint8 (rows*ppt, cols*ppt), ink white on black, centred."""
-    from fitscale.data.sources import digit_canvas
 
     canvas = digit_canvas(image, rows * pixels_per_token, cols * pixels_per_token)
     return (canvas * 255.0 + 0.5).astype(np.uint8)
@@ -191,8 +201,6 @@ def write_digit_pixels(
     its source id s is digit s mod 1797 (the writer lists variant by variant), its grid from samples.npy.
     ValueError for a dataset another writer wrote."""
     from sklearn.datasets import load_digits
-
-    from fitscale.data.format import COLS, ROWS, SOURCE_ID, read_meta, read_sample_table
 
     meta = read_meta(path)
     if meta.get("writer") != "digits":
@@ -226,9 +234,8 @@ def write_image_pixels(
     ValueError when a picture's grid is not its sample's (another folder or --resolution)."""
     from PIL import Image
 
-    from fitscale.data.format import COLS, CROP_COLS, CROP_ROWS, ROWS, SOURCE_ID, read_meta, read_sample_table
-    from fitscale.data.images import centre_crop, list_image_folder, resize_to_area
-    from fitscale.data.vae import PIXELS_PER_TOKEN
+    from fitscale.data.images import centre_crop, list_image_folder, resize_to_area  # lazy: heavy
+    from fitscale.data.vae import PIXELS_PER_TOKEN  # lazy: heavy
 
     meta = read_meta(path)
     if meta.get("writer") != "from-images":

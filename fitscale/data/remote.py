@@ -31,6 +31,7 @@ from fitscale.data.format import (
     check_local_shards,
     read_index,
     read_meta,
+    shard_files,
 )
 from fitscale.errors import UserError
 
@@ -201,6 +202,5 @@ def upload_dataset(folder: str | Path, uri: str, overwrite: bool = False, progre
 
 
 def _stored_files(folder: Path) -> list[tuple[str, int]]:
-    from fitscale.data.format import shard_files
 
     return shard_files(read_index(folder))

@@ -16,6 +16,7 @@ import numpy as np
 
 from fitscale.errors import UserError
 from fitscale.eval.adm import FIDStatistics
+from fitscale.eval.batches import IMAGE_SUFFIXES
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 REFERENCE_IMAGES = 10000  # the pictures an ADM reference batch keeps in arr_0
@@ -80,7 +81,6 @@ class ResizedFolder:
     `resize_picture`, read in slices like eval.batches sources."""
 
     def __init__(self, folder: str | Path, height: int, width: int, recipe: str = "crop"):
-        from fitscale.eval.batches import IMAGE_SUFFIXES
 
         root = Path(folder)
         if not root.is_dir():

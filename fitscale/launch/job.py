@@ -25,7 +25,11 @@ import sys
 import tempfile
 from typing import Any
 
+from fitscale.clitools import USER_ERRORS
+from fitscale.config import load_config
 from fitscale.runtime.env import export_torch_env, slurm_rank_info
+from fitscale.runtime.failures import record_failure, slurm_error_folder
+from fitscale.runtime.rundir import slurm_folder
 
 log = logging.getLogger("fitscale.launch")
 
@@ -61,7 +65,6 @@ class TrainingJob:
         """The run config parsed from the resolved YAML the job carries (ConfigError when it does not
         load).
         """
-        from fitscale.config import load_config
 
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
             handle.write(self.config_yaml)
@@ -86,7 +89,7 @@ class TrainingJob:
         )
         try:
             config = self.load_config()
-            from fitscale.train.trainer import Trainer
+            from fitscale.train.trainer import Trainer  # lazy: heavy
 
             trainer = Trainer(config)  # its checkpoint manager now owns SIGTERM/SIGUSR2
             early.watch_time_limit()
@@ -107,9 +110,6 @@ class TrainingJob:
     def _report_failure(self, error: Exception) -> None:
         """This rank's one-line report, so `fitscale launch --wait` and `fitscale status` name the
         first rank that failed (the others often fail after it, having lost their peer)."""
-        from fitscale.clitools import USER_ERRORS
-        from fitscale.runtime.failures import record_failure, slurm_error_folder
-        from fitscale.runtime.rundir import slurm_folder
 
         try:
             import submitit

@@ -15,12 +15,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fitscale.config import load_config, to_yaml
 from fitscale.config.errors import ConfigError
 from fitscale.config.launch import ClusterProfile, Resources, resolve_resources
 from fitscale.errors import UserError
 from fitscale.launch.job import TrainingJob, make_signals_exit
 from fitscale.launch.profiles import load_profile
+from fitscale.launch.slurm import (
+    active_job,
+    build_executor,
+    import_submitit,
+    require_slurm,
+    sbatch_parameters,
+    sbatch_script,
+    submit,
+    submit_array,
+)
 from fitscale.runtime import rundir
+from fitscale.runtime.failures import run_ranks
+from fitscale.runtime.local import python_module_command
 from fitscale.train.preflight import check_before_launch, check_data_before_launch, world_size_problems
 
 
@@ -96,7 +109,6 @@ def check_topology(config, resources: Resources, profile: ClusterProfile) -> lis
 
 def plan_launch(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), **flags: Any) -> LaunchPlan:
     """Resolve `recipe` + `overrides` + flags (cluster, nodes, gpus_per_node, tasks_per_node, time_min)."""
-    from fitscale.config import load_config, to_yaml
 
     config = load_config(recipe, [*overrides, *launch_overrides(**flags)])
     profile = load_profile(config.launch.cluster)
@@ -117,8 +129,6 @@ def plan_launch(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (),
         problems=check_topology(config, resources, profile),
     )
     if profile.scheduler == "slurm":
-        from fitscale.launch.slurm import import_submitit, sbatch_parameters
-
         import_submitit()
         plan.sbatch_params = sbatch_parameters(profile, config.launch, resources, job_name)
     return plan
@@ -126,7 +136,6 @@ def plan_launch(recipe: str | Path, overrides: list[str] | tuple[str, ...] = (),
 
 def render_sbatch(plan: LaunchPlan) -> str:
     """The batch script `submit_plan` would submit; works on a machine without SLURM."""
-    from fitscale.launch.slurm import sbatch_script
 
     return sbatch_script(rundir.slurm_folder(plan.run_dir), plan.sbatch_params)
 
@@ -154,7 +163,6 @@ def check_plan(plan: LaunchPlan, lock: bool) -> None:
 
 def submit_plan(plan: LaunchPlan):
     """Submit to SLURM; returns the submitit Job. Refuses a run folder whose previous job may still run."""
-    from fitscale.launch.slurm import active_job, build_executor, require_slurm, submit
 
     if plan.problems:
         raise ConfigError("; ".join(plan.problems))
@@ -191,8 +199,6 @@ def run_local(
     master_port: int | None = None,
 ) -> int:
     """Run the plan's ranks on this machine (one node of `resources.nodes`); returns the exit code."""
-    from fitscale.runtime.failures import run_ranks
-    from fitscale.runtime.local import python_module_command
 
     if plan.resources.nodes > 1 and master_port is None:
         raise UserError("a multi-node launch needs an explicit master_port that every node agrees on")
@@ -222,8 +228,6 @@ def submit_sweep(configs: list, folder: str | Path, cluster: str | None = None) 
     shape); the array's logs go to `<folder>/slurm/`, each run's checkpoints and metrics to its own
     run folder. Returns the job ids in the order of `configs` (`<array id>_<index>`).
     """
-    from fitscale.config import to_yaml
-    from fitscale.launch.slurm import build_executor, sbatch_parameters, submit_array
 
     if not configs:
         raise ValueError("submit_sweep needs at least one config")

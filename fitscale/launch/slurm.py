@@ -22,6 +22,7 @@ from fitscale.compat import SUBMITIT_TASK_MODULE, sbatch_parameter_names, sbatch
 from fitscale.config.launch import ClusterProfile, LaunchConfig, Resources
 from fitscale.launch.job import TrainingJob
 from fitscale.runtime import rundir
+from fitscale.runtime.failures import slurm_first_failure
 
 # States after which SLURM will not run the job again (a requeued job goes back to PENDING).
 TERMINAL_STATES = {
@@ -215,7 +216,6 @@ class JobOutcome:
 def failure_reason(folder: str | Path, job_id: str, max_lines: int = 1) -> str:
     """Why a job failed: the first failing rank's line (fitscale.runtime.failures), else from its
     tasks' result pickles (submitit stores the traceback) or their logs."""
-    from fitscale.runtime.failures import slurm_first_failure
 
     folder = Path(folder)
     report = slurm_first_failure(folder, job_id)

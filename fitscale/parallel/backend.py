@@ -21,6 +21,15 @@ from typing import Any
 
 import torch
 
+from fitscale.flow.repa import attach_projector
+from fitscale.flow.repa_encoder import encoder_dim
+from fitscale.models import build_model
+from fitscale.models.layers import FiTBlock
+from fitscale.parallel.cuda_graphs import maybe_apply_cuda_graphs
+from fitscale.parallel.deepspeed import build_deepspeed_engine, deepspeed_problems, global_grad_norm
+from fitscale.parallel.deepspeed_ema import DeepSpeedEMA
+from fitscale.parallel.ema import EMA
+from fitscale.parallel.float8 import maybe_precompute_float8_scales
 from fitscale.parallel.mesh import DistributedEnv, build_mesh
 from fitscale.parallel.parallelize import parallelize
 from fitscale.runtime.agree import all_ranks_agree, rank0_decides
@@ -53,7 +62,6 @@ class ParallelBackend:
         self.float8_report = None  # parallelize's: which linears became float8
 
     def _new_model(self, changes: dict[str, Any]) -> torch.nn.Module:
-        from fitscale.models import build_model
 
         model = build_model(self.config.model.name, **{**dict(self.config.model.overrides), **changes})
         attach_training_heads(model, self.config)
@@ -114,8 +122,6 @@ class FSDPBackend(ParallelBackend):
         rank 0 are broadcast (so they do not depend on the world size)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from fitscale.parallel.cuda_graphs import maybe_apply_cuda_graphs
-
         cfg = self.config
         with torch.device("meta"):
             model = self._new_model(changes)
@@ -163,7 +169,6 @@ class FSDPBackend(ParallelBackend):
         return float(norm)
 
     def step(self, optimizer: torch.optim.Optimizer) -> float | None:
-        from fitscale.parallel.float8 import maybe_precompute_float8_scales
 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -174,7 +179,6 @@ class FSDPBackend(ParallelBackend):
         optimizer.zero_grad(set_to_none=True)
 
     def build_ema(self, cfg):
-        from fitscale.parallel.ema import EMA
 
         return EMA(self.model, cfg)
 
@@ -193,7 +197,6 @@ class DeepSpeedBackend(ParallelBackend):
     @classmethod
     def launch_problems(cls, config) -> list[str]:
         """DeepSpeed must be installed (`fitscale.parallel.deepspeed.deepspeed_problems`)."""
-        from fitscale.parallel.deepspeed import deepspeed_problems
 
         return deepspeed_problems(config)
 
@@ -211,8 +214,6 @@ class DeepSpeedBackend(ParallelBackend):
         if self.config.parallel.zero_stage == 3:
             from deepspeed.utils import set_z3_leaf_modules
 
-            from fitscale.models.layers import FiTBlock
-
             # ZeRO-3 gathers each block's parameters at once, as FSDP2 does, with hooks on the block
             # alone and none inside it (so a compiled block's forward holds no ZeRO hook).
             set_z3_leaf_modules(model, [FiTBlock])
@@ -220,7 +221,6 @@ class DeepSpeedBackend(ParallelBackend):
         return self.model
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        from fitscale.parallel.deepspeed import build_deepspeed_engine
 
         cfg = self.config
         self.engine = build_deepspeed_engine(self.model, optimizer, cfg.parallel, cfg.train, self.env)
@@ -241,7 +241,6 @@ class DeepSpeedBackend(ParallelBackend):
         """The true global gradient norm (`fitscale.parallel.deepspeed.global_grad_norm`), measured
         before the step so that a non-finite gradient is skipped; DeepSpeed clips inside its step
         (its config carries the limit)."""
-        from fitscale.parallel.deepspeed import global_grad_norm
 
         return global_grad_norm(self.engine)
 
@@ -258,7 +257,6 @@ class DeepSpeedBackend(ParallelBackend):
         self.engine.optimizer.zero_grad(set_to_none=True)
 
     def build_ema(self, cfg):
-        from fitscale.parallel.deepspeed_ema import DeepSpeedEMA
 
         return DeepSpeedEMA(self.engine, self.model, cfg)  # ZeRO's fp32 master partitions, averaged in place
 
@@ -269,9 +267,6 @@ def attach_training_heads(model: torch.nn.Module, config) -> None:
     optimised and checkpointed with the model."""
     repa = config.train.repa
     if repa.enabled:
-        from fitscale.flow.repa import attach_projector
-        from fitscale.flow.repa_encoder import encoder_dim
-
         attach_projector(model, repa, encoder_dim(repa))
 
 

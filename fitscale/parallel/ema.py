@@ -24,6 +24,7 @@ from fitscale.compat import foreach_copy_, foreach_lerp_
 from fitscale.config.optim import EMAConfig
 from fitscale.errors import UserError
 from fitscale.models.official import clean_parameter_name
+from fitscale.parallel.float8 import without_float8_wrapper  # plain copies of float8 weights
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,6 @@ class EMA:
         self.cfg = cfg
         self.num_updates = 0
         self._params = dict(params)
-        from fitscale.parallel.float8 import without_float8_wrapper  # plain copies of float8 weights
 
         self.shadow = {
             name: without_float8_wrapper(param.detach()).to(torch.float32, copy=True)

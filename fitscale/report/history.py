@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fitscale.train.loglines import format_duration
 from fitscale.train.records import METRICS_FILE, is_start, live_branch, read_records
 
 TRAIN_LOSS_WINDOW = 10  # logged steps averaged for the final training loss
@@ -173,7 +174,6 @@ def format_number(value: Any) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A few lines for one run: best validation loss, throughput medians, time lost to restarts."""
-    from fitscale.train.loglines import format_duration
 
     s = summary
     lines = [

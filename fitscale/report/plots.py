@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fitscale.plotting import pyplot
 from fitscale.report.history import RunHistory
 
 SMOOTHING = 0.9  # EMA factor of the smoothed training loss
@@ -186,7 +187,6 @@ def plot_throughput(plt, histories: list[RunHistory], path: Path) -> Path:
 
 def write_plots(histories: list[RunHistory], out_dir: Path) -> list[Path]:
     """All report PNGs into `out_dir`; returns their paths."""
-    from fitscale.plotting import pyplot
 
     plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)

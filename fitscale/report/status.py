@@ -13,7 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fitscale.checkpoint.layout import complete_steps, step_dirname, superseded_steps
 from fitscale.report.history import RunHistory, format_number, read_history
+from fitscale.runtime.failures import last_failure
+from fitscale.runtime.rundir import launch_records
+from fitscale.train.lock import RunLock
+from fitscale.train.loglines import format_duration
 
 SHOWN_METRICS = (
     "loss",
@@ -65,9 +70,6 @@ def eta_seconds(history: RunHistory, target: int | None) -> float | None:
 def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     """Everything `fitscale status` prints, as a JSON-ready dict. FileNotFoundError names a folder
     that is not a run folder."""
-    from fitscale.checkpoint.layout import complete_steps, step_dirname, superseded_steps
-    from fitscale.runtime.rundir import launch_records
-    from fitscale.train.lock import RunLock
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -106,8 +108,6 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
         "samples": str(grids[-1]) if grids else None,
     }
     if alive is False:
-        from fitscale.runtime.failures import last_failure
-
         failure = last_failure(run_dir)
         since = last["time"] if last is not None and "time" in last else 0.0
         if failure is not None and failure["time"] >= since:  # not an error a later run got past
@@ -126,7 +126,6 @@ def format_status(status: dict[str, Any]) -> str:
     """The human-readable lines of a `run_status` dict: state, progress, checkpoint, last metrics and
     their age, ETA, restarts.
     """
-    from fitscale.train.loglines import format_duration
 
     holder = status["holder"] or {}
     who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"

@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 
 from fitscale.runtime.local import INTERRUPTED_STATUS, launch_local, signal_name
+from fitscale.runtime.rundir import slurm_folder
 
 ERROR_DIR_ENV = "FITSCALE_ERROR_DIR"
 LAST_ERROR = "logs/last-error.json"  # in the run folder: the report a local launch ended with
@@ -159,7 +160,6 @@ def slurm_first_failure(slurm_folder: str | Path, job_id: str) -> dict | None:
 
 def last_failure(run_dir: str | Path) -> dict | None:
     """The newest failure report of a run (its last local launch's, or a SLURM attempt's), or None."""
-    from fitscale.runtime.rundir import slurm_folder
 
     run_dir = Path(run_dir)
     reports = [first_failure(folder) for folder in (slurm_folder(run_dir) / "errors").glob("*-*")]

@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fitscale.checkpoint.layout import find_checkpoint
+from fitscale.config.schema import load_structured
+from fitscale.data.cli import register
+from fitscale.data.format import META_FILE, read_meta
 from fitscale.errors import UserError
 from fitscale.flow.samplers import FIXED_GRID
 from fitscale.sample.generate import generate_latents, load_sampling_model
@@ -60,7 +64,6 @@ class DemoOptions:
     def from_config(cls, config) -> DemoOptions:
         """The options of a RunConfig's `hooks.options`, read by the one config loader; ConfigError (a
         ValueError) names an unknown option or a bad value."""
-        from fitscale.config.schema import load_structured
 
         return load_structured(cls, values=dict(config.hooks.options), source="hooks.options")
 
@@ -84,7 +87,6 @@ def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16
     An existing digits dataset is reused only when its grid sides are the ones asked for: the
     demo's step count and guidance are tuned to the size of its digits.
     """
-    from fitscale.data.format import META_FILE, read_meta
 
     if not path:
         raise UserError("the demo needs data.path: set data.path=data/digits")
@@ -99,8 +101,6 @@ def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16
             )
         return
     import argparse
-
-    from fitscale.data.cli import register
 
     print(f"fitscale train: writing the digits dataset to {path} (hooks.before)", flush=True)
     command = [
@@ -168,7 +168,6 @@ def sample_demo_grid(
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "samples"
     out.mkdir(parents=True, exist_ok=True)
-    from fitscale.checkpoint.layout import find_checkpoint
 
     step_dir = find_checkpoint(run_dir)
     model = load_sampling_model(step_dir, ema=ema)

@@ -25,11 +25,14 @@ from pathlib import Path
 
 import torch
 
+from fitscale.checkpoint.export import load_dcp_weights, model_section
+from fitscale.checkpoint.layout import find_checkpoint
 from fitscale.errors import UserError
 from fitscale.flow.guidance import PackedVelocity
 from fitscale.flow.per_image import integrate_per_image
 from fitscale.flow.samplers import TOLERANCE_METHODS, integrate
 from fitscale.flow.sde import sample_sde
+from fitscale.models import build_model, load_official_checkpoint
 from fitscale.sample.options import SamplingOptions, autocast_dtype
 from fitscale.sample.plan import (
     SampleItem,
@@ -101,7 +104,6 @@ def generate_latents(
 def training_dataset(checkpoint: str | Path) -> Path | None:
     """The dataset (`data.path` of the run's config.yaml) a run checkpoint was trained on; None for
     a weights file or a run whose config names none."""
-    from fitscale.checkpoint.layout import find_checkpoint
 
     path = Path(checkpoint)
     if path.is_file():
@@ -129,9 +131,6 @@ def load_sampling_model(
     (e.g. extrapolation, attention backend) change the ModelConfig but never its shapes.
     Raises ValueError / FileNotFoundError naming the path and the fix.
     """
-    from fitscale.checkpoint.export import load_dcp_weights, model_section
-    from fitscale.checkpoint.layout import find_checkpoint
-    from fitscale.models import build_model, load_official_checkpoint
 
     path = Path(checkpoint)
     overrides = dict(overrides or {})

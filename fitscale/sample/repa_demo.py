@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fitscale.data.pixels import DIGITS_PIXELS_PER_TOKEN, PIXELS_META, digit_picture
+from fitscale.data.pixels import DIGITS_PIXELS_PER_TOKEN, PIXELS_META, digit_picture, write_digit_pixels
+from fitscale.flow.repa_encoder import create_encoder, encoder_input, encoder_patch_size, normalisation
+from fitscale.sample.demo import prepare_digits
 
 
 def prepare_repa_demo(config) -> None:
     """`hooks.before`: the digits dataset (with pixels) and the stand-in encoder, each unless present."""
-    from fitscale.data.pixels import write_digit_pixels
-    from fitscale.sample.demo import prepare_digits
 
     prepare_digits(config)
     if not (Path(config.data.path) / PIXELS_META).is_file():  # a digits dataset written before pixels were
@@ -49,8 +49,6 @@ def train_digits_encoder(
     the held-out fifth of the digits (trained on the other four fifths)."""
     from safetensors.torch import save_file
     from sklearn.datasets import load_digits
-
-    from fitscale.flow.repa_encoder import create_encoder, encoder_input, encoder_patch_size, normalisation
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

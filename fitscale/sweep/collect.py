@@ -18,8 +18,15 @@ from typing import Any
 import torch
 
 from fitscale.errors import UserError
+from fitscale.parallel.ema import ema_initial_weight
+from fitscale.sample.generate import load_sampling_model
+from fitscale.sample.options import SamplingOptions
+from fitscale.sample.plan import plan_items
+from fitscale.sample.run import SampleRun, run_sampling
 from fitscale.sweep.launch import resolved_configs, run_status
 from fitscale.sweep.spec import SweepSpec, plan_sweep, run_dir
+from fitscale.train.records import METRICS_FILE, live_records
+from fitscale.train.validation import ValidationSettings, run_validation, validation_batches
 
 RESULTS_FILE = "results.json"
 TRAIN_LOSS_WINDOW = 10  # logged steps averaged for the final training loss
@@ -28,7 +35,6 @@ TRAIN_LOSS_WINDOW = 10  # logged steps averaged for the final training loss
 def final_train_loss(folder: Path, window: int = TRAIN_LOSS_WINDOW) -> float | None:
     """Mean `loss` of the last `window` records of metrics.jsonl's live branch that carry one
     (fitscale.train.records: steps of abandoned attempts and branches do not count)."""
-    from fitscale.train.records import METRICS_FILE, live_records
 
     if not (folder / METRICS_FILE).is_file():
         return None
@@ -54,11 +60,8 @@ def _validation_data(spec: SweepSpec, config):
 def _fid(spec: SweepSpec, model: torch.nn.Module, folder: Path) -> dict[str, Any]:
     """ADM's metrics (fitscale.eval) of EMA samples against the spec's reference batch: `fid` and
     the rest under `fid_*` names (sfid, inception_score, precision, recall, comparable)."""
-    from fitscale.eval.evaluate import EvalSettings, evaluate
-    from fitscale.eval.inception import WEIGHTS_SHA256_PREFIX
-    from fitscale.sample.options import SamplingOptions
-    from fitscale.sample.plan import plan_items
-    from fitscale.sample.run import SampleRun, run_sampling
+    from fitscale.eval.evaluate import EvalSettings, evaluate  # lazy: optional extra
+    from fitscale.eval.inception import WEIGHTS_SHA256_PREFIX  # lazy: optional extra
 
     fid = spec.fid
     height, width = fid.get("size", [256, 256])
@@ -88,8 +91,6 @@ def _fid(spec: SweepSpec, model: torch.nn.Module, folder: Path) -> dict[str, Any
 
 def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]:
     """Score every run and write `<out_dir>/results.json`; returns its rows (runs without a checkpoint too)."""
-    from fitscale.sample.generate import load_sampling_model
-    from fitscale.train.validation import ValidationSettings, run_validation, validation_batches
 
     runs = plan_sweep(spec)
     configs = resolved_configs(spec, runs)
@@ -118,8 +119,6 @@ def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]
             raw = load_sampling_model(folder, ema=False, device=device)
             row.update(run_validation(raw, batches, settings))
             if config.optim.ema.enabled:
-                from fitscale.parallel.ema import ema_initial_weight
-
                 row["ema_warmup"] = config.optim.ema.warmup
                 row["ema_initial_weight"] = ema_initial_weight(config.optim.ema, step)
                 ema_model = load_sampling_model(folder, ema=True, device=device)

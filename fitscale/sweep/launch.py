@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from fitscale.checkpoint.layout import complete_steps
+from fitscale.config import load_config
 from fitscale.errors import UserError
+from fitscale.launch.launcher import submit_sweep
 from fitscale.sweep.spec import PlannedRun, SweepSpec, plan_sweep, run_dir, run_overrides
 
 log = logging.getLogger("fitscale.sweep")
@@ -17,7 +20,6 @@ log = logging.getLogger("fitscale.sweep")
 
 def run_status(spec: SweepSpec, run: PlannedRun) -> tuple[str, int | None]:
     """(`done` | `partial` | `new`, newest complete checkpoint step) of one run folder."""
-    from fitscale.checkpoint.layout import complete_steps
 
     steps = complete_steps(run_dir(spec, run) / "checkpoints")
     if not steps:
@@ -27,7 +29,6 @@ def run_status(spec: SweepSpec, run: PlannedRun) -> tuple[str, int | None]:
 
 def resolved_configs(spec: SweepSpec, runs: list[PlannedRun]) -> list:
     """The RunConfig of every run (recipe + sweep overrides + the run's own), validated now."""
-    from fitscale.config import load_config
 
     configs = []
     for run in runs:
@@ -67,14 +68,13 @@ def launch_sweep(
     configs = resolved_configs(spec, pending)
     Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
     if local:
-        from fitscale.train.trainer import Trainer
+        from fitscale.train.trainer import Trainer  # lazy: heavy
 
         for run, config in zip(pending, configs):
             log.info("sweep %s: training %s for %d steps", spec.name, run.name, run.steps)
             Trainer(config).train()
             outcome[run.name] = "local"
         return outcome
-    from fitscale.launch.launcher import submit_sweep
 
     job_ids = submit_sweep(configs, spec.out_dir, cluster)
     outcome.update({run.name: job_id for run, job_id in zip(pending, job_ids)})

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fitscale.config import load_config
 from fitscale.config.model import ModelOverrides, PresetName, build_config
 from fitscale.config.schema import check_choices, load_structured
 from fitscale.errors import UserError
@@ -227,7 +228,6 @@ class PlannedRun:
 def _batch_size(spec: SweepSpec) -> int:
     if spec.global_batch_size:
         return int(spec.global_batch_size)
-    from fitscale.config import load_config
 
     return int(load_config(spec.recipe, spec.overrides).data.global_batch_size)
 
@@ -243,7 +243,7 @@ def plan_run(
     batch: int | None = None,
 ) -> PlannedRun:
     """One run of `model` at `budget` FLOPs (steps = budget / FLOPs per step, >= 1) or `steps`."""
-    from fitscale.models.flops import count_parameters, paper_gflops, training_flops
+    from fitscale.models.flops import count_parameters, paper_gflops, training_flops  # lazy: heavy
 
     batch = batch or _batch_size(spec)
     try:

@@ -12,6 +12,7 @@ image comes from the dataset's sample table as before.
 from __future__ import annotations
 
 from fitscale.config.errors import ConfigError
+from fitscale.data.format import LATENT_CHANNELS, PATCH_SIZE
 
 SHAPE_FIELDS = {"in_channels": "latent_channels", "patch_size": "patch_size"}
 
@@ -19,7 +20,6 @@ SHAPE_FIELDS = {"in_channels": "latent_channels", "patch_size": "patch_size"}
 def follow_dataset_shape(config, meta: dict, where: str) -> list[str]:
     """Set config.model.overrides from the dataset metadata `meta` (read from `where`, for messages);
     returns the fields it set. ConfigError when the recipe's overrides disagree with the dataset."""
-    from fitscale.data.format import LATENT_CHANNELS, PATCH_SIZE
 
     defaults = {"latent_channels": LATENT_CHANNELS, "patch_size": PATCH_SIZE}
     overrides = config.model.overrides
@@ -44,7 +44,7 @@ def follow_training_dataset(config) -> list[str]:
 
     A dataset that cannot be read here changes nothing: building the loader then reports it, on
     every rank together, as it always has."""
-    from fitscale.data.loader import dataset_meta
+    from fitscale.data.loader import dataset_meta  # lazy: heavy
 
     try:
         meta = dataset_meta(config.data)

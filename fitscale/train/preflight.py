@@ -14,11 +14,14 @@ from pathlib import Path
 
 from fitscale.config.errors import ConfigError
 from fitscale.data.format import META_FILE
+from fitscale.data.remote import check_remote
+from fitscale.train.dataset_shape import follow_training_dataset
+from fitscale.train.resume import check_before_start
 
 
 def world_size_problems(config, world: int, shape: str, tasks_per_node: int | None = None) -> list[str]:
     """Reasons this run cannot split over `world` ranks (`shape` says how they are laid out)."""
-    from fitscale.parallel.backend import BACKENDS
+    from fitscale.parallel.backend import BACKENDS  # lazy: heavy
 
     problems = BACKENDS[config.parallel.backend].launch_problems(config)
     data = config.data
@@ -45,10 +48,9 @@ def check_before_launch(config, world_size: int, lock: bool = True) -> None:
     `lock`) a run folder held by a live run, and a resume that changes a field that may not change."""
     import torch
 
-    from fitscale.models import build_model
-    from fitscale.train.resume import check_before_start
-    from fitscale.train.state import RunLock
-    from fitscale.train.trainer import apply_trainable_patterns
+    from fitscale.models import build_model  # lazy: heavy
+    from fitscale.train.state import RunLock  # lazy: heavy
+    from fitscale.train.trainer import apply_trainable_patterns  # lazy: heavy
 
     problems = world_size_problems(config, world_size, f"{world_size} process(es)")
     if problems:
@@ -82,8 +84,6 @@ def check_data_before_launch(config) -> None:
             f"data.path={data.path} holds no dataset (no {META_FILE}); write one with `fitscale data ...` "
             "or point data.path at a dataset folder"
         )
-    from fitscale.data.remote import check_remote
-    from fitscale.train.dataset_shape import follow_training_dataset
 
     for field, remote in (("data.remote", data.remote), ("data.val_remote", data.val_remote)):
         if remote is not None:

@@ -24,7 +24,20 @@ from pathlib import Path
 import torch
 
 from fitscale.config import RunConfig
+from fitscale.config.errors import ConfigError
 from fitscale.config.train import parse_grid
+from fitscale.data.format import read_meta
+from fitscale.data.vae import check_vae_folder, decode_latents, load_vae
+from fitscale.flow.samplers import FIXED_GRID
+from fitscale.sample.generate import generate_latents
+from fitscale.sample.options import SamplingOptions
+from fitscale.sample.pictures import (
+    class_size_grid,
+    extrapolation_name,
+    grid_caption,
+    preview_latents,
+    save_png,
+)
 from fitscale.sample.plan import SampleItem
 from fitscale.train.validation import maybe_reshard, preserved_rng
 
@@ -47,7 +60,6 @@ def default_grids(side: int) -> list[tuple[int, int]]:
 
 def dataset_meta(path: str | None) -> dict:
     """The dataset's fitscale.json, or {} when it cannot be read (a remote dataset not cached yet)."""
-    from fitscale.data.format import read_meta
 
     try:
         return read_meta(path) if path else {}
@@ -66,9 +78,6 @@ class PeriodicSamples:
     """The grids of one run; every rank builds it and calls `run` at the same (due) steps."""
 
     def __init__(self, config: RunConfig, rank: int = 0, device: torch.device | str = "cpu"):
-        from fitscale.flow.samplers import FIXED_GRID
-        from fitscale.sample.options import SamplingOptions
-        from fitscale.sample.pictures import extrapolation_name
 
         train = config.train
         self.every = train.sample_every
@@ -108,9 +117,6 @@ class PeriodicSamples:
         self.vae_path = train.sample_vae
         self._vae = None
         if self.vae_path is not None:  # a bad folder fails at start-up, not at the first grid
-            from fitscale.config.errors import ConfigError
-            from fitscale.data.vae import check_vae_folder
-
             try:
                 check_vae_folder(self.vae_path, config.model_config().in_channels)
             except (FileNotFoundError, ValueError) as error:
@@ -135,8 +141,6 @@ class PeriodicSamples:
     def _generate(self, model: torch.nn.Module, ema) -> list[torch.Tensor]:
         from dataclasses import replace
 
-        from fitscale.sample.generate import generate_latents
-
         # Weights kept in bf16 (DeepSpeed) need a bf16 autocast for the float32 noise, on any device.
         bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
         options = replace(self.options, autocast="bf16") if bf16 else self.options
@@ -152,11 +156,8 @@ class PeriodicSamples:
             model.train(was_training)
 
     def _write(self, latents: list[torch.Tensor], step: int) -> Path:
-        from fitscale.sample.pictures import class_size_grid, grid_caption, preview_latents, save_png
 
         if self.vae_path is not None:
-            from fitscale.data.vae import decode_latents, load_vae
-
             if self._vae is None:
                 self._vae = load_vae(self.vae_path, self.device, latents[0].shape[0])
             pictures, unit, scale = decode_latents(self._vae, latents), "pixels", 1

@@ -12,14 +12,15 @@ import torch
 
 from fitscale.config.errors import ConfigError
 from fitscale.data.batch import PackedBatch
+from fitscale.data.pixels import PixelStore
+from fitscale.flow.repa import repa_loss
+from fitscale.flow.repa_encoder import FrozenEncoder
 
 
 class RepaTerm:
     """The alignment term of a run's loss: `weight(step)`, `loss(...)`, and the encoder's seconds."""
 
     def __init__(self, config, device: torch.device):
-        from fitscale.data.pixels import PixelStore
-        from fitscale.flow.repa_encoder import FrozenEncoder
 
         self.config = config.train.repa
         try:
@@ -42,7 +43,6 @@ class RepaTerm:
 
         `host_batch` is the micro-batch on the CPU (sample ids, grids and flips pick the pixels),
         `batch` the same on the model's device, `hidden` (T, E) the projector's output."""
-        from fitscale.flow.repa import repa_loss
 
         target = self.encoder.features(host_batch, self.pixels)  # (T, E), no grad
         loss, _ = repa_loss(hidden, target, batch, global_images)

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fitscale.checkpoint.layout import complete_steps, read_metadata, resume_step, step_dirname
 from fitscale.config import RunConfig
 from fitscale.config.errors import ConfigError
+from fitscale.config.model import build_config
 
 log = logging.getLogger("fitscale.train")
 
@@ -69,7 +71,7 @@ def fixed_reason(field: str, config: dict[str, Any]) -> str | None:
     """Why `field` may not change on resume, or None when it may."""
     if field in MODEL_MAY_CHANGE:
         return None
-    from fitscale.parallel.backend import BACKENDS
+    from fitscale.parallel.backend import BACKENDS  # lazy: heavy
 
     backend = BACKENDS.get(config.get("parallel.backend"))
     if backend is not None and field in backend.fixed_on_resume:
@@ -82,7 +84,6 @@ def fixed_reason(field: str, config: dict[str, Any]) -> str | None:
 
 def comparable(config: RunConfig | dict[str, Any]) -> dict[str, Any]:
     """A config as {dotted field: JSON value}, with `model` resolved to its ModelConfig fields."""
-    from fitscale.config.model import build_config
 
     tree = dataclasses.asdict(config) if isinstance(config, RunConfig) else config
     tree = json.loads(json.dumps(tree))  # tuples -> lists, as a checkpoint's JSON holds them
@@ -131,7 +132,6 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], checkpoint: Pat
 
 def saved_config(checkpoint: Path, run_dir: Path) -> dict[str, Any] | None:
     """The config `checkpoint` was trained with: its own record, else the run folder's config.yaml."""
-    from fitscale.checkpoint.layout import read_metadata
 
     recorded = read_metadata(checkpoint).get("config")
     if recorded is not None:
@@ -155,7 +155,6 @@ def resume_changes(config: RunConfig, checkpoint: Path) -> list[ConfigChange]:
 
 def check_before_start(config: RunConfig) -> list[ConfigChange]:
     """`resume_changes` for the checkpoint `train.resume` picks, before any process starts ([] if none)."""
-    from fitscale.checkpoint.layout import complete_steps, resume_step, step_dirname
 
     folder = Path(config.train.run_dir) / config.checkpoint.folder
     step = resume_step(complete_steps(folder) if folder.is_dir() else [], config.train.resume, folder)
@@ -182,7 +181,6 @@ def resume_on_restart(resume: str, folder: Path, environ: dict[str, str]) -> str
     at every preemption. A restart whose branch has no later checkpoint yet resumes from S as
     asked (S is then the newest step anyway, or the first start died before it branched).
     """
-    from fitscale.checkpoint.layout import complete_steps, read_metadata, step_dirname
 
     if not str(resume).isdigit() or not any(
         environ.get(name, "0") not in ("", "0") for name in RESTART_COUNTS

@@ -25,19 +25,36 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fitscale.checkpoint import CheckpointManager
+from fitscale.checkpoint.deepspeed import supersede_deepspeed_steps
+from fitscale.checkpoint.export import TRAINING_ONLY_PREFIXES, read_run_start
 from fitscale.checkpoint.parts import backend_part
+from fitscale.checkpoint.stateful import PerRankState, RNGState
 from fitscale.config import RunConfig, to_yaml
 from fitscale.config.errors import ConfigError
+from fitscale.data import build_loader
+from fitscale.data.integrity import digest
 from fitscale.diskspace import named_out_of_space
 from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
+from fitscale.models import build_model
+from fitscale.models.flops import training_flops
 from fitscale.models.inputs import check_packed_batch
 from fitscale.models.official import clean_parameter_name, load_official_checkpoint, load_official_state_dict
+from fitscale.models.partial import NAMED_SETS, apply_trainable
 from fitscale.parallel import DistributedEnv, init_distributed
 from fitscale.parallel.backend import attach_training_heads, build_backend
 from fitscale.runtime.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
+from fitscale.train.dataset_shape import follow_training_dataset
 from fitscale.train.loglines import configure_console
 from fitscale.train.metrics import MetricsLogger, Throughput, memory_stats, timestep_bucket_metrics
+from fitscale.train.optim import build_optimizer, scaled_lr
+from fitscale.train.previews import PeriodicSamples
+from fitscale.train.records import METRICS_FILE, next_attempt
+from fitscale.train.repa import RepaTerm
+from fitscale.train.resume import report_changes, resume_changes, resume_on_restart
+from fitscale.train.schedule import build_lr_scheduler, rebase_lr_scheduler
 from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
+from fitscale.train.validation import PeriodicValidation
 
 log = logging.getLogger("fitscale.train")
 RUN_DIR_FULL = "free space there, or point train.run_dir at a larger filesystem"
@@ -93,8 +110,6 @@ class Trainer:
 
     def _build(self, loader: Any) -> None:
         if loader is None:  # the model's in_channels / patch_size follow the dataset's latents
-            from fitscale.train.dataset_shape import follow_training_dataset
-
             follow_training_dataset(self.config)
         self.model_config = self.config.model_config()
         self.progress = Progress()
@@ -126,14 +141,11 @@ class Trainer:
 
         Built in full on rank 0 and broadcast, so initial weights do not depend on the world size.
         """
-        from fitscale.models import build_model
 
         torch.manual_seed(self.config.train.seed)
         model = build_model(self.config.model.name, **dict(self.config.model.overrides))
         init_from = self.config.train.init_from
         if init_from and Path(init_from).is_dir():  # another run's checkpoint, of either backend
-            from fitscale.checkpoint.export import read_run_start
-
             load_official_state_dict(model, read_run_start(init_from))
         elif init_from:
             load_official_checkpoint(model, init_from)
@@ -159,7 +171,6 @@ class Trainer:
         """The alignment term of `train.repa` (fitscale.train.repa), or None when it is off."""
         if not self.config.train.repa.enabled:
             return None
-        from fitscale.train.repa import RepaTerm
 
         return all_ranks_agree(lambda: RepaTerm(self.config, self.env.device))
 
@@ -169,8 +180,6 @@ class Trainer:
             log.info("training %d of the model's parameter values; the rest stay frozen", count)
 
     def _build_optimizer(self):
-        from fitscale.train.optim import build_optimizer
-        from fitscale.train.schedule import build_lr_scheduler
 
         cfg = self.config
         optimizer = build_optimizer(self.model, cfg.optim, global_batch_size=self.global_batch_size())
@@ -182,8 +191,6 @@ class Trainer:
         return optimizer, scheduler
 
     def _apply_config_to_loaded_optimizer(self) -> None:
-        from fitscale.train.optim import scaled_lr
-        from fitscale.train.schedule import rebase_lr_scheduler
 
         for group, settings in zip(self.optimizer.param_groups, self._group_settings):
             group.update(settings)
@@ -202,8 +209,6 @@ class Trainer:
         ema = self.backend.build_ema(self.config.optim.ema)
         init_from = self.config.train.init_from
         if init_from and Path(init_from).is_dir():  # that run's EMA goes on (else it starts from the weights)
-            from fitscale.checkpoint.export import read_run_start
-
             start = all_ranks_agree(lambda: read_run_start(init_from, "ema"))
             if start is not None:
                 ema.load_full({**self._training_heads_start(), **start})
@@ -214,7 +219,6 @@ class Trainer:
         EMA holds none), for its EMA to start from; {} without such heads. The global RNG is kept."""
         if not self.config.train.repa.enabled:
             return {}
-        from fitscale.checkpoint.export import TRAINING_ONLY_PREFIXES
 
         with torch.random.fork_rng(devices=[]):
             initial = self._full_initial_state()
@@ -223,8 +227,6 @@ class Trainer:
     def _build_loader(self):
         """This rank's loader; every rank reads the dataset's files itself, so the ranks then check
         that they opened the same dataset (the same sample table) and fail together if not."""
-        from fitscale.data import build_loader
-        from fitscale.data.integrity import digest
 
         data = self.config.data
         loader = all_ranks_agree(lambda: build_loader(data, self.env.rank, self.env.world_size))
@@ -254,7 +256,6 @@ class Trainer:
         train = self.config.train
         if train.val_every <= 0:
             return None
-        from fitscale.train.validation import PeriodicValidation
 
         try:
             return all_ranks_agree(
@@ -270,14 +271,11 @@ class Trainer:
         """The sample grids of `train.sample_every` (None when it is 0)."""
         if self.config.train.sample_every <= 0:
             return None
-        from fitscale.train.previews import PeriodicSamples
 
         return PeriodicSamples(self.config, self.env.rank, self.env.device)
 
     def _build_checkpoint_manager(self):
         from dataclasses import asdict
-
-        from fitscale.checkpoint import CheckpointManager
 
         # Each checkpoint records the config it was trained with, for the checks of a later resume.
         manager = CheckpointManager(
@@ -308,7 +306,6 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         """Everything a checkpoint holds, as Statefuls keyed by name."""
-        from fitscale.checkpoint.stateful import PerRankState, RNGState
 
         return {
             "lr_scheduler": SchedulerState(self.scheduler),
@@ -322,7 +319,6 @@ class Trainer:
 
     def maybe_resume(self) -> int | None:
         """Load the checkpoint `train.resume` asks for; returns its step, or None for a fresh start."""
-        from fitscale.train.resume import resume_on_restart
 
         folder = self.checkpoints.folder
         resume = rank0_decides(lambda: resume_on_restart(self.config.train.resume, folder, dict(os.environ)))
@@ -332,7 +328,6 @@ class Trainer:
             raise ConfigError(str(error)) from error
         if step is None:
             return None
-        from fitscale.train.resume import resume_changes
 
         # Before anything is loaded: refuses a change of a field that may not change on resume.
         self.config_changes = resume_changes(self.config, self.checkpoints.step_path(step))
@@ -348,7 +343,6 @@ class Trainer:
         folder, moved = self.checkpoints.supersede(start_step, branch)
         if folder is None:
             return None
-        from fitscale.checkpoint.deepspeed import supersede_deepspeed_steps
 
         rank0_decides(lambda: supersede_deepspeed_steps(self.run_dir, start_step, folder.name))
         return {"resumed_from": start_step, "superseded": moved, "moved_to": str(folder)}
@@ -486,8 +480,6 @@ class Trainer:
         try:
             resumed = self.maybe_resume()  # a refused resume leaves the folder as it was
             start_step = resumed or 0
-            from fitscale.train.records import METRICS_FILE, next_attempt
-
             attempt = rank0_decides(lambda: next_attempt(self.run_dir / METRICS_FILE))
             branch = self._start_branch(start_step, attempt)  # before anything of this attempt is written
             if self.env.is_main:
@@ -499,8 +491,6 @@ class Trainer:
                 )
             if branch is not None:
                 self.metrics.event("branch", start_step, **branch)
-            from fitscale.train.resume import report_changes
-
             report_changes(self.config_changes, start_step, self.metrics)
             self.throughput = Throughput(self.env.world_size, self.env.device, self.config.log.peak_flops)
             iterator = iter(self.loader)
@@ -573,7 +563,6 @@ class Trainer:
 
     def _log_step(self, stats: StepStats, validation: dict[str, float] | None = None) -> None:
         """This step's metrics to the JSONL/wandb/progress-bar sinks (rank 0 unless log.all_ranks)."""
-        from fitscale.models.flops import training_flops
 
         # FLOPs from this rank's images, scaled to the world: exact for balanced ranks, close otherwise.
         flops = training_flops(self.model_config, stats.seqlens) * self.env.world_size
@@ -619,7 +608,6 @@ class Trainer:
 def apply_trainable_patterns(model: torch.nn.Module, patterns: list[str]) -> int | None:
     """Freeze the parameters that `train.trainable` does not name; returns the trainable count
     (None when the list is empty and everything trains). A named set ("high-res") stands alone."""
-    from fitscale.models.partial import NAMED_SETS, apply_trainable
 
     if not patterns:
         return None

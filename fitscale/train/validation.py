@@ -27,8 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fitscale.checkpoint.stateful import RNGState
 from fitscale.config.data import DataConfig
 from fitscale.config.train import FlowConfig, TrainConfig
+from fitscale.data import build_validation_loader
 from fitscale.data.batch import PackedBatch
 from fitscale.errors import UserError
 from fitscale.flow.loss import flow_loss
@@ -59,7 +61,6 @@ def validation_batches(
     data: DataConfig, rank: int = 0, world_size: int = 1, max_images: int | None = None
 ) -> list[PackedBatch]:
     """This rank's micro-batches of one pass over the held-out split (every rank gets as many)."""
-    from fitscale.data import build_validation_loader
 
     probe = build_validation_loader(data, rank, world_size)
     total = probe.num_samples if max_images is None else min(max_images, probe.num_samples)
@@ -166,7 +167,6 @@ def maybe_reshard(model: torch.nn.Module) -> None:
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
     """Run the block without moving this process's global RNG streams (they drive training)."""
-    from fitscale.checkpoint.stateful import RNGState
 
     saved = RNGState().state_dict()
     try:

@@ -19,6 +19,7 @@ REST = "slow or slurm or gpu"
 NUMERIC = f"ATEN_CPU_CAPABILITY=default -m pytest -q -p no:cacheprovider -m numeric and {FAST}"
 NUMERIC_AVX2 = NUMERIC.replace("=default", "=avx2")
 LINT_IMPORTS = "-c from importlinter.cli import lint_imports_command; lint_imports_command()"
+LOCAL_IMPORTS = "tools/check_local_imports.py"
 
 
 def run_script(tmp_path: Path, *args: str, fail: dict[str, int] | None = None) -> tuple[int, list[str], str]:
@@ -46,6 +47,7 @@ def test_lint_then_the_fast_lane_then_its_numeric_tests_on_default_and_avx2_kern
         "-m ruff check .",
         "-m ruff format --check .",
         LINT_IMPORTS,
+        LOCAL_IMPORTS,
         f"-m pytest -q -p no:cacheprovider --durations=15 -m {FAST} tests/unit",
         f"{NUMERIC} tests/unit",
         f"{NUMERIC_AVX2} tests/unit",
@@ -59,6 +61,8 @@ def test_the_first_failure_stops_the_run_with_its_status(tmp_path):
     assert calls == ["-m ruff check .", "-m ruff format --check ."]
     code, calls, _ = run_script(tmp_path, fail={"lint_imports_command": 1})  # an import that points up
     assert (code, calls[-1]) == (1, LINT_IMPORTS) and not any("pytest" in call for call in calls)
+    code, calls, _ = run_script(tmp_path, fail={LOCAL_IMPORTS: 1})  # a function-level import without reason
+    assert (code, calls[-1]) == (1, LOCAL_IMPORTS) and not any("pytest" in call for call in calls)
     code, calls, _ = run_script(tmp_path, fail={FAST: 1})
     assert code == 1
     assert not any(REST in call for call in calls)
@@ -77,7 +81,7 @@ def test_a_lane_with_no_tests_passes_but_no_tests_at_all_fails(tmp_path):
 def test_fast_and_lowest_deps_options(tmp_path):
     code, calls, _ = run_script(tmp_path, "--fast", "--lowest-deps")
     assert code == 0
-    assert calls[3] == "tools/check_lowest_deps.py"
+    assert calls[4] == "tools/check_lowest_deps.py"
     assert [call for call in calls if "pytest" in call] == [
         f"-m pytest -q -p no:cacheprovider --durations=15 -m {FAST}",
         NUMERIC,
