@@ -6,28 +6,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
-from test_autoencoders import autoencoder
+from helpers.images import autoencoder, files_of, random_image_folder
 
 from fitscale.cli import main
 
 pytestmark = pytest.mark.slow
 
 
-def files_of(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_one_rank_and_three_ranks_write_identical_datasets(tmp_path):
-    rng = np.random.default_rng(0)
-    for label in ("a", "b"):
-        (tmp_path / "images" / label).mkdir(parents=True)
-        for i in range(7):
-            height, width = rng.choice([64, 80, 96, 128], 2)
-            pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    random_image_folder(tmp_path / "images", per_class=7)
     (tmp_path / "images" / "b" / "broken.png").write_bytes(b"not a png")
     autoencoder("sd").save_pretrained(tmp_path / "vae")
     common = [sys.executable, "-m", "fitscale.cli", "data", "from-images", str(tmp_path / "images")]
