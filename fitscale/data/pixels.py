@@ -67,6 +67,28 @@ def write_pixels(
     Raises FileExistsError when the dataset has pixels already (unless `overwrite`): written pixels are
     never replaced silently.
     """
+    encoded = (
+        (
+            source_id,
+            *(
+                None if p is None else encode_image(np.ascontiguousarray(p, dtype=np.uint8), codec)
+                for p in pictures
+            ),
+        )
+        for source_id, *pictures in images
+    )
+    return write_encoded_pixels(path, encoded, pixels_per_token, overwrite, codec)
+
+
+def write_encoded_pixels(
+    path: str | Path,
+    images: Iterable[tuple[int, bytes, bytes | None]],
+    pixels_per_token: int,
+    overwrite: bool = False,
+    codec: str = "png",
+) -> dict:
+    """`write_pixels` of pictures already compressed with `codec`: (source id, bytes of the picture,
+    bytes of the centre-crop variant's picture or None) items. Same files, same refusal."""
     from fitscale.data.format import atomic_save_npy, atomic_write_text
 
     path = Path(path)
@@ -80,10 +102,9 @@ def write_pixels(
     offset = 0
     with open(path / PIXELS_BIN, "wb") as out:
         for source_id, *pictures in images:
-            for variant, image in enumerate(pictures):
-                if image is None:
+            for variant, data in enumerate(pictures):
+                if data is None:
                     continue
-                data = encode_image(np.ascontiguousarray(image, dtype=np.uint8), codec)
                 out.write(data)
                 entries[int(source_id), variant] = (offset, len(data))
                 offset += len(data)
@@ -262,3 +283,53 @@ def write_image_pixels(
             yield source_id, np.asarray(full), None if crop is None else np.asarray(crop)
 
     return write_pixels(path, pictures(), PIXELS_PER_TOKEN, overwrite=overwrite, codec=codec)
+
+
+PIXEL_PARTS = "pixel-parts"
+
+
+def write_part_pixels(out: str | Path, first: int, items: list[tuple[int, bytes, bytes | None]]) -> None:
+    """Keep the compressed pictures of one part of a `from-images --pixels` write (first source id
+    `first`) in `OUT/pixel-parts/`, atomically; `merge_part_pixels` joins them once every part is
+    written. Written before the part's latents are renamed into place, so a complete part always
+    has its pixels and a rerun rewrites both."""
+    import os
+
+    folder = Path(out) / PIXEL_PARTS
+    folder.mkdir(exist_ok=True)
+    lengths = np.array([[len(full), len(crop or b"")] for _, full, crop in items], dtype=np.int64)
+    data = np.frombuffer(b"".join(full + (crop or b"") for _, full, crop in items), dtype=np.uint8)
+    final = folder / f"{first:012d}.npz"
+    tmp = folder / f"{first:012d}.tmp.npz"
+    np.savez(tmp, source_ids=np.array([i for i, _, _ in items], dtype=np.int64), lengths=lengths, data=data)
+    os.replace(tmp, final)
+
+
+def merge_part_pixels(out: str | Path, pixels_per_token: int, codec: str, source_ids: np.ndarray) -> dict:
+    """Write the pixel side files of dataset `out` from its `pixel-parts/` (the same bytes as
+    `write_image_pixels` would write from the image folder), then remove them; returns the meta.
+    UserError when a sample of `source_ids` (the dataset's, in order) has no pictures there."""
+    import shutil
+
+    folder = Path(out) / PIXEL_PARTS
+    pictures: dict[int, tuple[bytes, bytes | None]] = {}
+    for part in sorted(folder.glob("*[0-9].npz")):
+        with np.load(part) as stored:
+            data, offset = stored["data"].tobytes(), 0
+            for source_id, (full, crop) in zip(stored["source_ids"], stored["lengths"], strict=True):
+                pictures[int(source_id)] = (
+                    data[offset : offset + full],
+                    data[offset + full : offset + full + crop] or None,
+                )
+                offset += full + crop
+    missing = [int(i) for i in source_ids if int(i) not in pictures]
+    if missing:
+        raise UserError(
+            f"{out}: no pixels for sample {missing[0]} ({len(missing)} samples without); write them with "
+            f"`fitscale data pixels {out} --images ROOT --resolution S`"
+        )
+    meta = write_encoded_pixels(
+        out, ((int(i), *pictures[int(i)]) for i in source_ids), pixels_per_token, codec=codec
+    )
+    shutil.rmtree(folder)
+    return meta
