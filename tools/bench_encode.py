@@ -50,7 +50,7 @@ def rate(files: list[str], resolution: int, repeat: int) -> dict:
     """Images per CPU-second of prepare_image at `resolution` (a huge one for native)."""
     from fitscale.data.images import prepare_image
 
-    jobs = [(path, resolution, 16) for path in files] * repeat
+    jobs = [(path, resolution, 16, None) for path in files] * repeat
     cpu, wall = time.process_time(), time.perf_counter()
     for job in jobs:
         prepare_image(job)

@@ -194,6 +194,11 @@ def run_from_images(args) -> int:
         raise UserError(f"--nproc {args.nproc} --workers {args.workers}: need --nproc >= 1, --workers >= 0")
     if args.patch_size is not None and args.patch_size < 1:
         raise UserError(f"--patch-size {args.patch_size}: must be at least 1")
+    if args.pixels_codec is not None and not args.pixels:
+        raise UserError(
+            f"--pixels-codec {args.pixels_codec}: add --pixels to write the pixels with the latents"
+        )
+    codec = args.pixels_codec or "png"
     config = check_vae_folder(args.vae)
     downsample = vae_downsample(config)
     patch_size = args.patch_size or vae_patch_size(config)
@@ -221,6 +226,7 @@ def run_from_images(args) -> int:
         vae_latents={
             k: v for k, v in record.items() if k not in ("path", "class", "latent_channels", "downsample")
         },
+        **({"pixels": codec} if args.pixels else {}),  # a resumed write keeps to it
     )
     build = build_from_images(
         args.vae,
@@ -231,6 +237,8 @@ def run_from_images(args) -> int:
         patch_size,
         downsample,
         args.workers,
+        pixels_to=args.out if args.pixels else None,
+        pixels_codec=codec,
     )
     meta = write_dataset(
         args.out,
@@ -243,6 +251,12 @@ def run_from_images(args) -> int:
         extra_meta={"classes": classes, "vae": record},
         progress=not args.no_progress,
     )
+    if meta is not None and args.pixels:  # the rank that merged the latents merges the pixels
+        from fitscale.data.format import SOURCE_ID, read_sample_table
+        from fitscale.data.pixels import merge_part_pixels
+
+        table = read_sample_table(args.out, int(meta["num_samples"]))
+        merge_part_pixels(args.out, step, codec, table[:, SOURCE_ID])
     return _finish(args, meta)
 
 
@@ -338,6 +352,17 @@ def register(subparsers) -> None:
     images.add_argument("--nproc", type=int, default=1, help="encode with this many local processes")
     images.add_argument(
         "--workers", type=int, default=2, help="processes per rank that decode and resize images (0: inline)"
+    )
+    images.add_argument(
+        "--pixels",
+        action="store_true",
+        help="also write the pixels an alignment encoder (train.repa) reads, in the same pass",
+    )
+    images.add_argument(
+        "--pixels-codec",
+        choices=("png", "jpeg", "webp"),
+        default=None,
+        help="with --pixels: png (default, lossless)",
     )
     images.set_defaults(func=run_from_images)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fitscale.data.format import LatentSample, patchify
+from fitscale.data.pixels import encode_image, write_part_pixels
 from fitscale.data.vae import PIXELS_PER_TOKEN, encode_pixels, load_vae
 from fitscale.data.writer import SkipSample
 from fitscale.errors import UserError
@@ -76,12 +77,14 @@ def centre_crop(image, resolution: int):
     return scaled.crop((left, top, left + resolution, top + resolution))
 
 
-def prepare_image(job: tuple[str, int, int]):
-    """Decode and resize one image (`job`: path, resolution, pixels per token): {"tokens": resized,
-    "crop": centre crop or None} as PIL images, or a SkipSample. Runs in a decode worker."""
+def prepare_image(job: tuple[str, int, int, str | None]):
+    """Decode and resize one image (`job`: path, resolution, pixels per token, pixels codec or None):
+    {"tokens": resized, "crop": centre crop or None} as PIL images, with "pixels": both compressed
+    in the codec (fitscale.data.pixels; crop None when absent) when one is given, or a SkipSample.
+    Runs in a decode worker."""
     from PIL import Image
 
-    path, resolution, step = job
+    path, resolution, step, codec = job
     try:
         with Image.open(path) as raw:
             image = raw.convert("RGB")
@@ -91,7 +94,12 @@ def prepare_image(job: tuple[str, int, int]):
     if resized is None:
         return SkipSample("under token minimum", path, f"{image.width}x{image.height} pixels")
     crop = centre_crop(image, resolution) if min(image.size) > resolution else None
-    return {"tokens": resized, "crop": crop}
+    prepared = {"tokens": resized, "crop": crop}
+    if codec is not None:
+        prepared["pixels"] = tuple(
+            None if p is None else encode_image(np.asarray(p), codec) for p in (resized, crop)
+        )
+    return prepared
 
 
 def build_from_images(
@@ -103,6 +111,8 @@ def build_from_images(
     patch_size: int = 2,
     downsample: int = 8,
     workers: int = 0,
+    pixels_to: str | Path | None = None,
+    pixels_codec: str = "png",
 ):
     """The part builder of `from-images`: pictures -> latents with the preprocessing above.
 
@@ -111,6 +121,9 @@ def build_from_images(
     equal-size pictures `batch_size` at a time; latents are cut into `patch_size` x `patch_size`
     patches and stored in `dtype`. Unreadable or too small pictures become SkipSamples. Decoding
     and resizing run in a pool of `workers` processes (inline for 0); the result is the same.
+    With `pixels_to` (the dataset folder), the resized pictures are also compressed in `pixels_codec`
+    and kept per part (fitscale.data.pixels.write_part_pixels) for an alignment encoder: the pixels
+    `fitscale data pixels --images` would write, in the same pass.
     """
     import torch
 
@@ -136,7 +149,8 @@ def build_from_images(
     def build(inputs: Sequence[tuple[str, int]], first: int) -> Iterator[LatentSample | SkipSample]:
         from PIL import ImageOps
 
-        jobs = [(path, resolution, step) for path, _ in inputs]
+        codec = pixels_codec if pixels_to is not None else None
+        jobs = [(path, resolution, step, codec) for path, _ in inputs]
         if workers > 0:
             if "pool" not in state:
                 import multiprocessing
@@ -180,5 +194,8 @@ def build_from_images(
                 )
                 sample.crop_rows = sample.crop_cols = resolution // step
             yield sample
+        if pixels_to is not None:  # after the last sample: before the part is renamed into place
+            kept = [(first + i, *item["pixels"]) for i, item in enumerate(prepared) if isinstance(item, dict)]
+            write_part_pixels(pixels_to, first, kept)
 
     return build

@@ -79,6 +79,28 @@ def write_pixels(
     Raises FileExistsError when the dataset has pixels already (unless `overwrite`): written pixels are
     never replaced silently.
     """
+    encoded = (
+        (
+            source_id,
+            *(
+                None if p is None else encode_image(np.ascontiguousarray(p, dtype=np.uint8), codec)
+                for p in pictures
+            ),
+        )
+        for source_id, *pictures in images
+    )
+    return write_encoded_pixels(path, encoded, pixels_per_token, overwrite, codec)
+
+
+def write_encoded_pixels(
+    path: str | Path,
+    images: Iterable[tuple[int, bytes, bytes | None]],
+    pixels_per_token: int,
+    overwrite: bool = False,
+    codec: str = "png",
+) -> dict:
+    """`write_pixels` of pictures already compressed with `codec`: (source id, bytes of the picture,
+    bytes of the centre-crop variant's picture or None) items. Same files, same refusal."""
 
     path = Path(path)
     meta_path = path / PIXELS_META
@@ -91,10 +113,9 @@ def write_pixels(
     offset = 0
     with open(path / PIXELS_BIN, "wb") as out:
         for source_id, *pictures in images:
-            for variant, image in enumerate(pictures):
-                if image is None:
+            for variant, data in enumerate(pictures):
+                if data is None:
                     continue
-                data = encode_image(np.ascontiguousarray(image, dtype=np.uint8), codec)
                 out.write(data)
                 entries[int(source_id), variant] = (offset, len(data))
                 offset += len(data)
@@ -230,18 +251,20 @@ def write_image_pixels(
 ) -> dict:
     """The pixels of a `from-images` dataset, prepared again from its image folder `images` exactly as
     the latents were (fitscale.data.images: the area resize, and the centre crop when both sides
-    exceed `resolution`), 16 px per token. Source id s is the s-th image of the folder's listing.
-    ValueError when a picture's grid is not its sample's (another folder or --resolution)."""
+    exceed `resolution`), at the dataset's pixels per token (its autoencoder's downsampling x its patch
+    size: 16 for SD-VAE latents in 2 x 2 patches, 32 for DC-AE f32). Source id s is the s-th image of
+    the folder's listing. UserError when a picture's grid is not its sample's (another folder or
+    --resolution)."""
     from PIL import Image
 
     from fitscale.data.images import centre_crop, list_image_folder, resize_to_area  # lazy: heavy
-    from fitscale.data.vae import PIXELS_PER_TOKEN  # lazy: heavy
 
     meta = read_meta(path)
     if meta.get("writer") != "from-images":
         raise UserError(
             f"{path}: written by `fitscale data {meta.get('writer')}`, not from-images; drop --images"
         )
+    step = dataset_pixels_per_token(meta)
     inputs, _ = list_image_folder(images)
     table = read_sample_table(path, int(meta["num_samples"]))
 
@@ -254,18 +277,76 @@ def write_image_pixels(
                 )
             with Image.open(inputs[source_id][0]) as raw:
                 image = raw.convert("RGB")
-            full = resize_to_area(image, resolution)
+            full = resize_to_area(image, resolution, step)
             crop = centre_crop(image, resolution) if int(row[CROP_ROWS]) else None
             grids = [(full.height, full.width, int(row[ROWS]), int(row[COLS]))]
             if crop is not None:
                 grids.append((crop.height, crop.width, int(row[CROP_ROWS]), int(row[CROP_COLS])))
             for height, width, rows, cols in grids:
-                if (height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN) != (rows, cols):
+                if (height // step, width // step) != (rows, cols):
                     raise UserError(
                         f"{inputs[source_id][0]}: prepared at --resolution {resolution} it is a "
-                        f"{height // PIXELS_PER_TOKEN}x{width // PIXELS_PER_TOKEN} grid but sample {source_id} of "
+                        f"{height // step}x{width // step} grid but sample {source_id} of "
                         f"{path} is {rows}x{cols}; pass the image folder and --resolution the dataset was written with"
                     )
             yield source_id, np.asarray(full), None if crop is None else np.asarray(crop)
 
-    return write_pixels(path, pictures(), PIXELS_PER_TOKEN, overwrite=overwrite, codec=codec)
+    return write_pixels(path, pictures(), step, overwrite=overwrite, codec=codec)
+
+
+def dataset_pixels_per_token(meta: dict) -> int:
+    """Pixels of one latent token's side in a from-images dataset (its fitscale.json): the recorded
+    autoencoder's downsampling times the dataset's patch size; 16 for datasets written before
+    either was recorded (SD-VAE, 2 x 2 patches)."""
+    downsample = (meta.get("vae") or {}).get("downsample", 8)
+    return int(downsample) * int(meta.get("patch_size", 2))
+
+
+PIXEL_PARTS = "pixel-parts"
+
+
+def write_part_pixels(out: str | Path, first: int, items: list[tuple[int, bytes, bytes | None]]) -> None:
+    """Keep the compressed pictures of one part of a `from-images --pixels` write (first source id
+    `first`) in `OUT/pixel-parts/`, atomically; `merge_part_pixels` joins them once every part is
+    written. Written before the part's latents are renamed into place, so a complete part always
+    has its pixels and a rerun rewrites both."""
+    import os
+
+    folder = Path(out) / PIXEL_PARTS
+    folder.mkdir(exist_ok=True)
+    lengths = np.array([[len(full), len(crop or b"")] for _, full, crop in items], dtype=np.int64)
+    data = np.frombuffer(b"".join(full + (crop or b"") for _, full, crop in items), dtype=np.uint8)
+    final = folder / f"{first:012d}.npz"
+    tmp = folder / f"{first:012d}.tmp.npz"
+    np.savez(tmp, source_ids=np.array([i for i, _, _ in items], dtype=np.int64), lengths=lengths, data=data)
+    os.replace(tmp, final)
+
+
+def merge_part_pixels(out: str | Path, pixels_per_token: int, codec: str, source_ids: np.ndarray) -> dict:
+    """Write the pixel side files of dataset `out` from its `pixel-parts/` (the same bytes as
+    `write_image_pixels` would write from the image folder), then remove them; returns the meta.
+    UserError when a sample of `source_ids` (the dataset's, in order) has no pictures there."""
+    import shutil
+
+    folder = Path(out) / PIXEL_PARTS
+    pictures: dict[int, tuple[bytes, bytes | None]] = {}
+    for part in sorted(folder.glob("*[0-9].npz")):
+        with np.load(part) as stored:
+            data, offset = stored["data"].tobytes(), 0
+            for source_id, (full, crop) in zip(stored["source_ids"], stored["lengths"], strict=True):
+                pictures[int(source_id)] = (
+                    data[offset : offset + full],
+                    data[offset + full : offset + full + crop] or None,
+                )
+                offset += full + crop
+    missing = [int(i) for i in source_ids if int(i) not in pictures]
+    if missing:
+        raise UserError(
+            f"{out}: no pixels for sample {missing[0]} ({len(missing)} samples without); write them with "
+            f"`fitscale data pixels {out} --images ROOT --resolution S`"
+        )
+    meta = write_encoded_pixels(
+        out, ((int(i), *pictures[int(i)]) for i in source_ids), pixels_per_token, codec=codec
+    )
+    shutil.rmtree(folder)
+    return meta

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fitscale.runtime.local import free_port
 
@@ -77,10 +78,14 @@ class S3Server:
             aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         )
 
-    def start(self) -> None:
-        """Start the server process and wait until it accepts connections."""
+    def start(self, log: Path | None = None) -> None:
+        """Start the server process and wait until it accepts connections; with `log`, its request
+        log (one line per request: method, path, status) goes to that file."""
         command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-        self.server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        errors = subprocess.DEVNULL if log is None else open(log, "ab")  # noqa: SIM115 (the child holds it)
+        self.server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+        if log is not None:
+            errors.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

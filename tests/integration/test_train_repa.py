@@ -2,72 +2,26 @@
 random weights are written to a local file (nothing is downloaded).
 
 The pixels of the worker's seeded images (tests/helpers/train_worker.py) are written as a
-dataset's pixel side files; `data.path` points at them. Tolerances as in test_train_deepspeed.py:
-other reduction orders move losses by fp32 rounding (about 1e-7 relative), far below rel 1e-5.
+dataset's pixel side files (tests/helpers/repa.py); `data.path` points at them. Tolerances as in
+test_train_deepspeed.py: other reduction orders move losses by fp32 rounding (about 1e-7 relative), far below rel 1e-5.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from helpers.repa import (
+    TINY_VIT,
+    assert_projector_checkpointed_not_exported,
+    encoder_file,
+    history,
+    repa_overrides,
+    write_worker_pixels,
+)
 from helpers.train_runs import checkpoint_tensors, metric_records, run, write_digits_split
 
 pytestmark = pytest.mark.slow
-
-TINY_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
-
-
-def write_worker_pixels(out: Path, images: int, pixels_per_token: int = 8) -> Path:
-    """Random pixels on the grid of each of the worker's first `images` sample ids."""
-    from helpers.train_worker import SeededSteps
-
-    from fitscale.data.pixels import write_pixels
-
-    steps = SeededSteps(0, 1, 8, 1, 10)
-    rng = np.random.default_rng(0)
-    pictures = []
-    for sample_id in range(images):
-        _, (rows, cols), _ = steps.image(sample_id)
-        pictures.append(
-            (
-                sample_id,
-                rng.integers(0, 256, (rows * pixels_per_token, cols * pixels_per_token, 3), dtype=np.uint8),
-                None,
-            )
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    write_pixels(out, pictures, pixels_per_token)
-    return out
-
-
-def encoder_file(out: Path, name: str, **args) -> Path:
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=0, **args)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
-    return out
-
-
-def repa_overrides(data: Path, weights: Path, name: str = "vit_tiny_patch16_224", args=TINY_VIT) -> list[str]:
-    return [
-        f"data.path={data}",
-        f"train.repa.encoder={name}",
-        f"train.repa.encoder_weights={weights}",
-        "train.repa.block=1",
-        "train.repa.projector_width=32",
-        "model.overrides.class_dropout_prob=0.0",
-        *[f"train.repa.encoder_args.{key}={value}" for key, value in args.items()],
-    ]
-
-
-def history(run_dir: Path, name: str = "history.json") -> list[tuple[float, float, float]]:
-    return [(r["loss"], r.get("repa_loss"), r["grad_norm"]) for r in json.loads((run_dir / name).read_text())]
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +45,7 @@ def test_one_and_two_ranks_give_the_same_losses_and_the_projector_is_checkpointe
     assert all(-1.0 <= r <= 1.0 for _, r, _ in history(single))
     records = metric_records(double)
     assert records[3]["repa_loss"] == history(double)[2][1] and records[3]["encoder_s"] > 0
-    tensors = checkpoint_tensors(double, 3)
-    assert any(key.startswith("model.hidden_head.") for key in tensors), "no projector in the checkpoint"
-    assert not any("patch_embed" in key or "encoder" in key for key in tensors), (
-        "the encoder was checkpointed"
-    )
-    from safetensors.torch import load_file
-
-    from fitscale.checkpoint.export import export_checkpoint
-
-    export_checkpoint(double, tmp_path / "w.safetensors", ema=True)
-    exported = load_file(str(tmp_path / "w.safetensors"))
-    assert exported and not any(key.startswith("hidden_head.") for key in exported)
+    assert_projector_checkpointed_not_exported(double, 3, tmp_path / "w.safetensors")
 
 
 def test_a_repa_run_starts_from_a_plain_runs_checkpoint_with_its_ema(setup, tmp_path):
@@ -177,3 +120,20 @@ def test_compiled_blocks_on_two_ranks_give_the_losses_of_one_eager_rank(setup, t
     run(tmp_path / "compiled", 2, *common, "parallel.compile=true", pad_to=128)
     for eager, compiled in zip(history(tmp_path / "eager"), history(tmp_path / "compiled"), strict=True):
         assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_a_bf16_repa_step_under_fsdp2_gives_finite_losses_near_fp32(setup, tmp_path):
+    """`parallel.param_dtype=bf16` on CPU: FSDP2 gathers the network and the projector in bf16 while the
+    frozen encoder stays fp32; the alignment loss of bf16 hidden states against fp32 features is
+    finite and within bf16's rounding of the fp32 run's (the first step's flow loss is the same: the
+    zero-initialised final layer outputs zeros in either dtype)."""
+    _, repa = setup
+    once = [*repa, "train.steps=2", "checkpoint.interval=0", "checkpoint.save_at_end=false"]
+    run(tmp_path / "fp32", 2, *once)
+    run(tmp_path / "bf16", 2, *once, "parallel.param_dtype=bf16")
+    for full, half in zip(history(tmp_path / "fp32"), history(tmp_path / "bf16"), strict=True):
+        assert all(np.isfinite(half)) and -1.0 <= half[1] <= 1.0
+        assert half != full, "bf16 gave the fp32 numbers: the compute dtype was not applied"
+        # flow loss and gradient norm to bf16's rounding; the cosine near 0 to 0.01 absolute
+        assert (half[0], half[2]) == pytest.approx((full[0], full[2]), rel=0.01)
+        assert half[1] == pytest.approx(full[1], abs=0.01)

@@ -11,43 +11,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from helpers.images import autoencoder
 from PIL import Image
 
 from fitscale.cli import main
-
-
-def autoencoder(kind: str):
-    """A tiny random-weight autoencoder of `kind`: sd (KL, 4 ch), flux (KL, 16 ch, shift), dcae (DC, 32 ch)."""
-    from diffusers import AutoencoderDC, AutoencoderKL
-
-    torch.manual_seed(0)
-    if kind == "dcae":
-        blocks = (8, 8, 8, 8, 16, 32)  # six stages: 32x, as DC-AE f32c32
-        return AutoencoderDC(
-            latent_channels=32,
-            attention_head_dim=8,
-            encoder_block_types="ResBlock",
-            decoder_block_types="ResBlock",
-            encoder_block_out_channels=blocks,
-            decoder_block_out_channels=blocks,
-            encoder_layers_per_block=(1,) * 6,
-            decoder_layers_per_block=(1,) * 6,
-            encoder_qkv_multiscales=((),) * 6,
-            decoder_qkv_multiscales=((),) * 6,
-            scaling_factor=0.41407,
-        )
-    factors = {"sd": dict(scaling_factor=0.13025), "flux": dict(scaling_factor=0.3611, shift_factor=0.1159)}
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=16 if kind == "flux" else 4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        **factors[kind],
-    )
-
 
 # kind -> (latent channels, patch size, pixels per token)
 KINDS = {"sd": (4, 2, 16), "flux": (16, 2, 16), "dcae": (32, 1, 32)}
