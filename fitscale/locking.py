@@ -30,3 +30,13 @@ def try_lock(path: Path, holder: str) -> tuple[int | None, str]:
     os.pwrite(fd, holder.encode(), 0)
     os.fsync(fd)
     return fd, ""
+
+
+def wait_lock(path: Path) -> int:
+    """Descriptor holding an exclusive `flock` on `path`, waiting for a live holder to let go (or
+    exit): for a short critical section that every process must pass through once, such as the
+    merge of a split dataset write. Close the descriptor to release it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd

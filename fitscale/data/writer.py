@@ -5,7 +5,8 @@ order and hands them here. The inputs are cut into parts of `part_size`; part k 
 MDS shards into `parts/part-0000k.tmp/` and renamed to `parts/part-0000k/` when finished, so an
 interrupted write loses at most the part in progress and rerunning the same command continues
 from there. Ranks of a split write (`rank`, `world_size`) take every `world_size`-th part; the
-process that finds all parts complete merges them into the dataset's `index.json`,
+process that finds all parts complete merges them (one at a time, under `parts/.merge.lock`; a
+process that finds the merge done leaves it) into the dataset's `index.json`,
 `samples.npy` and finally `fitscale.json`, which marks the dataset complete. Every shard's
 xxh64 is recorded in the index, and those of the index and `samples.npy` in `fitscale.json`
 (checked by fitscale/data/integrity.py).
@@ -47,9 +48,11 @@ from fitscale.data.format import (
 from fitscale.data.integrity import HASH, side_file_hashes
 from fitscale.diskspace import named_out_of_space
 from fitscale.errors import UserError
+from fitscale.locking import wait_lock
 
 WRITER_FILE = "writer.json"
 PARTS_DIR = "parts"
+MERGE_LOCK = ".merge.lock"  # in parts/: the merge of a split write, one process at a time
 SKIPPED_FILE = "skipped.jsonl"
 
 
@@ -323,5 +326,13 @@ def write_dataset(
                 part_inputs = inputs[k * settings.part_size : (k + 1) * settings.part_size]
                 write_part(out, k, part_inputs, build, settings, bar)
         if all((out / PARTS_DIR / part_name(k)).exists() for k in range(num_parts)):
-            return merge_parts(out, num_parts, settings, extra_meta or {})
+            # Ranks that finish together both see every part: the first through the lock merges,
+            # the others find the dataset complete and leave it (and its side files) alone.
+            fd = wait_lock(out / PARTS_DIR / MERGE_LOCK)
+            try:
+                if (out / META_FILE).exists():
+                    return None
+                return merge_parts(out, num_parts, settings, extra_meta or {})
+            finally:
+                os.close(fd)
     return None

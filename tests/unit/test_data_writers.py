@@ -262,3 +262,41 @@ def test_digits_grid_sides_are_chosen_recorded_and_checked(tmp_path, capsys):
     assert cli("data", "digits", tmp_path / "bad", "--min-side", 9, "--max-side", 8) == 2
     assert "--min-side 9 --max-side 8: grid sides in tokens must satisfy" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_ranks_that_finish_together_merge_the_split_write_once(tmp_path):
+    """Two ranks of a split write that both find every part complete: the one through the merge lock
+    first merges; the other waits, finds the dataset complete and leaves it (and the side files
+    the merging rank writes after it, such as pixels) alone."""
+    import os
+    import threading
+    import time
+
+    from fitscale.data.sources import build_synth
+    from fitscale.data.writer import MERGE_LOCK, PARTS_DIR, WriteSettings, merge_parts, write_dataset
+    from fitscale.locking import wait_lock
+
+    out = tmp_path / "split"
+    settings = WriteSettings(writer="synth", num_classes=10, part_size=8)
+    build = build_synth(1, 256, 10, "float16")
+    assert write_dataset(out, range(32), build, settings, rank=0, world_size=2, progress=False) is None
+    held = wait_lock(out / PARTS_DIR / MERGE_LOCK)  # the other rank, about to merge
+    results = []
+    last = threading.Thread(
+        target=lambda: results.append(
+            write_dataset(out, range(32), build, settings, rank=1, world_size=2, progress=False)
+        )
+    )
+    last.start()
+    deadline = time.monotonic() + 60
+    while not all((out / PARTS_DIR / f"part-{k:05d}").exists() for k in range(4)):
+        assert time.monotonic() < deadline, "rank 1 did not write its parts"
+        time.sleep(0.05)
+    time.sleep(0.5)  # rank 1 now waits on the lock (without it, it would merge here)
+    assert not (out / "fitscale.json").exists()
+    merge_parts(out, 4, settings, {})
+    merged = (out / "fitscale.json").read_bytes()
+    os.close(held)
+    last.join(60)
+    assert results == [None]  # it found the merge done
+    assert (out / "fitscale.json").read_bytes() == merged
