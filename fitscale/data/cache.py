@@ -54,15 +54,24 @@ def open_streaming_dataset(path: str | Path, remote: str | None, cfg, field: str
     lock = all_ranks_agree(lambda: _claim(folder, field) if claim else None)
     from streaming import StreamingDataset
 
-    dataset = StreamingDataset(
-        local=folder,
-        remote=remote,
-        shuffle=False,
-        download_timeout=cfg.download_timeout,
-        download_retry=cfg.download_retry + 1,  # Streaming counts attempts, the first included
-        cache_limit=cfg.cache_limit,
-        batch_size=1,
-    )
+    try:
+        dataset = StreamingDataset(
+            local=folder,
+            remote=remote,
+            shuffle=False,
+            download_timeout=cfg.download_timeout,
+            download_retry=cfg.download_retry + 1,  # Streaming counts attempts, the first included
+            cache_limit=cfg.cache_limit,
+            batch_size=1,
+        )
+    except ValueError as error:  # Streaming's cache-limit checks: a paragraph each, as one line
+        reason = str(error)
+        if not reason.startswith(("Cache limit (", "Minimum cache usage (")):
+            raise
+        raise UserError(
+            f"data.cache_limit={cfg.cache_limit}: too small for {field}={path} ({reason.split('. ')[0]}); "
+            "raise it to at least four times the largest shard, or unset it to keep every shard"
+        ) from None
     _open[folder] = (remote, dataset, lock)
     return dataset
 

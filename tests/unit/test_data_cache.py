@@ -114,3 +114,15 @@ def test_stale_registrations_are_found_past_any_gap_of_free_prefixes(tmp_path, m
     removed = cache_module.remove_stale_registrations(mine)
     assert sorted(removed) == sorted(_get_path(900, name) for name in SHM_TO_CLEAN)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(_get_path(3, name) for name in SHM_TO_CLEAN)
+
+
+def test_a_cache_limit_below_four_shards_is_refused_in_one_line(dataset, tmp_path):
+    """Streaming needs room for four of the largest shards; less is one line naming the field."""
+    small = config(path=str(tmp_path / "c"), remote=str(dataset), cache_limit="1kb")
+    with pytest.raises(ValueError) as refused:
+        LatentLoader(small, 0, 1)
+    message = str(refused.value)
+    assert message.startswith("data.cache_limit=1kb: too small for data.path=") and "\n" not in message
+    assert message.endswith(
+        "raise it to at least four times the largest shard, or unset it to keep every shard"
+    )
