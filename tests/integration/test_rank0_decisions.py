@@ -124,7 +124,7 @@ def test_a_read_failing_on_one_rank_gives_one_outcome_on_every_rank(tmp_path):
     assert rank0["deepspeed_rank0_stale"] == f"OSError: {STALE}"
     assert rank0["all_ranks_rank1_fails"] == f"OSError: rank 1: {STALE}"
     assert rank0["same_values"] == (
-        "ValueError: ranks see different datasets at data.path=d: rank 0 {'samples': 10}, rank 1 "
+        "UserError: ranks see different datasets at data.path=d: rank 0 {'samples': 10}, rank 1 "
         "{'samples': 11} (a shared file system that has not caught up, or a file rewritten during "
         "start-up); make the files identical for every node and restart"
     )
