@@ -15,9 +15,8 @@ examples:
   fitscale launch recipes/demo.yaml --cluster local-slurm --wait        # follow the job to its end
   # two machines without SLURM (run on each, node 0's address as --master-addr):
   fitscale launch RECIPE --cluster local --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500
-  # any other fitscale command as a SLURM job, once per task (everything after --command is its argv):
-  fitscale launch --cluster local-slurm --nodes 1 --tasks-per-node 2 --log-dir runs/encode \
-      --command -- data from-images IMAGES OUT --vae VAE --resolution 256
+  # any other fitscale command as a SLURM job, once per task (everything after `--command --`):
+  fitscale launch --cluster local-slurm --tasks-per-node 2 --log-dir runs/encode --command -- data from-images IMAGES OUT --vae VAE
   fitscale launch --cluster example-cluster --nodes 2 --wait --command -- eval samples/ --ref ref.npz
 """
 
