@@ -170,6 +170,7 @@ def task_statuses(folder: str | Path, job_id: str, tasks: int) -> list[dict[str,
             outcome, value = pickle.load(handle)
         lines = [line for line in str(value).splitlines() if line.strip()]
         detail = lines[-1].strip() if outcome != "success" and lines else ""
+        detail = re.sub(r"^[\w.]*FailedJobError: ", "", detail)  # the command's own last stderr line
         statuses.append(
             {"task": task, "status": "ok" if outcome == "success" else "failed", "detail": detail}
         )

@@ -1,6 +1,7 @@
 """`fitscale launch --command -- data from-images ...`: the encoding submitted as a SLURM job of two
 tasks through the launcher (cluster profile, sbatch script, submitit) writes, byte for byte, the
-dataset one process writes; `--wait` reports each task's end."""
+dataset one process writes; `--wait` reports each task's end, and a command that fails as the
+failing tasks' error lines with exit status 1."""
 
 from __future__ import annotations
 
@@ -39,3 +40,25 @@ def test_launched_command_over_two_tasks_writes_the_dataset_one_process_writes(s
     job_id = result["job_id"]
     task0, task1 = ((folder / f"{job_id}_{task}_log.err").read_text() for task in (0, 1))
     assert " 6/6 " in task0 and " 4/4 " in task1, logs
+
+
+def test_waiting_on_a_failing_command_names_each_tasks_error_and_exits_1(slurm_cluster, tmp_path):
+    job = fitscale_launch(
+        "--cluster", str(REPO / "cluster" / "local-slurm.yaml"), "--tasks-per-node", "2", "--time", "2",
+        "--log-dir", str(tmp_path / "job"), "--wait",
+        "--command", "--", "data", "from-images", str(tmp_path / "images"), str(tmp_path / "out"),
+        "--vae", str(tmp_path / "no-vae"),
+        timeout=180,
+    )  # fmt: skip
+    assert job.returncode == 1, f"{job.stdout}\n{job.stderr}"
+    error = f"fitscale data: error: --vae {tmp_path / 'no-vae'}: no such folder"
+    lines = job.stdout.splitlines()
+    assert " FAILED: fitscale data from-images " in lines[0], job.stdout
+    # a task that fails ends the step (--kill-on-bad-exit): the other may be killed before its result
+    tasks = {line.split(":")[0].strip(): line for line in lines[1:3]}
+    assert sorted(tasks) == ["task 0", "task 1"], job.stdout
+    failed = [line for line in tasks.values() if line.split(": ", 1)[1].startswith("failed (")]
+    assert failed and all(error in line and "FailedJobError" not in line for line in failed), job.stdout
+    assert all(line in failed or ": missing (no " in line for line in tasks.values()), job.stdout
+    assert lines[3].startswith(f"  logs: {tmp_path / 'job' / 'slurm'}/"), job.stdout
+    assert not (tmp_path / "out").exists()
