@@ -201,9 +201,12 @@ def command_launch(args: argparse.Namespace) -> int:
         )
     # after `--`, argparse fills RECIPE with the command's first word
     argv = [] if args.recipe is None else [args.recipe, *args.command_args]
-    if args.cluster is None or args.overrides:
-        flag = "--cluster PROFILE is required" if args.cluster is None else "--set applies to recipes only"
-        raise UserError(f"--command: {flag}; e.g. --cluster local-slurm")
+    if args.cluster is None:
+        raise UserError(
+            "--command: --cluster PROFILE is required (a SLURM profile, e.g. --cluster local-slurm)"
+        )
+    if args.overrides:
+        raise UserError("--command: --set applies to recipes only; pass the command's own options after --")
     plan = plan_command(
         argv,
         args.cluster,

@@ -4,6 +4,7 @@ the refusals (one line each, status 2) and the dry run's plan and batch script."
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ PROFILE = str(REPO / "cluster" / "local-slurm.yaml")
         (["--cluster", PROFILE, "--command", "--", "launch", "r.yaml"], "--command launch: training is launched from its recipe"),
         (["--cluster", "local", "--command", "--", "eval", "x"], "--command: cluster profile 'local' has scheduler: local, not slurm"),
         (["--command", "--", "eval", "x"], "--command: --cluster PROFILE is required"),
+        (["--cluster", PROFILE, "--set", "a=1", "--command", "--", "eval", "x"], "--command: --set applies to recipes only"),
         ([], "give one RECIPE, or --command -- ARGS to submit another fitscale command"),
     ],
 )  # fmt: skip
@@ -57,3 +59,23 @@ def test_the_recipe_form_is_unchanged(capsys):
     code = main(["launch", str(REPO / "recipes" / "demo.yaml"), "--cluster", PROFILE, "--dry-run", "--json"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["job_name"] == "fitscale-demo"
+
+
+def test_submitting_a_command_without_slurm_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", os.devnull)  # no sbatch, no srun
+    argv = [
+        "launch",
+        "--cluster",
+        PROFILE,
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--command",
+        "--",
+        "eval",
+        "x",
+    ]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(
+        "fitscale launch: error: no SLURM on this machine (sbatch and srun"
+    )
+    assert not (tmp_path / "logs").exists()
