@@ -97,8 +97,11 @@ def plan_command(
     time_min: int | None = None,
     job_name: str | None = None,
 ) -> CommandPlan:
-    """Resolve `fitscale ARGV` for a SLURM cluster profile; UserError for a bad command or a profile
-    without SLURM (`scheduler: local`), ConfigError for resources the profile does not allow."""
+    """Resolve `fitscale ARGV` for a SLURM cluster profile; UserError for a bad command, a profile
+    without SLURM (`scheduler: local`) or a time limit (minutes) not longer than the warning signal's
+    lead (a command cannot checkpoint: submitit stops it there), ConfigError for resources the
+    profile does not allow. The job is requeued after a preemption (the command reruns from the
+    start), never after its time limit."""
     argv = check_command(argv)
     profile = load_profile(cluster)
     if profile.scheduler != "slurm":
@@ -115,6 +118,13 @@ def plan_command(
         max_timeout_requeues=0,  # a command is no checkpointing run: it ends at the time limit
     )
     resources = resolve_resources(launch, profile)
+    if launch.signal_delay_s >= resources.time_min * 60:
+        # submitit stops a task that cannot checkpoint at SLURM's warning signal, before the limit
+        raise UserError(
+            f"--command: a time limit of {resources.time_min} min leaves no time: the tasks are stopped at "
+            f"SLURM's warning, {launch.signal_delay_s} s before the limit; give --time "
+            f"{launch.signal_delay_s // 60 + 1} or more"
+        )
     name = job_name or default_job_name(argv)
     import_submitit()
     return CommandPlan(

@@ -44,7 +44,7 @@ def test_launched_command_over_two_tasks_writes_the_dataset_one_process_writes(s
 
 def test_waiting_on_a_failing_command_names_each_tasks_error_and_exits_1(slurm_cluster, tmp_path):
     job = fitscale_launch(
-        "--cluster", str(REPO / "cluster" / "local-slurm.yaml"), "--tasks-per-node", "2", "--time", "2",
+        "--cluster", str(REPO / "cluster" / "local-slurm.yaml"), "--tasks-per-node", "2", "--time", "3",
         "--log-dir", str(tmp_path / "job"), "--wait",
         "--command", "--", "data", "from-images", str(tmp_path / "images"), str(tmp_path / "out"),
         "--vae", str(tmp_path / "no-vae"),

@@ -23,6 +23,7 @@ PROFILE = str(REPO / "cluster" / "local-slurm.yaml")
         (["--cluster", PROFILE, "--command", "--"], "--command: no command given"),
         (["--cluster", PROFILE, "--command", "--", "train", "r.yaml"], "--command train: training is launched from its recipe; use `fitscale launch RECIPE"),
         (["--cluster", PROFILE, "--command", "--", "launch", "r.yaml"], "--command launch: training is launched from its recipe"),
+        (["--cluster", PROFILE, "--time", "2", "--command", "--", "eval", "x"], "--command: a time limit of 2 min leaves no time: the tasks are stopped at SLURM's warning, 120 s before the limit; give --time 3 or more"),
         (["--cluster", "local", "--command", "--", "eval", "x"], "--command: cluster profile 'local' has scheduler: local, not slurm"),
         (["--command", "--", "eval", "x"], "--command: --cluster PROFILE is required"),
         (["--cluster", PROFILE, "--set", "a=1", "--command", "--", "eval", "x"], "--command: --set applies to recipes only"),
