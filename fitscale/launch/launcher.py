@@ -54,22 +54,22 @@ class LaunchPlan:
         """The plan as plain data: cluster, run folder, job name, resources, requeue and signal
         settings, problems.
         """
-        r = self.resources
         return {
             "cluster": self.profile.name,
             "scheduler": self.profile.scheduler,
             "run_dir": str(self.run_dir),
             "job_name": self.job_name,
-            "nodes": r.nodes,
-            "tasks_per_node": r.tasks_per_node,
-            "gpus_per_node": r.gpus_per_node,
-            "cpus_per_task": r.cpus_per_task,
-            "world_size": r.world_size,
-            "time_min": r.time_min,
+            **resources_summary(self.resources),
             "max_timeout_requeues": self.config.launch.max_timeout_requeues,
             "signal_delay_s": self.config.launch.signal_delay_s,
             "problems": list(self.problems),
         }
+
+
+def resources_summary(r: Resources) -> dict[str, int]:
+    """Nodes, tasks, GPUs and CPUs per node/task, world size and time limit (minutes) as plain data."""
+    names = ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "world_size", "time_min")
+    return {name: getattr(r, name) for name in names}
 
 
 def launch_overrides(
