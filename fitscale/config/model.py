@@ -85,6 +85,14 @@ class ModelConfig:
     # (rows, cols) of fixed frequencies (release `max_pe_len_h/w`); None: the L0 x L0 grid (no scaling)
     rope_target_grid: tuple[int, int] | None = None
     attn_backend: AttentionBackendName = "auto"  # `padded` is the release's dense attention
+    # What the network predicts and which time it reads (release `use_sit` / `learn_sigma`):
+    # `flow`: velocity at t in [0, 1], 1 = data (FiTv2, the release's use_sit=true);
+    # `ddpm`: epsilon at the timestep index t in [0, diffusion_steps), 0 = data (FiT v1, improved-diffusion).
+    objective: Literal["flow", "ddpm"] = "flow"
+    learn_sigma: bool = False  # ddpm only: also output the variance interpolation values (2x token_dim)
+    # The release clamps the (shifted) input time at 1.0 whatever the objective (fit_model.py forward):
+    # a ddpm model then sees min(t, 1). False feeds indices unclamped, as the original FiT code did.
+    time_clamp: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -121,6 +129,11 @@ class ModelConfig:
             raise UserError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         object.__setattr__(self, "rope_method", canonical_rope_method(self.rope_method))
         check_choices(self, "model.")
+        if self.learn_sigma and self.objective != "ddpm":
+            raise UserError(
+                "model.learn_sigma=true needs model.objective=ddpm: a flow model predicts one velocity per "
+                "value (the release asserts not (learn_sigma and use_sit))"
+            )
         if self.rope_method not in ("none", "linear") and self.head_dim // 2 <= 2:
             raise UserError(f"model.rope_method={self.rope_method!r} needs a head dim above 4")
         if self.rope_method not in ("none", "linear") and self.rope_theta <= 1:
@@ -169,6 +182,12 @@ class ModelConfig:
     def token_dim(self) -> int:
         """Values per token: p * p * C (16 for the released models)."""
         return self.patch_size * self.patch_size * self.in_channels
+
+    @property
+    def out_dim(self) -> int:
+        """Values the network outputs per token: token_dim, twice that with `learn_sigma` (the
+        epsilon first, then the variance interpolation values, release `out_channels = 2 C`)."""
+        return self.token_dim * (2 if self.learn_sigma else 1)
 
     def replace(self, **overrides) -> ModelConfig:
         """A copy with `overrides` applied and validated (ValueError naming unknown fields or bad values)."""

@@ -52,7 +52,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x)  # (T, D)
 
 
-def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+def shift_time(t: torch.Tensor, shift: float, clamp: bool = False) -> torch.Tensor:
     """t <- s t / (1 + (s - 1) t), capped at 1; s = 1 is the identity. Maps [0, 1] onto itself.
 
     The release's `time_shifting` (fit/model/fit_model.py, `torch.clamp(..., max=1.0)`), the
@@ -62,9 +62,12 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     - `model.time_shift`: to the model's input time before its timestep embedding (the release's);
     - `train.flow.time_shift`: to the training timesteps after they are drawn;
     - `fitscale sample --time-shift`: to the sampler's time grid.
+
+    `clamp=True` caps the result at 1 even at s = 1, as the release's model does for any input
+    (a DDPM model fed timestep indices 0..999 sees min(t, 1); `model.time_clamp`).
     """
     if shift == 1.0:
-        return t
+        return t.clamp(max=1.0) if clamp else t
     return torch.clamp(shift * t / (1 + (shift - 1) * t), max=1.0)
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from fitscale.errors import UserError
 from fitscale.models import build_config, build_model
 from fitscale.models.flops import count_parameters, paper_gflops
 from fitscale.models.partial import apply_trainable
@@ -120,3 +121,10 @@ def test_init_zeroes_the_modulation_and_output_layers():
         assert not params[f"{prefix}.weight"].any() and not params[f"{prefix}.bias"].any(), prefix
     assert params["blocks.0.adaLN_modulation.1.weight"].abs().sum() > 0
     assert params["y_embedder.embedding_table.weight"].std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_learn_sigma_needs_the_ddpm_objective():
+    with pytest.raises(UserError, match=r"^model.learn_sigma=true needs model.objective=ddpm"):
+        build_config("tiny", learn_sigma=True)
+    config = build_config("tiny", objective="ddpm", learn_sigma=True)
+    assert (config.token_dim, config.out_dim) == (16, 32)
