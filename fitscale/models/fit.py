@@ -101,7 +101,9 @@ class FiT(nn.Module):
             cu_seqlens, max_seqlen, total, self.config.attn_backend, h.device, h.dtype, sizes
         )
         cos, sin = rope_cos_sin(self.config, pos, mask.segment_ids, sizes)  # (T, d) each
-        c = self.t_embedder(shift_time(t, config.time_shift, config.time_clamp)) + self.y_embedder(y)  # (S, D)
+        c = self.t_embedder(shift_time(t, config.time_shift, config.time_clamp)) + self.y_embedder(
+            y
+        )  # (S, D)
         global_modulation = self.global_adaLN_modulation(c)  # (S, 6D)
         if hidden_after is not None and not 1 <= hidden_after <= len(self.blocks):
             raise ValueError(f"hidden_after={hidden_after}: the model has blocks 1..{len(self.blocks)}")
