@@ -6,39 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 
 import numpy as np
 import pytest
+from helpers.adm_formulas import adm_distances, adm_frechet
 from helpers.eval_batches import fitscale, smooth_pictures
 from PIL import Image
-from scipy import linalg
 
 pytestmark = pytest.mark.slow
-
-
-def frechet(mu1, sigma1, mu2, sigma2):  # ADM's FIDStatistics.frechet_distance, written out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
-
-
-def distances(u, v):  # DistanceBlock: float16 squares, float32 accumulation, float32 when not finite
-    u16, v16 = u.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        nu = np.square(u.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16)[:, None]
-        nv = np.square(v.astype(np.float16)).astype(np.float32).sum(1).astype(np.float16)[None, :]
-        d = np.maximum(nu - np.float16(2) * (u16 @ v16.T).astype(np.float16) + nv, np.float16(0))
-    if np.isfinite(d).all():
-        return d.astype(np.float32)
-    return np.maximum((u**2).sum(1)[:, None] - 2 * (u @ v.T) + (v**2).sum(1)[None, :], 0).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +69,16 @@ def test_every_metric_equals_adms_formulas_on_the_saved_features(setup, one_rank
     np.testing.assert_allclose(mu, ref_pool.mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(sigma, np.cov(ref_pool, rowvar=False), rtol=1e-6, atol=1e-10)
     expected = {
-        "fid": frechet(pool.mean(0), np.cov(pool, rowvar=False), mu, sigma),
-        "sfid": frechet(spatial.mean(0), np.cov(spatial, rowvar=False), mu_s, sigma_s),
+        "fid": adm_frechet(pool.mean(0), np.cov(pool, rowvar=False), mu, sigma, check_imaginary=False),
+        "sfid": adm_frechet(
+            spatial.mean(0), np.cov(spatial, rowvar=False), mu_s, sigma_s, check_imaginary=False
+        ),
     }
     kl = softmax * (np.log(softmax) - np.log(softmax.mean(0, keepdims=True)))
     expected["inception_score"] = float(np.exp(np.mean(np.sum(kl, 1))))  # one split: N < 5000
-    r_ref = np.partition(distances(ref_pool, ref_pool), 3, axis=1)[:, 3]
-    r_sample = np.partition(distances(pool, pool), 3, axis=1)[:, 3]
-    cross = distances(ref_pool, pool)
+    r_ref = np.partition(adm_distances(ref_pool, ref_pool), 3, axis=1)[:, 3]
+    r_sample = np.partition(adm_distances(pool, pool), 3, axis=1)[:, 3]
+    cross = adm_distances(ref_pool, pool)
     expected["precision"] = np.mean(np.any(cross <= r_ref[:, None], axis=0))
     expected["recall"] = np.mean(np.any(cross <= r_sample[None, :], axis=1))
     for key, value in expected.items():
