@@ -120,20 +120,27 @@ parser.format_help()
 for action in parser._subparsers._group_actions:
     for sub in action.choices.values():
         sub.format_help()
-print(" ".join(name for name in sys.modules if name == "fitscale" or name.startswith("fitscale.")))
+print(" ".join(sys.modules))
 """
 
 
-def dispatcher_modules(root: Path) -> set[str]:
-    """The fitscale modules that `fitscale --help` (and every subcommand's `--help`) loads, with the
-    fitscale under `root`. Asked of a fresh interpreter, so what the caller imported does not count.
-    Raises subprocess.CalledProcessError when fitscale.cli fails to import.
+def modules_loaded_by_help(root: Path) -> set[str]:
+    """Every module (fitscale's and third-party) that `fitscale --help` and every subcommand's `--help`
+    load, with the fitscale under `root`. Asked of a fresh interpreter, so what the caller imported does
+    not count. Raises subprocess.CalledProcessError when fitscale.cli fails to import.
     """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True, timeout=120
     )
     return set(result.stdout.split())
+
+
+def dispatcher_modules(root: Path) -> set[str]:
+    """The fitscale modules of `modules_loaded_by_help(root)`: where a function-level import needs no reason."""
+    return {
+        name for name in modules_loaded_by_help(root) if name == "fitscale" or name.startswith("fitscale.")
+    }
 
 
 def verdict(found: LocalImport, allowed: set[str]) -> str | None:
