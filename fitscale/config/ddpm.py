@@ -68,8 +68,8 @@ def check_objective(objective: str, train: TrainConfig) -> None:
         )
     if train.repa.enabled:
         raise ConfigError(
-            "train.repa.enabled=true with model.objective=ddpm: REPA is defined for flow models only; "
-            "set train.repa.enabled=false"
+            f"train.repa.encoder={train.repa.encoder} with model.objective=ddpm: REPA is defined for flow "
+            "models only; set train.repa.encoder=null"
         )
     if previews and sampler != "ddpm":
         raise ConfigError(

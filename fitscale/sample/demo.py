@@ -79,7 +79,9 @@ def sample_grid(config) -> dict:
     options = DemoOptions.from_config(config)
     grids = demo_grids(options.digits_min_side, options.digits_max_side)
     sampler = "ddpm" if config.model_config().objective == "ddpm" else "heun"  # the objective's sampler
-    return sample_demo_grid(config.train.run_dir, cfg_scale=options.sample_cfg_scale, grids=grids, sampler=sampler)
+    return sample_demo_grid(
+        config.train.run_dir, cfg_scale=options.sample_cfg_scale, grids=grids, sampler=sampler
+    )
 
 
 def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16) -> None:

@@ -94,7 +94,9 @@ class SamplingOptions:
     # by ~1e-6 relative on grid samplers and up to the solver's tolerance on adaptive ones).
     batch_invariant: bool = True
     autocast: str = "auto"  # auto (bf16 on CUDA), bf16 or fp32
-    ddpm: DdpmConfig | None = None  # --sampler ddpm: the diffusion trained on (train.ddpm); None = the release's
+    ddpm: DdpmConfig | None = (
+        None  # --sampler ddpm: the diffusion trained on (train.ddpm); None = the release's
+    )
 
     def __post_init__(self) -> None:
         self.mode = _choice("--mode", self.mode, ("ode", "sde"))
@@ -158,7 +160,9 @@ class SamplingOptions:
             flag = "--atol" if self.atol is not None else "--rtol"
             raise UserError(f"{flag} applies to samplers with an error control; --sampler ddpm takes --steps")
         if self.time_shift != 1.0:
-            raise UserError(f"--time-shift {self.time_shift}: --sampler ddpm samples the trained schedule; drop it")
+            raise UserError(
+                f"--time-shift {self.time_shift}: --sampler ddpm samples the trained schedule; drop it"
+            )
         self.ddpm = self.ddpm or DdpmConfig()
         if self.steps > self.ddpm.diffusion_steps:
             raise UserError(

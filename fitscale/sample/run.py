@@ -140,7 +140,9 @@ def _write_summary(run: SampleRun, have_pictures: bool) -> list[Path]:
         }
         for i in run.items
     ]
-    (out / "samples.json").write_text(json.dumps({"options": options_record(run.options), "images": index}, indent=1))
+    (out / "samples.json").write_text(
+        json.dumps({"options": options_record(run.options), "images": index}, indent=1)
+    )
     written.append(out / "samples.json")
     if have_pictures:
         files = {int(p.name[:6]): p for p in (out / "images").glob("*.png")}

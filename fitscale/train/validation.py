@@ -207,7 +207,9 @@ class PeriodicValidation:
     def __init__(self, data: DataConfig, train: TrainConfig, rank: int = 0, world_size: int = 1):
         self.every = train.val_every
         self.last_step = train.steps
-        self.settings = ValidationSettings(seed=train.val_seed, max_images=train.val_max_images, ddpm=train.ddpm)
+        self.settings = ValidationSettings(
+            seed=train.val_seed, max_images=train.val_max_images, ddpm=train.ddpm
+        )
         with preserved_rng():
             self.batches = validation_batches(data, rank, world_size, self.settings.max_images)
 
