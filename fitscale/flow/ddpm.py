@@ -165,6 +165,7 @@ class GaussianDiffusion:
                 f"ddpm betas must be a 1-D array of at least 2 values in (0, 1], got shape {betas.shape}"
             )
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
+        self._device_tables: dict[tuple, torch.Tensor] = {}  # extract's copies of the tables
         self.learned = var_type in ("learned", "learned_range")
         self.betas = betas
         self.num_timesteps = int(betas.shape[0])
@@ -209,10 +210,17 @@ class GaussianDiffusion:
 
     # ---- tables ------------------------------------------------------------------------------
 
-    @staticmethod
-    def extract(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """table[t] (t: (T,) long indices) as a (T, 1) column in like's dtype and device."""
-        return torch.from_numpy(table).to(like.device)[t].to(like.dtype)[:, None]
+    def extract(self, table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """table[t] (t: (T,) long indices) as a (T, 1) column in like's dtype and device.
+
+        `table` is one of this diffusion's float64 tables; its copy on like's device and dtype is
+        kept, so a training step copies no table to the accelerator after the first.
+        """
+        key = (id(table), like.device, like.dtype)
+        column = self._device_tables.get(key)
+        if column is None:
+            column = self._device_tables[key] = torch.from_numpy(table).to(like.device).to(like.dtype)
+        return column[t][:, None]
 
     # ---- forward process and posterior ---------------------------------------------------------
 
