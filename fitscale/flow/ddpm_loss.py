@@ -69,7 +69,7 @@ def ddpm_loss(
     `mse` and `vb` (N,) detached; `timesteps` are returned as t / num_timesteps in [0, 1) for the
     timestep buckets. `flow.loss_weighting` weighs images as for the flow loss. Errors: ValueError.
     """
-    check_loss_inputs(batch, torch.zeros_like(timesteps), noise)
+    check_loss_inputs(batch, torch.zeros_like(timesteps), noise)  # shapes; indices, not times, checked next
     check_indices(timesteps, diffusion.num_timesteps)
     tokens = batch.tokens.float()  # (T, C)
     t_index = timesteps.long()  # (S,)

@@ -286,7 +286,9 @@ def run_sample(args) -> int:
     Everything is checked before a model loads or a file is written: sizes, labels and sampling
     options (ValueError), an --out already holding samples without --overwrite (FileExistsError),
     the removed --fid-reference (UserError naming `fitscale eval`), a VAE that does not match the
-    training dataset. With --nproc N it relaunches itself on N local ranks.
+    training dataset. The sampler's family (flow or ddpm) is checked against the model's objective
+    once the model is loaded, still before any file is written. With --nproc N it relaunches itself
+    on N local ranks.
     """
     sizes = parse_sizes(args.height, args.width)
     labels = parse_labels(args.labels)

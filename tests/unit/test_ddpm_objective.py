@@ -271,3 +271,4 @@ def test_train_ten_steps_then_sample_with_the_ddpm_sampler(tmp_path, capsys):
         == 2
     )
     assert capsys.readouterr().err.strip().endswith("use --sampler ddpm")
+    assert not (tmp_path / "heun").exists()  # refused before anything is written
