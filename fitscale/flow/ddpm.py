@@ -3,10 +3,11 @@
 Written from fit/scheduler/improved_diffusion/ of the release (itself IDDPM / ADM code):
 `gaussian_diffusion.py` (schedules, tables, q_sample, posterior, p_mean_variance, the VB terms and
 `training_losses`), `diffusion_utils.py` (normal_kl, discretized_gaussian_log_likelihood) and
-`respace.py` (space_timesteps, SpacedDiffusion). diffusers' DDPMScheduler builds its betas in
-float32 torch, not the release's float64 numpy, so its tables differ in the last bits; the
-tables here are the release's, float64 numpy, and are read per token in x's dtype (float32 for a
-float32 x, as the release's `_extract_into_tensor` does).
+`respace.py` (space_timesteps, SpacedDiffusion). diffusers' DDPMScheduler (0.39) builds its
+betas in float32 torch, not the release's float64 numpy: 1.4e-9 (linear) and 2.2e-8 (cosine) off,
+and it has no learned-variance losses, so it is not used. The tables here are the release's,
+float64 numpy, read per token in x's dtype (float32 for a float32 x, as the release's
+`_extract_into_tensor` does).
 
 Layout. The release works on (B, C, N) images; here x is (T, D) packed tokens, D = p*p*C values
 per token in (c p1 p2) order, and the timestep index is given per token (T,). Everything but the
