@@ -196,6 +196,9 @@ def test_guidance_of_a_ddpm_model_is_the_releases_forward_with_cfg():
     assert guided.shape == (12, 32)
     torch.testing.assert_close(guided[:, :12], uncond[:, :12] + 4.0 * (cond[:, :12] - uncond[:, :12]))
     torch.testing.assert_close(guided[:, 12:], cond[:, 12:])
+    # --scale-pow reads the index as the release does (clamp_max(t, 1)): no guidance past index 0
+    scheduled = PackedVelocity(model, layout, cfg_scale=4.0, guidance_channels=3, scale_pow=1.0)
+    torch.testing.assert_close(scheduled(x, t), cond)
 
 
 def test_ancestral_sampling_is_bit_identical_alone_and_in_a_batch():
