@@ -5,6 +5,8 @@ of the held-out split (`data.val_path`) is scored at every timestep of a fixed g
 drawn from a generator seeded by (seed, grid index, sample id). The number is a deterministic
 function of the weights and the split: two runs, or two model sizes, are compared on exactly the
 same noisy inputs, and splitting the images over ranks changes nothing but the summation order.
+A model.objective=ddpm model is scored the same way at a fixed grid of timestep indices with the
+release's training loss (fitscale.flow.ddpm_loss, `DDPM_GRID_POINTS`).
 
 The split is read once through the data loader in "images" mode with one step that holds the
 whole split (no shuffle, no flips or crops), so every image is scored exactly once.
