@@ -7,8 +7,9 @@ micro-batches, clipping, a skip for non-finite steps, EMA, metrics and log lines
 loss (`train.val_every`), sample grids (`train.sample_every`) and checkpoints. A run resumed
 from step S while later checkpoints exist starts a new branch: those checkpoints are moved to
 `checkpoints/superseded/from-step-S-attempt-A/` before training (`event=branch`). The loss is
-the rectified-flow loss of fitscale.flow, normalised by the step's global image count so that
-neither the rank count nor the micro-batch split changes a step.
+the rectified-flow loss of fitscale.flow (or the DDPM loss of a model.objective=ddpm model,
+fitscale.train.objective), normalised by the step's global image count so that neither the rank
+count nor the micro-batch split changes a step.
 """
 
 from __future__ import annotations
@@ -35,9 +36,7 @@ from fitscale.config.errors import ConfigError
 from fitscale.data import build_loader
 from fitscale.data.integrity import digest
 from fitscale.diskspace import named_out_of_space
-from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
-from fitscale.flow.ddpm import create_diffusion
-from fitscale.flow.ddpm_loss import ddpm_loss, per_image_ddpm_noise
+from fitscale.flow import per_image_label_dropout
 from fitscale.models import build_model
 from fitscale.models.flops import training_flops
 from fitscale.models.inputs import check_packed_batch
@@ -49,6 +48,7 @@ from fitscale.runtime.agree import all_ranks_agree, rank0_decides, same_on_all_r
 from fitscale.train.dataset_shape import follow_training_dataset
 from fitscale.train.loglines import configure_console
 from fitscale.train.metrics import MetricsLogger, Throughput, memory_stats, timestep_bucket_metrics
+from fitscale.train.objective import DDPM_TERMS, Objective
 from fitscale.train.optim import build_optimizer, scaled_lr
 from fitscale.train.previews import PeriodicSamples
 from fitscale.train.records import METRICS_FILE, next_attempt
@@ -59,7 +59,6 @@ from fitscale.train.state import Progress, RunLock, SchedulerState, seed_rank
 from fitscale.train.validation import PeriodicValidation
 
 log = logging.getLogger("fitscale.train")
-DDPM_TERMS = ("mse", "vb")  # the release's training_losses terms logged for model.objective=ddpm
 RUN_DIR_FULL = "free space there, or point train.run_dir at a larger filesystem"
 
 
@@ -122,7 +121,7 @@ class Trainer:
             self.backend, self.config.train.run_dir
         )  # what a checkpoint holds of it
         self.model = self._build_model()
-        self.diffusion = self._build_diffusion()
+        self.objective = Objective(self.model_config, self.config.train)  # flow or ddpm (train/objective.py)
         self.repa = self._build_repa()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.ema = self._build_ema()
@@ -171,26 +170,6 @@ class Trainer:
         self._apply_trainable(model)
         seed_rank(self.config.train.seed, self.env.rank)
         return model
-
-    def _build_diffusion(self):
-        """The Gaussian diffusion of a model.objective=ddpm model (train.ddpm), None for a flow model."""
-        if self.model_config.objective != "ddpm":
-            return None
-        return create_diffusion(self.config.train.ddpm, self.model_config.learn_sigma)
-
-    def _draw(self, micro, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image timesteps (S,) and noise (T, C) of a CPU micro-batch, drawn for the objective."""
-        cfg = self.config.train
-        if self.diffusion is None:
-            return per_image_noise(micro, cfg.seed, step, cfg.flow)
-        return per_image_ddpm_noise(micro, cfg.seed, step, self.diffusion.num_timesteps)
-
-    def _loss(self, batch, timesteps, noise, global_images: int, hidden_after: int | None):
-        """The objective's loss of one micro-batch on the device (fitscale.flow.loss / ddpm_loss)."""
-        module, flow = self.backend.forward_module, self.config.train.flow
-        if self.diffusion is None:
-            return flow_loss(module, batch, timesteps, noise, global_images, flow, hidden_after)
-        return ddpm_loss(module, batch, timesteps, noise, global_images, flow, self.diffusion)
 
     def _build_repa(self):
         """The alignment term of `train.repa` (fitscale.train.repa), or None when it is off."""
@@ -399,7 +378,7 @@ class Trainer:
         local_terms = torch.zeros(len(DDPM_TERMS), dtype=torch.float64, device=self.env.device)
         for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            timesteps, noise = self._draw(micro, step)
+            timesteps, noise = self.objective.draw(micro, step)
             labels = per_image_label_dropout(micro, cfg.train.seed, step, self.label_dropout, self.null_class)
             micro = replace(micro, labels=labels)
             lengths = (micro.cu_seqlens[1:] - micro.cu_seqlens[:-1])[: micro.num_images].tolist()
@@ -411,7 +390,9 @@ class Trainer:
             noise = noise.to(self.env.device, non_blocking=True)
             self.backend.set_gradient_sync(last)
             hidden_after = self.repa.block if repa_weight else None
-            out = self._loss(batch, timesteps, noise, global_images, hidden_after)
+            out = self.objective.loss(
+                self.backend.forward_module, batch, timesteps, noise, global_images, hidden_after
+            )
             loss = out.loss
             if repa_weight:
                 align = self.repa.loss(micro, batch, out.hidden, global_images)
@@ -419,9 +400,7 @@ class Trainer:
                 local_repa += align.detach().double()
             self.backend.backward(loss)
             local_loss += out.loss.detach().double()
-            for k, name in enumerate(DDPM_TERMS):
-                if name in out.terms:
-                    local_terms[k] += out.terms[name].double().sum() / global_images
+            local_terms += self.objective.term_sums(out, global_images, self.env.device)
             bucket = (out.timesteps * buckets).long().clamp(0, buckets - 1)
             bucket_sum.index_add_(0, bucket, out.per_image.double())
             bucket_count.index_add_(0, bucket, torch.ones_like(out.per_image, dtype=torch.float64))
@@ -456,17 +435,8 @@ class Trainer:
             bucket_counts=summary[1 + buckets : 1 + 2 * buckets].cpu(),
             seqlens=seqlens,
             repa_loss=float(summary[-1 - len(DDPM_TERMS)]) if repa_weight else None,
-            terms=self._terms(summary[-len(DDPM_TERMS) :].tolist()),
+            terms=self.objective.terms(summary[-len(DDPM_TERMS) :].tolist()),
         )
-
-    def _terms(self, sums: list[float]) -> dict[str, float] | None:
-        """The step's mean ddpm terms by name (a `vb` only with learned variances), None for flow."""
-        if self.diffusion is None:
-            return None
-        if not self.diffusion.loss_type.endswith("mse"):  # the KL types have one term, the loss itself
-            return {}
-        names = DDPM_TERMS if self.diffusion.learned else ("mse",)
-        return {name: value for name, value in zip(DDPM_TERMS, sums) if name in names}
 
     def _check_host_batch(self, micro, timesteps: torch.Tensor) -> None:
         """The packed-batch contract (fitscale.models.inputs) on the collator's host tensors."""
