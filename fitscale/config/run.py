@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from fitscale.config.checkpoint import CheckpointConfig
 from fitscale.config.data import DataConfig
+from fitscale.config.ddpm import check_objective
 from fitscale.config.errors import ConfigError
 from fitscale.config.launch import LaunchConfig
 from fitscale.config.log import LogConfig
@@ -112,6 +113,7 @@ class RunConfig:
                 f"train.repa.block={repa.block} is outside the model's blocks 1..{model.depth}; "
                 f"set train.repa.block to one of them"
             )
+        check_objective(model.objective, self.train)
         if self.data.num_classes != model.num_classes:
             raise ConfigError(
                 f"data.num_classes={self.data.num_classes} but the model has num_classes={model.num_classes}; "

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fitscale.config.bounds import bound
+from fitscale.config.ddpm import DdpmConfig
 from fitscale.config.errors import ConfigError
 from fitscale.config.repa import RepaConfig
 from fitscale.config.schema import check_choices
@@ -20,6 +21,8 @@ SamplerName = Literal[
     "euler", "heun", "midpoint", "rk4", "heun2", "heun3", "implicit_adams",
     "dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun",
 ]  # fmt: skip
+# The grid's sampler: an ODE sampler for flow models, the release's ancestral `ddpm` for ddpm models.
+PreviewSampler = Literal[SamplerName, "ddpm"]
 
 
 @dataclass
@@ -95,9 +98,10 @@ class TrainConfig:
     largest trained square, a wide and a tall half, and one square 1.25x beyond the training grid."""
     sample_cfg_scale: float = field(default=4.0, metadata=bound(0, meaning="1 = no guidance"))
     """Classifier-free guidance scale of the grid (1 = none)."""
-    sample_sampler: SamplerName = "heun"
+    sample_sampler: PreviewSampler = "heun"
     """ODE solver of the grid: euler, heun, dopri5 or another of fitscale.flow.samplers.SAMPLERS
-    (`sample_steps` counts the steps of the grid samplers; the adaptive ones pick their own)."""
+    (`sample_steps` counts the steps of the grid samplers; the adaptive ones pick their own); `ddpm`
+    (the release's ancestral sampler, `sample_steps` respaced steps) for model.objective=ddpm."""
     sample_steps: int = field(default=20, metadata=bound(1))
     """Steps of the grid's euler / heun solver."""
     sample_vae: str | None = None
@@ -105,6 +109,7 @@ class TrainConfig:
     (the dataset's `preview_channel`, else 0)."""
     flow: FlowConfig = field(default_factory=FlowConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
+    ddpm: DdpmConfig = field(default_factory=DdpmConfig)
 
     def __post_init__(self) -> None:
         check_choices(self, "train.")

@@ -1,6 +1,7 @@
 """Rectified flow: the interpolation path, timestep samplers and the packed-batch loss; the ODE
 samplers (`samplers`, solved per image by `per_image`), the SDE (`sde`) and guidance (`guidance`)
-are imported from their submodules."""
+are imported from their submodules, as is the release's DDPM objective of FiT v1 models (`ddpm`:
+the Gaussian diffusion and its ancestral sampler; `ddpm_loss`: its packed-batch loss)."""
 
 from fitscale.lazy import lazy_exports
 

@@ -11,7 +11,7 @@ ranks and micro-batches:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -85,6 +85,7 @@ class FlowLossOutput:
     per_image: torch.Tensor  # (num_images,) detached per-image mean squared error (unweighted)
     timesteps: torch.Tensor  # (num_images,) detached timesteps of the real images
     hidden: torch.Tensor | None = None  # (T, D') the model's hidden_after output (with grad), or None
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # ddpm: detached (num_images,) mse, vb
 
 
 def check_loss_inputs(batch: PackedBatch, timesteps: torch.Tensor, noise: torch.Tensor) -> None:

@@ -58,7 +58,8 @@ def register(subparsers) -> None:
         "--sampler",
         default=None,
         help="ODE method: euler (default), heun, midpoint, rk4, heun2, heun3, implicit_adams "
-        "on --steps; dopri5, dopri8, bosh3, fehlberg2, adaptive_heun by --atol/--rtol",
+        "on --steps; dopri5, dopri8, bosh3, fehlberg2, adaptive_heun by --atol/--rtol; ddpm: the "
+        "release's ancestral sampler for objective=ddpm models (--steps respaced steps, 250)",
     )
     parser.add_argument(
         "--steps", type=int, default=None, help="steps of grid ODE samplers and of the SDE (50)"
@@ -222,18 +223,33 @@ def sampling_options(args):
         time_shift=args.time_shift,
         cfg_scale=args.cfg,
         scale_pow=args.scale_pow,
-        guidance_channels=3 if args.guide_first_3 else None,
+        # the release's forward_with_cfg guides the first 3 channels of a ddpm model's eps
+        guidance_channels=3 if args.guide_first_3 or str(args.sampler).lower() == "ddpm" else None,
         seed=args.seed,
         token_budget=args.token_budget,
         batch_invariant=args.batch_invariant,
         autocast=args.dtype,
     )
-    if options.mode == "ode" and options.sampler not in WRITTEN_OUT:
+    if options.mode == "ode" and options.sampler not in (*WRITTEN_OUT, "ddpm"):
         try:
             import_torchdiffeq()
         except ImportError as error:
             raise CommandError(f"--sampler {options.sampler}: {error}") from None
     return options
+
+
+def ddpm_options(options, objective: str, checkpoint):
+    """`options` checked against the model's objective (UserError for a sampler of the other family),
+    with a run's `train.ddpm` diffusion for --sampler ddpm (the release's defaults for a weights file)."""
+    import dataclasses
+
+    from fitscale.sample.generate import training_ddpm
+    from fitscale.sample.options import check_objective
+
+    check_objective(objective, options)
+    if objective != "ddpm":
+        return options
+    return dataclasses.replace(options, ddpm=training_ddpm(checkpoint))
 
 
 def relaunch(args) -> int:
@@ -270,7 +286,9 @@ def run_sample(args) -> int:
     Everything is checked before a model loads or a file is written: sizes, labels and sampling
     options (ValueError), an --out already holding samples without --overwrite (FileExistsError),
     the removed --fid-reference (UserError naming `fitscale eval`), a VAE that does not match the
-    training dataset. With --nproc N it relaunches itself on N local ranks.
+    training dataset. The sampler's family (flow or ddpm) is checked against the model's objective
+    once the model is loaded, still before any file is written. With --nproc N it relaunches itself
+    on N local ranks.
     """
     sizes = parse_sizes(args.height, args.width)
     labels = parse_labels(args.labels)
@@ -316,6 +334,7 @@ def run_sample(args) -> int:
         torch.device("cuda", info.local_rank) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     )
     model = load_sampling_model(args.checkpoint, args.model, overrides, ema=not args.raw, device=device)
+    options = ddpm_options(options, model.config.objective, args.checkpoint)
     pixels_per_token = PIXELS_PER_TOKEN
     if args.vae is not None:  # a token covers the autoencoder's downsampling times the patch size
         pixels_per_token = vae_downsample(check_vae_folder(args.vae)) * model.config.patch_size

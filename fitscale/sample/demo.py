@@ -25,7 +25,7 @@ from fitscale.data.cli import register
 from fitscale.data.format import META_FILE, read_meta
 from fitscale.errors import UserError
 from fitscale.flow.samplers import FIXED_GRID
-from fitscale.sample.generate import generate_latents, load_sampling_model
+from fitscale.sample.generate import generate_latents, load_sampling_model, training_ddpm
 from fitscale.sample.options import SamplingOptions
 from fitscale.sample.pictures import (
     class_size_grid,
@@ -78,7 +78,10 @@ def sample_grid(config) -> dict:
     """`hooks.after`: the closing grid of digits from the run's final checkpoint, and its score."""
     options = DemoOptions.from_config(config)
     grids = demo_grids(options.digits_min_side, options.digits_max_side)
-    return sample_demo_grid(config.train.run_dir, cfg_scale=options.sample_cfg_scale, grids=grids)
+    sampler = "ddpm" if config.model_config().objective == "ddpm" else "heun"  # the objective's sampler
+    return sample_demo_grid(
+        config.train.run_dir, cfg_scale=options.sample_cfg_scale, grids=grids, sampler=sampler
+    )
 
 
 def maybe_prepare_digits(path: str | None, min_side: int = 4, max_side: int = 16) -> None:
@@ -177,7 +180,7 @@ def sample_demo_grid(
         for rows, cols in grids:
             for _ in range(per_class):
                 items.append(SampleItem(len(items), label, rows, cols))
-    steps_or_none = steps if sampler in FIXED_GRID else None  # adaptive samplers pick their own steps
+    steps_or_none = steps if sampler in (*FIXED_GRID, "ddpm") else None  # adaptive ones pick their own steps
     # A fixed set of images, always drawn together: packed forwards are reproducible here and far
     # cheaper than one forward per image (fitscale.sample.generate, "Batch invariance").
     options = SamplingOptions(
@@ -187,6 +190,8 @@ def sample_demo_grid(
         seed=seed,
         token_budget=8192,
         batch_invariant=False,
+        guidance_channels=3 if sampler == "ddpm" else None,  # the release's v1 guidance
+        ddpm=training_ddpm(step_dir) if sampler == "ddpm" else None,
     )
     latents = generate_latents(model, items, options)
     digits = np.stack([latent_to_digit(latent) for latent in latents])

@@ -27,13 +27,15 @@ import torch
 
 from fitscale.checkpoint.export import load_dcp_weights, model_section
 from fitscale.checkpoint.layout import find_checkpoint
+from fitscale.config.ddpm import DdpmConfig
 from fitscale.errors import UserError
+from fitscale.flow.ddpm import create_diffusion, p_sample_loop
 from fitscale.flow.guidance import PackedVelocity
 from fitscale.flow.per_image import integrate_per_image
 from fitscale.flow.samplers import TOLERANCE_METHODS, integrate
 from fitscale.flow.sde import sample_sde
 from fitscale.models import build_model, load_official_checkpoint
-from fitscale.sample.options import SamplingOptions, autocast_dtype
+from fitscale.sample.options import DDPM, SamplingOptions, autocast_dtype, check_objective
 from fitscale.sample.plan import (
     SampleItem,
     batches_by_budget,
@@ -47,7 +49,13 @@ from fitscale.sample.plan import (
 def integrate_batch(
     velocity: PackedVelocity, items: list[SampleItem], x: torch.Tensor, options: SamplingOptions
 ) -> torch.Tensor:
-    """The packed noise x (T, p*p*C) of `items` at t = 0 -> their packed latents at t = 1."""
+    """The packed noise x (T, p*p*C) of `items` at t = 0 -> their packed latents at t = 1 (for the
+    ddpm sampler: x_T -> x_0, each step's noise keyed per image like the SDE's)."""
+    if options.sampler == DDPM and options.mode == "ode":
+        diffusion = create_diffusion(options.ddpm, velocity.model.config.learn_sigma, str(options.steps))
+        return p_sample_loop(
+            velocity, diffusion, x, lambda step: step_noise(items, x.shape[1], options.seed, step).to(x)
+        )
     if options.mode == "sde":
         return sample_sde(
             velocity,
@@ -82,6 +90,7 @@ def generate_latents(
     the budget is not used."""
     model.eval()
     config = model.config
+    check_objective(config.objective, options)
     device = next(model.parameters()).device
     dtype = autocast_dtype(options.autocast, device)
     precise = next(model.parameters()).dtype == torch.float64  # a float64 model samples in float64
@@ -101,19 +110,31 @@ def generate_latents(
     return out
 
 
+def run_config_yaml(checkpoint: str | Path) -> dict:
+    """The run's config.yaml of a run checkpoint as a dict; {} for a weights file or a run without one."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return {}
+    config_file = find_checkpoint(path).parent.parent / "config.yaml"
+    if not config_file.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(config_file.read_text()) or {}
+
+
+def training_ddpm(checkpoint: str | Path) -> DdpmConfig:
+    """The `train.ddpm` diffusion a run checkpoint was trained with; the release's defaults for a
+    weights file (create_diffusion's, configs/fit/config_fit_xl.yaml)."""
+    section = (run_config_yaml(checkpoint).get("train") or {}).get("ddpm") or {}
+    return DdpmConfig(**section)
+
+
 def training_dataset(checkpoint: str | Path) -> Path | None:
     """The dataset (`data.path` of the run's config.yaml) a run checkpoint was trained on; None for
     a weights file or a run whose config names none."""
 
-    path = Path(checkpoint)
-    if path.is_file():
-        return None
-    config_file = find_checkpoint(path).parent.parent / "config.yaml"
-    if not config_file.is_file():
-        return None
-    import yaml
-
-    data = (yaml.safe_load(config_file.read_text()) or {}).get("data") or {}
+    data = run_config_yaml(checkpoint).get("data") or {}
     return Path(data["path"]) if data.get("path") else None
 
 

@@ -3,10 +3,11 @@ the paper's training-free RoPE extrapolation methods as ModelConfig overrides.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
+from fitscale.config.ddpm import DdpmConfig
 from fitscale.errors import UserError
 from fitscale.flow.samplers import ADAPTIVE, FIXED_GRID, SAMPLERS, TOLERANCE_METHODS
 from fitscale.flow.sde import DIFFUSION_FORMS, LAST_STEPS, SBDM_START, SDE_SAMPLERS
@@ -37,6 +38,9 @@ def extrapolation_overrides(method: str | None, attn_scale: bool = False) -> dic
         "rope_target_grid": None,
     }
 
+
+DDPM = "ddpm"  # the release's ancestral sampler of model.objective=ddpm models (fitscale.flow.ddpm)
+DDPM_STEPS = 250  # the release's default --num-sampling-steps of sample_fit_ddp.py
 
 # Options of one mode only: given with the other mode they are refused, not ignored.
 ODE_FIELDS = {"sampler": "--sampler", "atol": "--atol", "rtol": "--rtol"}
@@ -90,6 +94,9 @@ class SamplingOptions:
     # by ~1e-6 relative on grid samplers and up to the solver's tolerance on adaptive ones).
     batch_invariant: bool = True
     autocast: str = "auto"  # auto (bf16 on CUDA), bf16 or fp32
+    ddpm: DdpmConfig | None = (
+        None  # --sampler ddpm: the diffusion trained on (train.ddpm); None = the release's
+    )
 
     def __post_init__(self) -> None:
         self.mode = _choice("--mode", self.mode, ("ode", "sde"))
@@ -119,7 +126,10 @@ class SamplingOptions:
 
     def _check_ode(self) -> None:
         self._refuse(SDE_FIELDS, "sde")
-        self.sampler = _choice("--sampler", self.sampler or "euler", SAMPLERS)
+        self.sampler = _choice("--sampler", self.sampler or "euler", (*SAMPLERS, DDPM))
+        if self.sampler == DDPM:
+            self._check_ddpm()
+            return
         if self.sampler in ADAPTIVE:
             if self.steps is not None:
                 raise UserError(
@@ -139,6 +149,25 @@ class SamplingOptions:
             raise UserError(
                 f"{flag} applies to samplers with an error control ({', '.join(TOLERANCE_METHODS)}); "
                 f"--sampler {self.sampler} takes --steps"
+            )
+
+    def _check_ddpm(self) -> None:
+        """The release's v1 sampler: --steps respaced steps (250), no tolerances, no time shift."""
+        self.steps = DDPM_STEPS if self.steps is None else self.steps
+        if self.steps < 2:
+            raise UserError(f"--steps {self.steps}: --sampler ddpm needs at least 2 steps")
+        if self.atol is not None or self.rtol is not None:
+            flag = "--atol" if self.atol is not None else "--rtol"
+            raise UserError(f"{flag} applies to samplers with an error control; --sampler ddpm takes --steps")
+        if self.time_shift != 1.0:
+            raise UserError(
+                f"--time-shift {self.time_shift}: --sampler ddpm samples the trained schedule; drop it"
+            )
+        self.ddpm = self.ddpm or DdpmConfig()
+        if self.steps > self.ddpm.diffusion_steps:
+            raise UserError(
+                f"--steps {self.steps}: --sampler ddpm takes at most the model's {self.ddpm.diffusion_steps} "
+                "diffusion steps"
             )
 
     def _check_sde(self) -> None:
@@ -167,6 +196,31 @@ class SamplingOptions:
                 f"--last-step-size {self.last_step_size}: must be in (0, {1 - start:g}) "
                 "(or --last-step none to run the SDE to t = 1)"
             )
+
+
+def options_record(options: SamplingOptions) -> dict:
+    """The options as plain JSON values for a run's records (`ddpm` left out when unset, so folders
+    sampled before it existed resume)."""
+    record = asdict(options)
+    if record["ddpm"] is None:
+        del record["ddpm"]
+    return record
+
+
+def check_objective(objective: str, options: SamplingOptions) -> None:
+    """UserError when the sampler is of the other family than the model's objective (model.objective)."""
+    ddpm_sampler = options.mode == "ode" and options.sampler == DDPM
+    if objective == "ddpm" and not ddpm_sampler:
+        used = f"--sampler {options.sampler}" if options.mode == "ode" else "--mode sde"
+        raise UserError(
+            f"{used} is a flow sampler, but this model has objective ddpm (it predicts noise at timestep "
+            "indices): use --sampler ddpm"
+        )
+    if objective != "ddpm" and ddpm_sampler:
+        raise UserError(
+            "--sampler ddpm needs a model with objective ddpm; this is a flow model: use an ODE sampler "
+            "such as --sampler heun, or --mode sde"
+        )
 
 
 def autocast_dtype(option: str, device: torch.device) -> torch.dtype | None:

@@ -13,7 +13,7 @@ import torch
 from fitscale.data.vae import decode_latents, load_vae
 from fitscale.errors import UserError
 from fitscale.sample.generate import generate_latents
-from fitscale.sample.options import SamplingOptions
+from fitscale.sample.options import SamplingOptions, options_record
 from fitscale.sample.pictures import class_size_grid, preview_latents, save_png, write_npz_by_size
 from fitscale.sample.plan import SampleItem
 
@@ -97,7 +97,7 @@ def _check_settings(run: SampleRun, rank: int, world_size: int) -> None:
     import torch.distributed as dist
 
     settings = {
-        "options": vars(run.options),
+        "options": options_record(run.options),
         "weights": run.weights,
         "vae": run.vae,
         "preview_channel": run.preview_channel,
@@ -140,7 +140,9 @@ def _write_summary(run: SampleRun, have_pictures: bool) -> list[Path]:
         }
         for i in run.items
     ]
-    (out / "samples.json").write_text(json.dumps({"options": vars(run.options), "images": index}, indent=1))
+    (out / "samples.json").write_text(
+        json.dumps({"options": options_record(run.options), "images": index}, indent=1)
+    )
     written.append(out / "samples.json")
     if have_pictures:
         files = {int(p.name[:6]): p for p in (out / "images").glob("*.png")}

@@ -10,6 +10,7 @@ samples against a reference batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -117,12 +118,13 @@ def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]
                 batches_by_path[data.val_path] = validation_batches(data, max_images=settings.max_images)
             batches = batches_by_path[data.val_path]
             raw = load_sampling_model(folder, ema=False, device=device)
-            row.update(run_validation(raw, batches, settings))
+            run_settings = dataclasses.replace(settings, ddpm=config.train.ddpm)  # a ddpm run's diffusion
+            row.update(run_validation(raw, batches, run_settings))
             if config.optim.ema.enabled:
                 row["ema_warmup"] = config.optim.ema.warmup
                 row["ema_initial_weight"] = ema_initial_weight(config.optim.ema, step)
                 ema_model = load_sampling_model(folder, ema=True, device=device)
-                averaged = run_validation(ema_model, batches, settings)
+                averaged = run_validation(ema_model, batches, run_settings)
                 row.update({f"{k}_ema": v for k, v in averaged.items() if k != "val_images"})
                 if spec.fid:
                     row.update(_fid(spec, ema_model, folder))

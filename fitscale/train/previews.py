@@ -103,13 +103,16 @@ class PeriodicSamples:
         guided = train.sample_cfg_scale != 1.0
         self.options = SamplingOptions(
             sampler=train.sample_sampler,
-            steps=train.sample_steps if train.sample_sampler in FIXED_GRID else None,  # adaptive: own steps
+            # adaptive samplers pick their own steps; ddpm takes sample_steps respaced steps
+            steps=train.sample_steps if train.sample_sampler in (*FIXED_GRID, "ddpm") else None,
             cfg_scale=train.sample_cfg_scale,
             seed=train.seed,
             token_budget=max(config.data.token_budget, largest * (2 if guided else 1)),
             # The same fixed items every time: packed forwards (one FSDP all-gather per block for the
             # whole grid, not one per image) are reproducible here, and batch invariance buys nothing.
             batch_invariant=False,
+            guidance_channels=3 if train.sample_sampler == "ddpm" else None,  # the release's v1 guidance
+            ddpm=train.ddpm if train.sample_sampler == "ddpm" else None,
         )
         self.class_names = meta.get("classes")
         self.preview_channel = int(meta.get("preview_channel") or 0)

@@ -7,8 +7,9 @@ micro-batches, clipping, a skip for non-finite steps, EMA, metrics and log lines
 loss (`train.val_every`), sample grids (`train.sample_every`) and checkpoints. A run resumed
 from step S while later checkpoints exist starts a new branch: those checkpoints are moved to
 `checkpoints/superseded/from-step-S-attempt-A/` before training (`event=branch`). The loss is
-the rectified-flow loss of fitscale.flow, normalised by the step's global image count so that
-neither the rank count nor the micro-batch split changes a step.
+the rectified-flow loss of fitscale.flow (or the DDPM loss of a model.objective=ddpm model,
+fitscale.train.objective), normalised by the step's global image count so that neither the rank
+count nor the micro-batch split changes a step.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from fitscale.config.errors import ConfigError
 from fitscale.data import build_loader
 from fitscale.data.integrity import digest
 from fitscale.diskspace import named_out_of_space
-from fitscale.flow import flow_loss, per_image_label_dropout, per_image_noise
+from fitscale.flow import per_image_label_dropout
 from fitscale.models import build_model
 from fitscale.models.flops import training_flops
 from fitscale.models.inputs import check_packed_batch
@@ -47,6 +48,7 @@ from fitscale.runtime.agree import all_ranks_agree, rank0_decides, same_on_all_r
 from fitscale.train.dataset_shape import follow_training_dataset
 from fitscale.train.loglines import configure_console
 from fitscale.train.metrics import MetricsLogger, Throughput, memory_stats, timestep_bucket_metrics
+from fitscale.train.objective import DDPM_TERMS, Objective
 from fitscale.train.optim import build_optimizer, scaled_lr
 from fitscale.train.previews import PeriodicSamples
 from fitscale.train.records import METRICS_FILE, next_attempt
@@ -81,6 +83,7 @@ class StepStats:
     bucket_counts: torch.Tensor
     seqlens: list[int]
     repa_loss: float | None = None  # the step's mean alignment loss (train.repa), None when off
+    terms: dict[str, float] | None = None  # ddpm: the step's mean `mse` and `vb` terms, None for flow
 
 
 class Trainer:
@@ -118,6 +121,7 @@ class Trainer:
             self.backend, self.config.train.run_dir
         )  # what a checkpoint holds of it
         self.model = self._build_model()
+        self.objective = Objective(self.model_config, self.config.train)  # flow or ddpm (train/objective.py)
         self.repa = self._build_repa()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.ema = self._build_ema()
@@ -371,9 +375,10 @@ class Trainer:
         seqlens: list[int] = []
         repa_weight = self.repa.weight(step) if self.repa is not None else 0.0
         local_repa = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        local_terms = torch.zeros(len(DDPM_TERMS), dtype=torch.float64, device=self.env.device)
         for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            timesteps, noise = per_image_noise(micro, cfg.train.seed, step, cfg.train.flow)
+            timesteps, noise = self.objective.draw(micro, step)
             labels = per_image_label_dropout(micro, cfg.train.seed, step, self.label_dropout, self.null_class)
             micro = replace(micro, labels=labels)
             lengths = (micro.cu_seqlens[1:] - micro.cu_seqlens[:-1])[: micro.num_images].tolist()
@@ -385,14 +390,8 @@ class Trainer:
             noise = noise.to(self.env.device, non_blocking=True)
             self.backend.set_gradient_sync(last)
             hidden_after = self.repa.block if repa_weight else None
-            out = flow_loss(
-                self.backend.forward_module,
-                batch,
-                timesteps,
-                noise,
-                global_images,
-                cfg.train.flow,
-                hidden_after,
+            out = self.objective.loss(
+                self.backend.forward_module, batch, timesteps, noise, global_images, hidden_after
             )
             loss = out.loss
             if repa_weight:
@@ -401,10 +400,11 @@ class Trainer:
                 local_repa += align.detach().double()
             self.backend.backward(loss)
             local_loss += out.loss.detach().double()
+            local_terms += self.objective.term_sums(out, global_images, self.env.device)
             bucket = (out.timesteps * buckets).long().clamp(0, buckets - 1)
             bucket_sum.index_add_(0, bucket, out.per_image.double())
             bucket_count.index_add_(0, bucket, torch.ones_like(out.per_image, dtype=torch.float64))
-        summary = torch.cat([local_loss[None], bucket_sum, bucket_count, local_repa[None]])
+        summary = torch.cat([local_loss[None], bucket_sum, bucket_count, local_repa[None], local_terms])
         if self.env.world_size > 1:
             dist.all_reduce(summary)
         loss = float(summary[0])
@@ -434,7 +434,8 @@ class Trainer:
             bucket_sums=summary[1 : 1 + buckets].cpu(),
             bucket_counts=summary[1 + buckets : 1 + 2 * buckets].cpu(),
             seqlens=seqlens,
-            repa_loss=float(summary[-1]) if repa_weight else None,
+            repa_loss=float(summary[-1 - len(DDPM_TERMS)]) if repa_weight else None,
+            terms=self.objective.terms(summary[-len(DDPM_TERMS) :].tolist()),
         )
 
     def _check_host_batch(self, micro, timesteps: torch.Tensor) -> None:
@@ -577,6 +578,7 @@ class Trainer:
             "flops": flops,  # this step's training FLOPs, all ranks (fitscale report sums them)
             **timestep_bucket_metrics(stats.bucket_sums, stats.bucket_counts),
             **self._repa_metrics(stats),
+            **(stats.terms or {}),
             **(validation or {}),
         }
         step = self.progress.step

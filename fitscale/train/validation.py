@@ -5,6 +5,8 @@ of the held-out split (`data.val_path`) is scored at every timestep of a fixed g
 drawn from a generator seeded by (seed, grid index, sample id). The number is a deterministic
 function of the weights and the split: two runs, or two model sizes, are compared on exactly the
 same noisy inputs, and splitting the images over ranks changes nothing but the summation order.
+A model.objective=ddpm model is scored the same way at a fixed grid of timestep indices with the
+release's training loss (fitscale.flow.ddpm_loss, `DDPM_GRID_POINTS`).
 
 The split is read once through the data loader in "images" mode with one step that holds the
 whole split (no shuffle, no flips or crops), so every image is scored exactly once.
@@ -22,22 +24,28 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from fitscale.checkpoint.stateful import RNGState
 from fitscale.config.data import DataConfig
+from fitscale.config.ddpm import DdpmConfig
 from fitscale.config.train import FlowConfig, TrainConfig
 from fitscale.data import build_validation_loader
 from fitscale.data.batch import PackedBatch
 from fitscale.errors import UserError
+from fitscale.flow.ddpm import GaussianDiffusion, create_diffusion
+from fitscale.flow.ddpm_loss import ddpm_loss
 from fitscale.flow.loss import flow_loss
 from fitscale.seeds import image_seed
 
 # Midpoints of 8 equal bins of [0, 1]: every noise level weighs the same.
 VALIDATION_TIMESTEPS = tuple((k + 0.5) / 8 for k in range(8))
+# A ddpm model (model.objective=ddpm) is scored at the timestep indices of the same 8 bin midpoints,
+# int((k + 0.5) / 8 * diffusion_steps): 62, 187, ..., 937 of 1000 (0 = data); metrics val_loss_i<index>.
+DDPM_GRID_POINTS = 8
 # Keeps validation noise apart from the training noise streams, which use (seed, step, sample id).
 NOISE_STREAM = 1 << 40
 
@@ -49,6 +57,7 @@ class ValidationSettings:
     timesteps: tuple[float, ...] = VALIDATION_TIMESTEPS
     seed: int = 0  # seeds the noise, not the run: runs with different seeds share it
     max_images: int | None = None  # the first N images of the split (all by default)
+    ddpm: DdpmConfig = field(default_factory=DdpmConfig)  # the diffusion of a ddpm model (train.ddpm)
 
     def __post_init__(self) -> None:
         if not self.timesteps or not all(0.0 <= t <= 1.0 for t in self.timesteps):
@@ -105,7 +114,8 @@ def evaluate_validation_loss(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     flow = FlowConfig()  # uniform per-image weighting; timesteps and noise are given
-    grid = settings.timesteps
+    diffusion = validation_diffusion(model, settings.ddpm)
+    grid = settings.timesteps if diffusion is None else ddpm_validation_indices(diffusion.num_timesteps)
     sums = torch.zeros(len(grid) + 1, dtype=torch.float64, device=device)  # per t, then the image count
     was_training = model.training
     model.eval()
@@ -116,7 +126,10 @@ def evaluate_validation_loss(
             for k, t in enumerate(grid):
                 timesteps = torch.full((batch.num_segments,), float(t), device=device)
                 noise = validation_noise(batch, settings.seed, k).to(device)
-                out = flow_loss(model, on_device, timesteps, noise, 1, flow)
+                if diffusion is None:
+                    out = flow_loss(model, on_device, timesteps, noise, 1, flow)
+                else:
+                    out = ddpm_loss(model, on_device, timesteps, noise, 1, flow, diffusion)
                 sums[k] += out.per_image.double().sum()
     finally:
         maybe_reshard(model)
@@ -128,8 +141,22 @@ def evaluate_validation_loss(
         raise UserError("the validation split gave no images to score")
     per_t = (sums[:-1] / images).tolist()
     metrics = {"val_loss": sum(per_t) / len(per_t), "val_images": float(images)}
-    metrics.update({f"val_loss_t{t:.3f}": value for t, value in zip(grid, per_t)})
+    name = "val_loss_t{:.3f}" if diffusion is None else "val_loss_i{}"
+    metrics.update({name.format(t): value for t, value in zip(grid, per_t)})
     return metrics
+
+
+def ddpm_validation_indices(num_timesteps: int) -> tuple[int, ...]:
+    """The fixed timestep indices a ddpm model is scored at: the midpoints of 8 equal bins of [0, T)."""
+    return tuple(int((k + 0.5) / DDPM_GRID_POINTS * num_timesteps) for k in range(DDPM_GRID_POINTS))
+
+
+def validation_diffusion(model: torch.nn.Module, ddpm: DdpmConfig) -> GaussianDiffusion | None:
+    """The diffusion of a model.objective=ddpm model (its learn_sigma, `ddpm`), None for a flow model."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    if getattr(config, "objective", "flow") != "ddpm":
+        return None
+    return create_diffusion(ddpm, config.learn_sigma)
 
 
 def run_validation(
@@ -182,7 +209,9 @@ class PeriodicValidation:
     def __init__(self, data: DataConfig, train: TrainConfig, rank: int = 0, world_size: int = 1):
         self.every = train.val_every
         self.last_step = train.steps
-        self.settings = ValidationSettings(seed=train.val_seed, max_images=train.val_max_images)
+        self.settings = ValidationSettings(
+            seed=train.val_seed, max_images=train.val_max_images, ddpm=train.ddpm
+        )
         with preserved_rng():
             self.batches = validation_batches(data, rank, world_size, self.settings.max_images)
 
@@ -204,6 +233,7 @@ class PeriodicValidation:
 __all__ = [
     "PeriodicValidation",
     "VALIDATION_TIMESTEPS",
+    "ddpm_validation_indices",
     "ValidationSettings",
     "evaluate_validation_loss",
     "run_validation",

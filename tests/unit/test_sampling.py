@@ -244,7 +244,7 @@ def test_sampling_options_take_each_modes_defaults_and_the_releases_names():
         (
             dict(sampler="rk5"),
             "--sampler 'rk5': choose one of euler, heun, midpoint, rk4, heun2, heun3, implicit_adams, dopri5, "
-            "dopri8, bosh3, fehlberg2, adaptive_heun",
+            "dopri8, bosh3, fehlberg2, adaptive_heun, ddpm",
         ),
         (dict(mode="sdes"), "--mode 'sdes': choose one of ode, sde"),
         (dict(sampler="dopri5", atol=-1e-6), "--atol -1e-06: a tolerance must be > 0"),
