@@ -82,6 +82,17 @@ def fixed_reason(field: str, config: dict[str, Any]) -> str | None:
     return None
 
 
+def change_reason(change: ConfigChange, config: dict[str, Any]) -> str | None:
+    """Why `change` is refused on resume, or None: `fixed_reason`, and model.class_dropout_prob may
+    change only while it stays above 0 (or at 0), since the null-class row of the label table exists
+    only above 0."""
+    if change.field == "model.class_dropout_prob" and (float(change.old or 0) > 0) != (
+        float(change.new or 0) > 0
+    ):
+        return "the label table has its null-class row only when it is above 0"
+    return fixed_reason(change.field, config)
+
+
 def comparable(config: RunConfig | dict[str, Any]) -> dict[str, Any]:
     """A config as {dotted field: JSON value}, with `model` resolved to its ModelConfig fields."""
 
@@ -117,7 +128,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[Confi
 def check_resume(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> list[ConfigChange]:
     """The changes from `saved` to `current`; ConfigError naming every change that is not allowed."""
     changes = config_changes(saved, current)
-    refused = [(change, fixed_reason(change.field, saved)) for change in changes]
+    refused = [(change, change_reason(change, saved)) for change in changes]
     refused = [(change, reason) for change, reason in refused if reason is not None]
     if refused:
         listed = "; ".join(
