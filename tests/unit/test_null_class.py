@@ -1,0 +1,90 @@
+"""class_dropout_prob=0 builds no null-class row (as the release's LabelEmbedder); what uses it works or
+refuses in one line: padding segments, guidance, previews, resume. Released v1 files are recognised."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from reference.official_fitv2 import official_shapes, reference_config
+from reference.pairs import build_fitscale, packed_forward, random_images, reference_config_of
+
+from fitscale.config import ConfigError, load_config, to_yaml
+from fitscale.data.batch import pack_images
+from fitscale.errors import UserError
+from fitscale.flow.guidance import PackedVelocity
+from fitscale.models.official import load_official_state_dict
+from fitscale.train.resume import check_before_start
+
+BASE = ["data.path=/data/digits", "data.num_classes=10", "model.name=tiny", "train.device=cpu"]
+
+
+def test_the_label_table_has_the_null_row_only_with_label_dropout():
+    without = build_fitscale("tiny", class_dropout_prob=0.0)
+    assert without.y_embedder.embedding_table.weight.shape == (10, 64)
+    assert build_fitscale("tiny").y_embedder.embedding_table.weight.shape == (11, 64)
+    release = {k: torch.zeros(s) for k, s in official_shapes(reference_config_of(without.config)).items()}
+    load_official_state_dict(without, release)  # a release checkpoint trained with class_dropout_prob=0
+
+
+def test_padding_segments_run_without_a_null_class():
+    model = build_fitscale("tiny", class_dropout_prob=0.0).eval()
+    grids = [(3, 4), (2, 2)]
+    images, y = random_images(grids), torch.tensor([9, 0])
+    with torch.no_grad():
+        padded = packed_forward(model, images, grids, torch.tensor([0.2, 0.9]), y, token_budget=40)
+        alone = packed_forward(model, images, grids, torch.tensor([0.2, 0.9]), y)
+    for a, b in zip(padded, alone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_guidance_without_a_null_class_is_refused():
+    model = build_fitscale("tiny", class_dropout_prob=0.0).eval()
+    layout = pack_images(random_images([(2, 2)]), [(2, 2)], [3], [0], null_class=10)
+    PackedVelocity(model, layout, cfg_scale=1.0)  # unguided sampling works
+    with pytest.raises(UserError) as error:
+        PackedVelocity(model, layout, cfg_scale=4.0)
+    assert str(error.value) == (
+        "classifier-free guidance scale 4 needs the null class, but the model has model.class_dropout_prob=0 "
+        "and so no null-class row: use --cfg 1 (train.sample_cfg_scale=1 for previews) or a model trained "
+        "with model.class_dropout_prob > 0"
+    )
+
+
+def test_guided_previews_without_a_null_class_are_refused():
+    run = [*BASE, "model.overrides.class_dropout_prob=0.0", "train.sample_every=5"]
+    with pytest.raises(ConfigError) as error:
+        load_config(None, run)
+    assert str(error.value) == (
+        "train.sample_cfg_scale=4 guides previews with the null class, but model.class_dropout_prob=0 builds "
+        "no null-class row: set train.sample_cfg_scale=1 or model.overrides.class_dropout_prob > 0"
+    )
+    assert load_config(None, [*run, "train.sample_cfg_scale=1"]).train.sample_every == 5
+
+
+def test_resume_refuses_adding_or_removing_the_null_class(tmp_path):
+    run = [f"train.run_dir={tmp_path}", *BASE]
+    config = load_config(None, run)
+    step = tmp_path / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_text("")
+    metadata = {"format": 1, "step": 3, "world_size": 1, "config": asdict(config)}
+    (step / "fitscale.json").write_text(json.dumps(metadata))
+    (tmp_path / "config.yaml").write_text(to_yaml(config))
+    changed = check_before_start(load_config(None, [*run, "model.overrides.class_dropout_prob=0.2"]))
+    assert [str(c) for c in changed] == ["model.class_dropout_prob 0.1 -> 0.2"]
+    with pytest.raises(
+        ConfigError, match=r"model.class_dropout_prob was 0.1 and is now 0.0 \(the label table"
+    ):
+        check_before_start(load_config(None, [*run, "model.overrides.class_dropout_prob=0.0"]))
+
+
+@pytest.mark.parametrize("name", ["fit-xl", "fit-b", "fitv2-xl"])
+def test_convert_recognises_released_fit_v1_files(name):
+    from fitscale.checkpoint.export import infer_preset
+
+    with torch.device("meta"):
+        released = {k: torch.empty(s) for k, s in official_shapes(reference_config(name)).items()}
+    assert infer_preset(released) == name
