@@ -1,5 +1,7 @@
-"""class_dropout_prob=0 builds no null-class row (as the release's LabelEmbedder); what uses it works or
-refuses in one line: padding segments, guidance, previews, resume. Released v1 files are recognised."""
+"""What the release's switches change outside the network: class_dropout_prob=0 builds no null-class row
+(as the release's LabelEmbedder), and what uses it works or refuses in one line (padding segments,
+guidance, previews, resume); released FiT v1 files are recognised by convert; the high-res trainable
+set applies to a model without the global modulation."""
 
 from __future__ import annotations
 
@@ -88,3 +90,18 @@ def test_convert_recognises_released_fit_v1_files(name):
     with torch.device("meta"):
         released = {k: torch.empty(s) for k, s in official_shapes(reference_config(name)).items()}
     assert infer_preset(released) == name
+
+
+def test_the_high_res_set_applies_to_a_model_without_global_modulation():
+    from fitscale.models.partial import apply_trainable
+
+    with torch.device("meta"):
+        from fitscale.models import build_model
+
+        model = build_model("fit-xl", depth=2, hidden_size=64, num_heads=4)
+    trainable = apply_trainable(model, "high-res")
+    assert trainable == sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if "adaLN" in n or n.startswith(("x_embedder", "final_layer")) or n.endswith(".bias")
+    )
