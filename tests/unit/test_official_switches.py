@@ -13,10 +13,12 @@ import torch
 from reference.official_fitv2 import official_shapes, reference_config
 from reference.pairs import build_fitscale, build_pair, packed_forward, random_images, reference_forward
 from reference.pairs import relative_error as rel_error
+from torch import nn
 
 from fitscale.config.model import build_config
 from fitscale.errors import UserError
-from fitscale.models.flops import count_parameters, paper_gflops
+from fitscale.models import build_model
+from fitscale.models.flops import count_parameters, linear_macs_per_image, linear_macs_per_token, paper_gflops
 
 TOLERANCE = 1e-5  # fp32; the same kernels as test_official_equivalence, measured below 1e-6
 GRIDS = [(4, 4), (3, 5), (2, 7), (1, 3)]
@@ -139,8 +141,6 @@ def test_init_weights_is_the_releases_per_switch():
 
 def test_release_names_of_the_fit_v1_preset():
     with torch.device("meta"):
-        from fitscale.models import build_model
-
         ours = {k: tuple(v.shape) for k, v in build_model("fit-xl", depth=2).state_dict().items()}
     assert ours == official_shapes(reference_config("fit-xl", depth=2))
     assert "y_embedder.embedding_table.weight" in ours and ours["final_layer.linear.weight"] == (32, 1152)
@@ -186,3 +186,21 @@ def test_xpos_is_stored_as_rope():
     assert build_config("tiny", rel_pos_embed="xpos").rel_pos_embed == "rope"
     with pytest.raises(UserError):
         build_config("tiny", q_norm="rmsnorm", k_norm="layernorm")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_flop_counts_follow_the_built_layers(case):
+    """Per-token and per-image multiply-adds of flops.py equal those of the model's own Linear layers."""
+    name, overrides = case
+    with torch.device("meta"):
+        model = build_model(name, **overrides)
+    per_token = per_image = 0
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            macs = module.in_features * module.out_features
+            if "adaLN_modulation" in module_name or module_name.startswith("t_embedder"):
+                per_image += macs
+            else:
+                per_token += macs
+    assert linear_macs_per_token(model.config) == per_token
+    assert linear_macs_per_image(model.config) == per_image
