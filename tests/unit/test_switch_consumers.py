@@ -105,3 +105,19 @@ def test_the_high_res_set_applies_to_a_model_without_global_modulation():
         for n, p in model.named_parameters()
         if "adaLN" in n or n.startswith(("x_embedder", "final_layer")) or n.endswith(".bias")
     )
+
+
+def test_a_released_fit_v1_bin_file_loads_for_sampling(tmp_path):
+    """A FiT v1 `model_ema.bin` (a plain state dict in the release's names) through the sampler's loader."""
+    from reference.official_fitv2 import random_official_state_dict
+
+    from fitscale.sample.generate import load_sampling_model
+
+    small = dict(depth=2, hidden_size=64, num_heads=4, num_classes=10)
+    released = random_official_state_dict(reference_config("fit-xl", **small), seed=5)
+    torch.save(released, tmp_path / "model_ema.bin")
+    model = load_sampling_model(tmp_path / "model_ema.bin", "fit-xl", small)
+    assert model.config.objective == "ddpm" and model.config.out_dim == 32
+    loaded = model.state_dict()
+    assert set(loaded) == set(released)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in released.items())
