@@ -76,6 +76,11 @@ def check_switches(config: ModelConfig) -> None:
         )
     if config.norm_weight and config.norm == "none":
         raise UserError("model.norm_weight=true has no effect with model.norm=none")
+    if config.null_class is False and config.class_dropout_prob > 0:
+        raise UserError(
+            f"model.null_class=false leaves label dropout (model.class_dropout_prob={config.class_dropout_prob}) "
+            "no null class to drop to: set model.class_dropout_prob=0 or leave model.null_class unset"
+        )
     if config.rope_on_values and config.rel_pos_embed == "none":
         raise UserError("model.rope_on_values=true needs model.rel_pos_embed=rope")
 
@@ -144,6 +149,9 @@ class ModelConfig:
     # Relative position embedding: 2-D RoPE or none (release rel_pos_embed; its 'xpos' is RoPE, stored as rope).
     rel_pos_embed: Literal["rope", "none", "xpos"] = "rope"
     rope_on_values: bool = False  # rotate the values too (release add_rel_pe_to_v)
+    # The null-class row of the label table: None = the release's rule (only when class_dropout_prob > 0);
+    # true keeps it at class_dropout_prob=0 (ours: how fitscale built every model before, for such runs).
+    null_class: bool | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -244,9 +252,9 @@ class ModelConfig:
 
     @property
     def has_null_class(self) -> bool:
-        """Whether the label table has the null-class row `num_classes` (guidance, label dropout): as
-        the release's LabelEmbedder, only when class_dropout_prob > 0."""
-        return self.class_dropout_prob > 0
+        """Whether the label table has the null-class row `num_classes` (guidance, label dropout):
+        `null_class`, else the release's LabelEmbedder rule, only when class_dropout_prob > 0."""
+        return self.class_dropout_prob > 0 if self.null_class is None else self.null_class
 
     @property
     def token_dim(self) -> int:

@@ -53,7 +53,9 @@ class FiT(nn.Module):
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.token_dim, D)
         self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
+        self.y_embedder = LabelEmbedder(
+            config.num_classes, D, config.class_dropout_prob, config.has_null_class
+        )
         self.global_adaLN_modulation = (
             nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, bias=config.adaln_bias))
             if config.has_global_adaln

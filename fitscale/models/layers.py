@@ -120,14 +120,17 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class table, with one extra row, the null class of classifier-free guidance, when
-    `dropout_prob` > 0 (the release's LabelEmbedder: `num_classes + (dropout_prob > 0)` rows)."""
+    """Class table, with one extra row, the null class of classifier-free guidance, when `null_class`
+    (by default when `dropout_prob` > 0, the release's LabelEmbedder: `num_classes + (dropout_prob > 0)`
+    rows)."""
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+    def __init__(
+        self, num_classes: int, hidden_size: int, dropout_prob: float, null_class: bool | None = None
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
-        self.has_null_class = dropout_prob > 0
+        self.has_null_class = dropout_prob > 0 if null_class is None else null_class
         self.embedding_table = nn.Embedding(num_classes + int(self.has_null_class), hidden_size)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:

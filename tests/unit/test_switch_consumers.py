@@ -6,6 +6,7 @@ set applies to a model without the global modulation."""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 
 import pytest
@@ -66,21 +67,46 @@ def test_guided_previews_without_a_null_class_are_refused():
     assert load_config(None, [*run, "train.sample_cfg_scale=1"]).train.sample_every == 5
 
 
-def test_resume_refuses_adding_or_removing_the_null_class(tmp_path):
+def test_resume_checks_the_label_rows_of_the_checkpoint(tmp_path):
+    """A run saved with the null-class row (class_dropout_prob 0.1, or 0 before the release's rule)
+    resumes while the model keeps that row, and is refused in one line naming the fix otherwise."""
+    import torch.distributed.checkpoint as dcp
+
     run = [f"train.run_dir={tmp_path}", *BASE]
     config = load_config(None, run)
     step = tmp_path / "checkpoints" / "step-3"
-    step.mkdir(parents=True)
-    (step / ".metadata").write_text("")
+    table = {"model": {"y_embedder.embedding_table.weight": torch.zeros(11, 64)}}
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(table, checkpoint_id=step, no_dist=True)
     metadata = {"format": 1, "step": 3, "world_size": 1, "config": asdict(config)}
     (step / "fitscale.json").write_text(json.dumps(metadata))
     (tmp_path / "config.yaml").write_text(to_yaml(config))
     changed = check_before_start(load_config(None, [*run, "model.overrides.class_dropout_prob=0.2"]))
     assert [str(c) for c in changed] == ["model.class_dropout_prob 0.1 -> 0.2"]
-    with pytest.raises(
-        ConfigError, match=r"model.class_dropout_prob was 0.1 and is now 0.0 \(the label table"
-    ):
+    with pytest.raises(ConfigError) as error:
         check_before_start(load_config(None, [*run, "model.overrides.class_dropout_prob=0.0"]))
+    assert str(error.value) == (
+        f"cannot resume {step}: its label table has 11 rows and the model builds 10 "
+        "(model.class_dropout_prob=0.0, model.null_class=None); set model.overrides.null_class=true to resume it"
+    )
+    kept = ["model.overrides.class_dropout_prob=0.0", "model.overrides.null_class=true"]
+    assert len(check_before_start(load_config(None, [*run, *kept]))) == 2
+
+
+def test_null_class_false_with_label_dropout_is_refused():
+    with pytest.raises(UserError) as error:
+        build_fitscale("tiny", null_class=False)
+    assert str(error.value) == (
+        "model.null_class=false leaves label dropout (model.class_dropout_prob=0.1) no null class to drop to: "
+        "set model.class_dropout_prob=0 or leave model.null_class unset"
+    )
+    assert (
+        build_fitscale(
+            "tiny", class_dropout_prob=0.0, null_class=True
+        ).y_embedder.embedding_table.num_embeddings
+        == 11
+    )
 
 
 @pytest.mark.parametrize("name", ["fit-xl", "fit-b", "fitv2-xl"])
