@@ -1,4 +1,4 @@
-"""The model section of a run, and ModelConfig with the named presets of the FiTv2 family.
+"""The model section of a run, and ModelConfig with the named presets of the FiT family (v2 and v1).
 
 A preset is a complete ModelConfig; `build_config(name, **overrides)` copies it with overrides
 and validates the result, so every model in a run is described by one flat, typed record that
@@ -96,7 +96,7 @@ def canonical_rope_method(name: str) -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of one FiTv2 network."""
+    """Hyper-parameters of one FiT network (FiTv2 by default; every switch of the release's FiT class)."""
 
     hidden_size: int = 1152  # D: width of every token
     depth: int = 36  # number of transformer blocks
@@ -323,7 +323,7 @@ def build_config_from(base: ModelConfig, overrides: dict) -> ModelConfig:
 
 
 def preset_names() -> list[str]:
-    """Names of the model presets, in definition order (tiny, fitv2-b, fitv2-xl, fitv2-3b, *-hr)."""
+    """Names of the model presets, in definition order (tiny, fitv2-b, fitv2-xl, fitv2-3b, *-hr, fit-b, fit-xl)."""
     return list(PRESETS)
 
 

@@ -165,7 +165,7 @@ def grid_sizes(pos: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) 
 
 
 def build_model(name: str = "fitv2-xl", **overrides) -> FiT:
-    """A FiTv2 preset with overrides. Under `torch.device("meta")` nothing is allocated;
+    """A FiT preset (FiTv2 or FiT v1) with overrides. Under `torch.device("meta")` nothing is allocated;
     then `model.to_empty(device=...)` and `model.init_weights()`. Otherwise weights are initialised."""
     config = build_config(name, **overrides)
     target = torch.get_default_device()
