@@ -20,7 +20,7 @@ from fitscale.errors import UserError
 from fitscale.models import build_model
 from fitscale.models.flops import count_parameters, linear_macs_per_image, linear_macs_per_token, paper_gflops
 
-TOLERANCE = 1e-5  # fp32; the same kernels as test_official_equivalence, measured below 1e-6
+TOLERANCE = 1e-5  # fp32; measured <= 3.4e-7 over CASES under ATEN_CPU_CAPABILITY=default, avx2 and avx512
 GRIDS = [(4, 4), (3, 5), (2, 7), (1, 3)]
 SMALL = dict(hidden_size=64, num_heads=4, depth=2, num_classes=10, adaln_lora_rank=16)
 DDPM_INDICES = torch.tensor([0.0, 1.0, 500.0, 999.0])  # the release clamps min(t, 1) for any input
