@@ -206,7 +206,7 @@ def export_checkpoint(
 
 
 def infer_preset(state_dict: dict[str, torch.Tensor]) -> str:
-    """The released preset whose width and depth match a checkpoint (XL or 3B)."""
+    """The released preset whose width and depth match a checkpoint (FiTv2 B / XL / 3B, FiT v1 B / XL)."""
 
     width = state_dict["x_embedder.proj.weight"].shape[0] if "x_embedder.proj.weight" in state_dict else None
     depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
@@ -214,7 +214,7 @@ def infer_preset(state_dict: dict[str, torch.Tensor]) -> str:
         if config.hidden_size == width and config.depth == depth and not name.endswith("-hr"):
             return name
     raise UserError(
-        f"no preset has hidden size {width} and depth {depth}; pass --model PRESET (and check the file is FiTv2)"
+        f"no preset has hidden size {width} and depth {depth}; pass --model PRESET (and check the file is FiT v1 or FiTv2)"
     )
 
 

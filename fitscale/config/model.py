@@ -1,4 +1,4 @@
-"""The model section of a run, and ModelConfig with the named presets of the FiTv2 family.
+"""The model section of a run, and ModelConfig with the named presets of the FiT family (v2 and v1).
 
 A preset is a complete ModelConfig; `build_config(name, **overrides)` copies it with overrides
 and validates the result, so every model in a run is described by one flat, typed record that
@@ -49,6 +49,42 @@ AttentionBackendName = Literal["auto", "flash", "varlen", "flex", "grouped", "re
 ATTENTION_BACKENDS = get_args(AttentionBackendName)
 
 
+NormKind = Literal["layernorm", "rmsnorm", "none"]
+
+
+def check_switches(config: ModelConfig) -> None:
+    """UserError (one line) for a combination of architecture switches the release does not define.
+
+    The release's unweighted 'rmsnorm' calls `RMSNorm(dim, include_weight=False)`, which its RMSNorm
+    does not accept (TypeError at construction): only the weighted RMSNorm (its w_rmsnorm) exists.
+    A weight flag with no norm to carry it is refused too: it would change nothing.
+    """
+    for kind_field, weight_field, release in (
+        ("q_norm", "qk_norm_weight", "q_norm"),
+        ("k_norm", "qk_norm_weight", "k_norm"),
+        ("norm", "norm_weight", "norm_type"),
+    ):
+        if getattr(config, kind_field) == "rmsnorm" and not getattr(config, weight_field):
+            raise UserError(
+                f"model.{kind_field}=rmsnorm needs model.{weight_field}=true: the release's unweighted "
+                f"{release}='rmsnorm' raises TypeError (its RMSNorm takes no include_weight); set "
+                f"model.{weight_field}=true (its w_rmsnorm) or use layernorm"
+            )
+    if config.qk_norm_weight and config.q_norm == config.k_norm == "none":
+        raise UserError(
+            "model.qk_norm_weight=true has no effect with model.q_norm=none and model.k_norm=none"
+        )
+    if config.norm_weight and config.norm == "none":
+        raise UserError("model.norm_weight=true has no effect with model.norm=none")
+    if config.null_class is False and config.class_dropout_prob > 0:
+        raise UserError(
+            f"model.null_class=false leaves label dropout (model.class_dropout_prob={config.class_dropout_prob}) "
+            "no null class to drop to: set model.class_dropout_prob=0 or leave model.null_class unset"
+        )
+    if config.rope_on_values and config.rel_pos_embed == "none":
+        raise UserError("model.rope_on_values=true needs model.rel_pos_embed=rope")
+
+
 def canonical_rope_method(name: str) -> str:
     """Our name of a RoPE method given ours or the release's `custom_freqs` (any case);
     ConfigError (a ValueError) listing both spellings otherwise (`model.rope_method: ...`)."""
@@ -60,16 +96,17 @@ def canonical_rope_method(name: str) -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of one FiTv2 network."""
+    """Hyper-parameters of one FiT network (FiTv2 by default; every switch of the release's FiT class)."""
 
     hidden_size: int = 1152  # D: width of every token
     depth: int = 36  # number of transformer blocks
     num_heads: int = 16  # H; head dim d = D / H
     adaln_lora_rank: int = 288  # r of the per-block AdaLN-LoRA (D -> r -> 6D)
-    mlp_hidden_size: int | None = None  # SwiGLU hidden width; None: floor(2 * 4D / 3) as released
+    mlp_hidden_size: int | None = None  # MLP hidden width; None: from mlp_ratio as released (`mlp_hidden`)
     patch_size: int = 2  # p: a token covers p x p latent pixels
     in_channels: int = 4  # C: latent channels; a token carries p*p*C values
-    num_classes: int = 1000  # label classes; index num_classes is the null class for guidance
+    # Label classes; index num_classes is the null class for guidance (a table row only when class_dropout_prob > 0).
+    num_classes: int = 1000
     class_dropout_prob: float = 0.1  # labels replaced by the null class in training mode
     time_shift: float = 1.0  # s of models.layers.shift_time before the timestep embedding; 1 = identity
     norm_eps: float = 1e-6  # eps of every LayerNorm (blocks, QK-norm, final layer)
@@ -93,6 +130,28 @@ class ModelConfig:
     # The release clamps the (shifted) input time at 1.0 whatever the objective (fit_model.py forward):
     # a ddpm model then sees min(t, 1). False feeds indices unclamped, as the original FiT code did.
     time_clamp: bool = True
+    # Architecture switches of the release's FiT class (fit/model/fit_model.py, modules.py, norms.py);
+    # the defaults are FiTv2's. docs/architecture.md maps each to the release's argument.
+    q_norm: NormKind = "layernorm"  # norm of each head's queries (release q_norm)
+    k_norm: NormKind = "layernorm"  # norm of each head's keys (release k_norm)
+    qk_norm_weight: bool = False  # learnable weight in the q/k norms (release qk_norm_weight, w_rmsnorm)
+    norm: NormKind = "layernorm"  # norm1, norm2 and the final norm (release norm_type)
+    norm_weight: bool = False  # learnable weight in those norms (release w_layernorm / w_rmsnorm)
+    adaln: Literal["lora", "normal", "swiglu"] = "lora"  # per-block modulation (release adaln_type)
+    # The global modulation Linear(D, 6D) added to every block's: None = the release's rule (iff adaln=lora);
+    # true/false forces it (ours, not in the release).
+    adaln_global: bool | None = None
+    adaln_bias: bool = True  # biases of the modulation linears (release adaln_bias)
+    mlp: Literal["swiglu", "swiglu_large", "gelu"] = "swiglu"  # release use_swiglu / use_swiglu_large
+    mlp_ratio: float = 4.0  # MLP hidden = int(D * mlp_ratio); swiglu takes 2/3 of that (release mlp_ratio)
+    mlp_bias: bool = True  # biases of the MLP linears (release ffn_bias)
+    qkv_bias: bool = True  # bias of the qkv projection (release qkv_bias)
+    # Relative position embedding: 2-D RoPE or none (release rel_pos_embed; its 'xpos' is RoPE, stored as rope).
+    rel_pos_embed: Literal["rope", "none", "xpos"] = "rope"
+    rope_on_values: bool = False  # rotate the values too (release add_rel_pe_to_v)
+    # The null-class row of the label table: None = the release's rule (only when class_dropout_prob > 0);
+    # true keeps it at class_dropout_prob=0 (ours: how fitscale built every model before, for such runs).
+    null_class: bool | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -110,6 +169,7 @@ class ModelConfig:
             "rope_theta",
             "rope_base_grid",
             "time_shift",
+            "mlp_ratio",
         ):
             positive(name)
         if self.mlp_hidden_size is not None:
@@ -129,6 +189,9 @@ class ModelConfig:
             raise UserError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         object.__setattr__(self, "rope_method", canonical_rope_method(self.rope_method))
         check_choices(self, "model.")
+        if self.rel_pos_embed == "xpos":  # the release computes 'xpos' exactly as 'rope'
+            object.__setattr__(self, "rel_pos_embed", "rope")
+        check_switches(self)
         if self.learn_sigma and self.objective != "ddpm":
             raise UserError(
                 "model.learn_sigma=true needs model.objective=ddpm: a flow model predicts one velocity per "
@@ -173,10 +236,25 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        """SwiGLU hidden width: `mlp_hidden_size`, else floor(2 * 4D / 3) as in the release (3072 for D
-        = 1152).
+        """MLP hidden width: `mlp_hidden_size`, else the release's int(D * mlp_ratio), of which `swiglu`
+        takes 2/3 (floor): 3072 for FiTv2-XL (D = 1152), 4608 for FiT v1-XL (swiglu_large).
         """
-        return self.mlp_hidden_size or int(2 * (4 * self.hidden_size) / 3)
+        if self.mlp_hidden_size:
+            return self.mlp_hidden_size
+        hidden = int(self.hidden_size * self.mlp_ratio)
+        return hidden * 2 // 3 if self.mlp == "swiglu" else hidden
+
+    @property
+    def has_global_adaln(self) -> bool:
+        """Whether the global modulation Linear(D, 6D) exists: `adaln_global`, else the release's rule
+        (only with adaln=lora)."""
+        return self.adaln == "lora" if self.adaln_global is None else self.adaln_global
+
+    @property
+    def has_null_class(self) -> bool:
+        """Whether the label table has the null-class row `num_classes` (guidance, label dropout):
+        `null_class`, else the release's LabelEmbedder rule, only when class_dropout_prob > 0."""
+        return self.class_dropout_prob > 0 if self.null_class is None else self.null_class
 
     @property
     def token_dim(self) -> int:
@@ -194,15 +272,30 @@ class ModelConfig:
         return build_config_from(self, overrides)
 
 
+# FiT v1 (configs/fit/config_fit_xl.yaml): large SwiGLU, plain AdaLN, no QK-norm, improved-diffusion
+# DDPM with learned variances; its RoPE is 'normal' (no extrapolation), as FiTv2's.
+_V1 = dict(
+    mlp="swiglu_large", adaln="normal", q_norm="none", k_norm="none", objective="ddpm", learn_sigma=True
+)
+# FiTv2 (configs/fitv2/*.yaml): the release's switches, stated explicitly.
+_V2 = dict(
+    mlp="swiglu", adaln="lora", q_norm="layernorm", k_norm="layernorm", norm="layernorm", objective="flow"
+)
 _HIGH_RES = dict(rope_method="ntk", rope_decoupled=True, rope_per_image=True, rope_base_grid=16)
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(hidden_size=64, depth=2, num_heads=4, adaln_lora_rank=16, num_classes=10),
-    "fitv2-b": ModelConfig(hidden_size=768, depth=15, num_heads=12, adaln_lora_rank=192),
-    "fitv2-xl": ModelConfig(hidden_size=1152, depth=36, num_heads=16, adaln_lora_rank=288),
-    "fitv2-3b": ModelConfig(hidden_size=2304, depth=40, num_heads=24, adaln_lora_rank=576),
-    "fitv2-xl-hr": ModelConfig(hidden_size=1152, depth=36, num_heads=16, adaln_lora_rank=288, **_HIGH_RES),
-    "fitv2-3b-hr": ModelConfig(hidden_size=2304, depth=40, num_heads=24, adaln_lora_rank=576, **_HIGH_RES),
+    "fitv2-b": ModelConfig(hidden_size=768, depth=15, num_heads=12, adaln_lora_rank=192, **_V2),
+    "fitv2-xl": ModelConfig(hidden_size=1152, depth=36, num_heads=16, adaln_lora_rank=288, **_V2),
+    "fitv2-3b": ModelConfig(hidden_size=2304, depth=40, num_heads=24, adaln_lora_rank=576, **_V2),
+    "fitv2-xl-hr": ModelConfig(
+        hidden_size=1152, depth=36, num_heads=16, adaln_lora_rank=288, **_V2, **_HIGH_RES
+    ),
+    "fitv2-3b-hr": ModelConfig(
+        hidden_size=2304, depth=40, num_heads=24, adaln_lora_rank=576, **_V2, **_HIGH_RES
+    ),
+    "fit-b": ModelConfig(hidden_size=768, depth=12, num_heads=12, **_V1),
+    "fit-xl": ModelConfig(hidden_size=1152, depth=28, num_heads=16, **_V1),
 }
 
 
@@ -230,7 +323,7 @@ def build_config_from(base: ModelConfig, overrides: dict) -> ModelConfig:
 
 
 def preset_names() -> list[str]:
-    """Names of the model presets, in definition order (tiny, fitv2-b, fitv2-xl, fitv2-3b, *-hr)."""
+    """Names of the model presets, in definition order (tiny, fitv2-b, fitv2-xl, fitv2-3b, *-hr, fit-b, fit-xl)."""
     return list(PRESETS)
 
 
@@ -241,6 +334,7 @@ __all__ = [
     "ROPE_METHODS",
     "build_config",
     "canonical_rope_method",
+    "check_switches",
     "preset_names",
 ]
 

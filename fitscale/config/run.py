@@ -114,6 +114,12 @@ class RunConfig:
                 f"set train.repa.block to one of them"
             )
         check_objective(model.objective, self.train)
+        if self.train.sample_every > 0 and self.train.sample_cfg_scale != 1.0 and not model.has_null_class:
+            raise ConfigError(
+                f"train.sample_cfg_scale={self.train.sample_cfg_scale:g} guides previews with the null class, "
+                "but model.class_dropout_prob=0 builds no null-class row: set train.sample_cfg_scale=1 "
+                "or model.overrides.class_dropout_prob > 0"
+            )
         if self.data.num_classes != model.num_classes:
             raise ConfigError(
                 f"data.num_classes={self.data.num_classes} but the model has num_classes={model.num_classes}; "

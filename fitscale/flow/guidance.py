@@ -53,6 +53,15 @@ def guide(
     return torch.cat([guided[..., :split], v_cond[..., split:]], dim=-1)
 
 
+def no_null_class_message(cfg_scale: float) -> str:
+    """The one-line refusal of guidance for a model without the null-class row (class_dropout_prob=0)."""
+    return (
+        f"classifier-free guidance scale {cfg_scale:g} needs the null class, but the model has "
+        "model.class_dropout_prob=0 and so no null-class row: use --cfg 1 (train.sample_cfg_scale=1 "
+        "for previews) or a model trained with model.class_dropout_prob > 0"
+    )
+
+
 class PackedVelocity:
     """The model as a velocity function of one packed batch: `v(x (T, p*p*C), t scalar)` for all
     images at one time, or `v.images(images, xs, ts)` for some of them, each at its own time
@@ -83,6 +92,8 @@ class PackedVelocity:
         self.patch_size = config.patch_size
         self.null_class = config.num_classes
         self.guided = self.cfg_scale != 1.0
+        if self.guided and not getattr(config, "has_null_class", True):
+            raise UserError(no_null_class_message(self.cfg_scale))
         self._layouts: dict[tuple[int, ...], PackedLayout] = {}
 
     def _forward(self, layout: PackedLayout, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""FiTv2: a diffusion transformer over packed sequences of images of any size.
+"""FiT (v1 and v2): a diffusion transformer over packed sequences of images of any size.
 
 Images of different token counts run as one flat sequence with no padding; attention stays
 within each image (see attention.py), and every per-image quantity (timestep, label, AdaLN
@@ -20,14 +20,19 @@ from fitscale.models.layers import (
     FiTBlock,
     LabelEmbedder,
     PatchEmbed,
+    RMSNorm,
     TimestepEmbedder,
+    last_linear,
     shift_time,
 )
 from fitscale.models.rope import rope_cos_sin
 
 
 class FiT(nn.Module):
-    """FiTv2, the flexible vision transformer for diffusion, over packed sequences of images of any size.
+    """FiT, the flexible vision transformer for diffusion, over packed sequences of images of any size.
+
+    Every switch of the release's FiT class is a ModelConfig field (norms, AdaLN kind, MLP kind,
+    biases, RoPE): the defaults are FiTv2, the `fit-xl` / `fit-b` presets FiT v1.
 
     Computes the released FiTv2 function (release: `fit/model/fit_model.py`, `fit/model/modules.py`)
     image by image, without the release's padding of every image to 256 or 1024 tokens: patch
@@ -48,13 +53,16 @@ class FiT(nn.Module):
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.token_dim, D)
         self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
-        self.global_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
-        self.blocks = nn.ModuleList(
-            FiTBlock(D, config.num_heads, config.mlp_hidden, config.adaln_lora_rank, config.norm_eps)
-            for _ in range(config.depth)
+        self.y_embedder = LabelEmbedder(
+            config.num_classes, D, config.class_dropout_prob, config.has_null_class
         )
-        self.final_layer = FinalLayer(D, config.out_dim, config.norm_eps)
+        self.global_adaLN_modulation = (
+            nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, bias=config.adaln_bias))
+            if config.has_global_adaln
+            else None
+        )
+        self.blocks = nn.ModuleList(FiTBlock(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(config)
         self.hidden_head: nn.Module | None = None  # see attach_hidden_head: none by default
 
     def forward(
@@ -100,11 +108,15 @@ class FiT(nn.Module):
         mask = build_document_mask(
             cu_seqlens, max_seqlen, total, self.config.attn_backend, h.device, h.dtype, sizes
         )
-        cos, sin = rope_cos_sin(self.config, pos, mask.segment_ids, sizes)  # (T, d) each
+        cos = sin = None
+        if config.rel_pos_embed == "rope":
+            cos, sin = rope_cos_sin(self.config, pos, mask.segment_ids, sizes)  # (T, d) each
         c = self.t_embedder(shift_time(t, config.time_shift, config.time_clamp)) + self.y_embedder(
             y
         )  # (S, D)
-        global_modulation = self.global_adaLN_modulation(c)  # (S, 6D)
+        global_modulation = None
+        if self.global_adaLN_modulation is not None:
+            global_modulation = self.global_adaLN_modulation(c)  # (S, 6D)
         if hidden_after is not None and not 1 <= hidden_after <= len(self.blocks):
             raise ValueError(f"hidden_after={hidden_after}: the model has blocks 1..{len(self.blocks)}")
         hidden = None
@@ -122,23 +134,27 @@ class FiT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The released initialisation: xavier linears, N(0, 0.02) embeddings, zeroed modulation and output."""
+        """The released initialisation (initialize_weights): xavier linears with zero biases, N(0, 0.02)
+        embeddings, the last linear of every modulation (SwiGLU modulation: its fc2) and the output
+        linear zeroed; norm weights at 1 (set by their constructors in the release)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)) and module.weight is not None:
+                nn.init.ones_(module.weight)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        zero_init = [
-            self.global_adaLN_modulation[-1],
-            self.final_layer.adaLN_modulation[-1],
-            self.final_layer.linear,
-        ]
-        zero_init += [block.adaLN_modulation[-1] for block in self.blocks]
+        zero_init = [last_linear(self.final_layer.adaLN_modulation), self.final_layer.linear]
+        zero_init += [last_linear(block.adaLN_modulation) for block in self.blocks]
+        if self.global_adaLN_modulation is not None:
+            zero_init.append(self.global_adaLN_modulation[-1])
         for linear in zero_init:
             nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
 
 
 def grid_sizes(pos: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -149,7 +165,7 @@ def grid_sizes(pos: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) 
 
 
 def build_model(name: str = "fitv2-xl", **overrides) -> FiT:
-    """A FiTv2 preset with overrides. Under `torch.device("meta")` nothing is allocated;
+    """A FiT preset (FiTv2 or FiT v1) with overrides. Under `torch.device("meta")` nothing is allocated;
     then `model.to_empty(device=...)` and `model.init_weights()`. Otherwise weights are initialised."""
     config = build_config(name, **overrides)
     target = torch.get_default_device()

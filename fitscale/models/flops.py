@@ -17,20 +17,40 @@ from fitscale.config.model import ModelConfig
 from fitscale.models.layers import TIMESTEP_FEATURES
 
 
+def mlp_macs_per_token(config: ModelConfig) -> int:
+    """Multiply-adds per token of one block's MLP: SwiGLU has two input linears, GELU one."""
+    D, hidden = config.hidden_size, config.mlp_hidden
+    return (1 if config.mlp == "gelu" else 2) * D * hidden + hidden * D
+
+
 def linear_macs_per_token(config: ModelConfig) -> int:
-    """Multiply-adds per token of the linear layers (qkv, proj, SwiGLU of every block; patch embed and
+    """Multiply-adds per token of the linear layers (qkv, proj, MLP of every block; patch embed and
     final linear).
     """
     D, depth = config.hidden_size, config.depth
-    per_block = 3 * D * D + D * D + 3 * D * config.mlp_hidden  # qkv, proj, SwiGLU
-    return depth * per_block + 2 * config.token_dim * D  # + patch embedding and final linear
+    per_block = 3 * D * D + D * D + mlp_macs_per_token(config)  # qkv, proj, MLP
+    return depth * per_block + config.token_dim * D + D * config.out_dim  # + patch embedding, final linear
+
+
+def modulation_macs(config: ModelConfig, chunks: int, final: bool = False) -> int:
+    """Multiply-adds of one AdaLN modulation (c (D,) -> chunks * D) of `config.adaln`, as
+    fitscale.models.layers.make_modulation builds it."""
+    D = config.hidden_size
+    if config.adaln == "swiglu":
+        hidden = D // 2 if final else (D // 4) * 3
+        return 2 * D * hidden + hidden * chunks * D
+    if config.adaln == "lora" and not final:
+        return D * config.adaln_lora_rank + config.adaln_lora_rank * chunks * D
+    return D * chunks * D
 
 
 def linear_macs_per_image(config: ModelConfig) -> int:
-    """Conditioning computed once per image: timestep MLP, AdaLN-LoRA, global and final modulation."""
-    D, r = config.hidden_size, config.adaln_lora_rank
+    """Conditioning computed once per image: timestep MLP, block, global and final modulations."""
+    D = config.hidden_size
     timestep = TIMESTEP_FEATURES * D + D * D
-    modulation = config.depth * (D * r + r * 6 * D) + D * 6 * D + D * 2 * D
+    modulation = config.depth * modulation_macs(config, 6) + modulation_macs(config, 2, final=True)
+    if config.has_global_adaln:
+        modulation += D * 6 * D
     return timestep + modulation
 
 
@@ -61,21 +81,44 @@ def paper_gflops(config: ModelConfig, tokens: int = 256) -> float:
 
 def count_parameters(config: ModelConfig) -> int:
     """Parameter count of a FiT with `config`, from shapes alone (equals `sum(p.numel())` of the built
-    model).
+    model for every switch).
     """
-    D, r, depth = config.hidden_size, config.adaln_lora_rank, config.depth
-    linear = lambda fan_in, fan_out: fan_in * fan_out + fan_out
-    block = linear(D, 3 * D) + linear(D, D) + 2 * linear(D, config.mlp_hidden) + linear(config.mlp_hidden, D)
-    block += linear(D, r) + linear(r, 6 * D)
+    D, depth, hidden = config.hidden_size, config.depth, config.mlp_hidden
+
+    def linear(fan_in: int, fan_out: int, bias: bool = True) -> int:
+        return fan_in * fan_out + (fan_out if bias else 0)
+
+    def modulation(chunks: int, final: bool = False) -> int:
+        bias = config.adaln_bias
+        if config.adaln == "swiglu":
+            inner = D // 2 if final else (D // 4) * 3
+            return 2 * linear(D, inner, bias) + linear(inner, chunks * D, bias)
+        if config.adaln == "lora" and not final:
+            r = config.adaln_lora_rank
+            return linear(D, r, bias) + linear(r, chunks * D, bias)
+        return linear(D, chunks * D, bias)
+
+    def norm(kind: str, weight: bool, dim: int) -> int:
+        return dim if kind != "none" and weight else 0  # no norm has a bias; rmsnorm is always weighted
+
+    inputs = 1 if config.mlp == "gelu" else 2
+    mlp = inputs * linear(D, hidden, config.mlp_bias) + linear(hidden, D, config.mlp_bias)
+    qk_norms = sum(
+        norm(kind, config.qk_norm_weight, config.head_dim) for kind in (config.q_norm, config.k_norm)
+    )
+    block = linear(D, 3 * D, config.qkv_bias) + linear(D, D) + mlp + modulation(6) + qk_norms
+    block += 2 * norm(config.norm, config.norm_weight, D)
+    label_rows = config.num_classes + int(config.has_null_class)
     return (
         linear(config.token_dim, D)
         + linear(TIMESTEP_FEATURES, D)
         + linear(D, D)
-        + (config.num_classes + 1) * D
-        + linear(D, 6 * D)
+        + label_rows * D
+        + (linear(D, 6 * D, config.adaln_bias) if config.has_global_adaln else 0)
         + depth * block
-        + linear(D, config.token_dim)
-        + linear(D, 2 * D)
+        + linear(D, config.out_dim)
+        + modulation(2, final=True)
+        + norm(config.norm, config.norm_weight, D)
     )
 
 

@@ -45,10 +45,12 @@ def trainable_names(model: nn.Module, patterns) -> list[str]:
 
 def apply_trainable(model: nn.Module, patterns) -> int:
     """Set requires_grad by pattern; returns the number of trainable parameters. Fails on a pattern
-    that selects nothing, which is almost always a typo."""
+    that selects nothing, which is almost always a typo; a named set's patterns may select nothing
+    (e.g. `global_adaLN_modulation.*` of a model with adaln=normal, which has none)."""
+    named = isinstance(patterns, str) and patterns in NAMED_SETS
     patterns = resolve_patterns(patterns)
     names = [name for name, _ in model.named_parameters()]
-    for pattern in patterns:
+    for pattern in () if named else patterns:
         if not any(fnmatchcase(name, pattern) for name in names):
             raise UserError(
                 f"trainable pattern {pattern!r} matches no parameter; names look like {names[:3]}"

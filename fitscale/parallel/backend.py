@@ -70,8 +70,8 @@ class ParallelBackend:
     def build_model(self, initial_state: InitialState, **changes: Any) -> torch.nn.Module:
         """The parallelised model on `env.device`, holding the full state dict `initial_state()`
         returns (called on rank 0 only, or on every rank, as the backend needs). `changes` are
-        ModelConfig fields that differ from the run's model section (the trainer's
-        `class_dropout_prob=0.0`: it drops labels per image in the step)."""
+        ModelConfig fields that differ from the run's model section (the trainer passes none: it
+        turns the model's own label dropout off and drops labels per image in the step)."""
         raise NotImplementedError
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

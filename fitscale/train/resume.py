@@ -51,7 +51,8 @@ FIXED: dict[str, str] = {
     "train.repa.projector_depth": "the checkpoint's REPA projector has that shape",
 }  # and the fields of the run's backend (ParallelBackend.fixed_on_resume)
 # Model fields that change how the same function is computed or trained, not the network.
-MODEL_MAY_CHANGE = ("model.attn_backend", "model.class_dropout_prob")
+# class_dropout_prob and null_class may change while the label table keeps its rows (`label_rows_problem`).
+MODEL_MAY_CHANGE = ("model.attn_backend", "model.class_dropout_prob", "model.null_class")
 NOT_COMPARED = ("train.run_dir", "train.resume", "checkpoint.folder")
 
 
@@ -150,7 +151,49 @@ def resume_changes(config: RunConfig, checkpoint: Path) -> list[ConfigChange]:
     if saved is None:
         log.warning("%s records no config; resuming without checking what changed", checkpoint)
         return []
-    return check_resume(comparable(saved), comparable(config), checkpoint)
+    changes = check_resume(comparable(saved), comparable(config), checkpoint)
+    problem = label_rows_problem(config, checkpoint)
+    if problem:
+        raise ConfigError(problem)
+    return changes
+
+
+LABEL_TABLE = "model.y_embedder.embedding_table.weight"  # its DCP key
+
+
+def label_rows_problem(config: RunConfig, checkpoint: Path) -> str | None:
+    """Why the label table of `checkpoint` cannot load into the run's model, or None.
+
+    The null-class row exists only when class_dropout_prob > 0 (the release's rule) unless
+    `model.null_class` says otherwise; checkpoints written before that rule kept it at 0 too.
+    Read from the DCP metadata (no tensor is loaded); a checkpoint without the entry (DeepSpeed's
+    weights live in its own files) is not checked here.
+    """
+    from torch.distributed.checkpoint import FileSystemReader  # lazy: heavy
+
+    try:
+        entry = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata.get(LABEL_TABLE)
+    except (FileNotFoundError, OSError, ValueError, EOFError):
+        return None
+    if entry is None:
+        return None
+    model = config.model_config()
+    rows, wanted = int(entry.size[0]), model.num_classes + int(model.has_null_class)
+    if rows == wanted:
+        return None
+    if rows > wanted:
+        fix = "model.overrides.null_class=true"
+    else:
+        fix = (
+            "model.overrides.class_dropout_prob=0"
+            if model.class_dropout_prob > 0
+            else "model.overrides.null_class=false"
+        )
+    return (
+        f"cannot resume {checkpoint}: its label table has {rows} rows and the model builds {wanted} "
+        f"(model.class_dropout_prob={model.class_dropout_prob}, model.null_class={model.null_class}); "
+        f"set {fix} to resume it"
+    )
 
 
 def check_before_start(config: RunConfig) -> list[ConfigChange]:

@@ -40,6 +40,7 @@ from fitscale.flow import per_image_label_dropout
 from fitscale.models import build_model
 from fitscale.models.flops import training_flops
 from fitscale.models.inputs import check_packed_batch
+from fitscale.models.layers import LabelEmbedder
 from fitscale.models.official import clean_parameter_name, load_official_checkpoint, load_official_state_dict
 from fitscale.models.partial import NAMED_SETS, apply_trainable
 from fitscale.parallel import DistributedEnv, init_distributed
@@ -162,9 +163,13 @@ class Trainer:
         return self.backend.float8_report
 
     def _build_model(self) -> torch.nn.Module:
-        # Label dropout is drawn per image in the step (per_image_label_dropout), so the model is built
-        # without its own, and the step takes the probability from the run's model config.
-        model = self.backend.build_model(self._full_initial_state, class_dropout_prob=0.0)
+        # Label dropout is drawn per image in the step (per_image_label_dropout), so the model's own is
+        # turned off (its label table keeps the null-class row that class_dropout_prob > 0 gives), and
+        # the step takes the probability from the run's model config.
+        model = self.backend.build_model(self._full_initial_state)
+        for module in model.modules():
+            if isinstance(module, LabelEmbedder):
+                module.dropout_prob = 0.0
         self.label_dropout = self.model_config.class_dropout_prob
         self.null_class = self.model_config.num_classes
         self._apply_trainable(model)

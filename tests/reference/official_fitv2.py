@@ -1,4 +1,9 @@
-"""The released FiTv2's padded computation, re-implemented independently to test fitscale against.
+"""The released FiT class's padded computation (FiTv2 and FiT v1, every switch), re-implemented
+independently to test fitscale against.
+
+The switches follow whlzy/FiT fit/model/fit_model.py, modules.py and norms.py: norm_type, q_norm,
+k_norm, qk_norm_weight (create_norm), adaln_type, use_swiglu(_large), mlp_ratio, *_bias,
+rel_pos_embed, add_rel_pe_to_v, learn_sigma, time_shifting and the clamp of the input time at 1.
 
 Written from `shared/reference/fitv2-official.md` alone, in the release's layout: every image is
 padded to a fixed token limit N, attention is a dense N x N softmax under a boolean mask in which a
@@ -25,15 +30,32 @@ from .release_rope import RopeSpec, image_cos_sin, rotate_pairs
 
 @dataclass(frozen=True)
 class ReferenceConfig:
+    """The release's FiT arguments (fit/model/fit_model.py), under its own names and values."""
+
     depth: int
     hidden_size: int
     num_heads: int
-    lora_rank: int
+    lora_rank: int = 0  # adaln_lora_dim
     num_classes: int = 1000
     in_channels: int = 4
     patch_size: int = 2
     class_dropout_prob: float = 0.1
     rope: RopeSpec = field(default_factory=RopeSpec)
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = False
+    use_swiglu: bool = True
+    use_swiglu_large: bool = False
+    rel_pos_embed: str | None = "rope"  # 'rope' / 'xpos' rotate q and k; anything else: no RoPE
+    add_rel_pe_to_v: bool = False
+    norm_type: str | None = "layernorm"  # create_norm names: layernorm, w_layernorm, w_rmsnorm, rmsnorm, none
+    q_norm: str | None = "layernorm"
+    k_norm: str | None = "layernorm"
+    qk_norm_weight: bool = False
+    qkv_bias: bool = True
+    ffn_bias: bool = True
+    adaln_bias: bool = True
+    adaln_type: str = "lora"  # normal, lora, swiglu
+    time_shifting: float = 1.0
 
     @property
     def head_dim(self) -> int:
@@ -44,17 +66,28 @@ class ReferenceConfig:
         return self.patch_size * self.patch_size * self.in_channels
 
     @property
+    def out_dim(self) -> int:
+        return self.token_dim * (2 if self.learn_sigma else 1)
+
+    @property
     def mlp_hidden(self) -> int:
-        return int(2 * (4 * self.hidden_size) / 3)
+        hidden = int(self.hidden_size * self.mlp_ratio)
+        return hidden if self.use_swiglu_large or not self.use_swiglu else (hidden * 2) // 3
 
 
 HR_ROPE = RopeSpec(custom_freqs="ntk-aware", decouple=True, online_rope=True, ori_max_pe_len=16)
+# configs/fit/config_fit_xl.yaml: everything else at the FiT class's defaults.
+FIT_V1 = dict(
+    use_swiglu_large=True, learn_sigma=True, adaln_type="normal", q_norm=None, k_norm=None, lora_rank=0
+)
 PRESETS = {
     "fitv2-b": ReferenceConfig(depth=15, hidden_size=768, num_heads=12, lora_rank=192),
     "fitv2-xl": ReferenceConfig(depth=36, hidden_size=1152, num_heads=16, lora_rank=288),
     "fitv2-3b": ReferenceConfig(depth=40, hidden_size=2304, num_heads=24, lora_rank=576),
     "fitv2-xl-hr": ReferenceConfig(depth=36, hidden_size=1152, num_heads=16, lora_rank=288, rope=HR_ROPE),
     "fitv2-3b-hr": ReferenceConfig(depth=40, hidden_size=2304, num_heads=24, lora_rank=576, rope=HR_ROPE),
+    "fit-xl": ReferenceConfig(depth=28, hidden_size=1152, num_heads=16, **FIT_V1),
+    "fit-b": ReferenceConfig(depth=12, hidden_size=768, num_heads=12, **FIT_V1),
 }
 
 
@@ -70,8 +103,33 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
-def layer_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+class RMSNorm(nn.Module):
+    """fit/model/norms.py RMSNorm: weighted, normalised in float32 and cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def create_norm(norm_type: str | None, dim: int) -> nn.Module:
+    """fit/model/norms.py create_norm, eps 1e-6, including its TypeError for plain 'rmsnorm'."""
+    if norm_type is None or norm_type == "" or norm_type.lower() == "none":
+        return nn.Identity()
+    kind = norm_type.lower()
+    if kind == "w_layernorm":
+        return nn.LayerNorm(dim, eps=1e-6, bias=False)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False, bias=False)
+    if kind == "w_rmsnorm":
+        return RMSNorm(dim)
+    if kind == "rmsnorm":  # the release calls RMSNorm(dim, include_weight=False, eps=eps)
+        raise TypeError("RMSNorm.__init__() got an unexpected keyword argument 'include_weight'")
+    raise NotImplementedError(f"Unknown norm_type: '{norm_type}'")
 
 
 class PatchEmbedder(nn.Module):
@@ -97,7 +155,7 @@ class LabelEmbedder(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + 1, hidden)
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if self.training and self.dropout_prob > 0:
@@ -107,19 +165,31 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, num_heads: int):
+    def __init__(self, config: ReferenceConfig):
         super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
+        hidden, self.num_heads = config.hidden_size, config.num_heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=config.qkv_bias)
+        q_norm, k_norm = config.q_norm, config.k_norm
+        if q_norm == "layernorm" and config.qk_norm_weight:
+            q_norm = "w_layernorm"
+        if k_norm == "layernorm" and config.qk_norm_weight:
+            k_norm = "w_layernorm"
+        self.q_norm = create_norm(q_norm, config.head_dim)
+        self.k_norm = create_norm(k_norm, config.head_dim)
         self.proj = nn.Linear(hidden, hidden)
+        self.rope = (config.rel_pos_embed or "").lower() in ("rope", "xpos")
+        self.rope_v = config.add_rel_pe_to_v
 
     def forward(self, x, mask2d, cos, sin):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, d)
-        q, k = layer_norm(q), layer_norm(k)
-        q = q * cos[:, None] + rotate_pairs(q) * sin[:, None]
-        k = k * cos[:, None] + rotate_pairs(k) * sin[:, None]
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            if self.rope_v:
+                v = v * cos[:, None] + rotate_pairs(v) * sin[:, None]
+            q = q * cos[:, None] + rotate_pairs(q) * sin[:, None]
+            k = k * cos[:, None] + rotate_pairs(k) * sin[:, None]
         logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
         logits = logits.masked_fill(~mask2d[:, None], float("-inf"))
         out = logits.softmax(dim=-1) @ v  # (B, H, N, d)
@@ -127,44 +197,76 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden: int, inner: int):
+    """timm.layers.SwiGLU (norm and dropouts are identities in the release)."""
+
+    def __init__(self, hidden: int, inner: int, out: int | None = None, bias: bool = True):
         super().__init__()
-        self.fc1_g = nn.Linear(hidden, inner)
-        self.fc1_x = nn.Linear(hidden, inner)
-        self.fc2 = nn.Linear(inner, hidden)
+        self.fc1_g = nn.Linear(hidden, inner, bias=bias)
+        self.fc1_x = nn.Linear(hidden, inner, bias=bias)
+        self.fc2 = nn.Linear(inner, out or hidden, bias=bias)
 
     def forward(self, x):
         return self.fc2(F.silu(self.fc1_g(x)) * self.fc1_x(x))
 
 
+class Mlp(nn.Module):
+    """timm.layers.Mlp with GELU(approximate='tanh')."""
+
+    def __init__(self, hidden: int, inner: int, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, inner, bias=bias)
+        self.fc2 = nn.Linear(inner, hidden, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def adaln(config: ReferenceConfig, final: bool) -> nn.Module:
+    """FiTBlock / FinalLayer adaLN_modulation of the release, by adaln_type."""
+    D, bias, chunks = config.hidden_size, config.adaln_bias, 2 if final else 6
+    if config.adaln_type == "swiglu":
+        return SwiGLU(D, D // 2 if final else (D // 4) * 3, chunks * D, bias=bias)
+    if config.adaln_type == "lora" and not final:
+        r = config.lora_rank
+        return nn.Sequential(nn.SiLU(), nn.Linear(D, r, bias=bias), nn.Linear(r, 6 * D, bias=bias))
+    return nn.Sequential(nn.SiLU(), nn.Linear(D, chunks * D, bias=bias))
+
+
 class Block(nn.Module):
     def __init__(self, config: ReferenceConfig):
         super().__init__()
-        D, r = config.hidden_size, config.lora_rank
-        self.attn = Attention(D, config.num_heads)
-        self.mlp = SwiGLU(D, config.mlp_hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, r), nn.Linear(r, 6 * D))
+        D = config.hidden_size
+        self.norm1 = create_norm(config.norm_type, D)
+        self.norm2 = create_norm(config.norm_type, D)
+        self.attn = Attention(config)
+        if config.use_swiglu:
+            self.mlp = SwiGLU(D, config.mlp_hidden, bias=config.ffn_bias)
+        else:
+            self.mlp = Mlp(D, config.mlp_hidden, bias=config.ffn_bias)
+        self.adaLN_modulation = adaln(config, final=False)
 
     def forward(self, x, c, global_mod, mask2d, cos, sin):
         mod = self.adaLN_modulation(c) + global_mod
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
-        x = x + gate1[:, None] * self.attn(modulate(layer_norm(x), shift1, scale1), mask2d, cos, sin)
-        return x + gate2[:, None] * self.mlp(modulate(layer_norm(x), shift2, scale2))
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), mask2d, cos, sin)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden: int, token_dim: int):
+    def __init__(self, config: ReferenceConfig):
         super().__init__()
-        self.linear = nn.Linear(hidden, token_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.norm_final = create_norm(config.norm_type, config.hidden_size)
+        self.linear = nn.Linear(config.hidden_size, config.out_dim)
+        self.adaLN_modulation = adaln(config, final=True)
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class OfficialFiTv2(nn.Module):
-    """The release's network, run the release's way: padded to N tokens, dense masked attention."""
+    """The release's FiT class with every switch, run the release's way: padded to N tokens, dense
+    masked attention. The global modulation exists only with adaln_type 'lora', as in the release."""
 
     def __init__(self, config: ReferenceConfig):
         super().__init__()
@@ -173,13 +275,21 @@ class OfficialFiTv2(nn.Module):
         self.x_embedder = PatchEmbedder(config.token_dim, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
-        self.global_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        if config.adaln_type == "lora":
+            self.global_adaLN_modulation = nn.Sequential(
+                nn.SiLU(), nn.Linear(D, 6 * D, bias=config.adaln_bias)
+            )
+        else:
+            self.global_adaLN_modulation = None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
-        self.final_layer = FinalLayer(D, config.token_dim)
+        self.final_layer = FinalLayer(config)
 
     def forward(self, x, t, y, grid, mask, size):
-        """x (B, N, 16) padded tokens, t (B,), y (B,), grid (B, 2, N) column/row, mask (B, N) real,
-        size (B, 2) rows/cols -> velocity (B, N, 16) (padding positions carry garbage)."""
+        """x (B, N, p*p*C) padded tokens, t (B,) (clamped at 1 after the shift, as the release does for
+        any input), y (B,), grid (B, 2, N) column/row, mask (B, N) real, size (B, 2) rows/cols ->
+        (B, N, out_dim) (padding positions carry garbage)."""
+        s = self.config.time_shifting
+        t = torch.clamp(s * t / (1 + (s - 1) * t), max=1.0).float()
         mask = mask.bool()
         mask2d = mask[:, :, None] == mask[:, None, :]  # (B, N, N): real<->real, pad<->pad
         cos_sin = [
@@ -190,10 +300,10 @@ class OfficialFiTv2(nn.Module):
         sin = torch.stack([s for _, s in cos_sin]).to(x.device, x.dtype)  # (B, N, d)
         h = self.x_embedder.proj(x)  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        global_mod = self.global_adaLN_modulation(c)  # (B, 6D)
+        global_mod = 0.0 if self.global_adaLN_modulation is None else self.global_adaLN_modulation(c)
         for block in self.blocks:
             h = block(h, c, global_mod, mask2d, cos, sin)  # (B, N, D)
-        return self.final_layer(h, c)  # (B, N, 16)
+        return self.final_layer(h, c)  # (B, N, out_dim)
 
 
 # ----------------------------------------------------------------------------- data helpers
@@ -247,6 +357,7 @@ def random_official_state_dict(config: ReferenceConfig, seed: int = 0) -> dict[s
             std = 0.1
         if "adaLN_modulation" in name:
             std *= 0.5
-        value = torch.empty(shape).normal_(0.0, std, generator=generator)
+        mean = 1.0 if "norm" in name else 0.0  # norm weights around 1, as trained ones are
+        value = torch.empty(shape).normal_(mean, std, generator=generator)
         state[name] = value.masked_fill_(value == 0, std)  # every parameter non-zero, exactly
     return state

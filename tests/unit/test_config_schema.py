@@ -47,7 +47,7 @@ def test_a_bad_choice_in_a_sweep_spec_names_the_file_and_the_item(tmp_path):
         load_spec(spec)
     assert str(preset.value) == (
         f"sweep spec '{spec}': models[1].preset: 'fitv2-xxl' is not one of "
-        "tiny, fitv2-b, fitv2-xl, fitv2-3b, fitv2-xl-hr, fitv2-3b-hr"
+        "tiny, fitv2-b, fitv2-xl, fitv2-3b, fitv2-xl-hr, fitv2-3b-hr, fit-b, fit-xl"
     )
     spec.write_text(SPEC + "models: [{name: a, preset: tiny, overrides: {depth: abc}}]\n")
     with pytest.raises(ConfigError) as depth:
