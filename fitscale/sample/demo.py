@@ -148,6 +148,40 @@ def digits_classifier():
     return SVC(gamma=0.001, C=10.0).fit(digits.data, digits.target)
 
 
+def draw_digits(
+    model: torch.nn.Module,
+    grids: tuple[tuple[int, int], ...],
+    per_class: int,
+    sampler: str,
+    steps: int,
+    cfg_scale: float,
+    seed: int,
+) -> tuple[list[SampleItem], SamplingOptions, list[torch.Tensor]]:
+    """`per_class` samples of every class at every grid (rows, cols in tokens), ordered class, grid,
+    repeat: the items, the sampling options and the (4, 2 * rows, 2 * cols) latents.
+
+    `sampler` is any of `fitscale sample --sampler` (the model's objective decides which fit);
+    `steps` applies to grid samplers only (adaptive ones pick their own). The same arguments give
+    the same images: every image's noise is seeded by (seed, index)."""
+    items: list[SampleItem] = []
+    for label in range(model.config.num_classes):
+        for rows, cols in grids:
+            for _ in range(per_class):
+                items.append(SampleItem(len(items), label, rows, cols))
+    steps_or_none = steps if sampler in FIXED_GRID else None  # adaptive samplers pick their own steps
+    # A fixed set of images, always drawn together: packed forwards are reproducible here and far
+    # cheaper than one forward per image (fitscale.sample.generate, "Batch invariance").
+    options = SamplingOptions(
+        sampler=sampler,
+        steps=steps_or_none,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        token_budget=8192,
+        batch_invariant=False,
+    )
+    return items, options, generate_latents(model, items, options)
+
+
 def sample_demo_grid(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -171,24 +205,7 @@ def sample_demo_grid(
 
     step_dir = find_checkpoint(run_dir)
     model = load_sampling_model(step_dir, ema=ema)
-    classes = model.config.num_classes
-    items: list[SampleItem] = []
-    for label in range(classes):
-        for rows, cols in grids:
-            for _ in range(per_class):
-                items.append(SampleItem(len(items), label, rows, cols))
-    steps_or_none = steps if sampler in FIXED_GRID else None  # adaptive samplers pick their own steps
-    # A fixed set of images, always drawn together: packed forwards are reproducible here and far
-    # cheaper than one forward per image (fitscale.sample.generate, "Batch invariance").
-    options = SamplingOptions(
-        sampler=sampler,
-        steps=steps_or_none,
-        cfg_scale=cfg_scale,
-        seed=seed,
-        token_budget=8192,
-        batch_invariant=False,
-    )
-    latents = generate_latents(model, items, options)
+    items, options, latents = draw_digits(model, grids, per_class, sampler, steps, cfg_scale, seed)
     digits = np.stack([latent_to_digit(latent) for latent in latents])
     predicted = digits_classifier().predict(digits.reshape(len(digits), 64))
     labels = np.array([item.label for item in items])
