@@ -320,7 +320,7 @@ def _cell(value: tuple | float | None, fmt: str) -> str:
         if mean is None:
             return "not reached"
         text = format(mean, fmt) + (f" ± {format(spread, fmt)}" if spread is not None else "")
-        return text + (f" ({count} seeds)" if count and count < 3 else "")
+        return text + (f" ({count} seed{'s' if count > 1 else ''})" if count and count < 3 else "")
     return "-" if value is None else format(value, fmt)
 
 

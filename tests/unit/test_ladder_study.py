@@ -111,6 +111,12 @@ def test_refusals_name_the_problem_in_one_line(tmp_path):
         ladder_in(tmp_path, reference="fit")
     with pytest.raises(ValueError, match=r"^--rungs: no rung named dit; rungs: fitv2, uniform-t, wide$"):
         ladder_study.plan_ladder(ladder_in(tmp_path), ["dit"])
+    bogus = ladder_study.Rung("v1", ["model.overrides.no_such_switch=1"])
+    with pytest.raises(
+        ValueError,
+        match=r"^ladder 'digits-today', rung 'v1': unknown config key 'model\.overrides\.no_such_switch",
+    ):
+        ladder_study.plan_ladder(ladder_in(tmp_path, rungs=[*ladder_in(tmp_path).rungs, bogus]))
     with pytest.raises(
         ValueError, match=r"^--reference-steps 100 changes every run's steps: give it an --out-dir"
     ):
