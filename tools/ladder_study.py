@@ -223,28 +223,62 @@ def quality_settings(ladder: Ladder, rung: Rung):
     return QualitySettings.from_dict(values, f"ladder {ladder.name!r}: quality")
 
 
-def score_runs(ladder: Ladder, runs: list[LadderRun]) -> dict[str, dict[int, dict[str, float]]]:
-    """{run: {step: {recognised, frechet}}} of every complete checkpoint; scores are cached in
-    `<out_dir>/quality.json` under (run, step, settings), written after each new score (atomically)."""
-    from fitscale.eval.digits_quality import digits_quality  # lazy: optional extra
+def score_checkpoint(step_dir: str, settings: dict[str, Any]) -> dict[str, float]:
+    """{recognised, frechet} of one checkpoint (fitscale.eval.digits_quality), in a worker process."""
+    from fitscale.eval.digits_quality import QualitySettings, digits_quality  # lazy: optional extra
 
+    result = digits_quality(step_dir, QualitySettings.from_dict(settings, step_dir))
+    return {"recognised": result.recognised, "frechet": result.frechet}
+
+
+def score_runs(
+    ladder: Ladder, runs: list[LadderRun], jobs: int = 1
+) -> dict[str, dict[int, dict[str, float]]]:
+    """{run: {step: {recognised, frechet}}} of every complete checkpoint. Scores are cached in
+    `<out_dir>/quality.json` under (run, step, settings), written (atomically) as each new score
+    arrives; new checkpoints are scored `jobs` at a time in fresh processes with OMP_NUM_THREADS=1
+    (one process scores in this one)."""
     cache_path = Path(ladder.out_dir) / QUALITY_FILE
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     rungs = {r.name: r for r in ladder.rungs}
-    scores: dict[str, dict[int, dict[str, float]]] = {}
+    keys: dict[str, dict[int, str]] = {}
+    missing: dict[str, tuple[str, dict[str, Any]]] = {}
     for run in runs:
-        settings = quality_settings(ladder, rungs[run.rung])
-        scores[run.name] = {}
+        settings = asdict(quality_settings(ladder, rungs[run.rung]))
+        keys[run.name] = {}
         for step in complete_steps(Path(run.run_dir) / "checkpoints"):
-            key = f"{run.run_dir}/{step_dirname(step)} {json.dumps(asdict(settings), sort_keys=True)}"
+            step_dir = f"{run.run_dir}/checkpoints/{step_dirname(step)}"
+            key = f"{run.run_dir}/{step_dirname(step)} {json.dumps(settings, sort_keys=True)}"
+            keys[run.name][step] = key
             if key not in cache:
-                result = digits_quality(Path(run.run_dir) / "checkpoints" / step_dirname(step), settings)
-                cache[key] = {"recognised": result.recognised, "frechet": result.frechet}
-                partial = cache_path.with_name(QUALITY_FILE + ".partial")
-                partial.write_text(json.dumps(cache, indent=1))
-                partial.replace(cache_path)
-            scores[run.name][step] = cache[key]
-    return scores
+                missing[key] = (step_dir, settings)
+
+    def keep(key: str, score: dict[str, float]) -> None:
+        cache[key] = score
+        partial = cache_path.with_name(QUALITY_FILE + ".partial")
+        partial.write_text(json.dumps(cache, indent=1))
+        partial.replace(cache_path)
+
+    if jobs <= 1:
+        for key, (step_dir, settings) in missing.items():
+            keep(key, score_checkpoint(step_dir, settings))
+    elif missing:
+        import multiprocessing
+
+        threads = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers spawned below, read by their torch
+        try:
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+                futures = {pool.submit(score_checkpoint, *missing[key]): key for key in missing}
+                for future in concurrent.futures.as_completed(futures):
+                    keep(futures[future], future.result())
+        finally:
+            if threads is None:
+                os.environ.pop("OMP_NUM_THREADS")
+            else:
+                os.environ["OMP_NUM_THREADS"] = threads
+    return {name: {step: cache[key] for step, key in steps.items()} for name, steps in keys.items()}
 
 
 def steps_to_threshold(
@@ -353,9 +387,10 @@ def markdown_table(ladder: Ladder, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(ladder: Ladder, runs: list[LadderRun], docs: Path) -> list[dict[str, Any]]:
-    """Score, summarise and write `<docs>/results.json` (runs, curves, rows) and `<docs>/table.md`."""
-    scores = score_runs(ladder, runs)
+def report(ladder: Ladder, runs: list[LadderRun], docs: Path, jobs: int = 1) -> list[dict[str, Any]]:
+    """Score (`jobs` checkpoints at a time), summarise and write `<docs>/results.json` (runs, curves,
+    rows) and `<docs>/table.md`."""
+    scores = score_runs(ladder, runs, jobs)
     rows = summarise(ladder, runs, scores)
     docs.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -375,7 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("ladder", type=Path)
     parser.add_argument("--rungs", nargs="+", help="only these rungs (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: the file's)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (`train`)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained (`train`) or checkpoints scored (`report`) at once"
+    )
     parser.add_argument("--docs", type=Path, default=Path("docs/ladder"), help="where `report` writes")
     parser.add_argument(
         "--reference-steps", type=int, help="a shorter (or longer) ladder; needs its own --out-dir"
@@ -404,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, seconds in train_ladder(ladder, runs, args.jobs).items():
             print(f"{name}: trained in {seconds:.0f} s")
     else:
-        rows = report(ladder, runs, args.docs)
+        rows = report(ladder, runs, args.docs, args.jobs)
         print(markdown_table(ladder, rows), end="")
         not_finite = [
             r["rung"]

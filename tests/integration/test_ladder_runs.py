@@ -61,7 +61,7 @@ def test_ladder_trains_scores_and_resumes_without_redoing_anything(tmp_path):
     }
     assert checkpoints["narrow_s0"] == ["step-4", "step-8"]
 
-    ladder_study.main(["report", str(path), "--docs", str(docs)])
+    ladder_study.main(["report", str(path), "--docs", str(docs), "--jobs", "2"])  # 2 scoring processes
     results = json.loads((docs / "results.json").read_text())
     scored = {r["rung"]: r["quality"] for r in results["runs"]}
     assert sorted(scored["narrow"]) == ["4", "8"]  # every checkpoint scored
