@@ -42,6 +42,8 @@ from fitscale.errors import UserError
 
 # The paper's FID-50K at 400K steps, ImageNet 256x256, B/2 models, cfg 1 (FiTv2 paper).
 PAPER_FID_400K = {"DiT-B/2": 45.33, "SiT-B/2": 36.7, "FiT-B/2": 36.36, "FiTv2-B/2": 26.03}
+# The paper's training compute to FiTv2's quality over FiTv2's: FiTv2 about 2x faster than FiT, 2.5-3.5x than SiT.
+PAPER_RATIO = {"FiT-B/2": "2", "SiT-B/2": "2.5-3.5", "FiTv2-B/2": "1"}
 QUALITY_FILE = "quality.json"
 
 
@@ -345,6 +347,8 @@ def summarise(ladder: Ladder, runs: list[LadderRun], scores: dict) -> list[dict[
             key = f"flops_to_{metric}"
             ours, theirs = row.get(key, (None,))[0], (reference or {}).get(key, (None,))[0]
             row[f"ratio_{metric}"] = ours / theirs if ours and theirs else None
+            if theirs and key in row and row[key][2] == 0:  # no seed reached it within the budget
+                row[f"ratio_{metric}_above"] = row["steps"] * row["flops_per_step"] / theirs
     return rows
 
 
@@ -359,8 +363,9 @@ def _cell(value: tuple | float | None, fmt: str) -> str:
 
 
 def markdown_table(ladder: Ladder, rows: list[dict[str, Any]]) -> str:
-    """The results as markdown: quality at the end, steps to the threshold, the ratio to the reference
-    rung next to the paper's FID at 400K steps."""
+    """The results as markdown: quality at the end, steps to the threshold, the FLOPs ratio to the
+    reference rung (`> x` when no seed reached the threshold: x is the budget over the reference's
+    FLOPs to it) next to the paper's ratio and FID at 400K steps."""
     lines = [
         f"Ladder `{ladder.name}`: equal training FLOPs ({ladder.reference} trains {ladder.reference_steps} steps), "
         f"mean ± standard deviation over seeds; threshold: recognised >= {ladder.threshold_recognised:.0%}"
@@ -368,15 +373,17 @@ def markdown_table(ladder: Ladder, rows: list[dict[str, Any]]) -> str:
         + ".",
         "",
         "| rung | steps | recognised (end) | Frechet (end) | steps to threshold | FLOPs ratio to "
-        f"{ladder.reference} | paper | paper FID-50K at 400K |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{ladder.reference} | paper's ratio | paper | paper FID-50K at 400K |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         paper_fid = PAPER_FID_400K.get(row["paper"])
+        above = row.get("ratio_recognised_above")
+        ratio = f"> {above:.2f}" if above is not None else _cell(row["ratio_recognised"], ".2f")
         lines.append(
             f"| {row['rung']} | {row['steps']} | {_cell(row['final_recognised'], '.1%')} | "
             f"{_cell(row['final_frechet'], '.2f')} | {_cell(row['steps_to_recognised'], '.0f')} | "
-            f"{_cell(row['ratio_recognised'], '.2f')} | {row['paper'] or '-'} | "
+            f"{ratio} | {PAPER_RATIO.get(row['paper'], '-')} | {row['paper'] or '-'} | "
             f"{paper_fid if paper_fid is not None else '-'} |"
         )
     lines += [

@@ -83,7 +83,6 @@ def test_steps_to_threshold_interpolates_the_first_crossing():
 
 def test_summary_ratios_are_against_the_reference_rung(tmp_path):
     ladder = ladder_in(tmp_path, seeds=[0, 1])
-    runs = [r for r in ladder_study.plan_ladder(ladder) if r.rung != "wide"]
     # fitv2 reaches 60% at step 300 (both seeds), uniform-t at 500 and 700: 2x the FLOPs on average
     curves = {
         "fitv2_s0": {200: 0.4, 400: 0.8},
@@ -94,6 +93,9 @@ def test_summary_ratios_are_against_the_reference_rung(tmp_path):
     scores = {
         name: {s: {"recognised": v, "frechet": 1.0} for s, v in c.items()} for name, c in curves.items()
     }
+    scores["wide_s0"] = {s: {"recognised": 0.3, "frechet": 5.0} for s in (90, 180)}  # never reaches 60%
+    scores["wide_s1"] = scores["wide_s0"]
+    runs = ladder_study.plan_ladder(ladder)
     rows = {r["rung"]: r for r in ladder_study.summarise(ladder, runs, scores)}
     assert rows["fitv2"]["steps_to_recognised"] == (300.0, 0.0, 2)
     assert rows["uniform-t"]["steps_to_recognised"][0] == pytest.approx(600.0)
@@ -103,7 +105,13 @@ def test_summary_ratios_are_against_the_reference_rung(tmp_path):
         "| uniform-t | 1600 | 80.0% ± 0.0% (2 seeds) | 1.00 ± 0.00 (2 seeds) | 600 ± 141 (2 seeds) | 2.00 |"
         in table
     )
-    assert "| FiTv2-B/2 | 26.03 |" in table
+    assert "| 1.00 | 1 | FiTv2-B/2 | 26.03 |" in table
+    # wide never reaches the threshold: its ratio is only bounded, by its budget over fitv2's FLOPs to it
+    wide, fitv2 = rows["wide"], rows["fitv2"]
+    assert wide["ratio_recognised"] is None and wide["steps_to_recognised"] == (None, None, 0)
+    bound = wide["steps"] * wide["flops_per_step"] / (300 * fitv2["flops_per_step"])
+    assert wide["ratio_recognised_above"] == pytest.approx(bound)
+    assert f"| not reached | > {bound:.2f} | - |" in table
 
 
 def test_refusals_name_the_problem_in_one_line(tmp_path):
