@@ -6,7 +6,7 @@ at equal training FLOPs on the digits and compared by sample quality, not by los
     python tools/ladder_study.py report  recipes/ladder/digits_today.yaml --docs docs/ladder
 
 A ladder file (YAML) names a base recipe, the settings every rung shares, and the rungs: each a name,
-`--set` overrides (`model.overrides.adaln=normal`, `train.timesteps=uniform`), the sampler its
+`--set` overrides (`model.overrides.adaln=normal`, `train.flow.timesteps=uniform`), the sampler its
 objective needs, and the paper's reference. The reference rung trains `reference_steps` steps; every
 other rung trains the steps that cost the same training FLOPs (fitscale.models.flops), so a rung
 whose network is dearer per step trains proportionally fewer. Each rung trains once per seed, in its
@@ -15,8 +15,8 @@ own run folder `<out_dir>/<rung>_s<seed>`, checkpointing every 1/`eval_points` o
 `train` starts every run that has not reached its steps as `fitscale train` in a subprocess with
 OMP_NUM_THREADS=1 (`--jobs` at once), resuming unfinished ones from their newest checkpoint; a run
 folder is only ever continued, never overwritten (`fitscale train` refuses a changed config).
-`report` scores every checkpoint with fitscale.eval.digits_quality (cached by run, step and
-settings in `<out_dir>/quality.json`, so a rerun scores only new checkpoints), interpolates each
+`report` scores every checkpoint with fitscale.eval.digits_quality (`--jobs` worker processes;
+cached by run, step and settings in `<out_dir>/quality.json`, so a rerun scores only new checkpoints), interpolates each
 run's steps to the quality threshold, and writes `<docs>/results.json` and `<docs>/table.md`.
 """
 
@@ -362,6 +362,11 @@ def _cell(value: tuple | float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _ratio(row: dict[str, Any], metric: str) -> str:
+    above = row.get(f"ratio_{metric}_above")
+    return f"> {above:.2f}" if above is not None else _cell(row[f"ratio_{metric}"], ".2f")
+
+
 def markdown_table(ladder: Ladder, rows: list[dict[str, Any]]) -> str:
     """The results as markdown: quality at the end, steps to the threshold, the FLOPs ratio to the
     reference rung (`> x` when no seed reached the threshold: x is the budget over the reference's
@@ -376,15 +381,18 @@ def markdown_table(ladder: Ladder, rows: list[dict[str, Any]]) -> str:
         f"{ladder.reference} | paper's ratio | paper | paper FID-50K at 400K |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    frechet = ladder.threshold_frechet is not None
+    if frechet:  # two more columns: steps and ratio to the Frechet threshold
+        lines[-2] = lines[-2][:-1] + " steps to Frechet threshold | FLOPs ratio (Frechet) |"
+        lines[-1] += "---|---|"
     for row in rows:
         paper_fid = PAPER_FID_400K.get(row["paper"])
-        above = row.get("ratio_recognised_above")
-        ratio = f"> {above:.2f}" if above is not None else _cell(row["ratio_recognised"], ".2f")
         lines.append(
             f"| {row['rung']} | {row['steps']} | {_cell(row['final_recognised'], '.1%')} | "
             f"{_cell(row['final_frechet'], '.2f')} | {_cell(row['steps_to_recognised'], '.0f')} | "
-            f"{ratio} | {PAPER_RATIO.get(row['paper'], '-')} | {row['paper'] or '-'} | "
+            f"{_ratio(row, 'recognised')} | {PAPER_RATIO.get(row['paper'], '-')} | {row['paper'] or '-'} | "
             f"{paper_fid if paper_fid is not None else '-'} |"
+            + (f" {_cell(row['steps_to_frechet'], '.0f')} | {_ratio(row, 'frechet')} |" if frechet else "")
         )
     lines += [
         "",

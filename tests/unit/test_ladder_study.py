@@ -112,6 +112,17 @@ def test_summary_ratios_are_against_the_reference_rung(tmp_path):
     bound = wide["steps"] * wide["flops_per_step"] / (300 * fitv2["flops_per_step"])
     assert wide["ratio_recognised_above"] == pytest.approx(bound)
     assert f"| not reached | > {bound:.2f} | - |" in table
+    # with a Frechet threshold too: each run's Frechet distance falls 4 -> 2 between the same
+    # checkpoints, so it crosses 3.0 where recognition crosses 60%: fitv2 at 300, uniform-t at 600
+    for name in ("fitv2_s0", "fitv2_s1", "uniform-t_s0", "uniform-t_s1"):
+        for step, value in zip(sorted(scores[name]), (4.0, 2.0)):
+            scores[name][step]["frechet"] = value
+    both = ladder_in(tmp_path, seeds=[0, 1], threshold_frechet=3.0)
+    rows = {r["rung"]: r for r in ladder_study.summarise(both, runs, scores)}
+    assert rows["fitv2"]["steps_to_frechet"][0] == 300.0 and rows["uniform-t"][
+        "ratio_frechet"
+    ] == pytest.approx(2.0)
+    assert "| 300 ± 0 (2 seeds) | 1.00 |" in ladder_study.markdown_table(both, list(rows.values()))
 
 
 def test_refusals_name_the_problem_in_one_line(tmp_path):
