@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fitscale.checkpoint.layout import find_checkpoint
+from fitscale.config.ddpm import DdpmConfig
 from fitscale.config.schema import load_structured
 from fitscale.data.cli import register
 from fitscale.data.format import META_FILE, read_meta
@@ -151,6 +152,45 @@ def digits_classifier():
     return SVC(gamma=0.001, C=10.0).fit(digits.data, digits.target)
 
 
+def draw_digits(
+    model: torch.nn.Module,
+    grids: tuple[tuple[int, int], ...],
+    per_class: int,
+    sampler: str,
+    steps: int,
+    cfg_scale: float,
+    seed: int,
+    ddpm: DdpmConfig | None = None,
+) -> tuple[list[SampleItem], SamplingOptions, list[torch.Tensor]]:
+    """`per_class` samples of every class at every grid (rows, cols in tokens), ordered class, grid,
+    repeat: the items, the sampling options and the (4, 2 * rows, 2 * cols) latents.
+
+    `sampler` is any of `fitscale sample --sampler` (the model's objective decides which fit);
+    `steps` applies to grid samplers and `ddpm` (adaptive ones pick their own); `ddpm` is the
+    diffusion a `ddpm` sampler runs (the run's `train.ddpm`, fitscale.sample.generate.training_ddpm),
+    guided on 3 channels as the release's v1 sampler. The same arguments give the same images: every
+    image's noise is seeded by (seed, index)."""
+    items: list[SampleItem] = []
+    for label in range(model.config.num_classes):
+        for rows, cols in grids:
+            for _ in range(per_class):
+                items.append(SampleItem(len(items), label, rows, cols))
+    steps_or_none = steps if sampler in (*FIXED_GRID, "ddpm") else None  # adaptive ones pick their own steps
+    # A fixed set of images, always drawn together: packed forwards are reproducible here and far
+    # cheaper than one forward per image (fitscale.sample.generate, "Batch invariance").
+    options = SamplingOptions(
+        sampler=sampler,
+        steps=steps_or_none,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        token_budget=8192,
+        batch_invariant=False,
+        guidance_channels=3 if sampler == "ddpm" else None,  # the release's v1 guidance
+        ddpm=ddpm if sampler == "ddpm" else None,
+    )
+    return items, options, generate_latents(model, items, options)
+
+
 def sample_demo_grid(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -174,26 +214,8 @@ def sample_demo_grid(
 
     step_dir = find_checkpoint(run_dir)
     model = load_sampling_model(step_dir, ema=ema)
-    classes = model.config.num_classes
-    items: list[SampleItem] = []
-    for label in range(classes):
-        for rows, cols in grids:
-            for _ in range(per_class):
-                items.append(SampleItem(len(items), label, rows, cols))
-    steps_or_none = steps if sampler in (*FIXED_GRID, "ddpm") else None  # adaptive ones pick their own steps
-    # A fixed set of images, always drawn together: packed forwards are reproducible here and far
-    # cheaper than one forward per image (fitscale.sample.generate, "Batch invariance").
-    options = SamplingOptions(
-        sampler=sampler,
-        steps=steps_or_none,
-        cfg_scale=cfg_scale,
-        seed=seed,
-        token_budget=8192,
-        batch_invariant=False,
-        guidance_channels=3 if sampler == "ddpm" else None,  # the release's v1 guidance
-        ddpm=training_ddpm(step_dir) if sampler == "ddpm" else None,
-    )
-    latents = generate_latents(model, items, options)
+    ddpm = training_ddpm(step_dir) if sampler == "ddpm" else None
+    items, options, latents = draw_digits(model, grids, per_class, sampler, steps, cfg_scale, seed, ddpm)
     digits = np.stack([latent_to_digit(latent) for latent in latents])
     predicted = digits_classifier().predict(digits.reshape(len(digits), 64))
     labels = np.array([item.label for item in items])

@@ -51,7 +51,7 @@ def register(subparsers) -> None:
         "--metric",
         default=None,
         help="auto (val_loss_ema where every run's EMA has forgotten its init, else val_loss), "
-        "val_loss_ema, val_loss, train_loss or fid; default: the spec's `metric` (auto)",
+        "val_loss_ema, val_loss, train_loss, fid, digits_frechet or digits_error; default: the spec's `metric` (auto)",
     )
     fit.add_argument(
         "--include-extrapolated",

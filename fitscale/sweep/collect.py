@@ -5,7 +5,8 @@ and the held-out validation loss (fitscale.train.validation: fixed timestep grid
 its raw and EMA weights, measured here on one process so every run is scored identically, with
 the EMA's warmup and the weight it still gives the initial weights (`ema_initial_weight`).
 With `fid:` in the spec, also ADM's FID (and sFID, IS, precision, recall; fitscale.eval) of EMA
-samples against a reference batch.
+samples against a reference batch. With `digits_quality:`, the digits runs' sample quality
+(fitscale.eval.digits_quality): `digits_recognised`, `digits_error` (1 - recognised) and `digits_frechet`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,19 @@ def _fid(spec: SweepSpec, model: torch.nn.Module, folder: Path) -> dict[str, Any
     return {"fid": result["fid"], **{f"fid_{name}": result[name] for name in names}}
 
 
+def _digits_quality(spec: SweepSpec, folder: Path) -> dict[str, Any]:
+    """The digits quality metric of the run's newest checkpoint under the spec's `digits_quality` settings."""
+    from fitscale.eval.digits_quality import QualitySettings, digits_quality  # lazy: optional extra
+
+    result = digits_quality(folder, QualitySettings.from_dict(spec.digits_quality, f"sweep {spec.name!r}"))
+    return {
+        "digits_recognised": result.recognised,
+        "digits_error": 1.0 - result.recognised,
+        "digits_frechet": result.frechet,
+        "digits_images": result.images,
+    }
+
+
 def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]:
     """Score every run and write `<out_dir>/results.json`; returns its rows (runs without a checkpoint too)."""
 
@@ -128,6 +142,8 @@ def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]
                 row.update({f"{k}_ema": v for k, v in averaged.items() if k != "val_images"})
                 if spec.fid:
                     row.update(_fid(spec, ema_model, folder))
+            if spec.digits_quality:
+                row.update(_digits_quality(spec, folder))
             # Compute actually spent: the planned step count may not be reached yet.
             row["training_flops_done"] = float(run.flops_per_step) * step
         rows.append(row)

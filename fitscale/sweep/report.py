@@ -26,8 +26,8 @@ from fitscale.sweep.law import PARAMETERS, LossLawFit, fit_loss_law
 from fitscale.sweep.plots import plot_isoflop, plot_loss_vs_compute
 from fitscale.sweep.rows import has_metric, training_compute, training_tokens, usable_rows
 
-METRICS = ("val_loss_ema", "val_loss", "train_loss", "fid")
-VALIDATION_METRICS = ("val_loss_ema", "val_loss", "fid")
+METRICS = ("val_loss_ema", "val_loss", "train_loss", "fid", "digits_frechet", "digits_error")
+VALIDATION_METRICS = ("val_loss_ema", "val_loss", "fid", "digits_frechet", "digits_error")
 EMA_INITIAL_LIMIT = 0.01  # an EMA still giving its initial weights more than this scores the init
 BAND_POINTS = 40
 

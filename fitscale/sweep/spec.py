@@ -116,9 +116,14 @@ class SweepSpec:
     fid: dict[str, Any] = field(
         default_factory=dict
     )  # reference (ADM .npz), inception_weights, vae, num_images, cfg
+    # fitscale.eval.digits_quality.QualitySettings fields: rows get digits_recognised, digits_frechet
+    digits_quality: dict[str, Any] = field(default_factory=dict)
     lr: LRAxis | None = None  # learning-rate rule / grid; default: the recipe's optim.lr for every run
     held_out: list[HeldOutRun] = field(default_factory=list)  # trained, scored, never fitted
-    metric: Literal["auto", "val_loss_ema", "val_loss", "train_loss", "fid"] = "auto"  # what `fit` fits
+    # what `fit` fits; digits_error is 1 - digits_recognised
+    metric: Literal[
+        "auto", "val_loss_ema", "val_loss", "train_loss", "fid", "digits_frechet", "digits_error"
+    ] = "auto"
     include_extrapolated: bool = False  # let isoFLOP optima outside the sizes tried into N*(C)
 
     def __post_init__(self) -> None:
@@ -149,6 +154,10 @@ class SweepSpec:
         for model in self.models:
             if any(not lr > 0 for lr in model.lrs):
                 raise UserError(f"{where}: model {model.name!r}: lrs must be > 0, got {model.lrs}")
+        if self.digits_quality:
+            from fitscale.eval.digits_quality import QualitySettings  # lazy: optional extra
+
+            QualitySettings.from_dict(self.digits_quality, where)  # refused now, not after training
         clashes = sorted({h.name for h in self.held_out} & set(names))
         if clashes:
             raise UserError(f"{where}: held_out names {clashes} are also in `models`; name them apart")

@@ -38,6 +38,7 @@ tokens_per_image: 100
 overrides: [data.path={tmp_path / "train"}, parallel.sharding=none, checkpoint.interval=0, log.every=1,
             optim.schedule.warmup_steps=2, model.overrides.attn_backend=reference]
 validation: {{val_path: {tmp_path / "val"}, max_images: 32, timesteps: [0.25, 0.5, 0.75]}}
+digits_quality: {{per_class: 1, grids: [[4, 4]], steps: 2}}
 """
     )
     assert main(["sweep", "plan", str(spec), "--json"]) == 0
@@ -52,8 +53,13 @@ validation: {{val_path: {tmp_path / "val"}, max_images: 32, timesteps: [0.25, 0.
     rows = json.loads(capsys.readouterr().out)
     assert all(r["status"] == "done" and r["val_images"] == 32 for r in rows)
     assert all(r["val_loss"] > 0 and r["val_loss_ema"] > 0 and r["train_loss"] > 0 for r in rows)
+    # digits_quality: every run's samples scored (10 images: one per class at 4x4 tokens)
+    assert all(r["digits_images"] == 10 and r["digits_frechet"] > 0 for r in rows)
+    assert all(r["digits_error"] == pytest.approx(1 - r["digits_recognised"]) for r in rows)
     assert main(["sweep", "fit", str(spec), "--json"]) == 0
     analysis = json.loads(capsys.readouterr().out)
     assert set(analysis["per_model"]) == {"w32", "w64", "w96"}
     for path in ("fits.json", "loss_vs_compute.png"):
         assert (tmp_path / "sweep" / path).is_file()
+    assert main(["sweep", "fit", str(spec), "--json", "--metric", "digits_frechet"]) == 0
+    assert json.loads(capsys.readouterr().out)["metric"] == "digits_frechet"

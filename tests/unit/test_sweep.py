@@ -330,3 +330,29 @@ def test_log_axis_ticks_are_the_values_tried_without_overlapping_labels():
     readable_log_axis(axes.yaxis, [6.64, 171_000, 208_000])
     assert list(axes.yaxis.get_major_locator().tick_values(0, 1)) == [6.64, 171_000]
     plt.close(figure)
+
+
+def test_compute_optimal_digits_spec_spans_1_to_100_tokens_per_parameter_at_every_budget():
+    from fitscale.sweep import load_spec
+
+    spec = load_spec("recipes/scaling/digits_compute_optimal.yaml")
+    runs = [r for r in plan_sweep(spec) if not r.held_out]
+    ratios: dict[float, list[float]] = {}
+    for run in runs:
+        ratios.setdefault(run.budget, []).append(run.tokens / run.parameters)
+    assert len(ratios) >= 3
+    for budget, tried in ratios.items():  # each budget brackets the ratios where its optimum may lie
+        assert min(tried) < 3 and max(tried) > 25 and len(set(tried)) >= 4, budget
+    assert 0.5 < min(min(t) for t in ratios.values()) and max(max(t) for t in ratios.values()) < 130
+    assert spec.digits_quality["per_class"] == 4
+    with pytest.raises(
+        ValueError, match=r"^sweep 'x': unknown digits_quality keys \['sampler_steps'\]; known: "
+    ):
+        SweepSpec(
+            name="x",
+            recipe="r",
+            out_dir="o",
+            models=[SweepModel("a", "tiny")],
+            budgets=[1.0],
+            digits_quality={"sampler_steps": 4},
+        )
