@@ -7,7 +7,10 @@ batch of images of different sizes costs one model call per velocity evaluation.
 The release guides only the first 3 of the 4 latent channels (a habit inherited from DiT, where
 the other channels held the learned variance); `guidance_channels=3` reproduces it, and the
 remaining channels keep the conditional velocity. A token's p*p*C values are ordered (channel,
-row-in-patch, col-in-patch), so channel c owns values [c p^2, (c + 1) p^2).
+row-in-patch, col-in-patch), so channel c owns values [c p^2, (c + 1) p^2). Like the release's
+slice model_out[:, :3 p^2], the first min(k p^2, width) values are guided: every value of a model
+with fewer than k channels, and for a ddpm learn_sigma model (whose whole output, eps then the
+variance values, goes through guide()) the slice reaches into the variance values as it does there.
 
 The release's `scale_pow` schedule (its `forward_with_cfg`, after MDT) lowers the scale towards
 the data end: s(t) = 1 + (s - 1) (1 - cos(pi (1 - t)^scale_pow)) / 2, full at t = 0 (noise) and
@@ -39,17 +42,18 @@ def guide(
     guidance_channels: int | None = None,
     patch_size: int = 2,
 ) -> torch.Tensor:
-    """Guided velocity (T, p*p*C); `scale` a float or per token (T, 1); `guidance_channels=k`
-    guides channels [0, k) only."""
+    """Guided output (T, W) of the model outputs (T, W) (W = p*p*C, or 2 p*p*C with learn_sigma);
+    `scale` a float or per token (T, 1). `guidance_channels=k` guides the first min(k p^2, W) values
+    only (the release's forward_with_cfg slice), the rest keep v_cond; UserError for k <= 0."""
     guided = v_uncond + scale * (v_cond - v_uncond)
     if guidance_channels is None:
         return guided
-    split = guidance_channels * patch_size * patch_size
-    if not 0 < split <= v_cond.shape[-1]:
+    if guidance_channels <= 0:
         raise UserError(
-            f"guidance_channels={guidance_channels} does not fit tokens of {v_cond.shape[-1]} values "
-            f"(patch size {patch_size})"
+            f"guidance_channels={guidance_channels} must be >= 1 (the number of leading latent channels "
+            "to guide) or None for all"
         )
+    split = min(guidance_channels * patch_size * patch_size, v_cond.shape[-1])
     return torch.cat([guided[..., :split], v_cond[..., split:]], dim=-1)
 
 

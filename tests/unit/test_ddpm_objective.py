@@ -17,7 +17,7 @@ from fitscale.data.batch import pack_images
 from fitscale.errors import UserError
 from fitscale.flow.ddpm import create_diffusion
 from fitscale.flow.ddpm_loss import ddpm_loss, per_image_ddpm_noise
-from fitscale.flow.guidance import PackedVelocity
+from fitscale.flow.guidance import PackedVelocity, guide
 from fitscale.models import build_model
 from fitscale.sample.generate import generate_latents
 from fitscale.sample.options import SamplingOptions, check_objective
@@ -199,6 +199,32 @@ def test_guidance_of_a_ddpm_model_is_the_releases_forward_with_cfg():
     # --scale-pow reads the index as the release does (clamp_max(t, 1)): no guidance past index 0
     scheduled = PackedVelocity(model, layout, cfg_scale=4.0, guidance_channels=3, scale_pow=1.0)
     torch.testing.assert_close(scheduled(x, t), cond)
+
+
+def test_release_guidance_of_a_one_channel_model_guides_every_value():
+    cond, uncond = torch.ones(5, 4), torch.zeros(5, 4)  # p = 2, C = 1: 4 values per token
+    # the release: C_cfg = 3 * p * p = 12; model_out[:, :12] is all 4 values
+    assert torch.equal(guide(cond, uncond, 3.0, guidance_channels=3, patch_size=2), torch.full((5, 4), 3.0))
+    with pytest.raises(UserError, match=r"^guidance_channels=0 must be >= 1"):
+        guide(cond, uncond, 3.0, guidance_channels=0)
+
+
+def test_guidance_of_a_one_channel_learn_sigma_model_reaches_into_the_variance_as_released():
+    """C = 1, learn_sigma: 8 values per token (4 eps, 4 variance); the release's [:12] slice guides all 8."""
+    torch.manual_seed(0)
+    model = build_model("tiny", attn_backend="reference", objective="ddpm", learn_sigma=True, in_channels=1)
+    model.eval()
+    items = [SampleItem(0, 3, 2, 3), SampleItem(1, 5, 3, 2)]
+    layout = pack_layout(items, torch.device("cpu"))
+    x, t = torch.randn(12, 4), torch.tensor(400.0)
+    guided = PackedVelocity(model, layout, cfg_scale=4.0, guidance_channels=3)(x, t)
+    with torch.no_grad():
+        doubled = layout.doubled(model.config.num_classes)
+        out = model(torch.cat([x, x]), t.expand(4), doubled.labels, doubled.pos, doubled.cu_seqlens,
+                    max_seqlen=doubled.max_seqlen, sizes=doubled.sizes)  # fmt: skip
+    cond, uncond = out[:12], out[12:]
+    assert guided.shape == (12, 8)
+    torch.testing.assert_close(guided, uncond + 4.0 * (cond - uncond))
 
 
 def test_ancestral_sampling_is_bit_identical_alone_and_in_a_batch():
