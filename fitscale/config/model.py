@@ -49,40 +49,53 @@ AttentionBackendName = Literal["auto", "flash", "varlen", "flex", "grouped", "re
 ATTENTION_BACKENDS = get_args(AttentionBackendName)
 
 
-NormKind = Literal["layernorm", "rmsnorm", "none"]
+# The release's create_norm names (fit/model/norms.py): layernorm has no weight, w_layernorm and w_rmsnorm
+# do; "rmsnorm" is written with a weight flag (ours: the release's unweighted rmsnorm cannot be built).
+NormKind = Literal["layernorm", "w_layernorm", "w_rmsnorm", "rmsnorm", "none"]
+# (kind field, its weight flag, the release's argument)
+NORM_FIELDS = (("q_norm", "qk_norm_weight", "q_norm"), ("k_norm", "qk_norm_weight", "k_norm"),
+               ("norm", "norm_weight", "norm_type"))  # fmt: skip
+
+
+def canonical_norm(field_name: str, kind: str, weight: bool, release: str) -> str:
+    """The stored create_norm name of a norm field given its weight flag: the release's own rule
+    (modules.py: layernorm + qk_norm_weight -> w_layernorm; w_ names stay weighted whatever the flag),
+    and rmsnorm + flag -> w_rmsnorm (ours: the release keeps 'rmsnorm' and fails to build it).
+
+    UserError (one line) for rmsnorm without the flag: the release's unweighted 'rmsnorm' calls
+    `RMSNorm(dim, include_weight=False)`, which its RMSNorm does not accept (TypeError).
+    """
+    if kind == "rmsnorm" and not weight:
+        weight_field = dict((k, w) for k, w, _ in NORM_FIELDS)[field_name]
+        raise UserError(
+            f"model.{field_name}=rmsnorm needs model.{weight_field}=true: the release's unweighted "
+            f"{release}='rmsnorm' raises TypeError (its RMSNorm takes no include_weight); set "
+            f"model.{weight_field}=true (its w_rmsnorm), write w_rmsnorm, or use layernorm"
+        )
+    if weight and kind in ("layernorm", "rmsnorm"):
+        return f"w_{kind}"
+    return kind
 
 
 def check_switches(config: ModelConfig) -> None:
-    """UserError (one line) for a combination of architecture switches the release does not define.
-
-    The release's unweighted 'rmsnorm' calls `RMSNorm(dim, include_weight=False)`, which its RMSNorm
-    does not accept (TypeError at construction): only the weighted RMSNorm (its w_rmsnorm) exists.
-    A weight flag with no norm to carry it is refused too: it would change nothing.
+    """Store the norms as create_norm names (`canonical_norm`) with the weight flags folded in (stored
+    false), so each network has one stored form; UserError (one line) for a combination
+    of architecture switches the release cannot build. Combinations it builds as no-ops are accepted:
+    qk_norm_weight with both q/k norms off, rope_on_values without RoPE (its add_rel_pe_to_v acts
+    only inside the rope branch).
     """
-    for kind_field, weight_field, release in (
-        ("q_norm", "qk_norm_weight", "q_norm"),
-        ("k_norm", "qk_norm_weight", "k_norm"),
-        ("norm", "norm_weight", "norm_type"),
-    ):
-        if getattr(config, kind_field) == "rmsnorm" and not getattr(config, weight_field):
-            raise UserError(
-                f"model.{kind_field}=rmsnorm needs model.{weight_field}=true: the release's unweighted "
-                f"{release}='rmsnorm' raises TypeError (its RMSNorm takes no include_weight); set "
-                f"model.{weight_field}=true (its w_rmsnorm) or use layernorm"
-            )
-    if config.qk_norm_weight and config.q_norm == config.k_norm == "none":
-        raise UserError(
-            "model.qk_norm_weight=true has no effect with model.q_norm=none and model.k_norm=none"
-        )
     if config.norm_weight and config.norm == "none":
         raise UserError("model.norm_weight=true has no effect with model.norm=none")
+    for kind_field, weight_field, release in NORM_FIELDS:
+        kind = canonical_norm(kind_field, getattr(config, kind_field), getattr(config, weight_field), release)
+        object.__setattr__(config, kind_field, kind)
+    for _, weight_field, _ in NORM_FIELDS:  # folded into the names: one stored form per network
+        object.__setattr__(config, weight_field, False)
     if config.null_class is False and config.class_dropout_prob > 0:
         raise UserError(
             f"model.null_class=false leaves label dropout (model.class_dropout_prob={config.class_dropout_prob}) "
             "no null class to drop to: set model.class_dropout_prob=0 or leave model.null_class unset"
         )
-    if config.rope_on_values and config.rel_pos_embed == "none":
-        raise UserError("model.rope_on_values=true needs model.rel_pos_embed=rope")
 
 
 def canonical_rope_method(name: str) -> str:
@@ -132,11 +145,16 @@ class ModelConfig:
     time_clamp: bool = True
     # Architecture switches of the release's FiT class (fit/model/fit_model.py, modules.py, norms.py);
     # the defaults are FiTv2's. docs/architecture.md maps each to the release's argument.
+    # Norms: the release's create_norm names, stored weighted (w_...) when the weight flag is set.
     q_norm: NormKind = "layernorm"  # norm of each head's queries (release q_norm)
     k_norm: NormKind = "layernorm"  # norm of each head's keys (release k_norm)
-    qk_norm_weight: bool = False  # learnable weight in the q/k norms (release qk_norm_weight, w_rmsnorm)
+    qk_norm_weight: bool = (
+        False  # layernorm/rmsnorm q/k norms -> w_... (release qk_norm_weight); stored false
+    )
     norm: NormKind = "layernorm"  # norm1, norm2 and the final norm (release norm_type)
-    norm_weight: bool = False  # learnable weight in those norms (release w_layernorm / w_rmsnorm)
+    norm_weight: bool = (
+        False  # layernorm/rmsnorm there -> w_... (ours; release norm_type=w_...); stored false
+    )
     adaln: Literal["lora", "normal", "swiglu"] = "lora"  # per-block modulation (release adaln_type)
     # The global modulation Linear(D, 6D) added to every block's: None = the release's rule (iff adaln=lora);
     # true/false forces it (ours, not in the release).

@@ -98,16 +98,16 @@ def count_parameters(config: ModelConfig) -> int:
             return linear(D, r, bias) + linear(r, chunks * D, bias)
         return linear(D, chunks * D, bias)
 
-    def norm(kind: str, weight: bool, dim: int) -> int:
-        return dim if kind != "none" and weight else 0  # no norm has a bias; rmsnorm is always weighted
+    def norm(kind: str, dim: int) -> int:
+        return (
+            dim if kind.startswith("w_") else 0
+        )  # no norm has a bias; ModelConfig stores weighted ones as w_
 
     inputs = 1 if config.mlp == "gelu" else 2
     mlp = inputs * linear(D, hidden, config.mlp_bias) + linear(hidden, D, config.mlp_bias)
-    qk_norms = sum(
-        norm(kind, config.qk_norm_weight, config.head_dim) for kind in (config.q_norm, config.k_norm)
-    )
+    qk_norms = sum(norm(kind, config.head_dim) for kind in (config.q_norm, config.k_norm))
     block = linear(D, 3 * D, config.qkv_bias) + linear(D, D) + mlp + modulation(6) + qk_norms
-    block += 2 * norm(config.norm, config.norm_weight, D)
+    block += 2 * norm(config.norm, D)
     label_rows = config.num_classes + int(config.has_null_class)
     return (
         linear(config.token_dim, D)
@@ -118,7 +118,7 @@ def count_parameters(config: ModelConfig) -> int:
         + depth * block
         + linear(D, config.out_dim)
         + modulation(2, final=True)
-        + norm(config.norm, config.norm_weight, D)
+        + norm(config.norm, D)
     )
 
 

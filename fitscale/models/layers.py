@@ -50,14 +50,14 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def make_norm(kind: str, weight: bool, dim: int, eps: float) -> nn.Module:
-    """The release's create_norm: 'layernorm' (no bias; a weight only when `weight`, its w_layernorm),
-    'rmsnorm' (always weighted, its w_rmsnorm; ModelConfig refuses the unweighted one) or 'none'."""
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """The release's create_norm of a stored ModelConfig norm name: 'layernorm' (no weight, no bias),
+    'w_layernorm' (weight, no bias), 'w_rmsnorm' or 'none' (ModelConfig stores weighted norms as w_...)."""
     if kind == "none":
         return nn.Identity()
-    if kind == "rmsnorm":
+    if kind == "w_rmsnorm":
         return RMSNorm(dim, eps)
-    return nn.LayerNorm(dim, eps=eps, elementwise_affine=weight, bias=False)
+    return nn.LayerNorm(dim, eps=eps, elementwise_affine=kind == "w_layernorm", bias=False)
 
 
 class PatchEmbed(nn.Module):
@@ -210,8 +210,8 @@ class Attention(nn.Module):
         D = config.hidden_size
         self.num_heads = config.num_heads
         self.qkv = nn.Linear(D, 3 * D, bias=config.qkv_bias)
-        self.q_norm = make_norm(config.q_norm, config.qk_norm_weight, config.head_dim, config.norm_eps)
-        self.k_norm = make_norm(config.k_norm, config.qk_norm_weight, config.head_dim, config.norm_eps)
+        self.q_norm = make_norm(config.q_norm, config.head_dim, config.norm_eps)
+        self.k_norm = make_norm(config.k_norm, config.head_dim, config.norm_eps)
         self.proj = nn.Linear(D, D)
         self.rope = config.rel_pos_embed == "rope"
         self.rope_on_values = config.rope_on_values
@@ -243,8 +243,8 @@ class FiTBlock(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         D, eps = config.hidden_size, config.norm_eps
-        self.norm1 = make_norm(config.norm, config.norm_weight, D, eps)
-        self.norm2 = make_norm(config.norm, config.norm_weight, D, eps)
+        self.norm1 = make_norm(config.norm, D, eps)
+        self.norm2 = make_norm(config.norm, D, eps)
         self.attn = Attention(config)
         self.mlp = make_mlp(config)
         self.adaLN_modulation = make_modulation(config, 6)
@@ -280,7 +280,7 @@ class FinalLayer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         D = config.hidden_size
-        self.norm_final = make_norm(config.norm, config.norm_weight, D, config.norm_eps)
+        self.norm_final = make_norm(config.norm, D, config.norm_eps)
         self.linear = nn.Linear(D, config.out_dim)
         self.adaLN_modulation = make_modulation(config, 2, final=True)
 

@@ -47,20 +47,11 @@ def release_rope_of(config) -> RopeSpec:
     )
 
 
-def release_norm(kind: str, weight: bool) -> str:
-    """fitscale's (norm, weight) -> the release's create_norm name (norms.py)."""
-    if kind == "none":
-        return "none"
-    if kind == "rmsnorm":
-        return "w_rmsnorm"  # the only RMSNorm the release can build
-    return "w_layernorm" if weight else "layernorm"
-
-
 def reference_config_of(config) -> ReferenceConfig:
     """The reference's (the release's) arguments for a fitscale ModelConfig with adaln_global unset."""
     rope = release_rope_of(config)
-    q_norm = release_norm(config.q_norm, config.qk_norm_weight)
-    k_norm = release_norm(config.k_norm, config.qk_norm_weight)
+    # ModelConfig stores the norms as the release's create_norm names
+    q_norm, k_norm = config.q_norm, config.k_norm
     return ReferenceConfig(
         depth=config.depth,
         hidden_size=config.hidden_size,
@@ -77,7 +68,7 @@ def reference_config_of(config) -> ReferenceConfig:
         use_swiglu_large=config.mlp == "swiglu_large",
         rel_pos_embed=config.rel_pos_embed,
         add_rel_pe_to_v=config.rope_on_values,
-        norm_type=release_norm(config.norm, config.norm_weight),
+        norm_type=config.norm,
         q_norm=q_norm,
         k_norm=k_norm,
         qk_norm_weight=False,  # carried by the w_ names above

@@ -8,6 +8,8 @@ one batch, and compares each image's output: ||fitscale - release|| / ||release|
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from reference.official_fitv2 import official_shapes, reference_config
@@ -31,6 +33,9 @@ CASES = [
     ("tiny", dict(q_norm="layernorm", k_norm="rmsnorm", qk_norm_weight=True)),
     ("tiny", dict(q_norm="none", k_norm="layernorm")),
     ("tiny", dict(q_norm="none", k_norm="none")),
+    ("tiny", dict(q_norm="w_rmsnorm", k_norm="layernorm")),  # the release's create_norm names, mixed
+    ("tiny", dict(q_norm="layernorm", k_norm="w_layernorm", norm="w_rmsnorm")),
+    ("tiny", dict(q_norm="none", k_norm="none", qk_norm_weight=True)),  # the release builds a no-op
     ("tiny", dict(norm="rmsnorm", norm_weight=True)),
     ("tiny", dict(norm="layernorm", norm_weight=True)),
     ("tiny", dict(norm="none")),
@@ -42,6 +47,7 @@ CASES = [
     ("tiny", dict(mlp="swiglu_large", mlp_ratio=2.5)),
     ("tiny", dict(mlp="gelu", mlp_ratio=3.0, mlp_bias=False, qkv_bias=False)),
     ("tiny", dict(rel_pos_embed="none")),
+    ("tiny", dict(rel_pos_embed="none", rope_on_values=True)),  # add_rel_pe_to_v acts in the rope branch only
     ("tiny", dict(rel_pos_embed="xpos", rope_on_values=True)),
     ("tiny", dict(class_dropout_prob=0.0)),
     ("tiny", dict(time_shift=3.0)),
@@ -153,23 +159,15 @@ def test_release_names_of_the_fit_v1_preset():
             dict(q_norm="rmsnorm"),
             "model.q_norm=rmsnorm needs model.qk_norm_weight=true: the release's unweighted q_norm='rmsnorm' "
             "raises TypeError (its RMSNorm takes no include_weight); set model.qk_norm_weight=true (its "
-            "w_rmsnorm) or use layernorm",
+            "w_rmsnorm), write w_rmsnorm, or use layernorm",
         ),
         (
             dict(norm="rmsnorm"),
             "model.norm=rmsnorm needs model.norm_weight=true: the release's unweighted norm_type='rmsnorm' "
             "raises TypeError (its RMSNorm takes no include_weight); set model.norm_weight=true (its "
-            "w_rmsnorm) or use layernorm",
-        ),
-        (
-            dict(q_norm="none", k_norm="none", qk_norm_weight=True),
-            "model.qk_norm_weight=true has no effect with model.q_norm=none and model.k_norm=none",
+            "w_rmsnorm), write w_rmsnorm, or use layernorm",
         ),
         (dict(norm="none", norm_weight=True), "model.norm_weight=true has no effect with model.norm=none"),
-        (
-            dict(rel_pos_embed="none", rope_on_values=True),
-            "model.rope_on_values=true needs model.rel_pos_embed=rope",
-        ),
         (dict(mlp_ratio=0.0), "model.mlp_ratio must be positive, got 0.0"),
         (dict(adaln="adalora"), "model.adaln: 'adalora' is not one of lora, normal, swiglu"),
         (dict(mlp="geglu"), "model.mlp: 'geglu' is not one of swiglu, swiglu_large, gelu"),
@@ -180,6 +178,23 @@ def test_undefined_combinations_are_refused(overrides, message):
         build_config("tiny", **overrides)
     assert str(error.value).startswith(message)
     assert "\n" not in str(error.value)
+
+
+def test_norms_are_stored_as_the_releases_create_norm_names():
+    """Weight flags fold into the names as the release's modules.py does: one stored form per network."""
+    flagged = build_config(
+        "tiny", q_norm="layernorm", k_norm="rmsnorm", qk_norm_weight=True, norm_weight=True
+    )
+    named = build_config("tiny", q_norm="w_layernorm", k_norm="w_rmsnorm", norm="w_layernorm")
+    assert flagged == named
+    assert (named.q_norm, named.k_norm, named.norm, named.qk_norm_weight) == (
+        "w_layernorm",
+        "w_rmsnorm",
+        "w_layernorm",
+        False,
+    )
+    assert build_config("tiny", q_norm="w_rmsnorm", qk_norm_weight=True).q_norm == "w_rmsnorm"
+    assert build_config("tiny", **dataclasses.asdict(named)) == named  # stored form reloads unchanged
 
 
 def test_xpos_is_stored_as_rope():
