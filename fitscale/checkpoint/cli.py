@@ -52,6 +52,12 @@ def register(subparsers) -> None:
     official.add_argument("input", metavar="IN", help="released checkpoint file")
     official.add_argument("output", metavar="OUT", help="output .safetensors file")
     official.add_argument("--model", default=None, help="preset (default: inferred from the weights' shapes)")
+    official.add_argument(
+        "--release-config",
+        metavar="PATH.yaml",
+        default=None,
+        help="the release's config (e.g. configs/fit/config_fit_xl.yaml): its network_config gives the model",
+    )
     official.add_argument("--dtype", choices=("bf16", "fp32"), default="fp32", help="output dtype (fp32)")
     official.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     official.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -90,8 +96,8 @@ def run_official_to_fitscale(args: argparse.Namespace) -> int:
     """
     from fitscale.checkpoint.export import convert_official
 
-    result = convert_official(
-        args.input, args.output, model=args.model, dtype=args.dtype, overwrite=args.overwrite
-    )
+    config = args.release_config
+    options = dict(model=args.model, dtype=args.dtype, overwrite=args.overwrite, release_config=config)
+    result = convert_official(args.input, args.output, **options)
     _report(result, args.json)
     return 0

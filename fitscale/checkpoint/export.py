@@ -9,6 +9,8 @@ output dtype before the next, so a bf16 export of a 3B model needs about 6 GiB o
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from fitscale.checkpoint import layout
 from fitscale.checkpoint.deepspeed import is_deepspeed_checkpoint, read_deepspeed_weights
-from fitscale.config.model import PRESETS
+from fitscale.config.model import PRESETS, ModelConfig
 from fitscale.diskspace import named_out_of_space
 from fitscale.errors import UserError
 from fitscale.models import build_model
@@ -28,6 +30,7 @@ from fitscale.models.official import (
     export_official_state_dict,
     load_official_state_dict,
     read_checkpoint_file,
+    read_release_config,
     strip_wrapper_prefixes,
 )
 
@@ -225,21 +228,29 @@ def convert_official(
     model: str | None = None,
     dtype: str = "fp32",
     overwrite: bool = False,
+    release_config: str | Path | None = None,
 ) -> dict[str, Any]:
     """`fitscale convert official-to-fitscale`: a released checkpoint as a safetensors file in our names.
 
     The weights pass through a real model (strict loading), so a wrong preset or a damaged file is
-    caught here rather than at the start of a training run.
+    caught here rather than at the start of a training run. `release_config` (the release's YAML,
+    `read_release_config`) gives the network instead of a preset: the nearest preset (or `model`)
+    with the differing fields as overrides, written to the file's metadata (`overrides`, JSON).
     """
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    overrides: dict[str, Any] = {}
+    if release_config is not None:
+        model, overrides = preset_and_overrides(read_release_config(release_config), model)
     released = strip_wrapper_prefixes(read_checkpoint_file(source))
     name = model or infer_preset(released)
-    network = build_cpu_model(name)
+    network = build_cpu_model(name, overrides)
     load_official_state_dict(network, released)
     weights = {k: v.detach().to(DTYPES[dtype]) for k, v in network.state_dict().items()}
     info = {"source": str(source), "model": name, "names": "fitscale", "dtype": dtype}
+    if overrides:
+        info["overrides"] = json.dumps(overrides)
     save_safetensors(weights, Path(out), info, overwrite)
     return {
         **info,
@@ -247,6 +258,20 @@ def convert_official(
         "tensors": len(weights),
         "parameters": sum(t.numel() for t in weights.values()),
     }
+
+
+def preset_and_overrides(config: ModelConfig, preset: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(`preset`, or the preset differing from `config` in the fewest fields; those fields -> values),
+    so that build_model(name, **overrides) builds `config` (YAML/JSON-ready: tuples become lists)."""
+
+    def differences(name: str) -> dict[str, Any]:
+        base = dataclasses.asdict(PRESETS[name])
+        return {k: v for k, v in dataclasses.asdict(config).items() if base[k] != v}
+
+    name = preset or min(PRESETS, key=lambda n: len(differences(n)))
+    if name not in PRESETS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+    return name, {k: list(v) if isinstance(v, tuple) else v for k, v in differences(name).items()}
 
 
 def read_run_start(path: str | Path, which: str = "model") -> dict[str, torch.Tensor] | None:
