@@ -148,13 +148,10 @@ class ModelConfig:
     # Norms: the release's create_norm names, stored weighted (w_...) when the weight flag is set.
     q_norm: NormKind = "layernorm"  # norm of each head's queries (release q_norm)
     k_norm: NormKind = "layernorm"  # norm of each head's keys (release k_norm)
-    qk_norm_weight: bool = (
-        False  # layernorm/rmsnorm q/k norms -> w_... (release qk_norm_weight); stored false
-    )
+    # qk_norm_weight / norm_weight: layernorm, rmsnorm -> w_... there; folded into the names, stored false.
+    qk_norm_weight: bool = False  # weighted q/k norms (release qk_norm_weight)
     norm: NormKind = "layernorm"  # norm1, norm2 and the final norm (release norm_type)
-    norm_weight: bool = (
-        False  # layernorm/rmsnorm there -> w_... (ours; release norm_type=w_...); stored false
-    )
+    norm_weight: bool = False  # weighted block/final norms (ours; the release writes norm_type=w_...)
     adaln: Literal["lora", "normal", "swiglu"] = "lora"  # per-block modulation (release adaln_type)
     # The global modulation Linear(D, 6D) added to every block's: None = the release's rule (iff adaln=lora);
     # true/false forces it (ours, not in the release).
