@@ -69,6 +69,12 @@ def _report(result: dict, as_json: bool) -> None:
         print(json.dumps(result))
     else:
         print(f"wrote {result['out']}: {result['tensors']} tensors, {result['parameters']:,} parameters")
+        if result.get("overrides"):  # a release config that is no preset: how to build its network again
+            values = json.loads(result["overrides"]).items()
+            sets = " ".join(
+                f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}" for k, v in values
+            )
+            print(f"model {result['model']} with --set {sets} (fitscale sample; model.overrides.* in a run)")
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -105,6 +105,9 @@ def test_convert_with_a_release_config_builds_that_network(tmp_path, capsys):
     out = tmp_path / "ours.safetensors"
     args = ["convert", "official-to-fitscale", str(tmp_path / "released.pt"), str(out), "--json"]
     assert main([*args, "--release-config", str(tmp_path / "net.yaml")]) == 0
+    capsys.readouterr()
+    assert main([*args[:-1], "--overwrite", "--release-config", str(tmp_path / "net.yaml")]) == 0
+    assert "model tiny with --set q_norm=w_rmsnorm mlp=gelu" in capsys.readouterr().out
     with safe_open(str(out), "pt") as converted:
         meta = converted.metadata()
         assert torch.equal(
