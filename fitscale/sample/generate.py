@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fitscale.checkpoint.export import load_dcp_weights, model_section
-from fitscale.checkpoint.layout import find_checkpoint
+from fitscale.checkpoint.layout import find_checkpoint, read_metadata
 from fitscale.config.ddpm import DdpmConfig
 from fitscale.errors import UserError
 from fitscale.flow.ddpm import create_diffusion, p_sample_loop
@@ -124,9 +124,15 @@ def run_config_yaml(checkpoint: str | Path) -> dict:
 
 
 def training_ddpm(checkpoint: str | Path) -> DdpmConfig:
-    """The `train.ddpm` diffusion a run checkpoint was trained with; the release's defaults for a
-    weights file (create_diffusion's, configs/fit/config_fit_xl.yaml)."""
-    section = (run_config_yaml(checkpoint).get("train") or {}).get("ddpm") or {}
+    """The `train.ddpm` diffusion a run checkpoint was trained with: the config its own `fitscale.json`
+    records (a resume may rewrite the run's config.yaml, not what an older checkpoint was saved with),
+    else the run's config.yaml (checkpoints written before they recorded a config); the release's
+    defaults for a weights file (create_diffusion's, configs/fit/config_fit_xl.yaml)."""
+    path = Path(checkpoint)
+    recorded = {} if path.is_file() else read_metadata(find_checkpoint(path)).get("config") or {}
+    section = (recorded.get("train") or {}).get("ddpm")
+    if section is None:
+        section = (run_config_yaml(checkpoint).get("train") or {}).get("ddpm") or {}
     return DdpmConfig(**section)
 
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from fitscale.config import load_config
 from fitscale.config.ddpm import DdpmConfig
@@ -19,7 +20,7 @@ from fitscale.flow.ddpm import create_diffusion
 from fitscale.flow.ddpm_loss import ddpm_loss, per_image_ddpm_noise
 from fitscale.flow.guidance import PackedVelocity
 from fitscale.models import build_model
-from fitscale.sample.generate import generate_latents
+from fitscale.sample.generate import generate_latents, training_ddpm
 from fitscale.sample.options import SamplingOptions, check_objective
 from fitscale.sample.plan import SampleItem, pack_layout
 
@@ -275,3 +276,17 @@ def test_train_ten_steps_then_sample_with_the_ddpm_sampler(tmp_path, capsys):
     )
     assert capsys.readouterr().err.strip().endswith("use --sampler ddpm")
     assert not (tmp_path / "heun").exists()  # refused before anything is written
+
+
+def test_a_checkpoint_is_sampled_with_the_diffusion_it_was_saved_with(tmp_path):
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")
+    saved = {"noise_schedule": "linear", "diffusion_steps": 1000, "sigma_small": False,
+             "predict_xstart": False, "use_kl": False, "rescale_learned_sigmas": False}  # fmt: skip
+    (step / "fitscale.json").write_text(json.dumps({"step": 3, "config": {"train": {"ddpm": saved}}}))
+    resumed = dict(saved, noise_schedule="squaredcos_cap_v2", predict_xstart=True)  # a later resume
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"ddpm": resumed}}))
+    ddpm = training_ddpm(step)
+    assert (ddpm.noise_schedule, ddpm.predict_xstart) == ("linear", False)
