@@ -290,3 +290,30 @@ def test_a_checkpoint_is_sampled_with_the_diffusion_it_was_saved_with(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump({"train": {"ddpm": resumed}}))
     ddpm = training_ddpm(step)
     assert (ddpm.noise_schedule, ddpm.predict_xstart) == ("linear", False)
+
+
+def test_the_advice_for_a_flow_sampler_on_a_ddpm_model_is_not_circular(tmp_path, capsys):
+    """`--mode sde` says to drop it; following that half-way (`--mode sde --sampler ddpm`) says the same."""
+    from safetensors.torch import save_file
+
+    from fitscale.cli import main
+
+    weights = tmp_path / "ddpm.safetensors"
+    save_file(tiny_ddpm(learn_sigma=False).state_dict(), str(weights))
+    flags = [str(weights), "--model", "tiny", "--set", "objective=ddpm", "--height", "32", "--width", "32"]
+    assert main(["sample", *flags, "--out", str(tmp_path / "a"), "--device", "cpu", "--mode", "sde"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "--mode sde is a flow sampler, but this model has objective ddpm (it predicts noise at timestep "
+            "indices): drop --mode sde and use --sampler ddpm"
+        )
+    )
+    assert main(["sample", *flags, "--out", str(tmp_path / "b"), "--mode", "sde", "--sampler", "ddpm"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--sampler applies to --mode ode only; drop it or add --mode ode (this run is --mode sde)")
+    )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
