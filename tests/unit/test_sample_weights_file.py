@@ -52,3 +52,31 @@ def test_a_file_matching_several_presets_or_none_asks_for_model():
     with pytest.raises(UserError) as info:
         file_preset(Path("odd.bin"), {"x_embedder.proj.weight": torch.zeros(48, 4)})
     assert str(info.value) == "odd.bin is a weights file: name its model with --model (e.g. fitv2-xl)"
+
+
+def test_a_label_table_one_row_short_or_long_names_the_setting_that_fits(tmp_path, capsys):
+    no_null = save_weights(tmp_path / "no_null.safetensors", build_model("tiny", class_dropout_prob=0.0))
+    assert main(["sample", str(no_null), "--out", str(tmp_path / "a"), *FLAGS.split()]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "the checkpoint's label table (y_embedder.embedding_table.weight) has 10 rows and the model's 11: it was "
+            "saved without a null-class row (class_dropout_prob=0); build the model with class_dropout_prob=0 "
+            "(`--set class_dropout_prob=0`, or model.overrides.class_dropout_prob=0 in a run config)"
+        )
+    )
+    fixed = [*FLAGS.split(), "--set", "class_dropout_prob=0"]
+    assert main(["sample", str(no_null), "--out", str(tmp_path / "b"), *fixed]) == 0  # the advice works
+    with_null = save_weights(tmp_path / "null.safetensors", build_model("tiny"))
+    assert main(["sample", str(with_null), "--out", str(tmp_path / "c"), *fixed]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "has 11 rows and the model's 10: it holds a null-class row this model (class_dropout_prob=0) leaves out; "
+            "keep it with null_class=true (`--set null_class=true`, or model.overrides.null_class=true in a run config)"
+        )
+    )
+    fixed += ["--set", "null_class=true"]
+    assert main(["sample", str(with_null), "--out", str(tmp_path / "d"), *fixed]) == 0
