@@ -292,15 +292,21 @@ def test_a_checkpoint_is_sampled_with_the_diffusion_it_was_saved_with(tmp_path):
     assert (ddpm.noise_schedule, ddpm.predict_xstart) == ("linear", False)
 
 
-def test_the_advice_for_a_flow_sampler_on_a_ddpm_model_is_not_circular(tmp_path, capsys):
-    """`--mode sde` says to drop it; following that half-way (`--mode sde --sampler ddpm`) says the same."""
+@pytest.fixture
+def ddpm_file_flags(tmp_path) -> list[str]:
+    """`fitscale sample` flags of a tiny objective=ddpm weights file (fixed variances), one 32x32 size."""
     from safetensors.torch import save_file
-
-    from fitscale.cli import main
 
     weights = tmp_path / "ddpm.safetensors"
     save_file(tiny_ddpm(learn_sigma=False).state_dict(), str(weights))
-    flags = [str(weights), "--model", "tiny", "--set", "objective=ddpm", "--height", "32", "--width", "32"]
+    return [str(weights), "--model", "tiny", "--set", "objective=ddpm", "--height", "32", "--width", "32"]
+
+
+def test_the_advice_for_a_flow_sampler_on_a_ddpm_model_is_not_circular(tmp_path, capsys, ddpm_file_flags):
+    """`--mode sde` says to drop it; following that half-way (`--mode sde --sampler ddpm`) says the same."""
+    from fitscale.cli import main
+
+    flags = ddpm_file_flags
     assert main(["sample", *flags, "--out", str(tmp_path / "a"), "--device", "cpu", "--mode", "sde"]) == 2
     assert (
         capsys.readouterr()
@@ -317,3 +323,19 @@ def test_the_advice_for_a_flow_sampler_on_a_ddpm_model_is_not_circular(tmp_path,
         .endswith("--sampler applies to --mode ode only; drop it or add --mode ode (this run is --mode sde)")
     )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_scale_pow_with_the_ddpm_sampler_warns_once(tmp_path, capsys, ddpm_file_flags):
+    """The release reads scale_pow on the clamped timestep index: guidance off at every step but the last."""
+    from fitscale.cli import main
+    from fitscale.sample.cli import warn_scale_pow
+
+    flags = [*ddpm_file_flags, "--sampler", "ddpm", "--steps", "2", "--cfg", "2", "--device", "cpu"]
+    assert main(["sample", *flags, "--out", str(tmp_path / "pow"), "--scale-pow", "1"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "--scale-pow" in line]
+    assert warnings == [
+        "warning: --scale-pow 1.0 with --sampler ddpm reads the timestep index as the release does (clamped at "
+        "1), so guidance is off at every step but the last; drop --scale-pow to guide every step (docs/sampling.md)"
+    ]
+    warn_scale_pow(SamplingOptions(sampler="ddpm", cfg_scale=2.0))  # no --scale-pow: nothing to say
+    assert capsys.readouterr().err == ""
