@@ -21,6 +21,7 @@ up to `token_budget` tokens per forward for throughput.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -148,13 +149,15 @@ def training_dataset(checkpoint: str | Path) -> Path | None:
 
 def file_preset(path: Path, weights: dict[str, torch.Tensor]) -> str:
     """The preset of a weights file given without --model: the only one whose width and depth match
-    its weights (`fitscale convert`'s test), said on stderr. UserError asking for --model when none
+    its weights (`fitscale convert`'s test), said on stderr by rank 0. UserError asking for --model when none
     or several match (a `-hr` preset has its base's shapes but another RoPE)."""
     names = matching_presets(weights)
     if len(names) == 1:
-        print(
-            f"{path}: sampled as --model {names[0]} (the only preset of its width and depth)", file=sys.stderr
-        )
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"{path}: sampled as --model {names[0]} (the only preset of its width and depth)",
+                file=sys.stderr,
+            )
         return names[0]
     hint = f"{' or '.join(names)}: both match its shapes" if names else "e.g. fitv2-xl"
     raise UserError(f"{path} is a weights file: name its model with --model ({hint})")
