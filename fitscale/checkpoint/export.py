@@ -208,14 +208,28 @@ def export_checkpoint(
     }
 
 
-def infer_preset(state_dict: dict[str, torch.Tensor]) -> str:
-    """The released preset whose width and depth match a checkpoint (FiTv2 B / XL / 3B, FiT v1 B / XL)."""
-
+def width_and_depth(state_dict: dict[str, torch.Tensor]) -> tuple[int | None, int]:
+    """A checkpoint's hidden size (None without a patch embedder) and number of blocks."""
     width = state_dict["x_embedder.proj.weight"].shape[0] if "x_embedder.proj.weight" in state_dict else None
-    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
-    for name, config in PRESETS.items():
-        if config.hidden_size == width and config.depth == depth and not name.endswith("-hr"):
+    return width, len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+
+
+def matching_presets(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """The presets whose width and depth match a checkpoint's (release or fitscale names), in
+    definition order; a `-hr` preset has its base's shapes (only its RoPE differs), so both match."""
+
+    width, depth = width_and_depth(state_dict)
+    return [name for name, config in PRESETS.items() if config.hidden_size == width and config.depth == depth]
+
+
+def infer_preset(state_dict: dict[str, torch.Tensor]) -> str:
+    """The released preset whose width and depth match a checkpoint (FiTv2 B / XL / 3B, FiT v1 B / XL;
+    the base preset, not its `-hr` twin: the weights are the same network). UserError when none does."""
+
+    for name in matching_presets(state_dict):
+        if not name.endswith("-hr"):
             return name
+    width, depth = width_and_depth(state_dict)
     raise UserError(
         f"no preset has hidden size {width} and depth {depth}; pass --model PRESET (and check the file is FiT v1 or FiTv2)"
     )

@@ -104,12 +104,39 @@ def load_official_state_dict(model: nn.Module, state_dict: dict[str, torch.Tenso
         )
     if misshaped:
         problems.append(f"shape mismatches: {'; '.join(misshaped[:8])}")
+    if not missing and not unexpected and len(misshaped) == 1:
+        label_rows_advice(incoming, expected)
     if problems:
         raise UserError(
             "checkpoint does not match the model (check the preset, depth and num_classes): "
             + " | ".join(problems)
         )
     model.load_state_dict(incoming, strict=True)
+
+
+LABEL_TABLE = "y_embedder.embedding_table.weight"
+
+
+def label_rows_advice(incoming: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """UserError naming the fix when the one shape that differs is the label table, by one row: the
+    null-class row, which the release adds only when class_dropout_prob > 0 (and `null_class=true`
+    keeps at 0). Returns when the difference is anything else."""
+    if LABEL_TABLE not in incoming or LABEL_TABLE not in expected:
+        return
+    (have, width), (want, model_width) = incoming[LABEL_TABLE].shape, expected[LABEL_TABLE].shape
+    if width != model_width or abs(have - want) != 1:
+        return
+    if have < want:
+        raise UserError(
+            f"the checkpoint's label table ({LABEL_TABLE}) has {have} rows and the model's {want}: it was saved "
+            "without a null-class row (class_dropout_prob=0); build the model with class_dropout_prob=0 "
+            "(`--set class_dropout_prob=0`, or model.overrides.class_dropout_prob=0 in a run config)"
+        )
+    raise UserError(
+        f"the checkpoint's label table ({LABEL_TABLE}) has {have} rows and the model's {want}: it holds a "
+        "null-class row this model (class_dropout_prob=0) leaves out; keep it with null_class=true "
+        "(`--set null_class=true`, or model.overrides.null_class=true in a run config)"
+    )
 
 
 def export_official_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from fitscale.errors import UserError
@@ -238,6 +240,20 @@ def sampling_options(args):
     return options
 
 
+def warn_scale_pow(options) -> None:
+    """One stderr line (rank 0) when --scale-pow meets --sampler ddpm: the release's schedule reads the
+    timestep index clamped at 1, so it is 1 (no guidance) at every index but 0. The numbers stay the
+    release's."""
+    if options.mode == "ode" and options.sampler == "ddpm" and options.scale_pow > 0:
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"warning: --scale-pow {options.scale_pow} with --sampler ddpm reads the timestep index as "
+                "the release does (clamped at 1), so guidance is off at every step but the last; drop "
+                "--scale-pow to guide every step (docs/sampling.md)",
+                file=sys.stderr,
+            )
+
+
 def ddpm_options(options, objective: str, checkpoint):
     """`options` checked against the model's objective (UserError for a sampler of the other family),
     with a run's `train.ddpm` diffusion for --sampler ddpm (the release's defaults for a weights file)."""
@@ -314,6 +330,7 @@ def run_sample(args) -> int:
             check_vae_matches_dataset(args.vae, dataset)
     if args.nproc > 1:
         return relaunch(args)
+    warn_scale_pow(options)
 
     import torch
     import torch.distributed as dist

@@ -21,12 +21,14 @@ up to `token_budget` tokens per forward for throughput.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import torch
 
-from fitscale.checkpoint.export import load_dcp_weights, model_section
-from fitscale.checkpoint.layout import find_checkpoint
+from fitscale.checkpoint.export import load_dcp_weights, matching_presets, model_section
+from fitscale.checkpoint.layout import find_checkpoint, read_metadata
 from fitscale.config.ddpm import DdpmConfig
 from fitscale.errors import UserError
 from fitscale.flow.ddpm import create_diffusion, p_sample_loop
@@ -34,7 +36,8 @@ from fitscale.flow.guidance import PackedVelocity
 from fitscale.flow.per_image import integrate_per_image
 from fitscale.flow.samplers import TOLERANCE_METHODS, integrate
 from fitscale.flow.sde import sample_sde
-from fitscale.models import build_model, load_official_checkpoint
+from fitscale.models import build_model
+from fitscale.models.official import load_official_state_dict, read_checkpoint_file
 from fitscale.sample.options import DDPM, SamplingOptions, autocast_dtype, check_objective
 from fitscale.sample.plan import (
     SampleItem,
@@ -124,9 +127,15 @@ def run_config_yaml(checkpoint: str | Path) -> dict:
 
 
 def training_ddpm(checkpoint: str | Path) -> DdpmConfig:
-    """The `train.ddpm` diffusion a run checkpoint was trained with; the release's defaults for a
-    weights file (create_diffusion's, configs/fit/config_fit_xl.yaml)."""
-    section = (run_config_yaml(checkpoint).get("train") or {}).get("ddpm") or {}
+    """The `train.ddpm` diffusion a run checkpoint was trained with: the config its own `fitscale.json`
+    records (a resume may rewrite the run's config.yaml, not what an older checkpoint was saved with),
+    else the run's config.yaml (checkpoints written before they recorded a config); the release's
+    defaults for a weights file (create_diffusion's, configs/fit/config_fit_xl.yaml)."""
+    path = Path(checkpoint)
+    recorded = {} if path.is_file() else read_metadata(find_checkpoint(path)).get("config") or {}
+    section = (recorded.get("train") or {}).get("ddpm")
+    if section is None:
+        section = (run_config_yaml(checkpoint).get("train") or {}).get("ddpm") or {}
     return DdpmConfig(**section)
 
 
@@ -136,6 +145,22 @@ def training_dataset(checkpoint: str | Path) -> Path | None:
 
     data = run_config_yaml(checkpoint).get("data") or {}
     return Path(data["path"]) if data.get("path") else None
+
+
+def file_preset(path: Path, weights: dict[str, torch.Tensor]) -> str:
+    """The preset of a weights file given without --model: the only one whose width and depth match
+    its weights (`fitscale convert`'s test), said on stderr by rank 0. UserError asking for --model when none
+    or several match (a `-hr` preset has its base's shapes but another RoPE)."""
+    names = matching_presets(weights)
+    if len(names) == 1:
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"{path}: sampled as --model {names[0]} (the only preset of its width and depth)",
+                file=sys.stderr,
+            )
+        return names[0]
+    hint = f"{' or '.join(names)}: both match its shapes" if names else "e.g. fitv2-xl"
+    raise UserError(f"{path} is a weights file: name its model with --model ({hint})")
 
 
 def load_sampling_model(
@@ -148,7 +173,8 @@ def load_sampling_model(
     """A model in eval mode on `device`, from a run folder / `step-N` checkpoint (DCP) or a weights file.
 
     A run checkpoint knows its model from the run's config.yaml; a file (.safetensors / .bin / .pt,
-    e.g. a released FiTv2 or `fitscale convert export` output) needs `model_name`. `overrides`
+    e.g. a released FiTv2 or `fitscale convert export` output) takes `model_name`, else the one
+    preset its shapes match (`file_preset`). `overrides`
     (e.g. extrapolation, attention backend) change the ModelConfig but never its shapes.
     Raises ValueError / FileNotFoundError naming the path and the fix.
     """
@@ -156,13 +182,12 @@ def load_sampling_model(
     path = Path(checkpoint)
     overrides = dict(overrides or {})
     if path.is_file():
-        if model_name is None:
-            raise UserError(f"{path} is a weights file: name its model with --model (e.g. fitv2-xl)")
+        weights = read_checkpoint_file(path, container_key=None if ema else "model")
         with torch.device("meta"):
-            model = build_model(model_name, **overrides)
+            model = build_model(model_name or file_preset(path, weights), **overrides)
         model.to_empty(device="cpu")
         model.init_weights()
-        load_official_checkpoint(model, path, container_key=None if ema else "model")
+        load_official_state_dict(model, weights)
     else:
         step_dir = find_checkpoint(path)
         section = model_section(step_dir)

@@ -212,9 +212,10 @@ def check_objective(objective: str, options: SamplingOptions) -> None:
     ddpm_sampler = options.mode == "ode" and options.sampler == DDPM
     if objective == "ddpm" and not ddpm_sampler:
         used = f"--sampler {options.sampler}" if options.mode == "ode" else "--mode sde"
+        fix = "use --sampler ddpm" if options.mode == "ode" else "drop --mode sde and use --sampler ddpm"
         raise UserError(
             f"{used} is a flow sampler, but this model has objective ddpm (it predicts noise at timestep "
-            "indices): use --sampler ddpm"
+            f"indices): {fix}"
         )
     if objective != "ddpm" and ddpm_sampler:
         raise UserError(

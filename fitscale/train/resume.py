@@ -50,6 +50,14 @@ FIXED: dict[str, str] = {
     "train.repa.projector_width": "the checkpoint's REPA projector has that shape",
     "train.repa.projector_depth": "the checkpoint's REPA projector has that shape",
 }  # and the fields of the run's backend (ParallelBackend.fixed_on_resume)
+# train.ddpm fields that define what a `model.objective=ddpm` network computes (a flow model ignores
+# the section). sigma_small only picks the fixed sampling variance (not trained; ignored with learned
+# variances), use_kl and rescale_learned_sigmas only weigh the loss terms: those may change.
+DDPM_FIXED: dict[str, str] = {
+    "train.ddpm.noise_schedule": "the network learned that schedule's noise levels",
+    "train.ddpm.diffusion_steps": "the network reads timestep indices in [0, diffusion_steps)",
+    "train.ddpm.predict_xstart": "it decides whether the network predicts x_0 or the noise",
+}
 # Model fields that change how the same function is computed or trained, not the network.
 # class_dropout_prob and null_class may change while the label table keeps its rows (`label_rows_problem`).
 MODEL_MAY_CHANGE = ("model.attn_backend", "model.class_dropout_prob", "model.null_class")
@@ -77,6 +85,8 @@ def fixed_reason(field: str, config: dict[str, Any]) -> str | None:
     backend = BACKENDS.get(config.get("parallel.backend"))
     if backend is not None and field in backend.fixed_on_resume:
         return backend.fixed_on_resume[field]
+    if config.get("model.objective") == "ddpm" and field in DDPM_FIXED:
+        return DDPM_FIXED[field]
     for prefix, reason in FIXED.items():
         if field == prefix or field.startswith(prefix + "."):
             return reason

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from fitscale.config import load_config
 from fitscale.config.ddpm import DdpmConfig
@@ -19,7 +20,7 @@ from fitscale.flow.ddpm import create_diffusion
 from fitscale.flow.ddpm_loss import ddpm_loss, per_image_ddpm_noise
 from fitscale.flow.guidance import PackedVelocity, guide
 from fitscale.models import build_model
-from fitscale.sample.generate import generate_latents
+from fitscale.sample.generate import generate_latents, training_ddpm
 from fitscale.sample.options import SamplingOptions, check_objective
 from fitscale.sample.plan import SampleItem, pack_layout
 
@@ -301,3 +302,66 @@ def test_train_ten_steps_then_sample_with_the_ddpm_sampler(tmp_path, capsys):
     )
     assert capsys.readouterr().err.strip().endswith("use --sampler ddpm")
     assert not (tmp_path / "heun").exists()  # refused before anything is written
+
+
+def test_a_checkpoint_is_sampled_with_the_diffusion_it_was_saved_with(tmp_path):
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")
+    saved = {"noise_schedule": "linear", "diffusion_steps": 1000, "sigma_small": False,
+             "predict_xstart": False, "use_kl": False, "rescale_learned_sigmas": False}  # fmt: skip
+    (step / "fitscale.json").write_text(json.dumps({"step": 3, "config": {"train": {"ddpm": saved}}}))
+    resumed = dict(saved, noise_schedule="squaredcos_cap_v2", predict_xstart=True)  # a later resume
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"ddpm": resumed}}))
+    ddpm = training_ddpm(step)
+    assert (ddpm.noise_schedule, ddpm.predict_xstart) == ("linear", False)
+
+
+@pytest.fixture
+def ddpm_file_flags(tmp_path) -> list[str]:
+    """`fitscale sample` flags of a tiny objective=ddpm weights file (fixed variances), one 32x32 size."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "ddpm.safetensors"
+    save_file(tiny_ddpm(learn_sigma=False).state_dict(), str(weights))
+    return [str(weights), "--model", "tiny", "--set", "objective=ddpm", "--height", "32", "--width", "32"]
+
+
+def test_the_advice_for_a_flow_sampler_on_a_ddpm_model_is_not_circular(tmp_path, capsys, ddpm_file_flags):
+    """`--mode sde` says to drop it; following that half-way (`--mode sde --sampler ddpm`) says the same."""
+    from fitscale.cli import main
+
+    flags = ddpm_file_flags
+    assert main(["sample", *flags, "--out", str(tmp_path / "a"), "--device", "cpu", "--mode", "sde"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "--mode sde is a flow sampler, but this model has objective ddpm (it predicts noise at timestep "
+            "indices): drop --mode sde and use --sampler ddpm"
+        )
+    )
+    assert main(["sample", *flags, "--out", str(tmp_path / "b"), "--mode", "sde", "--sampler", "ddpm"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--sampler applies to --mode ode only; drop it or add --mode ode (this run is --mode sde)")
+    )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_scale_pow_with_the_ddpm_sampler_warns_once(tmp_path, capsys, ddpm_file_flags):
+    """The release reads scale_pow on the clamped timestep index: guidance off at every step but the last."""
+    from fitscale.cli import main
+    from fitscale.sample.cli import warn_scale_pow
+
+    flags = [*ddpm_file_flags, "--sampler", "ddpm", "--steps", "2", "--cfg", "2", "--device", "cpu"]
+    assert main(["sample", *flags, "--out", str(tmp_path / "pow"), "--scale-pow", "1"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "--scale-pow" in line]
+    assert warnings == [
+        "warning: --scale-pow 1.0 with --sampler ddpm reads the timestep index as the release does (clamped at "
+        "1), so guidance is off at every step but the last; drop --scale-pow to guide every step (docs/sampling.md)"
+    ]
+    warn_scale_pow(SamplingOptions(sampler="ddpm", cfg_scale=2.0))  # no --scale-pow: nothing to say
+    assert capsys.readouterr().err == ""

@@ -56,3 +56,28 @@ def test_restating_a_model_default_is_no_change_and_a_fresh_run_is_not_checked(t
     assert check_before_start(load_config(None, [*run, "model.overrides.depth=2"])) == []
     fresh = [f"train.run_dir={tmp_path / 'fresh'}", *BASE, "train.seed=9"]
     assert check_before_start(load_config(None, fresh)) == []
+
+
+def test_a_ddpm_resume_refuses_what_the_network_predicts_and_allows_loss_weights(tmp_path):
+    ddpm = ["model.overrides.objective=ddpm", "train.flow.timesteps=uniform"]
+    run = write_run(tmp_path / "ddpm", ddpm, record_config=True)
+    for change, message in [
+        ("noise_schedule=squaredcos_cap_v2", "noise_schedule was 'linear' and is now 'squaredcos_cap_v2'"),
+        (
+            "diffusion_steps=500",
+            "diffusion_steps was 1000 and is now 500 .the network reads timestep indices",
+        ),
+        ("predict_xstart=true", "predict_xstart was False and is now True .it decides whether the network"),
+    ]:
+        with pytest.raises(ConfigError, match=f"cannot resume .*train.ddpm.{message}"):
+            check_before_start(load_config(None, [*run, f"train.ddpm.{change}"]))
+    loss_only = [
+        "train.ddpm.use_kl=true",
+        "train.ddpm.rescale_learned_sigmas=true",
+        "train.ddpm.sigma_small=true",
+    ]
+    assert len(check_before_start(load_config(None, [*run, *loss_only]))) == 3
+    flow = write_run(tmp_path / "flow", [], record_config=True)  # a flow model ignores train.ddpm
+    assert [
+        str(c) for c in check_before_start(load_config(None, [*flow, "train.ddpm.predict_xstart=true"]))
+    ] == ["train.ddpm.predict_xstart False -> True"]
