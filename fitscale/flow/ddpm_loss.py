@@ -17,28 +17,20 @@ import torch
 from fitscale.config.train import FlowConfig
 from fitscale.data.batch import PackedBatch
 from fitscale.flow.ddpm import GaussianDiffusion
-from fitscale.flow.loss import FlowLossOutput, check_loss_inputs, per_image_mean
-from fitscale.seeds import image_seed
+from fitscale.flow.loss import FlowLossOutput, check_loss_inputs, per_image_draws, per_image_mean
 
 
 def per_image_ddpm_noise(
     batch: PackedBatch, seed: int, step: int, num_timesteps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Timestep indices (S,) float32 in [0, num_timesteps) and noise (T, C) for a CPU batch, each
-    image's drawn uniformly from its own seed. Padding segments get index 0 and zero noise."""
-    lengths = batch.lengths.tolist()
-    sample_ids = batch.sample_ids.tolist()
-    channels = batch.tokens.shape[1]
-    timesteps = torch.zeros(batch.num_segments, dtype=torch.float32)
-    noise = torch.zeros(batch.num_tokens, channels, dtype=torch.float32)
-    generator = torch.Generator()
-    start = 0
-    for index, length in enumerate(lengths[: batch.num_images]):
-        generator.manual_seed(image_seed(seed, step, sample_ids[index]))
-        timesteps[index] = float(torch.randint(0, num_timesteps, (1,), generator=generator))
-        noise[start : start + length] = torch.randn(length, channels, generator=generator)
-        start += length
-    return timesteps, noise
+    image's drawn uniformly from its own seed (fitscale.flow.loss.per_image_draws). Padding segments
+    get index 0 and zero noise."""
+
+    def draw_index(generator: torch.Generator) -> float:
+        return float(torch.randint(0, num_timesteps, (1,), generator=generator))
+
+    return per_image_draws(batch, seed, step, draw_index, padding_time=0.0)
 
 
 def check_indices(timesteps: torch.Tensor, num_timesteps: int) -> None:

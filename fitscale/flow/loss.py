@@ -11,6 +11,7 @@ ranks and micro-batches:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,28 +25,47 @@ from fitscale.models.inputs import check_cu_seqlens
 from fitscale.seeds import image_seed
 
 
-def per_image_noise(
-    batch: PackedBatch, seed: int, step: int, flow: FlowConfig
+def per_image_draws(
+    batch: PackedBatch,
+    seed: int,
+    step: int,
+    draw_time: Callable[[torch.Generator], float],
+    padding_time: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps (S,) and noise (T, C) for a CPU batch, each image's drawn from its own seed.
+    """Times (S,) and noise (T, C) for a CPU batch, each image's drawn from its own generator seeded
+    by (seed, step, sample id): first its time, `draw_time(generator)`, then its tokens' noise.
 
-    Segments past `num_images` (the padding tail) get t = 1 and zero noise; the loss ignores them.
+    Segments past `num_images` (the padding tail) get `padding_time` and zero noise; losses ignore them.
     """
     lengths = batch.lengths.tolist()
     sample_ids = batch.sample_ids.tolist()
     channels = batch.tokens.shape[1]
-    timesteps = torch.ones(batch.num_segments, dtype=torch.float32)
+    timesteps = torch.full((batch.num_segments,), padding_time, dtype=torch.float32)
     noise = torch.zeros(batch.num_tokens, channels, dtype=torch.float32)
     generator = torch.Generator()
     start = 0
     for index, length in enumerate(lengths[: batch.num_images]):
         generator.manual_seed(image_seed(seed, step, sample_ids[index]))
-        timesteps[index] = sample_timesteps(
-            1, flow.timesteps, flow.logit_mean, flow.logit_std, flow.time_shift, generator
-        )[0]
+        timesteps[index] = draw_time(generator)
         noise[start : start + length] = torch.randn(length, channels, generator=generator)
         start += length
     return timesteps, noise
+
+
+def per_image_noise(
+    batch: PackedBatch, seed: int, step: int, flow: FlowConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps (S,) in [0, 1] and noise (T, C) for a CPU batch, each image's drawn from its own seed
+    (`per_image_draws`); the padding tail gets t = 1 and zero noise."""
+
+    def draw_time(generator: torch.Generator) -> float:
+        return float(
+            sample_timesteps(1, flow.timesteps, flow.logit_mean, flow.logit_std, flow.time_shift, generator)[
+                0
+            ]
+        )
+
+    return per_image_draws(batch, seed, step, draw_time, padding_time=1.0)
 
 
 LABEL_STREAM = 0x1ABE1  # separates the label-dropout draw from the image's noise stream
