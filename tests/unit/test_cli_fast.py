@@ -1,6 +1,7 @@
 """`fitscale --help` builds every command's parser without importing torch (or numpy)."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,9 @@ def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "fitscale.cli", "train", "recipes/demo.yaml", "--set", *sets],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        # a user's shell starts it with SIGINT's default action; an ignored SIGINT inherited from the
+        # test process (an earlier test's worker pool may leave it so) would make Python keep ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     assert result.stderr.splitlines() == ["fitscale train: interrupted (Ctrl-C); stopped"], result.stderr
     assert result.returncode == 130
