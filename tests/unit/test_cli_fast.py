@@ -35,6 +35,12 @@ def test_lazy_package_exports_resolve():
     assert result.stdout.strip() == "module 'fitscale.models' has no attribute 'no_such_name'"
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT's default action and unblocked, as a shell starts a command."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path):
     """A real SIGINT while `fitscale train` runs its `hooks.before` (before the trainer's own handler
     listens: start-up, importing torch, writing the dataset). Was a 20-line KeyboardInterrupt
@@ -50,7 +56,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path):
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
         # a user's shell starts it with SIGINT's default action; an ignored SIGINT inherited from the
         # test process (an earlier test's worker pool may leave it so) would make Python keep ignoring it
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     assert result.stderr.splitlines() == ["fitscale train: interrupted (Ctrl-C); stopped"], result.stderr
     assert result.returncode == 130
