@@ -113,14 +113,17 @@ def run_plan(args) -> int:
 
 def run_launch(args) -> int:
     """`fitscale sweep launch`: start every unfinished run of the spec (SLURM job array or --local);
-    exit status 0.
+    exit status 0, or 128 + the signal's number when an exit signal stopped a --local sweep.
     """
+    import signal
+
     from fitscale.sweep.launch import launch_sweep
     from fitscale.sweep.spec import load_spec
 
     outcome = launch_sweep(load_spec(args.spec), args.cluster, args.local, args.only or None)
     print(json.dumps(outcome, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in outcome.items()))
-    return 0
+    stopped = [v.removeprefix("stopped by ") for v in outcome.values() if v.startswith("stopped by ")]
+    return 128 + signal.Signals[stopped[0]].value if stopped else 0
 
 
 def run_collect(args) -> int:

@@ -1,7 +1,10 @@
 """Start the runs of a sweep: a SLURM job array through the launcher, or one after another here.
 
 Every run is an ordinary run folder (`<out_dir>/<run>/`) with `train.resume: auto`, so launching
-a sweep again continues unfinished runs from their newest checkpoint and skips finished ones.
+a sweep again continues unfinished runs from their newest checkpoint and skips finished ones. A
+run folder whose checkpoint was trained with another config than the spec now plans for that run
+(a changed learning rate of a held-out run, an edited `overrides` line) is refused before anything
+starts: its results would be reported under the spec's values, and continuing it would mix two runs.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fitscale.checkpoint.layout import complete_steps
+from fitscale.checkpoint.layout import complete_steps, step_dirname
 from fitscale.config import load_config
 from fitscale.errors import UserError
 from fitscale.launch.launcher import submit_sweep
@@ -25,6 +28,28 @@ def run_status(spec: SweepSpec, run: PlannedRun) -> tuple[str, int | None]:
     if not steps:
         return "new", None
     return ("done" if steps[-1] >= run.steps else "partial"), steps[-1]
+
+
+def check_unchanged(spec: SweepSpec, run: PlannedRun, config, step: int) -> None:
+    """UserError when the run folder's newest checkpoint was trained with another config than `config`.
+
+    Compares as a resume does (`fitscale.train.resume.comparable`: the model resolved to its fields,
+    where-to-run fields left out), but refuses every change: a sweep's run is defined by its config.
+    """
+    from fitscale.train.resume import comparable, config_changes, saved_config  # lazy: heavy
+
+    folder = run_dir(spec, run)
+    saved = saved_config(folder / "checkpoints" / step_dirname(step), folder)
+    if saved is None:
+        return
+    changes = config_changes(comparable(saved), comparable(config))
+    if changes:
+        listed = "; ".join(f"{c.field} was {c.old!r}, the spec now gives {c.new!r}" for c in changes[:5])
+        more = f" (and {len(changes) - 5} more)" if len(changes) > 5 else ""
+        raise UserError(
+            f"sweep run {run.name}: {folder} was trained with another config: {listed}{more}. Set the spec "
+            f"back, or move {folder} aside (or rename the run) to train it again"
+        )
 
 
 def resolved_configs(spec: SweepSpec, runs: list[PlannedRun]) -> list:
@@ -45,7 +70,8 @@ def launch_sweep(
     """Launch every run that is not done; returns {run name: job id, `local`, or `done`}.
 
     `local` trains the runs one after another in this process (single rank; the CPU demo and
-    small sweeps); otherwise they go to SLURM as one job array (`fitscale.launch.launcher.submit_sweep`).
+    small sweeps); an exit signal (SIGTERM, SIGINT) saves the current run and stops the sweep: that
+    run is `stopped by SIGTERM` and the later ones `not started`. Otherwise they go to SLURM as one job array (`fitscale.launch.launcher.submit_sweep`).
     """
     runs = plan_sweep(spec)
     if only:
@@ -56,23 +82,34 @@ def launch_sweep(
             )
         runs = [r for r in runs if r.name in only]
     outcome: dict[str, str] = {}
-    pending = []
-    for run in runs:
-        status, _ = run_status(spec, run)
+    pending, configs = [], []
+    for run, config in zip(runs, resolved_configs(spec, runs)):
+        status, step = run_status(spec, run)
+        if step is not None:
+            check_unchanged(spec, run, config, step)
         if status == "done":
             outcome[run.name] = "done"
         else:
             pending.append(run)
+            configs.append(config)
     if not pending:
         return outcome
-    configs = resolved_configs(spec, pending)
     Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
     if local:
         from fitscale.train.trainer import Trainer  # lazy: heavy
 
-        for run, config in zip(pending, configs):
+        for index, (run, config) in enumerate(zip(pending, configs)):
             log.info("sweep %s: training %s for %d steps", spec.name, run.name, run.steps)
-            Trainer(config).train()
+            trainer = Trainer(config)
+            trainer.train()
+            if trainer.stopped_by is not None:  # an exit signal stops the sweep, not only this run
+                outcome[run.name] = f"stopped by {trainer.stopped_by}"
+                outcome.update({later.name: "not started" for later in pending[index + 1 :]})
+                log.warning(
+                    "sweep %s: %s stopped %s (checkpoint saved) and %d later runs; launch again to continue",
+                    spec.name, trainer.stopped_by, run.name, len(pending) - index - 1,
+                )  # fmt: skip
+                return outcome
             outcome[run.name] = "local"
         return outcome
 
