@@ -17,6 +17,14 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
+def default_signals() -> None:
+    """Start the child with SIGTERM's and SIGINT's default actions, as a shell does, whatever this
+    process inherited (a background job of a non-interactive shell ignores SIGINT)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
 def test_sigterm_stops_the_whole_local_sweep_and_a_relaunch_continues_it(tmp_path):
     data = tmp_path / "synth"
     subprocess.run(
@@ -44,7 +52,7 @@ overrides: [data.path={data}, data.num_classes=10, parallel.sharding=none, check
     sweep = subprocess.Popen(
         [sys.executable, "-m", "fitscale.cli", "sweep", "launch", str(spec), "--local", "--json"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),
+        preexec_fn=default_signals,
     )  # fmt: skip
     metrics = out / "w16-C1e10" / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -64,7 +72,7 @@ overrides: [data.path={data}, data.num_classes=10, parallel.sharding=none, check
     relaunch = subprocess.Popen(
         [sys.executable, "-m", "fitscale.cli", "sweep", "launch", str(spec), "--local", "--json",
          "--only", "w16-C1e10"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals,
     )  # fmt: skip
     while f'"event": "resume", "step": {step},' not in metrics.read_text():
         assert relaunch.poll() is None and time.monotonic() < deadline + 60, relaunch.communicate()

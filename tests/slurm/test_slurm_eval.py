@@ -32,12 +32,12 @@ def test_two_srun_tasks_give_one_local_processs_features_and_numbers(slurm_clust
         out = fitscale("eval", tmp_path / "sample.npz", "--ref", tmp_path / "ref.npz", "--ref-stats-from-arr0",
                        "--save-features", tmp_path / f"{name}.npz", "--work", tmp_path / f"work-{name}",
                        "--part-size", "3", "--batch-size", "3", "--inception-sha256", sha, "--device", "cpu",
-                       "--json", env=env, prefix=prefix, timeout=120)  # fmt: skip
+                       "--json", env=env, prefix=prefix, timeout=600)  # fmt: skip
         with np.load(tmp_path / f"{name}.npz") as f:
             return json.loads(out), {k: f[k] for k in f}
 
     one, one_features = evaluate("local")
-    srun = ("srun", "--ntasks", "2", "--time", "2", "--job-name", "fitscale-eval-test")
+    srun = ("srun", "--ntasks", "2", "--time", "10", "--job-name", "fitscale-eval-test")
     two, two_features = evaluate("srun", srun)
     parts = sorted(p.name for p in (tmp_path / "work-srun" / "sample").glob("part-*.npz"))
     assert parts == ["part-000000.npz", "part-000001.npz"]  # one per rank
