@@ -17,7 +17,15 @@ import torch
 from fitscale.config.train import FlowConfig
 from fitscale.data.batch import PackedBatch
 from fitscale.flow.ddpm import GaussianDiffusion
-from fitscale.flow.loss import FlowLossOutput, check_loss_inputs, per_image_draws, per_image_mean
+from fitscale.flow.loss import (
+    FlowLossOutput,
+    check_loss_inputs,
+    model_on_batch,
+    per_image_draws,
+    per_image_mean,
+    per_token,
+    weighted_image_sum,
+)
 
 
 def per_image_ddpm_noise(
@@ -65,28 +73,14 @@ def ddpm_loss(
     check_indices(timesteps, diffusion.num_timesteps)
     tokens = batch.tokens.float()  # (T, C)
     t_index = timesteps.long()  # (S,)
-    t_tokens = torch.repeat_interleave(
-        t_index, batch.lengths.to(t_index.device), output_size=batch.num_tokens
-    )
+    t_tokens = per_token(t_index, batch)  # (T,)
     x_t = diffusion.q_sample(tokens, t_tokens, noise)
-    output = model(
-        x_t,
-        timesteps,
-        batch.labels,
-        batch.pos,
-        batch.cu_seqlens,
-        max_seqlen=batch.max_seqlen,
-        sizes=batch.sizes,
-    )  # (T, C) or (T, 2C) with learned variances
+    output = model_on_batch(model, x_t, timesteps, batch)  # (T, C) or (T, 2C) with learned variances
     reduce = partial(_image_means, batch=batch)
     image_t = t_index[: batch.num_images]
     terms = diffusion.training_losses(output.float(), tokens, noise, t_tokens, reduce, image_t)
     per_image = terms["loss"]
-    if flow.loss_weighting == "tokens":
-        weights = batch.lengths[: batch.num_images].to(per_image) / flow.reference_tokens
-    else:
-        weights = torch.ones_like(per_image)
-    loss = (weights * per_image).sum() / global_num_images
+    loss = weighted_image_sum(per_image, batch, flow) / global_num_images
     return FlowLossOutput(
         loss=loss,
         per_image=per_image.detach(),

@@ -154,14 +154,36 @@ def flow_loss(
     """
     check_loss_inputs(batch, timesteps, noise)
     tokens = batch.tokens.float()  # (T, C)
-    t_tokens = torch.repeat_interleave(
-        timesteps,
-        batch.lengths.to(timesteps.device),
-        output_size=batch.num_tokens,
-    )  # (T,)
-    x_t = interpolate(tokens, noise, t_tokens[:, None])  # (T, C)
+    x_t = interpolate(tokens, noise, per_token(timesteps, batch)[:, None])  # (T, C)
     target = velocity_target(tokens, noise)  # (T, C)
-    velocity = model(
+    velocity = model_on_batch(
+        model, x_t, timesteps, batch, **({} if hidden_after is None else {"hidden_after": hidden_after})
+    )  # (T, C), or ((T, C), (T, D')) with hidden_after
+    hidden = None
+    if hidden_after is not None:
+        velocity, hidden = velocity
+    token_error = (velocity.float() - target).square().mean(dim=1)  # (T,)
+    per_image, _ = per_image_mean(token_error, batch)  # (N,)
+    loss = weighted_image_sum(per_image, batch, flow) / global_num_images
+    return FlowLossOutput(
+        loss=loss,
+        per_image=per_image.detach(),
+        timesteps=timesteps[: batch.num_images].detach(),
+        hidden=hidden,
+    )
+
+
+def per_token(values: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """A per-segment value (S,) (an image's time or timestep index) repeated over the segment's tokens (T,)."""
+    return torch.repeat_interleave(values, batch.lengths.to(values.device), output_size=batch.num_tokens)
+
+
+def model_on_batch(
+    model: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, batch: PackedBatch, **extra
+):
+    """The network on the noised tokens x_t (T, C) of a packed batch at per-segment `timesteps` (S,),
+    with the batch's labels, positions and image boundaries: what both training objectives call."""
+    return model(
         x_t,
         timesteps,
         batch.labels,
@@ -169,24 +191,18 @@ def flow_loss(
         batch.cu_seqlens,
         max_seqlen=batch.max_seqlen,
         sizes=batch.sizes,
-        **({} if hidden_after is None else {"hidden_after": hidden_after}),
-    )  # (T, C), or ((T, C), (T, D')) with hidden_after
-    hidden = None
-    if hidden_after is not None:
-        velocity, hidden = velocity
-    token_error = (velocity.float() - target).square().mean(dim=1)  # (T,)
-    per_image, lengths = per_image_mean(token_error, batch)  # (N,) each
+        **extra,
+    )
+
+
+def weighted_image_sum(per_image: torch.Tensor, batch: PackedBatch, flow: FlowConfig) -> torch.Tensor:
+    """The sum of per-image losses (N,) under `flow.loss_weighting`: each image alike (`images`), or
+    in proportion to its token count over `flow.reference_tokens` (`tokens`)."""
     if flow.loss_weighting == "tokens":
-        weights = lengths / flow.reference_tokens
+        weights = batch.lengths[: batch.num_images].to(per_image) / flow.reference_tokens
     else:
         weights = torch.ones_like(per_image)
-    loss = (weights * per_image).sum() / global_num_images
-    return FlowLossOutput(
-        loss=loss,
-        per_image=per_image.detach(),
-        timesteps=timesteps[: batch.num_images].detach(),
-        hidden=hidden,
-    )
+    return (weights * per_image).sum()
 
 
 def per_image_mean(values: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
