@@ -6,7 +6,9 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from fitscale.config.errors import ConfigError
 from fitscale.errors import UserError
+from fitscale.models.official import clean_parameter_name
 
 # The released high-resolution post-training trains these and freezes the rest
 # (95.0 M of FiTv2-XL's 671 M parameters).
@@ -60,3 +62,32 @@ def apply_trainable(model: nn.Module, patterns) -> int:
         param.requires_grad_(matches(name, patterns))
         count += param.numel() if param.requires_grad else 0
     return count
+
+
+def apply_trainable_patterns(model: nn.Module, patterns: list[str]) -> int | None:
+    """Freeze the parameters that `train.trainable` does not name; returns the trainable count
+    (None when the list is empty and everything trains). A named set ("high-res") stands alone."""
+
+    if not patterns:
+        return None
+    spec = patterns[0] if len(patterns) == 1 and patterns[0] in NAMED_SETS else patterns
+    try:
+        return apply_trainable(_unwrapped_names_view(model), spec)
+    except ValueError as error:
+        raise ConfigError(f"train.trainable: {error}") from error
+
+
+def _unwrapped_names_view(model: nn.Module) -> nn.Module:
+    """`model` itself: FSDP2 and `nn.Module.compile` keep names; checkpoint wrappers are named through."""
+    return _CleanNames(model)
+
+
+class _CleanNames:
+    """A view whose `named_parameters` drops activation-checkpoint wrapper prefixes."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def named_parameters(self):
+        for name, param in self.model.named_parameters():
+            yield clean_parameter_name(name), param

@@ -15,6 +15,7 @@ import resource
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,26 @@ SECRET_VALUE = re.compile(
     r"^([0-9a-f]{40}|hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,})$"
 )
 REDACTED = "<redacted>"
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's outcome: the loss summed over ranks (the mean per image), gradient norm
+    before clipping, whether the step was skipped as non-finite, image and token counts (real and
+    with padding), per-timestep-bucket loss sums and counts, and the token count of each image.
+    """
+
+    loss: float
+    grad_norm: float
+    skipped: bool
+    images: int
+    real_tokens: int
+    tokens: int
+    bucket_sums: torch.Tensor
+    bucket_counts: torch.Tensor
+    seqlens: list[int]
+    repa_loss: float | None = None  # the step's mean alignment loss (train.repa), None when off
+    terms: dict[str, float] | None = None  # ddpm: the step's mean `mse` and `vb` terms, None for flow
 
 
 def peak_flops(device: torch.device | str | None = None, configured: float = 0.0) -> float | None:

@@ -49,8 +49,8 @@ def check_before_launch(config, world_size: int, lock: bool = True) -> None:
     import torch
 
     from fitscale.models import build_model  # lazy: heavy
+    from fitscale.models.partial import apply_trainable_patterns  # lazy: heavy
     from fitscale.train.state import RunLock  # lazy: heavy
-    from fitscale.train.trainer import apply_trainable_patterns  # lazy: heavy
 
     problems = world_size_problems(config, world_size, f"{world_size} process(es)")
     if problems:

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +41,14 @@ from fitscale.models import build_model
 from fitscale.models.flops import training_flops
 from fitscale.models.inputs import check_packed_batch
 from fitscale.models.layers import LabelEmbedder
-from fitscale.models.official import clean_parameter_name, load_official_checkpoint, load_official_state_dict
-from fitscale.models.partial import NAMED_SETS, apply_trainable
+from fitscale.models.official import load_official_checkpoint, load_official_state_dict
+from fitscale.models.partial import apply_trainable_patterns
 from fitscale.parallel import DistributedEnv, init_distributed
 from fitscale.parallel.backend import attach_training_heads, build_backend
 from fitscale.runtime.agree import all_ranks_agree, rank0_decides, same_on_all_ranks
 from fitscale.train.dataset_shape import follow_training_dataset
 from fitscale.train.loglines import configure_console
-from fitscale.train.metrics import MetricsLogger, Throughput, memory_stats, timestep_bucket_metrics
+from fitscale.train.metrics import MetricsLogger, StepStats, Throughput, memory_stats, timestep_bucket_metrics
 from fitscale.train.objective import DDPM_TERMS, Objective
 from fitscale.train.optim import build_optimizer, scaled_lr
 from fitscale.train.previews import PeriodicSamples
@@ -65,26 +65,6 @@ RUN_DIR_FULL = "free space there, or point train.run_dir at a larger filesystem"
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a NaN/inf loss or gradient; the run stops without saving."""
-
-
-@dataclass
-class StepStats:
-    """One optimizer step's outcome: the loss summed over ranks (the mean per image), gradient norm
-    before clipping, whether the step was skipped as non-finite, image and token counts (real and
-    with padding), per-timestep-bucket loss sums and counts, and the token count of each image.
-    """
-
-    loss: float
-    grad_norm: float
-    skipped: bool
-    images: int
-    real_tokens: int
-    tokens: int
-    bucket_sums: torch.Tensor
-    bucket_counts: torch.Tensor
-    seqlens: list[int]
-    repa_loss: float | None = None  # the step's mean alignment loss (train.repa), None when off
-    terms: dict[str, float] | None = None  # ddpm: the step's mean `mse` and `vb` terms, None for flow
 
 
 class Trainer:
@@ -610,32 +590,3 @@ class Trainer:
                     closer.close()
         finally:
             self.lock.release()
-
-
-def apply_trainable_patterns(model: torch.nn.Module, patterns: list[str]) -> int | None:
-    """Freeze the parameters that `train.trainable` does not name; returns the trainable count
-    (None when the list is empty and everything trains). A named set ("high-res") stands alone."""
-
-    if not patterns:
-        return None
-    spec = patterns[0] if len(patterns) == 1 and patterns[0] in NAMED_SETS else patterns
-    try:
-        return apply_trainable(_unwrapped_names_view(model), spec)
-    except ValueError as error:
-        raise ConfigError(f"train.trainable: {error}") from error
-
-
-def _unwrapped_names_view(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` itself: FSDP2 and `nn.Module.compile` keep names; checkpoint wrappers are named through."""
-    return _CleanNames(model)
-
-
-class _CleanNames:
-    """A view whose `named_parameters` drops activation-checkpoint wrapper prefixes."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def named_parameters(self):
-        for name, param in self.model.named_parameters():
-            yield clean_parameter_name(name), param
