@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from fitscale.checkpoint import layout
@@ -87,21 +88,26 @@ def read_weights(
     return weights
 
 
-def load_dcp_weights(model: torch.nn.Module, checkpoint: Path, ema: bool = True) -> None:
+def load_dcp_weights(
+    model: torch.nn.Module,
+    checkpoint: Path,
+    ema: bool = True,
+    raw_hint: str = "pass --raw to use the raw weights",
+) -> None:
     """Copy a checkpoint's EMA (`ema.params.*`) or raw (`model.*`) weights into a materialised
-    model, on one process; the optimizer state is never read. Raises ValueError naming the
-    checkpoint when those entries are missing."""
+    model, on one process; the optimizer state is never read. Raises UserError naming the
+    checkpoint when those entries are missing; for the EMA it ends with `raw_hint`, how the caller
+    asks for the raw weights instead."""
     weights = {name: tensor for name, tensor in model.state_dict().items()}
     state = {"ema": {"params": weights}} if ema else {"model": weights}
     try:
         with layout.single_process_quiet():
             dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-    except Exception as error:  # DCP wraps a missing key in CheckpointException
+    except (Exception, CheckpointException) as error:  # DCP wraps a missing key in CheckpointException
         which = "EMA weights (key `ema`)" if ema else "weights (key `model`)"
-        hint = "; pass --raw to use the raw weights" if ema else ""
-        raise UserError(
-            f"{checkpoint} has no usable {which}: {str(error).splitlines()[0][:300]}{hint}"
-        ) from None
+        hint = f"; {raw_hint}" if ema else ""
+        reason = layout.first_failure(error).splitlines()[0][:300]
+        raise UserError(f"{checkpoint} has no usable {which}: {reason}{hint}") from None
 
 
 def _groups(entries: dict[str, TensorStorageMetadata]) -> list[dict[str, TensorStorageMetadata]]:

@@ -27,6 +27,18 @@ STEP_PATTERN = re.compile(r"^step-(\d+)$")
 SUPERSEDED = "superseded"  # <folder>/superseded/<branch>/step-N: checkpoints of an abandoned branch
 
 
+def first_failure(error: BaseException) -> str:
+    """The first rank's reason from DCP's multi-rank `CheckpointException` (a BaseException whose
+    own message only lists ranks), as `Type: message (rank R)`; any other error as `Type: message`."""
+    from torch.distributed.checkpoint.api import CheckpointException  # lazy: layout is read without torch
+
+    if isinstance(error, CheckpointException) and error.failures:
+        rank = min(error.failures)
+        cause = error.failures[rank][0]
+        return f"{type(cause).__name__}: {cause} (rank {rank})"
+    return f"{type(error).__name__}: {error}"
+
+
 def step_dirname(step: int) -> str:
     """Folder name of the complete checkpoint of `step`: step-N."""
     return f"step-{step}"

@@ -59,15 +59,6 @@ class CheckpointConflictError(RuntimeError):
     checkpoints are moved aside by `CheckpointManager.supersede` before a resumed run trains)."""
 
 
-def _first_failure(error: BaseException) -> str:
-    """The first rank's reason from DCP's multi-rank exception, as one line."""
-    if isinstance(error, CheckpointException) and error.failures:
-        rank = min(error.failures)
-        cause = error.failures[rank][0]
-        return f"{type(cause).__name__}: {cause} (rank {rank})"
-    return f"{type(error).__name__}: {error}"
-
-
 def _tensor_bytes(value: Any) -> int:
     """Bytes of the tensors (a DTensor's local shard) and byte strings in a nested state dict."""
     if isinstance(value, torch.Tensor):
@@ -339,7 +330,7 @@ class CheckpointManager:
         kept = "the complete checkpoints are untouched"
         if not full:
             return RuntimeError(
-                f"checkpoint step {step} could not be written: {_first_failure(error).splitlines()[0]}; "
+                f"checkpoint step {step} could not be written: {layout.first_failure(error).splitlines()[0]}; "
                 f"its unfinished folder {temporary} was removed and {kept}"
             )
         keep = self.cfg.keep_last
@@ -400,7 +391,7 @@ class CheckpointManager:
         except (CheckpointException, RuntimeError, KeyError, ValueError) as error:
             raise CheckpointMismatchError(
                 f"checkpoint {path} (step {metadata['step']}, {saved_world} ranks) does not fit this run: "
-                f"{_first_failure(error)}"
+                f"{layout.first_failure(error)}"
             ) from None
         for key, value in per_rank.items():
             saved = {int(name[len("rank") :]): data for name, data in dcp_state[key].items()}

@@ -184,7 +184,11 @@ def digits_quality(checkpoint: str | Path, settings: QualitySettings | None = No
 
     settings = settings or QualitySettings()
     step_dir = find_checkpoint(checkpoint)
-    model = load_sampling_model(step_dir, ema=settings.ema)
+    model = load_sampling_model(
+        step_dir,
+        ema=settings.ema,
+        raw_hint="set the digits quality settings' `ema: false` to score the raw weights",
+    )
     items, _, latents = draw_digits(
         model,
         settings.grids,

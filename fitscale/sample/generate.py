@@ -169,6 +169,7 @@ def load_sampling_model(
     overrides: dict | None = None,
     ema: bool = True,
     device: str | torch.device = "cpu",
+    raw_hint: str = "pass --raw to use the raw weights",
 ) -> torch.nn.Module:
     """A model in eval mode on `device`, from a run folder / `step-N` checkpoint (DCP) or a weights file.
 
@@ -176,7 +177,8 @@ def load_sampling_model(
     e.g. a released FiTv2 or `fitscale convert export` output) takes `model_name`, else the one
     preset its shapes match (`file_preset`). `overrides`
     (e.g. extrapolation, attention backend) change the ModelConfig but never its shapes.
-    Raises ValueError / FileNotFoundError naming the path and the fix.
+    Raises ValueError / FileNotFoundError naming the path and the fix; a checkpoint with no EMA
+    asked for its EMA names `raw_hint`, how this caller asks for the raw weights.
     """
 
     path = Path(checkpoint)
@@ -201,5 +203,5 @@ def load_sampling_model(
             model = build_model(model_name or run_name, **{**run_overrides, **overrides})
         model.to_empty(device="cpu")
         model.init_weights()
-        load_dcp_weights(model, step_dir, ema=ema)
+        load_dcp_weights(model, step_dir, ema=ema, raw_hint=raw_hint)
     return model.to(device).eval()

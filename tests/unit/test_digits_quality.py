@@ -3,10 +3,13 @@ form of two Gaussians, real digits scoring near 0 and bad samples far away, and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
+from fitscale.errors import UserError
 from fitscale.eval.adm import FIDStatistics
 from fitscale.eval.digits_quality import (
     QualitySettings,
@@ -69,3 +72,48 @@ def test_settings_refuse_bad_values_in_one_line():
     assert QualitySettings.from_dict({"grids": [[4, 8]]}, "x").grids == ((4, 8),)
     with pytest.raises(ValueError, match="at least 2 samples"):
         features_frechet(np.zeros((1, 3)), FIDStatistics(np.zeros(3), np.eye(3)))
+
+
+@pytest.fixture
+def run_without_ema(tmp_path):
+    """A run folder whose one checkpoint holds the raw weights of a width-16 tiny FiT and no EMA."""
+    import torch.distributed.checkpoint as dcp
+    import yaml
+
+    from fitscale.checkpoint.layout import write_metadata
+    from fitscale.models import build_model
+
+    overrides = {"hidden_size": 16, "num_heads": 2, "adaln_lora_rank": 4}
+    model = build_model("tiny", **overrides)
+    step = tmp_path / "run" / "checkpoints" / "step-1"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(step), no_dist=True)
+    write_metadata(step, {"step": 1})
+    (tmp_path / "run" / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"name": "tiny", "overrides": overrides}})
+    )
+    return tmp_path / "run"
+
+
+MISSING_EMA = (
+    "{step} has no usable EMA weights (key `ema`): RuntimeError: Missing key in checkpoint state_dict: "
+    "ema.params.x_embedder.proj.weight. (rank 0); {hint}"
+)
+
+
+def test_a_checkpoint_without_an_ema_names_the_setting_that_scores_the_raw_weights(run_without_ema, capsys):
+    from fitscale.cli import main
+    from fitscale.eval.digits_quality import digits_quality
+
+    step = run_without_ema / "checkpoints" / "step-1"
+    settings = QualitySettings(per_class=1, grids=((4, 4),), steps=1)
+    with pytest.raises(UserError) as error:
+        digits_quality(run_without_ema, settings)
+    hint = "set the digits quality settings' `ema: false` to score the raw weights"
+    assert str(error.value) == MISSING_EMA.format(step=step, hint=hint)
+    assert digits_quality(run_without_ema, dataclasses.replace(settings, ema=False)).images == 10
+    # `fitscale sample` names its own switch
+    sample = ["sample", str(run_without_ema), "--height", "64", "--width", "64", "--steps", "2", "--out"]
+    assert main([*sample, str(run_without_ema.parent / "ema")]) == 2
+    line = MISSING_EMA.format(step=step, hint="pass --raw to use the raw weights")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"fitscale sample: error: {line}"
+    assert main([*sample, str(run_without_ema.parent / "raw"), "--raw"]) == 0
