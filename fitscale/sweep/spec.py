@@ -234,11 +234,61 @@ class PlannedRun:
         }
 
 
-def _batch_size(spec: SweepSpec) -> int:
-    if spec.global_batch_size:
-        return int(spec.global_batch_size)
+@dataclass(frozen=True)
+class SweepBase:
+    """What every run of a sweep takes from its recipe and the spec's `overrides` lines: the batch,
+    and the model fields set there (a run trains the sweep model's preset with these fields, then
+    the sweep model's own overrides on top: what `run_overrides` gives the trainer)."""
 
-    return int(load_config(spec.recipe, spec.overrides).data.global_batch_size)
+    batch: int
+    model_overrides: dict[str, Any]  # recipe + the spec's `model.overrides.*` lines
+    from_recipe: frozenset[str]  # of those, the fields only the recipe sets
+
+
+def sweep_base(spec: SweepSpec) -> SweepBase:
+    """The SweepBase of `spec` (reads the recipe). UserError naming the sweep for a bad recipe or line."""
+    try:
+        config = load_config(spec.recipe, spec.overrides)
+    except ValueError as error:
+        raise UserError(
+            f"sweep {spec.name!r}: recipe {spec.recipe} with the spec's overrides: {error}"
+        ) from None
+    merged = dict(config.model.overrides)
+    from_lines = {line.split("=", 1)[0].removeprefix("model.overrides.") for line in spec.overrides}
+    return SweepBase(
+        batch=int(spec.global_batch_size or config.data.global_batch_size),
+        model_overrides=merged,
+        from_recipe=frozenset(set(merged) - from_lines),
+    )
+
+
+def trained_model_config(spec: SweepSpec, model: SweepModel, base: SweepBase):
+    """The ModelConfig `model` trains with in this sweep (its preset, the recipe's and the spec's model
+    fields, its own overrides last).
+
+    UserError when a field only the recipe sets changes the model's shape (its parameter count): a
+    sweep model named for its width that silently trained at the recipe's width would be counted,
+    fitted and reported as the wrong size. Fields that do not change the shape (an attention
+    backend, dropout) pass, as do the spec's own `overrides` lines (meant for every run)."""
+    from fitscale.models.flops import count_parameters  # lazy: heavy
+
+    where = f"sweep {spec.name!r}, model {model.name!r}"
+    effective = {**base.model_overrides, **model.overrides}
+    try:
+        config = build_config(model.preset, **effective)
+        own = {k: v for k, v in effective.items() if k not in base.from_recipe or k in model.overrides}
+        alone = build_config(model.preset, **own)
+    except ValueError as error:
+        raise UserError(f"{where}: {error}") from None
+    if count_parameters(alone) != count_parameters(config):
+        fields = sorted(k for k in base.from_recipe if k not in model.overrides)
+        listed = ", ".join(f"model.overrides.{k}={base.model_overrides[k]!r}" for k in fields)
+        raise UserError(
+            f"{where}: the recipe {spec.recipe} sets {listed}, which would train this model with "
+            f"{count_parameters(config):,} parameters instead of its preset's {count_parameters(alone):,}; "
+            "set those fields in the model's own overrides (the recipe's values to keep them)"
+        )
+    return config
 
 
 def plan_run(
@@ -249,16 +299,15 @@ def plan_run(
     lr: float | None = None,
     suffix: str = "",
     held_out: bool = False,
-    batch: int | None = None,
+    base: SweepBase | None = None,
 ) -> PlannedRun:
-    """One run of `model` at `budget` FLOPs (steps = budget / FLOPs per step, >= 1) or `steps`."""
+    """One run of `model` at `budget` FLOPs (steps = budget / FLOPs per step, >= 1) or `steps`, counted
+    with the model it trains (`trained_model_config`)."""
     from fitscale.models.flops import count_parameters, paper_gflops, training_flops  # lazy: heavy
 
-    batch = batch or _batch_size(spec)
-    try:
-        config = build_config(model.preset, **model.overrides)
-    except ValueError as error:
-        raise UserError(f"sweep {spec.name!r}, model {model.name!r}: {error}") from None
+    base = base or sweep_base(spec)
+    batch = base.batch
+    config = trained_model_config(spec, model, base)
     per_step = training_flops(config, [spec.tokens_per_image] * batch)
     if steps is None:
         steps = max(1, round(budget / per_step))
@@ -294,7 +343,7 @@ def model_lrs(spec: SweepSpec, model: SweepModel, width: int) -> list[float | No
 
 def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
     """The runs of the sweep in a stable order (model, then budget or steps, then lr; held-out last)."""
-    batch = _batch_size(spec)
+    base = sweep_base(spec)
     by_name = {m.name: m for m in spec.models}
     combos: list[tuple[SweepModel, float | None, int | None]] = []
     if spec.mode == "grid":
@@ -309,14 +358,14 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
         combos = [(m, None, s) for m in spec.models for s in spec.steps]
     runs = []
     for model, budget, steps in combos:
-        first = plan_run(spec, model, budget, steps, batch=batch)
+        first = plan_run(spec, model, budget, steps, base=base)
         lrs = model_lrs(spec, model, first.width)
         for lr in lrs:
             suffix = f"-lr{lr:.3g}" if len(lrs) > 1 else ""
-            runs.append(plan_run(spec, model, budget, steps, lr, suffix, batch=batch))
+            runs.append(plan_run(spec, model, budget, steps, lr, suffix, base=base))
     for held in spec.held_out:
         model = SweepModel(held.name, held.preset, dict(held.overrides))
-        run = plan_run(spec, model, held.budget, held.steps, held_out=True, batch=batch)
+        run = plan_run(spec, model, held.budget, held.steps, held_out=True, base=base)
         run.lr = held.lr if held.lr is not None else (spec.lr.centre(run.width) if spec.lr else None)
         runs.append(run)
     seen: dict[str, int] = {}

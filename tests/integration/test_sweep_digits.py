@@ -30,7 +30,7 @@ out_dir: {tmp_path / "sweep"}
 mode: grid
 models:
   - {{name: w32, preset: tiny, overrides: {{hidden_size: 32, num_heads: 2, adaln_lora_rank: 8}}}}
-  - {{name: w64, preset: tiny}}
+  - {{name: w64, preset: tiny, overrides: {{hidden_size: 64}}}}
   - {{name: w96, preset: tiny, overrides: {{hidden_size: 96, num_heads: 4, adaln_lora_rank: 24}}}}
 budgets: [1.0e+9, 2.0e+9, 4.0e+9]
 global_batch_size: 4

@@ -163,7 +163,7 @@ def synthetic_results(spec_path, noise: float = 0.004, lr_best: float = 1.0, see
 
 WIDTHS = """models:
   - {name: w32, preset: tiny, overrides: {hidden_size: 32, num_heads: 2, adaln_lora_rank: 8}}
-  - {name: w64, preset: tiny}
+  - {name: w64, preset: tiny, overrides: {hidden_size: 64}}
   - {name: w96, preset: tiny, overrides: {hidden_size: 96, num_heads: 4, adaln_lora_rank: 24}}
 """
 
@@ -197,7 +197,7 @@ def test_learning_rate_axis_plans_a_grid_per_width_and_fit_keeps_the_best_run(tm
     assert set(analysis["fitted_runs"]) == best
     # A per-model grid replaces the rule for that model.
     spec_path.write_text(
-        spec_path.read_text().replace("{name: w64, preset: tiny}", "{name: w64, preset: tiny, lrs: [1.0e-3]}")
+        spec_path.read_text().replace("hidden_size: 64}}", "hidden_size: 64}, lrs: [1.0e-3]}")
     )
     assert {r.lr for r in plan_sweep(load_spec(spec_path)) if r.model == "w64"} == {1e-3}
 

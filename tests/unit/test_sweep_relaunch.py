@@ -1,13 +1,18 @@
-"""Launching a sweep again: a run folder trained with another config than the spec now plans is refused."""
+"""Launching a sweep again: a run folder trained with another config than the spec now plans is refused;
+and the model a run is planned and counted with is the model it trains."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 
+import pytest
+
 from fitscale.checkpoint.layout import DCP_METADATA_FILE, write_metadata
 from fitscale.cli import main
 from fitscale.config import load_config
+from fitscale.errors import UserError
+from fitscale.models.flops import count_parameters, training_flops
 from fitscale.sweep.spec import load_spec, plan_sweep, run_dir, run_overrides
 
 SPEC = """
@@ -66,3 +71,30 @@ def test_a_run_folder_trained_with_another_config_is_refused_and_kept(tmp_path, 
     write_metadata(partial, json.loads((step / "fitscale.json").read_text()))
     assert main(["sweep", "launch", str(spec), "--local"]) == 2
     assert "optim.lr was 0.004, the spec now gives 0.016" in capsys.readouterr().err
+
+
+def test_a_run_is_planned_counted_and_trained_as_the_same_model(tmp_path):
+    """A sweep model that names no width takes the recipe's model fields (recipes/demo.yaml: width 128):
+    refused, naming the field, rather than counted at its preset's width and trained at another. The
+    spec's own `model.overrides` lines are meant for every run: counted."""
+    body = (
+        "name: shapes\nrecipe: recipes/demo.yaml\nout_dir: {out}\nmode: grid\nbudgets: [1.0e+9]\n"
+        "tokens_per_image: 36\nmodels:\n  - {{name: w64, preset: tiny{extra}}}\n{lines}"
+    )
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(body.format(out=tmp_path / "out", extra="", lines=""))
+    with pytest.raises(UserError) as error:
+        plan_sweep(load_spec(spec))
+    assert str(error.value) == (
+        "sweep 'shapes', model 'w64': the recipe recipes/demo.yaml sets model.overrides.hidden_size=128, which "
+        "would train this model with 612,996 parameters instead of its preset's 171,224; set those fields in the "
+        "model's own overrides (the recipe's values to keep them)"
+    )
+    lines = "overrides: [model.overrides.depth=1, model.overrides.attn_backend=reference]\n"
+    spec.write_text(body.format(out=tmp_path / "out", extra=", overrides: {hidden_size: 64}", lines=lines))
+    loaded = load_spec(spec)
+    (run,) = plan_sweep(loaded)
+    trained = load_config(loaded.recipe, run_overrides(loaded, run)).model.config()
+    assert (trained.hidden_size, trained.depth, trained.attn_backend) == (64, 1, "reference")
+    assert run.parameters == count_parameters(trained) and run.width == 64
+    assert run.flops_per_step == training_flops(trained, [36] * run.global_batch_size)
