@@ -24,7 +24,7 @@ from fitscale.errors import UserError
 from fitscale.sweep.fit import IsoFlopOptimum, fit_optimal_size, fit_power_law, frontier, isoflop_optimum
 from fitscale.sweep.law import PARAMETERS, LossLawFit, fit_loss_law
 from fitscale.sweep.plots import plot_isoflop, plot_loss_vs_compute
-from fitscale.sweep.rows import has_metric, training_compute, training_tokens, usable_rows
+from fitscale.sweep.rows import has_metric, partial_runs, training_compute, training_tokens, usable_rows
 
 METRICS = ("val_loss_ema", "val_loss", "train_loss", "fid", "digits_frechet", "digits_error")
 VALIDATION_METRICS = ("val_loss_ema", "val_loss", "fid", "digits_frechet", "digits_error")
@@ -154,7 +154,7 @@ def analyse(
         "metric_reason": reason,
         "lr_choice": choices,
         "per_model": {},
-        "skipped": [],
+        "skipped": partial_runs(rows),
         "include_extrapolated": include_extrapolated,
         "fitted_runs": [r["run"] for r in usable],
     }
@@ -243,6 +243,11 @@ def compare_held_out(rows: list[dict[str, Any]], metric: str, law: LossLawFit | 
         entry: dict[str, Any] = {"run": row["run"], "parameters": row["parameters"]}
         if not has_metric(row, metric):
             out.append({**entry, "note": f"not trained or no `{metric}` yet"})
+            continue
+        if row.get("status") != "done":
+            out.append(
+                {**entry, "note": f"{row.get('status')} (step {row.get('step')} of {row.get('steps')})"}
+            )
             continue
         entry.update(tokens=training_tokens(row), compute=training_compute(row), measured=row[metric])
         if law is None:

@@ -12,8 +12,19 @@ def has_metric(row: dict[str, Any], metric: str) -> bool:
 
 
 def usable_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Runs with a value of `metric`, held-out runs left out."""
-    return [r for r in rows if has_metric(r, metric) and not r.get("held_out")]
+    """Finished runs with a value of `metric`, held-out runs left out. A partly trained run is left
+    out too: its checkpoint sits mid-way through its own learning-rate schedule, which is not a
+    finished run at the compute it has spent (`partial_runs` names them)."""
+    return [r for r in rows if has_metric(r, metric) and not r.get("held_out") and r.get("status") == "done"]
+
+
+def partial_runs(rows: list[dict[str, Any]]) -> list[str]:
+    """`RUN: partial (step S of N), left out` for each collected run that has not reached its steps."""
+    return [
+        f"{r['run']}: partial (step {r.get('step')} of {r.get('steps')}), left out; launch the sweep again to finish it"
+        for r in rows
+        if r.get("status") == "partial"
+    ]
 
 
 def training_compute(row: dict[str, Any]) -> float:

@@ -356,3 +356,30 @@ def test_compute_optimal_digits_spec_spans_1_to_100_tokens_per_parameter_at_ever
             budgets=[1.0],
             digits_quality={"sampler_steps": 4},
         )
+
+
+def test_partly_trained_runs_are_left_out_of_every_fit_and_named(tmp_path, capsys):
+    """A run stopped mid-schedule (its cosine decay not finished) is no finished run at the compute it
+    spent: fit leaves it out of the rate choice and the laws, and says so; a partial held-out run is
+    not compared with the law."""
+    spec = write_spec(
+        tmp_path,
+        WIDTHS + "budgets: [1.0e+11, 3.0e+11, 1.0e+12]\n"
+        "held_out:\n  - {name: big, preset: tiny, overrides: {hidden_size: 128}, budget: 3.0e+12}\n",
+    )
+    rows = synthetic_results(spec)
+    stopped = next(r for r in rows if r["run"] == "w64-C1e12")
+    stopped.update(status="partial", step=stopped["steps"] // 4, val_loss_ema=0.01)  # would win every choice
+    held = next(r for r in rows if r["held_out"])
+    held.update(status="partial", step=7)
+    (tmp_path / "out" / "results.json").write_text(json.dumps({"sweep": "synthetic", "runs": rows}))
+    assert main(["sweep", "fit", str(spec), "--bootstrap", "30", "--json"]) == 0
+    fits = json.loads(capsys.readouterr().out)
+    assert "w64-C1e12" not in fits["fitted_runs"] and len(fits["fitted_runs"]) == 8
+    steps = stopped["steps"]
+    assert (
+        f"w64-C1e12: partial (step {steps // 4} of {steps}), left out; launch the sweep again to finish it"
+        in (fits["skipped"])
+    )
+    assert fits["held_out"] == [{"run": "big-C3e12", "parameters": held["parameters"],
+                                 "note": f"partial (step 7 of {held['steps']})"}]  # fmt: skip
