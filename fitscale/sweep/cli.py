@@ -122,7 +122,7 @@ def run_launch(args) -> int:
 
     outcome = launch_sweep(load_spec(args.spec), args.cluster, args.local, args.only or None)
     print(json.dumps(outcome, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in outcome.items()))
-    stopped = [v.removeprefix("stopped by ") for v in outcome.values() if v.startswith("stopped by ")]
+    stopped = [v.split()[2] for v in outcome.values() if v.startswith("stopped by ")]
     return 128 + signal.Signals[stopped[0]].value if stopped else 0
 
 

@@ -10,6 +10,7 @@ starts: its results would be reported under the spec's values, and continuing it
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 from fitscale.checkpoint.layout import complete_steps, step_dirname
@@ -70,8 +71,8 @@ def launch_sweep(
     """Launch every run that is not done; returns {run name: job id, `local`, or `done`}.
 
     `local` trains the runs one after another in this process (single rank; the CPU demo and
-    small sweeps); an exit signal (SIGTERM, SIGINT) saves the current run and stops the sweep: that
-    run is `stopped by SIGTERM` and the later ones `not started`. Otherwise they go to SLURM as one job array (`fitscale.launch.launcher.submit_sweep`).
+    small sweeps), stopping the sweep at an exit signal (`train_locally`); otherwise they go to
+    SLURM as one job array (`fitscale.launch.launcher.submit_sweep`).
     """
     runs = plan_sweep(spec)
     if only:
@@ -96,23 +97,59 @@ def launch_sweep(
         return outcome
     Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
     if local:
-        from fitscale.train.trainer import Trainer  # lazy: heavy
-
-        for index, (run, config) in enumerate(zip(pending, configs)):
-            log.info("sweep %s: training %s for %d steps", spec.name, run.name, run.steps)
-            trainer = Trainer(config)
-            trainer.train()
-            if trainer.stopped_by is not None:  # an exit signal stops the sweep, not only this run
-                outcome[run.name] = f"stopped by {trainer.stopped_by}"
-                outcome.update({later.name: "not started" for later in pending[index + 1 :]})
-                log.warning(
-                    "sweep %s: %s stopped %s (checkpoint saved) and %d later runs; launch again to continue",
-                    spec.name, trainer.stopped_by, run.name, len(pending) - index - 1,
-                )  # fmt: skip
-                return outcome
-            outcome[run.name] = "local"
-        return outcome
+        return train_locally(spec, pending, configs, outcome)
 
     job_ids = submit_sweep(configs, spec.out_dir, cluster)
     outcome.update({run.name: job_id for run, job_id in zip(pending, job_ids)})
     return outcome
+
+
+def train_locally(
+    spec: SweepSpec, pending: list[PlannedRun], configs: list, outcome: dict[str, str]
+) -> dict[str, str]:
+    """Train `pending` one after another in this process; stop the sweep at an exit signal.
+
+    A signal during a run reaches that run's trainer (it saves a checkpoint and stops: `stopped by
+    SIGTERM`). One that arrives between runs, or while the next run is being built, is held by the
+    sweep's own handler (else Python would raise it wherever the closing run happened to be, e.g.
+    in a data-loader generator's close, where it is printed and ignored): the next run is `stopped
+    by SIGINT before it started`. Either way the later runs are `not started`."""
+    from fitscale.train.trainer import Trainer  # lazy: heavy
+
+    received: list[str] = []
+    previous = {
+        signum: signal.signal(signum, lambda number, frame: received.append(signal.Signals(number).name))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        for index, (run, config) in enumerate(zip(pending, configs)):
+            stopped = None
+            if not received:
+                log.info("sweep %s: training %s for %d steps", spec.name, run.name, run.steps)
+                trainer = Trainer(config)
+                if received:  # before its trainer took the signals over
+                    trainer.close()
+                else:
+                    trainer.train()
+                    stopped = trainer.stopped_by
+                    if stopped is None and trainer.checkpoints.exit_requested:  # after its last step
+                        received.append(trainer.checkpoints.last_signal)
+                        outcome[run.name] = "local"
+                        continue
+            if received and stopped is None:
+                outcome[run.name] = f"stopped by {received[0]} before it started"
+                stopped = received[0]
+            elif stopped is not None:
+                outcome[run.name] = f"stopped by {stopped}"
+            if stopped is not None:  # an exit signal stops the sweep, not only this run
+                outcome.update({later.name: "not started" for later in pending[index + 1 :]})
+                log.warning(
+                    "sweep %s: %s stopped %s and %d later runs; launch again to continue",
+                    spec.name, stopped, run.name, len(pending) - index - 1,
+                )  # fmt: skip
+                return outcome
+            outcome[run.name] = "local"
+        return outcome
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
