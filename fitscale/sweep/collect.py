@@ -26,9 +26,9 @@ from fitscale.sample.options import SamplingOptions
 from fitscale.sample.plan import plan_items
 from fitscale.sample.run import SampleRun, run_sampling
 from fitscale.sweep.launch import resolved_configs, run_status
-from fitscale.sweep.spec import SweepSpec, plan_sweep, run_dir
+from fitscale.sweep.spec import SweepSpec, plan_sweep, run_dir, validation_settings
 from fitscale.train.records import METRICS_FILE, live_records
-from fitscale.train.validation import ValidationSettings, run_validation, validation_batches
+from fitscale.train.validation import run_validation, validation_batches
 
 RESULTS_FILE = "results.json"
 TRAIN_LOSS_WINDOW = 10  # logged steps averaged for the final training loss
@@ -112,9 +112,7 @@ def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]
     device = (
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    settings = ValidationSettings(**{k: v for k, v in spec.validation.items() if k != "val_path"})
-    if "timesteps" in spec.validation:
-        settings = ValidationSettings(**{**vars(settings), "timesteps": tuple(spec.validation["timesteps"])})
+    settings = validation_settings(spec)
     batches_by_path: dict[str, list] = {}
     rows = []
     for run, config in zip(runs, configs):

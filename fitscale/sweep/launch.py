@@ -31,11 +31,17 @@ def run_status(spec: SweepSpec, run: PlannedRun) -> tuple[str, int | None]:
     return ("done" if steps[-1] >= run.steps else "partial"), steps[-1]
 
 
+# Fields that change how a run is reported, launched or fed, never what it computes: a finished or
+# partial run may be relaunched with other values (the resume rules of fitscale.train.resume apply).
+REPORTING_ONLY = ("log.", "launch.", "hooks.", "data.num_workers")
+
+
 def check_unchanged(spec: SweepSpec, run: PlannedRun, config, step: int) -> None:
     """UserError when the run folder's newest checkpoint was trained with another config than `config`.
 
     Compares as a resume does (`fitscale.train.resume.comparable`: the model resolved to its fields,
-    where-to-run fields left out), but refuses every change: a sweep's run is defined by its config.
+    where-to-run fields left out) and refuses every change but those in REPORTING_ONLY: a sweep's
+    run is defined by its config.
     """
     from fitscale.train.resume import comparable, config_changes, saved_config  # lazy: heavy
 
@@ -43,7 +49,11 @@ def check_unchanged(spec: SweepSpec, run: PlannedRun, config, step: int) -> None
     saved = saved_config(folder / "checkpoints" / step_dirname(step), folder)
     if saved is None:
         return
-    changes = config_changes(comparable(saved), comparable(config))
+    changes = [
+        change
+        for change in config_changes(comparable(saved), comparable(config))
+        if not change.field.startswith(REPORTING_ONLY)
+    ]
     if changes:
         listed = "; ".join(f"{c.field} was {c.old!r}, the spec now gives {c.new!r}" for c in changes[:5])
         more = f" (and {len(changes) - 5} more)" if len(changes) > 5 else ""
@@ -62,6 +72,13 @@ def resolved_configs(spec: SweepSpec, runs: list[PlannedRun]) -> list:
             configs.append(load_config(spec.recipe, run_overrides(spec, run)))
         except ValueError as error:
             raise UserError(f"sweep run {run.name}: {error}") from None
+    if spec.digits_quality and spec.digits_quality.get("ema", True):
+        for run, config in zip(runs, configs):
+            if not config.optim.ema.enabled:
+                raise UserError(
+                    f"sweep {spec.name!r}: digits_quality scores the EMA weights, but run {run.name} trains "
+                    "with optim.ema.enabled=false; set `ema: false` in digits_quality, or turn the EMA on"
+                )
     return configs
 
 

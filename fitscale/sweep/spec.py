@@ -145,8 +145,18 @@ class SweepSpec:
                 unknown = sorted(set(chosen) - set(names))
                 if unknown:
                     raise UserError(f"{where}: isoflop budget {budget:g} names unknown models {unknown}")
-        if any(b <= 0 for b in [*self.budgets, *self.isoflop]) or any(s < 1 for s in self.steps):
-            raise UserError(f"{where}: budgets must be > 0 and steps >= 1")
+        bad_budgets = [b for b in [*self.budgets, *self.isoflop] if not (math.isfinite(b) and b > 0)]
+        if bad_budgets:
+            raise UserError(f"{where}: budgets must be finite training FLOPs > 0, got {bad_budgets}")
+        if any(s < 1 for s in self.steps):
+            raise UserError(f"{where}: steps must be >= 1, got {self.steps}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise UserError(
+                f"{where}: global_batch_size must be >= 1, got {self.global_batch_size} (leave it out for the recipe's)"
+            )
+        if not str(self.out_dir).strip():
+            raise UserError(f"{where}: out_dir is empty; name the folder the runs train in")
+        validation_settings(self)  # refused now, not after training
         if not 0 < self.mfu <= 1:
             raise UserError(f"{where}: mfu must be in (0, 1], got {self.mfu}")
         if self.tokens_per_image < 1:
@@ -161,6 +171,29 @@ class SweepSpec:
         clashes = sorted({h.name for h in self.held_out} & set(names))
         if clashes:
             raise UserError(f"{where}: held_out names {clashes} are also in `models`; name them apart")
+
+
+def validation_settings(spec: SweepSpec):
+    """The spec's `validation:` section (`val_path` aside) as fitscale.train.validation.ValidationSettings;
+    UserError naming `validation.<key>` for an unknown key or a bad value."""
+    from fitscale.train.validation import ValidationSettings  # lazy: heavy
+
+    where = f"sweep {spec.name!r}: validation"
+    known = ("max_images", "seed", "timesteps", "val_path")
+    unknown = sorted(set(spec.validation) - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown keys {unknown}; known: {', '.join(known)}")
+    values = {k: v for k, v in spec.validation.items() if k != "val_path"}
+    if "timesteps" in values:
+        if not isinstance(values["timesteps"], (list, tuple)):
+            raise UserError(
+                f"{where}.timesteps must be a list of times in [0, 1], got {values['timesteps']!r}"
+            )
+        values["timesteps"] = tuple(values["timesteps"])
+    try:
+        return ValidationSettings(**values)
+    except (TypeError, ValueError) as error:  # its own message names the field
+        raise UserError(f"sweep {spec.name!r}: {error}") from None
 
 
 def load_spec(path: str | Path) -> SweepSpec:

@@ -98,3 +98,53 @@ def test_a_run_is_planned_counted_and_trained_as_the_same_model(tmp_path):
     assert (trained.hidden_size, trained.depth, trained.attn_backend) == (64, 1, "reference")
     assert run.parameters == count_parameters(trained) and run.width == 64
     assert run.flops_per_step == training_flops(trained, [36] * run.global_batch_size)
+
+
+def test_reporting_fields_may_change_on_a_finished_run(tmp_path, capsys):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        SPEC.format(out=tmp_path / "sweep", lr=0.004).replace("optim.lr=", "log.every=7, optim.lr=")
+    )
+    run, _ = fake_finished_run(spec, 0.004)  # saved with the recipe's log.every
+    assert main(["sweep", "launch", str(spec), "--local", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {run.name: "done"}
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("validation: {max_imgs: 8}\n",
+         "sweep 'relaunch': validation: unknown keys ['max_imgs']; known: max_images, seed, timesteps, val_path"),
+        ("validation: {timesteps: 0.5}\n",
+         "sweep 'relaunch': validation.timesteps must be a list of times in [0, 1], got 0.5"),
+        ("validation: {timesteps: [1.5]}\n",
+         "sweep 'relaunch': validation timesteps must be a non-empty list in [0, 1], got (1.5,)"),
+        ("budgets: [.nan]\n", "sweep 'relaunch': budgets must be finite training FLOPs > 0, got [nan]"),
+        ("budgets: [-1.0]\n", "sweep 'relaunch': budgets must be finite training FLOPs > 0, got [-1.0]"),
+        ("global_batch_size: 0\n",
+         "sweep 'relaunch': global_batch_size must be >= 1, got 0 (leave it out for the recipe's)"),
+    ],
+)  # fmt: skip
+def test_bad_spec_values_are_refused_before_anything_trains(tmp_path, edit, message):
+    text = SPEC.format(out=tmp_path / "sweep", lr=0.004)
+    key = edit.split(":")[0]
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(key + ":")) + "\n" + edit
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(text)
+    with pytest.raises(UserError) as error:
+        load_spec(spec)
+    assert str(error.value) == f"sweep spec '{spec}': {message}"
+
+
+def test_digits_quality_of_the_ema_on_runs_without_one_is_refused_at_launch(tmp_path, capsys):
+    spec = tmp_path / "sweep.yaml"
+    text = SPEC.format(out=tmp_path / "sweep", lr=0.004).replace(
+        "optim.lr=", "optim.ema.enabled=false, optim.lr="
+    )
+    spec.write_text(text + "digits_quality: {per_class: 1}\n")
+    assert main(["sweep", "launch", str(spec), "--local"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fitscale sweep: error: sweep 'relaunch': digits_quality scores the EMA weights, but run w32-C1e09 trains "
+        "with optim.ema.enabled=false; set `ema: false` in digits_quality, or turn the EMA on"
+    )
+    assert not (tmp_path / "sweep").exists()
