@@ -311,6 +311,8 @@ def run_sample(args) -> int:
     options = sampling_options(args)  # checked before anything starts or is written
     rope = rope_overrides(args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; samples are written into a folder: pick another --out")
     if (out / "samples.json").exists() and not args.overwrite:
         raise FileExistsError(
             f"{out} already holds samples (samples.json); pick another --out or pass --overwrite"

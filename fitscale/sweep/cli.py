@@ -161,6 +161,7 @@ def run_fit(args) -> int:
     from fitscale.sweep.report import analyse, write_report
     from fitscale.sweep.spec import load_spec
 
+    check_bootstrap(args.bootstrap)
     spec = load_spec(args.spec)
     rows = read_results(spec)
     include = args.include_extrapolated or spec.include_extrapolated
@@ -222,6 +223,7 @@ def run_predict(args) -> int:
     from fitscale.sweep.report import fit_law, prepare
     from fitscale.sweep.spec import SweepModel, load_spec, plan_run
 
+    check_bootstrap(args.bootstrap)
     spec = load_spec(args.spec)
     try:
         overrides = parse_overrides(args.overrides)
@@ -260,3 +262,9 @@ def run_predict(args) -> int:
     )
     print(f"predicted {metric}: {predicted:.4f}, {band}")
     return 0
+
+
+def check_bootstrap(count: int) -> None:
+    """UserError for a negative --bootstrap (0 fits without intervals)."""
+    if count < 0:
+        raise UserError(f"--bootstrap must be >= 0 (0: fits without intervals), got {count}")

@@ -133,9 +133,12 @@ def prepare(rows: list[dict[str, Any]], metric: str = "auto") -> tuple[str, str,
     """(metric, why, the fitted runs: best lr of each size and budget, the lr choices)."""
     metric, reason = choose_metric(rows, metric)
     usable = usable_rows(rows, metric)
+    if not usable and not any(r.get("status") == "done" for r in rows):
+        raise UserError("no run of this sweep has finished training; run `fitscale sweep launch` first")
     if not usable:
         raise UserError(
-            f"no run has a `{metric}` value; run `fitscale sweep collect` (metrics: {', '.join(METRICS)})"
+            f"no finished run has a `{metric}` value; run `fitscale sweep collect` (with the spec's "
+            f"validation / digits_quality / fid section that gives it; metrics: {', '.join(METRICS)})"
         )
     chosen, choices = select_learning_rates(usable, metric)
     return metric, reason, chosen, choices

@@ -93,6 +93,8 @@ class HeldOutRun:
             raise UserError(f"held_out {self.name!r}: give exactly one of `budget` (FLOPs) or `steps`")
         if (self.budget is not None and not self.budget > 0) or (self.steps is not None and self.steps < 1):
             raise UserError(f"held_out {self.name!r}: budget must be > 0 and steps >= 1")
+        if self.lr is not None and not self.lr > 0:
+            raise UserError(f"held_out {self.name!r}: lr must be > 0, got {self.lr}")
 
 
 @dataclass

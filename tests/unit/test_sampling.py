@@ -212,6 +212,18 @@ def test_bad_sample_arguments_are_one_line_errors(weights_file, tmp_path, capsys
     assert "give one --width per --height" in capsys.readouterr().err
     assert main([*base, *"--height 64 --width 64 --model tiny --fid-reference x.npz".split()]) == 2
     assert "sampling no longer evaluates; sample, then run `fitscale eval" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    assert (
+        main(
+            ["sample", str(weights_file), "--out", str(afile), *"--height 64 --width 64 --model tiny".split()]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.strip() == (
+        f"fitscale sample: error: --out {afile} is a file; samples are written into a folder: pick another --out"
+    )
+    assert afile.read_text() == "kept"
 
 
 def test_sampling_options_take_each_modes_defaults_and_the_releases_names():

@@ -9,9 +9,11 @@ import pytest
 
 from fitscale.cli import main
 from fitscale.config.model import build_config
+from fitscale.errors import UserError
 from fitscale.models.flops import paper_gflops, training_flops
 from fitscale.sweep import SweepModel, SweepSpec, fit_optimal_size, fit_power_law, isoflop_optimum, plan_sweep
 from fitscale.sweep.report import analyse
+from fitscale.sweep.spec import HeldOutRun
 
 
 def test_plan_of_the_paper_sizes_shows_both_compute_conventions(capsys):
@@ -383,3 +385,27 @@ def test_partly_trained_runs_are_left_out_of_every_fit_and_named(tmp_path, capsy
     )
     assert fits["held_out"] == [{"run": "big-C3e12", "parameters": held["parameters"],
                                  "note": f"partial (step 7 of {held['steps']})"}]  # fmt: skip
+
+
+def test_fit_before_any_run_finished_and_bad_fit_arguments_say_what_to_do(tmp_path, capsys):
+    spec = write_spec(tmp_path, WIDTHS + "budgets: [1.0e+11, 3.0e+11, 1.0e+12]\n")
+    rows = synthetic_results(spec)
+    for row in rows:
+        row["status"] = "new"
+    (tmp_path / "out" / "results.json").write_text(json.dumps({"sweep": "synthetic", "runs": rows}))
+    assert main(["sweep", "fit", str(spec)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fitscale sweep: error: no run of this sweep has finished training; run `fitscale sweep launch` first"
+    )
+    synthetic_results(spec)
+    assert main(["sweep", "fit", str(spec), "--metric", "digits_frechet"]) == 2
+    assert (
+        "no finished run has a `digits_frechet` value; run `fitscale sweep collect`"
+        in capsys.readouterr().err
+    )
+    assert main(["sweep", "fit", str(spec), "--bootstrap", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fitscale sweep: error: --bootstrap must be >= 0 (0: fits without intervals), got -1"
+    )
+    with pytest.raises(UserError, match=r"^held_out 'h': lr must be > 0, got -0.002$"):
+        HeldOutRun(name="h", preset="tiny", budget=1e12, lr=-2e-3)
