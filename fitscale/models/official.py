@@ -9,6 +9,7 @@ strict, naming every missing, unexpected or misshaped key.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,16 @@ def read_checkpoint_file(path: str | Path, container_key: str | None = None) -> 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # the unpickler refuses anything but tensors and plain containers
+        # torch's unpickling message is several lines and suggests weights_only=False (running the file's code)
+        text = str(error).strip()
+        reason = (
+            "" if isinstance(error, pickle.UnpicklingError) or not text else f": {text.splitlines()[0][:120]}"
+        )
         raise UserError(
-            f"{path} could not be read as a weights-only checkpoint ({type(error).__name__}: {error}); "
-            "convert it to .safetensors or re-save it with torch.save(state_dict)"
-        ) from error
+            f"{path} is not a weights file that can be read without running its code ({type(error).__name__}"
+            f"{reason}); give a run folder, a step-N checkpoint folder, or a .safetensors / .pt / .bin of "
+            "tensors (re-save a trusted one with torch.save(state_dict))"
+        ) from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
     keys = (container_key,) if container_key else CONTAINER_KEYS

@@ -158,6 +158,8 @@ class SweepSpec:
             )
         if not str(self.out_dir).strip():
             raise UserError(f"{where}: out_dir is empty; name the folder the runs train in")
+        if Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
+            raise UserError(f"{where}: out_dir {self.out_dir} is a file; name a folder for the runs")
         validation_settings(self)  # refused now, not after training
         if not 0 < self.mfu <= 1:
             raise UserError(f"{where}: mfu must be in (0, 1], got {self.mfu}")

@@ -224,6 +224,14 @@ def test_bad_sample_arguments_are_one_line_errors(weights_file, tmp_path, capsys
         f"fitscale sample: error: --out {afile} is a file; samples are written into a folder: pick another --out"
     )
     assert afile.read_text() == "kept"
+    recipe = tmp_path / "recipe.yaml"  # a recipe given where a checkpoint belongs
+    recipe.write_text("model: {name: tiny}\n")
+    assert main(["sample", str(recipe), "--out", str(tmp_path / "r"), *"--height 64 --width 64".split()]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"fitscale sample: error: {recipe} is not a weights file that can be read without running its code "
+        "(UnpicklingError); give a run folder, a step-N checkpoint folder, or a .safetensors / .pt / .bin of "
+        "tensors (re-save a trusted one with torch.save(state_dict))"
+    )
 
 
 def test_sampling_options_take_each_modes_defaults_and_the_releases_names():

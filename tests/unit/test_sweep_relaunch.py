@@ -121,19 +121,21 @@ def test_reporting_fields_may_change_on_a_finished_run(tmp_path, capsys):
          "sweep 'relaunch': validation timesteps must be a non-empty list in [0, 1], got (1.5,)"),
         ("budgets: [.nan]\n", "sweep 'relaunch': budgets must be finite training FLOPs > 0, got [nan]"),
         ("budgets: [-1.0]\n", "sweep 'relaunch': budgets must be finite training FLOPs > 0, got [-1.0]"),
+        ("out_dir: '{tmp}/afile'\n", "sweep 'relaunch': out_dir {tmp}/afile is a file; name a folder for the runs"),
         ("global_batch_size: 0\n",
          "sweep 'relaunch': global_batch_size must be >= 1, got 0 (leave it out for the recipe's)"),
     ],
 )  # fmt: skip
 def test_bad_spec_values_are_refused_before_anything_trains(tmp_path, edit, message):
+    (tmp_path / "afile").write_text("kept")
     text = SPEC.format(out=tmp_path / "sweep", lr=0.004)
     key = edit.split(":")[0]
     text = "\n".join(line for line in text.splitlines() if not line.startswith(key + ":")) + "\n" + edit
     spec = tmp_path / "sweep.yaml"
-    spec.write_text(text)
+    spec.write_text(text.replace("{tmp}", str(tmp_path)))
     with pytest.raises(UserError) as error:
         load_spec(spec)
-    assert str(error.value) == f"sweep spec '{spec}': {message}"
+    assert str(error.value) == f"sweep spec '{spec}': {message.replace('{tmp}', str(tmp_path))}"
 
 
 def test_digits_quality_of_the_ema_on_runs_without_one_is_refused_at_launch(tmp_path, capsys):
