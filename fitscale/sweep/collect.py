@@ -105,9 +105,14 @@ def _digits_quality(spec: SweepSpec, folder: Path) -> dict[str, Any]:
 
 
 def collect_sweep(spec: SweepSpec, device: str = "auto") -> list[dict[str, Any]]:
-    """Score every run and write `<out_dir>/results.json`; returns its rows (runs without a checkpoint too)."""
+    """Score every run and write `<out_dir>/results.json`; returns its rows (runs without a checkpoint too).
+    UserError, and nothing written, when no run has a checkpoint yet."""
 
     runs = plan_sweep(spec)
+    if all(run_status(spec, run)[1] is None for run in runs):
+        raise UserError(
+            f"sweep {spec.name!r}: no run has a checkpoint under {spec.out_dir} yet; run `fitscale sweep launch` first"
+        )
     configs = resolved_configs(spec, runs)
     device = (
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)

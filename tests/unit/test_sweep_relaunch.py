@@ -150,3 +150,14 @@ def test_digits_quality_of_the_ema_on_runs_without_one_is_refused_at_launch(tmp_
         "with optim.ema.enabled=false; set `ema: false` in digits_quality, or turn the EMA on"
     )
     assert not (tmp_path / "sweep").exists()
+
+
+def test_collect_before_any_run_trained_says_so_and_writes_nothing(tmp_path, capsys):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(SPEC.format(out=tmp_path / "sweep", lr=0.004))
+    assert main(["sweep", "collect", str(spec), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"fitscale sweep: error: sweep 'relaunch': no run has a checkpoint under {tmp_path / 'sweep'} yet; run "
+        "`fitscale sweep launch` first"
+    )
+    assert not (tmp_path / "sweep").exists()
