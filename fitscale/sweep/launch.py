@@ -140,32 +140,30 @@ def train_locally(
     }
     try:
         for index, (run, config) in enumerate(zip(pending, configs)):
-            stopped = None
-            if not received:
+            stopped = received[0] if received else None
+            if stopped is None:
                 log.info("sweep %s: training %s for %d steps", spec.name, run.name, run.steps)
                 trainer = Trainer(config)
-                if received:  # before its trainer took the signals over
+                if received:  # arrived before its trainer took the signals over
                     trainer.close()
+                    stopped = received[0]
                 else:
                     trainer.train()
-                    stopped = trainer.stopped_by
-                    if stopped is None and trainer.checkpoints.exit_requested:  # after its last step
+                    if trainer.stopped_by is not None:
+                        stopped = trainer.stopped_by
+                        outcome[run.name] = f"stopped by {stopped}"
+                    elif trainer.checkpoints.exit_requested:  # after its last step: the run is finished
                         received.append(trainer.checkpoints.last_signal)
-                        outcome[run.name] = "local"
-                        continue
-            if received and stopped is None:
-                outcome[run.name] = f"stopped by {received[0]} before it started"
-                stopped = received[0]
-            elif stopped is not None:
-                outcome[run.name] = f"stopped by {stopped}"
-            if stopped is not None:  # an exit signal stops the sweep, not only this run
-                outcome.update({later.name: "not started" for later in pending[index + 1 :]})
-                log.warning(
-                    "sweep %s: %s stopped %s and %d later runs; launch again to continue",
-                    spec.name, stopped, run.name, len(pending) - index - 1,
-                )  # fmt: skip
-                return outcome
-            outcome[run.name] = "local"
+            if stopped is None:
+                outcome[run.name] = "local"
+                continue
+            outcome.setdefault(run.name, f"stopped by {stopped} before it started")
+            outcome.update({later.name: "not started" for later in pending[index + 1 :]})
+            log.warning(
+                "sweep %s: %s stopped %s and %d later runs; launch again to continue",
+                spec.name, stopped, run.name, len(pending) - index - 1,
+            )  # fmt: skip
+            return outcome
         return outcome
     finally:
         for signum, handler in previous.items():
